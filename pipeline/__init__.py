@@ -1,0 +1,1 @@
+"""Exactly-once ingestion of an agent fleet's data from Kafka into PostgreSQL."""

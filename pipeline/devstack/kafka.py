@@ -1,0 +1,267 @@
+"""A single-node KRaft Apache Kafka broker run from Maven Central jars on the machine's Java."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from base64 import urlsafe_b64encode
+from pathlib import Path
+
+from pipeline.devstack.processes import PidFile, log_tail
+from pipeline.errors import DevStackError
+
+KAFKA_VERSION = "4.3.1"
+SCALA_VERSION = "2.13"
+LOG4J_VERSION = "2.25.4"  # the version Kafka 4.3.1 is built against
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+DEFAULT_HEAP_OPTS = "-Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.agent-pipeline</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>{kafka}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_{scala}</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <!-- The SLF4J binding that only Kafka's tarball ships; without it the broker logs nothing. -->
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-api</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-core</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """Configuration:
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Root:
+      level: WARN
+      AppenderRef:
+        - ref: STDOUT
+    Logger:
+      - name: kafka.server.KafkaRaftServer
+        level: INFO
+"""
+
+_MAIN_CLASS = "kafka.Kafka"
+_STORAGE_TOOL = "kafka.tools.StorageTool"
+
+
+def resolve_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
+    """Return a directory holding the broker's jars, resolving them with Maven once.
+
+    The directory is reused on every later call; Maven's local repository also caches
+    the downloads, so a second resolution (say after the cache was cleared) is offline.
+    """
+    home = cache_dir / f"kafka-{version}"
+    lib = home / "lib"
+    complete = home / ".complete"
+    if complete.exists():
+        return lib
+    java_binary()
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise DevStackError(
+            "Maven (mvn) is not on PATH; it resolves Kafka's jars from Maven Central. "
+            "Install it (Debian: apt-get install maven; macOS: brew install maven)."
+        )
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "pom.xml").write_text(
+        _POM.format(kafka=version, scala=SCALA_VERSION, log4j=LOG4J_VERSION)
+    )
+    shutil.rmtree(lib, ignore_errors=True)
+    result = subprocess.run(
+        [
+            mvn,
+            "-B",
+            "-q",
+            f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+            f"-DoutputDirectory={lib}",
+            # runtime, not compile: compile scope drops the broker's runtime-scoped modules.
+            "-DincludeScope=runtime",
+        ],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip().splitlines()[-15:]
+        raise DevStackError(
+            f"Maven could not resolve org.apache.kafka:kafka_{SCALA_VERSION}:{version} "
+            "from Maven Central. Check that Maven Central is reachable (a proxy or mirror "
+            "goes in ~/.m2/settings.xml). Maven said:\n" + "\n".join(output)
+        )
+    if not any(lib.glob(f"kafka_{SCALA_VERSION}-{version}.jar")):
+        raise DevStackError(f"Maven finished but {lib} holds no Kafka broker jar")
+    complete.write_text(f"{version}\n")
+    return lib
+
+
+def java_binary() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise DevStackError(
+            "Java is not on PATH; the Kafka broker needs Java 17 or newer. "
+            "Install it (Debian: apt-get install openjdk-17-jre-headless; "
+            "macOS: brew install openjdk@17)."
+        )
+    return java
+
+
+class KafkaBroker:
+    """One KRaft node (broker and controller) with its data, log and pid under ``home``."""
+
+    def __init__(self, home: Path, lib: Path) -> None:
+        self.home = home
+        self.lib = lib
+        self.data_dir = home / "data"
+        self.log_path = home / "broker.log"
+        self.properties = home / "server.properties"
+        self.pidfile = pidfile(home)
+
+    def start(self, port: int, controller_port: int) -> int:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.properties.write_text(_server_properties(self.data_dir, port, controller_port))
+        (self.home / "log4j2.yaml").write_text(_LOG4J2)
+        self._format_once()
+        heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS).split()
+        with self.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [
+                    java_binary(),
+                    *heap,
+                    f"-Dlog4j2.configurationFile={self.home / 'log4j2.yaml'}",
+                    "-cp",
+                    f"{self.lib}/*",
+                    _MAIN_CLASS,
+                    str(self.properties),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pidfile.write(proc.pid)
+        return proc.pid
+
+    def _format_once(self) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if cluster_id.startswith("-"):
+            cluster_id = "A" + cluster_id[1:]
+        result = subprocess.run(
+            [
+                java_binary(),
+                "-cp",
+                f"{self.lib}/*",
+                _STORAGE_TOOL,
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self.properties),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise DevStackError(
+                f"formatting Kafka storage in {self.data_dir} failed:\n{result.stdout}{result.stderr}"
+            )
+
+    def wait_ready(self, bootstrap: str, timeout: float) -> None:
+        """Wait until a Kafka client sees this broker in the cluster metadata."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pidfile.live_pid() is None:
+                raise DevStackError(
+                    f"the Kafka broker exited during start-up; the end of {self.log_path}:\n"
+                    + log_tail(self.log_path)
+                )
+            if asyncio.run(broker_in_metadata(bootstrap)):
+                return
+            time.sleep(0.2)
+        raise DevStackError(
+            f"the Kafka broker did not become ready within {timeout:.0f}s; "
+            f"the end of {self.log_path}:\n" + log_tail(self.log_path)
+        )
+
+
+def pidfile(home: Path) -> PidFile:
+    return PidFile(home / "broker.pid", _MAIN_CLASS)
+
+
+async def broker_in_metadata(bootstrap: str, timeout: float = 2.0) -> bool:
+    """True when a client bootstrapped from ``bootstrap`` sees at least one broker."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaError
+
+    # A refused connection is the expected answer while the broker starts; aiokafka logs
+    # each one as an error, which would drown the start-up output.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout)
+        # A broker that is still loading its cluster layout can answer with 0 brokers.
+        return bool(client.cluster.brokers())
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        await client.close()
+
+
+def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={data_dir}",
+            "num.partitions=1",
+            # One node: every internal topic has one replica, and one offsets partition keeps
+            # the first consumer-group join fast.
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=false",
+            "",
+        ]
+    )

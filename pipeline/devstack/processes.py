@@ -1,0 +1,140 @@
+"""Processes the local stack starts: pid files, liveness, ports, and stopping by process id."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PidFile:
+    """A pid file plus the command-line marker that proves the pid is still ours.
+
+    A pid alone is not enough after a crash: the number may have been reused by an
+    unrelated process, so liveness also checks that the process's command line holds
+    ``marker`` (the data directory or main class we started it with).
+    """
+
+    path: Path
+    marker: str
+
+    def read(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write(self, pid: int) -> None:
+        self.path.write_text(f"{pid}\n")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def live_pid(self) -> int | None:
+        """The pid if that process is alive and is the one we started, else None."""
+        pid = self.read()
+        if pid is None or not is_alive(pid):
+            return None
+        cmdline = _cmdline(pid)
+        if cmdline is not None and self.marker not in cmdline:
+            return None
+        return pid
+
+    def is_stale(self) -> bool:
+        """True when a pid file exists but its process is gone (a crash, a kill -9)."""
+        return self.read() is not None and self.live_pid() is None
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None  # no /proc (macOS): fall back to the pid alone
+
+
+def stop_pid(pid: int, sig: signal.Signals, timeout: float) -> bool:
+    """Send ``sig`` to ``pid`` and wait for it to exit; SIGKILL after ``timeout``.
+
+    Returns True when the process exited on the first signal.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    if wait_exit(pid, timeout):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_exit(pid, 10.0)
+    return False
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not is_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not is_alive(pid)
+
+
+def _reap(pid: int) -> None:
+    # When this process is the parent (tests start the stack in-process), collect the exit
+    # status so the child does not linger as a zombie.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers do: connections of a stopped server lingering in TIME_WAIT do not
+        # make a port taken, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def choose_port(preferred: int, taken: Collection[int] = (), host: str = "127.0.0.1") -> int:
+    """``preferred`` when it is free, else a free port the kernel picks."""
+    if preferred not in taken and port_is_free(preferred, host):
+        return preferred
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in tail) or "    (log is empty)"
