@@ -12,7 +12,7 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 
-from pipeline.devstack.processes import PidFile, log_tail
+from pipeline.devstack.processes import PidFile, log_tail, spawn
 from pipeline.errors import DevStackError
 
 KAFKA_VERSION = "4.3.1"
@@ -152,24 +152,20 @@ class KafkaBroker:
         (self.home / "log4j2.yaml").write_text(_LOG4J2)
         self._format_once()
         heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS).split()
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [
-                    java_binary(),
-                    *heap,
-                    f"-Dlog4j2.configurationFile={self.home / 'log4j2.yaml'}",
-                    "-cp",
-                    f"{self.lib}/*",
-                    _MAIN_CLASS,
-                    str(self.properties),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pidfile.write(proc.pid)
-        return proc.pid
+        pid = spawn(
+            [
+                java_binary(),
+                *heap,
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.yaml'}",
+                "-cp",
+                f"{self.lib}/*",
+                _MAIN_CLASS,
+                str(self.properties),
+            ],
+            self.log_path,
+        )
+        self.pidfile.write(pid)
+        return pid
 
     def _format_once(self) -> None:
         if (self.data_dir / "meta.properties").exists():

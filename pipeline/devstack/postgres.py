@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.devstack.processes import PidFile, log_tail
+from pipeline.devstack.processes import PidFile, log_tail, spawn
 from pipeline.errors import DevStackError
 
 SUPERUSER = "pipeline"
@@ -124,18 +124,9 @@ class PostgresServer:
         args = [self.binaries.postgres, "-D", str(self.data_dir), "-p", str(port)]
         for name, value in SERVER_SETTINGS.items():
             args += ["-c", f"{name}={value}"]
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=self.data_dir,
-                **self._user_kwargs(),
-            )
-        self.pidfile.write(proc.pid)
-        return proc.pid
+        pid = spawn(args, self.log_path, cwd=self.data_dir, **self._user_kwargs())
+        self.pidfile.write(pid)
+        return pid
 
     def _initdb_once(self) -> None:
         version_file = self.data_dir / "PG_VERSION"

@@ -7,10 +7,12 @@ import errno
 import os
 import signal
 import socket
+import subprocess
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,27 @@ class PidFile:
     def is_stale(self) -> bool:
         """True when a pid file exists but its process is gone (a crash, a kill -9)."""
         return self.read() is not None and self.live_pid() is None
+
+
+# Servers outlive the call that started them; their Popen handles stay here so that the
+# handle is not garbage-collected (with a warning) while the server runs, and so that a
+# stop from this same process reaps its child.
+_spawned: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def spawn(args: Sequence[str], log_path: Path, **popen_kwargs: Any) -> int:
+    """Start a server in its own session with its output appended to ``log_path``."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen_kwargs,
+        )
+    _spawned[proc.pid] = proc
+    return proc.pid
 
 
 def is_alive(pid: int) -> bool:
@@ -99,10 +122,10 @@ def wait_exit(pid: int, timeout: float) -> bool:
 
 
 def _reap(pid: int) -> None:
-    # When this process is the parent (tests start the stack in-process), collect the exit
-    # status so the child does not linger as a zombie.
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+    # When this process is the parent, collect the exit status so the child does not
+    # linger as a zombie.
+    if (proc := _spawned.get(pid)) is not None and proc.poll() is not None:
+        del _spawned[pid]
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

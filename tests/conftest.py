@@ -1,0 +1,137 @@
+"""Real servers for the tests, found in this order:
+
+1. ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` from the environment;
+2. a Docker engine, through testcontainers, when one answers;
+3. the local stack (``pipeline dev``), started once per test session under its own home
+   and stopped at the end.
+
+When none can be had, every test that needs a server fails with the reason: never a skip.
+Each test gets its own topics (unique names) and its own PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from pipeline.devstack import Endpoints, Stack, endpoints_from_env
+from pipeline.devstack.stack import cache_root
+from pipeline.errors import DevStackError
+
+TEST_STACK_HOME = cache_root() / "test-stack"
+
+
+def _docker_engine_answers() -> bool:
+    # docker-py leaves its socket to the garbage collector when the engine does not answer;
+    # collect it here, where its ResourceWarning is expected, not in some later test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            import docker
+
+            client = docker.from_env(timeout=3)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:  # no engine, no socket, no permission: all mean "not this way"
+            return False
+        finally:
+            gc.collect()
+
+
+@contextlib.contextmanager
+def _containers() -> Iterator[Endpoints]:
+    from testcontainers.community.kafka import KafkaContainer
+    from testcontainers.community.postgres import PostgresContainer
+
+    with (
+        KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka,
+        PostgresContainer("postgres:15", driver=None) as pg,
+    ):
+        yield Endpoints(kafka.get_bootstrap_server(), pg.get_connection_url())
+
+
+@pytest.fixture(scope="session")
+def endpoints() -> Iterator[Endpoints]:
+    try:
+        given = endpoints_from_env()
+    except DevStackError as exc:
+        pytest.fail(str(exc))
+    if given is not None:
+        yield given
+        return
+    if _docker_engine_answers():
+        with _containers() as found:
+            yield found
+        return
+    stack = Stack(home=TEST_STACK_HOME)
+    try:
+        started = stack.up(report=lambda _: None)
+    except DevStackError as exc:
+        pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
+    yield started
+    stack.down(report=lambda _: None)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short name no other test uses: topics, groups and databases hang off it."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def database_url(endpoints: Endpoints, unique: str) -> AsyncIterator[str]:
+    """A fresh, empty database for this test; dropped afterwards."""
+    admin = await asyncpg.connect(endpoints.database_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{unique}"')
+    finally:
+        await admin.close()
+    base, _, _ = endpoints.database_url.rpartition("/")
+    yield f"{base}/{unique}"
+    admin = await asyncpg.connect(endpoints.database_url, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{unique}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+CreateTopic = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def create_topic(endpoints: Endpoints, unique: str) -> AsyncIterator[CreateTopic]:
+    """Create uniquely named topics; they are deleted after the test."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka_bootstrap)
+    await admin.start()
+    created: list[str] = []
+
+    async def create(suffix: str = "data", partitions: int = 1) -> str:
+        name = f"{unique}.{suffix}"
+        await admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
+        created.append(name)
+        return name
+
+    try:
+        yield create
+    finally:
+        if created:
+            await admin.delete_topics(created)
+        await admin.close()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment with no server endpoints, for subprocesses that must find their own."""
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_DEV_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    return dict(os.environ)
