@@ -15,3 +15,31 @@ class ConfigError(PipelineError):
 
 class DevStackError(PipelineError):
     """The local Kafka/PostgreSQL stack cannot be set up; the message says what to do."""
+
+
+class TransientError(PipelineError):
+    """Kafka or PostgreSQL is unavailable for now: retry with backoff, skip nothing."""
+
+    retriable = True
+
+    def __init__(self, message: str, source: str = "postgres") -> None:
+        super().__init__(message)
+        self.source = source  # "postgres" or "kafka": a metrics label
+
+
+class DataError(PipelineError):
+    """The database rejected a row (SQLSTATE class 22 or 23): the row is dead-lettered."""
+
+    def __init__(self, message: str, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class SchemaError(PipelineError):
+    """The schema or permissions are wrong (SQLSTATE class 42): stop loudly, dead-letter nothing."""
+
+
+class FencedError(PipelineError):
+    """Another consumer owns a partition now: the batch is dropped and the partitions re-seeked."""
+
+    retriable = True

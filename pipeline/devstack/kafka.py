@@ -12,6 +12,9 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+
 from pipeline.devstack.processes import PidFile, log_tail, spawn
 from pipeline.errors import DevStackError
 
@@ -191,7 +194,8 @@ class KafkaBroker:
         )
         if result.returncode != 0:
             raise DevStackError(
-                f"formatting Kafka storage in {self.data_dir} failed:\n{result.stdout}{result.stderr}"
+                f"formatting Kafka storage in {self.data_dir} failed:\n"
+                f"{result.stdout}{result.stderr}"
             )
 
     def wait_ready(self, bootstrap: str, timeout: float) -> None:
@@ -216,17 +220,16 @@ def pidfile(home: Path) -> PidFile:
     return PidFile(home / "broker.pid", _MAIN_CLASS)
 
 
-async def broker_in_metadata(bootstrap: str, timeout: float = 2.0) -> bool:
+async def broker_in_metadata(bootstrap: str, probe_timeout: float = 2.0) -> bool:
     """True when a client bootstrapped from ``bootstrap`` sees at least one broker."""
-    from aiokafka.client import AIOKafkaClient
-    from aiokafka.errors import KafkaError
-
     # A refused connection is the expected answer while the broker starts; aiokafka logs
     # each one as an error, which would drown the start-up output.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(probe_timeout * 1000)
+    )
     try:
-        await asyncio.wait_for(client.bootstrap(), timeout)
+        await asyncio.wait_for(client.bootstrap(), probe_timeout)
         # A broker that is still loading its cluster layout can answer with 0 brokers.
         return bool(client.cluster.brokers())
     except (KafkaError, OSError, TimeoutError):

@@ -14,8 +14,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.devstack.processes import PidFile, log_tail, spawn
+import asyncpg
+
+from pipeline.devstack.processes import PidFile, is_alive, log_tail, spawn
 from pipeline.errors import DevStackError
 
 SUPERUSER = "pipeline"
@@ -73,7 +76,9 @@ def find_binaries() -> Binaries:
     if explicit := os.environ.get("PIPELINE_PG_BINDIR"):
         candidates.append(Path(explicit))
     elif pg_config := shutil.which("pg_config"):
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        result = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, check=False
+        )
         if result.returncode == 0:
             candidates.append(Path(result.stdout.strip()))
     if not os.environ.get("PIPELINE_PG_BINDIR"):
@@ -121,6 +126,7 @@ class PostgresServer:
     def start(self, port: int) -> int:
         self.home.mkdir(parents=True, exist_ok=True)
         self._initdb_once()
+        self._remove_stale_lock()
         args = [self.binaries.postgres, "-D", str(self.data_dir), "-p", str(port)]
         for name, value in SERVER_SETTINGS.items():
             args += ["-c", f"{name}={value}"]
@@ -163,9 +169,23 @@ class PostgresServer:
             **self._user_kwargs(),
         )
         if result.returncode != 0:
-            raise DevStackError(f"initdb failed for {self.data_dir}:\n{result.stdout}{result.stderr}")
+            raise DevStackError(
+                f"initdb failed for {self.data_dir}:\n{result.stdout}{result.stderr}"
+            )
 
-    def _user_kwargs(self) -> dict[str, int]:
+    def _remove_stale_lock(self) -> None:
+        # A killed postmaster leaves postmaster.pid behind. PostgreSQL ignores it when that
+        # pid is gone, but not when it is an unreaped zombie (a container whose PID 1 does
+        # not reap orphans), and then refuses to start. A pid that runs nothing is no lock.
+        lock = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(lock.read_text().split("\n", 1)[0])
+        except (FileNotFoundError, ValueError):
+            return
+        if not is_alive(pid):
+            lock.unlink(missing_ok=True)
+
+    def _user_kwargs(self) -> dict[str, Any]:
         if self.run_as is None:
             return {}
         return {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid}
@@ -210,8 +230,6 @@ def dsn(port: int, database: str = DATABASE) -> str:
 
 
 async def _ensure_database(port: int) -> bool:
-    import asyncpg
-
     try:
         conn = await asyncpg.connect(dsn(port, "postgres"), timeout=2)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):

@@ -36,7 +36,10 @@ class Endpoints:
     database_url: str
 
     def exports(self) -> str:
-        return f"export {KAFKA_ENV}={self.kafka_bootstrap}\nexport {DATABASE_ENV}={self.database_url}\n"
+        return (
+            f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
+            f"export {DATABASE_ENV}={self.database_url}\n"
+        )
 
 
 def endpoints_from_env(environ: Mapping[str, str] = os.environ) -> Endpoints | None:
@@ -162,7 +165,8 @@ class Stack:
         states = self.status()
         if any(s.state != "running" for s in states):
             raise DevStackError(
-                "the local stack is not running (" + "; ".join(s.line() for s in states)
+                "the local stack is not running ("
+                + "; ".join(s.line() for s in states)
                 + "): start it with `pipeline dev up`"
             )
         return self._endpoints(self._read_state())

@@ -1,0 +1,1 @@
+"""The DatabaseAgent: Kafka consumer groups landing the agent data streams in PostgreSQL."""

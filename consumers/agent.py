@@ -1,0 +1,434 @@
+"""The DatabaseAgent: a consumer-group member that lands the five data streams in PostgreSQL
+exactly once, with COPY.
+
+The one invariant everything here keeps: the consumer's fetch position of a partition is
+never ahead of the database's stored offset except by records that are in the batch being
+written. Whenever fetched records are dropped unwritten (a fenced batch, a revoked
+partition, a retry), the partition is re-seeked to the stored offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+from pipeline import db
+from pipeline import kafka as kafka_io
+from pipeline.batching import Batch, Limits, Partition, Plan, backoff, plan
+from pipeline.config import Config, redact_url
+from pipeline.db import Connection, DeadLetter, TableWriter
+from pipeline.errors import FencedError, SchemaError, TransientError
+from pipeline.metrics import Metrics
+from pipeline.records import STREAM_BY_NAME
+from pipeline.rows import DECODERS, RecordRejected, Row, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 200  # how long one fetch waits when nothing arrives: bounds the reaction to a stop
+
+
+class DatabaseAgent:
+    """One DatabaseAgent process. ``await run()`` until ``stop()``; see :meth:`run`."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._limits = Limits(
+            config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000
+        )
+        self._decoders: dict[str, StreamDecoder] = {
+            config.topic(STREAM_BY_NAME[name].topic): DECODERS[name] for name in config.streams
+        }
+        self._writers = {name: TableWriter(DECODERS[name].tables) for name in config.streams}
+        self._dlq_topic = kafka_io.dead_letter_topic(config)
+        self._positions: dict[Partition, int] = {}  # the stored next offset of owned partitions
+        self._unpositioned: set[TopicPartition] = set()
+        self._holding = False  # all partitions paused while a batch is retried
+        self._stopping = asyncio.Event()
+        self._conn: Connection | None = None
+        self._batch_ids: Iterable[int] = iter(())
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Ingest until stopped.
+
+        1. Connect to PostgreSQL and apply pending migrations; create missing topics.
+        2. Join the consumer group; each assigned partition is positioned at its offset
+           stored in PostgreSQL (the database wins over Kafka).
+        3. Until stopped: fill a batch, ingest it in one transaction (transient failures
+           retried with the partitions paused), mirror the offsets to Kafka.
+        4. On stop: the batch in flight finishes, or is aborted once the shutdown deadline
+           passes; then the consumer leaves the group.
+        """
+        config = self.config
+        log.info(
+            "DatabaseAgent %s starting: group %s, streams %s, database %s",
+            self.instance_id,
+            config.group_id,
+            ",".join(config.streams),
+            redact_url(config.database_url),
+        )
+        conn = await db.connect(config.database_url, config.db_command_timeout_s)
+        try:
+            applied = await db.migrate(conn, db.read_migrations())
+        finally:
+            await conn.close()
+        if applied:
+            log.info("applied migrations %s", ", ".join(applied))
+        await kafka_io.ensure_topics(
+            config.kafka_bootstrap_servers,
+            [*kafka_io.data_topics(config), self._dlq_topic],
+            config.topic_partitions,
+        )
+        self._producer = await kafka_io.start_dead_letter_producer(config)
+        self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
+        await self._consumer.start()
+        try:
+            while not self._stopping.is_set():
+                await self._position_pending()
+                batch = await self._fill_batch()
+                if batch.count:
+                    await self._ingest_with_retry(batch)
+        finally:
+            await self._close()
+
+    def stop(self) -> None:
+        """Ask the agent to finish the batch in flight, commit, and leave the group."""
+        self._stopping.set()
+
+    async def _close(self) -> None:
+        deadline = 10.0
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer.stop(), deadline)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), deadline)
+        await self._drop_connection()
+        log.info("DatabaseAgent %s stopped", self.instance_id)
+
+    # -- fetching ---------------------------------------------------------------------
+
+    async def _fill_batch(self) -> Batch:
+        consumer = self._require_consumer()
+        batch = Batch()
+        while True:
+            now = time.monotonic()
+            wait_ms = _POLL_MS
+            if batch.started_at is not None:
+                age_left = self._limits.max_wait_s - (now - batch.started_at)
+                wait_ms = max(int(age_left * 1000), 0)
+            fetched = await consumer.getmany(
+                timeout_ms=wait_ms, max_records=batch.room(self._limits)
+            )
+            now = time.monotonic()
+            for tp, records in fetched.items():
+                batch.add((tp.topic, tp.partition), records, now)
+            if batch.is_full(self._limits, now) or self._stopping.is_set():
+                return batch
+            if not batch.count:
+                return batch  # nothing arrived: let the caller check positions and stops
+
+    # -- positioning --------------------------------------------------------------------
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # Held until positioned: fetching from Kafka's committed offset would be wrong when
+        # the database is ahead or behind it.
+        consumer = self._require_consumer()
+        self._unpositioned |= assigned
+        consumer.pause(*assigned)
+        try:
+            await self._position(assigned)
+        except Exception as exc:  # aiokafka swallows listener errors; the main loop retries
+            log.warning("positioning %d partitions failed, will retry: %r", len(assigned), exc)
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self._positions.pop((tp.topic, tp.partition), None)
+        self._unpositioned -= revoked
+
+    async def _position(self, partitions: Iterable[TopicPartition]) -> None:
+        """Seek partitions to their offsets stored in PostgreSQL, then let them fetch."""
+        consumer = self._require_consumer()
+        wanted = [tp for tp in partitions if tp in consumer.assignment()]
+        if not wanted:
+            return
+        starts = await kafka_io.beginning_offsets(consumer, wanted)
+        conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+        try:
+            stored = await db.load_offsets(conn, self.config.group_id, starts)
+        finally:
+            await conn.close()
+        owned = consumer.assignment()
+        for tp in wanted:
+            if tp not in owned:  # revoked while we were reading
+                continue
+            offset = stored[(tp.topic, tp.partition)]
+            consumer.seek(tp, offset)
+            self._positions[(tp.topic, tp.partition)] = offset
+            self._unpositioned.discard(tp)
+            if not self._holding:
+                consumer.resume(tp)
+
+    async def _position_pending(self) -> None:
+        attempt = 0
+        while self._unpositioned and not self._stopping.is_set():
+            try:
+                await self._position(list(self._unpositioned))
+            except Exception as exc:
+                delay = backoff(attempt, self.config.retry_max_backoff_s)
+                log.warning("positioning partitions failed, retrying in %.1fs: %r", delay, exc)
+                await self._idle(delay)
+                attempt += 1
+
+    def _rewind(self, partitions: Iterable[Partition]) -> None:
+        """Seek partitions back to their stored offsets after dropping fetched records."""
+        consumer = self._require_consumer()
+        owned = consumer.assignment()
+        for topic, partition in partitions:
+            tp = TopicPartition(topic, partition)
+            if tp not in owned:
+                continue
+            if (topic, partition) in self._positions:
+                consumer.seek(tp, self._positions[(topic, partition)])
+            else:
+                self._unpositioned.add(tp)
+                consumer.pause(tp)
+
+    # -- ingesting ----------------------------------------------------------------------
+
+    async def _ingest_with_retry(self, batch: Batch) -> None:
+        consumer = self._require_consumer()
+        attempt = 0
+        try:
+            while True:
+                work = plan(batch, self._positions)
+                if not work.moves:
+                    self._count_skipped(work)
+                    # Records of partitions no longer ours, or all behind the stored offset.
+                    self._rewind(batch.records)
+                    return
+                try:
+                    await self._ingest(work)
+                    return
+                except FencedError as exc:
+                    self.metrics.fenced.inc()
+                    log.info("batch fenced, re-reading stored offsets: %s", exc)
+                    await self._drop_connection()
+                    for tp_key in batch.records:
+                        self._positions.pop(tp_key, None)
+                    self._rewind(batch.records)
+                    return
+                except TransientError as exc:
+                    if self._stopping.is_set():
+                        log.warning("stopping; batch abandoned after a transient failure: %s", exc)
+                        self._rewind(batch.records)
+                        return
+                    delay = backoff(attempt, self.config.retry_max_backoff_s)
+                    log.warning(
+                        "batch failed (%s), retrying in %.1fs with fetching paused", exc, delay
+                    )
+                    self.metrics.retries.labels(exc.source).inc()
+                    if not self._holding:
+                        self._holding = True
+                        consumer.pause(*consumer.assignment())
+                    await self._drop_connection()
+                    await self._idle(delay)
+                    attempt += 1
+        finally:
+            if self._holding:
+                self._holding = False
+                positioned = [tp for tp in consumer.assignment() if tp not in self._unpositioned]
+                consumer.resume(*positioned)
+
+    async def _ingest(self, work: Plan) -> None:
+        """Write one batch exactly once.
+
+        1. Decode every record into its stream's rows; undecodable ones become dead letters.
+        2. Open one transaction and write each stream's rows with COPY, bisecting any rows
+           the database rejects into dead letters.
+        3. Send every dead letter to the DLQ topic and wait for the acknowledgements.
+        4. Record the dead letters in ``dead_letters``.
+        5. Compare-and-set every partition's stored offset (the fence against zombies).
+        6. Commit; then mirror the offsets to Kafka.
+        """
+        started = time.monotonic()
+        conn = await self._connection()
+        batch_id = await self._next_batch_id(conn)
+        rows, letters, sources = self._decode(work, batch_id)
+        written: dict[str, tuple[int, int]] = {}  # stream -> (new rows, rejected rows)
+        try:
+            async with conn.transaction():
+                for stream, stream_rows in rows.items():
+                    writer = self._writers[stream]
+                    new, rejected = await db.write_bisecting(conn, writer.write, stream_rows)
+                    written[stream] = (new, len(rejected))
+                    letters.extend(
+                        _dead_letter(sources[stream][r.index], "DatabaseRejected", r.reason)
+                        for r in rejected
+                    )
+                await kafka_io.publish_dead_letters(
+                    self._require_producer(),
+                    self._dlq_topic,
+                    letters,
+                    self.config.db_command_timeout_s,
+                )
+                if letters:
+                    await db.insert_dead_letters(conn, self.config.group_id, letters)
+                await db.advance_offsets(
+                    conn,
+                    self.config.group_id,
+                    [(m.topic, m.partition, m.expected, m.new) for m in work.moves],
+                )
+        except (TransientError, FencedError, SchemaError):
+            raise
+        except Exception as exc:
+            raise db.classify(exc) from exc
+        for move in work.moves:
+            key = (move.topic, move.partition)
+            if self._positions.get(key) == move.expected:
+                self._positions[key] = move.new
+        self._count(work, rows, written, letters, time.monotonic() - started)
+        await kafka_io.mirror_offsets(self._require_consumer(), work.moves)
+
+    def _decode(
+        self, work: Plan, batch_id: int
+    ) -> tuple[dict[str, list[Row]], list[DeadLetter], dict[str, list[Any]]]:
+        rows: dict[str, list[Row]] = defaultdict(list)
+        sources: dict[str, list[Any]] = defaultdict(list)
+        letters: list[DeadLetter] = []
+        for (topic, partition), records in work.records.items():
+            decoder = self._decoders[topic]
+            stream = decoder.stream.name
+            stream_rows = rows[stream]
+            stream_sources = sources[stream]
+            for record in records:
+                try:
+                    stream_rows.append(
+                        decoder.row(
+                            record.value, record.headers, partition, record.offset, batch_id
+                        )
+                    )
+                except RecordRejected as exc:
+                    letters.append(_dead_letter(record, exc.error_class, exc.reason))
+                else:
+                    stream_sources.append(record)
+        return rows, letters, sources
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _connection(self) -> Connection:
+        if self._conn is None or self._conn.is_closed():
+            conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+            try:
+                for writer in self._writers.values():
+                    await writer.prepare(conn)
+            except Exception as exc:
+                await conn.close()
+                raise db.classify(exc) from exc
+            self._conn = conn
+            self._batch_ids = iter(())
+        return self._conn
+
+    async def _next_batch_id(self, conn: Connection) -> int:
+        for batch_id in self._batch_ids:
+            return batch_id
+        try:
+            self._batch_ids = iter(await db.reserve_batch_ids(conn))
+        except Exception as exc:
+            raise db.classify(exc) from exc
+        return next(iter(self._batch_ids))
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.terminate()  # no graceful close: the server may be gone or wedged
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait without leaving the group: keep polling (partitions are paused)."""
+        consumer = self._require_consumer()
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
+            fetched = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
+            if fetched:  # newly assigned partitions fetch before they are paused: not ours yet
+                self._rewind((tp.topic, tp.partition) for tp in fetched)
+
+    def _count(
+        self,
+        work: Plan,
+        rows: dict[str, list[Row]],
+        written: dict[str, tuple[int, int]],
+        letters: list[DeadLetter],
+        seconds: float,
+    ) -> None:
+        m = self.metrics
+        for (topic, _), records in work.records.items():
+            m.records_consumed.labels(topic).inc(len(records))
+        for stream, stream_rows in rows.items():
+            new, rejected = written[stream]
+            m.rows_ingested.labels(DECODERS[stream].tables.table.name).inc(new)
+            topic = self.config.topic(STREAM_BY_NAME[stream].topic)
+            m.duplicates_skipped.labels(topic).inc(len(stream_rows) - new - rejected)
+        for letter in letters:
+            m.dead_lettered.labels(letter.topic, letter.error_class).inc()
+        self._count_skipped(work)
+        m.batches.inc()
+        m.batch_duration.observe(seconds)
+        m.batch_records.observe(sum(len(r) for r in work.records.values()))
+        m.last_commit.set(time.time())
+        consumer = self._require_consumer()
+        for (topic, partition), position in self._positions.items():
+            highwater = consumer.highwater(TopicPartition(topic, partition))
+            if highwater is not None:
+                m.lag.labels(topic, str(partition)).set(max(highwater - position, 0))
+
+    def _count_skipped(self, work: Plan) -> None:
+        for topic, skipped in work.already_ingested.items():
+            self.metrics.records_consumed.labels(topic).inc(skipped)
+            self.metrics.duplicates_skipped.labels(topic).inc(skipped)
+
+    def _require_consumer(self) -> AIOKafkaConsumer:
+        assert self._consumer is not None, "the agent is not running"
+        return self._consumer
+
+    def _require_producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "the agent is not running"
+        return self._producer
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, agent: DatabaseAgent) -> None:
+        self._agent = agent
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._agent._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._agent._on_assigned(set(assigned))
+
+
+def _dead_letter(record: Any, error_class: str, reason: str) -> DeadLetter:
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=list(record.headers),
+        timestamp_ms=record.timestamp,
+        error_class=error_class,
+        reason=reason,
+    )

@@ -1,0 +1,116 @@
+"""DatabaseAgent configuration: environment variables over an optional TOML file.
+
+Every field has an environment variable (``PIPELINE_`` + the field name in upper case, except
+the two endpoints, which use the names every tool knows). A typo in the TOML file or a value
+of the wrong type fails at start-up with the field named. The database URL may hold a
+password: it is only ever shown through :func:`redact_url`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from pipeline.errors import ConfigError
+from pipeline.records import STREAM_BY_NAME, STREAMS
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+_ENV_NAMES = {"kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS", "database_url": "DATABASE_URL"}
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Settings of one DatabaseAgent process."""
+
+    kafka_bootstrap_servers: Annotated[str, msgspec.Meta(min_length=1)]
+    database_url: Annotated[str, msgspec.Meta(min_length=1)]
+    group_id: Annotated[str, msgspec.Meta(min_length=1)] = "database-agent"
+    topic_prefix: str = ""
+    streams: tuple[str, ...] = tuple(s.name for s in STREAMS)
+    topic_partitions: Positive = 6
+    batch_max_records: Positive = 50_000
+    batch_max_bytes: Positive = 32 * 1024 * 1024
+    batch_max_wait_ms: Positive = 250
+    fetch_max_bytes: Positive = 64 * 1024 * 1024
+    db_command_timeout_s: Seconds = 60.0
+    retry_max_backoff_s: Seconds = 10.0
+    shutdown_timeout_s: Seconds = 30.0
+    metrics_address: str = "127.0.0.1:9108"
+    instance_id: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.streams if s not in STREAM_BY_NAME]
+        if unknown or not self.streams:
+            raise ConfigError(
+                f"{env_name('streams')}: unknown stream(s) {unknown or '(none given)'}; "
+                f"choose from {', '.join(STREAM_BY_NAME)}"
+            )
+        if self.metrics_address and not re.fullmatch(r"[^\s:]+:\d{1,5}", self.metrics_address):
+            raise ConfigError(
+                f"{env_name('metrics_address')}: expected HOST:PORT (or empty to disable), "
+                f"got {self.metrics_address!r}"
+            )
+
+    def __repr__(self) -> str:  # never show the password, whatever prints this
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        fields["database_url"] = redact_url(self.database_url)
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+    def topic(self, default_name: str) -> str:
+        return f"{self.topic_prefix}{default_name}"
+
+
+def env_name(field: str) -> str:
+    return _ENV_NAMES.get(field, f"PIPELINE_{field.upper()}")
+
+
+def load_config(
+    environ: Mapping[str, str] = os.environ,
+    toml_path: Path | None = None,
+    **overrides: Any,
+) -> Config:
+    """Build the config: TOML file, then environment variables, then explicit overrides."""
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            values.update(msgspec.toml.decode(toml_path.read_bytes()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {toml_path} does not exist") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"config file {toml_path}: {exc}") from None
+    for field in Config.__struct_fields__:
+        raw = environ.get(env_name(field))
+        if raw is not None:
+            values[field] = raw.split(",") if field == "streams" else raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_name_the_field(str(exc))) from None
+
+
+def _name_the_field(message: str) -> str:
+    # msgspec says "Expected `int` >= 1 - at `$.batch_max_records`"; users set environment
+    # variables, so name the variable too.
+    match = re.search(r"`\$\.(\w+)", message) or re.search(r"field `(\w+)`", message)
+    if match is None:
+        return f"configuration: {message}"
+    field = match.group(1)
+    return f"{env_name(field)} (config field {field!r}): {message}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0] + ":***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))

@@ -1,0 +1,381 @@
+"""Everything that talks to PostgreSQL: connections, migrations, writers, offsets.
+
+The exactly-once protocol (DESIGN.md section 4) is :func:`ingest`: rows, dead letters and the
+offset compare-and-set commit in one transaction, or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+from asyncpg import Connection
+
+from pipeline.errors import DataError, FencedError, SchemaError, TransientError
+from pipeline.rows import Row, StreamTables
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+_MIGRATION_LOCK = int.from_bytes(
+    hashlib.sha256(b"agent-pipeline migrate").digest()[:8], "big", signed=True
+)
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_BATCH_IDS_PER_RESERVATION = 1000  # the sequence's INCREMENT BY
+
+__all__ = ["Connection"]
+
+
+# -- connections ----------------------------------------------------------------------------
+
+
+async def connect(url: str, command_timeout: float, connect_timeout: float = 10.0) -> Connection:
+    """A connection set up for ingestion.
+
+    ``synchronous_commit=off`` is safe here: data and offsets commit together, so a crash
+    loses both together and Kafka redelivers. jsonb goes over the wire in binary, straight
+    from the raw JSON bytes the decoder kept.
+    """
+    try:
+        conn: Connection = await asyncpg.connect(
+            url,
+            timeout=connect_timeout,
+            command_timeout=command_timeout,
+            server_settings={"synchronous_commit": "off", "application_name": "database-agent"},
+        )
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+    ) as exc:
+        raise TransientError(f"cannot connect to PostgreSQL: {exc}") from exc
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        format="binary",
+    )
+    return conn
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    if isinstance(value, msgspec.Raw):
+        return b"\x01" + value  # jsonb binary format: version 1, then the JSON text
+    return b"\x01" + msgspec.json.encode(value)
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return msgspec.json.decode(data[1:])
+
+
+def classify(exc: BaseException) -> BaseException:
+    """Map a driver error to ours, once: transient, data, schema, or as it was."""
+    if isinstance(exc, (TransientError, DataError, SchemaError, FencedError)):
+        return exc
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if (
+        isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError))
+        or sqlstate[:2]
+        in (
+            "08",  # connection exception
+            "53",  # insufficient resources
+            "57",  # operator intervention: shutdown, admin command, query canceled
+            "58",  # system error
+        )
+        or sqlstate in ("40001", "40P01")
+    ):  # serialization failure, deadlock
+        return TransientError(f"{type(exc).__name__}: {exc}")
+    if sqlstate[:2] in ("22", "23"):
+        return DataError(f"{sqlstate} {exc}", sqlstate=sqlstate)
+    if sqlstate[:2] == "42":
+        return SchemaError(f"{sqlstate} {exc}")
+    return exc
+
+
+# -- migrations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def read_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    migrations = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise SchemaError(f"{path}: migration files are named NNN_lowercase_name.sql")
+        migrations.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise SchemaError(f"{sql_dir}: two migrations share a number: {versions}")
+    return migrations
+
+
+async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str]:
+    """Apply the migrations not yet applied, in order, in one transaction; return their names.
+
+    The transaction-scoped advisory lock makes instances that start together take turns:
+    the second one waits, then finds everything applied.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer     PRIMARY KEY,
+                   name       text        NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = []
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+            done.append(migration.name)
+        return done
+
+
+# -- offsets --------------------------------------------------------------------------------
+
+
+async def load_offsets(
+    conn: Connection, group: str, starts: dict[tuple[str, int], int]
+) -> dict[tuple[str, int], int]:
+    """The stored next offset of each partition; a partition seen for the first time is
+    recorded at its start offset (the earliest one Kafka still has)."""
+    topics = [tp[0] for tp in starts]
+    partitions = [tp[1] for tp in starts]
+    async with conn.transaction():
+        await conn.execute(
+            """INSERT INTO ingest_offsets (group_id, topic, partition, next_offset)
+               SELECT $1, t, p, o FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
+               ON CONFLICT DO NOTHING""",
+            group,
+            topics,
+            partitions,
+            list(starts.values()),
+        )
+        rows = await conn.fetch(
+            """SELECT topic, partition, next_offset FROM ingest_offsets
+               WHERE group_id = $1 AND (topic, partition) IN
+                   (SELECT * FROM unnest($2::text[], $3::int[]))""",
+            group,
+            topics,
+            partitions,
+        )
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+
+async def advance_offsets(
+    conn: Connection, group: str, moves: Sequence[tuple[str, int, int, int]]
+) -> None:
+    """Compare-and-set every (topic, partition, expected, new); :class:`FencedError` when any
+    partition's stored offset is not the expected one (another consumer owns it now)."""
+    status = await conn.execute(
+        """UPDATE ingest_offsets AS o SET next_offset = m.new, updated_at = now()
+           FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS m(t, p, expected, new)
+           WHERE o.group_id = $1 AND o.topic = m.t AND o.partition = m.p
+             AND o.next_offset = m.expected""",
+        group,
+        [m[0] for m in moves],
+        [m[1] for m in moves],
+        [m[2] for m in moves],
+        [m[3] for m in moves],
+    )
+    if _count(status) != len(moves):
+        raise FencedError(f"{len(moves) - _count(status)} of {len(moves)} partitions moved on")
+
+
+async def reserve_batch_ids(conn: Connection) -> range:
+    first: int = await conn.fetchval("SELECT nextval('ingest_batch_id_seq')")
+    return range(first, first + _BATCH_IDS_PER_RESERVATION)
+
+
+# -- writers --------------------------------------------------------------------------------
+
+
+class TableWriter:
+    """Writes one stream's rows. Append-only tables take a plain COPY; tables with a natural
+    key or a "latest" row take a COPY into a temporary staging table and then
+    ``INSERT ... SELECT ... ON CONFLICT``, so redelivered and out-of-order rows are harmless.
+    """
+
+    def __init__(self, tables: StreamTables) -> None:
+        self.tables = tables
+        table = tables.table
+        self.columns = list(table.columns)
+        self._staged = bool(tables.key)
+        self.stage = f"stage_{table.name}"
+        self._statements = _upsert_statements(tables, self.stage) if self._staged else []
+
+    async def prepare(self, conn: Connection) -> None:
+        if self._staged:
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} "
+                f"(LIKE {self.tables.table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+
+    async def write(self, conn: Connection, rows: Sequence[Row]) -> int:
+        """Write ``rows``; return how many were new (the rest were duplicates)."""
+        if not self._staged:
+            await conn.copy_records_to_table(
+                self.tables.table.name, records=rows, columns=self.columns
+            )
+            return len(rows)
+        await conn.copy_records_to_table(self.stage, records=rows, columns=self.columns)
+        new = 0
+        for statement, counts in self._statements:
+            status = await conn.execute(statement)
+            if counts:
+                new = _count(status)
+        await conn.execute(f"TRUNCATE {self.stage}")
+        return new
+
+
+def _upsert_statements(tables: StreamTables, stage: str) -> list[tuple[str, bool]]:
+    """SQL that moves staged rows into place, each with whether its row count is "new rows"."""
+    table = tables.table
+    cols = ", ".join(table.columns)
+    key = ", ".join(tables.key)
+    if tables.version is None:
+        return [
+            (
+                f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {stage} "
+                f"ON CONFLICT ({key}) DO NOTHING",
+                True,
+            )
+        ]
+    assert tables.history is not None
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in table.columns if c not in tables.key)
+    history_key = f"{key}, {tables.version}"
+    return [
+        # Every version once, in the history.
+        (
+            f"INSERT INTO {tables.history.name} ({cols}) SELECT {cols} FROM {stage} "
+            f"ON CONFLICT ({history_key}) DO NOTHING",
+            True,
+        ),
+        # The highest version per key wins, whatever order the versions arrived in.
+        (
+            f"INSERT INTO {table.name} ({cols}) "
+            f"SELECT DISTINCT ON ({key}) {cols} FROM {stage} ORDER BY {key}, {tables.version} DESC "
+            f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
+            f"WHERE {table.name}.{tables.version} < EXCLUDED.{tables.version}",
+            False,
+        ),
+    ]
+
+
+@dataclass
+class Rejected:
+    index: int
+    sqlstate: str
+    reason: str
+
+
+async def write_bisecting(
+    conn: Connection,
+    write: Callable[[Connection, Sequence[Row]], Awaitable[int]],
+    rows: Sequence[Row],
+) -> tuple[int, list[Rejected]]:
+    """Write ``rows``; when the database rejects some, find them by bisection.
+
+    Each attempt runs in a savepoint, so a rejected half rolls back alone and the good rows
+    of the batch stay written. A batch with k bad rows among n costs about k·log2(n)
+    attempts, never one attempt per row. Returns (new rows, rejected rows by index).
+    """
+    rejected: list[Rejected] = []
+    new = await _write_range(
+        conn, write=write, rows=rows, start=0, stop=len(rows), rejected=rejected
+    )
+    return new, rejected
+
+
+async def _write_range(
+    conn: Connection,
+    *,
+    write: Callable[[Connection, Sequence[Row]], Awaitable[int]],
+    rows: Sequence[Row],
+    start: int,
+    stop: int,
+    rejected: list[Rejected],
+) -> int:
+    if start >= stop:
+        return 0
+    try:
+        async with conn.transaction():  # a savepoint inside the batch transaction
+            return await write(conn, rows[start:stop])
+    except Exception as exc:
+        error = classify(exc)
+        if not isinstance(error, DataError):
+            raise error from exc
+        if stop - start == 1:
+            rejected.append(Rejected(start, error.sqlstate, str(error)))
+            return 0
+    middle = (start + stop) // 2
+    first = await _write_range(
+        conn, write=write, rows=rows, start=start, stop=middle, rejected=rejected
+    )
+    return first + await _write_range(
+        conn, write=write, rows=rows, start=middle, stop=stop, rejected=rejected
+    )
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None
+    error_class: str
+    reason: str
+
+
+async def insert_dead_letters(conn: Connection, group: str, letters: Iterable[DeadLetter]) -> None:
+    await conn.executemany(
+        """INSERT INTO dead_letters (group_id, src_topic, src_partition, src_offset, record_key,
+               record_value, record_headers, record_ts, error_class, reason)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8 / 1000.0), $9, $10)
+           ON CONFLICT (group_id, src_topic, src_partition, src_offset) DO NOTHING""",
+        [
+            (
+                group,
+                d.topic,
+                d.partition,
+                d.offset,
+                d.key,
+                d.value,
+                [[name, value.decode("utf-8", "replace")] for name, value in d.headers],
+                d.timestamp_ms,
+                d.error_class,
+                d.reason,
+            )
+            for d in letters
+        ],
+    )
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``INSERT 0 42`` or ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[1])

@@ -1,0 +1,150 @@
+"""Everything that talks to Kafka for the DatabaseAgent: topics, the consumer, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import OffsetAndMetadata
+
+from pipeline.batching import OffsetMove
+from pipeline.config import Config
+from pipeline.db import DeadLetter
+from pipeline.errors import TransientError
+from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
+
+log = logging.getLogger(__name__)
+
+DLQ_HEADERS = (
+    "dlq.source.topic",
+    "dlq.source.partition",
+    "dlq.source.offset",
+    "dlq.error.class",
+    "dlq.reason",
+)
+
+
+def data_topics(config: Config) -> list[str]:
+    return [config.topic(STREAM_BY_NAME[name].topic) for name in config.streams]
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created.
+
+    Several instances may start together: a topic another one created first is fine.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        created = []
+        for topic in missing:
+            try:
+                await admin.create_topics([NewTopic(topic, partitions, replication_factor=1)])
+                created.append(topic)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        await admin.close()
+
+
+def make_consumer(config: Config, listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
+    """A group member with the safe settings: no auto-commit, positions from the database."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=config.kafka_bootstrap_servers,
+        group_id=config.group_id,
+        client_id=config.instance_id or None,
+        enable_auto_commit=False,  # the database holds the offsets; Kafka gets a mirror
+        auto_offset_reset="earliest",  # only used before a partition is positioned
+        isolation_level="read_committed",
+        fetch_max_bytes=config.fetch_max_bytes,
+        max_partition_fetch_bytes=min(config.fetch_max_bytes, 8 * 1024 * 1024),
+        max_poll_records=config.batch_max_records,
+        session_timeout_ms=30_000,
+        heartbeat_interval_ms=3_000,
+        max_poll_interval_ms=300_000,
+    )
+    consumer.subscribe(data_topics(config), listener=listener)
+    return consumer
+
+
+async def start_dead_letter_producer(config: Config) -> AIOKafkaProducer:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=config.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        request_timeout_ms=30_000,
+    )
+    await producer.start()
+    return producer
+
+
+async def publish_dead_letters(
+    producer: AIOKafkaProducer, topic: str, letters: list[DeadLetter], ack_timeout: float
+) -> None:
+    """Send every dead letter to the DLQ topic and wait for all acks, within ``ack_timeout`` s."""
+    if not letters:
+        return
+    try:
+        async with asyncio.timeout(ack_timeout):
+            futures = [
+                await producer.send(
+                    topic,
+                    value=letter.value,
+                    key=letter.key,
+                    headers=[
+                        *letter.headers,
+                        *zip(
+                            DLQ_HEADERS,
+                            (
+                                letter.topic.encode(),
+                                str(letter.partition).encode(),
+                                str(letter.offset).encode(),
+                                letter.error_class.encode(),
+                                letter.reason.encode(),
+                            ),
+                            strict=True,
+                        ),
+                    ],
+                )
+                for letter in letters
+            ]
+            await asyncio.gather(*futures)
+    except (KafkaError, TimeoutError) as exc:
+        raise TransientError(
+            f"dead-letter topic {topic} did not acknowledge: {exc!r}", source="kafka"
+        ) from exc
+
+
+def dead_letter_topic(config: Config) -> str:
+    return config.topic(DLQ_TOPIC)
+
+
+async def mirror_offsets(consumer: AIOKafkaConsumer, moves: Iterable[OffsetMove]) -> None:
+    """Commit the database's offsets to Kafka too, for lag tools; best effort.
+
+    A commit can fail mid-rebalance (CommitFailedError); the database's offsets are the truth
+    and the next batch mirrors again, so a failure here is only logged.
+    """
+    offsets = {TopicPartition(m.topic, m.partition): OffsetAndMetadata(m.new, "") for m in moves}
+    owned = consumer.assignment()
+    offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+    if not offsets:
+        return
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as exc:
+        log.debug("mirroring offsets to Kafka failed (the database has them): %r", exc)
+
+
+async def beginning_offsets(
+    consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+) -> dict[tuple[str, int], int]:
+    found = await consumer.beginning_offsets(list(partitions))
+    return {(tp.topic, tp.partition): offset for tp, offset in found.items()}

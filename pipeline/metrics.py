@@ -1,0 +1,78 @@
+"""Prometheus metrics of a DatabaseAgent: base units, ``_total`` counters, small label sets.
+
+Labels come only from fixed, small sets (topic, table, partition, error class), never from
+keys, ids or error text, so the series count does not grow with the data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.records_consumed = Counter(
+            "pipeline_records_consumed_total", "Records fetched from Kafka", ["topic"], registry=r
+        )
+        self.rows_ingested = Counter(
+            "pipeline_rows_ingested_total", "Records written to their table", ["table"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "pipeline_dead_letters_total",
+            "Records sent to the dead-letter store",
+            ["topic", "error_class"],
+            registry=r,
+        )
+        self.duplicates_skipped = Counter(
+            "pipeline_duplicates_skipped_total",
+            "Records already ingested (redelivered, or a natural key already present)",
+            ["topic"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "pipeline_batches_total", "Ingest transactions committed", registry=r
+        )
+        self.batch_duration = Histogram(
+            "pipeline_batch_duration_seconds",
+            "Time to write and commit one batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_records = Histogram(
+            "pipeline_batch_records",
+            "Records per batch",
+            buckets=(1, 10, 100, 1000, 5000, 10000, 25000, 50000, 100000),
+            registry=r,
+        )
+        self.retries = Counter(
+            "pipeline_retries_total",
+            "Batches retried after a transient failure",
+            ["kind"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            "pipeline_fenced_batches_total",
+            "Batches dropped because another consumer owns a partition now",
+            registry=r,
+        )
+        self.lag = Gauge(
+            "pipeline_consumer_lag_records",
+            "Records behind the end of the partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.last_commit = Gauge(
+            "pipeline_last_commit_timestamp_seconds", "When the last batch committed", registry=r
+        )
+
+    def serve(self, address: str) -> None:
+        """Serve ``/metrics`` on ``host:port`` (loopback by default) until :meth:`close`."""
+        host, _, port = address.rpartition(":")
+        self._server, _ = start_http_server(int(port), addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if (server := getattr(self, "_server", None)) is not None:
+            server.shutdown()
+            server.server_close()

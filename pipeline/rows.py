@@ -1,0 +1,198 @@
+"""From a Kafka record's bytes to a row ready for binary COPY; pure, no IO.
+
+One typed decoder per topic. JSON sub-objects (``data``, ``payload``, ``labels``,
+``properties``, config ``value``) are never parsed into Python objects: msgspec hands them over
+as :class:`msgspec.Raw` slices of the record, which go into ``jsonb`` as they are. MessagePack
+records take the slower road: decoded with the public record type, sub-objects re-encoded as
+JSON.
+
+Every row ends with its provenance: source partition, source offset, ingest batch id.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from pipeline.records import (
+    CONTENT_TYPE_HEADER,
+    JSON,
+    MSGPACK,
+    STREAMS,
+    AgentEvent,
+    AnalyticsEvent,
+    ConfigChange,
+    Metric,
+    Record,
+    StateChange,
+    Stream,
+)
+
+Row = tuple[Any, ...]
+PROVENANCE = ("src_partition", "src_offset", "batch_id")
+
+
+class RecordRejected(Exception):
+    """A record that can never be ingested as it is: it goes to the dead-letter store."""
+
+    def __init__(self, error_class: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error_class = error_class
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Table:
+    """A target table and the record fields that fill its columns, in COPY order."""
+
+    name: str
+    fields: tuple[str, ...]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.fields + PROVENANCE
+
+
+@dataclass(frozen=True)
+class StreamTables:
+    """Where a stream lands: one table, or a "latest" table plus its append-only history."""
+
+    table: Table
+    history: Table | None = None
+    # The natural key that makes redelivery harmless, and for "latest" tables the version
+    # that decides which row wins.
+    key: tuple[str, ...] = ()
+    version: str | None = None
+
+
+_STATE_FIELDS = ("agent_id", "state", "version", "ts", "data")
+_CONFIG_FIELDS = ("key", "value", "version", "ts", "updated_by")
+
+TABLES: dict[str, StreamTables] = {
+    "states": StreamTables(
+        Table("agent_states", _STATE_FIELDS),
+        Table("agent_state_history", _STATE_FIELDS),
+        key=("agent_id",),
+        version="version",
+    ),
+    "events": StreamTables(
+        Table("system_events", ("event_id", "agent_id", "kind", "severity", "ts", "payload")),
+        key=("event_id",),
+    ),
+    "metrics": StreamTables(
+        Table("performance_metrics", ("agent_id", "name", "value", "ts", "labels"))
+    ),
+    "analytics": StreamTables(
+        Table("user_analytics", ("event_id", "user_id", "action", "ts", "properties")),
+        key=("event_id",),
+    ),
+    "config": StreamTables(
+        Table("system_config", _CONFIG_FIELDS),
+        Table("system_config_history", _CONFIG_FIELDS),
+        key=("key",),
+        version="version",
+    ),
+}
+
+# The fields that hold free-form JSON: kept raw, checked to be objects where the contract
+# says "object" (a config value may be any JSON value).
+_JSON_FIELDS: dict[type[Record], dict[str, bool]] = {
+    StateChange: {"data": True},
+    AgentEvent: {"payload": True},
+    Metric: {"labels": True},
+    AnalyticsEvent: {"properties": True},
+    ConfigChange: {"value": False},
+}
+_EMPTY_OBJECT = msgspec.Raw(b"{}")
+_OPEN_BRACE = ord("{")
+
+
+def _raw_variant(record_type: type[Record]) -> type[msgspec.Struct]:
+    """The record type with its free-form JSON fields typed as :class:`msgspec.Raw`."""
+    json_fields = _JSON_FIELDS[record_type]
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for info in msgspec.structs.fields(record_type):
+        if info.name in json_fields:
+            has_default = (
+                info.default is not msgspec.NODEFAULT
+                or info.default_factory is not msgspec.NODEFAULT
+            )
+            fields.append(
+                (info.name, msgspec.Raw, _EMPTY_OBJECT) if has_default else (info.name, msgspec.Raw)
+            )
+        elif info.default is not msgspec.NODEFAULT:
+            fields.append((info.name, info.type, info.default))
+        else:
+            fields.append((info.name, info.type))
+    return msgspec.defstruct(f"Raw{record_type.__name__}", fields, frozen=True)
+
+
+class StreamDecoder:
+    """Decodes one topic's record values into COPY rows for that stream's table."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.tables = TABLES[stream.name]
+        raw_type = _raw_variant(stream.record_type)
+        self._json = msgspec.json.Decoder(raw_type)
+        self._msgpack = msgspec.msgpack.Decoder(stream.record_type)
+        self._raw_type = raw_type
+        self._object_fields = tuple(
+            f for f, must_be_object in _JSON_FIELDS[stream.record_type].items() if must_be_object
+        )
+        self._json_fields = tuple(_JSON_FIELDS[stream.record_type])
+        self._fields: Callable[[Any], tuple[Any, ...]] = operator.attrgetter(
+            *self.tables.table.fields
+        )
+
+    def row(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        partition: int,
+        offset: int,
+        batch_id: int,
+    ) -> Row:
+        """The COPY row for one record; :class:`RecordRejected` when it cannot be ingested."""
+        if value is None:
+            raise RecordRejected("EmptyRecord", "record has no value (a tombstone)")
+        content_type = _content_type(headers)
+        try:
+            if content_type == JSON:
+                record = self._json.decode(value)
+            elif content_type == MSGPACK:
+                record = self._from_msgpack(value)
+            else:
+                raise RecordRejected(
+                    "UnsupportedContentType",
+                    f"content-type {content_type!r} is not supported; use {JSON} or {MSGPACK}",
+                )
+        except msgspec.ValidationError as exc:
+            raise RecordRejected("ValidationError", str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise RecordRejected("DecodeError", str(exc)) from None
+        for name in self._object_fields:
+            if memoryview(getattr(record, name))[0] != _OPEN_BRACE:
+                raise RecordRejected("ValidationError", f"Expected `object` - at `$.{name}`")
+        return (*self._fields(record), partition, offset, batch_id)
+
+    def _from_msgpack(self, value: bytes) -> Any:
+        record = self._msgpack.decode(value)
+        as_dict = msgspec.structs.asdict(record)
+        for name in self._json_fields:
+            as_dict[name] = msgspec.Raw(msgspec.json.encode(as_dict[name]))
+        return self._raw_type(**as_dict)
+
+
+def _content_type(headers: Sequence[tuple[str, bytes]]) -> str:
+    for name, value in headers:
+        if name == CONTENT_TYPE_HEADER:
+            return value.decode("utf-8", "replace")
+    return JSON
+
+
+DECODERS: dict[str, StreamDecoder] = {s.name: StreamDecoder(s) for s in STREAMS}

@@ -1,0 +1,26 @@
+-- Least privilege (DESIGN.md section 3): a migrator owns the schema, a writer ingests, a
+-- reader reads. These are group roles without login: grant them to the login roles you use.
+-- Roles are cluster-wide; another database on the same server may have created them already.
+DO $$
+BEGIN
+    CREATE ROLE pipeline_writer NOLOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;  -- created concurrently
+END $$;
+DO $$
+BEGIN
+    CREATE ROLE pipeline_reader NOLOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;  -- created concurrently
+END $$;
+
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO pipeline_reader;
+GRANT SELECT, INSERT, UPDATE ON
+    agent_states, agent_state_history, system_events, performance_metrics, user_analytics,
+    system_config, system_config_history, ingest_offsets, dead_letters, control_log
+    TO pipeline_writer;
+-- Rollback to a checkpoint deletes rows ingested after it.
+GRANT DELETE ON
+    agent_states, agent_state_history, system_events, performance_metrics, user_analytics,
+    system_config, system_config_history
+    TO pipeline_writer;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO pipeline_writer;
+-- The writer also stages rows in temporary tables, which PUBLIC may create by default.
