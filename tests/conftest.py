@@ -2,8 +2,8 @@
 
 1. ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` from the environment;
 2. a Docker engine, through testcontainers, when one answers;
-3. the local stack (``pipeline dev``), started once per test session under its own home
-   and stopped at the end.
+3. the local stack (``pipeline dev``), started once per test session under a home of its
+   own, and stopped and deleted at the end.
 
 When none can be had, every test that needs a server fails with the reason: never a skip.
 Each test gets its own topics (unique names) and its own PostgreSQL database.
@@ -17,6 +17,7 @@ import os
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import asyncpg
 import pytest
@@ -26,7 +27,9 @@ from pipeline.devstack import Endpoints, Stack, endpoints_from_env
 from pipeline.devstack.stack import cache_root
 from pipeline.errors import DevStackError
 
-TEST_STACK_HOME = cache_root() / "test-stack"
+# One stack per test session: two sessions on one machine (a developer's and an editor's, or
+# two worktrees) must not stop each other's servers.
+TEST_STACK_HOME = cache_root() / "test-stacks" / f"session-{os.getpid()}"
 
 
 def _docker_engine_answers() -> bool:
@@ -60,26 +63,37 @@ def _containers() -> Iterator[Endpoints]:
         yield Endpoints(kafka.get_bootstrap_server(), pg.get_connection_url())
 
 
+@dataclass(frozen=True)
+class Servers:
+    endpoints: Endpoints
+    stack: Stack | None  # set when this test session started the local stack itself
+
+
 @pytest.fixture(scope="session")
-def endpoints() -> Iterator[Endpoints]:
+def servers() -> Iterator[Servers]:
     try:
         given = endpoints_from_env()
     except DevStackError as exc:
         pytest.fail(str(exc))
     if given is not None:
-        yield given
+        yield Servers(given, None)
         return
     if _docker_engine_answers():
         with _containers() as found:
-            yield found
+            yield Servers(found, None)
         return
     stack = Stack(home=TEST_STACK_HOME)
     try:
         started = stack.up(report=lambda _: None)
     except DevStackError as exc:
         pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
-    yield started
-    stack.down(report=lambda _: None)
+    yield Servers(started, stack)
+    stack.down(purge=True, report=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def endpoints(servers: Servers) -> Endpoints:
+    return servers.endpoints
 
 
 @pytest.fixture

@@ -44,6 +44,10 @@ class PidFile:
         pid = self.read()
         if pid is None or not is_alive(pid):
             return None
+        if pid in _spawned:
+            # Our own child: between fork and exec its command line is still ours, so the
+            # marker cannot prove anything yet; the handle does.
+            return pid if _spawned[pid].poll() is None else None
         cmdline = _cmdline(pid)
         if cmdline is not None and self.marker not in cmdline:
             return None
@@ -143,8 +147,8 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def choose_port(preferred: int, taken: Collection[int] = (), host: str = "127.0.0.1") -> int:
-    """``preferred`` when it is free, else a free port the kernel picks."""
-    if preferred not in taken and port_is_free(preferred, host):
+    """``preferred`` when it is free, else (or when it is 0) a free port the kernel picks."""
+    if preferred and preferred not in taken and port_is_free(preferred, host):
         return preferred
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

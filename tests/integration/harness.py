@@ -1,0 +1,397 @@
+"""What the DatabaseAgent tests share: traffic, a recording producer, agent processes, and
+the oracle of RELIABILITY.md.
+
+The oracle compares the database with what was SENT, record by record, using each row's
+provenance (source partition and offset): never the tables with themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipeline.kafka import ensure_topics
+from pipeline.records import (
+    DLQ_TOPIC,
+    STREAMS,
+    AgentEvent,
+    AnalyticsEvent,
+    ConfigChange,
+    Metric,
+    Record,
+    StateChange,
+    Stream,
+    encode,
+)
+
+# Where each stream's every record lands once (the "latest" tables hold one row per key).
+APPEND_TABLE = {
+    "states": "agent_state_history",
+    "events": "system_events",
+    "metrics": "performance_metrics",
+    "analytics": "user_analytics",
+    "config": "system_config_history",
+}
+STREAM_OF_TOPIC = {s.topic: s for s in STREAMS}
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    stream: Stream
+    key: bytes
+    value: bytes
+    poison: str | None = None  # why the agent must dead-letter it, or None when it is good
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class Sent:
+    topic: str  # the default topic name (no prefix)
+    partition: int
+    offset: int
+    poison: str | None
+
+
+def fleet_traffic(count: int, *, agents: int = 143, seed: int = 0) -> list[Outgoing]:
+    """``count`` good records over all five streams, a metrics-heavy mix like a real fleet.
+
+    State and config versions per key are sent in a shuffled order, so the "latest" tables
+    must pick the highest version, not the last one to arrive.
+    """
+    rng = random.Random(seed)
+    weights = {"metrics": 50, "events": 20, "analytics": 15, "states": 10, "config": 5}
+    streams = {s.name: s for s in STREAMS}
+    names = rng.choices(list(weights), weights=list(weights.values()), k=count)
+    per_stream = Counter(names)
+    records: dict[str, list[Record]] = {
+        "metrics": [
+            Metric(
+                f"agent-{i % agents}",
+                rng.choice(("cpu", "memory", "latency_ms", "queue_depth")),
+                round(rng.random() * 100, 3),
+                T0 + timedelta(milliseconds=i),
+                {"region": rng.choice(("eu", "us")), "i": i},
+            )
+            for i in range(per_stream["metrics"])
+        ],
+        "events": [
+            AgentEvent(
+                uuid.UUID(int=rng.getrandbits(128)),
+                f"agent-{i % agents}",
+                rng.choice(("started", "stopped", "task_done", "error")),
+                T0 + timedelta(milliseconds=i),
+                rng.choice(("info", "warning", "error")),
+                {"task": i},
+            )
+            for i in range(per_stream["events"])
+        ],
+        "analytics": [
+            AnalyticsEvent(
+                uuid.UUID(int=rng.getrandbits(128)),
+                f"user-{rng.randrange(500)}",
+                rng.choice(("click", "view", "purchase")),
+                T0 + timedelta(milliseconds=i),
+                {"page": f"/p/{i % 37}"},
+            )
+            for i in range(per_stream["analytics"])
+        ],
+        "states": _versioned(per_stream["states"], agents, rng, _state),
+        "config": _versioned(per_stream["config"], 20, rng, _config),
+    }
+    out = []
+    for name in names:
+        record = records[name].pop()
+        stream = streams[name]
+        out.append(Outgoing(stream, stream.key(record), encode(record)))
+    return out
+
+
+def _state(key: int, version: int) -> Record:
+    return StateChange(
+        f"agent-{key}",
+        f"state-v{version}",
+        version,
+        T0 + timedelta(seconds=version),
+        {"v": version},
+    )
+
+
+def _config(key: int, version: int) -> Record:
+    return ConfigChange(f"setting.{key}", {"v": version}, version, T0, f"admin-{version}")
+
+
+def _versioned(
+    count: int, keys: int, rng: random.Random, make: Callable[[int, int], Record]
+) -> list[Record]:
+    versions: dict[int, int] = {}
+    records = []
+    for i in range(count):
+        key = i % keys
+        versions[key] = versions.get(key, -1) + 1
+        records.append(make(key, versions[key]))
+    rng.shuffle(records)
+    return records
+
+
+async def produce(bootstrap: str, prefix: str, outgoing: list[Outgoing]) -> list[Sent]:
+    """Send everything (acks=all, idempotent) and return where each record landed."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+    )
+    await producer.start()
+    sent: list[Sent] = []
+    try:
+        for start in range(0, len(outgoing), 5000):
+            chunk = outgoing[start : start + 5000]
+            futures = [
+                await producer.send(
+                    prefix + o.stream.topic, o.value, key=o.key, headers=list(o.headers)
+                )
+                for o in chunk
+            ]
+            for o, meta in zip(chunk, await asyncio.gather(*futures), strict=True):
+                sent.append(Sent(o.stream.topic, meta.partition, meta.offset, o.poison))
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def produce_paced(
+    bootstrap: str, prefix: str, outgoing: list[Outgoing], *, over: float, chunks: int = 40
+) -> list[Sent]:
+    """Send ``outgoing`` in ``chunks`` spread evenly over ``over`` seconds, so ingestion is
+    still under way while a test injects a fault."""
+    size = -(-len(outgoing) // chunks)
+    sent: list[Sent] = []
+    for start in range(0, len(outgoing), size):
+        sent += await produce(bootstrap, prefix, outgoing[start : start + size])
+        await asyncio.sleep(over / chunks)
+    return sent
+
+
+def scrape(metrics_address: str, name: str) -> float:
+    """The sum of a metric's samples on a running agent's /metrics endpoint."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
+    await ensure_topics(
+        bootstrap, [prefix + s.topic for s in STREAMS] + [prefix + DLQ_TOPIC], partitions
+    )
+
+
+async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the five data topics, by default topic name."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([prefix + s.topic for s in STREAMS])
+    finally:
+        await admin.close()
+    partitions = [
+        TopicPartition(topic["topic"], p["partition"])
+        for topic in described
+        for p in topic["partitions"]
+    ]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await stop_consumer(consumer)
+    topics = {tp.topic for tp in ends}
+    assert len(topics) == len(STREAMS), f"data topics missing: found only {sorted(topics)}"
+    return {(tp.topic.removeprefix(prefix), tp.partition): o for tp, o in ends.items()}
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, minus aiokafka's spurious CancelledError when a consumer without a
+    group stops soon after it started (aio-libs/aiokafka#647, open)."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+async def stored_offsets(database_url: str, group: str, prefix: str) -> dict[tuple[str, int], int]:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT topic, partition, next_offset FROM ingest_offsets WHERE group_id = $1", group
+        )
+    except asyncpg.UndefinedTableError:
+        return {}
+    finally:
+        await conn.close()
+    return {(r["topic"].removeprefix(prefix), r["partition"]): r["next_offset"] for r in rows}
+
+
+async def kafka_committed(bootstrap: str, group: str, prefix: str) -> dict[tuple[str, int], int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {
+        (tp.topic.removeprefix(prefix), tp.partition): meta.offset
+        for tp, meta in found.items()
+        if meta.offset >= 0
+    }
+
+
+async def wait_caught_up(
+    database_url: str,
+    bootstrap: str,
+    group: str,
+    prefix: str,
+    *,
+    within: float,
+    on_poll: Callable[[], Awaitable[None]] | None = None,
+) -> dict[tuple[str, int], int]:
+    """Wait until every partition's stored offset is its end offset; return the end offsets.
+
+    Also samples Kafka's committed offsets on the way: they must never run ahead of the
+    database's (oracle point 5).
+    """
+    ends = await end_offsets(bootstrap, prefix)
+    deadline = time.monotonic() + within
+    stored: dict[tuple[str, int], int] = {}
+    while time.monotonic() < deadline:
+        committed = await kafka_committed(bootstrap, group, prefix)
+        stored = await stored_offsets(database_url, group, prefix)
+        ahead = {tp: o for tp, o in committed.items() if o > stored.get(tp, 0)}
+        assert not ahead, f"Kafka's committed offsets ran ahead of the database's: {ahead}"
+        if on_poll is not None:
+            await on_poll()
+        if all(stored.get(tp) == end for tp, end in ends.items()):
+            return ends
+        await asyncio.sleep(0.5)
+    behind = {tp: (stored.get(tp), end) for tp, end in ends.items() if stored.get(tp) != end}
+    raise AssertionError(f"not caught up after {within}s: (stored, end) = {behind}")
+
+
+async def assert_exactly_once(
+    database_url: str, group: str, prefix: str, sent: list[Sent], ends: dict[tuple[str, int], int]
+) -> None:
+    """The oracle: every record sent is in its table exactly once, or dead-lettered exactly
+    once with a reason; nothing else is there; stored offsets equal the end offsets."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        for stream in STREAMS:
+            table = APPEND_TABLE[stream.name]
+            rows = await conn.fetch(f"SELECT src_partition, src_offset FROM {table}")
+            ingested = Counter((r["src_partition"], r["src_offset"]) for r in rows)
+            duplicates = {k: n for k, n in ingested.items() if n > 1}
+            assert not duplicates, f"{table}: rows ingested more than once: {duplicates}"
+            good = {
+                (s.partition, s.offset) for s in sent if s.topic == stream.topic and not s.poison
+            }
+            assert set(ingested) == good, (
+                f"{table}: lost {len(good - set(ingested))}, unexpected {len(set(ingested) - good)}"
+            )
+        letters = await conn.fetch(
+            "SELECT src_topic, src_partition, src_offset, error_class, reason FROM dead_letters "
+            "WHERE group_id = $1",
+            group,
+        )
+        dead = Counter(
+            (r["src_topic"].removeprefix(prefix), r["src_partition"], r["src_offset"])
+            for r in letters
+        )
+        assert all(n == 1 for n in dead.values()), f"dead-lettered twice: {dead}"
+        poison = {(s.topic, s.partition, s.offset) for s in sent if s.poison}
+        assert set(dead) == poison
+        assert all(r["reason"] and r["error_class"] for r in letters)
+    finally:
+        await conn.close()
+    assert await stored_offsets(database_url, group, prefix) == ends
+
+
+class AgentProcess:
+    """A ``pipeline run`` process with its own log file; stopped or killed by its pid."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self._env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run"],
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, within: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(within)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish the batch, commit or leave the group."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, within: float = 40.0) -> int:
+        """SIGTERM and wait for a clean exit."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(within)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def agent_env(
+    bootstrap: str, database_url: str, prefix: str, group: str, **settings: object
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        DATABASE_URL=database_url,
+        PIPELINE_TOPIC_PREFIX=prefix,
+        PIPELINE_GROUP_ID=group,
+        PIPELINE_METRICS_ADDRESS="",
+        PIPELINE_TOPIC_PARTITIONS="3",
+    )
+    env.update({f"PIPELINE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env

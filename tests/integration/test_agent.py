@@ -1,0 +1,456 @@
+"""The DatabaseAgent against the real broker and database: one test per guarantee."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from consumers.agent import DatabaseAgent
+from pipeline import db
+from pipeline.config import load_config
+from pipeline.devstack import postgres
+from pipeline.devstack.processes import choose_port, stop_pid
+from pipeline.records import (
+    DLQ_TOPIC,
+    MSGPACK,
+    STREAM_BY_NAME,
+    AgentEvent,
+    ConfigChange,
+    Metric,
+    StateChange,
+    encode,
+)
+from tests.conftest import Servers
+from tests.integration.harness import (
+    APPEND_TABLE,
+    T0,
+    AgentProcess,
+    Outgoing,
+    Sent,
+    agent_env,
+    assert_exactly_once,
+    create_topics,
+    fleet_traffic,
+    kafka_committed,
+    produce,
+    produce_paced,
+    scrape,
+    stop_consumer,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    bootstrap: str, database_url: str, prefix: str, **settings: object
+) -> AsyncIterator[DatabaseAgent]:
+    """A DatabaseAgent in this process (its metrics are inspectable), stopped on exit."""
+    agent = DatabaseAgent(
+        load_config(agent_env(bootstrap, database_url, prefix, prefix, **settings))
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 60)
+
+
+def _metric_value(agent: DatabaseAgent, name: str) -> float:
+    return sum(
+        sample.value
+        for metric in agent.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == name
+    )
+
+
+async def test_100k_records_across_five_streams_land_exactly_once(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    outgoing = fleet_traffic(100_000, seed=7)
+    sent = await produce(bootstrap, prefix, outgoing)
+
+    async with running_agent(bootstrap, database_url, prefix) as agent:
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        consumed = _metric_value(agent, "pipeline_records_consumed_total")
+        ingested = _metric_value(agent, "pipeline_rows_ingested_total")
+        dead = _metric_value(agent, "pipeline_dead_letters_total")
+        duplicates = _metric_value(agent, "pipeline_duplicates_skipped_total")
+
+    assert consumed == len(sent) == 100_000
+    assert (ingested, dead, duplicates) == (100_000, 0, 0)
+    await _assert_contents(database_url, outgoing, sent)
+
+
+async def _assert_contents(database_url: str, outgoing: list[Outgoing], sent: list[Sent]) -> None:
+    """Rows hold exactly what was sent: a sample of every stream, and the latest versions."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rng = random.Random(3)
+        samples = rng.sample(range(len(sent)), 300)
+        for i in samples:
+            out, where = outgoing[i], sent[i]
+            record = msgspec.json.decode(out.value, type=out.stream.record_type)
+            table = APPEND_TABLE[out.stream.name]
+            row = await conn.fetchrow(
+                f"SELECT * FROM {table} WHERE src_partition = $1 AND src_offset = $2",
+                where.partition,
+                where.offset,
+            )
+            assert row is not None
+            for field in msgspec.structs.fields(record):
+                expected = getattr(record, field.name)
+                actual = row[field.name]
+                if isinstance(actual, str) and field.name in (
+                    "data",
+                    "payload",
+                    "labels",
+                    "properties",
+                    "value",
+                ):
+                    actual = msgspec.json.decode(actual)
+                assert actual == expected, (table, field.name)
+
+        # The latest tables hold, per key, the highest version sent, whatever the order.
+        for stream, table, key in (
+            ("states", "agent_states", "agent_id"),
+            ("config", "system_config", "key"),
+        ):
+            highest: dict[str, int] = {}
+            for out in outgoing:
+                if out.stream.name == stream:
+                    record = msgspec.json.decode(out.value, type=out.stream.record_type)
+                    k = getattr(record, key)
+                    highest[k] = max(highest.get(k, -1), record.version)
+            rows = await conn.fetch(f"SELECT {key} AS k, version FROM {table}")
+            assert {r["k"]: r["version"] for r in rows} == highest
+            history = await conn.fetchval(f"SELECT count(*) FROM {APPEND_TABLE[stream]}")
+            assert history == sum(1 for o in outgoing if o.stream.name == stream)
+    finally:
+        await conn.close()
+
+
+async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    # A constraint the records cannot know about: the database rejects rows, not the decoder.
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await db.migrate(conn, db.read_migrations())
+        await conn.execute(
+            "ALTER TABLE performance_metrics ADD CONSTRAINT sane CHECK (value < 1e9)"
+        )
+    finally:
+        await conn.close()
+
+    metrics, events, states, config = (
+        STREAM_BY_NAME[n] for n in ("metrics", "events", "states", "config")
+    )
+    good = fleet_traffic(3000, seed=11)
+    ts = T0.isoformat()
+    poison = [
+        Outgoing(metrics, b"a", b"{not json", "DecodeError"),
+        Outgoing(metrics, b"a", b"\xff\xfe\x00garbage", "DecodeError"),
+        Outgoing(
+            events,
+            b"a",
+            b'{"agent_id": "a", "kind": "k", "ts": "' + ts.encode() + b'"}',
+            "ValidationError",
+        ),  # no event_id
+        Outgoing(
+            states,
+            b"a",
+            b'{"agent_id": "a", "state": "s", "version": "7", "ts": "' + ts.encode() + b'"}',
+            "ValidationError",
+        ),
+        Outgoing(
+            states,
+            b"a",
+            b'{"agent_id": "a", "state": "s", "version": -1, "ts": "' + ts.encode() + b'"}',
+            "ValidationError",
+        ),
+        Outgoing(
+            states,
+            b"a",
+            b'{"agent_id": "a", "state": "s", "version": 1, "ts": "'
+            + ts.encode()
+            + b'", "data": [1]}',
+            "ValidationError",
+        ),
+        Outgoing(
+            config,
+            b"k",
+            b'{"key": "k", "value": 1, "version": 1, "ts": "2026-11-01T00:00:00"}',
+            "ValidationError",
+        ),  # no offset
+        Outgoing(
+            metrics,
+            b"a",
+            encode(Metric("a", "cpu", 1.0, T0)),
+            "UnsupportedContentType",
+            (("content-type", b"text/csv"),),
+        ),
+        Outgoing(metrics, b"a", encode(Metric("a", "cpu", 5e12, T0)), "DatabaseRejected"),  # CHECK
+        Outgoing(
+            metrics, b"a", encode(Metric("a", "cpu\x00", 1.0, T0)), "DatabaseRejected"
+        ),  # NUL in text
+        Outgoing(
+            events,
+            b"a",
+            encode(AgentEvent(uuid.uuid4(), "a", "k", T0, payload={"s": "\x00"})),
+            "DatabaseRejected",
+        ),  # NUL in jsonb
+    ]
+    also_good = [
+        Outgoing(
+            states,
+            b"m",
+            encode(StateChange("m", "busy", 3, T0, {"via": "msgpack"}), MSGPACK),
+            None,
+            (("content-type", MSGPACK.encode()),),
+        ),
+        Outgoing(
+            config,
+            b"m",
+            encode(ConfigChange("m", [1, 2], 1, T0), MSGPACK),
+            None,
+            (("content-type", MSGPACK.encode()),),
+        ),
+    ]
+    traffic = good[:1000] + poison[:6] + good[1000:2000] + poison[6:] + also_good + good[2000:]
+    sent = await produce(bootstrap, prefix, traffic)
+
+    async with running_agent(bootstrap, database_url, prefix, batch_max_records=500) as agent:
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert _metric_value(agent, "pipeline_dead_letters_total") == len(poison)
+
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        letters = await conn.fetch(
+            "SELECT src_topic, src_partition, src_offset, error_class, reason, record_value "
+            "FROM dead_letters"
+        )
+        assert (
+            await conn.fetchval("SELECT data FROM agent_state_history WHERE agent_id = 'm'")
+            == '{"via": "msgpack"}'
+        )
+        assert await conn.fetchval("SELECT value FROM system_config WHERE key = 'm'") == "[1, 2]"
+    finally:
+        await conn.close()
+    by_coordinates = {
+        (r["src_topic"].removeprefix(prefix), r["src_partition"], r["src_offset"]): r
+        for r in letters
+    }
+    for out, where in zip(traffic, sent, strict=True):
+        if out.poison is None:
+            continue
+        letter = by_coordinates[(where.topic, where.partition, where.offset)]
+        assert letter["error_class"] == out.poison
+        assert letter["record_value"] == out.value
+        assert letter["reason"]
+
+    # The DLQ topic holds the same records, each with its source coordinates and reason.
+    dlq = AIOKafkaConsumer(
+        prefix + DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await dlq.start()
+    try:
+        received = []
+        while len(received) < len(poison):
+            batches = await dlq.getmany(timeout_ms=10_000)
+            assert batches, f"only {len(received)} dead letters on the DLQ topic"
+            received += [r for records in batches.values() for r in records]
+    finally:
+        await stop_consumer(dlq)
+    on_topic = {
+        (
+            dict(r.headers)["dlq.source.topic"].decode().removeprefix(prefix),
+            int(dict(r.headers)["dlq.source.partition"]),
+            int(dict(r.headers)["dlq.source.offset"]),
+        ): dict(r.headers)["dlq.error.class"].decode()
+        for r in received
+    }
+    assert on_topic == {k: v["error_class"] for k, v in by_coordinates.items()}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path, seed: int
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    rng = random.Random(seed)
+    traffic = fleet_traffic(60_000, seed=seed)
+    poison = Outgoing(STREAM_BY_NAME["metrics"], b"p", b"{broken", "DecodeError")
+    traffic[rng.randrange(len(traffic))] = poison
+    sent = await produce(bootstrap, prefix, traffic[:30_000])
+
+    env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        more = asyncio.create_task(produce(bootstrap, prefix, traffic[30_000:]))
+        for _ in range(4):
+            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            assert agent.alive(), (tmp_path / "agent.log").read_text()[-3000:]
+            agent.kill()
+            agent.start()
+        sent += await more
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+
+
+async def test_three_agents_with_rolling_restarts_and_a_hard_kill(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=6)
+    traffic = fleet_traffic(60_000, seed=5)
+    sent = await produce(bootstrap, prefix, traffic[:20_000])
+    env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
+    agents = [AgentProcess(env, tmp_path / f"agent-{i}.log") for i in range(3)]
+    try:
+        more = asyncio.create_task(produce(bootstrap, prefix, traffic[20_000:]))
+        for agent in agents:  # join one by one: two rebalances while ingesting
+            agent.start()
+            await asyncio.sleep(1.5)
+        for agent in agents[:2]:  # rolling restart
+            assert agent.stop() == 0
+            agent.start()
+            await asyncio.sleep(1.5)
+        agents[2].kill()  # and one hard kill, restarted
+        await asyncio.sleep(0.5)
+        agents[2].start()
+        sent += await more
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        for agent in agents:
+            assert agent.stop() == 0
+    finally:
+        for agent in agents:
+            agent.kill()
+
+
+async def test_postgres_restart_during_ingestion_needs_no_agent_restart(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    if servers.stack is None:
+        pytest.fail("restarting PostgreSQL needs the local stack; unset the endpoint variables")
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    traffic = fleet_traffic(60_000, seed=9)
+    metrics_address = f"127.0.0.1:{choose_port(0)}"
+    env = agent_env(
+        bootstrap,
+        database_url,
+        prefix,
+        prefix,
+        batch_max_records=700,
+        metrics_address=metrics_address,
+    )
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        sending = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=10.0))
+        await asyncio.sleep(3.0)
+        pg_pid = postgres.pidfile(servers.stack.home / "postgres").live_pid()
+        assert pg_pid is not None
+        await asyncio.to_thread(stop_pid, pg_pid, signal.SIGINT, 60.0)  # fast shutdown
+        await asyncio.sleep(3.0)  # the agent meets a dead server for a while
+        assert not sending.done(), "the traffic must still be flowing when the database is back"
+        await asyncio.to_thread(servers.stack.up, lambda _: None)
+        sent = await sending
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert agent.alive(), "the agent must ride out the restart on its own"
+        assert scrape(metrics_address, "pipeline_retries_total") >= 1
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+
+
+async def test_group_offsets_reset_to_earliest_in_kafka_change_nothing(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    sent = await produce(bootstrap, prefix, fleet_traffic(20_000, seed=4))
+    env = agent_env(bootstrap, database_url, prefix, prefix)
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        assert agent.stop() == 0
+        before = await _table_fingerprint(database_url)
+
+        # What an operator does with kafka-consumer-groups --reset-offsets --to-earliest.
+        resetter = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=prefix, enable_auto_commit=False
+        )
+        await resetter.start()
+        try:
+            partitions = [TopicPartition(prefix + t, p) for (t, p) in ends]
+            resetter.assign(partitions)
+            await resetter.commit(dict.fromkeys(partitions, 0))
+        finally:
+            await resetter.stop()
+        assert await kafka_committed(bootstrap, prefix, prefix) == dict.fromkeys(ends, 0)
+
+        agent.start()
+        await asyncio.sleep(8)  # plenty of time to re-ingest everything, were it to
+        await wait_caught_up(database_url, bootstrap, prefix, prefix, within=60)
+        assert await _table_fingerprint(database_url) == before
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+
+
+async def _table_fingerprint(database_url: str) -> dict[str, tuple[int, str]]:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        found = {}
+        for table in (
+            "agent_states",
+            "agent_state_history",
+            "system_events",
+            "performance_metrics",
+            "user_analytics",
+            "system_config",
+            "system_config_history",
+            "dead_letters",
+        ):
+            found[table] = tuple(
+                await conn.fetchrow(
+                    "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) "
+                    f"FROM {table} t"
+                )
+            )
+        return found
+    finally:
+        await conn.close()
