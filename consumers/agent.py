@@ -54,6 +54,7 @@ class DatabaseAgent:
         self._positions: dict[Partition, int] = {}  # the stored next offset of owned partitions
         self._unpositioned: set[TopicPartition] = set()
         self._holding = False  # all partitions paused while a batch is retried
+        self._stopped_topics: set[str] = set()  # streams stopped on schema errors
         self._stopping = asyncio.Event()
         self._conn: Connection | None = None
         self._batch_ids: Iterable[int] = iter(())
@@ -180,7 +181,7 @@ class DatabaseAgent:
             consumer.seek(tp, offset)
             self._positions[(tp.topic, tp.partition)] = offset
             self._unpositioned.discard(tp)
-            if not self._holding:
+            if not self._holding and self._may_fetch(tp):
                 consumer.resume(tp)
 
     async def _position_pending(self) -> None:
@@ -193,6 +194,27 @@ class DatabaseAgent:
                 log.warning("positioning partitions failed, retrying in %.1fs: %r", delay, exc)
                 await self._idle(delay)
                 attempt += 1
+
+    def _may_fetch(self, tp: TopicPartition) -> bool:
+        return tp not in self._unpositioned and tp.topic not in self._stopped_topics
+
+    def _stop_stream(self, stream: str, exc: SchemaError) -> None:
+        """Stop one stream on a schema or permission error: its records stay in Kafka, neither
+        ingested nor dead-lettered, until the table is fixed and the agent restarted."""
+        topic = self.config.topic(STREAM_BY_NAME[stream].topic)
+        log.error(
+            "stream %s STOPPED: its table rejects every write (%s). The other streams go on; "
+            "fix the table or the grants, then restart the agent to resume %s.",
+            stream,
+            exc,
+            topic,
+        )
+        self._stopped_topics.add(topic)
+        self.metrics.stream_stopped.labels(stream).set(1)
+        consumer = self._require_consumer()
+        stopped = [tp for tp in consumer.assignment() if tp.topic == topic]
+        consumer.pause(*stopped)
+        self._rewind((tp.topic, tp.partition) for tp in stopped)
 
     def _rewind(self, partitions: Iterable[Partition]) -> None:
         """Seek partitions back to their stored offsets after dropping fetched records."""
@@ -215,6 +237,7 @@ class DatabaseAgent:
         attempt = 0
         try:
             while True:
+                batch.drop([p for p in batch.records if p[0] in self._stopped_topics])
                 work = plan(batch, self._positions)
                 if not work.moves:
                     self._count_skipped(work)
@@ -232,6 +255,11 @@ class DatabaseAgent:
                         self._positions.pop(tp_key, None)
                     self._rewind(batch.records)
                     return
+                except SchemaError as exc:
+                    if exc.stream is None:
+                        raise  # the pipeline's own tables: nothing can be ingested
+                    self._stop_stream(exc.stream, exc)
+                    await self._drop_connection()
                 except TransientError as exc:
                     if self._stopping.is_set():
                         log.warning("stopping; batch abandoned after a transient failure: %s", exc)
@@ -251,8 +279,7 @@ class DatabaseAgent:
         finally:
             if self._holding:
                 self._holding = False
-                positioned = [tp for tp in consumer.assignment() if tp not in self._unpositioned]
-                consumer.resume(*positioned)
+                consumer.resume(*filter(self._may_fetch, consumer.assignment()))
 
     async def _ingest(self, work: Plan) -> None:
         """Write one batch exactly once.
@@ -274,7 +301,10 @@ class DatabaseAgent:
             async with conn.transaction():
                 for stream, stream_rows in rows.items():
                     writer = self._writers[stream]
-                    new, rejected = await db.write_bisecting(conn, writer.write, stream_rows)
+                    try:
+                        new, rejected = await db.write_bisecting(conn, writer.write, stream_rows)
+                    except SchemaError as exc:
+                        raise SchemaError(str(exc), stream=stream) from exc
                     written[stream] = (new, len(rejected))
                     letters.extend(
                         _dead_letter(sources[stream][r.index], "DatabaseRejected", r.reason)

@@ -36,7 +36,15 @@ class DataError(PipelineError):
 
 
 class SchemaError(PipelineError):
-    """The schema or permissions are wrong (SQLSTATE class 42): stop loudly, dead-letter nothing."""
+    """The schema or permissions are wrong (SQLSTATE class 42): stop loudly, dead-letter nothing.
+
+    ``stream`` names the data stream whose table is wrong; only that stream stops. Without
+    one (the pipeline's own tables are wrong), the whole agent stops.
+    """
+
+    def __init__(self, message: str, stream: str | None = None) -> None:
+        super().__init__(message)
+        self.stream = stream
 
 
 class FencedError(PipelineError):

@@ -63,6 +63,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.stream_stopped = Gauge(
+            "pipeline_stream_stopped",
+            "1 when a stream stopped on a schema or permission error (fix, then restart)",
+            ["stream"],
+            registry=r,
+        )
         self.last_commit = Gauge(
             "pipeline_last_commit_timestamp_seconds", "When the last batch committed", registry=r
         )

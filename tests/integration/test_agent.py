@@ -14,6 +14,7 @@ import asyncpg
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.agent import DatabaseAgent
 from pipeline import db
@@ -40,12 +41,14 @@ from tests.integration.harness import (
     agent_env,
     assert_exactly_once,
     create_topics,
+    end_offsets,
     fleet_traffic,
     kafka_committed,
     produce,
     produce_paced,
     scrape,
     stop_consumer,
+    stored_offsets,
     wait_caught_up,
 )
 
@@ -454,3 +457,91 @@ async def _table_fingerprint(database_url: str) -> dict[str, tuple[int, str]]:
         return found
     finally:
         await conn.close()
+
+
+async def test_a_broken_table_stops_only_its_stream_and_dead_letters_nothing(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await db.migrate(conn, db.read_migrations())
+        await conn.execute("ALTER TABLE user_analytics DROP COLUMN properties")  # a bad deploy
+    finally:
+        await conn.close()
+    sent = await produce(bootstrap, prefix, fleet_traffic(5000, seed=12))
+    analytics = STREAM_BY_NAME["analytics"].topic
+
+    async with running_agent(bootstrap, database_url, prefix) as agent:
+        ends = await wait_caught_up_except(database_url, bootstrap, prefix, analytics)
+        assert _metric_value(agent, "pipeline_stream_stopped") == 1
+
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM user_analytics") == 0
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+        for table in ("performance_metrics", "system_events", "agent_state_history"):
+            stream = next(s for s, t in APPEND_TABLE.items() if t == table)
+            expected = sum(1 for s in sent if s.topic == STREAM_BY_NAME[stream].topic)
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == expected
+        stored = await conn.fetch(
+            "SELECT next_offset FROM ingest_offsets WHERE topic = $1", prefix + analytics
+        )
+    finally:
+        await conn.close()
+    assert [r["next_offset"] for r in stored] == [0, 0]  # its records wait in Kafka
+    assert sum(end for (topic, _), end in ends.items() if topic == analytics) > 0
+
+
+async def wait_caught_up_except(
+    database_url: str, bootstrap: str, prefix: str, stopped_topic: str
+) -> dict[tuple[str, int], int]:
+    ends = await end_offsets(bootstrap, prefix)
+    for _ in range(240):
+        stored = await stored_offsets(database_url, prefix, prefix)
+        if all(stored.get(tp) == end for tp, end in ends.items() if tp[0] != stopped_topic):
+            return ends
+        await asyncio.sleep(0.5)
+    raise AssertionError("the streams that are not stopped did not catch up")
+
+
+async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadline(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    traffic = fleet_traffic(40_000, seed=13)
+    sent = await produce(bootstrap, prefix, traffic[:20_000])
+    metrics_address = f"127.0.0.1:{choose_port(0)}"
+    env = agent_env(
+        bootstrap, database_url, prefix, prefix, batch_max_records=700, shutdown_timeout_s=10
+    )
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        await asyncio.sleep(2.0)
+        started = asyncio.get_running_loop().time()
+        assert agent.stop(within=15) == 0
+        assert asyncio.get_running_loop().time() - started < 10
+        # It left the group itself: no member lingers until a session timeout.
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (response,) = await admin.describe_consumer_groups([prefix])
+        finally:
+            await admin.close()
+        (group,) = response.to_object()["groups"]
+        assert (group["state"], group["members"]) == ("Empty", [])
+
+        # What it committed is not delivered again: the next agent skips nothing.
+        sent += await produce(bootstrap, prefix, traffic[20_000:])
+        env["PIPELINE_METRICS_ADDRESS"] = metrics_address
+        agent = AgentProcess(env, tmp_path / "agent2.log").start()
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert scrape(metrics_address, "pipeline_duplicates_skipped_total") == 0
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
