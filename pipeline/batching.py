@@ -122,6 +122,11 @@ def plan(batch: Batch, positions: dict[Partition, int]) -> Plan:
     return Plan(kept, moves, skipped)
 
 
+def lag(ends: dict[Partition, int], stored: dict[Partition, int]) -> int:
+    """Records not yet ingested: end offsets minus stored offsets (0 where none is stored)."""
+    return sum(max(end - stored.get(partition, 0), 0) for partition, end in ends.items())
+
+
 def backoff(attempt: int, cap: float, base: float = 0.1) -> float:
     """Exponential backoff: 0.1 s, 0.2 s, 0.4 s ... up to ``cap``."""
     return float(min(cap, base * (2 ** min(attempt, 30))))

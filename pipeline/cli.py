@@ -1,4 +1,8 @@
-"""The `pipeline` command line."""
+"""The `pipeline` command line.
+
+This module is the composition root: the only place in ``pipeline`` that reaches into
+``producers`` and ``consumers`` (lazily, so `pipeline dev` starts without the drivers).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,16 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from pipeline.config import Config, load_config
 from pipeline.devstack import Stack, endpoints_from_env
+from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV
 from pipeline.errors import ConfigError, DevStackError, PipelineError
 
@@ -69,7 +77,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--group", help="consumer group (default database-agent)")
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     run.set_defaults(handler=_run)
+
+    simulate = commands.add_parser("simulate", help="publish a simulated fleet's traffic")
+    _config_option(simulate)
+    _simulation_options(simulate, rate=5000.0, duration=10.0)
+    simulate.set_defaults(handler=_simulate)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline in one command: stack, agent, 143 agents, summary"
+    )
+    _simulation_options(demo, rate=5000.0, duration=10.0)
+    demo.set_defaults(handler=_demo)
     return parser
+
+
+def _simulation_options(parser: argparse.ArgumentParser, rate: float, duration: float) -> None:
+    parser.add_argument("--agents", type=int, default=143, help="simulated agents (143)")
+    parser.add_argument("--rate", type=float, default=rate, help=f"records/s ({rate:g})")
+    parser.add_argument("--duration", type=float, default=duration, help=f"seconds ({duration:g})")
+    parser.add_argument(
+        "--mix", default="default", help="default, metrics-heavy or events-heavy (default)"
+    )
+    parser.add_argument("--seed", type=int, help="for reproducible traffic")
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +224,138 @@ def _dev_env(args: argparse.Namespace) -> int:
     endpoints = endpoints_from_env() or Stack().endpoints()
     print(endpoints.exports(), end="")
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pipeline import kafka
+    from producers.simulator import simulate
+
+    config = _load_config(args)
+    topics = kafka.data_topics(config)
+    asyncio.run(
+        kafka.ensure_topics(config.kafka_bootstrap_servers, topics, config.topic_partitions)
+    )
+    result = asyncio.run(
+        simulate(
+            config.kafka_bootstrap_servers,
+            agents=args.agents,
+            rate=args.rate,
+            duration=args.duration,
+            topic_prefix=config.topic_prefix,
+            mix=args.mix,
+            seed=args.seed,
+        )
+    )
+    for stream, count in result.counts.items():
+        print(f"{stream:>10}: {count}")
+    print(
+        f"{'total':>10}: {result.total} records in {result.elapsed:.1f}s "
+        f"({result.rate:,.0f}/s, target {result.target_rate:,.0f}/s; seed {result.seed})"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if endpoints_from_env() is None:
+        Stack().up(report=_progress)
+    config = _load_config(argparse.Namespace(config=None))
+    if config.metrics_address:
+        host, _, port = config.metrics_address.rpartition(":")
+        free = choose_port(int(port), host=host)
+        config = msgspec.structs.replace(config, metrics_address=f"{host}:{free}")
+    asyncio.run(_run_demo(config, args))
+    return 0
+
+
+DEMO_TABLES = (
+    "agent_states",
+    "agent_state_history",
+    "system_events",
+    "performance_metrics",
+    "user_analytics",
+    "system_config",
+    "system_config_history",
+    "dead_letters",
+)
+
+
+async def _run_demo(config: Config, args: argparse.Namespace) -> None:
+    """The whole pipeline, watched from the outside.
+
+    1. Apply migrations and create the topics.
+    2. Start a DatabaseAgent (with /metrics) in this process.
+    3. Publish a simulated fleet's traffic for ``--duration`` seconds.
+    4. Wait until the agent has ingested everything (lag 0), or 60 s more at most.
+    5. Print what landed per table, the rates and the remaining lag.
+    """
+    from consumers.agent import DatabaseAgent
+    from pipeline import db, kafka
+    from pipeline.batching import lag
+    from producers.simulator import simulate
+
+    topics = kafka.data_topics(config)
+    conn = await db.connect(config.database_url, config.db_command_timeout_s)
+    try:
+        await db.migrate(conn, db.read_migrations())
+        before = await _row_counts(conn)
+        await kafka.ensure_topics(
+            config.kafka_bootstrap_servers,
+            [*topics, kafka.dead_letter_topic(config)],
+            config.topic_partitions,
+        )
+        agent = DatabaseAgent(config)
+        if config.metrics_address:
+            agent.metrics.serve(config.metrics_address)
+            _progress(f"DatabaseAgent metrics: http://{config.metrics_address}/metrics")
+        running = asyncio.create_task(agent.run())
+        _progress(
+            f"publishing from {args.agents} simulated agents at {args.rate:,.0f} records/s "
+            f"for {args.duration:g}s ({args.mix} mix)"
+        )
+        started = time.monotonic()
+        result = await simulate(
+            config.kafka_bootstrap_servers,
+            agents=args.agents,
+            rate=args.rate,
+            duration=args.duration,
+            topic_prefix=config.topic_prefix,
+            mix=args.mix,
+            seed=args.seed,
+        )
+        _progress(f"published {result.total:,} records; waiting for the DatabaseAgent")
+        published = time.monotonic()
+        ends = await kafka.end_offsets(config.kafka_bootstrap_servers, topics)
+        remaining = lag(ends, await db.stored_offsets(conn, config.group_id))
+        deadline = time.monotonic() + 60
+        while remaining and time.monotonic() < deadline and not running.done():
+            await asyncio.sleep(0.25)
+            remaining = lag(ends, await db.stored_offsets(conn, config.group_id))
+        caught_up = time.monotonic() - published
+        elapsed = time.monotonic() - started
+        agent.stop()
+        await running
+        after = await _row_counts(conn)
+    finally:
+        await conn.close()
+
+    landed = {t: after[t] - before[t] for t in DEMO_TABLES}
+    ingested = sum(landed[t] for t in DEMO_TABLES if t not in ("agent_states", "system_config"))
+    width = max(map(len, DEMO_TABLES))
+    print(f"\n{'table':<{width}}  rows landed  (total)")
+    for table in DEMO_TABLES:
+        print(f"{table:<{width}}  {landed[table]:>11,}  ({after[table]:,})")
+    print(
+        f"\npublished {result.total:,} records at {result.rate:,.0f}/s; {ingested:,} rows "
+        f"ingested in {elapsed:.1f}s, caught up {caught_up:.1f}s after the last publish; "
+        f"remaining lag: {remaining:,} records"
+    )
+    if remaining:
+        raise PipelineError(f"the DatabaseAgent did not catch up: {remaining} records behind")
+
+
+async def _row_counts(conn: Any) -> dict[str, int]:
+    return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in DEMO_TABLES}
 
 
 def _progress(message: str) -> None:

@@ -181,6 +181,14 @@ async def load_offsets(
     return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
 
+async def stored_offsets(conn: Connection, group: str) -> dict[tuple[str, int], int]:
+    """Every partition's stored next offset for ``group``."""
+    rows = await conn.fetch(
+        "SELECT topic, partition, next_offset FROM ingest_offsets WHERE group_id = $1", group
+    )
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+
 async def advance_offsets(
     conn: Connection, group: str, moves: Sequence[tuple[str, int, int, int]]
 ) -> None:

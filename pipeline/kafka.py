@@ -143,6 +143,39 @@ async def mirror_offsets(consumer: AIOKafkaConsumer, moves: Iterable[OffsetMove]
         log.debug("mirroring offsets to Kafka failed (the database has them): %r", exc)
 
 
+async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of ``topics``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    partitions = [
+        TopicPartition(topic["topic"], p["partition"])
+        for topic in described
+        for p in topic["partitions"]
+    ]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await stop_consumer(consumer)
+    return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, minus aiokafka's spurious CancelledError when a consumer without a
+    group stops soon after it started (aio-libs/aiokafka#647, open)."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 async def beginning_offsets(
     consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
 ) -> dict[tuple[str, int], int]:

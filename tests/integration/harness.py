@@ -23,10 +23,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.kafka import ensure_topics
+from pipeline import db
+from pipeline import kafka as kafka_io
 from pipeline.records import (
     DLQ_TOPIC,
     STREAMS,
@@ -202,57 +203,28 @@ def scrape(metrics_address: str, name: str) -> float:
 
 
 async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
-    await ensure_topics(
+    await kafka_io.ensure_topics(
         bootstrap, [prefix + s.topic for s in STREAMS] + [prefix + DLQ_TOPIC], partitions
     )
 
 
 async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]:
     """The end offset of every partition of the five data topics, by default topic name."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_topics([prefix + s.topic for s in STREAMS])
-    finally:
-        await admin.close()
-    partitions = [
-        TopicPartition(topic["topic"], p["partition"])
-        for topic in described
-        for p in topic["partitions"]
-    ]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(partitions)
-    finally:
-        await stop_consumer(consumer)
-    topics = {tp.topic for tp in ends}
+    ends = await kafka_io.end_offsets(bootstrap, [prefix + s.topic for s in STREAMS])
+    topics = {topic for topic, _ in ends}
     assert len(topics) == len(STREAMS), f"data topics missing: found only {sorted(topics)}"
-    return {(tp.topic.removeprefix(prefix), tp.partition): o for tp, o in ends.items()}
-
-
-async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
-    """``consumer.stop()``, minus aiokafka's spurious CancelledError when a consumer without a
-    group stops soon after it started (aio-libs/aiokafka#647, open)."""
-    try:
-        await consumer.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
+    return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in ends.items()}
 
 
 async def stored_offsets(database_url: str, group: str, prefix: str) -> dict[tuple[str, int], int]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        rows = await conn.fetch(
-            "SELECT topic, partition, next_offset FROM ingest_offsets WHERE group_id = $1", group
-        )
+        stored = await db.stored_offsets(conn, group)
     except asyncpg.UndefinedTableError:
         return {}
     finally:
         await conn.close()
-    return {(r["topic"].removeprefix(prefix), r["partition"]): r["next_offset"] for r in rows}
+    return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in stored.items()}
 
 
 async def kafka_committed(bootstrap: str, group: str, prefix: str) -> dict[tuple[str, int], int]:

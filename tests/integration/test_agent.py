@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.agent import DatabaseAgent
 from pipeline import db
+from pipeline import kafka as kafka_io
 from pipeline.config import load_config
 from pipeline.devstack import postgres
 from pipeline.devstack.processes import choose_port, stop_pid
@@ -47,7 +48,6 @@ from tests.integration.harness import (
     produce,
     produce_paced,
     scrape,
-    stop_consumer,
     stored_offsets,
     wait_caught_up,
 )
@@ -285,7 +285,7 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
             assert batches, f"only {len(received)} dead letters on the DLQ topic"
             received += [r for records in batches.values() for r in records]
     finally:
-        await stop_consumer(dlq)
+        await kafka_io.stop_consumer(dlq)
     on_topic = {
         (
             dict(r.headers)["dlq.source.topic"].decode().removeprefix(prefix),

@@ -1,0 +1,401 @@
+"""`pipeline dev` as a user runs it: the real command line, real servers, real pids.
+
+Every stack here lives under its own ``PIPELINE_DEV_HOME`` in a temporary directory and is
+purged afterwards. The session's own test stack may hold 9092 and 5432, so these stacks can
+land on other ports: the tests read the ports from ``env`` and ``status`` instead of assuming
+them. The broker's jars come from the shared cache (XDG_CACHE_HOME is left alone), so an `up`
+costs seconds, not a Maven download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from pipeline.devstack import kafka, postgres
+from pipeline.devstack.processes import port_is_free
+
+# The console script next to this interpreter: the entry point users run, not just main().
+PIPELINE = Path(sys.executable).with_name("pipeline")
+SERVER_ENV = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_DEV_HOME")
+STATUS_LINE = re.compile(
+    r"(?P<name>PostgreSQL|Kafka): (?P<state>running|stopped|dead)"
+    r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?(?P<detail>.*)"
+)
+EXPORT_LINE = re.compile(r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL)=(\S+)")
+
+
+@dataclass(frozen=True)
+class Component:
+    state: str
+    pid: int | None
+    port: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Status:
+    code: int
+    postgres: Component
+    kafka: Component
+
+
+@dataclass(frozen=True)
+class Dev:
+    """`pipeline dev ...` against one stack home."""
+
+    home: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(PIPELINE), "dev", *args],
+            env={**self.env, "PIPELINE_DEV_HOME": str(self.home), **env},
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+
+    def ok(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        result = self.run(*args, **env)
+        assert result.returncode == 0, f"dev {' '.join(args)}: {result.stderr}"
+        return result
+
+    def status(self) -> Status:
+        result = self.run("status")
+        lines = result.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["PostgreSQL", "Kafka"], result.stdout
+        parsed = {}
+        for line in lines:
+            match = STATUS_LINE.fullmatch(line)
+            assert match is not None, line
+            parsed[match["name"]] = Component(
+                match["state"],
+                int(match["pid"]) if match["pid"] else None,
+                int(match["port"]) if match["port"] else None,
+                match["detail"],
+            )
+        return Status(result.returncode, parsed["PostgreSQL"], parsed["Kafka"])
+
+    def endpoints(self) -> tuple[str, str]:
+        return exports(self.ok("env").stdout)
+
+    @property
+    def broker_pidfile(self) -> Path:
+        return kafka.pidfile(self.home / "kafka").path
+
+    @property
+    def postgres_pidfile(self) -> Path:
+        return postgres.pidfile(self.home / "postgres").path
+
+    @property
+    def pg_data(self) -> Path:
+        return postgres.data_dir(self.home / "postgres")
+
+    def pids(self) -> tuple[int, int]:
+        """(PostgreSQL, Kafka) as their pid files name them."""
+        return (
+            int(self.postgres_pidfile.read_text()),
+            int(self.broker_pidfile.read_text()),
+        )
+
+
+def clean_environ() -> dict[str, str]:
+    # As the `clean_env` fixture, but usable from a module-scoped fixture.
+    return {k: v for k, v in os.environ.items() if k not in SERVER_ENV}
+
+
+def exports(stdout: str) -> tuple[str, str]:
+    """(bootstrap, database URL) from `export` lines, which must be the whole output."""
+    matches = [EXPORT_LINE.fullmatch(line) for line in stdout.splitlines()]
+    assert all(matches), stdout
+    found = {match[1]: match[2] for match in matches if match}
+    assert list(found) == ["KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"], stdout
+    return found["KAFKA_BOOTSTRAP_SERVERS"], found["DATABASE_URL"]
+
+
+def is_running(pid: int) -> bool:
+    # This machine's PID 1 does not reap orphans, so a server that exited lingers as a
+    # zombie: it still has a /proc entry, but it runs nothing and holds no port or file.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def kill_and_wait(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_running(pid):
+        assert time.monotonic() < deadline, f"pid {pid} survived SIGKILL"
+        time.sleep(0.02)
+
+
+async def _query_and_metadata(bootstrap: str, database_url: str) -> tuple[bool, int]:
+    seen = await kafka.broker_in_metadata(bootstrap)
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        one = await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+    return seen, one
+
+
+def assert_serving(dev: Dev) -> Status:
+    """Both running, `env` agrees with `status` on the ports, and both servers answer."""
+    status = dev.status()
+    assert status.code == 0, status
+    assert (status.postgres.state, status.kafka.state) == ("running", "running")
+    assert (status.postgres.pid, status.kafka.pid) == dev.pids()
+    bootstrap, url = dev.endpoints()
+    assert bootstrap == f"127.0.0.1:{status.kafka.port}"
+    assert url == f"postgresql://pipeline@127.0.0.1:{status.postgres.port}/pipeline"
+    assert urlsplit(url).port == status.postgres.port
+    assert asyncio.run(_query_and_metadata(bootstrap, url)) == (True, 1)
+    return status
+
+
+def purge(dev: Dev) -> None:
+    result = dev.run("down", "--purge")
+    assert result.returncode == 0, result.stderr
+    assert not dev.home.exists()
+    assert not dev.pg_data.exists()
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+    """One stack shared by the lifecycle tests; each leaves it running for the next."""
+    dev = Dev(tmp_path_factory.mktemp("devstack") / "stack", clean_environ())
+    try:
+        dev.ok("up")
+        yield dev
+    finally:
+        purge(dev)
+
+
+@pytest.fixture
+def dev(tmp_path: Path, clean_env: dict[str, str]) -> Iterator[Dev]:
+    """A stack home of this test's own, purged (servers stopped) afterwards."""
+    stack = Dev(tmp_path / "stack", clean_env)
+    try:
+        yield stack
+    finally:
+        purge(stack)
+
+
+def test_up_again_restarts_nothing_and_both_endpoints_answer(started: Dev) -> None:
+    before = started.pids()
+    again = started.ok("up")
+    assert "starting" not in again.stderr
+    assert started.pids() == before
+    assert all(is_running(pid) for pid in before)
+    status = assert_serving(started)
+    # `up` prints the same exports as `env`, so `eval "$(pipeline dev up)"` works too.
+    assert exports(again.stdout) == started.endpoints()
+    assert status.kafka.port != status.postgres.port
+
+
+def test_killed_broker_is_reported_dead_and_up_restarts_only_it(started: Dev) -> None:
+    started.ok("up")
+    pg_pid, broker_pid = started.pids()
+    kill_and_wait(broker_pid)
+
+    status = started.status()
+    assert status.code == 3
+    assert status.kafka.state == "dead"
+    assert status.kafka.pid is None
+    assert f"pid file names {broker_pid}, which is not running" in status.kafka.detail
+    assert (status.postgres.state, status.postgres.pid) == ("running", pg_pid)
+    # `env` refuses to hand out the endpoints of a half-dead stack.
+    refused = started.run("env")
+    assert refused.returncode == 2
+    assert "pipeline dev up" in refused.stderr
+    assert refused.stdout == ""
+
+    restarted = started.ok("up")
+    new_pg_pid, new_broker_pid = started.pids()
+    assert new_pg_pid == pg_pid
+    assert new_broker_pid != broker_pid
+    assert f"Kafka {kafka.KAFKA_VERSION} starting (pid {new_broker_pid})" in restarted.stderr
+    assert "PostgreSQL" not in restarted.stderr
+    assert_serving(started)
+
+
+def test_killed_postgres_is_reported_dead_and_up_restarts_only_it(started: Dev) -> None:
+    started.ok("up")
+    pg_pid, broker_pid = started.pids()
+    kill_and_wait(pg_pid)
+
+    status = started.status()
+    assert status.code == 3
+    assert status.postgres.state == "dead"
+    assert f"pid file names {pg_pid}, which is not running" in status.postgres.detail
+    assert (status.kafka.state, status.kafka.pid) == ("running", broker_pid)
+
+    restarted = started.ok("up")
+    new_pg_pid, new_broker_pid = started.pids()
+    assert new_broker_pid == broker_pid
+    assert new_pg_pid != pg_pid
+    assert f"starting (pid {new_pg_pid})" in restarted.stderr
+    assert "Kafka" not in restarted.stderr
+    assert_serving(started)
+
+
+def test_down_stops_both_by_pid_and_up_starts_new_servers(started: Dev) -> None:
+    started.ok("up")
+    before = assert_serving(started)
+    pg_pid, broker_pid = started.pids()
+
+    down = started.ok("down")
+    assert f"Kafka stopped (pid {broker_pid})" in down.stderr
+    assert f"PostgreSQL stopped (pid {pg_pid})" in down.stderr
+    assert "killed" not in down.stderr  # both shut down cleanly on the first signal
+    assert not is_running(pg_pid)
+    assert not is_running(broker_pid)
+    assert not started.broker_pidfile.exists()
+    assert not started.postgres_pidfile.exists()
+    assert before.kafka.port and port_is_free(before.kafka.port)
+    assert before.postgres.port and port_is_free(before.postgres.port)
+    assert started.pg_data.is_dir()  # a plain `down` keeps the data
+
+    status = started.status()
+    assert status.code == 3
+    assert status.postgres == Component("stopped", None, None, "")
+    assert status.kafka == Component("stopped", None, None, "")
+    again_down = started.ok("down")
+    assert again_down.stderr == ""
+
+    up = started.ok("up")
+    new_pg_pid, new_broker_pid = started.pids()
+    assert new_pg_pid not in (pg_pid, broker_pid)
+    assert new_broker_pid not in (pg_pid, broker_pid)
+    assert f"starting (pid {new_pg_pid})" in up.stderr
+    assert f"starting (pid {new_broker_pid})" in up.stderr
+    after = assert_serving(started)
+    # The ports are remembered in the stack home, unless someone took them meanwhile.
+    for name, old, new in (
+        ("Kafka", before.kafka.port, after.kafka.port),
+        ("PostgreSQL", before.postgres.port, after.postgres.port),
+    ):
+        assert new == old or f"port {old} is taken; {name} uses port {new}" in up.stderr
+
+
+def test_endpoints_from_the_environment_start_nothing(dev: Dev) -> None:
+    given = {
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka.example.invalid:9092",
+        "DATABASE_URL": "postgresql://someone@db.example.invalid:5432/elsewhere",
+    }
+    up = dev.run("up", **given)
+    assert up.returncode == 0, up.stderr
+    assert exports(up.stdout) == (given["KAFKA_BOOTSTRAP_SERVERS"], given["DATABASE_URL"])
+    assert "nothing started" in up.stderr
+    assert exports(dev.ok("env", **given).stdout) == tuple(given.values())
+    status = dev.run("status", **given)
+    assert (status.returncode, status.stdout) == (
+        0,
+        "using servers from the environment: Kafka kafka.example.invalid:9092\n",
+    )
+    assert sorted(dev.home.rglob("*.pid")) == []
+    assert not dev.home.exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        ({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092"}, "DATABASE_URL"),
+        (
+            {"DATABASE_URL": "postgresql://pipeline@127.0.0.1:5432/pipeline"},
+            "KAFKA_BOOTSTRAP_SERVERS",
+        ),
+    ],
+)
+@pytest.mark.parametrize("action", ["up", "env", "status"])
+def test_only_one_endpoint_in_the_environment_is_an_error(
+    dev: Dev, action: str, given: dict[str, str], missing: str
+) -> None:
+    result = dev.run(action, **given)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert f"but {missing} is not: set both" in result.stderr
+    assert result.stderr.startswith("pipeline: error: ")
+    assert not dev.home.exists()
+
+
+def test_data_dir_from_another_postgres_is_refused_until_purged(dev: Dev) -> None:
+    major = postgres.find_binaries().major
+    dev.ok("up")
+    dev.ok("down")
+    (dev.pg_data / "PG_VERSION").write_text("14\n")
+
+    refused = dev.run("up")
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert f"created by PostgreSQL 14, but this machine's server is PostgreSQL {major}" in (
+        refused.stderr
+    )
+    assert "`pipeline dev down --purge`" in refused.stderr
+    # It fails before starting anything, so nothing is left half up.
+    assert not dev.postgres_pidfile.exists()
+    assert not dev.broker_pidfile.exists()
+
+    # Following the advice works: purge removes the home and the data directory...
+    purged = dev.ok("down", "--purge")
+    assert f"removed {dev.home}" in purged.stderr
+    assert not dev.home.exists()
+    assert not dev.pg_data.exists()
+    # ...and the next `up` creates a cluster of this machine's version.
+    dev.ok("up")
+    assert (dev.pg_data / "PG_VERSION").read_text().strip() == str(major)
+    assert_serving(dev)
+
+
+def test_no_postgres_binaries_says_what_to_install(dev: Dev, tmp_path: Path) -> None:
+    empty = tmp_path / "no-postgres-here"
+    empty.mkdir()
+    result = dev.run("up", PIPELINE_PG_BINDIR=str(empty))
+    assert result.returncode == 2
+    assert f"PostgreSQL server binaries (postgres, initdb) not found in {empty}" in result.stderr
+    assert "apt-get install postgresql" in result.stderr
+    assert "PIPELINE_PG_BINDIR" in result.stderr
+    assert sorted(dev.home.rglob("*.pid")) == []
+
+
+@pytest.mark.parametrize(
+    ("on_path", "message", "install"),
+    [
+        ((), "Java is not on PATH", "apt-get install openjdk-17-jre-headless"),
+        (("java",), "Maven (mvn) is not on PATH", "apt-get install maven"),
+    ],
+)
+def test_missing_java_or_maven_says_what_to_install(
+    dev: Dev, tmp_path: Path, on_path: tuple[str, ...], message: str, install: str
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in on_path:
+        found = shutil.which(tool)
+        assert found is not None, f"{tool} is needed to run this test"
+        (bin_dir / tool).symlink_to(found)
+    # An empty jar cache, so the jars must be resolved and Java and Maven are needed.
+    cache = tmp_path / "cache"
+    result = dev.run("up", PATH=str(bin_dir), XDG_CACHE_HOME=str(cache))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert install in result.stderr
+    assert not (cache / "agent-pipeline" / f"kafka-{kafka.KAFKA_VERSION}" / ".complete").exists()
+    assert sorted(dev.home.rglob("*.pid")) == []
