@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     _simulation_options(demo, rate=5000.0, duration=10.0)
     demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="end-to-end throughput against the raw limits, measured in one run"
+    )
+    bench.add_argument("--records", type=int, default=1_000_000, help="backlog per mix (1M)")
+    bench.add_argument("--quick", action="store_true", help="a small run: 100k records per mix")
+    bench.add_argument(
+        "--mix", action="append", help="metrics-heavy and/or events-heavy (default both)"
+    )
+    bench.add_argument("--partitions", type=int, default=6, help="partitions per topic (6)")
+    bench.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
+    bench.add_argument("--json", type=Path, help="write the results as JSON here")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -356,6 +369,39 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
 
 async def _row_counts(conn: Any) -> dict[str, int]:
     return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in DEMO_TABLES}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from consumers.bench import as_json, run_bench, table
+    from producers.simulator import FleetSimulator
+
+    def source(mix: str, count: int) -> Iterator[list[Any]]:
+        fleet = FleetSimulator(agents=143, seed=1, mix=mix)
+        for start in range(0, count, 10_000):
+            yield fleet.next_records(min(10_000, count - start), datetime.now(UTC))
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if endpoints_from_env() is None:
+        Stack().up(report=_progress)
+    config = _load_config(argparse.Namespace(config=None))
+    results = asyncio.run(
+        run_bench(
+            config,
+            source,
+            mixes=args.mix or ["metrics-heavy", "events-heavy"],
+            records=100_000 if args.quick else args.records,
+            partitions=args.partitions,
+            scale_out=not args.no_scale_out,
+            report=_progress,
+        )
+    )
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(results), indent=2) + "\n")
+    return 0
 
 
 def _progress(message: str) -> None:
