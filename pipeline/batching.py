@@ -78,6 +78,8 @@ class Batch:
             records = self.records.pop(partition, [])
             self.count -= len(records)
             self.size -= sum(max(r.serialized_value_size, 0) for r in records)
+        if not self.count:
+            self.started_at = None  # an empty batch has no age
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ def load_config(
 def _name_the_field(message: str) -> str:
     # msgspec says "Expected `int` >= 1 - at `$.batch_max_records`"; users set environment
     # variables, so name the variable too.
+    unknown = re.search(r"unknown field `(\w+)`", message)
+    if unknown is not None:
+        return f"unknown setting {unknown.group(1)!r} in the config file: {message}"
     match = re.search(r"`\$\.(\w+)", message) or re.search(r"field `(\w+)`", message)
     if match is None:
         return f"configuration: {message}"
@@ -106,11 +109,26 @@ def _name_the_field(message: str) -> str:
     return f"{env_name(field)} (config field {field!r}): {message}"
 
 
+_SECRET_PARAMS = {"password", "sslpassword"}
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[1]}"))
+    """The URL with its passwords (in the user info or the query) shown as ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable: show nothing that could be a secret
+        return url.split(":", 1)[0] + "://***"
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = userinfo.split(":", 1)[0] + ":***@" + host
+    query = "&".join(
+        f"{name}=***" if name.lower() in _SECRET_PARAMS else pair
+        for pair in parts.query.split("&")
+        if pair
+        for name in (pair.split("=", 1)[0],)
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing secret; urlunsplit would also drop an empty "//" authority
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

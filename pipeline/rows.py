@@ -173,7 +173,8 @@ class StreamDecoder:
                 )
         except msgspec.ValidationError as exc:
             raise RecordRejected("ValidationError", str(exc)) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError.
             raise RecordRejected("DecodeError", str(exc)) from None
         for name in self._object_fields:
             if memoryview(getattr(record, name))[0] != _OPEN_BRACE:

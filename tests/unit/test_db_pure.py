@@ -1,0 +1,324 @@
+"""The parts of pipeline.db that need no server: error classes, upsert SQL, migration files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+
+from pipeline.db import (
+    SQL_DIR,
+    _count,
+    _decode_jsonb,
+    _encode_jsonb,
+    _upsert_statements,
+    classify,
+    read_migrations,
+)
+from pipeline.errors import DataError, FencedError, SchemaError, TransientError
+from pipeline.rows import TABLES
+
+
+class FakePgError(Exception):
+    """Stands in for a driver error: all classify() may look at is ``sqlstate`` and the type."""
+
+    def __init__(self, sqlstate: str | None, message: str = "boom") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+# -- classify --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(FakePgError("08006", "connection failure"), id="08006-connection-failure"),
+        pytest.param(FakePgError("08003"), id="08003-connection-does-not-exist"),
+        pytest.param(FakePgError("57P01", "terminating"), id="57P01-admin-shutdown"),
+        pytest.param(FakePgError("57014"), id="57014-query-canceled"),
+        pytest.param(FakePgError("53300", "too many clients"), id="53300-too-many-connections"),
+        pytest.param(FakePgError("53100"), id="53100-disk-full"),
+        pytest.param(FakePgError("58030"), id="58030-io-error"),
+        pytest.param(FakePgError("40001", "could not serialize"), id="40001-serialization"),
+        pytest.param(FakePgError("40P01", "deadlock detected"), id="40P01-deadlock"),
+        pytest.param(OSError("network unreachable"), id="OSError"),
+        pytest.param(ConnectionResetError("reset by peer"), id="ConnectionResetError"),
+        pytest.param(TimeoutError("timed out"), id="TimeoutError"),
+        pytest.param(asyncpg.exceptions.AdminShutdownError("bye"), id="asyncpg-AdminShutdown"),
+        pytest.param(
+            asyncpg.exceptions.ConnectionDoesNotExistError("closed"), id="asyncpg-ConnectionGone"
+        ),
+        pytest.param(
+            asyncpg.exceptions.SerializationError("retry"), id="asyncpg-SerializationError"
+        ),
+    ],
+)
+def test_transient_errors(exc: BaseException) -> None:
+    error = classify(exc)
+    assert type(error) is TransientError
+    assert str(error) == f"{type(exc).__name__}: {exc}"
+    assert error.retriable is True
+
+
+@pytest.mark.parametrize(
+    ("exc", "sqlstate"),
+    [
+        pytest.param(FakePgError("22P05", "unsupported unicode escape"), "22P05", id="22P05"),
+        pytest.param(FakePgError("23514", "violates check constraint"), "23514", id="23514"),
+        pytest.param(FakePgError("23505", "duplicate key"), "23505", id="23505"),
+        pytest.param(FakePgError("22021", "invalid byte sequence"), "22021", id="22021"),
+        pytest.param(FakePgError("22003", "out of range"), "22003", id="22003"),
+        pytest.param(FakePgError("23502", "null value"), "23502", id="23502"),
+        pytest.param(
+            asyncpg.exceptions.UniqueViolationError("duplicate key"), "23505", id="asyncpg-23505"
+        ),
+        pytest.param(
+            asyncpg.exceptions.CharacterNotInRepertoireError("bad byte"),
+            "22021",
+            id="asyncpg-22021",
+        ),
+    ],
+)
+def test_data_errors_keep_their_sqlstate(exc: BaseException, sqlstate: str) -> None:
+    error = classify(exc)
+    assert type(error) is DataError
+    assert isinstance(error, DataError)  # for the type checker
+    assert error.sqlstate == sqlstate
+    assert str(error) == f"{sqlstate} {exc}"
+    assert error.retriable is False
+
+
+@pytest.mark.parametrize(
+    ("exc", "sqlstate"),
+    [
+        pytest.param(FakePgError("42703", "column does not exist"), "42703", id="42703"),
+        pytest.param(FakePgError("42501", "permission denied"), "42501", id="42501"),
+        pytest.param(FakePgError("42P01", "relation does not exist"), "42P01", id="42P01"),
+        pytest.param(
+            asyncpg.exceptions.InsufficientPrivilegeError("denied"), "42501", id="asyncpg-42501"
+        ),
+    ],
+)
+def test_schema_errors(exc: BaseException, sqlstate: str) -> None:
+    error = classify(exc)
+    assert type(error) is SchemaError
+    assert str(error) == f"{sqlstate} {exc}"
+    assert error.retriable is False
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(FakePgError("P0001", "raised by a trigger"), id="P0001-raise-exception"),
+        pytest.param(FakePgError("XX000", "internal error"), id="XX000-internal"),
+        pytest.param(FakePgError("0A000", "not supported"), id="0A000-feature-not-supported"),
+        pytest.param(FakePgError("25P02", "aborted transaction"), id="25P02-in-failed-txn"),
+        pytest.param(FakePgError(None), id="sqlstate-None"),
+        pytest.param(FakePgError(""), id="sqlstate-empty"),
+        pytest.param(ValueError("not a driver error"), id="ValueError"),
+        pytest.param(KeyError("k"), id="KeyError"),
+        pytest.param(TransientError("already ours"), id="ours-TransientError"),
+        pytest.param(DataError("already ours", sqlstate="23505"), id="ours-DataError"),
+        pytest.param(SchemaError("already ours", stream="events"), id="ours-SchemaError"),
+        pytest.param(FencedError("moved on"), id="ours-FencedError"),
+    ],
+)
+def test_other_errors_are_returned_unchanged(exc: BaseException) -> None:
+    assert classify(exc) is exc
+
+
+# -- upsert statements -----------------------------------------------------------------------
+
+STATE_COLS = "agent_id, state, version, ts, data, src_partition, src_offset, batch_id"
+CONFIG_COLS = "key, value, version, ts, updated_by, src_partition, src_offset, batch_id"
+EVENT_COLS = "event_id, agent_id, kind, severity, ts, payload, src_partition, src_offset, batch_id"
+ANALYTICS_COLS = "event_id, user_id, action, ts, properties, src_partition, src_offset, batch_id"
+
+
+@pytest.mark.parametrize(
+    ("stream", "statements"),
+    [
+        pytest.param(
+            "states",
+            [
+                (
+                    f"INSERT INTO agent_state_history ({STATE_COLS}) SELECT {STATE_COLS} "
+                    "FROM stage_t ON CONFLICT (agent_id, version) DO NOTHING",
+                    True,
+                ),
+                (
+                    f"INSERT INTO agent_states ({STATE_COLS}) SELECT DISTINCT ON (agent_id) "
+                    f"{STATE_COLS} FROM stage_t ORDER BY agent_id, version DESC "
+                    "ON CONFLICT (agent_id) DO UPDATE SET state = EXCLUDED.state, "
+                    "version = EXCLUDED.version, ts = EXCLUDED.ts, data = EXCLUDED.data, "
+                    "src_partition = EXCLUDED.src_partition, src_offset = EXCLUDED.src_offset, "
+                    "batch_id = EXCLUDED.batch_id "
+                    "WHERE agent_states.version < EXCLUDED.version",
+                    False,
+                ),
+            ],
+            id="states",
+        ),
+        pytest.param(
+            "config",
+            [
+                (
+                    f"INSERT INTO system_config_history ({CONFIG_COLS}) SELECT {CONFIG_COLS} "
+                    "FROM stage_t ON CONFLICT (key, version) DO NOTHING",
+                    True,
+                ),
+                (
+                    f"INSERT INTO system_config ({CONFIG_COLS}) SELECT DISTINCT ON (key) "
+                    f"{CONFIG_COLS} FROM stage_t ORDER BY key, version DESC "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
+                    "version = EXCLUDED.version, ts = EXCLUDED.ts, "
+                    "updated_by = EXCLUDED.updated_by, src_partition = EXCLUDED.src_partition, "
+                    "src_offset = EXCLUDED.src_offset, batch_id = EXCLUDED.batch_id "
+                    "WHERE system_config.version < EXCLUDED.version",
+                    False,
+                ),
+            ],
+            id="config",
+        ),
+        pytest.param(
+            "events",
+            [
+                (
+                    f"INSERT INTO system_events ({EVENT_COLS}) SELECT {EVENT_COLS} FROM stage_t "
+                    "ON CONFLICT (event_id) DO NOTHING",
+                    True,
+                )
+            ],
+            id="events",
+        ),
+        pytest.param(
+            "analytics",
+            [
+                (
+                    f"INSERT INTO user_analytics ({ANALYTICS_COLS}) SELECT {ANALYTICS_COLS} "
+                    "FROM stage_t ON CONFLICT (event_id) DO NOTHING",
+                    True,
+                )
+            ],
+            id="analytics",
+        ),
+    ],
+)
+def test_upsert_statements(stream: str, statements: list[tuple[str, bool]]) -> None:
+    assert _upsert_statements(TABLES[stream], "stage_t") == statements
+
+
+def test_states_upsert_shape() -> None:
+    """The properties the exactly-once protocol leans on, stated one by one."""
+    (history, history_counts), (latest, latest_counts) = _upsert_statements(
+        TABLES["states"], "stage_agent_states"
+    )
+    assert history.startswith("INSERT INTO agent_state_history ")
+    assert history.endswith("FROM stage_agent_states ON CONFLICT (agent_id, version) DO NOTHING")
+    assert history_counts is True  # every version lands once in the history: that is "new"
+    assert latest.startswith("INSERT INTO agent_states ")
+    # One row per agent, the highest version, so ON CONFLICT never touches a row twice.
+    assert "SELECT DISTINCT ON (agent_id) " in latest
+    assert " ORDER BY agent_id, version DESC " in latest
+    assert "ON CONFLICT (agent_id) DO UPDATE SET " in latest
+    assert "agent_id = EXCLUDED.agent_id" not in latest  # the key is never rewritten
+    # Only a higher version replaces the stored one, whatever order versions arrive in.
+    assert latest.endswith(" WHERE agent_states.version < EXCLUDED.version")
+    assert latest_counts is False
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+def test_read_migrations_of_the_project() -> None:
+    migrations = read_migrations()
+    assert [m.name for m in migrations[:3]] == [
+        "001_data_tables.sql",
+        "002_ingest_state.sql",
+        "003_roles.sql",
+    ]
+    # Numbered 1, 2, 3 ... with no gap and no repeat, in that order.
+    assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+    for migration in migrations:
+        assert migration.sql == (SQL_DIR / migration.name).read_text()
+
+
+def test_read_migrations_orders_by_number(tmp_path: Path) -> None:
+    for name in ("010_ten.sql", "002_two.sql", "001_one.sql"):
+        (tmp_path / name).write_text(f"-- {name}\n")
+    (tmp_path / "README.md").write_text("not a migration")
+    migrations = read_migrations(tmp_path)
+    assert [(m.version, m.name, m.sql) for m in migrations] == [
+        (1, "001_one.sql", "-- 001_one.sql\n"),
+        (2, "002_two.sql", "-- 002_two.sql\n"),
+        (10, "010_ten.sql", "-- 010_ten.sql\n"),
+    ]
+
+
+def test_read_migrations_of_an_empty_directory(tmp_path: Path) -> None:
+    assert read_migrations(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("1_short.sql", id="too-few-digits"),
+        pytest.param("0001_long.sql", id="too-many-digits"),
+        pytest.param("001-dash.sql", id="dash"),
+        pytest.param("001_Upper.sql", id="upper-case"),
+        pytest.param("001_.sql", id="no-name"),
+        pytest.param("001_with space.sql", id="space"),
+        pytest.param("abc_letters.sql", id="no-number"),
+    ],
+)
+def test_badly_named_migration_raises(tmp_path: Path, name: str) -> None:
+    (tmp_path / "001_good.sql").write_text("SELECT 1;")
+    (tmp_path / name).write_text("SELECT 2;")
+    with pytest.raises(SchemaError) as caught:
+        read_migrations(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / name}: migration files are named NNN_lowercase_name.sql"
+    )
+
+
+def test_two_migrations_with_one_number_raise(tmp_path: Path) -> None:
+    for name in ("001_first.sql", "002_second.sql", "002_again.sql"):
+        (tmp_path / name).write_text("SELECT 1;")
+    with pytest.raises(SchemaError) as caught:
+        read_migrations(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: two migrations share a number: [1, 2, 2]"
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "count"),
+    [
+        pytest.param("INSERT 0 42", 42, id="insert"),
+        pytest.param("UPDATE 3", 3, id="update"),
+        pytest.param("DELETE 0", 0, id="delete-none"),
+        pytest.param("COPY 50000", 50_000, id="copy"),
+    ],
+)
+def test_count_reads_the_command_status(status: str, count: int) -> None:
+    assert _count(status) == count
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        pytest.param(msgspec.Raw(b'{"a": [1, 2]}'), b'\x01{"a": [1, 2]}', id="raw-kept-as-is"),
+        pytest.param({"a": None}, b'\x01{"a":null}', id="python-object"),
+        pytest.param([1, "x"], b'\x01[1,"x"]', id="python-list"),
+    ],
+)
+def test_jsonb_binary_encoding(value: object, wire: bytes) -> None:
+    assert _encode_jsonb(value) == wire
+
+
+def test_jsonb_binary_decoding() -> None:
+    assert _decode_jsonb(b'\x01{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}

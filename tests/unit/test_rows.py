@@ -1,0 +1,542 @@
+"""Record bytes -> COPY rows: the wire contract of DESIGN.md section 2, decoded exactly."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+import pytest
+
+from pipeline.records import (
+    MSGPACK,
+    STREAMS,
+    AgentEvent,
+    AnalyticsEvent,
+    ConfigChange,
+    Metric,
+    Record,
+    StateChange,
+    encode,
+)
+from pipeline.rows import DECODERS, TABLES, RecordRejected, Row
+
+PARTITION, OFFSET, BATCH_ID = 3, 42, 7
+PROVENANCE = (PARTITION, OFFSET, BATCH_ID)
+MSGPACK_HEADERS = [("content-type", b"application/msgpack")]
+JSON_HEADERS = [("content-type", b"application/json")]
+
+TS = "2025-06-01T12:00:00.250+02:00"
+TS_VALUE = datetime(2025, 6, 1, 12, 0, 0, 250_000, tzinfo=timezone(timedelta(hours=2)))
+EVENT_ID = "6f1c2a34-8b5d-4e7f-9a01-23456789abcd"
+EVENT_UUID = uuid.UUID(EVENT_ID)
+
+
+def raw(data: bytes) -> msgspec.Raw:
+    return msgspec.Raw(data)
+
+
+def decode(stream: str, value: bytes | None, headers: Any = ()) -> Row:
+    return DECODERS[stream].row(value, headers, PARTITION, OFFSET, BATCH_ID)
+
+
+def assert_same_row(actual: Row, expected: Row) -> None:
+    """Equal, and equal the strict way: same types, same bytes, same UTC offsets."""
+    assert actual == expected
+    assert [type(a) for a in actual] == [type(e) for e in expected]
+    for a, e in zip(actual, expected, strict=True):
+        if isinstance(e, msgspec.Raw):
+            assert bytes(a) == bytes(e)
+        if isinstance(e, datetime):
+            assert a.utcoffset() == e.utcoffset()
+
+
+# -- valid JSON records ----------------------------------------------------------------------
+
+# Sub-objects with inner whitespace, nesting and escapes: the Raw slice must be these bytes
+# exactly, not a re-encoding of them.
+STATE_DATA = b'{"previous": "idle", "load": [0.5, 1, {"deep": null}], "note": "a\\"b"}'
+EVENT_PAYLOAD = b'{ "reason" : "oom", "rss_mb": 2048 }'
+METRIC_LABELS = b'{"host":"h1","zone":"eu-1"}'
+ANALYTICS_PROPS = b'{"page": "/pricing", "ab": {"variant": "B"}}'
+CONFIG_VALUE = b'{"max_records": 5000, "enabled": true}'
+
+VALID = [
+    pytest.param(
+        "states",
+        b'{"agent_id": "agent-7", "state": "busy", "version": 3, "ts": "'
+        + TS.encode()
+        + b'", "data": '
+        + STATE_DATA
+        + b"}",
+        ("agent-7", "busy", 3, TS_VALUE, raw(STATE_DATA)),
+        id="states",
+    ),
+    pytest.param(
+        "events",
+        # Field order on the wire differs from the table's column order on purpose.
+        b'{"payload": '
+        + EVENT_PAYLOAD
+        + b', "severity": "warning", "ts": "'
+        + TS.encode()
+        + b'", "kind": "restart", "agent_id": "agent-7", "event_id": "'
+        + EVENT_ID.encode()
+        + b'"}',
+        (EVENT_UUID, "agent-7", "restart", "warning", TS_VALUE, raw(EVENT_PAYLOAD)),
+        id="events",
+    ),
+    pytest.param(
+        "metrics",
+        b'{"agent_id":"agent-7","name":"cpu","value":0.75,"ts":"'
+        + TS.encode()
+        + b'","labels":'
+        + METRIC_LABELS
+        + b"}",
+        ("agent-7", "cpu", 0.75, TS_VALUE, raw(METRIC_LABELS)),
+        id="metrics",
+    ),
+    pytest.param(
+        "metrics",
+        b'{"agent_id":"agent-7","name":"rss","value":12,"ts":"2025-06-01T10:00:00Z"}',
+        ("agent-7", "rss", 12.0, datetime(2025, 6, 1, 10, tzinfo=UTC), raw(b"{}")),
+        id="metrics-int-value-is-float",
+    ),
+    pytest.param(
+        "analytics",
+        b'{"event_id":"'
+        + EVENT_ID.encode()
+        + b'","user_id":"u-1","action":"click","ts":"'
+        + TS.encode()
+        + b'","properties":'
+        + ANALYTICS_PROPS
+        + b"}",
+        (EVENT_UUID, "u-1", "click", TS_VALUE, raw(ANALYTICS_PROPS)),
+        id="analytics",
+    ),
+    pytest.param(
+        "config",
+        b'{"key":"ingest.batch","value":'
+        + CONFIG_VALUE
+        + b',"version":9,"ts":"'
+        + TS.encode()
+        + b'","updated_by":"ops"}',
+        ("ingest.batch", raw(CONFIG_VALUE), 9, TS_VALUE, "ops"),
+        id="config",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stream", "value", "fields"), VALID)
+def test_valid_json_record_decodes_to_the_exact_row(
+    stream: str, value: bytes, fields: tuple[Any, ...]
+) -> None:
+    row = decode(stream, value)
+    assert_same_row(row, (*fields, *PROVENANCE))
+    assert len(row) == len(TABLES[stream].table.columns)
+
+
+@pytest.mark.parametrize(("stream", "value", "fields"), VALID)
+def test_explicit_json_content_type_is_the_default(
+    stream: str, value: bytes, fields: tuple[Any, ...]
+) -> None:
+    assert_same_row(decode(stream, value, JSON_HEADERS), (*fields, *PROVENANCE))
+
+
+def test_every_stream_has_a_decoder_for_its_table() -> None:
+    assert sorted(DECODERS) == sorted(s.name for s in STREAMS) == sorted(TABLES)
+
+
+MINIMAL = [
+    pytest.param(
+        "states",
+        b'{"agent_id":"a","state":"idle","version":0,"ts":"2025-06-01T10:00:00Z"}',
+        ("a", "idle", 0, datetime(2025, 6, 1, 10, tzinfo=UTC), raw(b"{}")),
+        id="states-data",
+    ),
+    pytest.param(
+        "events",
+        b'{"event_id":"'
+        + EVENT_ID.encode()
+        + b'","agent_id":"a","kind":"boot","ts":"2025-06-01T10:00:00Z"}',
+        (EVENT_UUID, "a", "boot", "info", datetime(2025, 6, 1, 10, tzinfo=UTC), raw(b"{}")),
+        id="events-severity-payload",
+    ),
+    pytest.param(
+        "metrics",
+        b'{"agent_id":"a","name":"cpu","value":1.5,"ts":"2025-06-01T10:00:00Z"}',
+        ("a", "cpu", 1.5, datetime(2025, 6, 1, 10, tzinfo=UTC), raw(b"{}")),
+        id="metrics-labels",
+    ),
+    pytest.param(
+        "analytics",
+        b'{"event_id":"'
+        + EVENT_ID.encode()
+        + b'","user_id":"u","action":"view","ts":"2025-06-01T10:00:00Z"}',
+        (EVENT_UUID, "u", "view", datetime(2025, 6, 1, 10, tzinfo=UTC), raw(b"{}")),
+        id="analytics-properties",
+    ),
+    pytest.param(
+        "config",
+        b'{"key":"k","value":1,"version":0,"ts":"2025-06-01T10:00:00Z"}',
+        ("k", raw(b"1"), 0, datetime(2025, 6, 1, 10, tzinfo=UTC), ""),
+        id="config-updated_by",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stream", "value", "fields"), MINIMAL)
+def test_missing_optional_fields_get_their_defaults(
+    stream: str, value: bytes, fields: tuple[Any, ...]
+) -> None:
+    assert_same_row(decode(stream, value), (*fields, *PROVENANCE))
+
+
+@pytest.mark.parametrize(("stream", "value", "fields"), [*VALID, *MINIMAL])
+def test_unknown_fields_are_ignored(stream: str, value: bytes, fields: tuple[Any, ...]) -> None:
+    # A newer producer's fields, of every JSON type, before and after the known ones.
+    extended = (
+        b'{"zz_new": {"deep": [1, {"x": "y"}]}, "flag": true,'
+        + value[1:-1]
+        + b', "added_later": [null, 1.5], "n": null}'
+    )
+    assert_same_row(decode(stream, extended), (*fields, *PROVENANCE))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(b"null", id="null"),
+        pytest.param(b'[1, "two", {"3": 4}]', id="array"),
+        pytest.param(b'"a string"', id="string"),
+        pytest.param(b"-12.5e3", id="number"),
+        pytest.param(b"true", id="bool"),
+        pytest.param(b"{}", id="empty-object"),
+        pytest.param(b'{"nested": {"a": [1]}}', id="object"),
+    ],
+)
+def test_config_value_may_be_any_json(value: bytes) -> None:
+    record = b'{"key":"k","value":' + value + b',"version":1,"ts":"2025-06-01T10:00:00Z"}'
+    assert_same_row(
+        decode("config", record),
+        ("k", raw(value), 1, datetime(2025, 6, 1, 10, tzinfo=UTC), "", *PROVENANCE),
+    )
+
+
+# -- MessagePack -----------------------------------------------------------------------------
+
+T0 = datetime(2025, 6, 1, 10, 0, 0, 123_000, tzinfo=UTC)
+
+RECORDS: list[Any] = [
+    pytest.param(
+        StateChange("agent-7", "busy", 3, T0, {"previous": "idle", "load": [0.5, 1, None]}),
+        id="states",
+    ),
+    pytest.param(
+        AgentEvent(EVENT_UUID, "agent-7", "restart", T0, "error", {"reason": "oom"}),
+        id="events",
+    ),
+    pytest.param(Metric("agent-7", "cpu", 0.75, T0, {"host": "h1"}), id="metrics"),
+    pytest.param(
+        AnalyticsEvent(EVENT_UUID, "u-1", "click", T0, {"ab": {"variant": "B"}}),
+        id="analytics",
+    ),
+    pytest.param(ConfigChange("k", {"max": 5}, 9, T0, "ops"), id="config-object"),
+    pytest.param(ConfigChange("k", [1, "two"], 9, T0), id="config-array"),
+    pytest.param(ConfigChange("k", None, 9, T0), id="config-null"),
+    pytest.param(StateChange("agent-7", "idle", 0, T0), id="states-default-data"),
+]
+
+JSON_SUBOBJECT = {"states": "data", "events": "payload", "metrics": "labels"}
+JSON_SUBOBJECT |= {"analytics": "properties", "config": "value"}
+
+
+def _stream_of(record: Record) -> str:
+    return next(s.name for s in STREAMS if isinstance(record, s.record_type))
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_msgpack_record_decodes_to_the_same_row_as_json(record: Record) -> None:
+    stream = _stream_of(record)
+    from_json = decode(stream, encode(record))
+    from_msgpack = decode(stream, encode(record, MSGPACK), MSGPACK_HEADERS)
+    assert_same_row(from_msgpack, from_json)
+    column = TABLES[stream].table.fields.index(JSON_SUBOBJECT[stream])
+    sub_object = getattr(record, JSON_SUBOBJECT[stream])
+    assert bytes(from_msgpack[column]) == msgspec.json.encode(sub_object)
+
+
+def test_msgpack_record_from_a_plain_map_with_string_timestamp() -> None:
+    # Not every producer uses our SDK: a hand-built map with an RFC 3339 string must do too.
+    value = msgspec.msgpack.encode(
+        {
+            "agent_id": "a",
+            "state": "busy",
+            "version": 2,
+            "ts": "2025-06-01T12:00:00+02:00",
+            "data": {"k": [1, 2]},
+            "unknown": {"ignored": True},
+        }
+    )
+    assert_same_row(
+        decode("states", value, MSGPACK_HEADERS),
+        (
+            "a",
+            "busy",
+            2,
+            datetime(2025, 6, 1, 12, tzinfo=timezone(timedelta(hours=2))),
+            raw(b'{"k":[1,2]}'),
+            *PROVENANCE,
+        ),
+    )
+
+
+# -- rejections ------------------------------------------------------------------------------
+
+STATE_OK = {"agent_id": "a", "state": "s", "version": 1, "ts": "2025-06-01T10:00:00Z"}
+
+
+def state_json(**changes: Any) -> bytes:
+    """A states record with some fields changed; a value of ``...`` removes the field."""
+    fields = {**STATE_OK, **changes}
+    return msgspec.json.encode({k: v for k, v in fields.items() if v is not ...})
+
+
+def with_field(stream: str, name: str, value_json: bytes) -> bytes:
+    """A minimal valid record of ``stream`` whose field ``name`` is the JSON ``value_json``."""
+    minimal = next(p.values[1] for p in MINIMAL if p.values[0] == stream)
+    return minimal[:-1] + b',"' + name.encode() + b'":' + value_json + b"}"
+
+
+REJECTED = [
+    pytest.param("states", b'{"agent_id": "a",', (), "DecodeError", "truncated", id="truncated"),
+    pytest.param(
+        "states", b'{"agent_id": a}', (), "DecodeError", "JSON is malformed", id="malformed"
+    ),
+    pytest.param("states", b"", (), "DecodeError", "truncated", id="empty-bytes"),
+    pytest.param(
+        "states", b"[1, 2]", (), "ValidationError", "Expected `object`, got `array`", id="array"
+    ),
+    pytest.param(
+        "states",
+        b'{"agent_id":"\xff\xfe","state":"s","version":1,"ts":"2025-06-01T10:00:00Z"}',
+        (),
+        "DecodeError",
+        "utf-8",
+        id="invalid-utf8-in-string",
+    ),
+    pytest.param(
+        "states",
+        # A msgpack fixstr of two bytes (0xa2) that are not UTF-8.
+        msgspec.msgpack.encode({**STATE_OK, "agent_id": "XX"}).replace(b"\xa2XX", b"\xa2\xff\xfe"),
+        MSGPACK_HEADERS,
+        "DecodeError",
+        "utf-8",
+        id="msgpack-invalid-utf8-in-string",
+    ),
+    pytest.param(
+        "states",
+        state_json(state=...),
+        (),
+        "ValidationError",
+        "Object missing required field `state`",
+        id="missing-required-field",
+    ),
+    pytest.param(
+        "config",
+        b'{"key":"k","version":1,"ts":"2025-06-01T10:00:00Z"}',
+        (),
+        "ValidationError",
+        "Object missing required field `value`",
+        id="config-missing-value",
+    ),
+    pytest.param(
+        "states",
+        state_json(version="1"),
+        (),
+        "ValidationError",
+        "Expected `int`, got `str` - at `$.version`",
+        id="wrong-type",
+    ),
+    pytest.param(
+        "metrics",
+        b'{"agent_id":"a","name":"cpu","value":"high","ts":"2025-06-01T10:00:00Z"}',
+        (),
+        "ValidationError",
+        "Expected `float`, got `str` - at `$.value`",
+        id="wrong-type-metric-value",
+    ),
+    pytest.param(
+        "states",
+        state_json(version=-1),
+        (),
+        "ValidationError",
+        "Expected `int` >= 0 - at `$.version`",
+        id="negative-version",
+    ),
+    pytest.param(
+        "config",
+        b'{"key":"k","value":1,"version":-5,"ts":"2025-06-01T10:00:00Z"}',
+        (),
+        "ValidationError",
+        "Expected `int` >= 0 - at `$.version`",
+        id="negative-config-version",
+    ),
+    pytest.param(
+        "states",
+        state_json(version=2**63),
+        (),
+        "ValidationError",
+        "at `$.version`",
+        id="version-beyond-bigint",
+    ),
+    pytest.param(
+        "states",
+        state_json(ts="2025-06-01T10:00:00"),
+        (),
+        "ValidationError",
+        "Expected `datetime` with a timezone component - at `$.ts`",
+        id="naive-timestamp",
+    ),
+    pytest.param(
+        "states",
+        state_json(ts="yesterday"),
+        (),
+        "ValidationError",
+        "Invalid RFC3339 encoded datetime - at `$.ts`",
+        id="not-a-timestamp",
+    ),
+    pytest.param(
+        "events",
+        b'{"event_id":"nope","agent_id":"a","kind":"k","ts":"2025-06-01T10:00:00Z"}',
+        (),
+        "ValidationError",
+        "Invalid UUID - at `$.event_id`",
+        id="bad-uuid",
+    ),
+    pytest.param(
+        "states",
+        with_field("states", "data", b"[1, 2]"),
+        (),
+        "ValidationError",
+        "Expected `object` - at `$.data`",
+        id="states-data-array",
+    ),
+    pytest.param(
+        "events",
+        with_field("events", "payload", b' ["x"]'),
+        (),
+        "ValidationError",
+        "Expected `object` - at `$.payload`",
+        id="events-payload-array",
+    ),
+    pytest.param(
+        "metrics",
+        with_field("metrics", "labels", b"[]"),
+        (),
+        "ValidationError",
+        "Expected `object` - at `$.labels`",
+        id="metrics-labels-array",
+    ),
+    pytest.param(
+        "analytics",
+        with_field("analytics", "properties", b"[{}]"),
+        (),
+        "ValidationError",
+        "Expected `object` - at `$.properties`",
+        id="analytics-properties-array",
+    ),
+    pytest.param(
+        "states",
+        with_field("states", "data", b"null"),
+        (),
+        "ValidationError",
+        "Expected `object` - at `$.data`",
+        id="states-data-null",
+    ),
+    pytest.param(
+        "states",
+        with_field("states", "data", b'"{}"'),
+        (),
+        "ValidationError",
+        "Expected `object` - at `$.data`",
+        id="states-data-string",
+    ),
+    pytest.param(
+        "states",
+        msgspec.msgpack.encode({**STATE_OK, "data": [1]}),
+        MSGPACK_HEADERS,
+        "ValidationError",
+        "Expected `object`, got `array` - at `$.data`",
+        id="msgpack-data-array",
+    ),
+    pytest.param(
+        "states",
+        msgspec.msgpack.encode({**STATE_OK, "version": -1}),
+        MSGPACK_HEADERS,
+        "ValidationError",
+        "Expected `int` >= 0 - at `$.version`",
+        id="msgpack-negative-version",
+    ),
+    pytest.param(
+        "states",
+        b"\xc1",
+        MSGPACK_HEADERS,
+        "DecodeError",
+        "MessagePack data is malformed",
+        id="msgpack-malformed",
+    ),
+    pytest.param(
+        "states",
+        state_json(),
+        [("content-type", b"text/plain")],
+        "UnsupportedContentType",
+        "content-type 'text/plain' is not supported; use application/json or application/msgpack",
+        id="unsupported-content-type",
+    ),
+    pytest.param(
+        "states",
+        state_json(),
+        [("content-type", b"application/json; charset=utf-8")],
+        "UnsupportedContentType",
+        "content-type 'application/json; charset=utf-8' is not supported",
+        id="content-type-with-parameters",
+    ),
+    pytest.param(
+        "states",
+        None,
+        (),
+        "EmptyRecord",
+        "record has no value (a tombstone)",
+        id="tombstone",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stream", "value", "headers", "error_class", "reason"), REJECTED)
+def test_record_is_rejected_with_its_error_class_and_reason(
+    stream: str, value: bytes | None, headers: Any, error_class: str, reason: str
+) -> None:
+    with pytest.raises(RecordRejected) as caught:
+        decode(stream, value, headers)
+    assert caught.value.error_class == error_class
+    assert reason.lower() in caught.value.reason.lower()
+    assert str(caught.value) == caught.value.reason
+
+
+def test_rejection_reason_of_a_missing_field_is_exact() -> None:
+    with pytest.raises(RecordRejected) as caught:
+        decode("events", b'{"agent_id":"a","kind":"k","ts":"2025-06-01T10:00:00Z"}')
+    assert (caught.value.error_class, caught.value.reason) == (
+        "ValidationError",
+        "Object missing required field `event_id`",
+    )
+
+
+def test_decoding_keeps_no_state_between_records() -> None:
+    # A rejected record in between must not change how the next one decodes.
+    good = state_json(version=5)
+    first = decode("states", good)
+    with pytest.raises(RecordRejected):
+        decode("states", state_json(version=-1))
+    assert_same_row(decode("states", good), first)
