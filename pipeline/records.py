@@ -23,6 +23,7 @@ JsonObject = dict[str, Any]
 CONTENT_TYPE_HEADER = "content-type"
 JSON = "application/json"
 MSGPACK = "application/msgpack"
+CONTENT_TYPES = (JSON, MSGPACK)
 
 
 class StateChange(msgspec.Struct, frozen=True):
@@ -115,7 +116,9 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
 def encode(record: Record, content_type: str = JSON) -> bytes:
-    """The record's wire bytes in the given content type."""
+    """The record's wire bytes in the given content type (one of :data:`CONTENT_TYPES`)."""
+    if content_type == JSON:
+        return _json_encoder.encode(record)
     if content_type == MSGPACK:
         return _msgpack_encoder.encode(record)
-    return _json_encoder.encode(record)
+    raise ValueError(f"content type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}")

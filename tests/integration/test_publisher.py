@@ -25,6 +25,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from pipeline.devstack import Endpoints, kafka
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.devstack.stack import cache_root
+from pipeline.errors import ConfigError
 from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
@@ -129,8 +130,7 @@ async def test_every_stream_round_trips_in_json_and_msgpack(
         endpoints.kafka_bootstrap, topic_prefix=prefix, content_type=MSGPACK
     ) as publisher:
         records = FleetSimulator(agents=7, seed=2).next_records(150, base)
-        futures = [await publisher.send_nowait(r) for r in records]
-        await publisher.delivered(futures)
+        await publisher.delivered(await publisher.send_many(records))
         sent += [(MSGPACK, r) for r in records]
 
     expected: dict[tuple[str, bytes], list[tuple[str, Record]]] = collections.defaultdict(list)
@@ -237,6 +237,30 @@ async def test_simulate_delivers_exactly_what_it_reports(
         assert _decoded(message, stream) == (JSON, sent.record)
         consumed_per_stream[stream.name] += 1
     assert dict(consumed_per_stream) == result.counts
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"content_type": "text/plain"}, "content_type"),
+        ({"content_type": "application/JSON"}, "content_type"),
+        ({"send_timeout": 0}, "send_timeout"),
+        ({"send_timeout": float("nan")}, "send_timeout"),
+    ],
+)
+def test_bad_settings_fail_at_construction_naming_the_field(
+    settings: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        AgentPublisher("127.0.0.1:1", **settings)
+
+
+async def test_only_wire_records_are_sent(endpoints: Endpoints) -> None:
+    async with AgentPublisher(endpoints.kafka_bootstrap, send_timeout=5) as publisher:
+        with pytest.raises(TypeError, match="not a wire record: dict"):
+            await publisher.send({"agent_id": "a"})  # type: ignore[arg-type]
+    with pytest.raises(PublishError, match="not started"):
+        await publisher.send_nowait(Metric(agent_id="a", name="n", value=1, ts=datetime.now(UTC)))
 
 
 async def test_a_missing_topic_times_out_naming_it(endpoints: Endpoints, unique: str) -> None:
