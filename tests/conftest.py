@@ -57,7 +57,7 @@ def _containers() -> Iterator[Endpoints]:
     from testcontainers.community.postgres import PostgresContainer
 
     with (
-        KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka,
+        KafkaContainer("apache/kafka:4.3.1").with_kraft() as kafka,
         PostgresContainer("postgres:15", driver=None) as pg,
     ):
         yield Endpoints(kafka.get_bootstrap_server(), pg.get_connection_url())

@@ -260,6 +260,10 @@ def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
             "share.coordinator.state.topic.replication.factor=1",
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
+            # A broker restarted after a crash re-registers once the old registration expires:
+            # seconds here, not the default 9 s.
+            "broker.session.timeout.ms=3000",
+            "broker.heartbeat.interval.ms=1000",
             "auto.create.topics.enable=false",
             "",
         ]

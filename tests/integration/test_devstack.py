@@ -1,10 +1,10 @@
 """`pipeline dev` as a user runs it: the real command line, real servers, real pids.
 
 Every stack here lives under its own ``PIPELINE_DEV_HOME`` in a temporary directory and is
-purged afterwards. The session's own test stack may hold 9092 and 5432, so these stacks can
-land on other ports: the tests read the ports from ``env`` and ``status`` instead of assuming
-them. The broker's jars come from the shared cache (XDG_CACHE_HOME is left alone), so an `up`
-costs seconds, not a Maven download.
+purged afterwards. Other stacks (this session's, a developer's) may hold 9092 and 5432, so
+these stacks can land on other ports: the tests read the ports from ``env`` and ``status``
+instead of assuming them. The broker's jars come from the shared cache (XDG_CACHE_HOME is left
+alone), so an `up` costs seconds, not a Maven download.
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ def exports(stdout: str) -> tuple[str, str]:
 
 
 def is_running(pid: int) -> bool:
-    # This machine's PID 1 does not reap orphans, so a server that exited lingers as a
-    # zombie: it still has a /proc entry, but it runs nothing and holds no port or file.
+    # The servers outlive the `pipeline` process that started them, so once they exit only
+    # PID 1 can reap them, late or (in a container without an init) never. Until then they
+    # are zombies: a /proc entry, but nothing running and no port or file held.
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
