@@ -24,9 +24,11 @@ from pipeline.devstack import Stack, endpoints_from_env
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV
 from pipeline.errors import ConfigError, DevStackError, PipelineError
+from pipeline.rows import DATA_TABLES
 
 if TYPE_CHECKING:
     from consumers.agent import DatabaseAgent
+    from producers.simulator import SimulationResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,24 +243,13 @@ def _dev_env(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from pipeline import kafka
-    from producers.simulator import simulate
 
     config = _load_config(args)
     topics = kafka.data_topics(config)
     asyncio.run(
         kafka.ensure_topics(config.kafka_bootstrap_servers, topics, config.topic_partitions)
     )
-    result = asyncio.run(
-        simulate(
-            config.kafka_bootstrap_servers,
-            agents=args.agents,
-            rate=args.rate,
-            duration=args.duration,
-            topic_prefix=config.topic_prefix,
-            mix=args.mix,
-            seed=args.seed,
-        )
-    )
+    result = asyncio.run(_simulate_from_args(config, args))
     for stream, count in result.counts.items():
         print(f"{stream:>10}: {count}")
     print(
@@ -266,6 +257,20 @@ def _simulate(args: argparse.Namespace) -> int:
         f"({result.rate:,.0f}/s, target {result.target_rate:,.0f}/s; seed {result.seed})"
     )
     return 0
+
+
+async def _simulate_from_args(config: Config, args: argparse.Namespace) -> SimulationResult:
+    from producers.simulator import simulate
+
+    return await simulate(
+        config.kafka_bootstrap_servers,
+        agents=args.agents,
+        rate=args.rate,
+        duration=args.duration,
+        topic_prefix=config.topic_prefix,
+        mix=args.mix,
+        seed=args.seed,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -281,16 +286,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_TABLES = (
-    "agent_states",
-    "agent_state_history",
-    "system_events",
-    "performance_metrics",
-    "user_analytics",
-    "system_config",
-    "system_config_history",
-    "dead_letters",
-)
+DEMO_TABLES = (*DATA_TABLES, "dead_letters")
 
 
 async def _run_demo(config: Config, args: argparse.Namespace) -> None:
@@ -305,7 +301,6 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     from consumers.agent import DatabaseAgent
     from pipeline import db, kafka
     from pipeline.batching import lag
-    from producers.simulator import simulate
 
     topics = kafka.data_topics(config)
     conn = await db.connect(config.database_url, config.db_command_timeout_s)
@@ -327,15 +322,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
             f"for {args.duration:g}s ({args.mix} mix)"
         )
         started = time.monotonic()
-        result = await simulate(
-            config.kafka_bootstrap_servers,
-            agents=args.agents,
-            rate=args.rate,
-            duration=args.duration,
-            topic_prefix=config.topic_prefix,
-            mix=args.mix,
-            seed=args.seed,
-        )
+        result = await _simulate_from_args(config, args)
         _progress(f"published {result.total:,} records; waiting for the DatabaseAgent")
         published = time.monotonic()
         ends = await kafka.end_offsets(config.kafka_bootstrap_servers, topics)

@@ -98,6 +98,11 @@ TABLES: dict[str, StreamTables] = {
     ),
 }
 
+#: Every table the data streams land in, "latest" tables before their histories.
+DATA_TABLES: tuple[str, ...] = tuple(
+    t.name for s in TABLES.values() for t in (s.table, s.history) if t is not None
+)
+
 # The fields that hold free-form JSON: kept raw, checked to be objects where the contract
 # says "object" (a config value may be any JSON value).
 _JSON_FIELDS: dict[type[Record], dict[str, bool]] = {

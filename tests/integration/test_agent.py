@@ -32,6 +32,7 @@ from pipeline.records import (
     StateChange,
     encode,
 )
+from pipeline.rows import DATA_TABLES
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,
@@ -157,14 +158,9 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=2)
     # A constraint the records cannot know about: the database rejects rows, not the decoder.
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        await db.migrate(conn, db.read_migrations())
-        await conn.execute(
-            "ALTER TABLE performance_metrics ADD CONSTRAINT sane CHECK (value < 1e9)"
-        )
-    finally:
-        await conn.close()
+    await migrated(
+        database_url, "ALTER TABLE performance_metrics ADD CONSTRAINT sane CHECK (value < 1e9)"
+    )
 
     metrics, events, states, config = (
         STREAM_BY_NAME[n] for n in ("metrics", "events", "states", "config")
@@ -434,20 +430,22 @@ async def test_group_offsets_reset_to_earliest_in_kafka_change_nothing(
         agent.kill()
 
 
+async def migrated(database_url: str, *statements: str) -> None:
+    """Apply the migrations, then ``statements``: a change the agent does not know about."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await db.migrate(conn, db.read_migrations())
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 async def _table_fingerprint(database_url: str) -> dict[str, tuple[int, str]]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         found = {}
-        for table in (
-            "agent_states",
-            "agent_state_history",
-            "system_events",
-            "performance_metrics",
-            "user_analytics",
-            "system_config",
-            "system_config_history",
-            "dead_letters",
-        ):
+        for table in (*DATA_TABLES, "dead_letters"):
             found[table] = tuple(
                 await conn.fetchrow(
                     "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) "
@@ -465,12 +463,7 @@ async def test_a_broken_table_stops_only_its_stream_and_dead_letters_nothing(
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=2)
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        await db.migrate(conn, db.read_migrations())
-        await conn.execute("ALTER TABLE user_analytics DROP COLUMN properties")  # a bad deploy
-    finally:
-        await conn.close()
+    await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")  # bad deploy
     sent = await produce(bootstrap, prefix, fleet_traffic(5000, seed=12))
     analytics = STREAM_BY_NAME["analytics"].topic
 
