@@ -54,11 +54,14 @@ class DatabaseAgent:
         self._positions: dict[Partition, int] = {}  # the stored next offset of owned partitions
         self._unpositioned: set[TopicPartition] = set()
         self._holding = False  # all partitions paused while a batch is retried
+        self._filling = Batch()  # the batch being filled, which a revocation trims
         self._stopped_topics: set[str] = set()  # streams stopped on schema errors
         self._stopping = asyncio.Event()
         self._conn: Connection | None = None
         self._batch_ids: Iterable[int] = iter(())
         self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._writing = False  # a batch is being written: a stop lets it finish
         self._producer: AIOKafkaProducer | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -97,24 +100,60 @@ class DatabaseAgent:
         self._producer = await kafka_io.start_dead_letter_producer(config)
         self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
         await self._consumer.start()
+        self._task = asyncio.ensure_future(self._ingest_until_stopped())
         try:
-            while not self._stopping.is_set():
-                await self._position_pending()
-                batch = await self._fill_batch()
-                if batch.count:
-                    await self._ingest_with_retry(batch)
+            await self._task
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise  # cancelled from outside, not by the shutdown deadline
         finally:
             await self._close()
 
+    async def _ingest_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            await self._position_pending()
+            if self._stopping.is_set():
+                break
+            batch = await self._fill_batch()
+            if batch.count:
+                self._writing = True
+                try:
+                    await self._ingest_with_retry(batch)
+                finally:
+                    self._writing = False
+
     def stop(self) -> None:
-        """Ask the agent to finish the batch in flight, commit, and leave the group."""
+        """Ask the agent to finish the batch it is writing, commit, and leave the group.
+
+        When no batch is being written, it stops at once: fetched records that are not
+        written yet are simply read again by the next owner, from the stored offsets (a
+        fetch can otherwise sit out a whole rebalance). Past ``shutdown_timeout_s`` a batch
+        being written is abandoned too: its transaction rolls back, Kafka redelivers it.
+        """
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        if self._task is None:
+            return
+        if not self._writing:
+            self._task.cancel()
+        else:
+            asyncio.get_running_loop().call_later(
+                self.config.shutdown_timeout_s, self._abandon, self._task
+            )
+
+    def _abandon(self, task: asyncio.Task[None]) -> None:
+        if not task.done():
+            log.warning("shutdown deadline passed: abandoning the batch in flight")
+            task.cancel()
 
     async def _close(self) -> None:
         deadline = 10.0
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # run() itself was cancelled
         if self._consumer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), deadline)
+                await asyncio.wait_for(kafka_io.stop_consumer(self._consumer), deadline)
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), deadline)
@@ -125,7 +164,7 @@ class DatabaseAgent:
 
     async def _fill_batch(self) -> Batch:
         consumer = self._require_consumer()
-        batch = Batch()
+        batch = self._filling = Batch()
         while True:
             now = time.monotonic()
             wait_ms = _POLL_MS
@@ -145,21 +184,30 @@ class DatabaseAgent:
 
     # -- positioning --------------------------------------------------------------------
 
-    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        # Held until positioned: fetching from Kafka's committed offset would be wrong when
-        # the database is ahead or behind it.
-        consumer = self._require_consumer()
-        self._unpositioned |= assigned
-        consumer.pause(*assigned)
-        try:
-            await self._position(assigned)
-        except Exception as exc:  # aiokafka swallows listener errors; the main loop retries
-            log.warning("positioning %d partitions failed, will retry: %r", len(assigned), exc)
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Hold new partitions until the main loop positions them from the database.
+
+        No IO here: aiokafka runs this with heartbeats stopped, so a slow database would get
+        this member evicted; and fetching from Kafka's committed offset would be wrong when
+        the database is ahead of it or behind it.
+        """
+        keys = {(tp.topic, tp.partition) for tp in assigned}
+        for key in [k for k in self._positions if k not in keys]:
+            del self._positions[key]  # not ours any more, whatever we thought
+        self._unpositioned = set(assigned)
+        self._require_consumer().pause(*assigned)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        for tp in revoked:
-            self._positions.pop((tp.topic, tp.partition), None)
+        keys = [(tp.topic, tp.partition) for tp in revoked]
+        for key in keys:
+            self._positions.pop(key, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(key[0], str(key[1]))
         self._unpositioned -= revoked
+        # Records fetched for these partitions are not ours to write; if a partition comes
+        # straight back, it is re-read from its stored offset, so the batch being filled must
+        # not keep the old copies.
+        self._filling.drop(keys)
 
     async def _position(self, partitions: Iterable[TopicPartition]) -> None:
         """Seek partitions to their offsets stored in PostgreSQL, then let them fetch."""
@@ -285,11 +333,13 @@ class DatabaseAgent:
         """Write one batch exactly once.
 
         1. Decode every record into its stream's rows; undecodable ones become dead letters.
-        2. Open one transaction and write each stream's rows with COPY, bisecting any rows
-           the database rejects into dead letters.
-        3. Send every dead letter to the DLQ topic and wait for the acknowledgements.
-        4. Record the dead letters in ``dead_letters``.
-        5. Compare-and-set every partition's stored offset (the fence against zombies).
+        2. Open one transaction and compare-and-set every partition's stored offset: the
+           fence. It locks those offset rows, so a zombie stops here, before it writes or
+           publishes anything, and waits here while another member commits.
+        3. Write each stream's rows with COPY, bisecting any rows the database rejects into
+           dead letters.
+        4. Send every dead letter to the DLQ topic and wait for the acknowledgements.
+        5. Record the dead letters in ``dead_letters``.
         6. Commit; then mirror the offsets to Kafka.
         """
         started = time.monotonic()
@@ -299,6 +349,11 @@ class DatabaseAgent:
         written: dict[str, tuple[int, int]] = {}  # stream -> (new rows, rejected rows)
         try:
             async with conn.transaction():
+                await db.advance_offsets(
+                    conn,
+                    self.config.group_id,
+                    [(m.topic, m.partition, m.expected, m.new) for m in work.moves],
+                )
                 for stream, stream_rows in rows.items():
                     writer = self._writers[stream]
                     try:
@@ -318,11 +373,6 @@ class DatabaseAgent:
                 )
                 if letters:
                     await db.insert_dead_letters(conn, self.config.group_id, letters)
-                await db.advance_offsets(
-                    conn,
-                    self.config.group_id,
-                    [(m.topic, m.partition, m.expected, m.new) for m in work.moves],
-                )
         except (TransientError, FencedError, SchemaError):
             raise
         except Exception as exc:
@@ -363,12 +413,17 @@ class DatabaseAgent:
     async def _connection(self) -> Connection:
         if self._conn is None or self._conn.is_closed():
             conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
-            try:
-                for writer in self._writers.values():
+            for stream, writer in self._writers.items():
+                if self.config.topic(STREAM_BY_NAME[stream].topic) in self._stopped_topics:
+                    continue
+                try:
                     await writer.prepare(conn)
-            except Exception as exc:
-                await conn.close()
-                raise db.classify(exc) from exc
+                except Exception as exc:
+                    conn.terminate()
+                    error = db.classify(exc)
+                    if isinstance(error, SchemaError):
+                        raise SchemaError(str(error), stream=stream) from exc
+                    raise error from exc
             self._conn = conn
             self._batch_ids = iter(())
         return self._conn
@@ -420,8 +475,10 @@ class DatabaseAgent:
         m.batch_records.observe(sum(len(r) for r in work.records.values()))
         m.last_commit.set(time.time())
         consumer = self._require_consumer()
+        owned = consumer.assignment()
         for (topic, partition), position in self._positions.items():
-            highwater = consumer.highwater(TopicPartition(topic, partition))
+            tp = TopicPartition(topic, partition)
+            highwater = consumer.highwater(tp) if tp in owned else None
             if highwater is not None:
                 m.lag.labels(topic, str(partition)).set(max(highwater - position, 0))
 
@@ -447,7 +504,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._agent._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._agent._on_assigned(set(assigned))
+        self._agent._on_assigned(set(assigned))
 
 
 def _dead_letter(record: Any, error_class: str, reason: str) -> DeadLetter:

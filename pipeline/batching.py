@@ -55,6 +55,11 @@ class Batch:
     def add(self, partition: Partition, records: Sequence[FetchedRecord], now: float) -> None:
         if not records:
             return
+        held = self.records.get(partition)
+        if held and records[0].offset <= held[-1].offset:
+            # The partition was sought back (a rebalance gave it straight back): what it
+            # returns now replaces what it returned before, never adds to it.
+            self.drop([partition])
         if self.started_at is None:
             self.started_at = now
         self.records.setdefault(partition, []).extend(records)
@@ -73,7 +78,7 @@ class Batch:
         return max(limits.max_records - self.count, 0)
 
     def drop(self, partitions: Iterable[Partition]) -> None:
-        """Forget the records of partitions this consumer no longer owns."""
+        """Forget the records of these partitions (revoked, sought back, or stopped)."""
         for partition in partitions:
             records = self.records.pop(partition, [])
             self.count -= len(records)

@@ -186,22 +186,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_until_signalled(agent: DatabaseAgent) -> None:
-    """Run the agent; SIGTERM or SIGINT asks it to stop, and after the shutdown deadline the
-    batch in flight is aborted (its transaction rolls back; Kafka redelivers it)."""
+    """Run the agent; SIGTERM or SIGINT asks it to stop (within its shutdown deadline)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-
-    def on_signal() -> None:
-        agent.stop()
-        loop.call_later(agent.config.shutdown_timeout_s, task.cancel)
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await agent.run()
-    except asyncio.CancelledError:
-        logging.getLogger(__name__).warning("shutdown deadline passed: batch in flight aborted")
+        loop.add_signal_handler(sig, agent.stop)
+    await agent.run()
 
 
 def _dev_up(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     batch_max_bytes: Positive = 32 * 1024 * 1024
     batch_max_wait_ms: Positive = 250
     fetch_max_bytes: Positive = 64 * 1024 * 1024
+    session_timeout_ms: Annotated[int, msgspec.Meta(ge=6000)] = 30_000
     db_command_timeout_s: Seconds = 60.0
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0

@@ -1,7 +1,7 @@
 """Everything that talks to PostgreSQL: connections, migrations, writers, offsets.
 
-The exactly-once protocol (DESIGN.md section 4) is :func:`ingest`: rows, dead letters and the
-offset compare-and-set commit in one transaction, or not at all.
+The pieces of the exactly-once protocol (DESIGN.md section 4): the offset compare-and-set,
+the writers and the dead letters, which the DatabaseAgent commits in one transaction.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from typing import Any
 import asyncpg
 import msgspec
 from asyncpg import Connection
+
+# asyncpg exports the server's SQLSTATE-22 class as DataError; its client-side encoding error
+# of the same name (an InterfaceError) is only reachable here.
+from asyncpg.exceptions._base import DataError as ClientDataError
 
 from pipeline.errors import DataError, FencedError, SchemaError, TransientError
 from pipeline.rows import Row, StreamTables
@@ -47,20 +51,18 @@ async def connect(url: str, command_timeout: float, connect_timeout: float = 10.
             command_timeout=command_timeout,
             server_settings={"synchronous_commit": "off", "application_name": "database-agent"},
         )
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.TooManyConnectionsError,
-    ) as exc:
-        raise TransientError(f"cannot connect to PostgreSQL: {exc}") from exc
-    await conn.set_type_codec(
-        "jsonb",
-        schema="pg_catalog",
-        encoder=_encode_jsonb,
-        decoder=_decode_jsonb,
-        format="binary",
-    )
+        await conn.set_type_codec(
+            "jsonb",
+            schema="pg_catalog",
+            encoder=_encode_jsonb,
+            decoder=_decode_jsonb,
+            format="binary",
+        )
+    except Exception as exc:  # a server restarting answers in many ways: 08xxx, 57P0x, ...
+        error = classify(exc)
+        if isinstance(error, TransientError):
+            raise TransientError(f"cannot connect to PostgreSQL: {exc}") from exc
+        raise error from exc
     return conn
 
 
@@ -79,6 +81,8 @@ def classify(exc: BaseException) -> BaseException:
     if isinstance(exc, (TransientError, DataError, SchemaError, FencedError)):
         return exc
     sqlstate = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc, ClientDataError):  # a value the client could not encode for its column
+        return DataError(f"{type(exc).__name__}: {exc}", sqlstate="22000")
     if (
         isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError))
         or sqlstate[:2]
@@ -354,7 +358,7 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
     timestamp_ms: int | None
     error_class: str
     reason: str
@@ -374,7 +378,7 @@ async def insert_dead_letters(conn: Connection, group: str, letters: Iterable[De
                 d.offset,
                 d.key,
                 d.value,
-                [[name, value.decode("utf-8", "replace")] for name, value in d.headers],
+                [[name, _header_text(value)] for name, value in d.headers],
                 d.timestamp_ms,
                 d.error_class,
                 d.reason,
@@ -382,6 +386,14 @@ async def insert_dead_letters(conn: Connection, group: str, letters: Iterable[De
             for d in letters
         ],
     )
+
+
+def _header_text(value: bytes | None) -> str | None:
+    """A header value as jsonb can hold it: text, non-UTF-8 bytes escaped, no NUL.
+    (The DLQ topic keeps the exact bytes.)"""
+    if value is None:
+        return None
+    return value.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
 
 
 def _count(status: str) -> int:

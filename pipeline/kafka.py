@@ -19,6 +19,10 @@ from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
 
 log = logging.getLogger(__name__)
 
+MIRROR_TIMEOUT_S = 10.0
+# Kafka's default limit on a record is 1 MiB; a dead letter's value above this is replaced by
+# an empty value on the DLQ topic (with its size in a header). dead_letters keeps it whole.
+DLQ_MAX_VALUE_BYTES = 900 * 1024
 DLQ_HEADERS = (
     "dlq.source.topic",
     "dlq.source.partition",
@@ -66,8 +70,8 @@ def make_consumer(config: Config, listener: ConsumerRebalanceListener) -> AIOKaf
         fetch_max_bytes=config.fetch_max_bytes,
         max_partition_fetch_bytes=min(config.fetch_max_bytes, 8 * 1024 * 1024),
         max_poll_records=config.batch_max_records,
-        session_timeout_ms=30_000,
-        heartbeat_interval_ms=3_000,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=min(3_000, config.session_timeout_ms // 3),
         max_poll_interval_ms=300_000,
     )
     consumer.subscribe(data_topics(config), listener=listener)
@@ -88,7 +92,11 @@ async def start_dead_letter_producer(config: Config) -> AIOKafkaProducer:
 async def publish_dead_letters(
     producer: AIOKafkaProducer, topic: str, letters: list[DeadLetter], ack_timeout: float
 ) -> None:
-    """Send every dead letter to the DLQ topic and wait for all acks, within ``ack_timeout`` s."""
+    """Send every dead letter to the DLQ topic and wait for all acks, within ``ack_timeout`` s.
+
+    The topic is at-least-once: a batch retried after a failure publishes its dead letters
+    again. Its ``dlq.source.*`` headers identify a record; ``dead_letters`` holds each once.
+    """
     if not letters:
         return
     try:
@@ -96,9 +104,10 @@ async def publish_dead_letters(
             futures = [
                 await producer.send(
                     topic,
-                    value=letter.value,
+                    value=_dlq_value(letter),
                     key=letter.key,
                     headers=[
+                        *_dlq_size_header(letter),
                         *letter.headers,
                         *zip(
                             DLQ_HEADERS,
@@ -122,6 +131,18 @@ async def publish_dead_letters(
         ) from exc
 
 
+def _dlq_value(letter: DeadLetter) -> bytes | None:
+    if letter.value is not None and len(letter.value) > DLQ_MAX_VALUE_BYTES:
+        return b""
+    return letter.value
+
+
+def _dlq_size_header(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    if letter.value is not None and len(letter.value) > DLQ_MAX_VALUE_BYTES:
+        return [("dlq.value.omitted.bytes", str(len(letter.value)).encode())]
+    return []
+
+
 def dead_letter_topic(config: Config) -> str:
     return config.topic(DLQ_TOPIC)
 
@@ -138,8 +159,9 @@ async def mirror_offsets(consumer: AIOKafkaConsumer, moves: Iterable[OffsetMove]
     if not offsets:
         return
     try:
-        await consumer.commit(offsets)
-    except KafkaError as exc:
+        # Bounded: the commit waits for a coordinator for as long as the broker is away.
+        await asyncio.wait_for(consumer.commit(offsets), MIRROR_TIMEOUT_S)
+    except (KafkaError, TimeoutError) as exc:
         log.debug("mirroring offsets to Kafka failed (the database has them): %r", exc)
 
 

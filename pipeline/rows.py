@@ -157,7 +157,7 @@ class StreamDecoder:
     def row(
         self,
         value: bytes | None,
-        headers: Sequence[tuple[str, bytes]],
+        headers: Sequence[tuple[str, bytes | None]],
         partition: int,
         offset: int,
         batch_id: int,
@@ -181,6 +181,10 @@ class StreamDecoder:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError.
             raise RecordRejected("DecodeError", str(exc)) from None
+        except RecordRejected:
+            raise
+        except Exception as exc:  # e.g. a MessagePack extension type: bad input, never a crash
+            raise RecordRejected("DecodeError", f"{type(exc).__name__}: {exc}") from None
         for name in self._object_fields:
             if memoryview(getattr(record, name))[0] != _OPEN_BRACE:
                 raise RecordRejected("ValidationError", f"Expected `object` - at `$.{name}`")
@@ -194,9 +198,9 @@ class StreamDecoder:
         return self._raw_type(**as_dict)
 
 
-def _content_type(headers: Sequence[tuple[str, bytes]]) -> str:
+def _content_type(headers: Sequence[tuple[str, bytes | None]]) -> str:
     for name, value in headers:
-        if name == CONTENT_TYPE_HEADER:
+        if name == CONTENT_TYPE_HEADER and value:  # a null or empty value means "not given"
             return value.decode("utf-8", "replace")
     return JSON
 

@@ -59,7 +59,7 @@ class Outgoing:
     key: bytes
     value: bytes
     poison: str | None = None  # why the agent must dead-letter it, or None when it is good
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 @dataclass(frozen=True)

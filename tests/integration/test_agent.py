@@ -219,6 +219,26 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
             encode(AgentEvent(uuid.uuid4(), "a", "k", T0, payload={"s": "\x00"})),
             "DatabaseRejected",
         ),  # NUL in jsonb
+        # Too big for the DLQ topic's 1 MiB record limit once wrapped: the topic gets an empty
+        # value and the size, dead_letters the whole value.
+        Outgoing(metrics, b"big", b"{" + b"x" * 950_000, "DecodeError"),
+        # Headers jsonb cannot hold as they are: a NUL byte, a null value.
+        Outgoing(metrics, b"h", b"[]", "ValidationError", (("trace", b"a\x00b"), ("none", None))),
+        Outgoing(
+            states,
+            b"x",
+            msgspec.msgpack.encode(
+                {
+                    "agent_id": "x",
+                    "state": "s",
+                    "version": 1,
+                    "ts": ts,
+                    "data": msgspec.msgpack.Ext(1, b""),
+                }
+            ),
+            "ValidationError",
+            (("content-type", MSGPACK.encode()),),
+        ),
     ]
     also_good = [
         Outgoing(
@@ -265,7 +285,7 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
         if out.poison is None:
             continue
         letter = by_coordinates[(where.topic, where.partition, where.offset)]
-        assert letter["error_class"] == out.poison
+        assert letter["error_class"] == out.poison, letter["reason"]
         assert letter["record_value"] == out.value
         assert letter["reason"]
 
@@ -291,6 +311,8 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
         for r in received
     }
     assert on_topic == {k: v["error_class"] for k, v in by_coordinates.items()}
+    (big,) = [r for r in received if "dlq.value.omitted.bytes" in dict(r.headers)]
+    assert (big.value, dict(big.headers)["dlq.value.omitted.bytes"]) == (b"", b"950001")
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -304,18 +326,20 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     traffic = fleet_traffic(60_000, seed=seed)
     poison = Outgoing(STREAM_BY_NAME["metrics"], b"p", b"{broken", "DecodeError")
     traffic[rng.randrange(len(traffic))] = poison
-    sent = await produce(bootstrap, prefix, traffic[:30_000])
-
-    env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
+    env = agent_env(
+        bootstrap, database_url, prefix, prefix, batch_max_records=500, session_timeout_ms=6000
+    )
     agent = AgentProcess(env, tmp_path / "agent.log").start()
     try:
-        more = asyncio.create_task(produce(bootstrap, prefix, traffic[30_000:]))
+        # Records keep arriving for the whole kill window, so every kill lands mid-stream.
+        sending = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=12.0))
         for _ in range(4):
-            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            await asyncio.sleep(rng.uniform(1.0, 2.5))
             assert agent.alive(), (tmp_path / "agent.log").read_text()[-3000:]
             agent.kill()
             agent.start()
-        sent += await more
+        assert not sending.done(), "the kills must land while records are still arriving"
+        sent = await sending
         ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
         await assert_exactly_once(database_url, prefix, prefix, sent, ends)
         assert agent.stop() == 0
@@ -331,7 +355,9 @@ async def test_three_agents_with_rolling_restarts_and_a_hard_kill(
     await create_topics(bootstrap, prefix, partitions=6)
     traffic = fleet_traffic(60_000, seed=5)
     sent = await produce(bootstrap, prefix, traffic[:20_000])
-    env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
+    env = agent_env(
+        bootstrap, database_url, prefix, prefix, batch_max_records=700, session_timeout_ms=6000
+    )
     agents = [AgentProcess(env, tmp_path / f"agent-{i}.log") for i in range(3)]
     try:
         more = asyncio.create_task(produce(bootstrap, prefix, traffic[20_000:]))

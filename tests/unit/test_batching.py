@@ -240,3 +240,18 @@ def test_backoff_doubles_from_base_up_to_cap(
 
 def test_backoff_default_base_is_a_tenth_of_a_second() -> None:
     assert [backoff(n, cap=1.0) for n in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_a_partition_sought_back_replaces_its_records_in_the_batch() -> None:
+    # A rebalance that hands a partition straight back re-seeks it to its stored offset: the
+    # records it returns again must replace the old copies, never follow them.
+    batch = Batch()
+    batch.add(A0, recs(A0, 10, 11, 12), now=0.0)
+    batch.add(A1, recs(A1, 5), now=0.0)
+    batch.add(A0, recs(A0, 10, 11), now=1.0)
+    assert [r.offset for r in batch.records[A0]] == [10, 11]
+    assert (batch.count, batch.size) == (3, 300)
+    assert plan(batch, {A0: 10, A1: 5}).moves == [
+        OffsetMove("a", 1, 5, 6),
+        OffsetMove("a", 0, 10, 12),
+    ]

@@ -26,6 +26,7 @@ DEFAULTS = {
     "batch_max_bytes": 32 * 1024 * 1024,
     "batch_max_wait_ms": 250,
     "fetch_max_bytes": 64 * 1024 * 1024,
+    "session_timeout_ms": 30_000,
     "db_command_timeout_s": 60.0,
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
@@ -133,6 +134,12 @@ INVALID = [
     ),
     pytest.param(
         {"PIPELINE_SHUTDOWN_TIMEOUT_S": "0"}, "PIPELINE_SHUTDOWN_TIMEOUT_S", "> 0", id="zero-s"
+    ),
+    pytest.param(
+        {"PIPELINE_SESSION_TIMEOUT_MS": "1000"},
+        "PIPELINE_SESSION_TIMEOUT_MS",
+        ">= 6000",
+        id="session-below-the-broker-minimum",
     ),
     pytest.param(
         {"PIPELINE_DB_COMMAND_TIMEOUT_S": "soon"},

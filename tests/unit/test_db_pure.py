@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.db import (
     SQL_DIR,
+    ClientDataError,
     _count,
     _decode_jsonb,
     _encode_jsonb,
@@ -322,3 +323,11 @@ def test_jsonb_binary_encoding(value: object, wire: bytes) -> None:
 
 def test_jsonb_binary_decoding() -> None:
     assert _decode_jsonb(b'\x01{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+
+
+def test_a_value_the_client_cannot_encode_is_a_data_error_not_a_retry() -> None:
+    # asyncpg raises its client-side DataError (an InterfaceError) before anything reaches the
+    # server; retrying would loop forever, bisecting finds the row.
+    error = classify(ClientDataError("invalid input for query argument $1"))
+    assert isinstance(error, DataError)
+    assert error.sqlstate == "22000"

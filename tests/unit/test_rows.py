@@ -540,3 +540,30 @@ def test_decoding_keeps_no_state_between_records() -> None:
     with pytest.raises(RecordRejected):
         decode("states", state_json(version=-1))
     assert_same_row(decode("states", good), first)
+
+
+@pytest.mark.parametrize(
+    ("value", "headers"),
+    [
+        pytest.param(
+            msgspec.msgpack.encode(
+                {
+                    "agent_id": "a",
+                    "state": "s",
+                    "version": 1,
+                    "ts": "2026-01-01T00:00:00Z",
+                    "data": {"x": msgspec.msgpack.Ext(1, b"\x00")},
+                }
+            ),
+            (("content-type", b"application/msgpack"),),
+            id="msgpack-extension-type-in-a-sub-object",
+        ),
+        pytest.param(b"{", (("content-type", None),), id="null-content-type-header"),
+    ],
+)
+def test_odd_input_is_rejected_never_raised(value: bytes, headers: Any) -> None:
+    # Anything a producer can put on the wire is a dead letter at worst, never a crash.
+    with pytest.raises(RecordRejected) as caught:
+        decode("states", value, headers)
+    assert caught.value.error_class == "DecodeError"
+    assert caught.value.reason
