@@ -8,7 +8,11 @@ For each traffic mix, on the same generated records:
    (binary COPY, staged upserts) into the same tables in a fresh database, no Kafka.
 4. End to end: ``pipeline run`` processes drain the backlog into another fresh database,
    exactly-once path included; their peak RSS is read from ``/proc``.
+5. Latency at steady load: records published at a fixed rate while an agent runs; a
+   record's latency runs from its Kafka timestamp to the first poll (every 10 ms) of
+   ``ingest_offsets`` that shows it committed, so it is exact to 10 ms.
 
+Then, once: the peak RSS of one agent draining a large backlog (``memory_records``).
 Ratios compare numbers measured in the same run, because these machines are shared and noisy.
 """
 
@@ -21,9 +25,10 @@ import subprocess
 import sys
 import time
 import uuid
+from array import array
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -37,7 +42,21 @@ from pipeline.records import DLQ_TOPIC, STREAM_BY_TYPE, STREAMS, Record, encode
 from pipeline.rows import DECODERS, Row
 
 RecordSource = Callable[[str, int], Iterator[list[Record]]]  # (mix, count) -> chunks
+# (bootstrap, topic prefix, mix, records/s, seconds) -> records published
+Publisher = Callable[[str, str, str, float, float], Awaitable[int]]
 RAW_COPY_SAMPLE = 200_000  # records decoded for the raw COPY limit: enough for a stable rate
+POLL_S = 0.01  # how often the stored offsets are read: the latency run's resolution
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    mixes: list[str]
+    records: int  # backlog per mix
+    partitions: int
+    scale_out: bool
+    latency_rate: float  # records/s
+    latency_seconds: float
+    memory_records: int
 
 
 @dataclass
@@ -50,80 +69,195 @@ class MixResult:
     ratio: float  # end to end / the smaller raw limit
     peak_rss_mb: float
     e2e_two_processes_rows_per_s: float | None
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    latency_rate: float  # records/s actually published during the latency run
+    # For the plot, not the JSON: (seconds, rows ingested) while draining, and latencies.
+    drain_curve: list[tuple[float, int]] = field(repr=False)
+    latencies_ms: list[float] = field(repr=False)
+
+
+@dataclass
+class MemoryResult:
+    records: int
+    peak_rss_mb: float
+    rows_per_s: float
 
 
 async def run_bench(
     config: Config,
     source: RecordSource,
-    *,
-    mixes: list[str],
-    records: int,
-    partitions: int,
-    scale_out: bool,
+    publish: Publisher,
+    plan: BenchPlan,
     report: Callable[[str], None],
-) -> list[MixResult]:
-    results = []
-    for mix in mixes:
-        prefix = f"bench{uuid.uuid4().hex[:8]}."
-        report(f"[{mix}] producing {records:,} records to {prefix}* ({partitions} partitions)")
-        await kafka_io.ensure_topics(
-            config.kafka_bootstrap_servers,
-            [prefix + s.topic for s in STREAMS] + [prefix + DLQ_TOPIC],
-            partitions,
-        )
-        await _produce(config.kafka_bootstrap_servers, prefix, source(mix, records))
+) -> tuple[list[MixResult], MemoryResult]:
+    results = [
+        await _bench_mix(config, source=source, publish=publish, plan=plan, mix=mix, report=report)
+        for mix in plan.mixes
+    ]
+    mix = plan.mixes[0]
+    report(f"[memory] one DatabaseAgent draining {plan.memory_records:,} {mix} records")
+    prefix = await _backlog(config, source, mix, plan.memory_records, plan.partitions)
+    async with _scratch_database(config) as url:
+        rate, rss, _ = await _drain(config, url, prefix, processes=1)
+    report(f"[memory]   peak RSS {rss:.0f} MB ({rate:,.0f} rows/s)")
+    return results, MemoryResult(plan.memory_records, rss, rate)
 
-        report(f"[{mix}] raw consume: a bare aiokafka consumer, no database")
-        consume_rate, sample = await _raw_consume(config, prefix, records)
-        report(f"[{mix}]   {consume_rate:,.0f} records/s")
 
-        report(f"[{mix}] raw COPY: {len(sample):,} decoded rows, the agent's writers, no Kafka")
+async def _bench_mix(
+    config: Config,
+    *,
+    source: RecordSource,
+    publish: Publisher,
+    plan: BenchPlan,
+    mix: str,
+    report: Callable[[str], None],
+) -> MixResult:
+    report(f"[{mix}] producing {plan.records:,} records ({plan.partitions} partitions)")
+    prefix = await _backlog(config, source, mix, plan.records, plan.partitions)
+
+    report(f"[{mix}] raw consume: a bare aiokafka consumer, no database")
+    consume_rate, sample = await _raw_consume(config, prefix, plan.records)
+    report(f"[{mix}]   {consume_rate:,.0f} records/s")
+
+    report(f"[{mix}] raw COPY: {len(sample):,} decoded rows, the agent's writers, no Kafka")
+    async with _scratch_database(config) as url:
+        copy_rate = await _raw_copy(url, config, sample)
+    report(f"[{mix}]   {copy_rate:,.0f} rows/s")
+
+    report(f"[{mix}] end to end: one DatabaseAgent process drains the backlog")
+    async with _scratch_database(config) as url:
+        e2e_rate, rss, curve = await _drain(config, url, prefix, processes=1)
+    report(f"[{mix}]   {e2e_rate:,.0f} rows/s, peak RSS {rss:.0f} MB")
+
+    two = None
+    if plan.scale_out:
+        report(f"[{mix}] end to end: two DatabaseAgent processes in one group")
         async with _scratch_database(config) as url:
-            copy_rate = await _raw_copy(url, config, sample)
-        report(f"[{mix}]   {copy_rate:,.0f} rows/s")
+            two, _, _ = await _drain(config, url, prefix, processes=2)
+        report(f"[{mix}]   {two:,.0f} rows/s")
 
-        report(f"[{mix}] end to end: one DatabaseAgent process drains the backlog")
-        async with _scratch_database(config) as url:
-            e2e_rate, rss = await _drain(config, url, prefix, processes=1)
-        report(f"[{mix}]   {e2e_rate:,.0f} rows/s, peak RSS {rss:.0f} MB")
+    report(
+        f"[{mix}] latency: {plan.latency_rate:,.0f} records/s for "
+        f"{plan.latency_seconds:g}s while one DatabaseAgent runs"
+    )
+    async with _scratch_database(config) as url:
+        latencies, achieved = await _latency(config, url, publish, plan, mix)
+    p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
+    report(
+        f"[{mix}]   p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {latencies[-1]:.0f} ms "
+        f"({achieved:,.0f} records/s published)"
+    )
+    return MixResult(
+        mix=mix,
+        records=plan.records,
+        raw_consume_per_s=consume_rate,
+        raw_copy_per_s=copy_rate,
+        e2e_rows_per_s=e2e_rate,
+        ratio=e2e_rate / min(consume_rate, copy_rate),
+        peak_rss_mb=rss,
+        e2e_two_processes_rows_per_s=two,
+        p50_ms=p50,
+        p99_ms=p99,
+        max_ms=latencies[-1],
+        latency_rate=achieved,
+        drain_curve=curve,
+        latencies_ms=latencies,
+    )
 
-        two = None
-        if scale_out:
-            report(f"[{mix}] end to end: two DatabaseAgent processes in one group")
-            async with _scratch_database(config) as url:
-                two, _ = await _drain(config, url, prefix, processes=2)
-            report(f"[{mix}]   {two:,.0f} rows/s")
-        results.append(
-            MixResult(
-                mix=mix,
-                records=records,
-                raw_consume_per_s=consume_rate,
-                raw_copy_per_s=copy_rate,
-                e2e_rows_per_s=e2e_rate,
-                ratio=e2e_rate / min(consume_rate, copy_rate),
-                peak_rss_mb=rss,
-                e2e_two_processes_rows_per_s=two,
-            )
-        )
-    return results
 
-
-def table(results: list[MixResult]) -> str:
+def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
-        f"{'e2e rows/s':>11} {'ratio':>6} {'peak RSS':>9} {'e2e x2/s':>10}"
+        f"{'e2e rows/s':>11} {'ratio':>6} {'x2 procs/s':>11} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'max ms':>7} {'peak RSS':>9}"
     ]
     for r in results:
         two = f"{r.e2e_two_processes_rows_per_s:,.0f}" if r.e2e_two_processes_rows_per_s else "-"
         lines.append(
-            f"{r.mix:<14} {r.records:>9,} {r.raw_consume_per_s:>14,.0f} {r.raw_copy_per_s:>11,.0f} "
-            f"{r.e2e_rows_per_s:>11,.0f} {r.ratio:>6.2f} {r.peak_rss_mb:>6.0f} MB {two:>10}"
+            f"{r.mix:<14} {r.records:>9,} {r.raw_consume_per_s:>14,.0f} "
+            f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} {r.ratio:>6.2f} {two:>11} "
+            f"{r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} {r.peak_rss_mb:>6.0f} MB"
         )
+    lines.append(
+        f"peak RSS of one agent draining {memory.records:,} records: "
+        f"{memory.peak_rss_mb:.0f} MB ({memory.rows_per_s:,.0f} rows/s)"
+    )
     return "\n".join(lines)
 
 
-def as_json(results: list[MixResult]) -> dict[str, dict[str, object]]:
-    return {r.mix: asdict(r) for r in results}
+def as_json(results: list[MixResult], memory: MemoryResult) -> dict[str, object]:
+    """The results by mix, plus the large-backlog memory run."""
+    skip = {"drain_curve", "latencies_ms"}
+    found: dict[str, object] = {
+        r.mix: {k: v for k, v in asdict(r).items() if k not in skip} for r in results
+    }
+    found["memory"] = asdict(memory)
+    return found
+
+
+def plot(results: list[MixResult], path: Path) -> None:
+    """Throughput over time while draining, and the latency distribution, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (drain, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        times, rates = _windowed_rates(r.drain_curve, window=0.5)
+        drain.plot(times, rates, label=f"{r.mix} ({r.e2e_rows_per_s:,.0f}/s)")
+        latency.hist(
+            r.latencies_ms, bins=100, histtype="step", label=f"{r.mix} p99 {r.p99_ms:.0f} ms"
+        )
+    drain.set(title="End to end: rows/s while draining", xlabel="seconds", ylabel="rows/s")
+    latency.set(
+        title="Latency at steady load", xlabel="ms (record timestamp to commit)", ylabel="records"
+    )
+    latency.set_yscale("log")
+    for axes in (drain, latency):
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _windowed_rates(
+    curve: list[tuple[float, int]], window: float
+) -> tuple[list[float], list[float]]:
+    """Rows/s over the last ``window`` seconds at each sample (commits come in batches)."""
+    times, rates = [], []
+    start = 0
+    for t, n in curve:
+        while curve[start][0] < t - window:
+            start += 1
+        t0, n0 = curve[start]
+        if t > t0:
+            times.append(t)
+            rates.append((n - n0) / (t - t0))
+    return times, rates
+
+
+async def _backlog(
+    config: Config, source: RecordSource, mix: str, records: int, partitions: int
+) -> str:
+    """Fresh topics holding ``records`` records of ``mix``; returns their prefix."""
+    prefix = await _fresh_topics(config, partitions)
+    await _produce(config.kafka_bootstrap_servers, prefix, source(mix, records))
+    return prefix
+
+
+async def _fresh_topics(config: Config, partitions: int) -> str:
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    await kafka_io.ensure_topics(
+        config.kafka_bootstrap_servers,
+        [prefix + s.topic for s in STREAMS] + [prefix + DLQ_TOPIC],
+        partitions,
+    )
+    return prefix
 
 
 async def _produce(bootstrap: str, prefix: str, chunks: Iterator[list[Record]]) -> None:
@@ -216,12 +350,135 @@ async def _raw_copy(url: str, config: Config, sample: list[tuple[str, int, int, 
     return len(sample) / elapsed
 
 
-async def _drain(config: Config, url: str, prefix: str, processes: int) -> tuple[float, float]:
-    """Start agents, time the drain from the first progress to lag 0, read their peak RSS."""
-    topics = [prefix + s.topic for s in STREAMS]
-    ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, topics)
+async def _drain(
+    config: Config, url: str, prefix: str, processes: int
+) -> tuple[float, float, list[tuple[float, int]]]:
+    """Start agents and time the drain: from the moment every partition is positioned (the
+    agents start fetching) to lag 0, so the first batch's fetch, decode and COPY count too.
+
+    Returns rows/s, the agents' summed peak RSS in MB, and (seconds, rows ingested) samples.
+    """
+    ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, _topics(prefix))
     total = sum(ends.values())
     group = f"{prefix}agents"
+    agents = [await _start_agent(config, url, prefix, group) for _ in range(processes)]
+    curve: list[tuple[float, int]] = []
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        while True:
+            stored = await _stored(conn, group)
+            now = time.perf_counter()
+            if len(stored) == len(ends):  # every partition positioned: the clock runs
+                remaining = lag(ends, stored)
+                curve.append((now, total - remaining))
+                if remaining == 0:
+                    break
+            if any(a.returncode is not None for a in agents):
+                raise RuntimeError("a DatabaseAgent exited during the benchmark")
+            await asyncio.sleep(0.02)
+        rss = sum(_peak_rss_mb(a.pid) for a in agents)
+    finally:
+        await conn.close()
+        await _stop_agents(agents)
+    (t0, n0), (t1, n1) = curve[0], curve[-1]
+    rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("inf")
+    return rate, rss, [(t - t0, n) for t, n in curve]
+
+
+async def _latency(
+    config: Config, url: str, publish: Publisher, plan: BenchPlan, mix: str
+) -> tuple[list[float], float]:
+    """Latencies (ms, sorted) of records published at a steady rate, and the rate achieved."""
+    prefix = await _fresh_topics(config, plan.partitions)
+    group = f"{prefix}agents"
+    agents = [await _start_agent(config, url, prefix, group)]
+    polls: list[tuple[float, dict[tuple[str, int], int]]] = []
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        # Ready when every partition is positioned (has its row in ingest_offsets).
+        partitions = len(STREAMS) * plan.partitions
+        while len(await _stored(conn, group)) < partitions:  # noqa: ASYNC110 - polls PostgreSQL
+            await asyncio.sleep(0.05)
+        stop = asyncio.Event()
+
+        async def poll() -> None:
+            while not stop.is_set():
+                polls.append((time.time(), await _stored(conn, group)))
+                await asyncio.sleep(POLL_S)
+
+        poller = asyncio.create_task(poll())
+        started = time.perf_counter()
+        published = await publish(
+            config.kafka_bootstrap_servers, prefix, mix, plan.latency_rate, plan.latency_seconds
+        )
+        achieved = published / (time.perf_counter() - started)
+        ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, _topics(prefix))
+        while any(polls[-1][1].get(tp, 0) < end for tp, end in ends.items()):  # noqa: ASYNC110
+            await asyncio.sleep(POLL_S)  # the poller task is what moves polls[-1]
+        stop.set()
+        await poller
+    finally:
+        await conn.close()
+        await _stop_agents(agents)
+    timestamps = await _timestamps(config, ends)
+    latencies: list[float] = []
+    for tp, stamps in timestamps.items():
+        seen = 0
+        for when, stored in polls:
+            upto = stored.get(tp, 0)
+            latencies.extend(when * 1000 - stamps[o] for o in range(seen, upto))
+            seen = max(seen, upto)
+    latencies.sort()
+    return latencies, achieved
+
+
+async def _timestamps(
+    config: Config, ends: dict[tuple[str, int], int]
+) -> dict[tuple[str, int], array[int]]:
+    """Every record's Kafka timestamp (ms), by partition and offset, read back from Kafka."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=config.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    found = {tp: array("q", bytes(8 * end)) for tp, end in ends.items()}
+    try:
+        partitions = [TopicPartition(t, p) for (t, p), end in ends.items() if end]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        left = sum(ends.values())
+        while left:
+            batches = await consumer.getmany(timeout_ms=5000)
+            if not batches:
+                raise RuntimeError(f"reading timestamps stalled with {left} records left")
+            for tp, records in batches.items():
+                stamps = found[(tp.topic, tp.partition)]
+                for record in records:
+                    stamps[record.offset] = record.timestamp
+                left -= len(records)
+    finally:
+        await kafka_io.stop_consumer(consumer)
+    return found
+
+
+def _percentile(ordered: list[float], percent: float) -> float:
+    index = min(len(ordered) - 1, round(percent / 100 * (len(ordered) - 1)))
+    return ordered[index]
+
+
+def _topics(prefix: str) -> list[str]:
+    return [prefix + s.topic for s in STREAMS]
+
+
+async def _stored(conn: asyncpg.Connection, group: str) -> dict[tuple[str, int], int]:
+    try:
+        return await db.stored_offsets(conn, group)
+    except asyncpg.UndefinedTableError:
+        return {}  # the agent has not migrated yet
+
+
+async def _start_agent(
+    config: Config, url: str, prefix: str, group: str
+) -> asyncio.subprocess.Process:
     env = dict(os.environ)
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=config.kafka_bootstrap_servers,
@@ -231,45 +488,24 @@ async def _drain(config: Config, url: str, prefix: str, processes: int) -> tuple
         PIPELINE_METRICS_ADDRESS="",
         PIPELINE_BATCH_MAX_RECORDS=str(config.batch_max_records),
     )
-    agents = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "run",
-            "--log-level",
-            "WARNING",
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        for _ in range(processes)
-    ]
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        first: tuple[float, int] | None = None
-        while True:
-            try:
-                remaining = lag(ends, await db.stored_offsets(conn, group))
-            except asyncpg.UndefinedTableError:
-                remaining = total  # the agent has not migrated yet
-            now = time.perf_counter()
-            if first is None and remaining < total:
-                first = (now, remaining)
-            if remaining == 0:
-                break
-            if any(a.returncode is not None for a in agents):
-                raise RuntimeError("a DatabaseAgent exited during the benchmark")
-            await asyncio.sleep(0.05)
-        assert first is not None
-        rss = sum(_peak_rss_mb(a.pid) for a in agents)
-    finally:
-        await conn.close()
-        for agent in agents:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--log-level",
+        "WARNING",
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def _stop_agents(agents: list[asyncio.subprocess.Process]) -> None:
+    for agent in agents:
+        if agent.returncode is None:
             agent.terminate()
-        for agent in agents:
-            await asyncio.wait_for(agent.wait(), 60)
-    elapsed = now - first[0]
-    return first[1] / elapsed if elapsed > 0 else float("inf"), rss
+    for agent in agents:
+        await asyncio.wait_for(agent.wait(), 60)
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -95,13 +95,32 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="end-to-end throughput against the raw limits, measured in one run"
     )
     bench.add_argument("--records", type=int, default=1_000_000, help="backlog per mix (1M)")
-    bench.add_argument("--quick", action="store_true", help="a small run: 100k records per mix")
+    bench.add_argument(
+        "--latency-rate", type=float, default=20_000, help="records/s of the latency run (20k)"
+    )
+    bench.add_argument(
+        "--latency-seconds", type=float, default=60, help="length of the latency run (60)"
+    )
+    bench.add_argument(
+        "--memory-records", type=int, default=5_000_000, help="backlog of the memory run (5M)"
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="about a minute: 100k records per mix, 5k records/s for 10 s, 200k for memory",
+    )
     bench.add_argument(
         "--mix", action="append", help="metrics-heavy and/or events-heavy (default both)"
     )
     bench.add_argument("--partitions", type=int, default=6, help="partitions per topic (6)")
     bench.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
     bench.add_argument("--json", type=Path, help="write the results as JSON here")
+    bench.add_argument(
+        "--png",
+        type=Path,
+        default=Path("bench-results/bench.png"),
+        help="the plot (default bench-results/bench.png)",
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -351,32 +370,40 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     from datetime import UTC, datetime
 
-    from consumers.bench import as_json, run_bench, table
-    from producers.simulator import FleetSimulator
+    from consumers.bench import BenchPlan, as_json, plot, run_bench, table
+    from producers.simulator import FleetSimulator, simulate
 
     def source(mix: str, count: int) -> Iterator[list[Any]]:
         fleet = FleetSimulator(agents=143, seed=1, mix=mix)
         for start in range(0, count, 10_000):
             yield fleet.next_records(min(10_000, count - start), datetime.now(UTC))
 
+    async def publish(bootstrap: str, prefix: str, mix: str, rate: float, seconds: float) -> int:
+        result = await simulate(
+            bootstrap, rate=rate, duration=seconds, topic_prefix=prefix, mix=mix, seed=2
+        )
+        return result.total
+
+    plan = BenchPlan(
+        mixes=args.mix or ["metrics-heavy", "events-heavy"],
+        records=100_000 if args.quick else args.records,
+        partitions=args.partitions,
+        scale_out=not args.no_scale_out,
+        latency_rate=5_000 if args.quick else args.latency_rate,
+        latency_seconds=10 if args.quick else args.latency_seconds,
+        memory_records=200_000 if args.quick else args.memory_records,
+    )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if endpoints_from_env() is None:
         Stack().up(report=_progress)
     config = _load_config(argparse.Namespace(config=None))
-    results = asyncio.run(
-        run_bench(
-            config,
-            source,
-            mixes=args.mix or ["metrics-heavy", "events-heavy"],
-            records=100_000 if args.quick else args.records,
-            partitions=args.partitions,
-            scale_out=not args.no_scale_out,
-            report=_progress,
-        )
-    )
-    print(table(results))
+    results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
+    print(table(results, memory))
     if args.json:
-        args.json.write_text(json.dumps(as_json(results), indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(as_json(results, memory), indent=2) + "\n")
+    plot(results, args.png)
+    _progress(f"plot: {args.png}")
     return 0
 
 

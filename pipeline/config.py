@@ -37,7 +37,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     topic_partitions: Positive = 6
     batch_max_records: Positive = 50_000
     batch_max_bytes: Positive = 32 * 1024 * 1024
-    batch_max_wait_ms: Positive = 250
+    batch_max_wait_ms: Positive = 100
     fetch_max_bytes: Positive = 64 * 1024 * 1024
     session_timeout_ms: Annotated[int, msgspec.Meta(ge=6000)] = 30_000
     db_command_timeout_s: Seconds = 60.0

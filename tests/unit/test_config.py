@@ -24,7 +24,7 @@ DEFAULTS = {
     "topic_partitions": 6,
     "batch_max_records": 50_000,
     "batch_max_bytes": 32 * 1024 * 1024,
-    "batch_max_wait_ms": 250,
+    "batch_max_wait_ms": 100,
     "fetch_max_bytes": 64 * 1024 * 1024,
     "session_timeout_ms": 30_000,
     "db_command_timeout_s": 60.0,
