@@ -146,9 +146,11 @@ class StreamDecoder:
         self._json = msgspec.json.Decoder(raw_type)
         self._msgpack = msgspec.msgpack.Decoder(stream.record_type)
         self._raw_type = raw_type
-        self._object_fields = tuple(
+        # At most one field per stream must be a JSON object (the config value may be any JSON).
+        objects = [
             f for f, must_be_object in _JSON_FIELDS[stream.record_type].items() if must_be_object
-        )
+        ]
+        self._object_field = objects[0] if objects else None
         self._json_fields = tuple(_JSON_FIELDS[stream.record_type])
         self._fields: Callable[[Any], tuple[Any, ...]] = operator.attrgetter(
             *self.tables.table.fields
@@ -165,7 +167,9 @@ class StreamDecoder:
         """The COPY row for one record; :class:`RecordRejected` when it cannot be ingested."""
         if value is None:
             raise RecordRejected("EmptyRecord", "record has no value (a tombstone)")
-        content_type = _content_type(headers)
+        # This runs once per record: no header scan when there are no headers (the common
+        # case), and no loop over fields.
+        content_type = _content_type(headers) if headers else JSON
         try:
             if content_type == JSON:
                 record = self._json.decode(value)
@@ -185,9 +189,9 @@ class StreamDecoder:
             raise
         except Exception as exc:  # e.g. a MessagePack extension type: bad input, never a crash
             raise RecordRejected("DecodeError", f"{type(exc).__name__}: {exc}") from None
-        for name in self._object_fields:
-            if memoryview(getattr(record, name))[0] != _OPEN_BRACE:
-                raise RecordRejected("ValidationError", f"Expected `object` - at `$.{name}`")
+        name = self._object_field
+        if name is not None and memoryview(getattr(record, name))[0] != _OPEN_BRACE:
+            raise RecordRejected("ValidationError", f"Expected `object` - at `$.{name}`")
         return (*self._fields(record), partition, offset, batch_id)
 
     def _from_msgpack(self, value: bytes) -> Any:
