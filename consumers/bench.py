@@ -206,7 +206,7 @@ def plot(results: list[MixResult], path: Path) -> None:
 
     figure, (drain, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
-        times, rates = _windowed_rates(r.drain_curve, window=0.5)
+        times, rates = _windowed_rates(r.drain_curve, window=1.0)
         drain.plot(times, rates, label=f"{r.mix} ({r.e2e_rows_per_s:,.0f}/s)")
         latency.hist(
             r.latencies_ms, bins=100, histtype="step", label=f"{r.mix} p99 {r.p99_ms:.0f} ms"
