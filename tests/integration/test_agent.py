@@ -20,7 +20,7 @@ from consumers.agent import DatabaseAgent
 from pipeline import db
 from pipeline import kafka as kafka_io
 from pipeline.config import load_config
-from pipeline.devstack import postgres
+from pipeline.devstack import kafka, postgres
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.records import (
     DLQ_TOPIC,
@@ -561,6 +561,35 @@ async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadlin
         ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
         await assert_exactly_once(database_url, prefix, prefix, sent, ends)
         assert scrape(metrics_address, "pipeline_duplicates_skipped_total") == 0
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+
+
+async def test_broker_restart_during_ingestion_needs_no_agent_restart(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    if servers.stack is None:
+        pytest.fail("restarting Kafka needs the local stack; unset the endpoint variables")
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    first, second = fleet_traffic(40_000, seed=21)[:20_000], fleet_traffic(40_000, seed=21)[20_000:]
+    sent = await produce(bootstrap, prefix, first)
+    env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        await asyncio.sleep(1.0)  # ingesting the first half
+        broker = kafka.pidfile(servers.stack.home / "kafka").live_pid()
+        assert broker is not None
+        await asyncio.to_thread(stop_pid, broker, signal.SIGTERM, 60.0)
+        await asyncio.sleep(3.0)  # the agent meets an absent broker for a while
+        assert agent.alive()
+        await asyncio.to_thread(servers.stack.up, lambda _: None)  # same data dir, same port
+        sent += await produce(bootstrap, prefix, second)
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert agent.alive(), "the agent must ride out the broker restart on its own"
         assert agent.stop() == 0
     finally:
         agent.kill()
