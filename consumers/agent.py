@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -58,7 +58,7 @@ class DatabaseAgent:
         self._stopped_topics: set[str] = set()  # streams stopped on schema errors
         self._stopping = asyncio.Event()
         self._conn: Connection | None = None
-        self._batch_ids: Iterable[int] = iter(())
+        self._batch_ids: Iterator[int] = iter(())  # reserved from the sequence, 1000 at a time
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._writing = False  # a batch is being written: a stop lets it finish
@@ -425,17 +425,17 @@ class DatabaseAgent:
                         raise SchemaError(str(error), stream=stream) from exc
                     raise error from exc
             self._conn = conn
-            self._batch_ids = iter(())
         return self._conn
 
     async def _next_batch_id(self, conn: Connection) -> int:
-        for batch_id in self._batch_ids:
-            return batch_id
-        try:
-            self._batch_ids = iter(await db.reserve_batch_ids(conn))
-        except Exception as exc:
-            raise db.classify(exc) from exc
-        return next(iter(self._batch_ids))
+        batch_id = next(self._batch_ids, None)
+        if batch_id is None:
+            try:
+                self._batch_ids = iter(await db.reserve_batch_ids(conn))
+            except Exception as exc:
+                raise db.classify(exc) from exc
+            batch_id = next(self._batch_ids)
+        return batch_id
 
     async def _drop_connection(self) -> None:
         if self._conn is not None:
