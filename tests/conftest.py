@@ -86,9 +86,12 @@ def servers() -> Iterator[Servers]:
     try:
         started = stack.up(report=lambda _: None)
     except DevStackError as exc:
+        stack.down(purge=True, report=lambda _: None)  # whichever server did start
         pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
-    yield Servers(started, stack)
-    stack.down(purge=True, report=lambda _: None)
+    try:
+        yield Servers(started, stack)
+    finally:
+        stack.down(purge=True, report=lambda _: None)
 
 
 @pytest.fixture(scope="session")
