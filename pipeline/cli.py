@@ -348,15 +348,18 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         await conn.close()
 
     landed = {t: after[t] - before[t] for t in DEMO_TABLES}
-    ingested = sum(landed[t] for t in DEMO_TABLES if t not in ("agent_states", "system_config"))
+    ingested = agent.metrics.total("pipeline_rows_ingested_total")
+    duplicates = agent.metrics.total("pipeline_duplicates_skipped_total")
+    dead = agent.metrics.total("pipeline_dead_letters_total")
     width = max(map(len, DEMO_TABLES))
     print(f"\n{'table':<{width}}  rows landed  (total)")
     for table in DEMO_TABLES:
         print(f"{table:<{width}}  {landed[table]:>11,}  ({after[table]:,})")
     print(
-        f"\npublished {result.total:,} records at {result.rate:,.0f}/s; {ingested:,} rows "
-        f"ingested in {elapsed:.1f}s, caught up {caught_up:.1f}s after the last publish; "
-        f"remaining lag: {remaining:,} records"
+        f"\npublished {result.total:,} records at {result.rate:,.0f}/s in {elapsed:.1f}s: "
+        f"{ingested:,.0f} new rows, {duplicates:,.0f} already stored (a state or config "
+        f"version, or an event id, ingested before: skipped), {dead:,.0f} dead-lettered.\n"
+        f"Caught up {caught_up:.1f}s after the last publish; remaining lag: {remaining:,} records"
     )
     if remaining:
         raise PipelineError(f"the DatabaseAgent did not catch up: {remaining} records behind")

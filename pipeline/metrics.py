@@ -73,6 +73,15 @@ class Metrics:
             "pipeline_last_commit_timestamp_seconds", "When the last batch committed", registry=r
         )
 
+    def total(self, name: str) -> float:
+        """The sum of every sample of the metric ``name`` (all label values)."""
+        return sum(
+            sample.value
+            for metric in self.registry.collect()
+            for sample in metric.samples
+            if sample.name == name
+        )
+
     def serve(self, address: str) -> None:
         """Serve ``/metrics`` on ``host:port`` (loopback by default) until :meth:`close`."""
         host, _, port = address.rpartition(":")

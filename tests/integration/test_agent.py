@@ -72,15 +72,6 @@ async def running_agent(
         await asyncio.wait_for(task, 60)
 
 
-def _metric_value(agent: DatabaseAgent, name: str) -> float:
-    return sum(
-        sample.value
-        for metric in agent.metrics.registry.collect()
-        for sample in metric.samples
-        if sample.name == name
-    )
-
-
 async def test_100k_records_across_five_streams_land_exactly_once(
     servers: Servers, database_url: str, unique: str
 ) -> None:
@@ -93,10 +84,10 @@ async def test_100k_records_across_five_streams_land_exactly_once(
     async with running_agent(bootstrap, database_url, prefix) as agent:
         ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
         await assert_exactly_once(database_url, prefix, prefix, sent, ends)
-        consumed = _metric_value(agent, "pipeline_records_consumed_total")
-        ingested = _metric_value(agent, "pipeline_rows_ingested_total")
-        dead = _metric_value(agent, "pipeline_dead_letters_total")
-        duplicates = _metric_value(agent, "pipeline_duplicates_skipped_total")
+        consumed = agent.metrics.total("pipeline_records_consumed_total")
+        ingested = agent.metrics.total("pipeline_rows_ingested_total")
+        dead = agent.metrics.total("pipeline_dead_letters_total")
+        duplicates = agent.metrics.total("pipeline_duplicates_skipped_total")
 
     assert consumed == len(sent) == 100_000
     assert (ingested, dead, duplicates) == (100_000, 0, 0)
@@ -262,7 +253,7 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
     async with running_agent(bootstrap, database_url, prefix, batch_max_records=500) as agent:
         ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
         await assert_exactly_once(database_url, prefix, prefix, sent, ends)
-        assert _metric_value(agent, "pipeline_dead_letters_total") == len(poison)
+        assert agent.metrics.total("pipeline_dead_letters_total") == len(poison)
 
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
@@ -495,7 +486,7 @@ async def test_a_broken_table_stops_only_its_stream_and_dead_letters_nothing(
 
     async with running_agent(bootstrap, database_url, prefix) as agent:
         ends = await wait_caught_up_except(database_url, bootstrap, prefix, analytics)
-        assert _metric_value(agent, "pipeline_stream_stopped") == 1
+        assert agent.metrics.total("pipeline_stream_stopped") == 1
 
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
