@@ -309,6 +309,16 @@ async def assert_exactly_once(
     assert await stored_offsets(database_url, group, prefix) == ends
 
 
+async def assert_caught_up_exactly_once(
+    database_url: str, bootstrap: str, prefix: str, sent: list[Sent], *, within: float
+) -> dict[tuple[str, int], int]:
+    """The whole oracle: wait for lag 0 (Kafka's offsets never ahead of the database's on the
+    way), then every record exactly once; returns the end offsets. The group is ``prefix``."""
+    ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=within)
+    await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+    return ends
+
+
 class AgentProcess:
     """A ``pipeline run`` process with its own log file; stopped or killed by its pid."""
 

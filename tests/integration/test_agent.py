@@ -41,6 +41,7 @@ from tests.integration.harness import (
     Outgoing,
     Sent,
     agent_env,
+    assert_caught_up_exactly_once,
     assert_exactly_once,
     create_topics,
     end_offsets,
@@ -82,8 +83,7 @@ async def test_100k_records_across_five_streams_land_exactly_once(
     sent = await produce(bootstrap, prefix, outgoing)
 
     async with running_agent(bootstrap, database_url, prefix) as agent:
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
         consumed = agent.metrics.total("pipeline_records_consumed_total")
         ingested = agent.metrics.total("pipeline_rows_ingested_total")
         dead = agent.metrics.total("pipeline_dead_letters_total")
@@ -251,8 +251,7 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
     sent = await produce(bootstrap, prefix, traffic)
 
     async with running_agent(bootstrap, database_url, prefix, batch_max_records=500) as agent:
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
         assert agent.metrics.total("pipeline_dead_letters_total") == len(poison)
 
     conn = await asyncpg.connect(database_url, timeout=10)
@@ -331,8 +330,7 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
             agent.start()
         assert not sending.done(), "the kills must land while records are still arriving"
         sent = await sending
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
         assert agent.stop() == 0
     finally:
         agent.kill()
@@ -363,8 +361,7 @@ async def test_three_agents_with_rolling_restarts_and_a_hard_kill(
         await asyncio.sleep(0.5)
         agents[2].start()
         sent += await more
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
         for agent in agents:
             assert agent.stop() == 0
     finally:
@@ -401,8 +398,7 @@ async def test_postgres_restart_during_ingestion_needs_no_agent_restart(
         assert not sending.done(), "the traffic must still be flowing when the database is back"
         await asyncio.to_thread(servers.stack.up, lambda _: None)
         sent = await sending
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
         assert agent.alive(), "the agent must ride out the restart on its own"
         assert scrape(metrics_address, "pipeline_retries_total") >= 1
         assert agent.stop() == 0
@@ -549,8 +545,7 @@ async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadlin
         sent += await produce(bootstrap, prefix, traffic[20_000:])
         env["PIPELINE_METRICS_ADDRESS"] = metrics_address
         agent = AgentProcess(env, tmp_path / "agent2.log").start()
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
         assert scrape(metrics_address, "pipeline_duplicates_skipped_total") == 0
         assert agent.stop() == 0
     finally:
@@ -578,8 +573,7 @@ async def test_broker_restart_during_ingestion_needs_no_agent_restart(
         assert agent.alive()
         await asyncio.to_thread(servers.stack.up, lambda _: None)  # same data dir, same port
         sent += await produce(bootstrap, prefix, second)
-        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=240)
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
         assert agent.alive(), "the agent must ride out the broker restart on its own"
         assert agent.stop() == 0
     finally:
