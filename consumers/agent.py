@@ -3,8 +3,10 @@ exactly once, with COPY.
 
 The one invariant everything here keeps: the consumer's fetch position of a partition is
 never ahead of the database's stored offset except by records that are in the batch being
+written or in the next batch, which is fetched and decoded while the one before it is
 written. Whenever fetched records are dropped unwritten (a fenced batch, a revoked
-partition, a retry), the partition is re-seeked to the stored offset.
+partition, a retry), the partition is re-seeked to the stored offset, and the next batch
+forgets what it holds of that partition.
 """
 
 from __future__ import annotations
@@ -15,25 +17,28 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections import defaultdict, deque
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from pipeline import db
 from pipeline import kafka as kafka_io
-from pipeline.batching import Batch, Limits, Partition, Plan, backoff, plan
+from pipeline.batching import Batch, FetchedRecord, Limits, Partition, Plan, Row, backoff, plan
 from pipeline.config import Config, redact_url
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import FencedError, SchemaError, TransientError
 from pipeline.metrics import Metrics
 from pipeline.records import STREAM_BY_NAME
-from pipeline.rows import DECODERS, RecordRejected, Row, StreamDecoder
+from pipeline.rows import DECODERS, StreamDecoder, source_of
 
 log = logging.getLogger(__name__)
 
 _POLL_MS = 200  # how long one fetch waits when nothing arrives: bounds the reaction to a stop
+# Records taken and decoded per fetch: small enough that the batch being written gets the
+# event loop back every few milliseconds to send its next statement.
+_FETCH_CHUNK = 5_000
 
 
 class DatabaseAgent:
@@ -54,14 +59,14 @@ class DatabaseAgent:
         self._positions: dict[Partition, int] = {}  # the stored next offset of owned partitions
         self._unpositioned: set[TopicPartition] = set()
         self._holding = False  # all partitions paused while a batch is retried
-        self._filling = Batch()  # the batch being filled, which a revocation trims
+        self._filling = Batch()  # the next batch, which revocations and rewinds trim
         self._stopped_topics: set[str] = set()  # streams stopped on schema errors
         self._stopping = asyncio.Event()
         self._conn: Connection | None = None
-        self._batch_ids: Iterator[int] = iter(())  # reserved from the sequence, 1000 at a time
+        self._batch_ids: deque[int] = deque()  # reserved from the sequence, 1000 at a time
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._writing = False  # a batch is being written: a stop lets it finish
+        self._write: asyncio.Task[None] | None = None  # the batch being written
         self._producer: AIOKafkaProducer | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -110,24 +115,44 @@ class DatabaseAgent:
             await self._close()
 
     async def _ingest_until_stopped(self) -> None:
-        while not self._stopping.is_set():
-            await self._position_pending()
-            if self._stopping.is_set():
-                break
-            batch = await self._fill_batch()
-            if batch.count:
-                self._writing = True
-                try:
-                    await self._ingest_with_retry(batch)
-                finally:
-                    self._writing = False
+        """Write batch N while batch N+1 is fetched and decoded: the agent decodes while
+        PostgreSQL inserts. At most one batch is written at a time, in fetch order, so each
+        batch's compare-and-set starts where the one before it ended."""
+        try:
+            while not self._stopping.is_set():
+                if self._unpositioned:
+                    # Stored offsets read while a batch commits could be stale: finish it first.
+                    await self._finish_write()
+                    await self._position_pending()
+                    if self._stopping.is_set():
+                        break
+                batch = await self._fill_batch()
+                await self._finish_write()
+                if batch.count and not self._stopping.is_set():
+                    self._write = asyncio.ensure_future(self._ingest_with_retry(batch))
+        finally:
+            if self._write is not None and not self._write.done():
+                self._write.cancel()  # the shutdown deadline passed, or run() was cancelled
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._write
+
+    async def _finish_write(self) -> None:
+        """Wait for the batch being written; its failures that are not retried surface here."""
+        if self._write is not None:
+            await self._write
+            self._write = None
+
+    @property
+    def _writing(self) -> bool:
+        return self._write is not None and not self._write.done()
 
     def stop(self) -> None:
         """Ask the agent to finish the batch it is writing, commit, and leave the group.
 
         When no batch is being written, it stops at once: fetched records that are not
         written yet are simply read again by the next owner, from the stored offsets (a
-        fetch can otherwise sit out a whole rebalance). Past ``shutdown_timeout_s`` a batch
+        fetch can otherwise sit out a whole rebalance). The next batch, fetched while one is
+        written, is never written after a stop. Past ``shutdown_timeout_s`` a batch
         being written is abandoned too: its transaction rolls back, Kafka redelivers it.
         """
         if self._stopping.is_set():
@@ -163,24 +188,29 @@ class DatabaseAgent:
     # -- fetching ---------------------------------------------------------------------
 
     async def _fill_batch(self) -> Batch:
+        """Fetch and decode records until the batch is full by records, bytes or age."""
         consumer = self._require_consumer()
-        batch = self._filling = Batch()
-        while True:
+        batch_id = await self._take_batch_id()
+        batch = self._filling = Batch(batch_id)
+        while not self._holding:  # a batch being retried polls for the group itself
             now = time.monotonic()
             wait_ms = _POLL_MS
             if batch.started_at is not None:
                 age_left = self._limits.max_wait_s - (now - batch.started_at)
                 wait_ms = max(int(age_left * 1000), 0)
             fetched = await consumer.getmany(
-                timeout_ms=wait_ms, max_records=batch.room(self._limits)
+                timeout_ms=wait_ms, max_records=min(batch.room(self._limits), _FETCH_CHUNK)
             )
             now = time.monotonic()
             for tp, records in fetched.items():
-                batch.add((tp.topic, tp.partition), records, now)
+                rows = self._decoders[tp.topic].rows(records, tp.partition, batch_id)
+                batch.add((tp.topic, tp.partition), records, rows, now)
             if batch.is_full(self._limits, now) or self._stopping.is_set():
-                return batch
+                break
             if not batch.count:
-                return batch  # nothing arrived: let the caller check positions and stops
+                break  # nothing arrived: let the caller check positions and stops
+            await asyncio.sleep(0)  # the batch being written takes its turn
+        return batch
 
     # -- positioning --------------------------------------------------------------------
 
@@ -265,9 +295,12 @@ class DatabaseAgent:
         self._rewind((tp.topic, tp.partition) for tp in stopped)
 
     def _rewind(self, partitions: Iterable[Partition]) -> None:
-        """Seek partitions back to their stored offsets after dropping fetched records."""
+        """Seek partitions back to their stored offsets after dropping fetched records; the
+        next batch forgets what it fetched of them before the seek."""
         consumer = self._require_consumer()
         owned = consumer.assignment()
+        partitions = list(partitions)
+        self._filling.drop(partitions)
         for topic, partition in partitions:
             tp = TopicPartition(topic, partition)
             if tp not in owned:
@@ -285,12 +318,12 @@ class DatabaseAgent:
         attempt = 0
         try:
             while True:
-                batch.drop([p for p in batch.records if p[0] in self._stopped_topics])
+                batch.drop([p for p in batch.parts if p[0] in self._stopped_topics])
                 work = plan(batch, self._positions)
                 if not work.moves:
                     self._count_skipped(work)
                     # Records of partitions no longer ours, or all behind the stored offset.
-                    self._rewind(batch.records)
+                    self._rewind(list(batch.parts))
                     return
                 try:
                     await self._ingest(work)
@@ -299,9 +332,10 @@ class DatabaseAgent:
                     self.metrics.fenced.inc()
                     log.info("batch fenced, re-reading stored offsets: %s", exc)
                     await self._drop_connection()
-                    for tp_key in batch.records:
+                    fenced = list(batch.parts)
+                    for tp_key in fenced:
                         self._positions.pop(tp_key, None)
-                    self._rewind(batch.records)
+                    self._rewind(fenced)
                     return
                 except SchemaError as exc:
                     if exc.stream is None:
@@ -311,7 +345,7 @@ class DatabaseAgent:
                 except TransientError as exc:
                     if self._stopping.is_set():
                         log.warning("stopping; batch abandoned after a transient failure: %s", exc)
-                        self._rewind(batch.records)
+                        self._rewind(list(batch.parts))
                         return
                     delay = backoff(attempt, self.config.retry_max_backoff_s)
                     log.warning(
@@ -332,7 +366,8 @@ class DatabaseAgent:
     async def _ingest(self, work: Plan) -> None:
         """Write one batch exactly once.
 
-        1. Decode every record into its stream's rows; undecodable ones become dead letters.
+        1. Gather each stream's rows (decoded when they were fetched); records that did not
+           decode become dead letters.
         2. Open one transaction and compare-and-set every partition's stored offset: the
            fence. It locks those offset rows, so a zombie stops here, before it writes or
            publishes anything, and waits here while another member commits.
@@ -344,8 +379,7 @@ class DatabaseAgent:
         """
         started = time.monotonic()
         conn = await self._connection()
-        batch_id = await self._next_batch_id(conn)
-        rows, letters, sources = self._decode(work, batch_id)
+        rows, letters = self._gather(work)
         written: dict[str, tuple[int, int]] = {}  # stream -> (new rows, rejected rows)
         try:
             async with conn.transaction():
@@ -356,13 +390,16 @@ class DatabaseAgent:
                 )
                 for stream, stream_rows in rows.items():
                     writer = self._writers[stream]
+                    topic = self.config.topic(STREAM_BY_NAME[stream].topic)
                     try:
                         new, rejected = await db.write_bisecting(conn, writer.write, stream_rows)
                     except SchemaError as exc:
                         raise SchemaError(str(exc), stream=stream) from exc
                     written[stream] = (new, len(rejected))
                     letters.extend(
-                        _dead_letter(sources[stream][r.index], "DatabaseRejected", r.reason)
+                        _dead_letter(
+                            _source(work, topic, stream_rows[r.index]), "DatabaseRejected", r.reason
+                        )
                         for r in rejected
                     )
                 await kafka_io.publish_dead_letters(
@@ -384,29 +421,13 @@ class DatabaseAgent:
         self._count(work, rows, written, letters, time.monotonic() - started)
         await kafka_io.mirror_offsets(self._require_consumer(), work.moves)
 
-    def _decode(
-        self, work: Plan, batch_id: int
-    ) -> tuple[dict[str, list[Row]], list[DeadLetter], dict[str, list[Any]]]:
+    def _gather(self, work: Plan) -> tuple[dict[str, list[Row]], list[DeadLetter]]:
         rows: dict[str, list[Row]] = defaultdict(list)
-        sources: dict[str, list[Any]] = defaultdict(list)
         letters: list[DeadLetter] = []
-        for (topic, partition), records in work.records.items():
-            decoder = self._decoders[topic]
-            stream = decoder.stream.name
-            stream_rows = rows[stream]
-            stream_sources = sources[stream]
-            for record in records:
-                try:
-                    stream_rows.append(
-                        decoder.row(
-                            record.value, record.headers, partition, record.offset, batch_id
-                        )
-                    )
-                except RecordRejected as exc:
-                    letters.append(_dead_letter(record, exc.error_class, exc.reason))
-                else:
-                    stream_sources.append(record)
-        return rows, letters, sources
+        for (topic, _), part in work.parts.items():
+            rows[self._decoders[topic].stream.name].extend(part.rows)
+            letters.extend(_dead_letter(*r) for r in part.rejected)
+        return rows, letters
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -427,15 +448,24 @@ class DatabaseAgent:
             self._conn = conn
         return self._conn
 
-    async def _next_batch_id(self, conn: Connection) -> int:
-        batch_id = next(self._batch_ids, None)
-        if batch_id is None:
+    async def _take_batch_id(self) -> int:
+        """The next reserved batch id; reserving more takes its own connection, because the
+        agent's connection may be busy writing the batch before."""
+        attempt = 0
+        while not self._batch_ids:
             try:
-                self._batch_ids = iter(await db.reserve_batch_ids(conn))
+                conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+                try:
+                    self._batch_ids.extend(await db.reserve_batch_ids(conn))
+                finally:
+                    await conn.close()
             except Exception as exc:
-                raise db.classify(exc) from exc
-            batch_id = next(self._batch_ids)
-        return batch_id
+                delay = backoff(attempt, self.config.retry_max_backoff_s)
+                log.warning("reserving batch ids failed, retrying in %.1fs: %r", delay, exc)
+                self.metrics.retries.labels("postgres").inc()
+                await self._idle(delay)
+                attempt += 1
+        return self._batch_ids.popleft()
 
     async def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -460,8 +490,8 @@ class DatabaseAgent:
         seconds: float,
     ) -> None:
         m = self.metrics
-        for (topic, _), records in work.records.items():
-            m.records_consumed.labels(topic).inc(len(records))
+        for (topic, _), part in work.parts.items():
+            m.records_consumed.labels(topic).inc(len(part.records))
         for stream, stream_rows in rows.items():
             new, rejected = written[stream]
             m.rows_ingested.labels(DECODERS[stream].tables.table.name).inc(new)
@@ -472,7 +502,7 @@ class DatabaseAgent:
         self._count_skipped(work)
         m.batches.inc()
         m.batch_duration.observe(seconds)
-        m.batch_records.observe(sum(len(r) for r in work.records.values()))
+        m.batch_records.observe(sum(len(p.records) for p in work.parts.values()))
         m.last_commit.set(time.time())
         consumer = self._require_consumer()
         owned = consumer.assignment()
@@ -505,6 +535,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._agent._on_assigned(set(assigned))
+
+
+def _source(work: Plan, topic: str, row: Row) -> FetchedRecord:
+    """The record a row was decoded from."""
+    partition, offset = source_of(row)
+    return work.parts[(topic, partition)].record_at(offset)
 
 
 def _dead_letter(record: Any, error_class: str, reason: str) -> DeadLetter:

@@ -36,10 +36,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline import db
 from pipeline import kafka as kafka_io
-from pipeline.batching import lag
+from pipeline.batching import Row, lag
 from pipeline.config import Config
 from pipeline.records import DLQ_TOPIC, STREAM_BY_TYPE, STREAMS, Record, encode
-from pipeline.rows import DECODERS, Row
+from pipeline.rows import DECODERS
 
 RecordSource = Callable[[str, int], Iterator[list[Record]]]  # (mix, count) -> chunks
 # (bootstrap, topic prefix, mix, records/s, seconds) -> records published

@@ -1,6 +1,7 @@
 """Batches and offset arithmetic; pure, ``now`` passed in.
 
-A batch collects fetched records until it is full by records, by bytes or by age. When it is
+A batch collects fetched records, decoded as they arrive, until it is full by records, by
+bytes or by age. When it is
 written, each partition's stored offset moves from where the database says it is
 (``expected``) to one past the last record in the batch: the compare-and-set of DESIGN.md
 section 4.
@@ -8,11 +9,14 @@ section 4.
 
 from __future__ import annotations
 
+import bisect
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 Partition = tuple[str, int]  # (topic, partition)
+Row = tuple[Any, ...]  # a COPY row: the table's columns in order, then its provenance
 
 
 class FetchedRecord(Protocol):
@@ -36,6 +40,14 @@ class FetchedRecord(Protocol):
     def timestamp(self) -> int: ...
 
 
+class Rejected(NamedTuple):
+    """A record that cannot be ingested as it is, and why: a dead letter to be."""
+
+    record: FetchedRecord
+    error_class: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class Limits:
     max_records: int
@@ -44,27 +56,74 @@ class Limits:
 
 
 @dataclass
-class Batch:
-    """Records fetched for one ingest transaction, grouped by partition in offset order."""
+class Part:
+    """One partition's records in a batch, in offset order, decoded when they arrived: a row
+    for each record that decoded, in the same order, and the records that did not."""
 
-    records: dict[Partition, list[FetchedRecord]] = field(default_factory=dict)
+    records: list[FetchedRecord]
+    rows: list[Row]
+    rejected: list[Rejected]
+
+    def record_at(self, offset: int) -> FetchedRecord:
+        records = self.records
+        index = bisect.bisect_left(records, offset, key=_OFFSET)
+        if index == len(records) or records[index].offset != offset:
+            raise LookupError(f"no record at offset {offset} in this part")
+        return records[index]
+
+    def since(self, offset: int) -> Part:
+        """The part from ``offset`` on (records before it were ingested already)."""
+        records = self.records
+        if records[0].offset >= offset:
+            return self
+        cut = bisect.bisect_left(records, offset, key=_OFFSET)
+        rejected_before = sum(1 for r in self.rejected if r.record.offset < offset)
+        return Part(
+            records[cut:],
+            self.rows[cut - rejected_before :],
+            [r for r in self.rejected if r.record.offset >= offset],
+        )
+
+
+@dataclass
+class Batch:
+    """Records fetched for one ingest transaction, grouped by partition in offset order.
+
+    ``batch_id`` is in every row: it is chosen before the first record is decoded."""
+
+    batch_id: int = 0
+    parts: dict[Partition, Part] = field(default_factory=dict)
     count: int = 0
     size: int = 0
     started_at: float | None = None
 
-    def add(self, partition: Partition, records: Sequence[FetchedRecord], now: float) -> None:
+    def add(
+        self,
+        partition: Partition,
+        records: Sequence[FetchedRecord],
+        decoded: tuple[list[Row], list[Rejected]],
+        now: float,
+    ) -> None:
+        """Add one fetch of a partition's records, with their rows and rejections."""
         if not records:
             return
-        held = self.records.get(partition)
-        if held and records[0].offset <= held[-1].offset:
+        part = self.parts.get(partition)
+        if part is not None and records[0].offset <= part.records[-1].offset:
             # The partition was sought back (a rebalance gave it straight back): what it
             # returns now replaces what it returned before, never adds to it.
             self.drop([partition])
+            part = None
         if self.started_at is None:
             self.started_at = now
-        self.records.setdefault(partition, []).extend(records)
+        rows, rejected = decoded
+        if part is None:
+            self.parts[partition] = Part(list(records), rows, rejected)
+        else:
+            part.records.extend(records)
+            part.rows.extend(rows)
+            part.rejected.extend(rejected)
         self.count += len(records)
-        self.size += sum(max(r.serialized_value_size, 0) for r in records)
+        self.size += _size(records)
 
     def is_full(self, limits: Limits, now: float) -> bool:
         return (
@@ -79,12 +138,23 @@ class Batch:
 
     def drop(self, partitions: Iterable[Partition]) -> None:
         """Forget the records of these partitions (revoked, sought back, or stopped)."""
-        for partition in partitions:
-            records = self.records.pop(partition, [])
-            self.count -= len(records)
-            self.size -= sum(max(r.serialized_value_size, 0) for r in records)
+        for partition in list(partitions):
+            part = self.parts.pop(partition, None)
+            if part is not None:
+                self.count -= len(part.records)
+                self.size -= _size(part.records)
         if not self.count:
             self.started_at = None  # an empty batch has no age
+
+
+def _size(records: Sequence[FetchedRecord]) -> int:
+    # aiokafka reports -1 for a record without a value; it counts as nothing.
+    sizes = list(map(_VALUE_SIZE, records))
+    return int(sum(sizes)) + sizes.count(-1)
+
+
+_OFFSET = operator.attrgetter("offset")
+_VALUE_SIZE = operator.attrgetter("serialized_value_size")
 
 
 @dataclass(frozen=True)
@@ -97,9 +167,10 @@ class OffsetMove:
 
 @dataclass(frozen=True)
 class Plan:
-    """What one batch writes: the records past the stored offsets, and the offset moves."""
+    """What one batch writes: the parts past the stored offsets, and the offset moves."""
 
-    records: dict[Partition, list[FetchedRecord]]
+    batch_id: int
+    parts: dict[Partition, Part]
     moves: list[OffsetMove]
     already_ingested: dict[str, int]  # per topic: redelivered records behind the stored offset
 
@@ -112,21 +183,22 @@ def plan(batch: Batch, positions: dict[Partition, int]) -> Plan:
     Partitions without a known stored offset are left out entirely: they are not ours to
     write, or not yet positioned.
     """
-    kept: dict[Partition, list[FetchedRecord]] = {}
+    kept: dict[Partition, Part] = {}
     moves: list[OffsetMove] = []
     skipped: dict[str, int] = {}
-    for partition, records in batch.records.items():
+    for partition, part in batch.parts.items():
         expected = positions.get(partition)
         if expected is None:
             continue
-        fresh = [r for r in records if r.offset >= expected]
-        if len(fresh) < len(records):
-            skipped[partition[0]] = skipped.get(partition[0], 0) + len(records) - len(fresh)
-        if not fresh:
+        fresh = part.since(expected)
+        behind = len(part.records) - len(fresh.records)
+        if behind:
+            skipped[partition[0]] = skipped.get(partition[0], 0) + behind
+        if not fresh.records:
             continue
         kept[partition] = fresh
-        moves.append(OffsetMove(partition[0], partition[1], expected, fresh[-1].offset + 1))
-    return Plan(kept, moves, skipped)
+        moves.append(OffsetMove(partition[0], partition[1], expected, fresh.records[-1].offset + 1))
+    return Plan(batch.batch_id, kept, moves, skipped)
 
 
 def lag(ends: dict[Partition, int], stored: dict[Partition, int]) -> int:

@@ -21,8 +21,9 @@ from asyncpg import Connection
 # of the same name (an InterfaceError) is only reachable here.
 from asyncpg.exceptions._base import DataError as ClientDataError
 
+from pipeline.batching import Row
 from pipeline.errors import DataError, FencedError, SchemaError, TransientError
-from pipeline.rows import Row, StreamTables
+from pipeline.rows import StreamTables
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _MIGRATION_LOCK = int.from_bytes(

@@ -7,7 +7,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.batching import Batch, Limits, OffsetMove, Partition, backoff, plan
+from pipeline.batching import (
+    Batch,
+    Limits,
+    OffsetMove,
+    Part,
+    Partition,
+    Rejected,
+    Row,
+    backoff,
+    plan,
+)
 
 A0: Partition = ("a", 0)
 A1: Partition = ("a", 1)
@@ -33,11 +43,27 @@ def recs(partition: Partition, *offsets: int, size: int = 100) -> list[Rec]:
     return [Rec(partition[0], partition[1], o, serialized_value_size=size) for o in offsets]
 
 
+def decoded(records: Sequence[Rec]) -> tuple[list[Row], list[Rejected]]:
+    """Stand-in rows: a record decodes to ("row", offset); a record without value is rejected."""
+    return (
+        [("row", r.offset) for r in records if r.value is not None],
+        [Rejected(r, "EmptyRecord", "no value") for r in records if r.value is None],
+    )
+
+
+def add(batch: Batch, partition: Partition, records: list[Rec], now: float) -> None:
+    batch.add(partition, records, decoded(records), now)
+
+
 def batch_of(*parts: tuple[Partition, list[Rec]], now: float = 0.0) -> Batch:
     batch = Batch()
     for partition, records in parts:
-        batch.add(partition, records, now)
+        add(batch, partition, records, now)
     return batch
+
+
+def records_of(parts: dict[Partition, Part]) -> dict[Partition, list[Rec]]:
+    return {partition: list(part.records) for partition, part in parts.items()}  # type: ignore[misc]
 
 
 # -- Batch -----------------------------------------------------------------------------------
@@ -45,24 +71,25 @@ def batch_of(*parts: tuple[Partition, list[Rec]], now: float = 0.0) -> Batch:
 
 def test_new_batch_is_empty_and_not_full() -> None:
     batch = Batch()
-    assert (batch.records, batch.count, batch.size, batch.started_at) == ({}, 0, 0, None)
+    assert (batch.parts, batch.count, batch.size, batch.started_at) == ({}, 0, 0, None)
     assert not batch.is_full(LIMITS, now=1e9)
 
 
 def test_add_groups_by_partition_in_arrival_order_and_counts() -> None:
     batch = Batch()
-    batch.add(A0, recs(A0, 5, 6), now=10.0)
-    batch.add(B0, recs(B0, 0, size=30), now=10.1)
-    batch.add(A0, recs(A0, 7), now=10.2)
-    assert batch.records == {A0: recs(A0, 5, 6, 7), B0: recs(B0, 0, size=30)}
+    add(batch, A0, recs(A0, 5, 6), now=10.0)
+    add(batch, B0, recs(B0, 0, size=30), now=10.1)
+    add(batch, A0, recs(A0, 7), now=10.2)
+    assert records_of(batch.parts) == {A0: recs(A0, 5, 6, 7), B0: recs(B0, 0, size=30)}
+    assert batch.parts[A0].rows == [("row", 5), ("row", 6), ("row", 7)]
     assert (batch.count, batch.size) == (4, 330)
     assert batch.started_at == 10.0  # the first record's arrival starts the clock
 
 
 def test_adding_nothing_does_not_start_the_clock() -> None:
     batch = Batch()
-    batch.add(A0, [], now=5.0)
-    assert (batch.records, batch.count, batch.size, batch.started_at) == ({}, 0, 0, None)
+    add(batch, A0, [], now=5.0)
+    assert (batch.parts, batch.count, batch.size, batch.started_at) == ({}, 0, 0, None)
 
 
 def test_a_record_without_value_counts_as_zero_bytes() -> None:
@@ -70,6 +97,9 @@ def test_a_record_without_value_counts_as_zero_bytes() -> None:
     tombstone = Rec("a", 0, 1, value=None, serialized_value_size=-1)
     batch = batch_of((A0, [tombstone, *recs(A0, 2, size=40)]))
     assert (batch.count, batch.size) == (2, 40)
+    assert batch.parts[A0].rejected == [Rejected(tombstone, "EmptyRecord", "no value")]
+    batch.drop([A0])
+    assert (batch.count, batch.size) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -96,8 +126,8 @@ def test_batch_is_full_by_records_bytes_or_age(
 
 def test_age_counts_from_the_first_add_not_the_last() -> None:
     batch = Batch()
-    batch.add(A0, recs(A0, 0, size=1), now=100.0)
-    batch.add(A0, recs(A0, 1, size=1), now=100.2)
+    add(batch, A0, recs(A0, 0, size=1), now=100.0)
+    add(batch, A0, recs(A0, 1, size=1), now=100.2)
     assert batch.is_full(LIMITS, now=100.25)
 
 
@@ -131,7 +161,7 @@ def test_drop_forgets_the_partitions_and_their_counts(
     parts = {A0: recs(A0, 1, 2, 3), A1: recs(A1, 0), B0: recs(B0, 9, 10, size=7)}
     batch = batch_of(*parts.items())
     batch.drop(dropped)
-    assert batch.records == (parts if left is None else left)
+    assert records_of(batch.parts) == (parts if left is None else left)
     assert (batch.count, batch.size) == (count, size)
 
 
@@ -202,7 +232,10 @@ def test_plan(
     skipped: dict[str, int],
 ) -> None:
     result = plan(batch_of(*parts), positions)
-    assert result.records == records
+    assert records_of(result.parts) == records
+    assert {p: part.rows for p, part in result.parts.items()} == {
+        p: [("row", r.offset) for r in rs] for p, rs in records.items()
+    }
     assert result.moves == moves
     assert result.already_ingested == skipped
 
@@ -210,7 +243,8 @@ def test_plan(
 def test_plan_leaves_the_batch_as_it_was() -> None:
     batch = batch_of((A0, recs(A0, 1, 2, 3)))
     plan(batch, {A0: 3})
-    assert (batch.records, batch.count, batch.size) == ({A0: recs(A0, 1, 2, 3)}, 3, 300)
+    assert (records_of(batch.parts), batch.count, batch.size) == ({A0: recs(A0, 1, 2, 3)}, 3, 300)
+    assert batch.parts[A0].rows == [("row", 1), ("row", 2), ("row", 3)]
 
 
 # -- backoff ---------------------------------------------------------------------------------
@@ -246,12 +280,48 @@ def test_a_partition_sought_back_replaces_its_records_in_the_batch() -> None:
     # A rebalance that hands a partition straight back re-seeks it to its stored offset: the
     # records it returns again must replace the old copies, never follow them.
     batch = Batch()
-    batch.add(A0, recs(A0, 10, 11, 12), now=0.0)
-    batch.add(A1, recs(A1, 5), now=0.0)
-    batch.add(A0, recs(A0, 10, 11), now=1.0)
-    assert [r.offset for r in batch.records[A0]] == [10, 11]
+    add(batch, A0, recs(A0, 10, 11, 12), now=0.0)
+    add(batch, A1, recs(A1, 5), now=0.0)
+    add(batch, A0, recs(A0, 10, 11), now=1.0)
+    assert [r.offset for r in batch.parts[A0].records] == [10, 11]
+    assert batch.parts[A0].rows == [("row", 10), ("row", 11)]
     assert (batch.count, batch.size) == (3, 300)
     assert plan(batch, {A0: 10, A1: 5}).moves == [
         OffsetMove("a", 1, 5, 6),
         OffsetMove("a", 0, 10, 12),
     ]
+
+
+# -- Part: trimming to the stored offset keeps rows and rejections in step --------------------
+
+
+def test_trimming_a_part_drops_rows_and_rejections_before_the_offset() -> None:
+    # Offsets 3..8; 4 and 7 did not decode.
+    records = [
+        Rec("a", 0, o, value=None if o in (4, 7) else b"v", serialized_value_size=-1)
+        for o in range(3, 9)
+    ]
+    part = Part(list(records), *decoded(records))
+    for offset, rows, rejected in [
+        (3, [3, 5, 6, 8], [4, 7]),
+        (4, [5, 6, 8], [4, 7]),
+        (5, [5, 6, 8], [7]),
+        (7, [8], [7]),
+        (8, [8], []),
+        (9, [], []),
+    ]:
+        trimmed = part.since(offset)
+        assert [r.offset for r in trimmed.records] == list(range(offset, 9))
+        assert trimmed.rows == [("row", o) for o in rows]
+        assert [r.record.offset for r in trimmed.rejected] == rejected
+    assert part.since(2) is part  # nothing to trim: no copy
+
+
+def test_record_at_finds_the_record_of_an_offset() -> None:
+    records = recs(A0, 10, 11, 15)
+    part = Part(list(records), *decoded(records))
+    assert part.record_at(15) is records[2]
+    assert part.record_at(10) is records[0]
+    for missing in (9, 12, 16):
+        with pytest.raises(LookupError):
+            part.record_at(missing)

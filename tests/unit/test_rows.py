@@ -8,7 +8,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiokafka.structs import ConsumerRecord
 
+from pipeline.batching import Row
 from pipeline.records import (
     MSGPACK,
     STREAMS,
@@ -20,7 +22,7 @@ from pipeline.records import (
     StateChange,
     encode,
 )
-from pipeline.rows import DECODERS, TABLES, RecordRejected, Row
+from pipeline.rows import DECODERS, TABLES, RecordRejected
 
 PARTITION, OFFSET, BATCH_ID = 3, 42, 7
 PROVENANCE = (PARTITION, OFFSET, BATCH_ID)
@@ -567,3 +569,70 @@ def test_odd_input_is_rejected_never_raised(value: bytes, headers: Any) -> None:
         decode("states", value, headers)
     assert caught.value.error_class == "DecodeError"
     assert caught.value.reason
+
+
+# -- a partition's records at a time: the fast road and the per-record road agree ------------
+
+
+def consumed(offset: int, value: bytes | None, headers: Any = ()) -> ConsumerRecord[Any, Any]:
+    """A record as aiokafka hands it over (headers as a tuple of tuples)."""
+    size = -1 if value is None else len(value)
+    return ConsumerRecord(
+        "t", PARTITION, offset, 0, 0, None, value, None, -1, size, tuple(map(tuple, headers))
+    )
+
+
+def per_record(stream: str, records: list[ConsumerRecord[Any, Any]]) -> tuple[list[Row], list[Any]]:
+    rows, rejected = [], []
+    for r in records:
+        try:
+            rows.append(DECODERS[stream].row(r.value, r.headers, PARTITION, r.offset, BATCH_ID))
+        except RecordRejected as exc:
+            rejected.append((r, exc.error_class, exc.reason))
+    return rows, rejected
+
+
+@pytest.mark.parametrize("headers", [(), JSON_HEADERS], ids=["no-headers", "json-header"])
+@pytest.mark.parametrize("stream", [s.name for s in STREAMS])
+def test_valid_records_decode_a_partition_at_a_time_to_the_same_rows(
+    stream: str, headers: Any
+) -> None:
+    values = [value for s, value, _ in (p.values for p in [*VALID, *MINIMAL]) if s == stream]
+    records = [consumed(offset, value, headers) for offset, value in enumerate(values, 100)]
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
+    expected, _ = per_record(stream, records)
+    assert rejected == []
+    assert len(rows) == len(expected) == len(values) > 0
+    for actual, wanted in zip(rows, expected, strict=True):
+        assert_same_row(actual, wanted)
+    assert [row[-2] for row in rows] == list(range(100, 100 + len(values)))
+
+
+@pytest.mark.parametrize(("stream", "value", "headers", "error_class", "reason"), REJECTED)
+def test_a_bad_record_among_good_ones_is_rejected_alone_and_in_place(
+    stream: str, value: bytes | None, headers: Any, error_class: str, reason: str
+) -> None:
+    good = [value for s, value, _ in (p.values for p in VALID) if s == stream]
+    records = [
+        consumed(10, good[0]),
+        consumed(11, value, headers),
+        consumed(12, good[-1], JSON_HEADERS),
+    ]
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
+    expected_rows, expected_rejected = per_record(stream, records)
+    assert [r[-2] for r in rows] == [10, 12]
+    for actual, wanted in zip(rows, expected_rows, strict=True):
+        assert_same_row(actual, wanted)
+    assert [tuple(r) for r in rejected] == expected_rejected
+    assert [(r.record.offset, r.error_class) for r in rejected] == [(11, error_class)]
+    assert reason.lower() in rejected[0].reason.lower()
+
+
+def test_a_msgpack_record_among_json_ones_decodes_to_its_row() -> None:
+    (record,) = RECORDS[0].values
+    stream = _stream_of(record)
+    json_value = encode(record)
+    records = [consumed(0, json_value), consumed(1, encode(record, MSGPACK), MSGPACK_HEADERS)]
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
+    assert rejected == []
+    assert [r[:-3] for r in rows] == [decode(stream, json_value)[:-3]] * 2
