@@ -28,7 +28,7 @@ from pipeline import kafka as kafka_io
 from pipeline.batching import Batch, FetchedRecord, Limits, Partition, Plan, Row, backoff, plan
 from pipeline.config import Config, redact_url
 from pipeline.db import Connection, DeadLetter, TableWriter
-from pipeline.errors import FencedError, SchemaError, TransientError
+from pipeline.errors import DataError, FencedError, SchemaError, TransientError
 from pipeline.metrics import Metrics
 from pipeline.records import STREAM_BY_NAME
 from pipeline.rows import DECODERS, StreamDecoder, source_of
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _POLL_MS = 200  # how long one fetch waits when nothing arrives: bounds the reaction to a stop
 # Records taken and decoded per fetch: small enough that the batch being written gets the
 # event loop back every few milliseconds to send its next statement.
-_FETCH_CHUNK = 5_000
+_FETCH_CHUNK = 1_000
 
 
 class DatabaseAgent:
@@ -371,16 +371,42 @@ class DatabaseAgent:
         2. Open one transaction and compare-and-set every partition's stored offset: the
            fence. It locks those offset rows, so a zombie stops here, before it writes or
            publishes anything, and waits here while another member commits.
-        3. Write each stream's rows with COPY, bisecting any rows the database rejects into
-           dead letters.
+        3. Write each stream's rows with COPY.
         4. Send every dead letter to the DLQ topic and wait for the acknowledgements.
         5. Record the dead letters in ``dead_letters``.
         6. Commit; then mirror the offsets to Kafka.
+
+        When the database rejects a row, the transaction rolls back and the batch is written
+        again with each stream in savepoints, bisecting to find the rejected rows, which
+        become dead letters too. Savepoints cost round trips, so only such batches pay them.
         """
         started = time.monotonic()
         conn = await self._connection()
         rows, letters = self._gather(work)
-        written: dict[str, tuple[int, int]] = {}  # stream -> (new rows, rejected rows)
+        try:
+            written, rejected = await self._commit(conn, work, rows, letters, bisect=False)
+        except DataError:
+            written, rejected = await self._commit(conn, work, rows, letters, bisect=True)
+        for move in work.moves:
+            key = (move.topic, move.partition)
+            if self._positions.get(key) == move.expected:
+                self._positions[key] = move.new
+        self._count(work, rows, written, letters + rejected, time.monotonic() - started)
+        await kafka_io.mirror_offsets(self._require_consumer(), work.moves)
+
+    async def _commit(
+        self,
+        conn: Connection,
+        work: Plan,
+        rows: dict[str, list[Row]],
+        letters: list[DeadLetter],
+        *,
+        bisect: bool,
+    ) -> tuple[dict[str, tuple[int, int]], list[DeadLetter]]:
+        """One transaction: the fence, every stream's rows, the dead letters. Returns per
+        stream (new rows, rejected rows), and the dead letters of the rejected rows."""
+        written: dict[str, tuple[int, int]] = {}
+        rejected_letters: list[DeadLetter] = []
         try:
             async with conn.transaction():
                 await db.advance_offsets(
@@ -392,34 +418,38 @@ class DatabaseAgent:
                     writer = self._writers[stream]
                     topic = self.config.topic(STREAM_BY_NAME[stream].topic)
                     try:
-                        new, rejected = await db.write_bisecting(conn, writer.write, stream_rows)
-                    except SchemaError as exc:
-                        raise SchemaError(str(exc), stream=stream) from exc
+                        if bisect:
+                            new, rejected = await db.write_bisecting(
+                                conn, writer.write, stream_rows
+                            )
+                        else:
+                            new, rejected = await writer.write(conn, stream_rows), []
+                    except Exception as exc:
+                        error = db.classify(exc)
+                        if isinstance(error, SchemaError):  # this stream's table is broken
+                            raise SchemaError(str(error), stream=stream) from exc
+                        raise error from exc
                     written[stream] = (new, len(rejected))
-                    letters.extend(
+                    rejected_letters.extend(
                         _dead_letter(
                             _source(work, topic, stream_rows[r.index]), "DatabaseRejected", r.reason
                         )
                         for r in rejected
                     )
+                all_letters = letters + rejected_letters
                 await kafka_io.publish_dead_letters(
                     self._require_producer(),
                     self._dlq_topic,
-                    letters,
+                    all_letters,
                     self.config.db_command_timeout_s,
                 )
-                if letters:
-                    await db.insert_dead_letters(conn, self.config.group_id, letters)
+                if all_letters:
+                    await db.insert_dead_letters(conn, self.config.group_id, all_letters)
         except (TransientError, FencedError, SchemaError):
             raise
         except Exception as exc:
             raise db.classify(exc) from exc
-        for move in work.moves:
-            key = (move.topic, move.partition)
-            if self._positions.get(key) == move.expected:
-                self._positions[key] = move.new
-        self._count(work, rows, written, letters, time.monotonic() - started)
-        await kafka_io.mirror_offsets(self._require_consumer(), work.moves)
+        return written, rejected_letters
 
     def _gather(self, work: Plan) -> tuple[dict[str, list[Row]], list[DeadLetter]]:
         rows: dict[str, list[Row]] = defaultdict(list)

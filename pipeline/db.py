@@ -224,8 +224,9 @@ async def reserve_batch_ids(conn: Connection) -> range:
 
 class TableWriter:
     """Writes one stream's rows. Append-only tables take a plain COPY; tables with a natural
-    key or a "latest" row take a COPY into a temporary staging table and then
-    ``INSERT ... SELECT ... ON CONFLICT``, so redelivered and out-of-order rows are harmless.
+    key or a "latest" row take a COPY into a temporary staging table and then one statement
+    that moves the staged rows into place with ``ON CONFLICT``, so redelivered and
+    out-of-order rows are harmless. Two round trips per stream, whatever its shape.
     """
 
     def __init__(self, tables: StreamTables) -> None:
@@ -234,7 +235,7 @@ class TableWriter:
         self.columns = list(table.columns)
         self._staged = bool(tables.key)
         self.stage = f"stage_{table.name}"
-        self._statements = _upsert_statements(tables, self.stage) if self._staged else []
+        self._upsert = _upsert_statement(tables, self.stage) if self._staged else ""
 
     async def prepare(self, conn: Connection) -> None:
         if self._staged:
@@ -251,47 +252,38 @@ class TableWriter:
             )
             return len(rows)
         await conn.copy_records_to_table(self.stage, records=rows, columns=self.columns)
-        new = 0
-        for statement, counts in self._statements:
-            status = await conn.execute(statement)
-            if counts:
-                new = _count(status)
-        await conn.execute(f"TRUNCATE {self.stage}")
+        new: int = await conn.fetchval(self._upsert)
         return new
 
 
-def _upsert_statements(tables: StreamTables, stage: str) -> list[tuple[str, bool]]:
-    """SQL that moves staged rows into place, each with whether its row count is "new rows"."""
+def _upsert_statement(tables: StreamTables, stage: str) -> str:
+    """SQL that empties the staging table into place and returns the number of new rows.
+
+    All parts of a WITH read the same snapshot, so every insert sees every staged row, and
+    the stage is empty afterwards, ready for the next write in the same transaction.
+    """
     table = tables.table
     cols = ", ".join(table.columns)
     key = ", ".join(tables.key)
+    staged = f"WITH staged AS (DELETE FROM {stage} RETURNING {cols}), "
     if tables.version is None:
-        return [
-            (
-                f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {stage} "
-                f"ON CONFLICT ({key}) DO NOTHING",
-                True,
-            )
-        ]
+        return (
+            f"{staged}new AS (INSERT INTO {table.name} ({cols}) SELECT {cols} FROM staged "
+            f"ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM new"
+        )
     assert tables.history is not None
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in table.columns if c not in tables.key)
-    history_key = f"{key}, {tables.version}"
-    return [
-        # Every version once, in the history.
-        (
-            f"INSERT INTO {tables.history.name} ({cols}) SELECT {cols} FROM {stage} "
-            f"ON CONFLICT ({history_key}) DO NOTHING",
-            True,
-        ),
+    return (
+        # Every version once, in the history: those are the new rows.
+        f"{staged}new AS (INSERT INTO {tables.history.name} ({cols}) SELECT {cols} FROM staged "
+        f"ON CONFLICT ({key}, {tables.version}) DO NOTHING RETURNING 1), "
         # The highest version per key wins, whatever order the versions arrived in.
-        (
-            f"INSERT INTO {table.name} ({cols}) "
-            f"SELECT DISTINCT ON ({key}) {cols} FROM {stage} ORDER BY {key}, {tables.version} DESC "
-            f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
-            f"WHERE {table.name}.{tables.version} < EXCLUDED.{tables.version}",
-            False,
-        ),
-    ]
+        f"latest AS (INSERT INTO {table.name} ({cols}) "
+        f"SELECT DISTINCT ON ({key}) {cols} FROM staged ORDER BY {key}, {tables.version} DESC "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
+        f"WHERE {table.name}.{tables.version} < EXCLUDED.{tables.version}) "
+        "SELECT count(*) FROM new"
+    )
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pipeline.db import (
     _count,
     _decode_jsonb,
     _encode_jsonb,
-    _upsert_statements,
+    _upsert_statement,
     classify,
     read_migrations,
 )
@@ -139,87 +139,72 @@ EVENT_COLS = "event_id, agent_id, kind, severity, ts, payload, src_partition, sr
 ANALYTICS_COLS = "event_id, user_id, action, ts, properties, src_partition, src_offset, batch_id"
 
 
+def _staged(cols: str) -> str:
+    return f"WITH staged AS (DELETE FROM stage_t RETURNING {cols}), "
+
+
 @pytest.mark.parametrize(
-    ("stream", "statements"),
+    ("stream", "statement"),
     [
         pytest.param(
             "states",
-            [
-                (
-                    f"INSERT INTO agent_state_history ({STATE_COLS}) SELECT {STATE_COLS} "
-                    "FROM stage_t ON CONFLICT (agent_id, version) DO NOTHING",
-                    True,
-                ),
-                (
-                    f"INSERT INTO agent_states ({STATE_COLS}) SELECT DISTINCT ON (agent_id) "
-                    f"{STATE_COLS} FROM stage_t ORDER BY agent_id, version DESC "
-                    "ON CONFLICT (agent_id) DO UPDATE SET state = EXCLUDED.state, "
-                    "version = EXCLUDED.version, ts = EXCLUDED.ts, data = EXCLUDED.data, "
-                    "src_partition = EXCLUDED.src_partition, src_offset = EXCLUDED.src_offset, "
-                    "batch_id = EXCLUDED.batch_id "
-                    "WHERE agent_states.version < EXCLUDED.version",
-                    False,
-                ),
-            ],
+            _staged(STATE_COLS)
+            + f"new AS (INSERT INTO agent_state_history ({STATE_COLS}) SELECT {STATE_COLS} "
+            "FROM staged ON CONFLICT (agent_id, version) DO NOTHING RETURNING 1), "
+            f"latest AS (INSERT INTO agent_states ({STATE_COLS}) SELECT DISTINCT ON (agent_id) "
+            f"{STATE_COLS} FROM staged ORDER BY agent_id, version DESC "
+            "ON CONFLICT (agent_id) DO UPDATE SET state = EXCLUDED.state, "
+            "version = EXCLUDED.version, ts = EXCLUDED.ts, data = EXCLUDED.data, "
+            "src_partition = EXCLUDED.src_partition, src_offset = EXCLUDED.src_offset, "
+            "batch_id = EXCLUDED.batch_id "
+            "WHERE agent_states.version < EXCLUDED.version) SELECT count(*) FROM new",
             id="states",
         ),
         pytest.param(
             "config",
-            [
-                (
-                    f"INSERT INTO system_config_history ({CONFIG_COLS}) SELECT {CONFIG_COLS} "
-                    "FROM stage_t ON CONFLICT (key, version) DO NOTHING",
-                    True,
-                ),
-                (
-                    f"INSERT INTO system_config ({CONFIG_COLS}) SELECT DISTINCT ON (key) "
-                    f"{CONFIG_COLS} FROM stage_t ORDER BY key, version DESC "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
-                    "version = EXCLUDED.version, ts = EXCLUDED.ts, "
-                    "updated_by = EXCLUDED.updated_by, src_partition = EXCLUDED.src_partition, "
-                    "src_offset = EXCLUDED.src_offset, batch_id = EXCLUDED.batch_id "
-                    "WHERE system_config.version < EXCLUDED.version",
-                    False,
-                ),
-            ],
+            _staged(CONFIG_COLS)
+            + f"new AS (INSERT INTO system_config_history ({CONFIG_COLS}) SELECT {CONFIG_COLS} "
+            "FROM staged ON CONFLICT (key, version) DO NOTHING RETURNING 1), "
+            f"latest AS (INSERT INTO system_config ({CONFIG_COLS}) SELECT DISTINCT ON (key) "
+            f"{CONFIG_COLS} FROM staged ORDER BY key, version DESC "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
+            "version = EXCLUDED.version, ts = EXCLUDED.ts, "
+            "updated_by = EXCLUDED.updated_by, src_partition = EXCLUDED.src_partition, "
+            "src_offset = EXCLUDED.src_offset, batch_id = EXCLUDED.batch_id "
+            "WHERE system_config.version < EXCLUDED.version) SELECT count(*) FROM new",
             id="config",
         ),
         pytest.param(
             "events",
-            [
-                (
-                    f"INSERT INTO system_events ({EVENT_COLS}) SELECT {EVENT_COLS} FROM stage_t "
-                    "ON CONFLICT (event_id) DO NOTHING",
-                    True,
-                )
-            ],
+            _staged(EVENT_COLS)
+            + f"new AS (INSERT INTO system_events ({EVENT_COLS}) SELECT {EVENT_COLS} FROM staged "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING 1) SELECT count(*) FROM new",
             id="events",
         ),
         pytest.param(
             "analytics",
-            [
-                (
-                    f"INSERT INTO user_analytics ({ANALYTICS_COLS}) SELECT {ANALYTICS_COLS} "
-                    "FROM stage_t ON CONFLICT (event_id) DO NOTHING",
-                    True,
-                )
-            ],
+            _staged(ANALYTICS_COLS)
+            + f"new AS (INSERT INTO user_analytics ({ANALYTICS_COLS}) SELECT {ANALYTICS_COLS} "
+            "FROM staged ON CONFLICT (event_id) DO NOTHING RETURNING 1) SELECT count(*) FROM new",
             id="analytics",
         ),
     ],
 )
-def test_upsert_statements(stream: str, statements: list[tuple[str, bool]]) -> None:
-    assert _upsert_statements(TABLES[stream], "stage_t") == statements
+def test_upsert_statement(stream: str, statement: str) -> None:
+    assert _upsert_statement(TABLES[stream], "stage_t") == statement
 
 
 def test_states_upsert_shape() -> None:
     """The properties the exactly-once protocol leans on, stated one by one."""
-    (history, history_counts), (latest, latest_counts) = _upsert_statements(
-        TABLES["states"], "stage_agent_states"
-    )
-    assert history.startswith("INSERT INTO agent_state_history ")
-    assert history.endswith("FROM stage_agent_states ON CONFLICT (agent_id, version) DO NOTHING")
-    assert history_counts is True  # every version lands once in the history: that is "new"
+    statement = _upsert_statement(TABLES["states"], "stage_agent_states")
+    # The stage is emptied by the same statement, so a second write in the transaction (a
+    # bisection) never sees the first one's rows.
+    assert statement.startswith("WITH staged AS (DELETE FROM stage_agent_states RETURNING ")
+    history, latest = statement.split("), latest AS (")
+    assert "new AS (INSERT INTO agent_state_history " in history
+    # Every version lands once in the history, and those are the rows counted as new.
+    assert history.endswith("ON CONFLICT (agent_id, version) DO NOTHING RETURNING 1")
+    assert statement.endswith(" SELECT count(*) FROM new")
     assert latest.startswith("INSERT INTO agent_states ")
     # One row per agent, the highest version, so ON CONFLICT never touches a row twice.
     assert "SELECT DISTINCT ON (agent_id) " in latest
@@ -227,8 +212,7 @@ def test_states_upsert_shape() -> None:
     assert "ON CONFLICT (agent_id) DO UPDATE SET " in latest
     assert "agent_id = EXCLUDED.agent_id" not in latest  # the key is never rewritten
     # Only a higher version replaces the stored one, whatever order versions arrive in.
-    assert latest.endswith(" WHERE agent_states.version < EXCLUDED.version")
-    assert latest_counts is False
+    assert " WHERE agent_states.version < EXCLUDED.version)" in latest
 
 
 # -- migrations ------------------------------------------------------------------------------
