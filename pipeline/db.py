@@ -20,6 +20,7 @@ from asyncpg import Connection
 # asyncpg exports the server's SQLSTATE-22 class as DataError; its client-side encoding error
 # of the same name (an InterfaceError) is only reachable here.
 from asyncpg.exceptions._base import DataError as ClientDataError
+from asyncpg.exceptions._base import InternalClientError
 
 from pipeline.batching import Row
 from pipeline.errors import DataError, FencedError, SchemaError, TransientError
@@ -85,7 +86,10 @@ def classify(exc: BaseException) -> BaseException:
     if isinstance(exc, ClientDataError):  # a value the client could not encode for its column
         return DataError(f"{type(exc).__name__}: {exc}", sqlstate="22000")
     if (
-        isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError))
+        # InternalClientError: the driver's protocol is in a state it did not expect, as when
+        # the server ended the session (a shutdown's FATAL) just as a command went out. A new
+        # connection starts clean.
+        isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, InternalClientError))
         or sqlstate[:2]
         in (
             "08",  # connection exception

@@ -55,6 +55,13 @@ class FakePgError(Exception):
         pytest.param(
             asyncpg.exceptions.SerializationError("retry"), id="asyncpg-SerializationError"
         ),
+        pytest.param(
+            # What a BEGIN met in the PostgreSQL-restart test: the server's FATAL had arrived.
+            asyncpg.exceptions._base.InternalClientError(
+                "cannot switch to state 15; another operation (2) is in progress"
+            ),
+            id="asyncpg-InternalClientError",
+        ),
     ],
 )
 def test_transient_errors(exc: BaseException) -> None:

@@ -1,0 +1,43 @@
+"""The bench's pure parts: how a py-spy profile is summarised."""
+
+from __future__ import annotations
+
+from consumers.bench import profile_breakdown
+
+LOOP = "main (pipeline/cli.py:38);BaseEventLoop.run_forever (asyncio/base_events.py:607)"
+FILL = f"{LOOP};DatabaseAgent._fill_batch (consumers/agent.py:206)"
+
+
+def test_profile_breakdown_charges_each_sample_to_its_innermost_known_owner() -> None:
+    stacks = "\n".join(
+        [
+            # Start-up, outside the event loop: not counted.
+            "<module> (pipeline/cli.py:22);_find_and_load (<frozen importlib._bootstrap>:1176) 50",
+            f"{FILL};StreamDecoder.rows (pipeline/rows.py:185) 40",
+            f"{FILL};AIOKafkaConsumer.getmany (aiokafka/consumer/consumer.py:1197);"
+            "PartitionRecords._unpack_records (aiokafka/consumer/fetcher.py:262) 30",
+            f"{LOOP};BaseEventLoop._run_once (asyncio/base_events.py:1910);"
+            "EpollSelector.select (selectors.py:468) 15",
+            f"{FILL};Batch.add (pipeline/batching.py:122) 5",
+            f"{LOOP};Connection.copy_records_to_table (asyncpg/connection.py:1150);"
+            "_encode_jsonb (pipeline/db.py:72) 4",
+            f"{LOOP};Connection.copy_records_to_table (asyncpg/connection.py:1150) 4",
+            f"{LOOP};Handle._run (asyncio/events.py:80) 2",
+        ]
+    )
+    assert profile_breakdown(stacks).splitlines() == [
+        " 40.0%  ours: decoding into rows (msgspec's C decoder + our Python)",
+        " 30.0%  aiokafka: fetching, unpacking records",
+        " 15.0%  idle: waiting for PostgreSQL or Kafka",
+        "  9.0%  ours: other (batching, planning, writing, metrics)",
+        "  4.0%  asyncpg: COPY encoding, protocol",
+        "  2.0%  Python runtime and asyncio",
+        "of 100 samples; our busiest lines:",
+        " 40.0%    pipeline/rows.py:185 StreamDecoder.rows",
+        "  5.0%    pipeline/batching.py:122 Batch.add",
+        "  4.0%    pipeline/db.py:72 _encode_jsonb",
+    ]
+
+
+def test_profile_breakdown_of_no_samples_says_so() -> None:
+    assert profile_breakdown("") == "no samples"
