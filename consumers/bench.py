@@ -51,7 +51,7 @@ from pipeline.rows import DECODERS
 RecordSource = Callable[[str, int], Iterator[list[Record]]]  # (mix, count) -> chunks
 # (bootstrap, topic prefix, mix, records/s, seconds) -> records published
 Publisher = Callable[[str, str, str, float, float], Awaitable[int]]
-RAW_COPY_SAMPLE = 200_000  # records decoded for the raw COPY limit: enough for a stable rate
+RAW_COPY_SAMPLE = 200_000  # about this many records for the raw COPY limit: a stable rate
 RAW_COPY_PASSES = 3  # short runs are at the mercy of a checkpoint or a neighbour: take the best
 POLL_S = 0.01  # how often the stored offsets are read: the latency run's resolution
 
@@ -310,7 +310,9 @@ async def _produce(bootstrap: str, prefix: str, chunks: Iterator[list[Record]]) 
 async def _raw_consume(
     config: Config, prefix: str, records: int
 ) -> tuple[float, list[tuple[str, int, int, bytes]]]:
-    """Drain the backlog with nothing but aiokafka; keep a sample of the records."""
+    """Drain the backlog with nothing but aiokafka; keep a sample of the records: every
+    k-th offset of every partition, so that the sample has the backlog's mix of streams
+    (the first records consumed would not: small topics arrive whole, first)."""
     topics = [prefix + s.topic for s in STREAMS]
     ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, topics)
     consumer = AIOKafkaConsumer(
@@ -326,6 +328,7 @@ async def _raw_consume(
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         seen = 0
+        stride = max(1, records // RAW_COPY_SAMPLE)
         started = time.perf_counter()
         while seen < records:
             batches = await consumer.getmany(timeout_ms=5000, max_records=config.batch_max_records)
@@ -333,12 +336,13 @@ async def _raw_consume(
                 raise RuntimeError(f"raw consume stalled after {seen} of {records} records")
             for tp, batch in batches.items():
                 seen += len(batch)
-                if len(sample) < RAW_COPY_SAMPLE:
-                    sample.extend((tp.topic, r.partition, r.offset, r.value) for r in batch)
+                # Offsets are consecutive within a fetch: a slice keeps the clock honest.
+                kept = batch[-batch[0].offset % stride :: stride]
+                sample.extend((tp.topic, r.partition, r.offset, r.value) for r in kept)
         elapsed = time.perf_counter() - started
     finally:
         await kafka_io.stop_consumer(consumer)
-    return seen / elapsed, sample[:RAW_COPY_SAMPLE]
+    return seen / elapsed, sample
 
 
 async def _raw_copy(url: str, config: Config, sample: list[tuple[str, int, int, bytes]]) -> float:
@@ -405,6 +409,7 @@ async def _drain(
             for spy in agents:
                 for child in _children(spy.pid):
                     os.kill(child, signal.SIGTERM)
+                await asyncio.wait_for(spy.wait(), 60)
         await _stop_agents(agents)
     (t0, n0), (t1, n1) = curve[0], curve[-1]
     rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("inf")
