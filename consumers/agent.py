@@ -25,7 +25,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from pipeline import db
 from pipeline import kafka as kafka_io
-from pipeline.batching import Batch, FetchedRecord, Limits, Partition, Plan, Row, backoff, plan
+from pipeline.batching import (
+    Batch,
+    FetchedRecord,
+    Limits,
+    OffsetMove,
+    Partition,
+    Plan,
+    Row,
+    backoff,
+    plan,
+)
 from pipeline.config import Config, redact_url
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import DataError, FencedError, SchemaError, TransientError
@@ -67,6 +77,10 @@ class DatabaseAgent:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._write: asyncio.Task[None] | None = None  # the batch being written
+        # Offsets committed to the database and not yet mirrored to Kafka, newest per partition;
+        # one mirroring task at a time, off the write path, so mirrors land in order.
+        self._unmirrored: dict[Partition, OffsetMove] = {}
+        self._mirroring: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -176,6 +190,9 @@ class DatabaseAgent:
         deadline = 10.0
         if self._task is not None and not self._task.done():
             self._task.cancel()  # run() itself was cancelled
+        if self._mirroring is not None:  # the last offsets reach Kafka before we leave
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._mirroring, deadline)
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(kafka_io.stop_consumer(self._consumer), deadline)
@@ -374,7 +391,7 @@ class DatabaseAgent:
         3. Write each stream's rows with COPY.
         4. Send every dead letter to the DLQ topic and wait for the acknowledgements.
         5. Record the dead letters in ``dead_letters``.
-        6. Commit; then mirror the offsets to Kafka.
+        6. Commit; then mirror the offsets to Kafka, in the background.
 
         When the database rejects a row, the transaction rolls back and the batch is written
         again with each stream in savepoints, bisecting to find the rejected rows, which
@@ -392,7 +409,21 @@ class DatabaseAgent:
             if self._positions.get(key) == move.expected:
                 self._positions[key] = move.new
         self._count(work, rows, written, letters + rejected, time.monotonic() - started)
-        await kafka_io.mirror_offsets(self._require_consumer(), work.moves)
+        self._mirror(work.moves)
+
+    def _mirror(self, moves: Iterable[OffsetMove]) -> None:
+        """Mirror committed offsets to Kafka for lag tools, without holding up the next
+        batch: a commit to Kafka is a round trip to the group coordinator."""
+        for move in moves:
+            self._unmirrored[(move.topic, move.partition)] = move
+        if self._mirroring is None or self._mirroring.done():
+            self._mirroring = asyncio.ensure_future(self._mirror_until_done())
+
+    async def _mirror_until_done(self) -> None:
+        while self._unmirrored:
+            moves = list(self._unmirrored.values())
+            self._unmirrored.clear()
+            await kafka_io.mirror_offsets(self._require_consumer(), moves)
 
     async def _commit(
         self,
