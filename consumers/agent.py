@@ -205,27 +205,33 @@ class DatabaseAgent:
     # -- fetching ---------------------------------------------------------------------
 
     async def _fill_batch(self) -> Batch:
-        """Fetch and decode records until the batch is full by records, bytes or age."""
+        """Fetch and decode records until the batch is due: full, or as old as
+        ``batch_max_wait_ms``. A due batch whose predecessor is still being written keeps
+        filling, up to the record and byte limits, rather than wait idle: under a backlog
+        batches grow to what the database takes in the time one is written."""
         consumer = self._require_consumer()
         batch_id = await self._take_batch_id()
         batch = self._filling = Batch(batch_id)
+        limits = self._limits
         while not self._holding:  # a batch being retried polls for the group itself
             now = time.monotonic()
             wait_ms = _POLL_MS
             if batch.started_at is not None:
-                age_left = self._limits.max_wait_s - (now - batch.started_at)
+                age_left = limits.max_wait_s - (now - batch.started_at)
                 wait_ms = max(int(age_left * 1000), 0)
             fetched = await consumer.getmany(
-                timeout_ms=wait_ms, max_records=min(batch.room(self._limits), _FETCH_CHUNK)
+                timeout_ms=wait_ms, max_records=min(batch.room(limits), _FETCH_CHUNK)
             )
             now = time.monotonic()
             for tp, records in fetched.items():
                 rows = self._decoders[tp.topic].rows(records, tp.partition, batch_id)
                 batch.add((tp.topic, tp.partition), records, rows, now)
-            if batch.is_full(self._limits, now) or self._stopping.is_set():
-                break
-            if not batch.count:
+            if self._stopping.is_set() or not batch.count:
                 break  # nothing arrived: let the caller check positions and stops
+            if batch.is_due(limits, now) and (
+                not self._writing or batch.is_full(limits) or not fetched
+            ):
+                break
             await asyncio.sleep(0)  # the batch being written takes its turn
         return batch
 

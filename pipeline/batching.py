@@ -125,11 +125,14 @@ class Batch:
         self.count += len(records)
         self.size += _size(records)
 
-    def is_full(self, limits: Limits, now: float) -> bool:
-        return (
-            self.count >= limits.max_records
-            or self.size >= limits.max_bytes
-            or (self.started_at is not None and now - self.started_at >= limits.max_wait_s)
+    def is_full(self, limits: Limits) -> bool:
+        """At the record or byte limit: nothing more may be added."""
+        return self.count >= limits.max_records or self.size >= limits.max_bytes
+
+    def is_due(self, limits: Limits, now: float) -> bool:
+        """Full, or as old as a batch may get before it is written."""
+        return self.is_full(limits) or (
+            self.started_at is not None and now - self.started_at >= limits.max_wait_s
         )
 
     def room(self, limits: Limits) -> int:

@@ -72,7 +72,8 @@ def records_of(parts: dict[Partition, Part]) -> dict[Partition, list[Rec]]:
 def test_new_batch_is_empty_and_not_full() -> None:
     batch = Batch()
     assert (batch.parts, batch.count, batch.size, batch.started_at) == ({}, 0, 0, None)
-    assert not batch.is_full(LIMITS, now=1e9)
+    assert not batch.is_full(LIMITS)
+    assert not batch.is_due(LIMITS, now=1e9)
 
 
 def test_add_groups_by_partition_in_arrival_order_and_counts() -> None:
@@ -103,32 +104,33 @@ def test_a_record_without_value_counts_as_zero_bytes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("records", "size", "now", "full"),
+    ("records", "size", "now", "full", "due"),
     [
-        pytest.param(1, 100, 0.0, False, id="one-record"),
-        pytest.param(9, 100, 0.0, False, id="one-below-record-limit"),
-        pytest.param(10, 10, 0.0, True, id="at-record-limit"),
-        pytest.param(12, 10, 0.0, True, id="past-record-limit"),
-        pytest.param(2, 499, 0.0, False, id="below-byte-limit"),
-        pytest.param(2, 500, 0.0, True, id="at-byte-limit"),
-        pytest.param(1, 5000, 0.0, True, id="one-huge-record"),
-        pytest.param(1, 1, 0.2499, False, id="younger-than-max-wait"),
-        pytest.param(1, 1, 0.25, True, id="age-at-max-wait"),
-        pytest.param(1, 1, 7.0, True, id="age-past-max-wait"),
+        pytest.param(1, 100, 0.0, False, False, id="one-record"),
+        pytest.param(9, 100, 0.0, False, False, id="one-below-record-limit"),
+        pytest.param(10, 10, 0.0, True, True, id="at-record-limit"),
+        pytest.param(12, 10, 0.0, True, True, id="past-record-limit"),
+        pytest.param(2, 499, 0.0, False, False, id="below-byte-limit"),
+        pytest.param(2, 500, 0.0, True, True, id="at-byte-limit"),
+        pytest.param(1, 5000, 0.0, True, True, id="one-huge-record"),
+        pytest.param(1, 1, 0.2499, False, False, id="younger-than-max-wait"),
+        pytest.param(1, 1, 0.25, False, True, id="age-at-max-wait"),
+        pytest.param(1, 1, 7.0, False, True, id="age-past-max-wait"),
     ],
 )
-def test_batch_is_full_by_records_bytes_or_age(
-    records: int, size: int, now: float, full: bool
+def test_batch_is_full_by_records_or_bytes_and_due_by_those_or_age(
+    records: int, size: int, now: float, full: bool, due: bool
 ) -> None:
     batch = batch_of((A0, recs(A0, *range(records), size=size)), now=0.0)
-    assert batch.is_full(LIMITS, now=now) is full
+    assert batch.is_full(LIMITS) is full
+    assert batch.is_due(LIMITS, now=now) is due
 
 
 def test_age_counts_from_the_first_add_not_the_last() -> None:
     batch = Batch()
     add(batch, A0, recs(A0, 0, size=1), now=100.0)
     add(batch, A0, recs(A0, 1, size=1), now=100.2)
-    assert batch.is_full(LIMITS, now=100.25)
+    assert batch.is_due(LIMITS, now=100.25)
 
 
 @pytest.mark.parametrize(
