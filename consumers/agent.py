@@ -145,10 +145,17 @@ class DatabaseAgent:
                 if batch.count and not self._stopping.is_set():
                     self._write = asyncio.ensure_future(self._ingest_with_retry(batch))
         finally:
-            if self._write is not None and not self._write.done():
-                self._write.cancel()  # the shutdown deadline passed, or run() was cancelled
+            write, self._write = self._write, None
+            if write is not None and not write.done():
+                write.cancel()  # the shutdown deadline passed, or run() was cancelled
                 with contextlib.suppress(asyncio.CancelledError):
-                    await self._write
+                    await write
+            elif write is not None and not write.cancelled():
+                # It failed while the next batch was filling and a stop came before the main
+                # loop looked: the failure must still end the agent, not vanish.
+                error = write.exception()
+                if error is not None:
+                    raise error
 
     async def _finish_write(self) -> None:
         """Wait for the batch being written; its failures that are not retried surface here."""
@@ -211,6 +218,8 @@ class DatabaseAgent:
         batches grow to what the database takes in the time one is written."""
         consumer = self._require_consumer()
         batch_id = await self._take_batch_id()
+        if batch_id is None:
+            return Batch()  # stopping
         batch = self._filling = Batch(batch_id)
         limits = self._limits
         while not self._holding:  # a batch being retried polls for the group itself
@@ -254,6 +263,7 @@ class DatabaseAgent:
         keys = [(tp.topic, tp.partition) for tp in revoked]
         for key in keys:
             self._positions.pop(key, None)
+            self._unmirrored.pop(key, None)  # the next owner mirrors its own, newer offsets
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(key[0], str(key[1]))
         self._unpositioned -= revoked
@@ -408,7 +418,7 @@ class DatabaseAgent:
         rows, letters = self._gather(work)
         try:
             written, rejected = await self._commit(conn, work, rows, letters, bisect=False)
-        except DataError:
+        except _RowRejected:
             written, rejected = await self._commit(conn, work, rows, letters, bisect=True)
         for move in work.moves:
             key = (move.topic, move.partition)
@@ -465,6 +475,8 @@ class DatabaseAgent:
                         error = db.classify(exc)
                         if isinstance(error, SchemaError):  # this stream's table is broken
                             raise SchemaError(str(error), stream=stream) from exc
+                        if isinstance(error, DataError) and not bisect:
+                            raise _RowRejected(str(error)) from exc
                         raise error from exc
                     written[stream] = (new, len(rejected))
                     rejected_letters.extend(
@@ -482,7 +494,7 @@ class DatabaseAgent:
                 )
                 if all_letters:
                     await db.insert_dead_letters(conn, self.config.group_id, all_letters)
-        except (TransientError, FencedError, SchemaError):
+        except (TransientError, FencedError, SchemaError, _RowRejected):
             raise
         except Exception as exc:
             raise db.classify(exc) from exc
@@ -515,11 +527,15 @@ class DatabaseAgent:
             self._conn = conn
         return self._conn
 
-    async def _take_batch_id(self) -> int:
-        """The next reserved batch id; reserving more takes its own connection, because the
-        agent's connection may be busy writing the batch before."""
+    async def _take_batch_id(self) -> int | None:
+        """The next reserved batch id, or None once stopping. Reserving more takes its own
+        connection, because the agent's connection may be busy writing the batch before.
+        Transient failures are retried; any other (the sequence missing, no privilege) ends
+        the agent, as it would in a write."""
         attempt = 0
         while not self._batch_ids:
+            if self._stopping.is_set():
+                return None
             try:
                 conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
                 try:
@@ -527,6 +543,9 @@ class DatabaseAgent:
                 finally:
                     await conn.close()
             except Exception as exc:
+                error = db.classify(exc)
+                if not isinstance(error, TransientError):
+                    raise error from exc
                 delay = backoff(attempt, self.config.retry_max_backoff_s)
                 log.warning("reserving batch ids failed, retrying in %.1fs: %r", delay, exc)
                 self.metrics.retries.labels("postgres").inc()
@@ -591,6 +610,11 @@ class DatabaseAgent:
     def _require_producer(self) -> AIOKafkaProducer:
         assert self._producer is not None, "the agent is not running"
         return self._producer
+
+
+class _RowRejected(Exception):
+    """The database rejected a row of a batch written without savepoints: write it again,
+    bisecting to find the row."""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -375,7 +375,7 @@ async def insert_dead_letters(conn: Connection, group: str, letters: Iterable[De
                 d.offset,
                 d.key,
                 d.value,
-                [[name, _header_text(value)] for name, value in d.headers],
+                [[_without_nul(name), _header_text(value)] for name, value in d.headers],
                 d.timestamp_ms,
                 d.error_class,
                 d.reason,
@@ -390,7 +390,12 @@ def _header_text(value: bytes | None) -> str | None:
     (The DLQ topic keeps the exact bytes.)"""
     if value is None:
         return None
-    return value.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    return _without_nul(value.decode("utf-8", "backslashreplace"))
+
+
+def _without_nul(text: str) -> str:
+    """jsonb cannot hold NUL: it is written as the four characters ``\\x00``."""
+    return text.replace("\x00", "\\x00")
 
 
 def _count(status: str) -> int:

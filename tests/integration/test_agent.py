@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import signal
 import uuid
@@ -213,8 +214,14 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
         # Too big for the DLQ topic's 1 MiB record limit once wrapped: the topic gets an empty
         # value and the size, dead_letters the whole value.
         Outgoing(metrics, b"big", b"{" + b"x" * 950_000, "DecodeError"),
-        # Headers jsonb cannot hold as they are: a NUL byte, a null value.
-        Outgoing(metrics, b"h", b"[]", "ValidationError", (("trace", b"a\x00b"), ("none", None))),
+        # Headers jsonb cannot hold as they are: a NUL byte in a value and in a name, a null.
+        Outgoing(
+            metrics,
+            b"h",
+            b"[]",
+            "ValidationError",
+            (("trace", b"a\x00b"), ("none", None), ("nul\x00name", b"v")),
+        ),
         Outgoing(
             states,
             b"x",
@@ -257,8 +264,8 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         letters = await conn.fetch(
-            "SELECT src_topic, src_partition, src_offset, error_class, reason, record_value "
-            "FROM dead_letters"
+            "SELECT src_topic, src_partition, src_offset, error_class, reason, record_value, "
+            "record_headers FROM dead_letters"
         )
         assert (
             await conn.fetchval("SELECT data FROM agent_state_history WHERE agent_id = 'm'")
@@ -278,6 +285,12 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
         assert letter["error_class"] == out.poison, letter["reason"]
         assert letter["record_value"] == out.value
         assert letter["reason"]
+        if out.key == b"h":  # NUL is written as the four characters \x00
+            assert json.loads(letter["record_headers"]) == [
+                ["trace", "a\\x00b"],
+                ["none", None],
+                ["nul\\x00name", "v"],
+            ]
 
     # The DLQ topic holds the same records, each with its source coordinates and reason.
     dlq = AIOKafkaConsumer(
