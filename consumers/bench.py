@@ -38,6 +38,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -56,6 +57,7 @@ RAW_COPY_SAMPLE = 200_000  # about this many records for the raw COPY limit: a s
 # Runs of a few seconds are at the mercy of the machine (a neighbour, the kernel writing back
 # dirty pages): both sides of the ratio are the best of this many passes.
 PASSES = 3
+Measured = TypeVar("Measured")
 POLL_S = 0.01  # how often the stored offsets are read: the latency run's resolution
 
 
@@ -137,10 +139,7 @@ async def _bench_mix(
         f"[{mix}] raw COPY: {len(sample):,} decoded rows, the agent's writers, no Kafka "
         f"(best of {PASSES} passes, each into a fresh database)"
     )
-    rates = []
-    for _ in range(PASSES):
-        async with _scratch_database(config) as url:
-            rates.append(await _raw_copy(url, config, sample))
+    rates = await _in_fresh_databases(config, lambda url: _raw_copy(url, config, sample))
     copy_rate = max(rates)
     report(f"[{mix}]   {copy_rate:,.0f} rows/s (passes: {', '.join(f'{r:,.0f}' for r in rates)})")
 
@@ -148,10 +147,7 @@ async def _bench_mix(
         f"[{mix}] end to end: one DatabaseAgent process drains the backlog "
         f"(best of {PASSES} passes, each into a fresh database)"
     )
-    drains = []
-    for _ in range(PASSES):
-        async with _scratch_database(config) as url:
-            drains.append(await _drain(config, url, prefix, processes=1))
+    drains = await _in_fresh_databases(config, lambda url: _drain(config, url, prefix, processes=1))
     e2e_rate, _, curve = max(drains, key=lambda drain: drain[0])
     rss = max(drain[1] for drain in drains)
     report(
@@ -616,6 +612,17 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+async def _in_fresh_databases(
+    config: Config, measure: Callable[[str], Awaitable[Measured]]
+) -> list[Measured]:
+    """``measure`` once per pass, each time against a fresh scratch database."""
+    results = []
+    for _ in range(PASSES):
+        async with _scratch_database(config) as url:
+            results.append(await measure(url))
+    return results
 
 
 @contextlib.asynccontextmanager
