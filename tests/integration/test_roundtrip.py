@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+
 import asyncpg
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from pipeline import db
 from pipeline.devstack import Endpoints
 from tests.conftest import CreateTopic
 
@@ -57,3 +61,47 @@ async def test_rows_copied_are_read_back(database_url: str) -> None:
         assert (count, total) == (1000, sum(range(1000)))
     finally:
         await conn.close()
+
+
+async def test_the_ingest_connection_writes_timestamps_and_json_exactly(database_url: str) -> None:
+    """db.connect's own codecs (jsonb from raw bytes, timestamptz from microseconds) against
+    what PostgreSQL and a plain asyncpg connection make of the same values."""
+    instants = [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2000, 1, 1, tzinfo=UTC),
+        datetime(2026, 11, 24, 9, 15, 0, 1, tzinfo=timezone(timedelta(hours=-7, minutes=-30))),
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+    ]
+    texts = [
+        "0001-01-01 00:00:00+00",
+        "1999-12-31 23:59:59.999999+00",
+        "2000-01-01 00:00:00+00",
+        "2026-11-24 16:45:00.000001+00",
+        "9999-12-31 23:59:59.999999+00",
+    ]
+    ingest = await db.connect(database_url, command_timeout=10)
+    plain = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await plain.execute("SET TIME ZONE 'UTC'")
+        await ingest.execute("CREATE TABLE t (id int, ts timestamptz, body jsonb)")
+        await ingest.copy_records_to_table(
+            "t", records=[(i, ts, msgspec.Raw(b'{"i": %d}' % i)) for i, ts in enumerate(instants)]
+        )
+        stored = await plain.fetch(
+            "SELECT ts::text AS text, ts, body->>'i' AS i FROM t ORDER BY id"
+        )
+        assert [r["text"] for r in stored] == texts
+        assert [r["ts"] for r in stored] == instants
+        assert [r["i"] for r in stored] == [str(i) for i in range(len(instants))]
+        read_back = await ingest.fetch(
+            "SELECT ts FROM t UNION ALL SELECT 'infinity' UNION ALL SELECT '-infinity'"
+        )
+        assert [r["ts"] for r in read_back] == [
+            *instants,
+            datetime.max.replace(tzinfo=UTC),
+            datetime.min.replace(tzinfo=UTC),
+        ]
+    finally:
+        await plain.close()
+        await ingest.close()

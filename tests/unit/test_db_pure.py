@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
@@ -13,7 +14,9 @@ from pipeline.db import (
     ClientDataError,
     _count,
     _decode_jsonb,
+    _decode_timestamptz,
     _encode_jsonb,
+    _encode_timestamptz,
     _upsert_statement,
     classify,
     read_migrations,
@@ -314,6 +317,33 @@ def test_jsonb_binary_encoding(value: object, wire: bytes) -> None:
 
 def test_jsonb_binary_decoding() -> None:
     assert _decode_jsonb(b'\x01{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+
+
+_PLUS_TWO = timezone(timedelta(hours=2))
+
+
+@pytest.mark.parametrize(
+    ("value", "micros"),
+    [
+        pytest.param(datetime(2000, 1, 1, tzinfo=UTC), 0, id="postgres-epoch"),
+        pytest.param(datetime(2000, 1, 1, 2, tzinfo=_PLUS_TWO), 0, id="epoch-at-another-offset"),
+        pytest.param(datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC), 1, id="one-microsecond"),
+        pytest.param(datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), -1, id="before"),
+        pytest.param(
+            datetime(2026, 11, 24, 12, 30, 5, 123_456, tzinfo=UTC),
+            (9824 * 86_400 + 12 * 3600 + 30 * 60 + 5) * 1_000_000 + 123_456,
+            id="a-recent-instant",
+        ),
+    ],
+)
+def test_timestamptz_binary_encoding_and_back(value: datetime, micros: int) -> None:
+    assert _encode_timestamptz(value) == (micros,)
+    assert _decode_timestamptz((micros,)) == value
+
+
+def test_timestamptz_infinities_decode_to_the_extremes() -> None:
+    assert _decode_timestamptz((2**63 - 1,)) == datetime.max.replace(tzinfo=UTC)
+    assert _decode_timestamptz((-(2**63),)) == datetime.min.replace(tzinfo=UTC)
 
 
 def test_a_value_the_client_cannot_encode_is_a_data_error_not_a_retry() -> None:
