@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,15 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="end-to-end throughput against the raw limits, measured in one run"
     )
-    bench.add_argument("--records", type=int, default=1_000_000, help="backlog per mix (1M)")
+    count, amount = _positive(int), _positive(float)
+    bench.add_argument("--records", type=count, default=1_000_000, help="backlog per mix (1M)")
     bench.add_argument(
-        "--latency-rate", type=float, default=20_000, help="records/s of the latency run (20k)"
+        "--latency-rate", type=amount, default=20_000, help="records/s of the latency run (20k)"
     )
     bench.add_argument(
-        "--latency-seconds", type=float, default=60, help="length of the latency run (60)"
+        "--latency-seconds", type=amount, default=60, help="length of the latency run (60)"
     )
     bench.add_argument(
-        "--memory-records", type=int, default=5_000_000, help="backlog of the memory run (5M)"
+        "--memory-records", type=count, default=5_000_000, help="backlog of the memory run (5M)"
     )
     bench.add_argument(
         "--quick",
@@ -111,9 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         help="about a minute: 100k records per mix, 5k records/s for 10 s, 200k for memory",
     )
     bench.add_argument(
-        "--mix", action="append", help="metrics-heavy and/or events-heavy (default both)"
+        "--mix",
+        action="append",
+        choices=["metrics-heavy", "events-heavy"],
+        help="metrics-heavy and/or events-heavy (default both)",
     )
-    bench.add_argument("--partitions", type=int, default=6, help="partitions per topic (6)")
+    bench.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
     bench.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
     bench.add_argument("--json", type=Path, help="write the results as JSON here")
     bench.add_argument(
@@ -130,6 +134,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_bench)
     return parser
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` above zero, or a usage error that says so."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
 
 
 def _simulation_options(parser: argparse.ArgumentParser, rate: float, duration: float) -> None:

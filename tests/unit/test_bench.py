@@ -1,8 +1,11 @@
-"""The bench's pure parts: how a py-spy profile is summarised."""
+"""The bench's pure parts: its options, and how a py-spy profile is summarised."""
 
 from __future__ import annotations
 
+import pytest
+
 from consumers.bench import profile_breakdown
+from pipeline import cli
 
 LOOP = "main (pipeline/cli.py:38);BaseEventLoop.run_forever (asyncio/base_events.py:607)"
 FILL = f"{LOOP};DatabaseAgent._fill_batch (consumers/agent.py:206)"
@@ -41,3 +44,26 @@ def test_profile_breakdown_charges_each_sample_to_its_innermost_known_owner() ->
 
 def test_profile_breakdown_of_no_samples_says_so() -> None:
     assert profile_breakdown("") == "no samples"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["--latency-seconds", "0"], "argument --latency-seconds: must be above 0, got 0"
+        ),
+        pytest.param(["--records", "-5"], "argument --records: must be above 0, got -5"),
+        pytest.param(
+            ["--records", "1.5"], "argument --records: expected a whole number, got '1.5'"
+        ),
+        pytest.param(["--latency-rate", "fast"], "argument --latency-rate: expected a number"),
+        pytest.param(["--mix", "bogus"], "argument --mix: invalid choice: 'bogus'"),
+    ],
+)
+def test_bench_options_are_checked_before_anything_starts(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
