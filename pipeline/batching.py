@@ -3,8 +3,8 @@
 A batch collects fetched records, decoded as they arrive, until it is full by records, by
 bytes or by age. When it is
 written, each partition's stored offset moves from where the database says it is
-(``expected``) to one past the last record in the batch: the compare-and-set of DESIGN.md
-section 4.
+(``expected``) to one past the last record in the batch: the compare-and-set of
+docs/exactly-once.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Everything that talks to PostgreSQL: connections, migrations, writers, offsets.
 
-The pieces of the exactly-once protocol (DESIGN.md section 4): the offset compare-and-set,
+The pieces of the exactly-once protocol (docs/exactly-once.md): the offset compare-and-set,
 the writers and the dead letters, which the DatabaseAgent commits in one transaction.
 """
 

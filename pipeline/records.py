@@ -1,4 +1,4 @@
-"""The five data streams' wire records (DESIGN.md section 2, a contract).
+"""The five data streams' wire records (a contract: docs/architecture.md).
 
 JSON by default, MessagePack when the record's ``content-type`` header says
 ``application/msgpack``. Unknown fields are ignored and every field added later must have a

@@ -1,4 +1,4 @@
--- The five streams' tables (DESIGN.md sections 2 and 3).
+-- The five streams' tables (docs/architecture.md).
 -- Every data row carries its provenance: the Kafka partition and offset it came from and the
 -- ingest batch that wrote it, so any row can be traced back to its record and rolled back.
 -- No column has a volatile default: COPY's multi-row insert path stays on.

@@ -1,7 +1,7 @@
 -- What is ingested, what was rejected, and what the control plane did.
 
 -- The source of truth for what is ingested: one row per (group, topic, partition), moved by
--- compare-and-set in the same transaction as the rows it covers (DESIGN.md section 4).
+-- compare-and-set in the same transaction as the rows it covers (docs/exactly-once.md).
 CREATE TABLE ingest_offsets (
     group_id    text        NOT NULL,
     topic       text        NOT NULL,
@@ -29,7 +29,7 @@ CREATE TABLE dead_letters (
     UNIQUE (group_id, src_topic, src_partition, src_offset)
 );
 
--- Control commands received and applied or rejected, and status reports (DESIGN.md section 5).
+-- Control commands received and applied or rejected, and status reports (docs/architecture.md).
 CREATE TABLE control_log (
     id          bigserial   PRIMARY KEY,
     direction   text        NOT NULL CHECK (direction IN ('command', 'status')),

@@ -1,4 +1,4 @@
--- Least privilege (DESIGN.md section 3): a migrator owns the schema, a writer ingests, a
+-- Least privilege (docs/architecture.md): a migrator owns the schema, a writer ingests, a
 -- reader reads. These are group roles without login: grant them to the login roles you use.
 -- Roles are cluster-wide; another database on the same server may have created them already.
 DO $$

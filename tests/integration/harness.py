@@ -1,5 +1,5 @@
 """What the DatabaseAgent tests share: traffic, a recording producer, agent processes, and
-the oracle of RELIABILITY.md.
+the exactly-once oracle (docs/exactly-once.md).
 
 The oracle compares the database with what was SENT, record by record, using each row's
 provenance (source partition and offset): never the tables with themselves.

@@ -1,4 +1,4 @@
-"""Record bytes -> COPY rows: the wire contract of DESIGN.md section 2, decoded exactly."""
+"""Record bytes -> COPY rows: the wire contract of docs/architecture.md, decoded exactly."""
 
 from __future__ import annotations
 
