@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from pipeline.errors import ConfigError
-from pipeline.records import STREAM_BY_NAME, STREAMS
+from pipeline.kafka_clients import KafkaSettings
+from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -44,6 +46,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"
+    # This instance's name and its Kafka client id; load_config resolves "" to host-pid.
     instance_id: str = ""
 
     def __post_init__(self) -> None:
@@ -65,7 +68,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def topic(self, default_name: str) -> str:
-        return f"{self.topic_prefix}{default_name}"
+        """A topic's deployed name: :func:`pipeline.records.topic_name` with this prefix."""
+        return topic_name(default_name, self.topic_prefix)
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        """How this instance's Kafka clients connect; the instance id is their client id."""
+        return KafkaSettings(
+            bootstrap_servers=self.kafka_bootstrap_servers, client_id=self.instance_id
+        )
 
 
 def env_name(field: str) -> str:
@@ -77,7 +88,11 @@ def load_config(
     toml_path: Path | None = None,
     **overrides: Any,
 ) -> Config:
-    """Build the config: TOML file, then environment variables, then explicit overrides."""
+    """Build the config: TOML file, then environment variables, then explicit overrides.
+
+    An empty or unset ``instance_id`` becomes :func:`default_instance_id` (host-pid), so
+    every process has a name, in its logs and as its Kafka client id.
+    """
     values: dict[str, Any] = {}
     if toml_path is not None:
         try:
@@ -91,10 +106,17 @@ def load_config(
         if raw is not None:
             values[field] = raw.split(",") if field == "streams" else raw
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("instance_id") in (None, ""):
+        values["instance_id"] = default_instance_id()
     try:
         return msgspec.convert(values, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_name_the_field(str(exc))) from None
+
+
+def default_instance_id() -> str:
+    """``PIPELINE_INSTANCE_ID``'s default: this host's name and this process's pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _name_the_field(message: str) -> str:

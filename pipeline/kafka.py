@@ -1,4 +1,7 @@
-"""Everything that talks to Kafka for the DatabaseAgent: topics, the consumer, dead letters."""
+"""Everything that talks to Kafka for the DatabaseAgent: topics, the consumer, dead letters.
+
+Every client here comes from :mod:`pipeline.kafka_clients`, built from ``config.kafka``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,16 @@ import logging
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata
 
+from pipeline import kafka_clients
 from pipeline.batching import OffsetMove
 from pipeline.config import Config
 from pipeline.db import DeadLetter
 from pipeline.errors import TransientError
+from pipeline.kafka_clients import KafkaSettings, kafka_settings
 from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
 
 log = logging.getLogger(__name__)
@@ -36,12 +41,15 @@ def data_topics(config: Config) -> list[str]:
     return [config.topic(STREAM_BY_NAME[name].topic) for name in config.streams]
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> list[str]:
+async def ensure_topics(
+    kafka: KafkaSettings | str, topics: Iterable[str], partitions: int
+) -> list[str]:
     """Create the topics that do not exist yet; return the ones created.
 
-    Several instances may start together: a topic another one created first is fine.
+    ``kafka`` is ``config.kafka``; bootstrap servers alone (a string) still work. Several
+    instances may start together: a topic another one created first is fine.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    admin = kafka_clients.admin(kafka_settings(kafka), request_timeout_ms=30_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -59,11 +67,11 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) 
 
 
 def make_consumer(config: Config, listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
-    """A group member with the safe settings: no auto-commit, positions from the database."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=config.kafka_bootstrap_servers,
+    """A group member with the safe settings: no auto-commit, positions from the database.
+    Its client id is the instance id."""
+    consumer = kafka_clients.consumer(
+        config.kafka,
         group_id=config.group_id,
-        client_id=config.instance_id or None,
         enable_auto_commit=False,  # the database holds the offsets; Kafka gets a mirror
         auto_offset_reset="earliest",  # only used before a partition is positioned
         isolation_level="read_committed",
@@ -79,8 +87,10 @@ def make_consumer(config: Config, listener: ConsumerRebalanceListener) -> AIOKaf
 
 
 async def start_dead_letter_producer(config: Config) -> AIOKafkaProducer:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=config.kafka_bootstrap_servers,
+    """The DLQ topic's producer (idempotent, acks=all), started; its client id is the
+    instance id."""
+    producer = kafka_clients.producer(
+        config.kafka,
         acks="all",
         enable_idempotence=True,
         request_timeout_ms=30_000,
@@ -165,9 +175,12 @@ async def mirror_offsets(consumer: AIOKafkaConsumer, moves: Iterable[OffsetMove]
         log.debug("mirroring offsets to Kafka failed (the database has them): %r", exc)
 
 
-async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
-    """The end offset of every partition of ``topics``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def end_offsets(
+    kafka: KafkaSettings | str, topics: Iterable[str]
+) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of ``topics`` (``kafka`` as in :func:`ensure_topics`)."""
+    settings = kafka_settings(kafka)
+    admin = kafka_clients.admin(settings)
     await admin.start()
     try:
         described = await admin.describe_topics(list(topics))
@@ -178,7 +191,7 @@ async def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, 
         for topic in described
         for p in topic["partitions"]
     ]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = kafka_clients.consumer(settings)
     await consumer.start()
     try:
         ends = await consumer.end_offsets(partitions)

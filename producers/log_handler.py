@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import JSON, AgentEvent
 from producers.publisher import AgentPublisher, PublishError
 
@@ -77,7 +78,7 @@ class KafkaLogHandler(logging.Handler):
     or ``sink`` (any :data:`LogSink`, e.g. for tests or to share a transport).
 
     Args:
-        bootstrap: Kafka bootstrap servers.
+        bootstrap: Kafka's connection settings, or its bootstrap servers.
         agent_id: the agent the events belong to (their key, so they stay ordered).
         topic_prefix: prepended to the events topic's default name.
         level: the handler's level.
@@ -94,7 +95,7 @@ class KafkaLogHandler(logging.Handler):
 
     def __init__(
         self,
-        bootstrap: str | None = None,
+        bootstrap: KafkaSettings | str | None = None,
         *,
         agent_id: str,
         topic_prefix: str = "",

@@ -23,11 +23,13 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from aiokafka import AIOKafkaProducer
+import msgspec
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
+from pipeline import kafka_clients
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.kafka_clients import KafkaSettings, kafka_settings
 from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
@@ -110,12 +112,13 @@ class AgentPublisher:
     so one entity's records stay ordered in one partition.
 
     Args:
-        bootstrap: Kafka bootstrap servers, ``host:port[,host:port...]``.
+        bootstrap: how to reach Kafka: :class:`pipeline.kafka_clients.KafkaSettings`, or
+            just the bootstrap servers, ``host:port[,host:port...]``.
         topic_prefix: prepended to every default topic name (``PIPELINE_TOPIC_PREFIX``).
         content_type: :data:`pipeline.records.JSON` or :data:`pipeline.records.MSGPACK`.
         send_timeout: seconds any one call may wait on the broker (start, send, flush, stop).
         **producer_overrides: passed to :class:`aiokafka.AIOKafkaProducer` over
-            :data:`PRODUCER_DEFAULTS`.
+            :data:`PRODUCER_DEFAULTS` (a ``client_id`` here wins over the settings' one).
 
     Raises:
         ConfigError: ``content_type`` or ``send_timeout`` is invalid.
@@ -123,7 +126,7 @@ class AgentPublisher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: KafkaSettings | str,
         topic_prefix: str = "",
         content_type: str = JSON,
         send_timeout: float = 10.0,
@@ -137,7 +140,12 @@ class AgentPublisher:
             raise ConfigError(
                 f"send_timeout: must be a positive number of seconds, got {send_timeout!r}"
             )
-        self.bootstrap = bootstrap
+        settings = kafka_settings(bootstrap)
+        if "client_id" in producer_overrides:  # the SDK took it as a producer setting
+            client_id = producer_overrides.pop("client_id")
+            settings = msgspec.structs.replace(settings, client_id=client_id or "")
+        self.kafka = settings
+        self.bootstrap = settings.bootstrap_servers
         self.topic_prefix = topic_prefix
         self.content_type = content_type
         self.send_timeout = float(send_timeout)
@@ -174,7 +182,7 @@ class AgentPublisher:
         deadline = time.monotonic() + self.send_timeout
         backoff, max_backoff = _BOOTSTRAP_BACKOFF
         while True:
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **self._settings)
+            producer = kafka_clients.producer(self.kafka, **self._settings)
             remaining = deadline - time.monotonic()
             try:
                 async with asyncio.timeout(max(remaining, 0.001)):

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
     JSON,
     STREAM_BY_TYPE,
@@ -408,7 +409,7 @@ class SimulationResult:
 
 
 async def simulate(
-    bootstrap: str,
+    bootstrap: KafkaSettings | str,
     *,
     agents: int = 143,
     rate: float = 1000.0,
@@ -434,7 +435,7 @@ async def simulate(
     fewer than ``rate * duration`` and reports the rate it achieved.
 
     Args:
-        bootstrap: Kafka bootstrap servers.
+        bootstrap: Kafka's connection settings, or its bootstrap servers.
         agents: fleet size.
         rate: target records per second.
         duration: seconds to run.

@@ -18,10 +18,10 @@ from typing import Any
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from pipeline import kafka_clients
 from pipeline.devstack import Endpoints, kafka
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.devstack.stack import cache_root
@@ -37,6 +37,7 @@ from pipeline.records import (
     Metric,
     Record,
     Stream,
+    topic_name,
 )
 from producers.log_handler import KafkaLogHandler
 from producers.publisher import AgentPublisher, PublishError, PublishTimeoutError
@@ -57,8 +58,10 @@ async def _consume_all(
     bootstrap: str, topics: list[str], partitions: int
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record in ``topics`` (``partitions`` each), read to the end offsets: all of them."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    consumer = kafka_clients.consumer(
+        kafka_clients.kafka_settings(bootstrap),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     try:
@@ -274,8 +277,8 @@ async def test_a_missing_topic_times_out_naming_it(endpoints: Endpoints, unique:
             with pytest.raises(PublishTimeoutError) as raised:
                 await send(record)
             assert 1.9 <= time.monotonic() - started < 3.5
-            assert raised.value.topic == f"{prefix}agents.events"
-            assert f"{prefix}agents.events" in str(raised.value)
+            assert raised.value.topic == topic_name("agents.events", prefix)
+            assert topic_name("agents.events", prefix) in str(raised.value)
 
 
 async def test_an_unreachable_broker_times_out(refused_address: str) -> None:
@@ -328,7 +331,7 @@ async def test_a_frozen_broker_bounds_every_call_and_stop_still_closes(
     (aio-libs/aiokafka#1101): with the broker frozen (SIGSTOP: connections stay open, nothing
     answers), each call must still return at its bound and stop() must release everything."""
     bootstrap, pid = own_broker
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
     await admin.start()
     try:
         await admin.create_topics([NewTopic("agents.metrics", 1, replication_factor=1)])

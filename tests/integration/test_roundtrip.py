@@ -6,9 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from pipeline import db
+from pipeline import db, kafka_clients
 from pipeline.devstack import Endpoints
 from tests.conftest import CreateTopic
 
@@ -18,9 +17,7 @@ async def test_records_produced_are_consumed_back(
 ) -> None:
     topic = await create_topic(partitions=3)
     sent = {f"key-{i}".encode(): f"value-{i}".encode() for i in range(500)}
-    producer = AIOKafkaProducer(
-        bootstrap_servers=endpoints.kafka_bootstrap, acks="all", enable_idempotence=True
-    )
+    producer = kafka_clients.producer(endpoints.kafka, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         for key, value in sent.items():
@@ -29,9 +26,9 @@ async def test_records_produced_are_consumed_back(
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(
+    consumer = kafka_clients.consumer(
+        endpoints.kafka,
         topic,
-        bootstrap_servers=endpoints.kafka_bootstrap,
         group_id=unique,
         auto_offset_reset="earliest",
         enable_auto_commit=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,12 @@ import pytest
 
 from pipeline.config import Config, env_name, load_config, redact_url
 from pipeline.errors import ConfigError
+from pipeline.kafka_clients import KafkaSettings
 
 PASSWORD = "s3cr3t-Pa55"
 DATABASE_URL = f"postgresql://ingest:{PASSWORD}@db.example:5432/agents"
 ENV = {"KAFKA_BOOTSTRAP_SERVERS": "kafka1:9092,kafka2:9092", "DATABASE_URL": DATABASE_URL}
+HOST_PID = f"{socket.gethostname()}-{os.getpid()}"
 
 DEFAULTS = {
     "kafka_bootstrap_servers": "kafka1:9092,kafka2:9092",
@@ -31,7 +35,7 @@ DEFAULTS = {
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
-    "instance_id": "",
+    "instance_id": HOST_PID,
 }
 
 
@@ -347,6 +351,35 @@ def test_config_is_frozen() -> None:
 def test_topic_names_take_the_prefix(prefix: str, topic: str) -> None:
     config = load_config({**ENV, "PIPELINE_TOPIC_PREFIX": prefix})
     assert config.topic("agents.states") == topic
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        pytest.param(ENV, id="unset"),
+        pytest.param({**ENV, "PIPELINE_INSTANCE_ID": ""}, id="empty"),
+    ],
+)
+def test_an_unnamed_instance_is_named_after_its_host_and_pid(environ: dict[str, str]) -> None:
+    assert load_config(environ).instance_id == HOST_PID
+
+
+def test_an_empty_instance_id_in_the_file_is_named_too(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('instance_id = ""\n')
+    assert load_config(ENV, path).instance_id == HOST_PID
+
+
+def test_a_given_instance_id_is_kept() -> None:
+    assert load_config({**ENV, "PIPELINE_INSTANCE_ID": "db-agent-3"}).instance_id == "db-agent-3"
+    assert load_config(ENV, instance_id="db-agent-4").instance_id == "db-agent-4"
+
+
+def test_kafka_settings_carry_the_instance_id_as_client_id() -> None:
+    assert load_config({**ENV, "PIPELINE_INSTANCE_ID": "db-agent-3"}).kafka == KafkaSettings(
+        bootstrap_servers="kafka1:9092,kafka2:9092", client_id="db-agent-3"
+    )
+    assert load_config(ENV).kafka.client_id == HOST_PID
 
 
 @pytest.mark.parametrize(
