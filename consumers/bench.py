@@ -19,17 +19,20 @@ Then, once: the peak RSS of one agent draining a large backlog (``memory_records
 With ``profile`` set, one more drain per mix runs the agent under py-spy (sampling from
 outside, so that drain is not one of the measured ones) and prints where its time goes.
 Ratios compare numbers measured in the same run, because these machines are shared and noisy.
+
+Topics, producing, offsets, scratch databases and agent processes come from
+:mod:`pipeline.testbed`, which the integration tests use too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -41,18 +44,20 @@ from pathlib import Path
 from typing import TypeVar
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
-from pipeline import db
+from pipeline import db, kafka_clients, testbed
 from pipeline import kafka as kafka_io
 from pipeline.batching import Row, lag
 from pipeline.config import Config
-from pipeline.records import DLQ_TOPIC, STREAM_BY_TYPE, STREAMS, Record, encode
+from pipeline.kafka_clients import KafkaSettings
+from pipeline.records import STREAM_BY_TYPE, STREAMS, Record, encode, topic_name
 from pipeline.rows import DECODERS
+from pipeline.testbed import AgentProcess
 
 RecordSource = Callable[[str, int], Iterator[list[Record]]]  # (mix, count) -> chunks
-# (bootstrap, topic prefix, mix, records/s, seconds) -> records published
-Publisher = Callable[[str, str, str, float, float], Awaitable[int]]
+# (Kafka, topic prefix, mix, records/s, seconds) -> records published
+Publisher = Callable[[KafkaSettings, str, str, float, float], Awaitable[int]]
 RAW_COPY_SAMPLE = 200_000  # about this many records for the raw COPY limit: a stable rate
 # Runs of a few seconds are at the mercy of the machine (a neighbour, the kernel writing back
 # dirty pages): both sides of the ratio are the best of this many passes.
@@ -99,6 +104,21 @@ class MemoryResult:
     rows_per_s: float
 
 
+def missing_extras(profile: bool) -> list[str]:
+    """What the bench extra provides that this run needs and the environment lacks:
+    matplotlib (the PNG) always, py-spy with ``profile``."""
+    missing = []
+    if importlib.util.find_spec("matplotlib") is None:
+        missing.append("matplotlib (it draws the PNG)")
+    if profile and _py_spy() is None:
+        missing.append("py-spy (for --profile)")
+    return missing
+
+
+def _py_spy() -> str | None:
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
 async def run_bench(
     config: Config,
     source: RecordSource,
@@ -139,7 +159,7 @@ async def _bench_mix(
         f"[{mix}] raw COPY: {len(sample):,} decoded rows, the agent's writers, no Kafka "
         f"(best of {PASSES} passes, each into a fresh database)"
     )
-    rates = await _in_fresh_databases(config, lambda url: _raw_copy(url, config, sample))
+    rates = await _in_fresh_databases(config, lambda url: _raw_copy(url, config, prefix, sample))
     copy_rate = max(rates)
     report(f"[{mix}]   {copy_rate:,.0f} rows/s (passes: {', '.join(f'{r:,.0f}' for r in rates)})")
 
@@ -277,43 +297,29 @@ async def _backlog(
 ) -> str:
     """Fresh topics holding ``records`` records of ``mix``; returns their prefix."""
     prefix = await _fresh_topics(config, partitions)
-    await _produce(config.kafka_bootstrap_servers, prefix, source(mix, records))
+    topics = {s.name: topic_name(s.topic, prefix) for s in STREAMS}
+
+    def messages(chunk: list[Record]) -> list[testbed.Message]:
+        found = []
+        for record in chunk:
+            stream = STREAM_BY_TYPE[type(record)]
+            found.append(testbed.Message(topics[stream.name], encode(record), stream.key(record)))
+        return found
+
+    await testbed.produce(
+        config.kafka,
+        map(messages, source(mix, records)),
+        linger_ms=20,
+        max_batch_size=512 * 1024,
+        compression_type="lz4",
+    )
     return prefix
 
 
 async def _fresh_topics(config: Config, partitions: int) -> str:
     prefix = f"bench{uuid.uuid4().hex[:8]}."
-    await kafka_io.ensure_topics(
-        config.kafka_bootstrap_servers,
-        [prefix + s.topic for s in STREAMS] + [prefix + DLQ_TOPIC],
-        partitions,
-    )
+    await testbed.create_topics(config.kafka, prefix, partitions)
     return prefix
-
-
-async def _produce(bootstrap: str, prefix: str, chunks: Iterator[list[Record]]) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=20,
-        max_batch_size=512 * 1024,
-        compression_type="lz4",
-    )
-    await producer.start()
-    try:
-        for chunk in chunks:
-            futures = []
-            for record in chunk:
-                stream = STREAM_BY_TYPE[type(record)]
-                futures.append(
-                    await producer.send(
-                        prefix + stream.topic, encode(record), key=stream.key(record)
-                    )
-                )
-            await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def _raw_consume(
@@ -322,10 +328,9 @@ async def _raw_consume(
     """Drain the backlog with nothing but aiokafka; keep a sample of the records: every
     k-th offset of every partition, so that the sample has the backlog's mix of streams
     (the first records consumed would not: small topics arrive whole, first)."""
-    topics = [prefix + s.topic for s in STREAMS]
-    ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, topics)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=config.kafka_bootstrap_servers,
+    ends = await testbed.end_offsets(config.kafka, prefix)
+    consumer = kafka_clients.consumer(
+        config.kafka,
         enable_auto_commit=False,
         fetch_max_bytes=config.fetch_max_bytes,
         max_partition_fetch_bytes=min(config.fetch_max_bytes, 8 * 1024 * 1024),
@@ -354,12 +359,14 @@ async def _raw_consume(
     return seen / elapsed, sample
 
 
-async def _raw_copy(url: str, config: Config, sample: list[tuple[str, int, int, bytes]]) -> float:
+async def _raw_copy(
+    url: str, config: Config, prefix: str, sample: list[tuple[str, int, int, bytes]]
+) -> float:
     """Write the decoded sample with the agent's writers, batch by batch, one transaction each."""
-    decoders = {s.topic: DECODERS[s.name] for s in STREAMS}
+    decoders = {topic_name(s.topic, prefix): DECODERS[s.name] for s in STREAMS}
     rows: dict[str, list[Row]] = defaultdict(list)
     for topic, partition, offset, value in sample:
-        decoder = decoders[topic.split(".", 1)[1]]
+        decoder = decoders[topic]
         rows[decoder.stream.name].append(decoder.row(value, (), partition, offset, 1))
     conn = await db.connect(url, config.db_command_timeout_s)
     try:
@@ -393,22 +400,22 @@ async def _drain(
 
     Returns rows/s, the agents' summed peak RSS in MB, and (seconds, rows ingested) samples.
     """
-    ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, _topics(prefix))
+    ends = await testbed.end_offsets(config.kafka, prefix)
     total = sum(ends.values())
     group = f"{prefix}agents"
-    agents = [await _start_agent(config, url, prefix, group, profile_to) for _ in range(processes)]
+    agents = [_start_agent(config, url, prefix, group, profile_to) for _ in range(processes)]
     curve: list[tuple[float, int]] = []
     conn = await asyncpg.connect(url, timeout=10)
     try:
         while True:
-            stored = await _stored(conn, group)
+            stored = await testbed.stored_offsets(conn, group)
             now = time.perf_counter()
             if len(stored) == len(ends):  # every partition positioned: the clock runs
                 remaining = lag(ends, stored)
                 curve.append((now, total - remaining))
                 if remaining == 0:
                     break
-            if any(a.returncode is not None for a in agents):
+            if not all(a.alive() for a in agents):
                 raise RuntimeError("a DatabaseAgent exited during the benchmark")
             await asyncio.sleep(0.02)
         rss = sum(_peak_rss_mb(a.pid) for a in agents) if profile_to is None else float("nan")
@@ -418,8 +425,8 @@ async def _drain(
             for spy in agents:
                 for child in _children(spy.pid):
                     os.kill(child, signal.SIGTERM)
-                await asyncio.wait_for(spy.wait(), 60)
-        await _stop_agents(agents)
+                await asyncio.to_thread(spy.wait, 60)
+        await testbed.stop_agents(agents)
     (t0, n0), (t1, n1) = curve[0], curve[-1]
     rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("inf")
     return rate, rss, [(t - t0, n) for t, n in curve]
@@ -431,35 +438,35 @@ async def _latency(
     """Latencies (ms, sorted) of records published at a steady rate, and the rate achieved."""
     prefix = await _fresh_topics(config, plan.partitions)
     group = f"{prefix}agents"
-    agents = [await _start_agent(config, url, prefix, group)]
+    agents = [_start_agent(config, url, prefix, group)]
     polls: list[tuple[float, dict[tuple[str, int], int]]] = []
     conn = await asyncpg.connect(url, timeout=10)
     try:
         # Ready when every partition is positioned (has its row in ingest_offsets).
         partitions = len(STREAMS) * plan.partitions
-        while len(await _stored(conn, group)) < partitions:  # noqa: ASYNC110 - polls PostgreSQL
+        while len(await testbed.stored_offsets(conn, group)) < partitions:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         stop = asyncio.Event()
 
         async def poll() -> None:
             while not stop.is_set():
-                polls.append((time.time(), await _stored(conn, group)))
+                polls.append((time.time(), await testbed.stored_offsets(conn, group)))
                 await asyncio.sleep(POLL_S)
 
         poller = asyncio.create_task(poll())
         started = time.perf_counter()
         published = await publish(
-            config.kafka_bootstrap_servers, prefix, mix, plan.latency_rate, plan.latency_seconds
+            config.kafka, prefix, mix, plan.latency_rate, plan.latency_seconds
         )
         achieved = published / (time.perf_counter() - started)
-        ends = await kafka_io.end_offsets(config.kafka_bootstrap_servers, _topics(prefix))
+        ends = await testbed.end_offsets(config.kafka, prefix)
         while any(polls[-1][1].get(tp, 0) < end for tp, end in ends.items()):  # noqa: ASYNC110
             await asyncio.sleep(POLL_S)  # the poller task is what moves polls[-1]
         stop.set()
         await poller
     finally:
         await conn.close()
-        await _stop_agents(agents)
+        await testbed.stop_agents(agents)
     timestamps = await _timestamps(config, ends)
     latencies: list[float] = []
     for tp, stamps in timestamps.items():
@@ -476,9 +483,7 @@ async def _timestamps(
     config: Config, ends: dict[tuple[str, int], int]
 ) -> dict[tuple[str, int], array[int]]:
     """Every record's Kafka timestamp (ms), by partition and offset, read back from Kafka."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=config.kafka_bootstrap_servers, enable_auto_commit=False
-    )
+    consumer = kafka_clients.consumer(config.kafka, enable_auto_commit=False)
     await consumer.start()
     found = {tp: array("q", bytes(8 * end)) for tp, end in ends.items()}
     try:
@@ -558,49 +563,26 @@ def _percentile(ordered: list[float], percent: float) -> float:
     return ordered[index]
 
 
-def _topics(prefix: str) -> list[str]:
-    return [prefix + s.topic for s in STREAMS]
-
-
-async def _stored(conn: asyncpg.Connection, group: str) -> dict[tuple[str, int], int]:
-    try:
-        return await db.stored_offsets(conn, group)
-    except asyncpg.UndefinedTableError:
-        return {}  # the agent has not migrated yet
-
-
-async def _start_agent(
+def _start_agent(
     config: Config, url: str, prefix: str, group: str, profile_to: Path | None = None
-) -> asyncio.subprocess.Process:
-    env = dict(os.environ)
-    env.update(
-        KAFKA_BOOTSTRAP_SERVERS=config.kafka_bootstrap_servers,
-        DATABASE_URL=url,
-        PIPELINE_TOPIC_PREFIX=prefix,
-        PIPELINE_GROUP_ID=group,
-        PIPELINE_METRICS_ADDRESS="",
-        PIPELINE_BATCH_MAX_RECORDS=str(config.batch_max_records),
+) -> AgentProcess:
+    env = testbed.agent_env(
+        config.kafka_bootstrap_servers,
+        url,
+        prefix,
+        group,
+        batch_max_records=config.batch_max_records,
     )
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--log-level", "WARNING"]
+    wrapper: list[str] = []
     if profile_to is not None:
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        spy = _py_spy()
         if spy is None:
             raise RuntimeError("--profile needs py-spy: pip install -e '.[bench]'")
         profile_to.parent.mkdir(parents=True, exist_ok=True)
         # --idle: time spent waiting for PostgreSQL or Kafka shows as such.
-        command = [spy, "record", "-r", "200", "--idle", "--format", "raw", "-o", str(profile_to),
-                   "--", *command]  # fmt: skip
-    return await asyncio.create_subprocess_exec(
-        *command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-    )
-
-
-async def _stop_agents(agents: list[asyncio.subprocess.Process]) -> None:
-    for agent in agents:
-        if agent.returncode is None:
-            agent.terminate()
-    for agent in agents:
-        await asyncio.wait_for(agent.wait(), 60)
+        wrapper = [spy, "record", "-r", "200", "--idle", "--format", "raw", "-o", str(profile_to),
+                   "--"]  # fmt: skip
+    return AgentProcess(env, args=["--log-level", "WARNING"], wrapper=wrapper).start()
 
 
 def _children(pid: int) -> list[int]:
@@ -634,29 +616,16 @@ async def _scratch_database(config: Config) -> AsyncIterator[str]:
     stays on.)
     """
     name = f"bench_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(config.database_url, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    base, _, query = config.database_url.partition("?")
-    url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    conn = await db.connect(url, config.db_command_timeout_s)
-    try:
-        await db.migrate(conn, db.read_migrations())
-        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        for row in tables:
-            await conn.execute(
-                f'ALTER TABLE "{row[0]}" SET (autovacuum_enabled = off, '
-                "toast.autovacuum_enabled = off)"
-            )
-    finally:
-        await conn.close()
-    try:
-        yield url
-    finally:
-        conn = await asyncpg.connect(config.database_url, timeout=10)
+    async with testbed.scratch_database(config.database_url, name) as url:
+        conn = await db.connect(url, config.db_command_timeout_s)
         try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await db.migrate(conn, db.read_migrations())
+            tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            for row in tables:
+                await conn.execute(
+                    f'ALTER TABLE "{row[0]}" SET (autovacuum_enabled = off, '
+                    "toast.autovacuum_enabled = off)"
+                )
         finally:
             await conn.close()
+        yield url

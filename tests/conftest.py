@@ -19,13 +19,14 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
+from pipeline import kafka_clients, testbed
 from pipeline.devstack import Endpoints, Stack, endpoints_from_env
 from pipeline.devstack.stack import cache_root
 from pipeline.errors import DevStackError
+from pipeline.records import topic_name
 
 # One stack per test session: two sessions on one machine (a developer's and an editor's, or
 # two worktrees) must not stop each other's servers.
@@ -108,18 +109,8 @@ def unique() -> str:
 @pytest.fixture
 async def database_url(endpoints: Endpoints, unique: str) -> AsyncIterator[str]:
     """A fresh, empty database for this test; dropped afterwards."""
-    admin = await asyncpg.connect(endpoints.database_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{unique}"')
-    finally:
-        await admin.close()
-    base, _, _ = endpoints.database_url.rpartition("/")
-    yield f"{base}/{unique}"
-    admin = await asyncpg.connect(endpoints.database_url, timeout=10)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{unique}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with testbed.scratch_database(endpoints.database_url, unique) as url:
+        yield url
 
 
 CreateTopic = Callable[..., Awaitable[str]]
@@ -128,12 +119,12 @@ CreateTopic = Callable[..., Awaitable[str]]
 @pytest.fixture
 async def create_topic(endpoints: Endpoints, unique: str) -> AsyncIterator[CreateTopic]:
     """Create uniquely named topics; they are deleted after the test."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka_bootstrap)
+    admin = kafka_clients.admin(endpoints.kafka)
     await admin.start()
     created: list[str] = []
 
     async def create(suffix: str = "data", partitions: int = 1) -> str:
-        name = f"{unique}.{suffix}"
+        name = topic_name(suffix, f"{unique}.")
         await admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
         created.append(name)
         return name

@@ -1,5 +1,7 @@
 """What the DatabaseAgent tests share: traffic, a recording producer, agent processes, and
-the exactly-once oracle (docs/exactly-once.md).
+the exactly-once oracle (docs/exactly-once.md). What `pipeline bench` needs too (topics,
+producing, offsets, agent processes) is in :mod:`pipeline.testbed`; this module adds what
+only the tests need.
 
 The oracle compares the database with what was SENT, record by record, using each row's
 provenance (source partition and offset): never the tables with themselves.
@@ -8,11 +10,7 @@ provenance (source partition and offset): never the tables with themselves.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -20,16 +18,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import RecordMetadata
 
-from pipeline import db
-from pipeline import kafka as kafka_io
+from pipeline import kafka_clients, testbed
+from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
-    DLQ_TOPIC,
     STREAMS,
     AgentEvent,
     AnalyticsEvent,
@@ -39,7 +34,9 @@ from pipeline.records import (
     StateChange,
     Stream,
     encode,
+    topic_name,
 )
+from pipeline.testbed import AgentProcess  # noqa: F401 - the tests import it from here
 
 # Where each stream's every record lands once (the "latest" tables hold one row per key).
 APPEND_TABLE = {
@@ -153,29 +150,22 @@ def _versioned(
 
 async def produce(bootstrap: str, prefix: str, outgoing: list[Outgoing]) -> list[Sent]:
     """Send everything (acks=all, idempotent) and return where each record landed."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        enable_idempotence=True,
+    messages = [
+        testbed.Message(topic_name(o.stream.topic, prefix), o.value, o.key, o.headers)
+        for o in outgoing
+    ]
+    acked: list[RecordMetadata] = []
+    await testbed.produce(
+        _kafka(bootstrap),
+        (messages[start : start + 5000] for start in range(0, len(messages), 5000)),
+        acked=acked.extend,
         linger_ms=5,
         max_batch_size=256 * 1024,
     )
-    await producer.start()
-    sent: list[Sent] = []
-    try:
-        for start in range(0, len(outgoing), 5000):
-            chunk = outgoing[start : start + 5000]
-            futures = [
-                await producer.send(
-                    prefix + o.stream.topic, o.value, key=o.key, headers=list(o.headers)
-                )
-                for o in chunk
-            ]
-            for o, meta in zip(chunk, await asyncio.gather(*futures), strict=True):
-                sent.append(Sent(o.stream.topic, meta.partition, meta.offset, o.poison))
-    finally:
-        await producer.stop()
-    return sent
+    return [
+        Sent(o.stream.topic, meta.partition, meta.offset, o.poison)
+        for o, meta in zip(outgoing, acked, strict=True)
+    ]
 
 
 async def produce_paced(
@@ -202,33 +192,37 @@ def scrape(metrics_address: str, name: str) -> float:
     )
 
 
+def _kafka(bootstrap: str) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=bootstrap)
+
+
+def _by_default_name(found: testbed.Offsets, prefix: str) -> dict[tuple[str, int], int]:
+    return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in found.items()}
+
+
 async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
-    await kafka_io.ensure_topics(
-        bootstrap, [prefix + s.topic for s in STREAMS] + [prefix + DLQ_TOPIC], partitions
-    )
+    await testbed.create_topics(_kafka(bootstrap), prefix, partitions)
 
 
 async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]:
     """The end offset of every partition of the five data topics, by default topic name."""
-    ends = await kafka_io.end_offsets(bootstrap, [prefix + s.topic for s in STREAMS])
+    ends = await testbed.end_offsets(_kafka(bootstrap), prefix)
     topics = {topic for topic, _ in ends}
     assert len(topics) == len(STREAMS), f"data topics missing: found only {sorted(topics)}"
-    return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in ends.items()}
+    return _by_default_name(ends, prefix)
 
 
 async def stored_offsets(database_url: str, group: str, prefix: str) -> dict[tuple[str, int], int]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        stored = await db.stored_offsets(conn, group)
-    except asyncpg.UndefinedTableError:
-        return {}
+        stored = await testbed.stored_offsets(conn, group)
     finally:
         await conn.close()
-    return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in stored.items()}
+    return _by_default_name(stored, prefix)
 
 
 async def kafka_committed(bootstrap: str, group: str, prefix: str) -> dict[tuple[str, int], int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka_clients.admin(_kafka(bootstrap))
     await admin.start()
     try:
         found = await admin.list_consumer_group_offsets(group)
@@ -319,61 +313,10 @@ async def assert_caught_up_exactly_once(
     return ends
 
 
-class AgentProcess:
-    """A ``pipeline run`` process with its own log file; stopped or killed by its pid."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self._env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AgentProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "run"],
-                env=self._env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        return self
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, within: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(within)
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to finish the batch, commit or leave the group."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self, within: float = 40.0) -> int:
-        """SIGTERM and wait for a clean exit."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(within)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 def agent_env(
     bootstrap: str, database_url: str, prefix: str, group: str, **settings: object
 ) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        DATABASE_URL=database_url,
-        PIPELINE_TOPIC_PREFIX=prefix,
-        PIPELINE_GROUP_ID=group,
-        PIPELINE_METRICS_ADDRESS="",
-        PIPELINE_TOPIC_PARTITIONS="3",
+    """:func:`pipeline.testbed.agent_env`, with 3 partitions for the topics the agent creates."""
+    return testbed.agent_env(
+        bootstrap, database_url, prefix, group, **{"topic_partitions": 3, **settings}
     )
-    env.update({f"PIPELINE_{k.upper()}": str(v) for k, v in settings.items()})
-    return env

@@ -1,0 +1,211 @@
+"""What the integration tests and `pipeline bench` both need to drive the pipeline from the
+outside: prefixed topics, a backlog produced to them, end and stored offsets, scratch
+databases, and ``pipeline run`` processes.
+
+tests/integration/harness.py and consumers/bench.py build on these; neither keeps a copy.
+Like the rest of ``pipeline``, this module imports neither ``producers`` nor ``consumers``: an
+agent here is a ``pipeline run`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import asyncpg
+from aiokafka.structs import RecordMetadata
+
+from pipeline import db, kafka_clients
+from pipeline import kafka as kafka_io
+from pipeline.kafka_clients import KafkaSettings
+from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
+
+Offsets = dict[tuple[str, int], int]  # (topic, partition) -> offset
+
+#: ``pipeline run`` with this interpreter, as the tests and the benchmark start agents.
+AGENT_COMMAND = (sys.executable, "-m", "pipeline.cli", "run")
+
+
+def data_topics(prefix: str) -> list[str]:
+    """The five data topics' names under ``prefix``."""
+    return [topic_name(s.topic, prefix) for s in STREAMS]
+
+
+async def create_topics(kafka: KafkaSettings, prefix: str, partitions: int) -> None:
+    """The five data topics and the dead-letter topic under ``prefix``."""
+    await kafka_io.ensure_topics(
+        kafka, [*data_topics(prefix), topic_name(DLQ_TOPIC, prefix)], partitions
+    )
+
+
+class Message(NamedTuple):
+    """One record to produce, to its full (prefixed) topic name."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes | None]] = ()
+
+
+async def produce(
+    kafka: KafkaSettings,
+    chunks: Iterable[Sequence[Message]],
+    *,
+    acked: Callable[[list[RecordMetadata]], object] | None = None,
+    **producer_settings: Any,
+) -> None:
+    """Send ``chunks`` one after another with an idempotent, acks=all producer (plus
+    ``producer_settings``): a chunk is acknowledged before the next is queued. ``acked``
+    gets each chunk's record metadata, in order."""
+    producer = kafka_clients.producer(
+        kafka, **{"acks": "all", "enable_idempotence": True, **producer_settings}
+    )
+    await producer.start()
+    try:
+        for chunk in chunks:
+            futures = [
+                await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+                for m in chunk
+            ]
+            metadata = await asyncio.gather(*futures)
+            if acked is not None:
+                acked(list(metadata))
+    finally:
+        await producer.stop()
+
+
+async def end_offsets(kafka: KafkaSettings, prefix: str) -> Offsets:
+    """The end offset of every partition of the data topics under ``prefix``."""
+    return await kafka_io.end_offsets(kafka, data_topics(prefix))
+
+
+async def stored_offsets(conn: asyncpg.Connection, group: str) -> Offsets:
+    """The database's stored offsets of ``group``; none before the agent has migrated."""
+    try:
+        return await db.stored_offsets(conn, group)
+    except asyncpg.UndefinedTableError:
+        return {}
+
+
+def database_url_for(server_url: str, database: str) -> str:
+    """``server_url`` with ``database`` in place of its database (its query kept)."""
+    base, _, query = server_url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else "")
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str, database: str) -> AsyncIterator[str]:
+    """A new, empty database on the server of ``server_url``: its URL; dropped afterwards,
+    connections and all."""
+    conn = await asyncpg.connect(server_url, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+    try:
+        yield database_url_for(server_url, database)
+    finally:
+        conn = await asyncpg.connect(server_url, timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+def agent_env(
+    bootstrap: str, database_url: str, prefix: str, group: str, **settings: object
+) -> dict[str, str]:
+    """This process's environment, set for a ``pipeline run`` on those servers, topics and
+    group, with no /metrics; ``settings`` become ``PIPELINE_<NAME>`` variables."""
+    env = dict(os.environ)
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        DATABASE_URL=database_url,
+        PIPELINE_TOPIC_PREFIX=prefix,
+        PIPELINE_GROUP_ID=group,
+        PIPELINE_METRICS_ADDRESS="",
+    )
+    env.update({f"PIPELINE_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+class AgentProcess:
+    """A ``pipeline run`` process; stopped or killed by its pid.
+
+    Its output goes to ``log_path``, or, without one, its stderr is this process's and its
+    stdout is discarded. ``args`` are added to the command; ``wrapper`` runs it (a profiler).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path | None = None,
+        *,
+        args: Sequence[str] = (),
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        self._env = env
+        self.log_path = log_path
+        self.command = [*wrapper, *AGENT_COMMAND, *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        if self.log_path is None:
+            self.proc = subprocess.Popen(
+                self.command, env=self._env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            )
+            return self
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, within: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(within)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish the batch, commit or leave the group."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, within: float = 40.0) -> int:
+        """SIGTERM and wait for a clean exit."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(within)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+async def stop_agents(agents: Sequence[AgentProcess], within: float = 60.0) -> None:
+    """SIGTERM every agent still running at once, then wait for each to exit."""
+    for agent in agents:
+        if agent.alive():
+            agent.signal(signal.SIGTERM)
+    for agent in agents:
+        await asyncio.to_thread(agent.wait, within)
