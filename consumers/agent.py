@@ -1,12 +1,17 @@
 """The DatabaseAgent: a consumer-group member that lands the five data streams in PostgreSQL
-exactly once, with COPY.
+exactly once, with COPY. docs/exactly-once.md explains the protocol; docs/architecture.md
+where this module sits.
 
 The one invariant everything here keeps: the consumer's fetch position of a partition is
 never ahead of the database's stored offset except by records that are in the batch being
 written or in the next batch, which is fetched and decoded while the one before it is
 written. Whenever fetched records are dropped unwritten (a fenced batch, a revoked
-partition, a retry), the partition is re-seeked to the stored offset, and the next batch
-forgets what it holds of that partition.
+partition, a deactivated stream, a retry), the partition is sought back to the stored
+offset, and the next batch forgets what it holds of that partition.
+
+Who may fetch and write what is decided by one object, :class:`pipeline.ownership.Ownership`:
+the fetch loop, the write task and the rebalance callbacks report events to it and carry out
+the actions it returns; none of them keeps partition state of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import os
 import socket
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
@@ -38,9 +44,17 @@ from pipeline.batching import (
 )
 from pipeline.config import Config, redact_url
 from pipeline.db import Connection, DeadLetter, TableWriter
-from pipeline.errors import DataError, FencedError, SchemaError, TransientError
+from pipeline.errors import (
+    DataError,
+    FencedError,
+    PipelineError,
+    SchemaError,
+    TransientError,
+)
 from pipeline.metrics import Metrics
+from pipeline.ownership import Actions, Ownership, StreamState
 from pipeline.records import STREAM_BY_NAME
+from pipeline.retry import classify, fatal, retrying
 from pipeline.rows import DECODERS, StreamDecoder, source_of
 
 log = logging.getLogger(__name__)
@@ -50,9 +64,28 @@ _POLL_MS = 200  # how long one fetch waits when nothing arrives: bounds the reac
 # event loop back every few milliseconds to send its next statement.
 _FETCH_CHUNK = 1_000
 
+T = TypeVar("T")
+FencedWork = Callable[[Connection], Awaitable[T]]
+
+
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class _Queued(Generic[T]):
+    """Work waiting for the next ingest transaction, and who waits for its result."""
+
+    work: FencedWork[T]
+    done: asyncio.Future[T] = field(default_factory=_future)
+
 
 class DatabaseAgent:
-    """One DatabaseAgent process. ``await run()`` until ``stop()``; see :meth:`run`."""
+    """One DatabaseAgent process. ``await run()`` until ``stop()``; see :meth:`run`.
+
+    While it runs, :meth:`activate`, :meth:`deactivate` and :meth:`set_limits` steer it, and
+    :meth:`in_ingest_transaction` commits extra work atomically with a batch.
+    """
 
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -61,27 +94,70 @@ class DatabaseAgent:
         self._limits = Limits(
             config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000
         )
+        topics = {config.topic(STREAM_BY_NAME[name].topic): name for name in config.streams}
         self._decoders: dict[str, StreamDecoder] = {
-            config.topic(STREAM_BY_NAME[name].topic): DECODERS[name] for name in config.streams
+            topic: DECODERS[name] for topic, name in topics.items()
         }
         self._writers = {name: TableWriter(DECODERS[name].tables) for name in config.streams}
         self._dlq_topic = kafka_io.dead_letter_topic(config)
-        self._positions: dict[Partition, int] = {}  # the stored next offset of owned partitions
-        self._unpositioned: set[TopicPartition] = set()
-        self._holding = False  # all partitions paused while a batch is retried
-        self._filling = Batch()  # the next batch, which revocations and rewinds trim
-        self._stopped_topics: set[str] = set()  # streams stopped on schema errors
+        self.ownership = Ownership(topics)
+        self._filling = Batch()  # the next batch: Actions.forget trims it
         self._stopping = asyncio.Event()
+        # Set while no ingest transaction is open: deactivate() waits for it, so that once it
+        # returns no row of a deactivated stream is written.
+        self._no_transaction = asyncio.Event()
+        self._no_transaction.set()
+        self._queued: list[_Queued[Any]] = []  # work for the next ingest transaction
         self._conn: Connection | None = None
+        self._prepared: set[str] = set()  # streams whose staging table exists on _conn
         self._batch_ids: deque[int] = deque()  # reserved from the sequence, 1000 at a time
         self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._mirror: _OffsetMirror | None = None
         self._task: asyncio.Task[None] | None = None
         self._write: asyncio.Task[None] | None = None  # the batch being written
-        # Offsets committed to the database and not yet mirrored to Kafka, newest per partition;
-        # one mirroring task at a time, off the write path, so mirrors land in order.
-        self._unmirrored: dict[Partition, OffsetMove] = {}
-        self._mirroring: asyncio.Task[None] | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._show_streams()
+
+    # -- steering -------------------------------------------------------------------------
+
+    async def activate(self, streams: Iterable[str]) -> None:
+        """Switch streams on (a failed stream too, once its table is fixed): their partitions
+        fetch again from the stored offsets. :class:`UnknownStreamError` for a stream this
+        agent does not consume."""
+        self._apply(self.ownership.activate_event(streams))
+        self._show_streams()
+
+    async def deactivate(self, streams: Iterable[str]) -> None:
+        """Switch streams off: their partitions stay assigned and paused, their fetched
+        records are dropped and re-read from the stored offsets once they are switched on.
+        When this returns, no row of theirs is written until then (an ingest transaction that
+        was already open has committed or rolled back)."""
+        self._apply(self.ownership.deactivate_event(streams))
+        self._show_streams()
+        await self._no_transaction.wait()
+
+    def set_limits(self, limits: Limits) -> None:
+        """Batch limits for the batches filled from now on."""
+        self._limits = limits
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    async def in_ingest_transaction(self, work: FencedWork[T]) -> T:
+        """Run ``work(conn)`` inside the next ingest transaction and return its result.
+
+        It runs after the batch's compare-and-set (the fence) and rows, and commits or rolls
+        back with them: a fenced or retried batch runs it again in the next transaction, so
+        it must not depend on anything outside the transaction. When nothing arrives, a
+        transaction with this work alone runs within about ``_POLL_MS``. If ``work`` raises,
+        only its own statements roll back (it runs in a savepoint), the batch commits, and
+        the error is raised here; a transient database error is retried with the batch.
+        Raises :class:`PipelineError` if the agent stops before it ran.
+        """
+        queued: _Queued[T] = _Queued(work)
+        self._queued.append(queued)
+        return await queued.done
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -118,6 +194,7 @@ class DatabaseAgent:
         )
         self._producer = await kafka_io.start_dead_letter_producer(config)
         self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
+        self._mirror = _OffsetMirror(self._consumer)
         await self._consumer.start()
         self._task = asyncio.ensure_future(self._ingest_until_stopped())
         try:
@@ -134,7 +211,7 @@ class DatabaseAgent:
         batch's compare-and-set starts where the one before it ended."""
         try:
             while not self._stopping.is_set():
-                if self._unpositioned:
+                if self.ownership.unpositioned():
                     # Stored offsets read while a batch commits could be stale: finish it first.
                     await self._finish_write()
                     await self._position_pending()
@@ -142,7 +219,7 @@ class DatabaseAgent:
                         break
                 batch = await self._fill_batch()
                 await self._finish_write()
-                if batch.count and not self._stopping.is_set():
+                if (batch.count or self._queued) and not self._stopping.is_set():
                     self._write = asyncio.ensure_future(self._ingest_with_retry(batch))
         finally:
             write, self._write = self._write, None
@@ -197,9 +274,14 @@ class DatabaseAgent:
         deadline = 10.0
         if self._task is not None and not self._task.done():
             self._task.cancel()  # run() itself was cancelled
-        if self._mirroring is not None:  # the last offsets reach Kafka before we leave
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._mirroring, deadline)
+        for queued in self._queued:
+            if not queued.done.done():
+                queued.done.set_exception(
+                    PipelineError("the DatabaseAgent stopped before the work was committed")
+                )
+        self._queued.clear()
+        if self._mirror is not None:  # the last offsets reach Kafka before we leave
+            await self._mirror.close(deadline)
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(kafka_io.stop_consumer(self._consumer), deadline)
@@ -221,8 +303,8 @@ class DatabaseAgent:
         if batch_id is None:
             return Batch()  # stopping
         batch = self._filling = Batch(batch_id)
-        limits = self._limits
-        while not self._holding:  # a batch being retried polls for the group itself
+        while not self.ownership.holding:  # a batch being retried polls for the group itself
+            limits = self._limits
             now = time.monotonic()
             wait_ms = _POLL_MS
             if batch.started_at is not None:
@@ -236,7 +318,7 @@ class DatabaseAgent:
                 rows = self._decoders[tp.topic].rows(records, tp.partition, batch_id)
                 batch.add((tp.topic, tp.partition), records, rows, now)
             if self._stopping.is_set() or not batch.count:
-                break  # nothing arrived: let the caller check positions and stops
+                break  # nothing arrived: let the caller check positions, stops and work
             if batch.is_due(limits, now) and (
                 not self._writing or batch.is_full(limits) or not fetched
             ):
@@ -246,6 +328,24 @@ class DatabaseAgent:
 
     # -- positioning --------------------------------------------------------------------
 
+    def _apply(self, actions: Actions) -> None:
+        """Carry out what :class:`Ownership` decided, on the batch being filled and the
+        consumer (for the partitions the consumer still has)."""
+        if not actions:
+            return
+        if actions.forget:
+            self._filling.drop(actions.forget)
+        consumer = self._require_consumer()
+        owned = consumer.assignment()
+        for (topic, partition), offset in actions.seek.items():
+            tp = TopicPartition(topic, partition)
+            if tp in owned:
+                consumer.seek(tp, offset)
+        if actions.pause:
+            consumer.pause(*_owned(actions.pause, owned))
+        if actions.resume:
+            consumer.resume(*_owned(actions.resume, owned))
+
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Hold new partitions until the main loop positions them from the database.
 
@@ -253,150 +353,101 @@ class DatabaseAgent:
         this member evicted; and fetching from Kafka's committed offset would be wrong when
         the database is ahead of it or behind it.
         """
-        keys = {(tp.topic, tp.partition) for tp in assigned}
-        for key in [k for k in self._positions if k not in keys]:
-            del self._positions[key]  # not ours any more, whatever we thought
-        self._unpositioned = set(assigned)
-        self._require_consumer().pause(*assigned)
+        self._apply(self.ownership.assigned_event((tp.topic, tp.partition) for tp in assigned))
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in revoked]
-        for key in keys:
-            self._positions.pop(key, None)
-            self._unmirrored.pop(key, None)  # the next owner mirrors its own, newer offsets
+        self._apply(self.ownership.revoked_event(keys))
+        if self._mirror is not None:
+            self._mirror.forget(keys)  # the next owner mirrors its own, newer offsets
+        for topic, partition in keys:
             with contextlib.suppress(KeyError):
-                self.metrics.lag.remove(key[0], str(key[1]))
-        self._unpositioned -= revoked
-        # Records fetched for these partitions are not ours to write; if a partition comes
-        # straight back, it is re-read from its stored offset, so the batch being filled must
-        # not keep the old copies.
-        self._filling.drop(keys)
+                self.metrics.lag.remove(topic, str(partition))
 
-    async def _position(self, partitions: Iterable[TopicPartition]) -> None:
-        """Seek partitions to their offsets stored in PostgreSQL, then let them fetch."""
-        consumer = self._require_consumer()
-        wanted = [tp for tp in partitions if tp in consumer.assignment()]
+    async def _position(self) -> None:
+        """Read the stored offsets of the partitions awaiting them, then let them fetch."""
+        wanted = [TopicPartition(t, p) for t, p in self.ownership.unpositioned()]
         if not wanted:
             return
-        starts = await kafka_io.beginning_offsets(consumer, wanted)
+        starts = await kafka_io.beginning_offsets(self._require_consumer(), wanted)
         conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
         try:
             stored = await db.load_offsets(conn, self.config.group_id, starts)
         finally:
             await conn.close()
-        owned = consumer.assignment()
-        for tp in wanted:
-            if tp not in owned:  # revoked while we were reading
-                continue
-            offset = stored[(tp.topic, tp.partition)]
-            consumer.seek(tp, offset)
-            self._positions[(tp.topic, tp.partition)] = offset
-            self._unpositioned.discard(tp)
-            if not self._holding and self._may_fetch(tp):
-                consumer.resume(tp)
+        self._apply(self.ownership.positioned_event(stored))
 
     async def _position_pending(self) -> None:
-        attempt = 0
-        while self._unpositioned and not self._stopping.is_set():
-            try:
-                await self._position(list(self._unpositioned))
-            except Exception as exc:
-                delay = backoff(attempt, self.config.retry_max_backoff_s)
-                log.warning("positioning partitions failed, retrying in %.1fs: %r", delay, exc)
-                await self._idle(delay)
-                attempt += 1
+        while self.ownership.unpositioned() and not self._stopping.is_set():
+            await self._retrying("positioning partitions at their stored offsets", self._position)
 
-    def _may_fetch(self, tp: TopicPartition) -> bool:
-        return tp not in self._unpositioned and tp.topic not in self._stopped_topics
-
-    def _stop_stream(self, stream: str, exc: SchemaError) -> None:
+    def _fail_stream(self, stream: str, exc: SchemaError) -> None:
         """Stop one stream on a schema or permission error: its records stay in Kafka, neither
-        ingested nor dead-lettered, until the table is fixed and the agent restarted."""
-        topic = self.config.topic(STREAM_BY_NAME[stream].topic)
+        ingested nor dead-lettered, until the table is fixed and the stream activated."""
         log.error(
             "stream %s STOPPED: its table rejects every write (%s). The other streams go on; "
-            "fix the table or the grants, then restart the agent to resume %s.",
+            "fix the table or the grants, then activate %s again (or restart the agent).",
             stream,
             exc,
-            topic,
+            stream,
         )
-        self._stopped_topics.add(topic)
-        self.metrics.stream_stopped.labels(stream).set(1)
-        consumer = self._require_consumer()
-        stopped = [tp for tp in consumer.assignment() if tp.topic == topic]
-        consumer.pause(*stopped)
-        self._rewind((tp.topic, tp.partition) for tp in stopped)
+        self._apply(self.ownership.failed_event(stream, str(exc)))
+        self._show_streams()
 
-    def _rewind(self, partitions: Iterable[Partition]) -> None:
-        """Seek partitions back to their stored offsets after dropping fetched records; the
-        next batch forgets what it fetched of them before the seek."""
-        consumer = self._require_consumer()
-        owned = consumer.assignment()
-        partitions = list(partitions)
-        self._filling.drop(partitions)
-        for topic, partition in partitions:
-            tp = TopicPartition(topic, partition)
-            if tp not in owned:
-                continue
-            if (topic, partition) in self._positions:
-                consumer.seek(tp, self._positions[(topic, partition)])
-            else:
-                self._unpositioned.add(tp)
-                consumer.pause(tp)
+    def _show_streams(self) -> None:
+        for stream, state in self.ownership.streams().items():
+            self.metrics.stream_active.labels(stream).set(state is StreamState.ACTIVE)
+            self.metrics.stream_stopped.labels(stream).set(state is StreamState.FAILED)
 
     # -- ingesting ----------------------------------------------------------------------
 
     async def _ingest_with_retry(self, batch: Batch) -> None:
-        consumer = self._require_consumer()
         attempt = 0
         try:
             while True:
-                batch.drop([p for p in batch.parts if p[0] in self._stopped_topics])
-                work = plan(batch, self._positions)
-                if not work.moves:
+                # No await between the plan and the transaction it opens: a stream switched
+                # off before this line is not written, and deactivate() waits for the rest.
+                work = plan(batch, self.ownership.writable())
+                queued = list(self._queued)
+                if not work.moves and not queued:
                     self._count_skipped(work)
                     # Records of partitions no longer ours, or all behind the stored offset.
-                    self._rewind(list(batch.parts))
+                    self._apply(self.ownership.rewound_event(batch.parts))
                     return
+                self._no_transaction.clear()
                 try:
-                    await self._ingest(work)
+                    await self._ingest(work, queued)
                     return
-                except FencedError as exc:
+                except (FencedError, SchemaError, TransientError) as exc:
+                    failure = exc
+                finally:
+                    self._no_transaction.set()
+                if isinstance(failure, FencedError):
                     self.metrics.fenced.inc()
-                    log.info("batch fenced, re-reading stored offsets: %s", exc)
+                    log.info("batch fenced, re-reading stored offsets: %s", failure)
                     await self._drop_connection()
-                    fenced = list(batch.parts)
-                    for tp_key in fenced:
-                        self._positions.pop(tp_key, None)
-                    self._rewind(fenced)
+                    self._apply(self.ownership.fenced_event(batch.parts))
                     return
-                except SchemaError as exc:
-                    if exc.stream is None:
-                        raise  # the pipeline's own tables: nothing can be ingested
-                    self._stop_stream(exc.stream, exc)
-                    await self._drop_connection()
-                except TransientError as exc:
-                    if self._stopping.is_set():
-                        log.warning("stopping; batch abandoned after a transient failure: %s", exc)
-                        self._rewind(list(batch.parts))
-                        return
-                    delay = backoff(attempt, self.config.retry_max_backoff_s)
-                    log.warning(
-                        "batch failed (%s), retrying in %.1fs with fetching paused", exc, delay
-                    )
-                    self.metrics.retries.labels(exc.source).inc()
-                    if not self._holding:
-                        self._holding = True
-                        consumer.pause(*consumer.assignment())
-                    await self._drop_connection()
-                    await self._idle(delay)
-                    attempt += 1
+                if isinstance(failure, SchemaError):
+                    if failure.stream is None:  # the pipeline's own tables: nothing to ingest
+                        raise fatal("writing a batch", failure) from failure
+                    await self._drop_connection()  # its staging table may have the old shape
+                    self._fail_stream(failure.stream, failure)
+                    continue
+                if self._stopping.is_set():
+                    log.warning("stopping; batch abandoned after a transient failure: %s", failure)
+                    self._apply(self.ownership.rewound_event(batch.parts))
+                    return
+                delay = backoff(attempt, self.config.retry_max_backoff_s)
+                self._note_retry(failure, delay)
+                self._apply(self.ownership.hold_event())
+                await self._drop_connection()
+                await self._idle(delay)
+                attempt += 1
         finally:
-            if self._holding:
-                self._holding = False
-                consumer.resume(*filter(self._may_fetch, consumer.assignment()))
+            self._apply(self.ownership.release_event())
 
-    async def _ingest(self, work: Plan) -> None:
+    async def _ingest(self, work: Plan, queued: list[_Queued[Any]]) -> None:
         """Write one batch exactly once.
 
         1. Gather each stream's rows (decoded when they were fetched); records that did not
@@ -407,7 +458,8 @@ class DatabaseAgent:
         3. Write each stream's rows with COPY.
         4. Send every dead letter to the DLQ topic and wait for the acknowledgements.
         5. Record the dead letters in ``dead_letters``.
-        6. Commit; then mirror the offsets to Kafka, in the background.
+        6. Run the work queued with :meth:`in_ingest_transaction`, each in a savepoint.
+        7. Commit; then mirror the offsets to Kafka, in the background.
 
         When the database rejects a row, the transaction rolls back and the batch is written
         again with each stream in savepoints, bisecting to find the rejected rows, which
@@ -416,30 +468,26 @@ class DatabaseAgent:
         started = time.monotonic()
         conn = await self._connection()
         rows, letters = self._gather(work)
+        await self._prepare(conn, rows)
         try:
-            written, rejected = await self._commit(conn, work, rows, letters, bisect=False)
+            written, rejected, results = await self._commit(
+                conn, work, rows, letters, queued, bisect=False
+            )
         except _RowRejected:
-            written, rejected = await self._commit(conn, work, rows, letters, bisect=True)
-        for move in work.moves:
-            key = (move.topic, move.partition)
-            if self._positions.get(key) == move.expected:
-                self._positions[key] = move.new
-        self._count(work, rows, written, letters + rejected, time.monotonic() - started)
-        self._mirror(work.moves)
-
-    def _mirror(self, moves: Iterable[OffsetMove]) -> None:
-        """Mirror committed offsets to Kafka for lag tools, without holding up the next
-        batch: a commit to Kafka is a round trip to the group coordinator."""
-        for move in moves:
-            self._unmirrored[(move.topic, move.partition)] = move
-        if self._mirroring is None or self._mirroring.done():
-            self._mirroring = asyncio.ensure_future(self._mirror_until_done())
-
-    async def _mirror_until_done(self) -> None:
-        while self._unmirrored:
-            moves = list(self._unmirrored.values())
-            self._unmirrored.clear()
-            await kafka_io.mirror_offsets(self._require_consumer(), moves)
+            written, rejected, results = await self._commit(
+                conn, work, rows, letters, queued, bisect=True
+            )
+        self.ownership.committed_event(work.moves)
+        for item, (result, error) in zip(queued, results, strict=True):
+            self._queued.remove(item)
+            if not item.done.done():
+                if error is None:
+                    item.done.set_result(result)
+                else:
+                    item.done.set_exception(error)
+        if work.moves:
+            self._count(work, rows, written, letters + rejected, time.monotonic() - started)
+            self._require_mirror().add(work.moves)
 
     async def _commit(
         self,
@@ -447,20 +495,26 @@ class DatabaseAgent:
         work: Plan,
         rows: dict[str, list[Row]],
         letters: list[DeadLetter],
+        queued: list[_Queued[Any]],
         *,
         bisect: bool,
-    ) -> tuple[dict[str, tuple[int, int]], list[DeadLetter]]:
-        """One transaction: the fence, every stream's rows, the dead letters. Returns per
-        stream (new rows, rejected rows), and the dead letters of the rejected rows."""
+    ) -> tuple[
+        dict[str, tuple[int, int]], list[DeadLetter], list[tuple[Any, BaseException | None]]
+    ]:
+        """One transaction: the fence, every stream's rows, the dead letters, the queued
+        work. Returns per stream (new rows, rejected rows), the dead letters of the rejected
+        rows, and each queued work's (result, error)."""
         written: dict[str, tuple[int, int]] = {}
         rejected_letters: list[DeadLetter] = []
+        results: list[tuple[Any, BaseException | None]] = []
         try:
             async with conn.transaction():
-                await db.advance_offsets(
-                    conn,
-                    self.config.group_id,
-                    [(m.topic, m.partition, m.expected, m.new) for m in work.moves],
-                )
+                if work.moves:  # none when the transaction carries queued work alone
+                    await db.advance_offsets(
+                        conn,
+                        self.config.group_id,
+                        [(m.topic, m.partition, m.expected, m.new) for m in work.moves],
+                    )
                 for stream, stream_rows in rows.items():
                     writer = self._writers[stream]
                     topic = self.config.topic(STREAM_BY_NAME[stream].topic)
@@ -494,11 +548,13 @@ class DatabaseAgent:
                 )
                 if all_letters:
                     await db.insert_dead_letters(conn, self.config.group_id, all_letters)
+                for item in queued:
+                    results.append(await _run_in_savepoint(conn, item.work))
         except (TransientError, FencedError, SchemaError, _RowRejected):
             raise
         except Exception as exc:
             raise db.classify(exc) from exc
-        return written, rejected_letters
+        return written, rejected_letters, results
 
     def _gather(self, work: Plan) -> tuple[dict[str, list[Row]], list[DeadLetter]]:
         rows: dict[str, list[Row]] = defaultdict(list)
@@ -512,46 +568,55 @@ class DatabaseAgent:
 
     async def _connection(self) -> Connection:
         if self._conn is None or self._conn.is_closed():
-            conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
-            for stream, writer in self._writers.items():
-                if self.config.topic(STREAM_BY_NAME[stream].topic) in self._stopped_topics:
-                    continue
-                try:
-                    await writer.prepare(conn)
-                except Exception as exc:
-                    conn.terminate()
-                    error = db.classify(exc)
-                    if isinstance(error, SchemaError):
-                        raise SchemaError(str(error), stream=stream) from exc
-                    raise error from exc
-            self._conn = conn
+            self._conn = await db.connect(
+                self.config.database_url, self.config.db_command_timeout_s
+            )
+            self._prepared = set()
         return self._conn
+
+    async def _prepare(self, conn: Connection, rows: dict[str, list[Row]]) -> None:
+        """Create the staging tables of the streams in this batch that this connection has
+        not staged yet (outside the transaction: a rollback would drop them again)."""
+        for stream in rows:
+            if stream in self._prepared:
+                continue
+            try:
+                await self._writers[stream].prepare(conn)
+            except Exception as exc:
+                error = db.classify(exc)
+                if isinstance(error, SchemaError):
+                    raise SchemaError(str(error), stream=stream) from exc
+                raise error from exc
+            self._prepared.add(stream)
 
     async def _take_batch_id(self) -> int | None:
         """The next reserved batch id, or None once stopping. Reserving more takes its own
-        connection, because the agent's connection may be busy writing the batch before.
-        Transient failures are retried; any other (the sequence missing, no privilege) ends
-        the agent, as it would in a write."""
-        attempt = 0
-        while not self._batch_ids:
-            if self._stopping.is_set():
-                return None
+        connection, because the agent's connection may be busy writing the batch before."""
+
+        async def reserve() -> None:
+            conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
             try:
-                conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
-                try:
-                    self._batch_ids.extend(await db.reserve_batch_ids(conn))
-                finally:
-                    await conn.close()
-            except Exception as exc:
-                error = db.classify(exc)
-                if not isinstance(error, TransientError):
-                    raise error from exc
-                delay = backoff(attempt, self.config.retry_max_backoff_s)
-                log.warning("reserving batch ids failed, retrying in %.1fs: %r", delay, exc)
-                self.metrics.retries.labels("postgres").inc()
-                await self._idle(delay)
-                attempt += 1
-        return self._batch_ids.popleft()
+                self._batch_ids.extend(await db.reserve_batch_ids(conn))
+            finally:
+                await conn.close()
+
+        if not self._batch_ids:
+            await self._retrying("reserving batch ids", reserve)
+        return self._batch_ids.popleft() if self._batch_ids else None
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        await retrying(
+            what,
+            call,
+            max_backoff_s=self.config.retry_max_backoff_s,
+            sleep=self._idle,
+            stopping=self._stopping.is_set,
+            on_retry=self._note_retry,
+        )
+
+    def _note_retry(self, error: TransientError, delay: float) -> None:
+        log.warning("%s; retrying in %.1fs with fetching paused", error, delay)
+        self.metrics.retries.labels(error.source).inc()
 
     async def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -565,7 +630,9 @@ class DatabaseAgent:
         while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
             fetched = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
             if fetched:  # newly assigned partitions fetch before they are paused: not ours yet
-                self._rewind((tp.topic, tp.partition) for tp in fetched)
+                self._apply(
+                    self.ownership.rewound_event((tp.topic, tp.partition) for tp in fetched)
+                )
 
     def _count(
         self,
@@ -592,7 +659,7 @@ class DatabaseAgent:
         m.last_commit.set(time.time())
         consumer = self._require_consumer()
         owned = consumer.assignment()
-        for (topic, partition), position in self._positions.items():
+        for (topic, partition), position in self.ownership.positions().items():
             tp = TopicPartition(topic, partition)
             highwater = consumer.highwater(tp) if tp in owned else None
             if highwater is not None:
@@ -611,6 +678,58 @@ class DatabaseAgent:
         assert self._producer is not None, "the agent is not running"
         return self._producer
 
+    def _require_mirror(self) -> _OffsetMirror:
+        assert self._mirror is not None, "the agent is not running"
+        return self._mirror
+
+
+async def _run_in_savepoint(
+    conn: Connection, work: FencedWork[Any]
+) -> tuple[Any, BaseException | None]:
+    """Run queued work in a savepoint of the ingest transaction: if it fails, only its own
+    statements roll back. A transient failure (the connection lost) fails the whole batch,
+    which is retried with the work."""
+    try:
+        async with conn.transaction():
+            return await work(conn), None
+    except Exception as exc:
+        error = classify(exc)
+        if isinstance(error, TransientError):
+            raise error from exc
+        return None, exc
+
+
+class _OffsetMirror:
+    """Offsets committed to the database, mirrored to Kafka for lag tools without holding up
+    the next batch (a commit to Kafka is a round trip to the group coordinator): newest per
+    partition, one commit at a time, so mirrors land in order."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+        self._pending: dict[Partition, OffsetMove] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, moves: Iterable[OffsetMove]) -> None:
+        for move in moves:
+            self._pending[(move.topic, move.partition)] = move
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._until_done())
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        for partition in partitions:
+            self._pending.pop(partition, None)
+
+    async def close(self, deadline: float) -> None:
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, deadline)
+
+    async def _until_done(self) -> None:
+        while self._pending:
+            moves = list(self._pending.values())
+            self._pending.clear()
+            await kafka_io.mirror_offsets(self._consumer, moves)
+
 
 class _RowRejected(Exception):
     """The database rejected a row of a batch written without savepoints: write it again,
@@ -626,6 +745,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._agent._on_assigned(set(assigned))
+
+
+def _owned(partitions: Iterable[Partition], owned: set[TopicPartition]) -> list[TopicPartition]:
+    return [tp for t, p in partitions if (tp := TopicPartition(t, p)) in owned]
 
 
 def _source(work: Plan, topic: str, row: Row) -> FetchedRecord:

@@ -168,12 +168,15 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version    integer     PRIMARY KEY,
-                   name       text        NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
+        # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create, and a
+        # login without it may run an agent on an up-to-date schema.
+        if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+            await conn.execute(
+                """CREATE TABLE schema_migrations (
+                       version    integer     PRIMARY KEY,
+                       name       text        NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
         applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         done = []
         for migration in migrations:

@@ -47,6 +47,11 @@ class SchemaError(PipelineError):
         self.stream = stream
 
 
+class FatalError(PipelineError):
+    """Something retrying cannot fix (a missing privilege, a missing table, a bug): the agent
+    stops, and the message says what it was doing."""
+
+
 class FencedError(PipelineError):
     """Another consumer owns a partition now: the batch is dropped and the partitions re-seeked."""
 

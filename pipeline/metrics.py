@@ -65,7 +65,13 @@ class Metrics:
         )
         self.stream_stopped = Gauge(
             "pipeline_stream_stopped",
-            "1 when a stream stopped on a schema or permission error (fix, then restart)",
+            "1 when a stream stopped on a schema or permission error (fix, then activate)",
+            ["stream"],
+            registry=r,
+        )
+        self.stream_active = Gauge(
+            "pipeline_stream_active",
+            "1 when a stream is ingested: switched on and not stopped on an error",
             ["stream"],
             registry=r,
         )

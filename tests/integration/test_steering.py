@@ -1,0 +1,280 @@
+"""The DatabaseAgent's seams against the real broker and database: a fence provoked on
+purpose, streams switched off and on under load, a failed stream brought back without a
+restart, work committed inside the ingest transaction, and errors that retrying cannot fix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from consumers.agent import DatabaseAgent
+from pipeline.config import load_config
+from pipeline.errors import FatalError
+from pipeline.ownership import UnknownStreamError
+from pipeline.records import STREAM_BY_NAME
+from tests.conftest import Servers
+from tests.integration.harness import (
+    APPEND_TABLE,
+    agent_env,
+    assert_caught_up_exactly_once,
+    create_topics,
+    end_offsets,
+    fleet_traffic,
+    produce,
+    produce_paced,
+    stored_offsets,
+)
+from tests.integration.test_agent import migrated, running_agent
+
+pytestmark = pytest.mark.timeout(600)
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.2
+) -> None:
+    """Wait for ``condition`` with a deadline; fail naming ``what``."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"not within {within}s: {what}")
+
+
+async def count_rows(database_url: str, table: str) -> int:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        return count
+    finally:
+        await conn.close()
+
+
+def of_stream(offsets: dict[tuple[str, int], int], stream: str) -> dict[tuple[str, int], int]:
+    topic = STREAM_BY_NAME[stream].topic
+    return {tp: o for tp, o in offsets.items() if tp[0] == topic}
+
+
+async def test_a_second_writer_moving_a_stored_offset_fences_the_batch_and_duplicates_nothing(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """Another writer (as a rollback or a replay would) moves one partition's stored offset
+    back and deletes the rows past it, while the agent ingests: the agent's next batch over
+    that partition misses its compare-and-set, is dropped, and the partition is re-read from
+    the new stored offset. Every record lands exactly once."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    traffic = fleet_traffic(30_000, seed=31)
+    metrics_topic = STREAM_BY_NAME["metrics"].topic
+
+    async with running_agent(bootstrap, database_url, prefix, batch_max_records=500) as agent:
+        producing = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=12.0))
+
+        async def metrics_partition_0_has_progress() -> bool:
+            stored = await stored_offsets(database_url, prefix, prefix)
+            return stored.get((metrics_topic, 0), 0) >= 2_000
+
+        await until(metrics_partition_0_has_progress, within=60, what="metrics p0 ingesting")
+        assert not producing.done(), "records must still arrive after the move"
+        conn = await asyncpg.connect(database_url, timeout=10)
+        try:
+            async with conn.transaction():
+                stored = await conn.fetchval(
+                    "SELECT next_offset FROM ingest_offsets WHERE group_id = $1 AND topic = $2 "
+                    "AND partition = 0 FOR UPDATE",
+                    prefix,
+                    prefix + metrics_topic,
+                )
+                back = stored // 2
+                await conn.execute(
+                    "DELETE FROM performance_metrics WHERE src_partition = 0 AND src_offset >= $1",
+                    back,
+                )
+                await conn.execute(
+                    "UPDATE ingest_offsets SET next_offset = $3 WHERE group_id = $1 "
+                    "AND topic = $2 AND partition = 0",
+                    prefix,
+                    prefix + metrics_topic,
+                    back,
+                )
+        finally:
+            await conn.close()
+        sent = await producing
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=180)
+        assert agent.metrics.total("pipeline_fenced_batches_total") == 1
+        consumed = agent.metrics.total("pipeline_records_consumed_total")
+        ingested = agent.metrics.total("pipeline_rows_ingested_total")
+
+    # The records between the new stored offset and the old one were read twice (once before
+    # the move, once after): consumed counts both reads, ingested counts every row written.
+    assert ingested == len(sent) + (stored - back)
+    assert consumed >= len(sent) + (stored - back)
+
+
+async def test_a_stream_switched_off_under_load_waits_in_kafka_and_lands_once_switched_on(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    await migrated(database_url)
+    traffic = fleet_traffic(40_000, seed=32)
+
+    async with running_agent(bootstrap, database_url, prefix, batch_max_records=1000) as agent:
+        producing = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=10.0))
+
+        async def some_events_landed() -> bool:
+            return await count_rows(database_url, "system_events") > 500
+
+        await until(some_events_landed, within=60, what="events ingesting")
+        await agent.deactivate(["events"])
+        # From here on no event row may land: the stored offsets and the table stay put.
+        frozen = of_stream(await stored_offsets(database_url, prefix, prefix), "events")
+        frozen_rows = await count_rows(database_url, "system_events")
+        assert agent.metrics.total("pipeline_stream_active") == 4
+        others_then = await stored_offsets(database_url, prefix, prefix)
+
+        async def others_moved_on_and_events_wait() -> bool:
+            ends = of_stream(await end_offsets(bootstrap, prefix), "events")
+            stored = await stored_offsets(database_url, prefix, prefix)
+            moved = sum(o - others_then.get(tp, 0) for tp, o in stored.items() if tp not in ends)
+            return moved > 5_000 and sum(ends.values()) - sum(frozen.values()) > 2_000
+
+        await until(others_moved_on_and_events_wait, within=60, what="others ingest, events wait")
+        assert of_stream(await stored_offsets(database_url, prefix, prefix), "events") == frozen
+        assert await count_rows(database_url, "system_events") == frozen_rows
+
+        await agent.activate(["events"])
+        assert agent.metrics.total("pipeline_stream_active") == 5
+        sent = await producing
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=180)
+
+    events = sum(1 for s in sent if s.topic == STREAM_BY_NAME["events"].topic)
+    assert await count_rows(database_url, "system_events") == events
+
+
+async def test_a_stream_stopped_on_a_schema_error_resumes_once_fixed_with_no_restart(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")  # bad deploy
+    sent = await produce(bootstrap, prefix, fleet_traffic(6000, seed=33))
+    analytics = STREAM_BY_NAME["analytics"].topic
+
+    async with running_agent(bootstrap, database_url, prefix) as agent:
+
+        async def others_caught_up() -> bool:
+            ends = await end_offsets(bootstrap, prefix)
+            stored = await stored_offsets(database_url, prefix, prefix)
+            return all(stored.get(tp) == end for tp, end in ends.items() if tp[0] != analytics)
+
+        await until(others_caught_up, within=120, what="the other streams catch up")
+        assert agent.metrics.total("pipeline_stream_stopped") == 1
+        assert agent.ownership.failure("analytics") is not None
+        assert "properties" in (agent.ownership.failure("analytics") or "")
+        assert await count_rows(database_url, "user_analytics") == 0
+
+        await migrated(
+            database_url,
+            "ALTER TABLE user_analytics ADD COLUMN properties jsonb NOT NULL DEFAULT '{}'",
+        )
+        await agent.activate(["analytics"])
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
+        assert agent.metrics.total("pipeline_stream_stopped") == 0
+        assert agent.metrics.total("pipeline_stream_active") == 5
+
+    expected = sum(1 for s in sent if s.topic == analytics)
+    assert expected > 0
+    assert await count_rows(database_url, APPEND_TABLE["analytics"]) == expected
+
+
+async def test_work_in_the_ingest_transaction_commits_with_it_and_its_failure_stays_its_own(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+
+    async with running_agent(bootstrap, database_url, prefix) as agent:
+        # Idle (nothing to ingest): the work runs in a transaction of its own, promptly.
+        async def record(conn: asyncpg.Connection) -> int:
+            row_id: int = await conn.fetchval(
+                "INSERT INTO control_log (direction, kind, target, outcome) "
+                "VALUES ('command', 'test', $1, 'applied') RETURNING id",
+                prefix,
+            )
+            return row_id
+
+        row_id = await asyncio.wait_for(agent.in_ingest_transaction(record), 10)
+        assert await count_rows(database_url, "control_log") == 1
+
+        # With traffic: the work rides a batch; a failing work rolls back alone.
+        producing = asyncio.create_task(produce(bootstrap, prefix, fleet_traffic(5000, seed=34)))
+
+        async def broken(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO control_log (direction, kind, target, outcome) "
+                "VALUES ('command', 'broken', $1, 'applied')",
+                prefix,
+            )
+            await conn.execute("SELECT 1 / 0")
+
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await asyncio.wait_for(agent.in_ingest_transaction(broken), 30)
+        second = await asyncio.wait_for(agent.in_ingest_transaction(record), 30)
+        sent = await producing
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
+
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        kinds = await conn.fetch("SELECT id, kind FROM control_log ORDER BY id")
+    finally:
+        await conn.close()
+    assert [(r["id"], r["kind"]) for r in kinds] == [(row_id, "test"), (second, "test")]
+
+    with pytest.raises(UnknownStreamError):
+        await agent.activate(["nope"])
+
+
+async def test_a_permission_error_while_positioning_ends_the_agent_with_a_clear_message(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """Not retried forever: retrying cannot grant a privilege."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    role = f"{unique}_ro"
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' IN ROLE pipeline_reader")
+        await conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    finally:
+        await conn.close()
+    base, _, rest = database_url.partition("://")
+    hostpart = rest.split("@", 1)[-1]
+    reader_url = f"{base}://{role}:pw@{hostpart}"
+    try:
+        agent = DatabaseAgent(load_config(agent_env(bootstrap, reader_url, prefix, prefix)))
+        with pytest.raises(FatalError) as failure:
+            await asyncio.wait_for(agent.run(), 60)
+        message = str(failure.value)
+        assert message.startswith("positioning partitions at their stored offsets failed")
+        assert "permission denied for table ingest_offsets" in message
+        assert "pw" not in message
+        assert agent.metrics.total("pipeline_retries_total") == 0
+    finally:
+        conn = await asyncpg.connect(database_url, timeout=10)
+        try:
+            await conn.execute(f"DROP OWNED BY {role}")
+            await conn.execute(f"DROP ROLE {role}")
+        finally:
+            await conn.close()
