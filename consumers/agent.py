@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -42,7 +40,7 @@ from pipeline.batching import (
     backoff,
     plan,
 )
-from pipeline.config import Config, redact_url
+from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import (
     DataError,
@@ -90,7 +88,7 @@ class DatabaseAgent:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.instance_id = config.instance_id or default_instance_id()
         self._limits = Limits(
             config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000
         )
@@ -188,7 +186,7 @@ class DatabaseAgent:
         if applied:
             log.info("applied migrations %s", ", ".join(applied))
         await kafka_io.ensure_topics(
-            config.kafka_bootstrap_servers,
+            config.kafka,
             [*kafka_io.data_topics(config), self._dlq_topic],
             config.topic_partitions,
         )
