@@ -25,6 +25,7 @@ from pipeline.devstack import Stack, endpoints_from_env
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV
 from pipeline.errors import ConfigError, DevStackError, PipelineError
+from pipeline.kafka_clients import KafkaSettings
 from pipeline.rows import DATA_TABLES
 
 if TYPE_CHECKING:
@@ -207,9 +208,7 @@ def _topics_create(args: argparse.Namespace) -> int:
 
     config = _load_config(args, topic_partitions=args.partitions)
     topics = [*kafka.data_topics(config), kafka.dead_letter_topic(config)]
-    created = asyncio.run(
-        kafka.ensure_topics(config.kafka_bootstrap_servers, topics, config.topic_partitions)
-    )
+    created = asyncio.run(kafka.ensure_topics(config.kafka, topics, config.topic_partitions))
     for topic in topics:
         print(f"{topic}: {'created' if topic in created else 'exists'}")
     return 0
@@ -298,9 +297,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     topics = kafka.data_topics(config)
-    asyncio.run(
-        kafka.ensure_topics(config.kafka_bootstrap_servers, topics, config.topic_partitions)
-    )
+    asyncio.run(kafka.ensure_topics(config.kafka, topics, config.topic_partitions))
     result = asyncio.run(_simulate_from_args(config, args))
     for stream, count in result.counts.items():
         print(f"{stream:>10}: {count}")
@@ -315,7 +312,7 @@ async def _simulate_from_args(config: Config, args: argparse.Namespace) -> Simul
     from producers.simulator import simulate
 
     return await simulate(
-        config.kafka_bootstrap_servers,
+        config.kafka,
         agents=args.agents,
         rate=args.rate,
         duration=args.duration,
@@ -360,9 +357,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         await db.migrate(conn, db.read_migrations())
         before = await _row_counts(conn)
         await kafka.ensure_topics(
-            config.kafka_bootstrap_servers,
-            [*topics, kafka.dead_letter_topic(config)],
-            config.topic_partitions,
+            config.kafka, [*topics, kafka.dead_letter_topic(config)], config.topic_partitions
         )
         agent = DatabaseAgent(config)
         if config.metrics_address:
@@ -377,7 +372,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         result = await _simulate_from_args(config, args)
         _progress(f"published {result.total:,} records; waiting for the DatabaseAgent")
         published = time.monotonic()
-        ends = await kafka.end_offsets(config.kafka_bootstrap_servers, topics)
+        ends = await kafka.end_offsets(config.kafka, topics)
         remaining = lag(ends, await db.stored_offsets(conn, config.group_id))
         deadline = time.monotonic() + 60
         while remaining and time.monotonic() < deadline and not running.done():
@@ -425,9 +420,11 @@ def _bench(args: argparse.Namespace) -> int:
         for start in range(0, count, 10_000):
             yield fleet.next_records(min(10_000, count - start), datetime.now(UTC))
 
-    async def publish(bootstrap: str, prefix: str, mix: str, rate: float, seconds: float) -> int:
+    async def publish(
+        kafka: KafkaSettings, prefix: str, mix: str, rate: float, seconds: float
+    ) -> int:
         result = await simulate(
-            bootstrap, rate=rate, duration=seconds, topic_prefix=prefix, mix=mix, seed=2
+            kafka, rate=rate, duration=seconds, topic_prefix=prefix, mix=mix, seed=2
         )
         return result.total
 
