@@ -23,7 +23,7 @@ import msgspec
 from pipeline.config import Config, load_config
 from pipeline.devstack import Stack, endpoints_from_env
 from pipeline.devstack.processes import choose_port
-from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV
+from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV, probe_servers
 from pipeline.errors import ConfigError, DevStackError, PipelineError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.rows import DATA_TABLES
@@ -53,14 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="the local Kafka + PostgreSQL stack on 127.0.0.1")
     dev_commands = dev.add_subparsers(required=True, metavar="ACTION")
     dev_commands.add_parser(
-        "up", help="start both servers and wait until they answer"
+        "up",
+        help="start both servers and wait until they answer (with the endpoint variables "
+        "set to other servers: check that those answer)",
     ).set_defaults(handler=_dev_up)
     down = dev_commands.add_parser("down", help="stop both servers by their pids")
     down.add_argument("--purge", action="store_true", help="also delete their data")
     down.set_defaults(handler=_dev_down)
-    dev_commands.add_parser("status", help="what is running (exit 3 when not all)").set_defaults(
-        handler=_dev_status
-    )
+    dev_commands.add_parser(
+        "status", help="what runs and whether it answers (exit 3 when not all)"
+    ).set_defaults(handler=_dev_status)
     dev_commands.add_parser("env", help="print export lines for a shell to eval").set_defaults(
         handler=_dev_env
     )
@@ -256,16 +258,32 @@ async def _run_until_signalled(agent: DatabaseAgent) -> None:
 
 
 def _dev_up(args: argparse.Namespace) -> int:
+    """Start the local stack, unless the endpoint variables name other servers: then start
+    nothing, and succeed only if those answer."""
+    stack = Stack()
     given = endpoints_from_env()
-    if given is not None:
-        print(
-            "KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set: using those servers, "
-            "nothing started",
-            file=sys.stderr,
+    if given is not None and not stack.serves(given):
+        answers = probe_servers(given)
+        silent = [a for a in answers if a.problem is not None]
+        if silent:
+            raise DevStackError(
+                f"{KAFKA_ENV} and {DATABASE_ENV} are set to servers other than the local "
+                "stack, so nothing was started, and not all of them answer:\n"
+                + "".join(f"  {a.line()}\n" for a in silent)
+                + "To use the local stack instead, unset both and run `pipeline dev up`."
+            )
+        _progress(
+            f"{KAFKA_ENV} and {DATABASE_ENV} are set to servers other than the local stack: "
+            "using those (both answer), nothing started"
         )
         print(given.exports(), end="")
         return 0
-    endpoints = Stack().up(report=_progress)
+    endpoints = stack.up(report=_progress)
+    if given is not None and not stack.serves(given):
+        _progress(
+            f"the local stack listens on other ports than {KAFKA_ENV} and {DATABASE_ENV} say "
+            '(its own were taken): eval "$(pipeline dev env)"'
+        )
     _progress('ready; for other shells: eval "$(pipeline dev env)"')
     print(endpoints.exports(), end="")
     return 0
@@ -277,13 +295,19 @@ def _dev_down(args: argparse.Namespace) -> int:
 
 
 def _dev_status(args: argparse.Namespace) -> int:
-    if (given := endpoints_from_env()) is not None:
-        print(f"using servers from the environment: Kafka {given.kafka_bootstrap}")
-        return 0
-    states = Stack().status()
+    """What answers: the local stack's servers (with their pids), or, when the endpoint
+    variables name other servers, those. Exit 3 when anything is down or does not answer."""
+    stack = Stack()
+    given = endpoints_from_env()
+    if given is not None and not stack.serves(given):
+        answers = probe_servers(given)
+        for answer in answers:
+            print(answer.line())
+        return 0 if all(a.problem is None for a in answers) else 3
+    states = stack.status(probe=True)
     for state in states:
         print(state.line())
-    return 0 if all(s.state == "running" for s in states) else 3
+    return 0 if all(s.serving for s in states) else 3
 
 
 def _dev_env(args: argparse.Namespace) -> int:

@@ -12,11 +12,12 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 
-from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
+from pipeline import kafka_clients
 from pipeline.devstack.processes import PidFile, log_tail, spawn
 from pipeline.errors import DevStackError
+from pipeline.kafka_clients import KafkaSettings, kafka_settings
 
 KAFKA_VERSION = "4.3.1"
 SCALA_VERSION = "2.13"
@@ -220,20 +221,30 @@ def pidfile(home: Path) -> PidFile:
     return PidFile(home / "broker.pid", _MAIN_CLASS)
 
 
-async def broker_in_metadata(bootstrap: str, probe_timeout: float = 2.0) -> bool:
-    """True when a client bootstrapped from ``bootstrap`` sees at least one broker."""
+async def broker_in_metadata(kafka: KafkaSettings | str, probe_timeout: float = 2.0) -> bool:
+    """True when a client bootstrapped from ``kafka`` sees at least one broker."""
+    return await why_not_answering(kafka, probe_timeout) is None
+
+
+async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2.0) -> str | None:
+    """None when a client bootstrapped from ``kafka`` sees at least one broker in the cluster
+    metadata within ``probe_timeout`` seconds, else what it saw instead."""
     # A refused connection is the expected answer while the broker starts; aiokafka logs
     # each one as an error, which would drown the start-up output.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    client = AIOKafkaClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(probe_timeout * 1000)
+    client = kafka_clients.bootstrap_client(
+        kafka_settings(kafka), request_timeout_ms=int(probe_timeout * 1000)
     )
     try:
         await asyncio.wait_for(client.bootstrap(), probe_timeout)
         # A broker that is still loading its cluster layout can answer with 0 brokers.
-        return bool(client.cluster.brokers())
-    except (KafkaError, OSError, TimeoutError):
-        return False
+        if not client.cluster.brokers():
+            return "the cluster metadata lists no broker yet"
+        return None
+    except TimeoutError:
+        return f"no answer within {probe_timeout:g}s"
+    except (KafkaError, OSError) as exc:
+        return str(exc) or type(exc).__name__
     finally:
         await client.close()
 

@@ -229,6 +229,23 @@ def dsn(port: int, database: str = DATABASE) -> str:
     return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}"
 
 
+async def why_not_answering(url: str, probe_timeout: float = 3.0) -> str | None:
+    """None when the server at ``url`` answers a query within ``probe_timeout`` seconds, else
+    why not (the URL's password never appears: asyncpg does not quote it)."""
+    try:
+        async with asyncio.timeout(probe_timeout):
+            conn = await asyncpg.connect(url, timeout=probe_timeout)
+            try:
+                await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close(timeout=probe_timeout)
+    except TimeoutError:
+        return f"no answer within {probe_timeout:g}s"
+    except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 async def _ensure_database(port: int) -> bool:
     try:
         conn = await asyncpg.connect(dsn(port, "postgres"), timeout=2)

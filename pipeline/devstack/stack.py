@@ -7,6 +7,8 @@ are shared by every stack under ``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import fcntl
 import json
 import os
@@ -16,16 +18,21 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from pipeline.config import redact_url
 from pipeline.devstack import kafka, postgres
 from pipeline.devstack.processes import PidFile, choose_port, stop_pid
 from pipeline.errors import DevStackError
+from pipeline.kafka_clients import KafkaSettings
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_ENV = "DATABASE_URL"
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_PG_PORT = 5432
 READY_TIMEOUT = 90.0
+PROBE_TIMEOUT = 5.0  # how long `status` waits for each server to answer
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 Report = Callable[[str], None]
 
@@ -40,6 +47,44 @@ class Endpoints:
             f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
             f"export {DATABASE_ENV}={self.database_url}\n"
         )
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        """Kafka's connection settings, for :mod:`pipeline.kafka_clients`."""
+        return KafkaSettings(bootstrap_servers=self.kafka_bootstrap)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Whether one server answers: Kafka through the protocol, PostgreSQL a query."""
+
+    name: str  # "PostgreSQL" or "Kafka"
+    address: str  # the bootstrap servers, or the URL without its password
+    variable: str  # the environment variable that names it
+    problem: str | None  # None when it answers
+
+    def line(self) -> str:
+        answers = "answers" if self.problem is None else "does not answer"
+        problem = "" if self.problem is None else f": {self.problem}"
+        return f"{self.name}: {answers} at {self.address} ({self.variable}){problem}"
+
+
+def probe_servers(endpoints: Endpoints, timeout: float = PROBE_TIMEOUT) -> list[Answer]:
+    """Ask both servers, at once, whether they answer; PostgreSQL first, as `status` lists."""
+
+    async def both() -> list[str | None]:
+        return list(
+            await asyncio.gather(
+                postgres.why_not_answering(endpoints.database_url, timeout),
+                kafka.why_not_answering(endpoints.kafka, timeout),
+            )
+        )
+
+    pg_problem, kafka_problem = asyncio.run(both())
+    return [
+        Answer("PostgreSQL", redact_url(endpoints.database_url), DATABASE_ENV, pg_problem),
+        Answer("Kafka", endpoints.kafka_bootstrap, KAFKA_ENV, kafka_problem),
+    ]
 
 
 def endpoints_from_env(environ: Mapping[str, str] = os.environ) -> Endpoints | None:
@@ -73,6 +118,12 @@ class ComponentStatus:
     pid: int | None
     port: int | None
     detail: str
+    answers: bool | None = None  # None when not asked (see Stack.status)
+
+    @property
+    def serving(self) -> bool:
+        """Running, and (when asked) answering."""
+        return self.state == "running" and self.answers is not False
 
     def line(self) -> str:
         where = f" on 127.0.0.1:{self.port}" if self.port and self.state == "running" else ""
@@ -143,9 +194,11 @@ class Stack:
                 shutil.rmtree(self.home, ignore_errors=True)
                 report(f"removed {self.home}")
 
-    def status(self) -> list[ComponentStatus]:
+    def status(self, probe: bool = False) -> list[ComponentStatus]:
+        """Each server's process, by its pid file; with ``probe``, whether a running one also
+        answers (Kafka through the protocol, PostgreSQL a query)."""
         state = self._read_state()
-        return [
+        found = [
             _component(
                 "PostgreSQL",
                 postgres.pidfile(self._pg_home),
@@ -159,6 +212,25 @@ class Stack:
                 self._kafka_home / "broker.log",
             ),
         ]
+        return [_asked(c) if probe and c.state == "running" else c for c in found]
+
+    def recorded_endpoints(self) -> Endpoints | None:
+        """The endpoints this stack listens on when it runs (the ports it last chose), whether
+        it runs or not; None before its first `up` or after a purge."""
+        state = self._read_state()
+        if "kafka_port" not in state or "pg_port" not in state:
+            return None
+        return self._endpoints(state)
+
+    def serves(self, endpoints: Endpoints) -> bool:
+        """True when ``endpoints`` name this stack's own servers (its recorded ports on the
+        loopback): what `eval "$(pipeline dev env)"` exported, say."""
+        own = self.recorded_endpoints()
+        if own is None:
+            return False
+        return _addresses(endpoints.kafka_bootstrap) == _addresses(own.kafka_bootstrap) and (
+            _database_address(endpoints.database_url) == _database_address(own.database_url)
+        )
 
     def endpoints(self) -> Endpoints:
         """The endpoints of the running stack; an error when it is not up."""
@@ -211,6 +283,42 @@ class Stack:
         with (self.home / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+
+def _addresses(bootstrap: str) -> set[tuple[str, int | None]]:
+    return {_host_and_port(f"//{a.strip()}") for a in bootstrap.split(",") if a.strip()}
+
+
+def _database_address(url: str) -> tuple[str, int | None]:
+    return _host_and_port(url)
+
+
+def _host_and_port(url: str) -> tuple[str, int | None]:
+    """(host, port) of a URL, every name of the loopback as 127.0.0.1; the URL itself when it
+    does not parse (then it matches only itself)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return (url, None)
+    return ("127.0.0.1" if host in _LOOPBACK else host, port)
+
+
+def _asked(component: ComponentStatus) -> ComponentStatus:
+    """``component`` (running), with whether its server answers on its port."""
+    if component.port is None:
+        problem: str | None = "its port is not recorded in the stack home"
+    elif component.name == "PostgreSQL":
+        url = postgres.dsn(component.port)
+        problem = asyncio.run(postgres.why_not_answering(url, PROBE_TIMEOUT))
+    else:
+        bootstrap = f"127.0.0.1:{component.port}"
+        problem = asyncio.run(kafka.why_not_answering(bootstrap, PROBE_TIMEOUT))
+    if problem is None:
+        return dataclasses.replace(component, answers=True)
+    return dataclasses.replace(
+        component, answers=False, detail=f"{component.detail}, but does not answer: {problem}"
+    )
 
 
 def _component(name: str, pidfile: PidFile, port: int | None, log: Path) -> ComponentStatus:

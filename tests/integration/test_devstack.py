@@ -25,8 +25,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from pipeline.devstack import kafka, postgres
+from pipeline.config import redact_url
+from pipeline.devstack import Endpoints, kafka, postgres
 from pipeline.devstack.processes import port_is_free
+from pipeline.devstack.stack import PROBE_TIMEOUT
 
 # The console script next to this interpreter: the entry point users run, not just main().
 PIPELINE = Path(sys.executable).with_name("pipeline")
@@ -75,8 +77,8 @@ class Dev:
         assert result.returncode == 0, f"dev {' '.join(args)}: {result.stderr}"
         return result
 
-    def status(self) -> Status:
-        result = self.run("status")
+    def status(self, **env: str) -> Status:
+        result = self.run("status", **env)
         lines = result.stdout.splitlines()
         assert [line.split(":")[0] for line in lines] == ["PostgreSQL", "Kafka"], result.stdout
         parsed = {}
@@ -296,22 +298,110 @@ def test_down_stops_both_by_pid_and_up_starts_new_servers(started: Dev) -> None:
         assert new == old or f"port {old} is taken; {name} uses port {new}" in up.stderr
 
 
-def test_endpoints_from_the_environment_start_nothing(dev: Dev) -> None:
+def test_exported_endpoints_of_a_stopped_stack_are_down_and_up_starts_it(started: Dev) -> None:
+    """What a newcomer does: eval "$(pipeline dev env)", later `down`, then `status` and `up`
+    in the same shell. The environment names the stack's own servers: they are the stack."""
+    started.ok("up")
+    bootstrap, url = started.endpoints()
+    exported = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": url}
+    before = started.status(**exported)
+    assert before.code == 0
+    started.ok("down", **exported)
+
+    stopped = started.status(**exported)
+    assert stopped.code == 3
+    assert stopped.postgres == Component("stopped", None, None, "")
+    assert stopped.kafka == Component("stopped", None, None, "")
+
+    up = started.ok("up", **exported)
+    pg_pid, broker_pid = started.pids()
+    assert f"starting (pid {pg_pid})" in up.stderr
+    assert f"starting (pid {broker_pid})" in up.stderr
+    after = assert_serving(started)
+    assert started.status(**exported) == after
+    if exports(up.stdout) != (bootstrap, url):  # someone took a port meanwhile: it says so
+        assert "the local stack listens on other ports than KAFKA_BOOTSTRAP_SERVERS" in up.stderr
+    else:
+        assert "other ports" not in up.stderr
+
+
+@pytest.mark.parametrize("frozen", ["PostgreSQL", "Kafka"])
+def test_a_frozen_server_runs_but_does_not_answer(started: Dev, frozen: str) -> None:
+    started.ok("up")
+    pg_pid, broker_pid = started.pids()
+    pid = pg_pid if frozen == "PostgreSQL" else broker_pid
+    os.kill(pid, signal.SIGSTOP)  # its process lives, its port accepts, nothing answers
+    try:
+        status = started.status()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status.code == 3
+    stuck, fine = (
+        (status.postgres, status.kafka)
+        if frozen == "PostgreSQL"
+        else (status.kafka, status.postgres)
+    )
+    assert (stuck.state, stuck.pid) == ("running", pid)
+    assert stuck.detail == f", but does not answer: no answer within {PROBE_TIMEOUT:g}s"
+    assert (fine.state, fine.detail) == ("running", "")
+    # Thawed, it answers again: within seconds, not at once (a broker rejoins its controller).
+    deadline = time.monotonic() + 60
+    while (status := started.status()).code != 0:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert_serving(started)
+
+
+def test_endpoints_elsewhere_that_do_not_answer_start_nothing_and_fail(dev: Dev) -> None:
     given = {
         "KAFKA_BOOTSTRAP_SERVERS": "kafka.example.invalid:9092",
-        "DATABASE_URL": "postgresql://someone@db.example.invalid:5432/elsewhere",
+        "DATABASE_URL": "postgresql://someone:s3cret@db.example.invalid:5432/elsewhere",
     }
+    shown = "postgresql://someone:***@db.example.invalid:5432/elsewhere"
     up = dev.run("up", **given)
-    assert up.returncode == 0, up.stderr
-    assert exports(up.stdout) == (given["KAFKA_BOOTSTRAP_SERVERS"], given["DATABASE_URL"])
-    assert "nothing started" in up.stderr
+    assert (up.returncode, up.stdout) == (2, "")
+    lines = up.stderr.splitlines()
+    assert lines[0] == (
+        "pipeline: error: KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set to servers other "
+        "than the local stack, so nothing was started, and not all of them answer:"
+    )
+    assert lines[1].startswith(f"  PostgreSQL: does not answer at {shown} (DATABASE_URL): ")
+    assert lines[2].startswith(
+        "  Kafka: does not answer at kafka.example.invalid:9092 (KAFKA_BOOTSTRAP_SERVERS): "
+    )
+    assert lines[3:] == ["To use the local stack instead, unset both and run `pipeline dev up`."]
+    assert "s3cret" not in up.stderr
+    # `env` only repeats the variables; `status` asks the servers.
     assert exports(dev.ok("env", **given).stdout) == tuple(given.values())
+    status = dev.run("status", **given)
+    assert status.returncode == 3
+    pg_line, kafka_line = status.stdout.splitlines()
+    assert pg_line.startswith(f"PostgreSQL: does not answer at {shown} (DATABASE_URL): ")
+    assert kafka_line.startswith(
+        "Kafka: does not answer at kafka.example.invalid:9092 (KAFKA_BOOTSTRAP_SERVERS): "
+    )
+    assert sorted(dev.home.rglob("*.pid")) == []
+    assert not dev.home.exists()
+
+
+def test_endpoints_elsewhere_that_answer_start_nothing(dev: Dev, endpoints: Endpoints) -> None:
+    # This session's servers: up, but not the stack of this test's home.
+    given = {
+        "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
+        "DATABASE_URL": endpoints.database_url,
+    }
+    up = dev.ok("up", **given)
+    assert exports(up.stdout) == (endpoints.kafka_bootstrap, endpoints.database_url)
+    assert up.stderr == (
+        "KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL are set to servers other than the local "
+        "stack: using those (both answer), nothing started\n"
+    )
     status = dev.run("status", **given)
     assert (status.returncode, status.stdout) == (
         0,
-        "using servers from the environment: Kafka kafka.example.invalid:9092\n",
+        f"PostgreSQL: answers at {redact_url(endpoints.database_url)} (DATABASE_URL)\n"
+        f"Kafka: answers at {endpoints.kafka_bootstrap} (KAFKA_BOOTSTRAP_SERVERS)\n",
     )
-    assert sorted(dev.home.rglob("*.pid")) == []
     assert not dev.home.exists()
 
 
