@@ -348,15 +348,46 @@ async def _simulate_from_args(config: Config, args: argparse.Namespace) -> Simul
 
 def _demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if endpoints_from_env() is None:
-        Stack().up(report=_progress)
-    config = _load_config(argparse.Namespace(config=None))
-    if config.metrics_address:
-        host, _, port = config.metrics_address.rpartition(":")
-        free = choose_port(int(port), host=host)
-        config = msgspec.structs.replace(config, metrics_address=f"{host}:{free}")
-    asyncio.run(_run_demo(config, args))
+    stack, started = _local_stack_up()
+    try:
+        config = _load_config(argparse.Namespace(config=None))
+        if config.metrics_address:
+            host, _, port = config.metrics_address.rpartition(":")
+            free = choose_port(int(port), host=host)
+            config = msgspec.structs.replace(config, metrics_address=f"{host}:{free}")
+        asyncio.run(_run_demo(config, args))
+    finally:
+        if stack is not None:
+            _say_the_stack_still_runs(stack, started)
     return 0
+
+
+def _local_stack_up() -> tuple[Stack | None, bool]:
+    """Start the local stack when this command uses it (the endpoint variables are unset, or
+    name the stack itself): the stack, and whether it had to start anything. (None, False)
+    when the variables name other servers."""
+    stack = Stack()
+    given = endpoints_from_env()
+    if given is not None and not stack.serves(given):
+        return None, False
+    was_running = all(s.state == "running" for s in stack.status())
+    stack.up(report=_progress)
+    return stack, not was_running
+
+
+def _say_the_stack_still_runs(stack: Stack, started: bool) -> None:
+    """The local stack outlives the command: say so, and how to stop it."""
+    states = {s.name: s for s in stack.status()}
+    if not any(s.state == "running" for s in states.values()):
+        return
+    where = ", ".join(
+        f"{name} on 127.0.0.1:{s.port}" for name, s in states.items() if s.state == "running"
+    )
+    how = "the demo started it" if started else "it was running before the demo"
+    print(
+        f"\nThe local stack is still running ({where}; {how}). "
+        "Stop it with `pipeline dev down` (add --purge to delete its data)."
+    )
 
 
 DEMO_TABLES = (*DATA_TABLES, "dead_letters")
@@ -463,8 +494,7 @@ def _bench(args: argparse.Namespace) -> int:
         profile=args.profile,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if endpoints_from_env() is None:
-        Stack().up(report=_progress)
+    _local_stack_up()
     config = _load_config(argparse.Namespace(config=None))
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))

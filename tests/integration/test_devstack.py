@@ -63,8 +63,12 @@ class Dev:
     env: dict[str, str]
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.pipeline("dev", *args, **env)
+
+    def pipeline(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """Any `pipeline` command, with this stack home."""
         return subprocess.run(
-            [str(PIPELINE), "dev", *args],
+            [str(PIPELINE), *args],
             env={**self.env, "PIPELINE_DEV_HOME": str(self.home), **env},
             capture_output=True,
             text=True,
@@ -490,3 +494,14 @@ def test_missing_java_or_maven_says_what_to_install(
     assert install in result.stderr
     assert not (cache / "agent-pipeline" / f"kafka-{kafka.KAFKA_VERSION}" / ".complete").exists()
     assert sorted(dev.home.rglob("*.pid")) == []
+
+
+def test_the_demo_says_that_the_stack_it_started_still_runs(dev: Dev) -> None:
+    demo = dev.pipeline("demo", "--duration", "1", "--rate", "500", "--seed", "1")
+    assert demo.returncode == 0, demo.stderr
+    status = assert_serving(dev)  # it left the stack running...
+    assert demo.stdout.splitlines()[-1] == (  # ...and its last words say so, and what to do
+        f"The local stack is still running (PostgreSQL on 127.0.0.1:{status.postgres.port}, "
+        f"Kafka on 127.0.0.1:{status.kafka.port}; the demo started it). Stop it with "
+        "`pipeline dev down` (add --purge to delete its data)."
+    )
