@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from producers.simulator import SimulationResult
 
 
+DESCRIPTION = (
+    "Ingest an agent fleet's data from Kafka into PostgreSQL exactly once. Run DatabaseAgents "
+    "(`pipeline run`), prepare their database and topics (`migrate`, `topics create`), "
+    "publish simulated traffic (`simulate`), see it all work in one command (`demo`), measure "
+    "it (`bench`), and run a local Kafka and PostgreSQL to try it on (`dev`). Settings come "
+    "from environment variables (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, PIPELINE_*) or a TOML "
+    "file; without the two endpoints, the commands use the local stack."
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -47,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pipeline", description=DESCRIPTION)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     dev = commands.add_parser("dev", help="the local Kafka + PostgreSQL stack on 127.0.0.1")
@@ -467,8 +477,16 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     from datetime import UTC, datetime
 
-    from consumers.bench import BenchPlan, as_json, plot, run_bench, table
+    from consumers.bench import BenchPlan, as_json, missing_extras, plot, run_bench, table
     from producers.simulator import FleetSimulator, simulate
+
+    missing = missing_extras(profile=args.profile is not None)
+    if missing:  # before anything starts: the plot comes at the end of a long run
+        raise ConfigError(
+            f"pipeline bench needs its extra, and this environment lacks {' and '.join(missing)}"
+            f": install it with `{sys.executable} -m pip install -e '.[bench]'` in the "
+            "repository (`make demo` and `make test` install it into .venv)"
+        )
 
     def source(mix: str, count: int) -> Iterator[list[Any]]:
         fleet = FleetSimulator(agents=143, seed=1, mix=mix)

@@ -1,6 +1,10 @@
-"""The bench's pure parts: its options, and how a py-spy profile is summarised."""
+"""The bench's pure parts: its options, its optional dependencies, and how a py-spy profile
+is summarised."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +71,35 @@ def test_bench_options_are_checked_before_anything_starts(
         cli.main(["bench", *argv])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "lacks"),
+    [
+        pytest.param([], "matplotlib (it draws the PNG)", id="plain"),
+        pytest.param(
+            ["--profile", "profiles"],
+            "matplotlib (it draws the PNG) and py-spy (for --profile)",
+            id="profile",
+        ),
+    ],
+)
+def test_bench_without_its_extra_stops_before_anything_starts(
+    argv: list[str],
+    lacks: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))  # no py-spy there
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIPELINE_DEV_HOME", str(tmp_path / "stack"))
+    assert cli.main(["bench", "--quick", *argv]) == 2
+    assert capsys.readouterr().err == (
+        f"pipeline: error: pipeline bench needs its extra, and this environment lacks {lacks}: "
+        f"install it with `{tmp_path / 'bin' / 'python'} -m pip install -e '.[bench]'` in the "
+        "repository (`make demo` and `make test` install it into .venv)\n"
+    )
+    assert not (tmp_path / "stack").exists()  # no local stack was started
