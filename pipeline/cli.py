@@ -1,7 +1,11 @@
-"""The `pipeline` command line.
+"""The `pipeline` command line, and the project's composition root.
 
-This module is the composition root: the only place in ``pipeline`` that reaches into
-``producers`` and ``consumers`` (lazily, so `pipeline dev` starts without the drivers).
+Layering: ``pipeline`` is the core (records, rows, batching, config, the Kafka and
+PostgreSQL IO, the dev stack); ``producers`` (the SDK) and ``consumers`` (the DatabaseAgent,
+the benchmark) build on it and not on each other. This module is the one place that wires
+all three together, so it is the only module of ``pipeline`` that imports ``producers`` or
+``consumers``, lazily, inside the commands that need them (so `pipeline dev` starts without
+the drivers). tests/unit/test_layering.py enforces these rules.
 """
 
 from __future__ import annotations
