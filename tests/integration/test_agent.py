@@ -14,11 +14,10 @@ from pathlib import Path
 import asyncpg
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 
 from consumers.agent import DatabaseAgent
-from pipeline import db
+from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
 from pipeline.config import load_config
 from pipeline.devstack import kafka, postgres
@@ -32,6 +31,7 @@ from pipeline.records import (
     Metric,
     StateChange,
     encode,
+    topic_name,
 )
 from pipeline.rows import DATA_TABLES
 from tests.conftest import Servers
@@ -293,8 +293,10 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
             ]
 
     # The DLQ topic holds the same records, each with its source coordinates and reason.
-    dlq = AIOKafkaConsumer(
-        prefix + DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    dlq = kafka_clients.consumer(
+        kafka_clients.kafka_settings(bootstrap),
+        topic_name(DLQ_TOPIC, prefix),
+        auto_offset_reset="earliest",
     )
     await dlq.start()
     try:
@@ -434,8 +436,8 @@ async def test_group_offsets_reset_to_earliest_in_kafka_change_nothing(
         before = await _table_fingerprint(database_url)
 
         # What an operator does with kafka-consumer-groups --reset-offsets --to-earliest.
-        resetter = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=prefix, enable_auto_commit=False
+        resetter = kafka_clients.consumer(
+            kafka_clients.kafka_settings(bootstrap), group_id=prefix, enable_auto_commit=False
         )
         await resetter.start()
         try:
@@ -545,7 +547,7 @@ async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadlin
         assert agent.stop(within=15) == 0
         assert asyncio.get_running_loop().time() - started < 10
         # It left the group itself: no member lingers until a session timeout.
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
         await admin.start()
         try:
             (response,) = await admin.describe_consumer_groups([prefix])
