@@ -41,6 +41,7 @@ from pipeline.batching import (
     plan,
 )
 from pipeline.config import Config, default_instance_id, redact_url
+from pipeline.control import AgentState
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import (
     DataError,
@@ -64,6 +65,17 @@ _FETCH_CHUNK = 1_000
 
 T = TypeVar("T")
 FencedWork = Callable[[Connection], Awaitable[T]]
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """One instance's state as a heartbeat reports it."""
+
+    state: AgentState
+    active_streams: tuple[str, ...]
+    owned_partitions: tuple[tuple[str, int], ...]
+    lag: int  # records behind the high watermarks of owned, positioned partitions
+    last_error: str
 
 
 def _future() -> asyncio.Future[Any]:
@@ -114,6 +126,7 @@ class DatabaseAgent:
         self._mirror: _OffsetMirror | None = None
         self._task: asyncio.Task[None] | None = None
         self._write: asyncio.Task[None] | None = None  # the batch being written
+        self.last_error = ""  # the newest failure, for status reports
         self._show_streams()
 
     # -- steering -------------------------------------------------------------------------
@@ -141,6 +154,42 @@ class DatabaseAgent:
     @property
     def limits(self) -> Limits:
         return self._limits
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def reposition(self) -> None:
+        """Re-read every owned partition's stored offset before it fetches or writes again:
+        after something outside the batches moved them (a data rollback). A batch already
+        planned from the old offsets misses its compare-and-set and is dropped."""
+        self._apply(self.ownership.fenced_event(self.ownership.assigned()))
+
+    def snapshot(self) -> AgentSnapshot:
+        """What this instance is doing, for heartbeats and status views."""
+        state: AgentState
+        if self._stopping.is_set():
+            state = "stopping"
+        elif self.ownership.holding:
+            state = "holding"
+        elif self._consumer is None or self.ownership.unpositioned():
+            state = "starting"
+        else:
+            state = "running"
+        lag = 0
+        consumer = self._consumer
+        if consumer is not None:
+            for (topic, partition), position in self.ownership.positions().items():
+                highwater = consumer.highwater(TopicPartition(topic, partition))
+                if highwater is not None:
+                    lag += max(highwater - position, 0)
+        return AgentSnapshot(
+            state=state,
+            active_streams=tuple(self.ownership.active_streams()),
+            owned_partitions=tuple(sorted(self.ownership.assigned())),
+            lag=lag,
+            last_error=self.last_error,
+        )
 
     async def in_ingest_transaction(self, work: FencedWork[T]) -> T:
         """Run ``work(conn)`` inside the next ingest transaction and return its result.
@@ -389,6 +438,7 @@ class DatabaseAgent:
             exc,
             stream,
         )
+        self.last_error = f"stream {stream} stopped: {exc}"
         self._apply(self.ownership.failed_event(stream, str(exc)))
         self._show_streams()
 
@@ -507,6 +557,8 @@ class DatabaseAgent:
         results: list[tuple[Any, BaseException | None]] = []
         try:
             async with conn.transaction():
+                if queued:  # work of the group's instances runs one at a time: no deadlocks
+                    await db.lock_group_work(conn, self.config.group_id)
                 if work.moves:  # none when the transaction carries queued work alone
                     await db.advance_offsets(
                         conn,
@@ -613,6 +665,7 @@ class DatabaseAgent:
         )
 
     def _note_retry(self, error: TransientError, delay: float) -> None:
+        self.last_error = str(error)
         log.warning("%s; retrying in %.1fs with fetching paused", error, delay)
         self.metrics.retries.labels(error.source).inc()
 

@@ -34,6 +34,7 @@ from pipeline.rows import DATA_TABLES
 
 if TYPE_CHECKING:
     from consumers.agent import DatabaseAgent
+    from consumers.controller import Controller
     from producers.simulator import SimulationResult
 
 
@@ -98,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     run.set_defaults(handler=_run)
 
+    _control_parser(commands)
+
     simulate = commands.add_parser("simulate", help="publish a simulated fleet's traffic")
     _config_option(simulate)
     _simulation_options(simulate, rate=5000.0, duration=10.0)
@@ -151,6 +154,87 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=_bench)
     return parser
+
+
+def _control_parser(commands: Any) -> None:
+    control = commands.add_parser(
+        "control",
+        help="Antigravity: steer a DatabaseAgent group through the signed control topic",
+        description="Send signed commands to every DatabaseAgent of a group and wait for their "
+        "acknowledgements, or show the fleet and the control log. Sending needs the private "
+        "key (PIPELINE_CONTROL_PRIVATE_KEY_FILE); agents verify with the public keys in "
+        "PIPELINE_CONTROL_PUBLIC_KEYS. Exit status 1 when an instance rejects the command or "
+        "does not answer in time.",
+    )
+    actions = control.add_subparsers(required=True, metavar="ACTION")
+    keygen = actions.add_parser(
+        "keygen", help="write DIR/antigravity.key (mode 0600) and DIR/antigravity.pub"
+    )
+    keygen.add_argument("dir", type=Path, metavar="DIR")
+    keygen.set_defaults(handler=_control_keygen)
+
+    def sender(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        _group_options(parser)
+        parser.add_argument(
+            "--wait",
+            type=_positive(float),
+            default=30.0,
+            metavar="SECONDS",
+            help="how long to wait for the live instances' acks (30)",
+        )
+        parser.set_defaults(handler=_control_send, action=name)
+        return parser
+
+    for name, verb in (("activate", "start"), ("deactivate", "pause")):
+        sender(name, f"{verb} ingesting streams on every instance").add_argument(
+            "--streams", required=True, type=_stream_list, help="comma list, e.g. events,metrics"
+        )
+    assign = sender("assign", "a new assignment version: the active streams and batch limits")
+    assign.add_argument("--file", type=Path, help="a TOML file with any of the flags below")
+    assign.add_argument("--version", type=_positive(int), help="above the current one")
+    assign.add_argument("--streams", type=_stream_list, help="comma list of active streams")
+    for limit in ("batch-max-records", "batch-max-bytes", "batch-max-wait-ms"):
+        assign.add_argument(f"--{limit}", type=_positive(int), help="(the agents' setting)")
+    checkpoint = sender("checkpoint", "record the group's stored offsets under NAME")
+    checkpoint.add_argument("name", metavar="NAME")
+    rollback = sender("rollback", "re-apply an assignment, or roll the data back")
+    target = rollback.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-version", type=_positive(int), metavar="N")
+    target.add_argument("--to-checkpoint", metavar="NAME")
+    rollback.add_argument(
+        "--then",
+        choices=["reingest", "hold"],
+        default="reingest",
+        help="after a data rollback: ingest again from the checkpoint, or hold the streams "
+        "rolled back until activated (reingest)",
+    )
+    status = actions.add_parser("status", help="the group's live instances and their state")
+    _group_options(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_control_status)
+    log_parser = actions.add_parser("log", help="the group's control log (from PostgreSQL)")
+    _group_options(log_parser)
+    log_parser.add_argument("--limit", type=_positive(int), default=50, help="rows (50)")
+    log_parser.set_defaults(handler=_control_log)
+
+
+def _group_options(parser: argparse.ArgumentParser) -> None:
+    _config_option(parser)
+    parser.add_argument("--group", help="the DatabaseAgents' group (default database-agent)")
+
+
+def _stream_list(text: str) -> tuple[str, ...]:
+    from pipeline.records import STREAM_BY_NAME
+
+    streams = tuple(s for s in text.split(",") if s)
+    unknown = [s for s in streams if s not in STREAM_BY_NAME]
+    if unknown or not streams:
+        raise argparse.ArgumentTypeError(
+            f"unknown stream(s) {unknown or '(none given)'}; choose from "
+            f"{', '.join(STREAM_BY_NAME)}"
+        )
+    return streams
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -223,15 +307,25 @@ def _topics_create(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
     config = _load_config(args, topic_partitions=args.partitions)
+    from pipeline.control import control_topics
+
     topics = [*kafka.data_topics(config), kafka.dead_letter_topic(config)]
-    created = asyncio.run(kafka.ensure_topics(config.kafka, topics, config.topic_partitions))
-    for topic in topics:
+    control = list(control_topics(config.topic_prefix))
+
+    async def create() -> list[str]:
+        made = await kafka.ensure_topics(config.kafka, topics, config.topic_partitions)
+        # One partition each: commands are totally ordered, and status readers read one log.
+        return made + await kafka.ensure_topics(config.kafka, control, 1)
+
+    created = asyncio.run(create())
+    for topic in [*topics, *control]:
         print(f"{topic}: {'created' if topic in created else 'exists'}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from consumers.agent import DatabaseAgent
+    from consumers.controller import Controller
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -240,10 +334,171 @@ def _run(args: argparse.Namespace) -> int:
     )
     config = _load_config(args, group_id=args.group)
     agent = DatabaseAgent(config)
+    controller = Controller(agent, _verifier(config))
     if config.metrics_address:
         agent.metrics.serve(config.metrics_address)
     _tune_garbage_collector()
-    asyncio.run(_run_until_signalled(agent))
+    asyncio.run(_run_until_signalled(agent, controller))
+    return 0
+
+
+def _verifier(config: Config) -> Any:
+    """The agents' verifier of control commands, None without public keys."""
+    from pipeline import control
+
+    if not config.control_public_keys:
+        return None
+    try:
+        return control.read_verifier(Path(p) for p in config.control_public_keys)
+    except OSError as exc:
+        raise ConfigError(
+            f"PIPELINE_CONTROL_PUBLIC_KEYS: cannot read {exc.filename}: {exc.strerror}"
+        ) from None
+
+
+def _control_keygen(args: argparse.Namespace) -> int:
+    from pipeline import control
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    private, public = args.dir / "antigravity.key", args.dir / "antigravity.pub"
+    for path in (private, public):
+        if path.exists():
+            raise ConfigError(f"{path} exists: keygen never overwrites a key")
+    key, public_key = control.generate_key_pair()
+    control.write_private_key_file(private, key)
+    control.write_public_key_file(public, public_key)
+    print(f"private key: {private} (mode 0600; for PIPELINE_CONTROL_PRIVATE_KEY_FILE)")
+    print(f"public key:  {public} (for the agents' PIPELINE_CONTROL_PUBLIC_KEYS)")
+    print(f"key id:      {control.key_id(public_key)}")
+    return 0
+
+
+def _control_command(args: argparse.Namespace) -> Any:
+    """The command the arguments of ``pipeline control ACTION`` describe."""
+    from pipeline import control
+
+    match args.action:
+        case "activate":
+            return control.Activate(streams=args.streams)
+        case "deactivate":
+            return control.Deactivate(streams=args.streams)
+        case "checkpoint":
+            return control.Checkpoint(name=args.name)
+        case "rollback" if args.to_version is not None:
+            return control.RollbackVersion(to_version=args.to_version)
+        case "rollback":
+            return control.RollbackCheckpoint(to_checkpoint=args.to_checkpoint, then=args.then)
+    settings: dict[str, Any] = {}
+    if args.file is not None:
+        try:
+            settings = msgspec.toml.decode(args.file.read_bytes())
+        except (OSError, msgspec.DecodeError) as exc:
+            raise ConfigError(f"--file {args.file}: {exc}") from None
+    flags = {
+        "version": args.version,
+        "streams": args.streams,
+        "batch_max_records": args.batch_max_records,
+        "batch_max_bytes": args.batch_max_bytes,
+        "batch_max_wait_ms": args.batch_max_wait_ms,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    limits = {k: settings.pop(k) for k in list(settings) if k.startswith("batch_")}
+    try:
+        return msgspec.convert({**settings, "limits": limits}, control.Assign)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"assign: {exc} (give --version and --streams)") from None
+
+
+def _antigravity(config: Config, *, signing: bool) -> Any:
+    from consumers.antigravity import Antigravity
+    from pipeline import control
+
+    key = None
+    if signing:
+        if not config.control_private_key_file:
+            raise ConfigError(
+                "PIPELINE_CONTROL_PRIVATE_KEY_FILE is not set: sending a command needs the "
+                "orchestrator's private key (make a pair with `pipeline control keygen DIR`)"
+            )
+        try:
+            key = control.read_private_key_file(Path(config.control_private_key_file))
+        except OSError as exc:
+            raise ConfigError(
+                f"PIPELINE_CONTROL_PRIVATE_KEY_FILE: cannot read {exc.filename}: {exc.strerror}"
+            ) from None
+    return Antigravity(config.kafka, prefix=config.topic_prefix, private_key=key)
+
+
+def _control_send(args: argparse.Namespace) -> int:
+    config = _load_config(args, group_id=args.group)
+    command = _control_command(args)
+    antigravity = _antigravity(config, signing=True)
+    delivery = asyncio.run(antigravity.send(config.group_id, command, wait_s=args.wait))
+    envelope = delivery.envelope
+    live = len(delivery.live)
+    print(
+        f"{envelope.kind} (seq {envelope.seq}, command {envelope.command_id}) sent to group "
+        f"{config.group_id} at control offset {delivery.offset}; "
+        + (f"{live} live instance(s)" if live else "no live instance: applied when one starts")
+    )
+    for instance, ack in sorted(delivery.acks.items()):
+        outcome = ack.outcome + (f": {ack.detail}" if ack.outcome == "rejected" else "")
+        print(f"  {instance}: {outcome}")
+    for instance in delivery.missing:
+        print(f"  {instance}: no ack within {args.wait:g}s")
+    return 0 if delivery.ok else 1
+
+
+def _control_status(args: argparse.Namespace) -> int:
+    import json
+
+    config = _load_config(args, group_id=args.group)
+    antigravity = _antigravity(config, signing=False)
+
+    async def gather() -> tuple[int, list[Any]]:
+        await antigravity.ensure_topics()
+        return await antigravity.latest_seq(config.group_id), await antigravity.fleet(
+            config.group_id
+        )
+
+    latest, fleet = asyncio.run(gather())
+    instances = [{**msgspec.to_builtins(h), "behind": h.applied_seq < latest} for h in fleet]
+    if args.json:
+        print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
+        return 0
+    print(f"group {config.group_id}: latest command seq {latest}; {len(fleet)} live instance(s)")
+    for h in fleet:
+        behind = "  BEHIND" if h.applied_seq < latest else ""
+        print(
+            f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{behind}, assignment "
+            f"v{h.assignment_version}, streams {','.join(h.active_streams) or '-'}, "
+            f"{len(h.owned_partitions)} partitions, lag {h.lag}"
+            + (f", last error: {h.last_error}" if h.last_error else "")
+        )
+    return 0
+
+
+def _control_log(args: argparse.Namespace) -> int:
+    from pipeline import control_store, db
+
+    config = _load_config(args, group_id=args.group)
+
+    async def read() -> list[dict[str, Any]]:
+        conn = await db.connect(config.database_url, config.db_command_timeout_s)
+        try:
+            return await control_store.control_log(conn, config.group_id, args.limit)
+        finally:
+            await conn.close()
+
+    for row in asyncio.run(read()):
+        who = row["instance_id"] or "-"
+        at = row["recorded_at"].isoformat(timespec="seconds")
+        where = "" if row["src_offset"] is None else f" @{row['src_offset']}"
+        reason = f" ({row['reason']})" if row["reason"] else ""
+        print(
+            f"{at} {row['direction']:<7} seq {row['seq']} {row['kind']}{where} "
+            f"{row['outcome']}{reason} by {who}"
+        )
     return 0
 
 
@@ -263,12 +518,15 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(1_000_000, 10, 10)
 
 
-async def _run_until_signalled(agent: DatabaseAgent) -> None:
-    """Run the agent; SIGTERM or SIGINT asks it to stop (within its shutdown deadline)."""
+async def _run_until_signalled(agent: DatabaseAgent, controller: Controller) -> None:
+    """Run the agent, steered by its controller; SIGTERM or SIGINT asks it to stop (within
+    its shutdown deadline)."""
+    from consumers.controller import run_controlled
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
-    await agent.run()
+    await run_controlled(agent, controller)
 
 
 def _dev_up(args: argparse.Namespace) -> int:

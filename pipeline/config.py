@@ -25,6 +25,7 @@ from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
+_LISTS = {"streams", "control_public_keys"}  # comma-separated in the environment
 _ENV_NAMES = {"kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS", "database_url": "DATABASE_URL"}
 
 
@@ -48,6 +49,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     metrics_address: str = "127.0.0.1:9108"
     # This instance's name and its Kafka client id; load_config resolves "" to host-pid.
     instance_id: str = ""
+    # Public key files (PEM) whose signatures the agent accepts on control commands; without
+    # any, it refuses every command it would have to decide.
+    control_public_keys: tuple[str, ...] = ()
+    # The orchestrator's signing key (`pipeline control`), PEM, readable by its owner only.
+    control_private_key_file: str = ""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.streams if s not in STREAM_BY_NAME]
@@ -104,7 +110,7 @@ def load_config(
     for field in Config.__struct_fields__:
         raw = environ.get(env_name(field))
         if raw is not None:
-            values[field] = raw.split(",") if field == "streams" else raw
+            values[field] = [s for s in raw.split(",") if s] if field in _LISTS else raw
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("instance_id") in (None, ""):
         values["instance_id"] = default_instance_id()

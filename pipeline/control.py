@@ -89,9 +89,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pipeline.errors import PipelineError
-from pipeline.records import STREAM_BY_NAME, STREAMS, Timestamp
+from pipeline.records import STREAM_BY_NAME, STREAMS, Timestamp, topic_name
 
 __all__ = [
+    "ALL_STREAMS",
     "CONTROL_TOPIC",
     "DEFAULT_MAX_CLOCK_SKEW",
     "KINDS",
@@ -115,6 +116,7 @@ __all__ = [
     "Deactivate",
     "Decision",
     "Envelope",
+    "GroupState",
     "Heartbeat",
     "Ignore",
     "Outcome",
@@ -128,6 +130,7 @@ __all__ = [
     "apply_failed",
     "canonical_encoder",
     "command_kind",
+    "control_topics",
     "decide",
     "decode_status",
     "encode_envelope",
@@ -136,6 +139,7 @@ __all__ = [
     "highest_seq",
     "key_id",
     "next_seq",
+    "next_state",
     "private_key_from_pem",
     "private_key_to_pem",
     "public_key_from_pem",
@@ -154,8 +158,14 @@ __all__ = [
 ]
 
 # Default topic names, prefixed like the data topics (``pipeline.records.topic_name``).
-CONTROL_TOPIC = "pipeline.control"
-STATUS_TOPIC = "pipeline.status"
+CONTROL_TOPIC = "antigravity.control"
+STATUS_TOPIC = "antigravity.status"
+
+
+def control_topics(prefix: str) -> tuple[str, str]:
+    """The deployed names of the control and status topics."""
+    return topic_name(CONTROL_TOPIC, prefix), topic_name(STATUS_TOPIC, prefix)
+
 
 # Domain separation: what the key signs is never just the envelope bytes.
 SIGNING_CONTEXT = b"agent-pipeline control envelope v1\n"
@@ -714,6 +724,66 @@ def streams_after(active: Iterable[str], command: Activate | Deactivate) -> tupl
     else:
         now_active.difference_update(command.streams)
     return tuple(s.name for s in STREAMS if s.name in now_active)
+
+
+# --- the group's control state ----------------------------------------------------------------
+
+ALL_STREAMS: tuple[str, ...] = tuple(s.name for s in STREAMS)
+
+
+class GroupState(msgspec.Struct, frozen=True, kw_only=True):
+    """What a consumer group was told, as PostgreSQL keeps it (``control_state``).
+
+    ``next_offset``: the control topic's next record to decide; ``applied_seq``: the highest
+    seq applied; ``assignment_version``: 0 until an ``Assign``; ``active_streams``: None
+    until a command names them (every stream an instance consumes is then active).
+    """
+
+    next_offset: int = 0
+    applied_seq: int = 0
+    assignment_version: int = 0
+    active_streams: tuple[str, ...] | None = None
+    limits: BatchLimits = BatchLimits()
+
+    def active(self) -> tuple[str, ...]:
+        """The streams switched on, in :data:`STREAMS` order."""
+        return ALL_STREAMS if self.active_streams is None else self.active_streams
+
+
+def next_state(
+    state: GroupState, command: Command, *, history: Mapping[int, Assignment]
+) -> tuple[GroupState, Assign | None]:
+    """The group's state once ``command`` is applied, and the assignment to record (an
+    ``Assign``, or the one a ``RollbackVersion`` makes). ``history`` holds the assignment
+    ``RollbackVersion`` names, when there is one. :class:`ControlError` when the command
+    cannot be applied to this state (an assignment version that does not go up, an unknown
+    one). Checkpoints and data rollbacks change no field here: their effect is on the data.
+    """
+    match command:
+        case Activate() | Deactivate():
+            return msgspec.structs.replace(
+                state, active_streams=streams_after(state.active(), command)
+            ), None
+        case Assign(version=version):
+            if version <= state.assignment_version:
+                raise ControlError(
+                    f"assignment version {version} is not above the current "
+                    f"{state.assignment_version}"
+                )
+            return _assigned(state, command), command
+        case RollbackVersion():
+            plan = rollback_plan(command, history=history, current_version=state.assignment_version)
+            return _assigned(state, plan), plan
+        case Checkpoint() | RollbackCheckpoint():
+            return state, None
+    raise ControlError(f"no state change defined for {command_kind(command)}")  # unreachable
+
+
+def _assigned(state: GroupState, assign: Assign) -> GroupState:
+    streams = tuple(s for s in ALL_STREAMS if s in assign.streams)
+    return msgspec.structs.replace(
+        state, assignment_version=assign.version, active_streams=streams, limits=assign.limits
+    )
 
 
 # --- status messages ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _MIGRATION_LOCK = int.from_bytes(
     hashlib.sha256(b"agent-pipeline migrate").digest()[:8], "big", signed=True
 )
+_WORK_LOCK = 0x70697065  # the advisory lock space of lock_group_work ("pipe")
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _BATCH_IDS_PER_RESERVATION = 1000  # the sequence's INCREMENT BY
 
@@ -249,6 +250,15 @@ async def advance_offsets(
     )
     if _count(status) != len(moves):
         raise FencedError(f"{len(moves) - _count(status)} of {len(moves)} partitions moved on")
+
+
+async def lock_group_work(conn: Connection, group: str) -> None:
+    """Take the group's work lock until the transaction ends, before any offset row.
+
+    Work that instances run in their ingest transactions (control decisions, rollbacks) may
+    lock other instances' offset rows; taking this lock first makes such work run one at a
+    time, so two instances' work never wait on each other's rows."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _WORK_LOCK, group)
 
 
 async def reserve_batch_ids(conn: Connection) -> range:

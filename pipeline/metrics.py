@@ -75,6 +75,22 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.control_commands = Counter(
+            "pipeline_control_commands_total",
+            "Control commands this instance applied, followed or rejected",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.control_applied_seq = Gauge(
+            "pipeline_control_applied_seq",
+            "The sequence number of the last control command this instance applied",
+            registry=r,
+        )
+        self.assignment_version = Gauge(
+            "pipeline_assignment_version",
+            "The assignment version in force (0: none assigned, the configuration rules)",
+            registry=r,
+        )
         self.last_commit = Gauge(
             "pipeline_last_commit_timestamp_seconds", "When the last batch committed", registry=r
         )

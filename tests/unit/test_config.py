@@ -36,6 +36,8 @@ DEFAULTS = {
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
     "instance_id": HOST_PID,
+    "control_public_keys": (),
+    "control_private_key_file": "",
 }
 
 
@@ -87,6 +89,20 @@ def test_the_name_table_covers_every_field() -> None:
             "PIPELINE_RETRY_MAX_BACKOFF_S", "3", "retry_max_backoff_s", 3.0, id="float-from-int"
         ),
         pytest.param("PIPELINE_STREAMS", "metrics", "streams", ("metrics",), id="one-stream"),
+        pytest.param(
+            "PIPELINE_CONTROL_PUBLIC_KEYS",
+            "/k/a.pub,/k/b.pub",
+            "control_public_keys",
+            ("/k/a.pub", "/k/b.pub"),
+            id="public-keys",
+        ),
+        pytest.param(
+            "PIPELINE_CONTROL_PRIVATE_KEY_FILE",
+            "/k/antigravity.key",
+            "control_private_key_file",
+            "/k/antigravity.key",
+            id="private-key",
+        ),
         pytest.param(
             "PIPELINE_STREAMS", "config,states", "streams", ("config", "states"), id="streams"
         ),

@@ -1,0 +1,341 @@
+"""The control plane's state in PostgreSQL (sql/004_control_plane.sql); IO only.
+
+Every function takes a connection inside the caller's transaction: the DatabaseAgent runs
+them as work in its ingest transaction (``DatabaseAgent.in_ingest_transaction``), so a
+decision, its effect and its ``control_log`` row commit together, or not at all.
+docs/control-plane.md describes the protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from asyncpg import Connection
+
+from pipeline.control import Assign, BatchLimits, GroupState
+from pipeline.rows import TABLES
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How the group decided one control record (from ``control_log``)."""
+
+    command_id: str | None
+    seq: int | None
+    kind: str
+    outcome: str  # "applied" or "rejected"
+    reason: str
+
+
+_limits_decoder = msgspec.json.Decoder(BatchLimits)
+
+
+def _state(row: Any) -> GroupState:
+    if row is None:
+        return GroupState()
+    streams = row["active_streams"]
+    return GroupState(
+        next_offset=row["next_offset"],
+        applied_seq=row["applied_seq"],
+        assignment_version=row["assignment_version"],
+        active_streams=None if streams is None else tuple(streams),
+        limits=_limits_decoder.decode(row["limits"]),
+    )
+
+
+_STATE_COLUMNS = (
+    "next_offset, applied_seq, assignment_version, active_streams, batch_limits::text AS limits"
+)
+
+
+async def load_state(conn: Connection, group: str) -> GroupState:
+    """The group's state as committed (no lock)."""
+    row = await conn.fetchrow(
+        f"SELECT {_STATE_COLUMNS} FROM control_state WHERE group_id = $1", group
+    )
+    return _state(row)
+
+
+async def lock_state(conn: Connection, group: str) -> GroupState:
+    """The group's state, locked until the transaction ends: one decision at a time."""
+    await conn.execute(
+        "INSERT INTO control_state (group_id) VALUES ($1) ON CONFLICT DO NOTHING", group
+    )
+    row = await conn.fetchrow(
+        f"SELECT {_STATE_COLUMNS} FROM control_state WHERE group_id = $1 FOR UPDATE",
+        group,
+    )
+    return _state(row)
+
+
+async def save_state(conn: Connection, group: str, state: GroupState) -> None:
+    await conn.execute(
+        """UPDATE control_state SET next_offset = $2, applied_seq = $3, assignment_version = $4,
+               active_streams = $5, batch_limits = $6::text::jsonb, updated_at = now()
+           WHERE group_id = $1""",
+        group,
+        state.next_offset,
+        state.applied_seq,
+        state.assignment_version,
+        None if state.active_streams is None else list(state.active_streams),
+        msgspec.json.encode(state.limits).decode(),
+    )
+
+
+async def decision_at(conn: Connection, group: str, offset: int) -> Decision | None:
+    """How the group decided the control record at ``offset``; None if it was not for it."""
+    row = await conn.fetchrow(
+        """SELECT command_id::text, seq, kind, outcome, reason FROM control_log
+           WHERE direction = 'command' AND target = $1 AND src_offset = $2""",
+        group,
+        offset,
+    )
+    if row is None:
+        return None
+    return Decision(row["command_id"], row["seq"], row["kind"], row["outcome"], row["reason"])
+
+
+async def record_decision(
+    conn: Connection,
+    *,
+    group: str,
+    offset: int,
+    decision: Decision,
+    instance_id: str,
+    issuer: str = "",
+    version: int | None = None,
+    body: bytes = b"{}",
+    issued_at: datetime | None = None,
+) -> None:
+    await conn.execute(
+        """INSERT INTO control_log (direction, command_id, seq, kind, target, issuer,
+               instance_id, version, outcome, reason, body, issued_at, src_offset)
+           VALUES ('command', $1::text::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb,
+               $11, $12)""",
+        decision.command_id,
+        decision.seq,
+        decision.kind,
+        group,
+        issuer,
+        instance_id,
+        version,
+        decision.outcome,
+        decision.reason,
+        body.decode(),
+        issued_at,
+        offset,
+    )
+
+
+async def record_ack(conn: Connection, *, group: str, instance_id: str, decision: Decision) -> None:
+    """One instance's acknowledgement of a command, next to the group's decision."""
+    await conn.execute(
+        """INSERT INTO control_log (direction, command_id, seq, kind, target, instance_id,
+               outcome, reason)
+           VALUES ('status', $1::text::uuid, $2, $3, $4, $5, $6, $7)""",
+        decision.command_id,
+        decision.seq,
+        decision.kind,
+        group,
+        instance_id,
+        decision.outcome,
+        decision.reason,
+    )
+
+
+# -- assignments ------------------------------------------------------------------------------
+
+
+async def record_assignment(conn: Connection, group: str, assign: Assign, command_id: str) -> None:
+    """Append an assignment to the group's history."""
+    await conn.execute(
+        """INSERT INTO assignments (group_id, version, streams, batch_limits, command_id)
+           VALUES ($1, $2, $3, $4::text::jsonb, $5::text::uuid)""",
+        group,
+        assign.version,
+        list(assign.streams),
+        msgspec.json.encode(assign.limits).decode(),
+        command_id,
+    )
+
+
+async def assignment(
+    conn: Connection, group: str, version: int
+) -> tuple[tuple[str, ...], BatchLimits] | None:
+    row = await conn.fetchrow(
+        "SELECT streams, batch_limits::text AS limits FROM assignments "
+        "WHERE group_id = $1 AND version = $2",
+        group,
+        version,
+    )
+    if row is None:
+        return None
+    return tuple(row["streams"]), _limits_decoder.decode(row["limits"])
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+async def take_checkpoint(conn: Connection, group: str, name: str, command_id: str) -> bool:
+    """Record the group's stored offsets under ``name``; False if the name is taken.
+
+    One statement reads every partition's ``ingest_offsets`` row: a snapshot of committed
+    batches only, so the cut is consistent (each partition at a batch boundary)."""
+    created = await conn.fetchval(
+        """INSERT INTO checkpoints (group_id, name, command_id) VALUES ($1, $2, $3::text::uuid)
+           ON CONFLICT DO NOTHING RETURNING true""",
+        group,
+        name,
+        command_id,
+    )
+    if not created:
+        return False
+    await conn.execute(
+        """INSERT INTO checkpoint_offsets (group_id, name, topic, partition, next_offset)
+           SELECT group_id, $2, topic, partition, next_offset FROM ingest_offsets
+           WHERE group_id = $1""",
+        group,
+        name,
+    )
+    return True
+
+
+async def checkpoint_offsets(
+    conn: Connection, group: str, name: str
+) -> dict[tuple[str, int], int] | None:
+    """A checkpoint's offsets; None when there is no checkpoint of that name."""
+    exists = await conn.fetchval(
+        "SELECT true FROM checkpoints WHERE group_id = $1 AND name = $2", group, name
+    )
+    if not exists:
+        return None
+    rows = await conn.fetch(
+        "SELECT topic, partition, next_offset FROM checkpoint_offsets "
+        "WHERE group_id = $1 AND name = $2",
+        group,
+        name,
+    )
+    return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """What a data rollback did: rows deleted per table, dead letters deleted, and the
+    topics whose stored offsets moved back."""
+
+    rows: dict[str, int]
+    dead_letters: int
+    topics: tuple[str, ...]
+
+
+async def roll_back_data(
+    conn: Connection,
+    group: str,
+    checkpoint: Mapping[tuple[str, int], int],
+    stream_topics: Mapping[str, str],
+) -> RolledBack:
+    """Put the group's data back to ``checkpoint``, in the caller's transaction.
+
+    1. Lock the group's ``ingest_offsets`` rows: batches of other instances wait, then miss
+       their compare-and-set (the fence) and re-read from the checkpoint.
+    2. Per stream (``stream_topics``: stream name -> deployed topic), delete the rows ingested
+       at or after the checkpoint's offset of their partition (a partition the checkpoint did
+       not know: all of them). "Latest" tables are rebuilt, for the keys that lost history
+       rows, from the history that remains.
+    3. Delete the group's dead letters at or after the checkpoint.
+    4. Move ``ingest_offsets`` back to the checkpoint.
+
+    The data tables do not record their group: a database's data tables belong to one group.
+    """
+    stored = {
+        (r["topic"], r["partition"]): r["next_offset"]
+        for r in await conn.fetch(
+            "SELECT topic, partition, next_offset FROM ingest_offsets WHERE group_id = $1 "
+            "FOR UPDATE",
+            group,
+        )
+    }
+    back = {tp: checkpoint.get(tp, 0) for tp in stored}
+    moved = sorted({tp[0] for tp, offset in back.items() if stored[tp] > offset})
+    deleted: dict[str, int] = {}
+    for stream, topic in stream_topics.items():
+        cut = [(p, offset) for (t, p), offset in back.items() if t == topic and t in moved]
+        if not cut:
+            continue
+        deleted.update(await _delete_after(conn, stream, cut))
+    triples = [(t, p, o) for (t, p), o in back.items() if t in moved]
+    letters = await conn.execute(
+        """DELETE FROM dead_letters d
+           USING unnest($2::text[], $3::int[], $4::bigint[]) AS c(t, p, o)
+           WHERE d.group_id = $1 AND d.src_topic = c.t AND d.src_partition = c.p
+             AND d.src_offset >= c.o""",
+        group,
+        [t for t, _, _ in triples],
+        [p for _, p, _ in triples],
+        [o for _, _, o in triples],
+    )
+    await conn.execute(
+        """UPDATE ingest_offsets AS i SET next_offset = c.o, updated_at = now()
+           FROM unnest($2::text[], $3::int[], $4::bigint[]) AS c(t, p, o)
+           WHERE i.group_id = $1 AND i.topic = c.t AND i.partition = c.p""",
+        group,
+        [t for t, _, _ in triples],
+        [p for _, p, _ in triples],
+        [o for _, _, o in triples],
+    )
+    return RolledBack(deleted, _count(letters), tuple(moved))
+
+
+async def _delete_after(
+    conn: Connection, stream: str, cut: Iterable[tuple[int, int]]
+) -> dict[str, int]:
+    tables = TABLES[stream]
+    partitions, offsets = zip(*cut, strict=True)
+    by_source = "src_partition = c.p AND src_offset >= c.o"
+    unnest = "unnest($1::int[], $2::bigint[]) AS c(p, o)"
+    if tables.history is None:
+        status = await conn.execute(
+            f"DELETE FROM {tables.table.name} USING {unnest} WHERE {by_source}",
+            list(partitions),
+            list(offsets),
+        )
+        return {tables.table.name: _count(status)}
+    key = tables.key[0]  # the latest tables have a one-column key
+    history, latest = tables.history.name, tables.table.name
+    keys = await conn.fetch(
+        f"WITH gone AS (DELETE FROM {history} USING {unnest} WHERE {by_source} "
+        f"RETURNING {key}) SELECT {key} AS k, count(*) AS n FROM gone GROUP BY {key}",
+        list(partitions),
+        list(offsets),
+    )
+    lost = [r["k"] for r in keys]
+    # The latest row of a key that lost history rows is the highest version left, if any.
+    await conn.execute(f"DELETE FROM {latest} WHERE {key} = ANY($1)", lost)
+    columns = ", ".join((*tables.table.columns, "ingested_at"))
+    await conn.execute(
+        f"INSERT INTO {latest} ({columns}) SELECT DISTINCT ON ({key}) {columns} FROM {history} "
+        f"WHERE {key} = ANY($1) ORDER BY {key}, {tables.version} DESC",
+        lost,
+    )
+    return {history: sum(r["n"] for r in keys)}
+
+
+def _count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def control_log(conn: Connection, group: str, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` rows of the group's control log, oldest first."""
+    rows = await conn.fetch(
+        """SELECT * FROM (SELECT id, direction, command_id::text AS command_id, seq, kind,
+               instance_id, outcome, reason, src_offset, recorded_at
+           FROM control_log WHERE target = $1 ORDER BY id DESC LIMIT $2) AS newest
+           ORDER BY id""",
+        group,
+        limit,
+    )
+    return [dict(r) for r in rows]
