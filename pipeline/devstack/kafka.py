@@ -232,8 +232,9 @@ async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2
     # A refused connection is the expected answer while the broker starts; aiokafka logs
     # each one as an error, which would drown the start-up output.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # The request's own timeout is longer than the probe's: silence is always "no answer".
     client = kafka_clients.bootstrap_client(
-        kafka_settings(kafka), request_timeout_ms=int(probe_timeout * 1000)
+        kafka_settings(kafka), request_timeout_ms=int(probe_timeout * 1000) + 1000
     )
     try:
         await asyncio.wait_for(client.bootstrap(), probe_timeout)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from pipeline.config import redact_url
 from pipeline.devstack import kafka, postgres
-from pipeline.devstack.processes import PidFile, choose_port, stop_pid
+from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
 from pipeline.errors import DevStackError
 from pipeline.kafka_clients import KafkaSettings
 
@@ -224,12 +224,21 @@ class Stack:
 
     def serves(self, endpoints: Endpoints) -> bool:
         """True when ``endpoints`` name this stack's own servers (its recorded ports on the
-        loopback): what `eval "$(pipeline dev env)"` exported, say."""
+        loopback): what `eval "$(pipeline dev env)"` exported, say.
+
+        Not when the stack is stopped and other processes listen on both its ports (a Docker
+        stack on the default ports, say): then the endpoints reach those.
+        """
         own = self.recorded_endpoints()
         if own is None:
             return False
-        return _addresses(endpoints.kafka_bootstrap) == _addresses(own.kafka_bootstrap) and (
-            _database_address(endpoints.database_url) == _database_address(own.database_url)
+        if _addresses(endpoints.kafka_bootstrap) != _addresses(own.kafka_bootstrap) or (
+            _database_address(endpoints.database_url) != _database_address(own.database_url)
+        ):
+            return False
+        states = self.status()
+        return any(s.state == "running" for s in states) or any(
+            s.port is not None and port_is_free(s.port) for s in states
         )
 
     def endpoints(self) -> Endpoints:

@@ -10,10 +10,12 @@ alone), so an `up` costs seconds, not a Maven download.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -386,6 +388,34 @@ def test_endpoints_elsewhere_that_do_not_answer_start_nothing_and_fail(dev: Dev)
     )
     assert sorted(dev.home.rglob("*.pid")) == []
     assert not dev.home.exists()
+
+
+def test_exported_endpoints_of_a_stopped_stack_held_by_others_are_not_the_stack(dev: Dev) -> None:
+    """The stack stopped and other servers took both its ports (Docker's, on the defaults):
+    the exported endpoints reach those, so nothing starts and they are asked instead."""
+    dev.ok("up")
+    bootstrap, url = dev.endpoints()
+    exported = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": url}
+    dev.ok("down")
+    with contextlib.ExitStack() as listeners:
+        for address in (bootstrap, f"127.0.0.1:{urlsplit(url).port}"):
+            sock = listeners.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            host, port = address.rsplit(":", 1)
+            sock.bind((host, int(port)))
+            sock.listen()  # connections are made, nothing ever answers
+        up = dev.run("up", **exported)
+        status = dev.run("status", **exported)
+    assert (up.returncode, up.stdout) == (2, "")
+    assert "set to servers other than the local stack, so nothing was started" in up.stderr
+    assert not dev.postgres_pidfile.exists()
+    assert not dev.broker_pidfile.exists()
+    assert status.returncode == 3
+    assert status.stdout.splitlines() == [
+        f"PostgreSQL: does not answer at {url} (DATABASE_URL): no answer within {PROBE_TIMEOUT:g}s",
+        f"Kafka: does not answer at {bootstrap} (KAFKA_BOOTSTRAP_SERVERS): "
+        f"no answer within {PROBE_TIMEOUT:g}s",
+    ]
 
 
 def test_endpoints_elsewhere_that_answer_start_nothing(dev: Dev, endpoints: Endpoints) -> None:
