@@ -453,8 +453,8 @@ class DatabaseAgent:
         attempt = 0
         try:
             while True:
-                # No await between the plan and the transaction it opens: a stream switched
-                # off before this line is not written, and deactivate() waits for the rest.
+                # No await between the plan and marking a transaction open: a stream switched
+                # off before the plan is not in it, and deactivate() waits for this attempt.
                 work = plan(batch, self.ownership.writable())
                 queued = list(self._queued)
                 if not work.moves and not queued:
@@ -468,6 +468,8 @@ class DatabaseAgent:
                     return
                 except (FencedError, SchemaError, TransientError) as exc:
                     failure = exc
+                except Exception as exc:  # retrying cannot fix it: say so, and stop
+                    raise fatal("writing a batch", classify(exc)) from exc
                 finally:
                     self._no_transaction.set()
                 if isinstance(failure, FencedError):
@@ -666,7 +668,7 @@ class DatabaseAgent:
 
     def _note_retry(self, error: TransientError, delay: float) -> None:
         self.last_error = str(error)
-        log.warning("%s; retrying in %.1fs with fetching paused", error, delay)
+        log.warning("%s; retrying in %.1fs", error, delay)
         self.metrics.retries.labels(error.source).inc()
 
     async def _drop_connection(self) -> None:
@@ -675,7 +677,8 @@ class DatabaseAgent:
             conn.terminate()  # no graceful close: the server may be gone or wedged
 
     async def _idle(self, seconds: float) -> None:
-        """Wait without leaving the group: keep polling (partitions are paused)."""
+        """Wait without leaving the group: keep polling. Partitions that fetch meanwhile
+        (paused ones do not) are rewound: what they return is not written now."""
         consumer = self._require_consumer()
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():

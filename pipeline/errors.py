@@ -53,6 +53,5 @@ class FatalError(PipelineError):
 
 
 class FencedError(PipelineError):
-    """Another consumer owns a partition now: the batch is dropped and the partitions re-seeked."""
-
-    retriable = True
+    """Another writer moved a partition's stored offset: the batch is dropped, and its
+    partitions are paused until their stored offsets are read again."""

@@ -14,10 +14,16 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.records_consumed = Counter(
-            "pipeline_records_consumed_total", "Records fetched from Kafka", ["topic"], registry=r
+            "pipeline_records_consumed_total",
+            "Records of committed batches (written, dead-lettered or already stored)",
+            ["topic"],
+            registry=r,
         )
         self.rows_ingested = Counter(
-            "pipeline_rows_ingested_total", "Records written to their table", ["table"], registry=r
+            "pipeline_rows_ingested_total",
+            "New rows written (for states and config: new versions in the history table)",
+            ["table"],
+            registry=r,
         )
         self.dead_lettered = Counter(
             "pipeline_dead_letters_total",
@@ -48,7 +54,7 @@ class Metrics:
         )
         self.retries = Counter(
             "pipeline_retries_total",
-            "Batches retried after a transient failure",
+            "Retries after a transient failure (batch writes, positioning, batch ids), by source",
             ["kind"],
             registry=r,
         )

@@ -4,7 +4,8 @@ JSON by default, MessagePack when the record's ``content-type`` header says
 ``application/msgpack``. Unknown fields are ignored and every field added later must have a
 default, so old and new producers and consumers keep working together.
 
-Each record type maps to its topic, key field and table(s) in :data:`STREAMS`.
+Each record type maps to its topic and key field in :data:`STREAMS`; its table(s) are in
+:data:`pipeline.rows.TABLES`.
 """
 
 from __future__ import annotations
