@@ -118,6 +118,7 @@ class DatabaseAgent:
         self._no_transaction = asyncio.Event()
         self._no_transaction.set()
         self._queued: list[_Queued[Any]] = []  # work for the next ingest transaction
+        self._closed = False  # run() has ended: no more work is taken
         self._conn: Connection | None = None
         self._prepared: set[str] = set()  # streams whose staging table exists on _conn
         self._batch_ids: deque[int] = deque()  # reserved from the sequence, 1000 at a time
@@ -148,7 +149,10 @@ class DatabaseAgent:
         await self._no_transaction.wait()
 
     def set_limits(self, limits: Limits) -> None:
-        """Batch limits for the batches filled from now on."""
+        """Batch limits, from the next fetch on; a batch already past them is written as it
+        is. :class:`ValueError` for a limit that is not above zero."""
+        if min(limits.max_records, limits.max_bytes, limits.max_wait_s) <= 0:
+            raise ValueError(f"batch limits must be above zero: {limits}")
         self._limits = limits
 
     @property
@@ -200,8 +204,18 @@ class DatabaseAgent:
         transaction with this work alone runs within about ``_POLL_MS``. If ``work`` raises,
         only its own statements roll back (it runs in a savepoint), the batch commits, and
         the error is raised here; a transient database error is retried with the batch.
-        Raises :class:`PipelineError` if the agent stops before it ran.
+        Raises :class:`PipelineError` if the agent has stopped, or stops before it ran.
+
+        A transaction that carries work and no records has no compare-and-set: work that
+        must be fenced has to lock what it depends on itself. A commit whose answer is lost
+        (the connection dropped during COMMIT) is retried, so work may run twice: make it
+        idempotent, as the control plane's is (it checks what it decided before). Work must
+        not call this method or :meth:`deactivate`: both wait for its own transaction. If the
+        caller is cancelled before the work was picked up, it does not run; after, its
+        outcome is unknown.
         """
+        if self._closed:
+            raise PipelineError("the DatabaseAgent has stopped: no work can be committed")
         queued: _Queued[T] = _Queued(work)
         self._queued.append(queued)
         return await queued.done
@@ -227,24 +241,24 @@ class DatabaseAgent:
             ",".join(config.streams),
             redact_url(config.database_url),
         )
-        conn = await db.connect(config.database_url, config.db_command_timeout_s)
         try:
-            applied = await db.migrate(conn, db.read_migrations())
-        finally:
-            await conn.close()
-        if applied:
-            log.info("applied migrations %s", ", ".join(applied))
-        await kafka_io.ensure_topics(
-            config.kafka,
-            [*kafka_io.data_topics(config), self._dlq_topic],
-            config.topic_partitions,
-        )
-        self._producer = await kafka_io.start_dead_letter_producer(config)
-        self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
-        self._mirror = _OffsetMirror(self._consumer)
-        await self._consumer.start()
-        self._task = asyncio.ensure_future(self._ingest_until_stopped())
-        try:
+            conn = await db.connect(config.database_url, config.db_command_timeout_s)
+            try:
+                applied = await db.migrate(conn, db.read_migrations())
+            finally:
+                await conn.close()
+            if applied:
+                log.info("applied migrations %s", ", ".join(applied))
+            await kafka_io.ensure_topics(
+                config.kafka,
+                [*kafka_io.data_topics(config), self._dlq_topic],
+                config.topic_partitions,
+            )
+            self._producer = await kafka_io.start_dead_letter_producer(config)
+            self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
+            self._mirror = _OffsetMirror(self._consumer)
+            await self._consumer.start()
+            self._task = asyncio.ensure_future(self._ingest_until_stopped())
             await self._task
         except asyncio.CancelledError:
             if not self._stopping.is_set():
@@ -319,6 +333,7 @@ class DatabaseAgent:
 
     async def _close(self) -> None:
         deadline = 10.0
+        self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()  # run() itself was cancelled
         for queued in self._queued:
@@ -346,12 +361,15 @@ class DatabaseAgent:
         filling, up to the record and byte limits, rather than wait idle: under a backlog
         batches grow to what the database takes in the time one is written."""
         consumer = self._require_consumer()
+        self._filling = Batch()  # not the batch being written: its parts are planned anew
         batch_id = await self._take_batch_id()
         if batch_id is None:
             return Batch()  # stopping
         batch = self._filling = Batch(batch_id)
         while not self.ownership.holding:  # a batch being retried polls for the group itself
             limits = self._limits
+            if batch.is_full(limits):  # the limits went down below what it holds
+                break
             now = time.monotonic()
             wait_ms = _POLL_MS
             if batch.started_at is not None:
@@ -456,6 +474,7 @@ class DatabaseAgent:
                 # No await between the plan and marking a transaction open: a stream switched
                 # off before the plan is not in it, and deactivate() waits for this attempt.
                 work = plan(batch, self.ownership.writable())
+                self._queued = [q for q in self._queued if not q.done.cancelled()]
                 queued = list(self._queued)
                 if not work.moves and not queued:
                     self._count_skipped(work)
@@ -538,6 +557,8 @@ class DatabaseAgent:
         if work.moves:
             self._count(work, rows, written, letters + rejected, time.monotonic() - started)
             self._require_mirror().add(work.moves)
+        else:
+            self._count_skipped(work)
 
     async def _commit(
         self,
@@ -602,6 +623,8 @@ class DatabaseAgent:
                     await db.insert_dead_letters(conn, self.config.group_id, all_letters)
                 for item in queued:
                     results.append(await _run_in_savepoint(conn, item.work))
+                if queued:  # an aborted transaction would COMMIT as a silent ROLLBACK
+                    await conn.fetchval("SELECT 1")
         except (TransientError, FencedError, SchemaError, _RowRejected):
             raise
         except Exception as exc:
@@ -741,16 +764,29 @@ async def _run_in_savepoint(
     conn: Connection, work: FencedWork[Any]
 ) -> tuple[Any, BaseException | None]:
     """Run queued work in a savepoint of the ingest transaction: if it fails, only its own
-    statements roll back. A transient failure (the connection lost) fails the whole batch,
-    which is retried with the work."""
+    statements roll back, even when it caught a database error itself and left the
+    transaction aborted. Only a connection that is gone (or a server that stopped answering)
+    fails the whole batch, which is then retried with the work; any other failure is the
+    work's own, and the same work would fail again."""
+    await conn.execute("SAVEPOINT queued_work")
     try:
-        async with conn.transaction():
-            return await work(conn), None
+        result = await work(conn)
+        await conn.execute("RELEASE SAVEPOINT queued_work")
     except Exception as exc:
-        error = classify(exc)
-        if isinstance(error, TransientError):
-            raise error from exc
+        if _connection_lost(conn, exc):
+            raise classify(exc) from exc
+        await conn.execute("ROLLBACK TO SAVEPOINT queued_work")
         return None, exc
+    return result, None
+
+
+def _connection_lost(conn: Connection, exc: BaseException) -> bool:
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return (
+        conn.is_closed()
+        or isinstance(exc, (OSError, TimeoutError))
+        or sqlstate[:2] in ("08", "40", "53", "57", "58")
+    )
 
 
 class _OffsetMirror:

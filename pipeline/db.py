@@ -128,8 +128,11 @@ def classify(exc: BaseException) -> BaseException:
             "57",  # operator intervention: shutdown, admin command, query canceled
             "58",  # system error
         )
-        or sqlstate in ("40001", "40P01")
-    ):  # serialization failure, deadlock
+        or sqlstate in ("40001", "40P01")  # serialization failure, deadlock
+        or sqlstate in ("25006", "55P03")  # read-only after a failover, lock not available
+        # A table's type changed under a prepared statement: a new transaction re-prepares.
+        or isinstance(exc, asyncpg.InvalidCachedStatementError)
+    ):
         return TransientError(f"{type(exc).__name__}: {exc}")
     if sqlstate[:2] in ("22", "23"):
         return DataError(f"{sqlstate} {exc}", sqlstate=sqlstate)

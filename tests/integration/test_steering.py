@@ -5,6 +5,7 @@ restart, work committed inside the ingest transaction, and errors that retrying 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,8 +13,9 @@ import asyncpg
 import pytest
 
 from consumers.agent import DatabaseAgent
+from pipeline.batching import Limits
 from pipeline.config import load_config
-from pipeline.errors import FatalError
+from pipeline.errors import FatalError, PipelineError
 from pipeline.ownership import UnknownStreamError
 from pipeline.records import STREAM_BY_NAME
 from tests.conftest import Servers
@@ -278,3 +280,91 @@ async def test_a_permission_error_while_positioning_ends_the_agent_with_a_clear_
             await conn.execute(f"DROP ROLE {role}")
         finally:
             await conn.close()
+
+
+async def test_batch_limits_lowered_while_a_batch_fills_take_effect_without_a_crash(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(database_url)
+    traffic = fleet_traffic(3000, seed=35)
+    settings = {"batch_max_records": 20_000, "batch_max_wait_ms": 60_000}
+
+    async with running_agent(bootstrap, database_url, prefix, **settings) as agent:
+        sent = await produce(bootstrap, prefix, traffic[:500])
+
+        async def filling() -> bool:
+            return agent._filling.count == 500  # a batch far from due: it waits a minute
+
+        await until(filling, within=60, what="500 records in the batch being filled")
+        # Below what that batch holds already: it is due at once and written as it is.
+        agent.set_limits(Limits(max_records=50, max_bytes=1 << 20, max_wait_s=0.05))
+        with pytest.raises(ValueError, match="above zero"):
+            agent.set_limits(Limits(max_records=0, max_bytes=1 << 20, max_wait_s=0.05))
+        sent += await produce(bootstrap, prefix, traffic[500:])
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=50)
+        batches = agent.metrics.total("pipeline_batches_total")
+        small = sum(
+            s.value
+            for m in agent.metrics.registry.collect()
+            for s in m.samples
+            if s.name == "pipeline_batch_records_bucket" and s.labels["le"] == "100.0"
+        )
+
+    # One batch of 500, then batches of 50 at most: 2,500 records take 50 or more.
+    assert batches >= 1 + 2500 / 50
+    assert small == batches - 1
+
+
+async def test_work_that_swallows_its_own_database_error_rolls_back_alone(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """Work that catches a database error leaves the transaction aborted: its savepoint is
+    rolled back, its caller gets the error, and the batch and other work still commit."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+
+    async def swallowing(conn: asyncpg.Connection) -> str:
+        await conn.execute(
+            "INSERT INTO control_log (direction, kind, target, outcome) "
+            "VALUES ('command', 'swallowed', 'x', 'applied')"
+        )
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            await conn.execute("SELECT 1 / 0")  # the transaction is aborted all the same
+        return "looks fine"
+
+    async def good(conn: asyncpg.Connection) -> int:
+        row_id: int = await conn.fetchval(
+            "INSERT INTO control_log (direction, kind, target, outcome) "
+            "VALUES ('command', 'good', 'x', 'applied') RETURNING id"
+        )
+        return row_id
+
+    async with running_agent(bootstrap, database_url, prefix) as agent:
+        producing = asyncio.create_task(produce(bootstrap, prefix, fleet_traffic(5000, seed=36)))
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                agent.in_ingest_transaction(swallowing),
+                agent.in_ingest_transaction(good),
+                return_exceptions=True,
+            ),
+            30,
+        )
+        sent = await producing
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
+
+    failed, row_id = results
+    assert isinstance(failed, asyncpg.InFailedSQLTransactionError)
+    assert isinstance(row_id, int)
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        kinds = await conn.fetch("SELECT id, kind FROM control_log ORDER BY id")
+    finally:
+        await conn.close()
+    assert [(r["id"], r["kind"]) for r in kinds] == [(row_id, "good")]
+    with pytest.raises(PipelineError, match="has stopped"):
+        await agent.in_ingest_transaction(good)

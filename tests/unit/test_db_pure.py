@@ -48,6 +48,12 @@ class FakePgError(Exception):
         pytest.param(FakePgError("58030"), id="58030-io-error"),
         pytest.param(FakePgError("40001", "could not serialize"), id="40001-serialization"),
         pytest.param(FakePgError("40P01", "deadlock detected"), id="40P01-deadlock"),
+        pytest.param(FakePgError("25006", "read-only transaction"), id="25006-read-only"),
+        pytest.param(FakePgError("55P03", "lock not available"), id="55P03-lock-not-available"),
+        pytest.param(
+            asyncpg.exceptions.InvalidCachedStatementError("cached plan must not change"),
+            id="asyncpg-InvalidCachedStatement",
+        ),
         pytest.param(OSError("network unreachable"), id="OSError"),
         pytest.param(ConnectionResetError("reset by peer"), id="ConnectionResetError"),
         pytest.param(TimeoutError("timed out"), id="TimeoutError"),
