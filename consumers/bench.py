@@ -572,6 +572,8 @@ def _start_agent(
         prefix,
         group,
         batch_max_records=config.batch_max_records,
+        # Agents as deployed: steered by a controller that trusts the orchestrator's key.
+        control_public_keys=",".join(config.control_public_keys),
     )
     wrapper: list[str] = []
     if profile_to is not None:

@@ -208,6 +208,7 @@ class Controller:
             f" ({decision.reason})" if decision.reason else "",
         )
         await self._ack(decision)
+        await self._send_heartbeat(stopping=False)  # the fleet's view follows at once
 
     async def _give_up(self, offset: int, error: Exception) -> None:
         """Applying the record at ``offset`` failed in a way no retry fixes (its work rolled

@@ -27,7 +27,13 @@ import msgspec
 from pipeline.config import Config, load_config
 from pipeline.devstack import Stack, endpoints_from_env
 from pipeline.devstack.processes import choose_port
-from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV, probe_servers
+from pipeline.devstack.stack import (
+    DATABASE_ENV,
+    KAFKA_ENV,
+    PRIVATE_KEY_ENV,
+    PUBLIC_KEYS_ENV,
+    probe_servers,
+)
 from pipeline.errors import ConfigError, DevStackError, PipelineError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.rows import DATA_TABLES
@@ -283,6 +289,10 @@ def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
             ) from None
         environ[KAFKA_ENV] = endpoints.kafka_bootstrap
         environ[DATABASE_ENV] = endpoints.database_url
+        if endpoints.control_keys is not None:  # the stack's key pair, unless others are set
+            private, public = endpoints.control_keys
+            environ.setdefault(PRIVATE_KEY_ENV, str(private))
+            environ.setdefault(PUBLIC_KEYS_ENV, str(public))
     return load_config(environ, args.config, **overrides)
 
 
@@ -336,10 +346,20 @@ def _run(args: argparse.Namespace) -> int:
     agent = DatabaseAgent(config)
     controller = Controller(agent, _verifier(config))
     if config.metrics_address:
-        agent.metrics.serve(config.metrics_address)
+        _serve_metrics(agent, config.metrics_address)
     _tune_garbage_collector()
     asyncio.run(_run_until_signalled(agent, controller))
     return 0
+
+
+def _serve_metrics(agent: DatabaseAgent, address: str) -> None:
+    try:
+        agent.metrics.serve(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"PIPELINE_METRICS_ADDRESS: cannot serve /metrics on {address}: {exc.strerror}. "
+            "Give each agent on a host its own port, or an empty value to serve none."
+        ) from None
 
 
 def _verifier(config: Config) -> Any:
@@ -461,12 +481,16 @@ def _control_status(args: argparse.Namespace) -> int:
             config.group_id
         )
 
-    latest, fleet = asyncio.run(gather())
+    latest, heard = asyncio.run(gather())
+    fleet = [h for h in heard if h.state != "stopping"]
     instances = [{**msgspec.to_builtins(h), "behind": h.applied_seq < latest} for h in fleet]
     if args.json:
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
     print(f"group {config.group_id}: latest command seq {latest}; {len(fleet)} live instance(s)")
+    for h in heard:
+        if h.state == "stopping":
+            print(f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})")
     for h in fleet:
         behind = "  BEHIND" if h.applied_seq < latest else ""
         print(
@@ -669,16 +693,22 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     """The whole pipeline, watched from the outside.
 
     1. Apply migrations and create the topics.
-    2. Start a DatabaseAgent (with /metrics) in this process.
-    3. Publish a simulated fleet's traffic for ``--duration`` seconds.
+    2. Start a DatabaseAgent (with /metrics) in this process, steered by its controller.
+    3. Publish a simulated fleet's traffic for ``--duration`` seconds. A third of the way in,
+       switch the events stream off through the signed control topic; at two thirds, on.
     4. Wait until the agent has ingested everything (lag 0), or 60 s more at most.
-    5. Print what landed per table, the rates and the remaining lag.
+    5. Take a checkpoint through the control topic.
+    6. Print what landed per table, the rates and the remaining lag.
     """
     from consumers.agent import DatabaseAgent
-    from pipeline import db, kafka
+    from consumers.antigravity import Antigravity
+    from consumers.controller import Controller, run_controlled
+    from pipeline import control, db, kafka
     from pipeline.batching import lag
 
     topics = kafka.data_topics(config)
+    group = config.group_id
+    private_key, verifier = _demo_keys(config)
     conn = await db.connect(config.database_url, config.db_command_timeout_s)
     try:
         await db.migrate(conn, db.read_migrations())
@@ -690,28 +720,64 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         if config.metrics_address:
             agent.metrics.serve(config.metrics_address)
             _progress(f"DatabaseAgent metrics: http://{config.metrics_address}/metrics")
-        running = asyncio.create_task(agent.run())
+        running = asyncio.create_task(run_controlled(agent, Controller(agent, verifier)))
+        antigravity = Antigravity(
+            config.kafka, prefix=config.topic_prefix, private_key=private_key, issuer="demo"
+        )
+        await _until_live(antigravity, group, agent.instance_id, running)
+
+        async def steer(command: Any) -> None:
+            started = time.monotonic()
+            delivery = await antigravity.send(group, command, wait_s=30)
+            took = time.monotonic() - started
+            who = ", ".join(f"{i}: {a.outcome}" for i, a in delivery.acks.items())
+            _progress(
+                f"control: {delivery.envelope.kind} (seq {delivery.envelope.seq}) -> {who} "
+                f"in {took:.2f}s"
+            )
+            if not delivery.ok:
+                raise PipelineError(f"the agent did not apply {delivery.envelope.kind}")
+
         _progress(
             f"publishing from {args.agents} simulated agents at {args.rate:,.0f} records/s "
             f"for {args.duration:g}s ({args.mix} mix)"
         )
         started = time.monotonic()
-        result = await _simulate_from_args(config, args)
+        publishing = asyncio.create_task(_simulate_from_args(config, args))
+        events = config.topic("agents.events")
+        await asyncio.sleep(args.duration / 3)
+        await steer(control.Deactivate(streams=("events",)))
+        held_at = await db.stored_offsets(conn, group)
+        await asyncio.sleep(args.duration / 3)
+        ends = await kafka.end_offsets(config.kafka, [events])
+        waiting = sum(ends.values()) - sum(o for (t, _), o in held_at.items() if t == events)
+        stored = await db.stored_offsets(conn, group)
+        moved = any(stored[tp] != held_at[tp] for tp in held_at if tp[0] == events)
+        _progress(
+            f"control: {waiting:,} event records waited in Kafka while events was off"
+            + (" (but its stored offsets moved!)" if moved else "")
+        )
+        await steer(control.Activate(streams=("events",)))
+        result = await publishing
         _progress(f"published {result.total:,} records; waiting for the DatabaseAgent")
         published = time.monotonic()
         ends = await kafka.end_offsets(config.kafka, topics)
-        remaining = lag(ends, await db.stored_offsets(conn, config.group_id))
+        remaining = lag(ends, await db.stored_offsets(conn, group))
         deadline = time.monotonic() + 60
         while remaining and time.monotonic() < deadline and not running.done():
             await asyncio.sleep(0.25)
-            remaining = lag(ends, await db.stored_offsets(conn, config.group_id))
+            remaining = lag(ends, await db.stored_offsets(conn, group))
         caught_up = time.monotonic() - published
         elapsed = time.monotonic() - started
+        await steer(control.Checkpoint(name=time.strftime("demo-%Y%m%dT%H%M%S")))
+        _progress("control: `pipeline control log` shows what the group was told")
         agent.stop()
         await running
         after = await _row_counts(conn)
     finally:
         await conn.close()
+    if moved:
+        raise PipelineError("events were ingested while the stream was switched off")
 
     landed = {t: after[t] - before[t] for t in DEMO_TABLES}
     ingested = agent.metrics.total("pipeline_rows_ingested_total")
@@ -729,6 +795,32 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     )
     if remaining:
         raise PipelineError(f"the DatabaseAgent did not catch up: {remaining} records behind")
+
+
+def _demo_keys(config: Config) -> tuple[Any, Any]:
+    """The demo's control key pair: the configured one (the local stack's), or a new one
+    that lives as long as the demo."""
+    from pipeline import control
+
+    if config.control_private_key_file and config.control_public_keys:
+        private = control.read_private_key_file(Path(config.control_private_key_file))
+        return private, _verifier(config)
+    private, public = control.generate_key_pair()
+    return private, control.Verifier([public])
+
+
+async def _until_live(
+    antigravity: Any, group: str, instance_id: str, running: asyncio.Task[None]
+) -> None:
+    """Wait until the agent's heartbeats reach the status topic: it is steerable."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not running.done():
+        if any(h.instance_id == instance_id for h in await antigravity.fleet(group)):
+            return
+        await asyncio.sleep(0.25)
+    if running.done():
+        await running  # its failure, said as it is
+    raise PipelineError("the DatabaseAgent did not report on the status topic within 60 s")
 
 
 async def _row_counts(conn: Any) -> dict[str, int]:

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline import control
 from pipeline.config import redact_url
 from pipeline.devstack import kafka, postgres
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
@@ -28,6 +30,8 @@ from pipeline.kafka_clients import KafkaSettings
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_ENV = "DATABASE_URL"
+PRIVATE_KEY_ENV = "PIPELINE_CONTROL_PRIVATE_KEY_FILE"
+PUBLIC_KEYS_ENV = "PIPELINE_CONTROL_PUBLIC_KEYS"
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_PG_PORT = 5432
 READY_TIMEOUT = 90.0
@@ -41,12 +45,17 @@ Report = Callable[[str], None]
 class Endpoints:
     kafka_bootstrap: str
     database_url: str
+    # The local stack's control key pair (private, public), for `pipeline control` and the
+    # agents; None for servers from the environment.
+    control_keys: tuple[Path, Path] | None = None
 
     def exports(self) -> str:
-        return (
-            f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
-            f"export {DATABASE_ENV}={self.database_url}\n"
-        )
+        lines = f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
+        lines += f"export {DATABASE_ENV}={self.database_url}\n"
+        if self.control_keys is not None:
+            private, public = (shlex.quote(str(p)) for p in self.control_keys)
+            lines += f"export {PRIVATE_KEY_ENV}={private}\nexport {PUBLIC_KEYS_ENV}={public}\n"
+        return lines
 
     @property
     def kafka(self) -> KafkaSettings:
@@ -173,6 +182,7 @@ class Stack:
                 self._write_state(state)
                 pid = broker.start(state["kafka_port"], state["controller_port"])
                 report(f"Kafka {kafka.KAFKA_VERSION} starting (pid {pid})")
+            self._ensure_control_keys(report)
             endpoints = self._endpoints(state)
             broker.wait_ready(endpoints.kafka_bootstrap, READY_TIMEOUT)
             return endpoints
@@ -252,11 +262,34 @@ class Stack:
             )
         return self._endpoints(self._read_state())
 
+    def control_keys(self) -> tuple[Path, Path]:
+        """Where the stack keeps its control key pair: (private, public)."""
+        keys = self.home / "keys"
+        return keys / "antigravity.key", keys / "antigravity.pub"
+
     # -- helpers ----------------------------------------------------------------------
 
-    @staticmethod
-    def _endpoints(state: Mapping[str, int]) -> Endpoints:
-        return Endpoints(f"127.0.0.1:{state['kafka_port']}", postgres.dsn(state["pg_port"]))
+    def _endpoints(self, state: Mapping[str, int]) -> Endpoints:
+        keys = self.control_keys()
+        return Endpoints(
+            f"127.0.0.1:{state['kafka_port']}",
+            postgres.dsn(state["pg_port"]),
+            keys if all(p.exists() for p in keys) else None,
+        )
+
+    def _ensure_control_keys(self, report: Report) -> None:
+        """A key pair for the control plane on first `up`: the private key signs `pipeline
+        control` commands, the agents trust the public one."""
+        private, public = self.control_keys()
+        if private.exists() and public.exists():
+            return
+        private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (private, public):
+            path.unlink(missing_ok=True)  # half a pair is no pair
+        key, public_key = control.generate_key_pair()
+        control.write_private_key_file(private, key)
+        control.write_public_key_file(public, public_key)
+        report(f"control key pair (id {control.key_id(public_key)}) written to {private.parent}")
 
     @staticmethod
     def _port(

@@ -39,7 +39,12 @@ STATUS_LINE = re.compile(
     r"(?P<name>PostgreSQL|Kafka): (?P<state>running|stopped|dead)"
     r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?(?P<detail>.*)"
 )
-EXPORT_LINE = re.compile(r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL)=(\S+)")
+EXPORT_LINE = re.compile(
+    r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL|PIPELINE_CONTROL_PRIVATE_KEY_FILE"
+    r"|PIPELINE_CONTROL_PUBLIC_KEYS)=(\S+)"
+)
+SERVERS = ["KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"]
+KEYS = ["PIPELINE_CONTROL_PRIVATE_KEY_FILE", "PIPELINE_CONTROL_PUBLIC_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -128,12 +133,17 @@ def clean_environ() -> dict[str, str]:
 
 
 def exports(stdout: str) -> tuple[str, str]:
-    """(bootstrap, database URL) from `export` lines, which must be the whole output."""
+    """(bootstrap, database URL) from `export` lines, which must be the whole output: the
+    servers, then for the local stack its control key pair."""
+    found = exported(stdout)
+    assert list(found) in (SERVERS, SERVERS + KEYS), stdout
+    return found["KAFKA_BOOTSTRAP_SERVERS"], found["DATABASE_URL"]
+
+
+def exported(stdout: str) -> dict[str, str]:
     matches = [EXPORT_LINE.fullmatch(line) for line in stdout.splitlines()]
     assert all(matches), stdout
-    found = {match[1]: match[2] for match in matches if match}
-    assert list(found) == ["KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"], stdout
-    return found["KAFKA_BOOTSTRAP_SERVERS"], found["DATABASE_URL"]
+    return {match[1]: match[2] for match in matches if match}
 
 
 def is_running(pid: int) -> bool:
@@ -217,6 +227,18 @@ def test_up_again_restarts_nothing_and_both_endpoints_answer(started: Dev) -> No
     # `up` prints the same exports as `env`, so `eval "$(pipeline dev up)"` works too.
     assert exports(again.stdout) == started.endpoints()
     assert status.kafka.port != status.postgres.port
+
+
+def test_the_stack_has_a_control_key_pair_that_env_exports(started: Dev) -> None:
+    found = exported(started.ok("env").stdout)
+    assert list(found) == SERVERS + KEYS
+    private, public = Path(found[KEYS[0]]), Path(found[KEYS[1]])
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert public.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    before = private.read_bytes()
+    started.ok("up")
+    assert private.read_bytes() == before  # made once, on the first `up`
 
 
 def test_killed_broker_is_reported_dead_and_up_restarts_only_it(started: Dev) -> None:

@@ -63,6 +63,16 @@ def test_exports_are_lines_a_shell_can_eval() -> None:
     )
 
 
+def test_the_stacks_key_pair_is_exported_quoted_for_a_shell() -> None:
+    keys = (Path("/home/a b/keys/antigravity.key"), Path("/home/a b/keys/antigravity.pub"))
+    assert Endpoints(BOOTSTRAP, URL, keys).exports() == (
+        "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092\n"
+        "export DATABASE_URL=postgresql://pipeline@127.0.0.1:5432/pipeline\n"
+        "export PIPELINE_CONTROL_PRIVATE_KEY_FILE='/home/a b/keys/antigravity.key'\n"
+        "export PIPELINE_CONTROL_PUBLIC_KEYS='/home/a b/keys/antigravity.pub'\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("status", "line"),
     [
