@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -311,11 +312,13 @@ class Controller:
             if offsets is None:
                 detail = f"no checkpoint named {command.to_checkpoint!r}"
                 return _Outcome(state, _rejected(apply_failed(envelope, detail)))
+            started = time.monotonic()
             done = await store.roll_back_data(conn, self.group, offsets, self._stream_topics)
             log.warning(
-                "rolled the data back to checkpoint %s: deleted %s and %d dead letters; "
-                "topics moved back: %s",
+                "rolled the data back to checkpoint %s in %.2fs (to commit with the batch): "
+                "deleted %s and %d dead letters; topics moved back: %s",
                 command.to_checkpoint,
+                time.monotonic() - started,
                 done.rows,
                 done.dead_letters,
                 ", ".join(done.topics) or "none",
