@@ -10,21 +10,26 @@ provenance (source partition and offset): never the tables with themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 from aiokafka.structs import RecordMetadata
 
-from pipeline import kafka_clients, testbed
+from consumers.agent import DatabaseAgent
+from pipeline import db, kafka_clients, testbed
+from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
+    STREAM_BY_NAME,
     STREAMS,
     AgentEvent,
     AnalyticsEvent,
@@ -320,3 +325,81 @@ def agent_env(
     return testbed.agent_env(
         bootstrap, database_url, prefix, group, **{"topic_partitions": 3, **settings}
     )
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    bootstrap: str, database_url: str, prefix: str, **settings: object
+) -> AsyncIterator[DatabaseAgent]:
+    """A DatabaseAgent in this process (its metrics are inspectable), stopped on exit. The
+    group is ``prefix``."""
+    agent = DatabaseAgent(
+        load_config(agent_env(bootstrap, database_url, prefix, prefix, **settings))
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def migrated(database_url: str, *statements: str) -> None:
+    """Apply the migrations, then ``statements``: a change the agent does not know about."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await db.migrate(conn, db.read_migrations())
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.2
+) -> None:
+    """Wait for ``condition`` with a deadline; fail naming ``what``."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"not within {within}s: {what}")
+
+
+async def count_rows(database_url: str, table: str) -> int:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        return count
+    finally:
+        await conn.close()
+
+
+def of_stream(offsets: dict[tuple[str, int], int], stream: str) -> dict[tuple[str, int], int]:
+    """The offsets of one stream's partitions (keys by default topic name)."""
+    topic = STREAM_BY_NAME[stream].topic
+    return {tp: o for tp, o in offsets.items() if tp[0] == topic}
+
+
+async def assert_latest_tables_follow_the_log(database_url: str, outgoing: list[Outgoing]) -> None:
+    """agent_states and system_config hold, per key, the highest version sent, whatever the
+    order it arrived in; their history tables hold every version sent."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        for stream, table, key in (
+            ("states", "agent_states", "agent_id"),
+            ("config", "system_config", "key"),
+        ):
+            highest: dict[str, int] = {}
+            for out in outgoing:
+                if out.stream.name == stream:
+                    record = msgspec.json.decode(out.value, type=out.stream.record_type)
+                    k = getattr(record, key)
+                    highest[k] = max(highest.get(k, -1), record.version)
+            rows = await conn.fetch(f"SELECT {key} AS k, version FROM {table}")
+            assert {r["k"]: r["version"] for r in rows} == highest, table
+            history = await conn.fetchval(f"SELECT count(*) FROM {APPEND_TABLE[stream]}")
+            assert history == sum(1 for o in outgoing if o.stream.name == stream), table
+    finally:
+        await conn.close()

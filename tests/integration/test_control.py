@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,17 +57,20 @@ from pipeline.testbed import AgentProcess, stop_agents
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,
-    Outgoing,
     Sent,
     agent_env,
     assert_caught_up_exactly_once,
+    assert_latest_tables_follow_the_log,
+    count_rows,
     create_topics,
     end_offsets,
     fleet_traffic,
+    migrated,
+    of_stream,
     produce_paced,
     stored_offsets,
+    until,
 )
-from tests.integration.test_agent import migrated
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -117,17 +120,6 @@ async def controlled_agent(
         await asyncio.wait_for(task, 60)
 
 
-async def until(
-    condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.3
-) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await condition():
-            return
-        await asyncio.sleep(every)
-    raise AssertionError(f"not within {within}s: {what}")
-
-
 async def live(ag: Antigravity, group: str, count: int, **expect: object) -> list[Heartbeat]:
     """Wait until ``count`` instances of ``group`` are live and running, with ``expect``."""
     found: list[Heartbeat] = []
@@ -151,36 +143,10 @@ async def fetch(database_url: str, query: str, *args: object) -> list[asyncpg.Re
         await conn.close()
 
 
-async def count_rows(database_url: str, table: str) -> int:
-    (row,) = await fetch(database_url, f"SELECT count(*) AS n FROM {table}")
-    return int(row["n"])
-
-
-def of_stream(offsets: dict[tuple[str, int], int], stream: str) -> dict[tuple[str, int], int]:
-    topic = STREAM_BY_NAME[stream].topic
-    return {tp: o for tp, o in offsets.items() if tp[0] == topic}
-
-
 def assert_all_applied(delivery: Delivery, instances: int) -> None:
     assert delivery.ok, (delivery.missing, delivery.rejected)
     assert len(delivery.acks) == instances
     assert {a.outcome for a in delivery.acks.values()} == {"applied"}
-
-
-async def assert_latest_tables_follow_the_log(database_url: str, outgoing: list[Outgoing]) -> None:
-    """agent_states and system_config hold, per key, the highest version sent."""
-    for stream, table, key in (
-        ("states", "agent_states", "agent_id"),
-        ("config", "system_config", "key"),
-    ):
-        highest: dict[str, int] = {}
-        for out in outgoing:
-            if out.stream.name == stream:
-                record = msgspec.json.decode(out.value, type=out.stream.record_type)
-                k = getattr(record, key)
-                highest[k] = max(highest.get(k, -1), record.version)
-        rows = await fetch(database_url, f"SELECT {key} AS k, version FROM {table}")
-        assert {r["k"]: r["version"] for r in rows} == highest, table
 
 
 # -- steering a fleet ---------------------------------------------------------------------------

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -23,42 +21,20 @@ from tests.integration.harness import (
     APPEND_TABLE,
     agent_env,
     assert_caught_up_exactly_once,
+    count_rows,
     create_topics,
     end_offsets,
     fleet_traffic,
+    migrated,
+    of_stream,
     produce,
     produce_paced,
+    running_agent,
     stored_offsets,
+    until,
 )
-from tests.integration.test_agent import migrated, running_agent
 
 pytestmark = pytest.mark.timeout(600)
-
-
-async def until(
-    condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.2
-) -> None:
-    """Wait for ``condition`` with a deadline; fail naming ``what``."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await condition():
-            return
-        await asyncio.sleep(every)
-    raise AssertionError(f"not within {within}s: {what}")
-
-
-async def count_rows(database_url: str, table: str) -> int:
-    conn = await asyncpg.connect(database_url, timeout=10)
-    try:
-        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
-        return count
-    finally:
-        await conn.close()
-
-
-def of_stream(offsets: dict[tuple[str, int], int], stream: str) -> dict[tuple[str, int], int]:
-    topic = STREAM_BY_NAME[stream].topic
-    return {tp: o for tp, o in offsets.items() if tp[0] == topic}
 
 
 async def test_a_second_writer_moving_a_stored_offset_fences_the_batch_and_duplicates_nothing(
