@@ -149,8 +149,10 @@ class DatabaseAgent:
         await self._no_transaction.wait()
 
     def set_limits(self, limits: Limits) -> None:
-        """Batch limits, from the next fetch on; a batch already past them is written as it
-        is. :class:`ValueError` for a limit that is not above zero."""
+        """Batch limits, from the next fetch on: a fetch under way (it waits at most what is
+        left of the batch's age) may still add up to ``_FETCH_CHUNK`` records, and a batch
+        already past the limits is then written as it is. :class:`ValueError` for a limit
+        that is not above zero."""
         if min(limits.max_records, limits.max_bytes, limits.max_wait_s) <= 0:
             raise ValueError(f"batch limits must be above zero: {limits}")
         self._limits = limits

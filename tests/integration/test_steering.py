@@ -275,11 +275,19 @@ async def test_batch_limits_lowered_while_a_batch_fills_take_effect_without_a_cr
             return agent._filling.count == 500  # a batch far from due: it waits a minute
 
         await until(filling, within=60, what="500 records in the batch being filled")
-        # Below what that batch holds already: it is due at once and written as it is.
+        # Below what that batch holds already: it is written as it is, once the fetch under
+        # way returns (limits apply from the next fetch on): one more record returns it.
         agent.set_limits(Limits(max_records=50, max_bytes=1 << 20, max_wait_s=0.05))
         with pytest.raises(ValueError, match="above zero"):
             agent.set_limits(Limits(max_records=0, max_bytes=1 << 20, max_wait_s=0.05))
-        sent += await produce(bootstrap, prefix, traffic[500:])
+        sent += await produce(bootstrap, prefix, traffic[500:501])
+
+        async def first_batch_committed() -> bool:
+            stored = await stored_offsets(database_url, prefix, prefix)
+            return sum(stored.values()) == 501
+
+        await until(first_batch_committed, within=30, what="the batch of 501 committed")
+        sent += await produce(bootstrap, prefix, traffic[501:])
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=50)
         batches = agent.metrics.total("pipeline_batches_total")
         small = sum(
@@ -289,8 +297,8 @@ async def test_batch_limits_lowered_while_a_batch_fills_take_effect_without_a_cr
             if s.name == "pipeline_batch_records_bucket" and s.labels["le"] == "100.0"
         )
 
-    # One batch of 500, then batches of 50 at most: 2,500 records take 50 or more.
-    assert batches >= 1 + 2500 / 50
+    # One batch of 501, then batches of 50 at most: 2,499 records take 50 or more.
+    assert batches >= 1 + 2499 / 50
     assert small == batches - 1
 
 
