@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     _control_parser(commands)
+    _dlq_parser(commands)
 
     simulate = commands.add_parser("simulate", help="publish a simulated fleet's traffic")
     _config_option(simulate)
@@ -223,6 +224,44 @@ def _control_parser(commands: Any) -> None:
     _group_options(log_parser)
     log_parser.add_argument("--limit", type=_positive(int), default=50, help="rows (50)")
     log_parser.set_defaults(handler=_control_log)
+
+
+def _dlq_parser(commands: Any) -> None:
+    """`pipeline dlq`: dead letters listed, shown, redriven (docs/repair.md)."""
+    from pipeline.redrive import parse_since
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="list, show and redrive the group's dead letters",
+        description="The group's dead letters (table dead_letters). `replay` decodes pending "
+        "ones again with today's code and writes those that now pass to their tables, exactly "
+        "once, marking them redriven in the same transaction; the others keep their row with "
+        "the new reason. Exit status 0 even when some still fail (the output says so).",
+    )
+    actions = dlq.add_subparsers(required=True, metavar="ACTION")
+
+    def filtered(name: str, help_text: str, limit_help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        _group_options(parser)
+        parser.add_argument("--stream", type=_stream_list, help="one stream, e.g. metrics")
+        parser.add_argument("--error-class", help="e.g. DatabaseRejected, DecodeError")
+        parser.add_argument(
+            "--since", type=parse_since, metavar="TIME", help="dead-lettered at or after TIME "
+            "(RFC 3339 with an offset, e.g. 2026-11-01T00:00:00Z)"
+        )  # fmt: skip
+        parser.add_argument("--limit", type=_positive(int), metavar="N", help=limit_help)
+        return parser
+
+    filtered("list", "the dead letters, oldest first", "rows (50)").set_defaults(handler=_dlq_list)
+    show = actions.add_parser("show", help="one dead letter: source, error, key, headers, value")
+    _group_options(show)
+    show.add_argument("id", type=_positive(int), metavar="ID")
+    show.set_defaults(handler=_dlq_show)
+    replay = filtered(
+        "replay", "redrive pending dead letters that now decode and are accepted", "letters (all)"
+    )
+    replay.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    replay.set_defaults(handler=_dlq_replay)
 
 
 def _group_options(parser: argparse.ArgumentParser) -> None:
@@ -523,6 +562,46 @@ def _control_log(args: argparse.Namespace) -> int:
             f"{at} {row['direction']:<7} seq {row['seq']} {row['kind']}{where} "
             f"{row['outcome']}{reason} by {who}"
         )
+    return 0
+
+
+def _dlq_filters(args: argparse.Namespace) -> Any:
+    from pipeline.redrive import Filters
+
+    if args.stream is not None and len(args.stream) != 1:
+        raise ConfigError("--stream: give one stream")
+    stream = args.stream[0] if args.stream else None
+    return Filters(stream, args.error_class, args.since, args.limit)
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    from consumers.redrive import list_letters
+
+    config = _load_config(args, group_id=args.group)
+    for line in asyncio.run(list_letters(config, _dlq_filters(args))):
+        print(line)
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    from consumers.redrive import show_letter
+
+    config = _load_config(args, group_id=args.group)
+    lines = asyncio.run(show_letter(config, args.id))
+    if lines is None:
+        raise PipelineError(f"group {config.group_id} has no dead letter {args.id}")
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _dlq_replay(args: argparse.Namespace) -> int:
+    from consumers.redrive import replay
+
+    config = _load_config(args, group_id=args.group)
+    outcome = asyncio.run(replay(config, _dlq_filters(args), dry_run=args.dry_run))
+    for line in outcome.lines():
+        print(line)
     return 0
 
 

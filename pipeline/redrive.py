@@ -1,0 +1,141 @@
+"""Dead-letter redrive, the pure part: which stream a dead letter belongs to, decoding it
+again with today's decoders, the filters of `pipeline dlq`, and how a letter is shown.
+
+No IO: consumers/redrive.py reads and writes ``dead_letters`` and the data tables with these.
+docs/repair.md describes the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pipeline.batching import Row
+from pipeline.records import STREAMS, topic_name
+from pipeline.rows import DECODERS
+
+#: How much of a key or value `pipeline dlq show` prints before it says how much it left out.
+SHOW_MAX_CHARS = 2048
+#: How much of a reason `pipeline dlq list` prints on its one line per letter.
+LIST_REASON_CHARS = 100
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which dead letters a `pipeline dlq` command is about (all of them by default)."""
+
+    stream: str | None = None
+    error_class: str | None = None
+    since: datetime | None = None
+    limit: int | None = None
+
+
+def stream_topics(prefix: str, only: str | None = None) -> dict[str, str]:
+    """Deployed topic name -> stream name, for the streams of a group with ``prefix``."""
+    return {topic_name(s.topic, prefix): s.name for s in STREAMS if only in (None, s.name)}
+
+
+def stream_of(src_topic: str, prefix: str) -> str | None:
+    """The stream a dead letter came from: its source topic minus the topic prefix; None for
+    a topic that is no data topic under ``prefix``."""
+    return stream_topics(prefix).get(src_topic)
+
+
+def parse_since(text: str) -> datetime:
+    """An argparse type: an RFC 3339 timestamp with its offset (a naive one is refused)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 timestamp such as 2026-11-01T00:00:00+00:00, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no offset: add one (Z, +00:00, +02:00, ...)"
+        )
+    return when
+
+
+def stored_headers(stored: Any) -> list[tuple[str, bytes | None]]:
+    """Headers as ``dead_letters.record_headers`` keeps them (a JSON list of [name, text]
+    pairs, non-UTF-8 bytes escaped) back as Kafka headers. Only ``content-type`` matters to
+    the decoders, and it is text."""
+    return [
+        (str(name), None if value is None else str(value).encode()) for name, value in stored or []
+    ]
+
+
+def decode_again(
+    stream: str,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+    *,
+    partition: int,
+    offset: int,
+    batch_id: int,
+) -> Row:
+    """A dead letter's COPY row, decoded with today's code, carrying the letter's source
+    partition and offset and ``batch_id``; :class:`RecordRejected` when it still does not
+    decode."""
+    return DECODERS[stream].row(value, headers, partition, offset, batch_id)
+
+
+def shown(data: bytes | None, limit: int = SHOW_MAX_CHARS) -> str:
+    """Bytes for a person: the text when they are UTF-8, else hex; cut at ``limit``
+    characters, saying how many bytes there are in all."""
+    if data is None:
+        return "(none)"
+    try:
+        text, kind = data.decode("utf-8"), "text"
+    except UnicodeDecodeError:
+        text, kind = data.hex(" "), "hex"
+    if len(text) > limit:
+        return f"{text[:limit]}... ({kind}, cut at {limit} characters; {len(data)} bytes in all)"
+    return text if kind == "text" else f"{text} (hex)"
+
+
+def one_line(text: str, limit: int = LIST_REASON_CHARS) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+@dataclass
+class Outcome:
+    """What a redrive did (or, dry, would do)."""
+
+    dry_run: bool
+    redriven: int = 0  # letters whose record now landed in its table
+    new_rows: int = 0  # of which were new rows; the rest found their natural key stored
+    failing: Counter[str] = field(default_factory=Counter)  # still failing, by error class
+    examples: dict[str, str] = field(default_factory=dict)  # error class -> one reason
+
+    @property
+    def still_failing(self) -> int:
+        return sum(self.failing.values())
+
+    def fail(self, error_class: str, reason: str) -> None:
+        self.failing[error_class] += 1
+        self.examples.setdefault(error_class, reason)
+
+    def lines(self) -> list[str]:
+        would = "would be " if self.dry_run else ""
+        already = self.redriven - self.new_rows
+        out = [
+            ("dry run, nothing changed: " if self.dry_run else "")
+            + f"{would}redriven {self.redriven}"
+            + (f" ({already} found already stored)" if already else "")
+            + f", {'would still fail' if self.dry_run else 'still failing'} "
+            + f"{self.still_failing}"
+        ]
+        for error_class, count in sorted(self.failing.items()):
+            out.append(f"  {error_class}: {count} (e.g. {one_line(self.examples[error_class])})")
+        if self.still_failing and not self.dry_run:
+            out.append(
+                f"{self.still_failing} letter(s) still fail: kept in dead_letters with their new "
+                "reasons (`pipeline dlq list`); this is not an error"
+            )
+        return out
