@@ -51,8 +51,11 @@ async def _connect(config: Config) -> Connection:
     try:
         # The agents apply migrations when they start; a redrive may come first.
         await db.migrate(conn, db.read_migrations())
-    except BaseException:
+    except BaseException as exc:
         await conn.close()
+        error = db.classify(exc)
+        if isinstance(error, PipelineError) and error is not exc:
+            raise PipelineError(f"applying migrations: {error}") from exc
         raise
     return conn
 
