@@ -723,10 +723,10 @@ class DatabaseAgent:
     ) -> None:
         m = self.metrics
         for (topic, _), part in work.parts.items():
-            m.records_consumed.labels(topic).inc(len(part.records))
+            m.records_consumed.labels(topic, "live").inc(len(part.records))
         for stream, stream_rows in rows.items():
             new, rejected = written[stream]
-            m.rows_ingested.labels(DECODERS[stream].tables.table.name).inc(new)
+            m.rows_ingested.labels(DECODERS[stream].tables.table.name, "live").inc(new)
             topic = self.config.topic(STREAM_BY_NAME[stream].topic)
             m.duplicates_skipped.labels(topic).inc(len(stream_rows) - new - rejected)
         for letter in letters:
@@ -746,7 +746,7 @@ class DatabaseAgent:
 
     def _count_skipped(self, work: Plan) -> None:
         for topic, skipped in work.already_ingested.items():
-            self.metrics.records_consumed.labels(topic).inc(skipped)
+            self.metrics.records_consumed.labels(topic, "live").inc(skipped)
             self.metrics.duplicates_skipped.labels(topic).inc(skipped)
 
     def _require_consumer(self) -> AIOKafkaConsumer:

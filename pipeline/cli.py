@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     _control_parser(commands)
+    _replay_parser(commands)
     _dlq_parser(commands)
 
     simulate = commands.add_parser("simulate", help="publish a simulated fleet's traffic")
@@ -262,6 +263,50 @@ def _dlq_parser(commands: Any) -> None:
     )
     replay.add_argument("--dry-run", action="store_true", help="report, change nothing")
     replay.set_defaults(handler=_dlq_replay)
+
+
+def _replay_parser(commands: Any) -> None:
+    """`pipeline replay`: a topic range written again, exactly once (docs/replay.md)."""
+    replay = commands.add_parser(
+        "replay",
+        help="write a range of streams' records again, exactly once, beside live ingestion",
+        description="Read a range of streams' partitions again with a consumer of its own (no "
+        "group) and write it with the DatabaseAgent's decoders and writers; progress is stored "
+        "with the rows, so a replay killed at any point finishes exactly once with --resume. "
+        "The end is frozen at start and clamped to the live group's stored offsets. Times are "
+        "RFC 3339 with an explicit offset (2026-11-01T12:00:00Z). `pipeline replay list` shows "
+        "the replays.",
+    )
+    replay.add_argument(
+        "action", nargs="?", choices=["list"], help="list: every replay and its state"
+    )
+    _group_options(replay)
+    replay.add_argument(
+        "--stream", action="append", metavar="S", help="repeatable or a comma list, e.g. metrics"
+    )
+    replay.add_argument("--from", dest="start", metavar="earliest|OFFSET|TIME")
+    replay.add_argument("--to", dest="end", metavar="OFFSET|TIME|now", help="exclusive")
+    replay.add_argument("--partitions", metavar="0,1", help="only these partitions (all)")
+    replay.add_argument(
+        "--database-url", metavar="URL", help="write to another database (DATABASE_URL)"
+    )
+    replay.add_argument(
+        "--rate", type=_positive(float), metavar="RECORDS_PER_S", help="at most this fast"
+    )
+    replay.add_argument(
+        "--allow-gap",
+        action="store_true",
+        help="start at the log's first offset when retention deleted part of the range",
+    )
+    replay.add_argument("--resume", type=_positive(int), metavar="ID", help="finish replay ID")
+    replay.add_argument(
+        "--batch-records",
+        type=_positive(int),
+        metavar="N",
+        help="records per transaction (PIPELINE_BATCH_MAX_RECORDS)",
+    )
+    replay.add_argument("--metrics-address", metavar="HOST:PORT", help="serve /metrics here (none)")
+    replay.set_defaults(handler=_replay)
 
 
 def _group_options(parser: argparse.ArgumentParser) -> None:
@@ -602,6 +647,85 @@ def _dlq_replay(args: argparse.Namespace) -> int:
     outcome = asyncio.run(replay(config, _dlq_filters(args), dry_run=args.dry_run))
     for line in outcome.lines():
         print(line)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from consumers.replay import Replayer, Request, list_replays, request_text
+    from pipeline import db
+    from pipeline.replay import Progress, parse_partitions, parse_position, parse_streams
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = _load_config(args, group_id=args.group, database_url=args.database_url)
+    if args.action == "list":
+
+        async def read() -> list[dict[str, Any]]:
+            conn = await db.connect(config.database_url, config.db_command_timeout_s)
+            try:
+                await db.migrate(conn, db.read_migrations())
+                return await list_replays(conn)
+            finally:
+                await conn.close()
+
+        print(f"{'id':>4}  {'state':<8}  {'group':<16}  {'streams':<20}  progress  created")
+        for r in asyncio.run(read()):
+            done = f"{r['done']:,}/{r['total']:,}"
+            print(
+                f"{r['id']:>4}  {r['state']:<8}  {r['group_id']:<16}  "
+                f"{','.join(r['streams']):<20}  {done}  "
+                f"{r['created_at'].isoformat(timespec='seconds')}"
+                + (
+                    f"  finished {r['finished_at'].isoformat(timespec='seconds')}"
+                    if r["finished_at"]
+                    else ""
+                )
+            )
+            for note in r["notes"]:
+                print(f"      {note}")
+        return 0
+    tty = sys.stderr.isatty()
+
+    def report(progress: Progress, final: bool) -> None:
+        if tty:
+            print("\r" + progress.bar(), end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            _progress(progress.line())
+
+    replayer = Replayer(config, batch_records=args.batch_records, rate=args.rate, report=report)
+    if args.metrics_address:
+        try:
+            replayer.metrics.serve(args.metrics_address)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--metrics-address {args.metrics_address}: {exc}") from None
+    if args.resume is not None:
+        if args.stream or args.start or args.end or args.partitions:
+            raise ConfigError("--resume ID takes the replay's own range: give no other range")
+        replay_id = args.resume
+    else:
+        missing = [f for f, v in (("--stream", args.stream), ("--from", args.start),
+                                  ("--to", args.end)) if not v]  # fmt: skip
+        if missing:
+            raise ConfigError(f"pipeline replay needs {', '.join(missing)} (or --resume ID)")
+        request = Request(
+            streams=parse_streams(args.stream),
+            start=parse_position(args.start, side="from"),
+            end=parse_position(args.end, side="to"),
+            partitions=parse_partitions(args.partitions),
+            allow_gap=args.allow_gap,
+            text=request_text(
+                streams=args.stream, start=args.start, end=args.end, partitions=args.partitions
+            ),
+        )
+        replay_id, notes = asyncio.run(replayer.create(request))
+        print(f"replay {replay_id} created", flush=True)
+        for note in notes:
+            print(f"  {note}", flush=True)
+    summary = asyncio.run(replayer.run(replay_id))
+    rate = summary.records / summary.seconds if summary.seconds else 0.0
+    print(
+        f"replay {replay_id} finished: {summary.records:,} records in {summary.seconds:.1f}s "
+        f"({rate:,.0f}/s): {summary.rows:,} new rows, {summary.dead_letters:,} dead letters"
+    )
     return 0
 
 

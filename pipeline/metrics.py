@@ -1,6 +1,6 @@
 """Prometheus metrics of a DatabaseAgent: base units, ``_total`` counters, small label sets.
 
-Labels come only from fixed, small sets (topic, table, partition, error class), never from
+Labels come only from fixed, small sets (topic, table, partition, error class, mode), never from
 keys, ids or error text, so the series count does not grow with the data.
 """
 
@@ -15,14 +15,16 @@ class Metrics:
         r = self.registry
         self.records_consumed = Counter(
             "pipeline_records_consumed_total",
-            "Records of committed batches (written, dead-lettered or already stored)",
-            ["topic"],
+            "Records of committed batches (written, dead-lettered or already stored); mode is "
+            "live (a DatabaseAgent) or replay (pipeline replay)",
+            ["topic", "mode"],
             registry=r,
         )
         self.rows_ingested = Counter(
             "pipeline_rows_ingested_total",
-            "New rows written (for states and config: new versions in the history table)",
-            ["table"],
+            "New rows written (for states and config: new versions in the history table); mode "
+            "is live or replay",
+            ["table", "mode"],
             registry=r,
         )
         self.dead_lettered = Counter(
@@ -95,6 +97,11 @@ class Metrics:
         self.assignment_version = Gauge(
             "pipeline_assignment_version",
             "The assignment version in force (0: none assigned, the configuration rules)",
+            registry=r,
+        )
+        self.replay_records_left = Gauge(
+            "pipeline_replay_records_left",
+            "Records a running pipeline replay has still to write",
             registry=r,
         )
         self.last_commit = Gauge(

@@ -1,0 +1,342 @@
+"""`pipeline replay` against the real broker and database: a truncated table replayed while
+live ingestion goes on, a replay killed twice and resumed, a time range, a second database,
+and a start that retention deleted. Every check compares with what was SENT (the oracle)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin.records_to_delete import RecordsToDelete
+
+from consumers.replay import Replayer, Request
+from pipeline import cli, kafka_clients, testbed
+from pipeline.config import load_config
+from pipeline.records import STREAM_BY_NAME, STREAMS
+from pipeline.replay import AtOffset, Earliest, Now, ReplayError
+from tests.conftest import Servers
+from tests.integration.harness import (
+    Outgoing,
+    Sent,
+    agent_env,
+    assert_caught_up_exactly_once,
+    assert_exactly_once,
+    assert_latest_tables_follow_the_log,
+    count_rows,
+    create_topics,
+    end_offsets,
+    fleet_traffic,
+    migrated,
+    of_stream,
+    produce,
+    produce_paced,
+    running_agent,
+    stored_offsets,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+METRICS = STREAM_BY_NAME["metrics"]
+DATA = (
+    "agent_states, agent_state_history, system_events, performance_metrics, user_analytics, "
+    "system_config, system_config_history"
+)
+REPLAY_COMMAND = (sys.executable, "-m", "pipeline.cli", "replay")
+
+
+def _replayer(bootstrap: str, database_url: str, prefix: str, **kwargs: object) -> Replayer:
+    config = load_config(agent_env(bootstrap, database_url, prefix, prefix))
+    return Replayer(config, **kwargs)  # type: ignore[arg-type]
+
+
+async def _sql(database_url: str, statement: str) -> None:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _metric_sources(database_url: str) -> set[tuple[int, int]]:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT src_partition, src_offset FROM performance_metrics")
+    finally:
+        await conn.close()
+    return {(r["src_partition"], r["src_offset"]) for r in rows}
+
+
+async def _replay_done(database_url: str) -> tuple[int | None, int]:
+    """The newest replay's id and records done (None before there is one)."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('replays') IS NOT NULL"):
+            return None, 0
+        row = await conn.fetchrow(
+            "SELECT r.id, coalesce(sum(p.next_offset - p.start_offset), 0) AS done FROM replays r "
+            "LEFT JOIN replay_partitions p ON p.replay_id = r.id GROUP BY r.id "
+            "ORDER BY r.id DESC LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    return (None, 0) if row is None else (row["id"], int(row["done"]))
+
+
+async def test_a_truncated_table_is_replayed_beside_live_ingestion_exactly_once(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """The incident: performance_metrics truncated while the agent ingests. A replay of the
+    metrics stream from earliest to now, while records keep arriving, puts back exactly what
+    the log holds; live ingestion never stops, and the replay never writes what is live's."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(database_url)
+    traffic = fleet_traffic(40_000, seed=41)
+
+    async with running_agent(bootstrap, database_url, prefix, batch_max_records=500) as agent:
+        producing = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=20.0))
+
+        async def metrics_landed() -> bool:
+            return await count_rows(database_url, "performance_metrics") > 4_000
+
+        await until(metrics_landed, within=60, what="metrics ingesting")
+        await _sql(database_url, "TRUNCATE performance_metrics")  # the incident
+
+        replayer = _replayer(bootstrap, database_url, prefix, batch_records=300, rate=4_000)
+        replay_id, notes = await replayer.create(Request(("metrics",), Earliest(), Now()))
+        assert all("belong to live ingestion" in n for n in notes)
+        before = of_stream(await stored_offsets(database_url, prefix, prefix), "metrics")
+        conn = await asyncpg.connect(database_url, timeout=10)
+        try:
+            ranges = await conn.fetch(
+                "SELECT topic, partition, end_offset FROM replay_partitions WHERE replay_id = $1",
+                replay_id,
+            )
+        finally:
+            await conn.close()
+        assert len(ranges) == 2
+        for r in ranges:  # never past what live ingestion had stored: that part is live's
+            assert r["end_offset"] <= before[(r["topic"].removeprefix(prefix), r["partition"])]
+        replaying = asyncio.create_task(replayer.run(replay_id))
+        moves = 0
+        last = before
+        while not replaying.done():
+            await asyncio.sleep(0.5)
+            now = of_stream(await stored_offsets(database_url, prefix, prefix), "metrics")
+            moves += now != last
+            last = now
+        summary = await replaying
+        assert not producing.done(), "records must still arrive after the replay"
+        assert moves >= 2, "live ingestion's stored offsets kept moving during the replay"
+        assert summary.records > 4_000
+        sent = await producing
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=180)
+        assert agent.metrics.total("pipeline_fenced_batches_total") == 0
+
+    replayed = replayer.metrics.total("pipeline_records_consumed_total")
+    assert replayed == summary.records
+    assert replayer.metrics.total("pipeline_replay_records_left") == 0
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        state = await conn.fetchval("SELECT state FROM replays WHERE id = $1", replay_id)
+    finally:
+        await conn.close()
+    assert state == "finished"
+
+
+async def test_a_replay_killed_twice_with_sigkill_resumes_and_lands_exactly_once(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    traffic = fleet_traffic(20_000, seed=42)
+    sent = await produce(bootstrap, prefix, traffic)
+    async with running_agent(bootstrap, database_url, prefix):
+        ends = await assert_caught_up_exactly_once(
+            database_url, bootstrap, prefix, sent, within=120
+        )
+    await _sql(database_url, f"TRUNCATE {DATA}")
+    env = agent_env(bootstrap, database_url, prefix, prefix)
+    log_path = tmp_path / "replay.log"
+    streams = ",".join(s.name for s in STREAMS)
+    args = ["--stream", streams, "--from", "earliest", "--to", "now"]
+    slow = ["--batch-records", "200", "--rate", "3000"]
+
+    def start(*extra: str) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as out:
+            return subprocess.Popen(
+                [*REPLAY_COMMAND, *extra, *slow], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    proc = start(*args)
+    kills = 0
+    try:
+        for threshold in (3_000, 9_000):
+
+            async def past(threshold: int = threshold) -> bool:
+                return (await _replay_done(database_url))[1] >= threshold
+
+            await until(past, within=60, what=f"{threshold} records replayed")
+            proc.kill()
+            proc.wait(10)
+            kills += 1
+            replay_id, done = await _replay_done(database_url)
+            assert replay_id is not None and done < 20_000, "killed mid-way"
+            proc = start("--resume", str(replay_id))
+        assert await asyncio.to_thread(proc.wait, 120) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert kills == 2
+    await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+    await assert_latest_tables_follow_the_log(database_url, traffic)
+    listed = await asyncio.to_thread(
+        subprocess.run, [*REPLAY_COMMAND, "list"], env=env, capture_output=True, text=True
+    )
+    listing = listed.stdout
+    assert f"{replay_id:>4}  finished" in listing
+    assert f"{len(sent):,}/{len(sent):,}" in listing
+    assert "finished" in log_path.read_text().splitlines()[-1]
+
+
+async def test_a_replay_by_time_range_writes_the_records_of_that_time_only(
+    servers: Servers,
+    database_url: str,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    traffic = fleet_traffic(9_000, seed=43)
+    sent: list[Sent] = []
+    cuts: list[datetime] = []
+    for third in range(3):
+        sent += await produce(bootstrap, prefix, traffic[third * 3_000 : (third + 1) * 3_000])
+        await asyncio.sleep(0.05)
+        cuts.append(datetime.now(UTC))
+        await asyncio.sleep(0.05)
+    async with running_agent(bootstrap, database_url, prefix):
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
+    await _sql(database_url, "TRUNCATE performance_metrics")
+
+    plus2 = timezone(timedelta(hours=2))
+    start, end = (cuts[0].astimezone(plus2).isoformat(), cuts[1].isoformat())
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("PIPELINE_TOPIC_PREFIX", prefix)
+    monkeypatch.setenv("PIPELINE_GROUP_ID", prefix)
+    naive = cuts[0].replace(tzinfo=None).isoformat()
+    command = ["replay", "--stream", "metrics", "--from", naive, "--to", "now"]
+    assert await asyncio.to_thread(cli.main, command) == 2
+    assert f"pipeline: error: --from {naive}: the time has no UTC offset" in capsys.readouterr().err
+
+    command = ["replay", "--stream", "metrics", "--from", start, "--to", end]
+    assert await asyncio.to_thread(cli.main, command) == 0
+    middle = {(s.partition, s.offset) for s in sent[3_000:6_000] if s.topic == METRICS.topic}
+    assert middle
+    assert await _metric_sources(database_url) == middle
+
+
+async def test_a_replay_into_a_second_empty_database(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """A new reporting database, filled from the log with --database-url; the configured
+    database is not touched. Partitions the group never stored there are claimed: its
+    stored offsets end at the range's end, so live ingestion there would continue after it."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    poison = Outgoing(METRICS, b"agent-x", b"{not json", poison="DecodeError")
+    traffic = fleet_traffic(8_000, seed=44)
+    outgoing = [*traffic[:4_000], poison, *traffic[4_000:]]
+    sent = await produce(bootstrap, prefix, outgoing)
+    ends = await end_offsets(bootstrap, prefix)
+    await migrated(database_url)
+    async with testbed.scratch_database(servers.endpoints.database_url, f"{unique}_r") as second:
+        env = agent_env(bootstrap, database_url, prefix, prefix)
+        streams = ",".join(s.name for s in STREAMS)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                *REPLAY_COMMAND,
+                "--stream",
+                streams,
+                "--from",
+                "earliest",
+                "--to",
+                "now",
+                "--database-url",
+                second,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"{len(sent):,} records" in done.stdout
+        assert "1 dead letters" in done.stdout
+        await assert_exactly_once(second, prefix, prefix, sent, ends)
+        await assert_latest_tables_follow_the_log(second, traffic)
+    assert await count_rows(database_url, "performance_metrics") == 0
+    assert await count_rows(database_url, "replays") == 0
+
+
+async def test_a_start_that_retention_deleted_is_refused_or_skipped_with_allow_gap(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    metrics_only = [o for o in fleet_traffic(6_000, seed=45) if o.stream is METRICS][:2_500]
+    sent = await produce(bootstrap, prefix, metrics_only)
+    await migrated(database_url)
+    topic = prefix + METRICS.topic
+    admin = kafka_clients.admin(servers.endpoints.kafka)
+    await admin.start()
+    try:  # what retention does, at a known offset
+        await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(1_000)})
+    finally:
+        await admin.close()
+
+    replayer = _replayer(bootstrap, database_url, prefix)
+    with pytest.raises(ReplayError) as refused:
+        await replayer.create(Request(("metrics",), AtOffset(0), Now()))
+    assert str(refused.value) == (
+        f"{topic}[0]: offsets 0-999 were deleted by retention; the log starts at 1000: "
+        "refused; --allow-gap replays what is left"
+    )
+    assert await count_rows(database_url, "replays") == 0
+
+    replay_id, notes = await replayer.create(
+        Request(("metrics",), AtOffset(0), Now(), allow_gap=True)
+    )
+    assert notes == [
+        f"{topic}[0]: offsets 0-999 were deleted by retention; the log starts at 1000: "
+        "skipped (--allow-gap)"
+    ]
+    summary = await replayer.run(replay_id)
+    assert summary.records == 1_500
+    assert summary.notes == notes
+    assert await _metric_sources(database_url) == {
+        (s.partition, s.offset) for s in sent if s.offset >= 1_000
+    }
+    with pytest.raises(ReplayError, match="past the log's end 2500"):
+        await replayer.create(Request(("metrics",), AtOffset(1_000), AtOffset(2_501)))
+    with pytest.raises(ReplayError, match="do not exist"):
+        await _replayer(bootstrap, database_url, f"{unique}.nope.").create(
+            Request(("metrics",), Earliest(), Now())
+        )
+    with pytest.raises(ReplayError, match="empty"):
+        await replayer.create(Request(("metrics",), AtOffset(2_000), AtOffset(2_000)))
