@@ -692,6 +692,7 @@ def _replay(args: argparse.Namespace) -> int:
             _progress(progress.line())
 
     replayer = Replayer(config, batch_records=args.batch_records, rate=args.rate, report=report)
+    _tune_garbage_collector()  # as for `pipeline run`: the same allocations
     if args.metrics_address:
         try:
             replayer.metrics.serve(args.metrics_address)
