@@ -490,14 +490,16 @@ class _Run:
                         f"offset went back to {live}, below the replay's {new} (a rollback?): "
                         "that range is live ingestion's now; the replay stops"
                     )
-                if not writer.tables.key:  # append-only: the range's rows are replaced
-                    await conn.execute(
-                        f"DELETE FROM {writer.tables.table.name} WHERE src_partition = $1 "
-                        "AND src_offset >= $2 AND src_offset < $3",
-                        partition,
-                        expected,
-                        new,
-                    )
+                # The range's rows are replaced in every table with a row per record; the
+                # "latest" tables follow their history under the version guard.
+                per_record = writer.tables.history or writer.tables.table
+                await conn.execute(
+                    f"DELETE FROM {per_record.name} WHERE src_partition = $1 "
+                    "AND src_offset >= $2 AND src_offset < $3",
+                    partition,
+                    expected,
+                    new,
+                )
                 refused: list[DeadLetter] = []
                 if not rows:
                     new_rows = 0

@@ -340,3 +340,62 @@ async def test_a_start_that_retention_deleted_is_refused_or_skipped_with_allow_g
         )
     with pytest.raises(ReplayError, match="empty"):
         await replayer.create(Request(("metrics",), AtOffset(2_000), AtOffset(2_000)))
+
+
+async def test_a_replay_puts_rows_a_bug_changed_back_to_the_log_in_every_per_record_table(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """After a bug fix: events rows (keyed by event_id) and state history rows that a bug
+    rewrote or deleted are exactly the log's records again after a replay of their range; the
+    latest table follows its history under the version guard."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    traffic = fleet_traffic(6_000, seed=45)
+    sent = await produce(bootstrap, prefix, traffic)
+    async with running_agent(bootstrap, database_url, prefix):
+        ends = await assert_caught_up_exactly_once(
+            database_url, bootstrap, prefix, sent, within=120
+        )
+    before = await _table_contents(database_url)
+    # The bug: event kinds and state payloads rewritten, some rows of each lost.
+    await _sql(
+        database_url,
+        "UPDATE system_events SET kind = 'corrupted', payload = '{}' WHERE src_offset % 3 = 0",
+    )
+    await _sql(database_url, "DELETE FROM system_events WHERE src_offset % 7 = 1")
+    await _sql(database_url, "UPDATE agent_state_history SET data = '{\"bug\": 1}'")
+    await _sql(database_url, "DELETE FROM agent_state_history WHERE src_offset % 5 = 2")
+    assert await _table_contents(database_url) != before
+
+    env = agent_env(bootstrap, database_url, prefix, prefix)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*REPLAY_COMMAND, "--stream", "events,states", "--from", "earliest", "--to", "now"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert await _table_contents(database_url) == before
+    await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+    await assert_latest_tables_follow_the_log(database_url, traffic)
+
+
+async def _table_contents(database_url: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of the events and state tables, as text, without ingest bookkeeping."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        found = {}
+        for table, columns in (
+            ("system_events", "event_id, agent_id, kind, severity, ts, payload"),
+            ("agent_state_history", "agent_id, state, version, ts, data"),
+            ("agent_states", "agent_id, state, version, ts, data"),
+        ):
+            rows = await conn.fetch(
+                f"SELECT {columns}, src_partition, src_offset FROM {table} ORDER BY 1, 2, 3"
+            )
+            found[table] = [tuple(str(v) for v in r.values()) for r in rows]
+        return found
+    finally:
+        await conn.close()
