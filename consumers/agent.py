@@ -609,7 +609,7 @@ class DatabaseAgent:
                         raise error from exc
                     written[stream] = (new, len(rejected))
                     rejected_letters.extend(
-                        _dead_letter(
+                        db.dead_letter(
                             _source(work, topic, stream_rows[r.index]), "DatabaseRejected", r.reason
                         )
                         for r in rejected
@@ -638,7 +638,7 @@ class DatabaseAgent:
         letters: list[DeadLetter] = []
         for (topic, _), part in work.parts.items():
             rows[self._decoders[topic].stream.name].extend(part.rows)
-            letters.extend(_dead_letter(*r) for r in part.rejected)
+            letters.extend(db.dead_letter(*r) for r in part.rejected)
         return rows, letters
 
     # -- helpers --------------------------------------------------------------------------
@@ -847,17 +847,3 @@ def _source(work: Plan, topic: str, row: Row) -> FetchedRecord:
     """The record a row was decoded from."""
     partition, offset = source_of(row)
     return work.parts[(topic, partition)].record_at(offset)
-
-
-def _dead_letter(record: Any, error_class: str, reason: str) -> DeadLetter:
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=list(record.headers),
-        timestamp_ms=record.timestamp,
-        error_class=error_class,
-        reason=reason,
-    )

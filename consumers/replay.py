@@ -386,7 +386,7 @@ class _Run:
         stream = self.r._stream_of[topic]
         batch_id = await self._batch_id()
         rows, rejected = DECODERS[stream].rows(records, partition, batch_id)
-        letters = [_dead_letter(r.record, r.error_class, r.reason) for r in rejected]
+        letters = [db.dead_letter(r.record, r.error_class, r.reason) for r in rejected]
         attempt = 0
         while True:
             try:
@@ -507,7 +507,7 @@ class _Run:
                     new_rows, rejected = await db.write_bisecting(conn, writer.write, rows)
                     by_offset = {r.offset: r for r in records}
                     refused = [
-                        _dead_letter(
+                        db.dead_letter(
                             by_offset[source_of(rows[r.index])[1]], "DatabaseRejected", r.reason
                         )
                         for r in rejected
@@ -540,20 +540,6 @@ class _Run:
 
 class _RowRejected(Exception):
     """The database refused a row of a batch written without savepoints: bisect."""
-
-
-def _dead_letter(record: Any, error_class: str, reason: str) -> DeadLetter:
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=list(record.headers),
-        timestamp_ms=record.timestamp,
-        error_class=error_class,
-        reason=reason,
-    )
 
 
 async def list_replays(conn: Connection) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from asyncpg import Connection
 from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
-from pipeline.batching import Row
+from pipeline.batching import FetchedRecord, Row
 from pipeline.errors import DataError, FencedError, SchemaError, TransientError
 from pipeline.rows import StreamTables
 
@@ -405,6 +405,21 @@ class DeadLetter:
     timestamp_ms: int | None
     error_class: str
     reason: str
+
+
+def dead_letter(record: FetchedRecord, error_class: str, reason: str) -> DeadLetter:
+    """The dead letter of a consumed record: its coordinates, bytes and headers, and why."""
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=list(record.headers),
+        timestamp_ms=record.timestamp,
+        error_class=error_class,
+        reason=reason,
+    )
 
 
 async def insert_dead_letters(conn: Connection, group: str, letters: Iterable[DeadLetter]) -> None:
