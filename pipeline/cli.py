@@ -47,10 +47,11 @@ if TYPE_CHECKING:
 DESCRIPTION = (
     "Ingest an agent fleet's data from Kafka into PostgreSQL exactly once. Run DatabaseAgents "
     "(`pipeline run`), prepare their database and topics (`migrate`, `topics create`), "
-    "publish simulated traffic (`simulate`), see it all work in one command (`demo`), measure "
-    "it (`bench`), and run a local Kafka and PostgreSQL to try it on (`dev`). Settings come "
-    "from environment variables (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, PIPELINE_*) or a TOML "
-    "file; without the two endpoints, the commands use the local stack."
+    "steer them with signed commands (`control`), repair data after an incident (`replay`, "
+    "`dlq`), publish simulated traffic (`simulate`), see it all work in one command (`demo`), "
+    "measure it (`bench`), and run a local Kafka and PostgreSQL to try it on (`dev`). Settings "
+    "come from environment variables (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, PIPELINE_*) or a "
+    "TOML file; without the two endpoints, the commands use the local stack."
 )
 
 
