@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
 
     topics = commands.add_parser("topics", help="manage the pipeline's Kafka topics")
     topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
-    create = topic_commands.add_parser("create", help="create the data and dead-letter topics")
+    create = topic_commands.add_parser(
+        "create", help="create the data, dead-letter, control and status topics"
+    )
     _config_option(create)
     create.add_argument("--partitions", type=int, help="partitions per new topic (default 6)")
     create.set_defaults(handler=_topics_create)
