@@ -4,13 +4,18 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint chaos clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS.
+SEEDS ?= 5
+chaos: $(STAMP)
+	CHAOS_SEEDS="$$(seq -s ' ' 1 $(SEEDS))" $(VENV)/bin/pytest tests/integration/test_faults.py -q -k test_sigkill_at_random_moments_with_seed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

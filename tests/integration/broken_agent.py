@@ -1,0 +1,94 @@
+"""A deliberately BROKEN DatabaseAgent, for the negative control in test_faults.py only.
+
+It makes the two classic mistakes the real agent avoids (docs/exactly-once.md):
+
+* offsets are committed to Kafka BEFORE the database transaction: aiokafka's auto-commit,
+  every 50 ms, of whatever has been fetched, written or not;
+* positions are taken from Kafka's committed offsets, not from ``ingest_offsets``; and since
+  the database's offsets no longer decide anything, the compare-and-set is replaced by a
+  plain overwrite (otherwise every batch would simply be fenced).
+
+A SIGKILL between the Kafka commit and the database commit then loses the records in
+between: the exactly-once oracle must catch it. Run as ``python -m
+tests.integration.broken_agent``, with the environment of ``pipeline run``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+import consumers.agent
+from pipeline import cli, db, kafka_clients
+from pipeline import kafka as kafka_io
+from pipeline.config import Config
+
+
+def _auto_committing_consumer(
+    config: Config, listener: ConsumerRebalanceListener
+) -> AIOKafkaConsumer:
+    """:func:`pipeline.kafka.make_consumer`, BROKEN: auto-commit of what was fetched."""
+    consumer = kafka_clients.consumer(
+        config.kafka,
+        group_id=config.group_id,
+        enable_auto_commit=True,  # BROKEN: Kafka's offset moves before the database's
+        auto_commit_interval_ms=50,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=config.batch_max_records,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=min(3_000, config.session_timeout_ms // 3),
+    )
+    consumer.subscribe(kafka_io.data_topics(config), listener=listener)
+    return consumer
+
+
+async def _overwrite_offsets(
+    conn: Any, group: str, moves: Sequence[tuple[str, int, int, int]]
+) -> None:
+    """BROKEN: no compare-and-set, the batch's offsets just overwrite the stored ones."""
+    await conn.execute(
+        """UPDATE ingest_offsets AS o SET next_offset = m.new, updated_at = now()
+           FROM unnest($2::text[], $3::int[], $4::bigint[]) AS m(t, p, new)
+           WHERE o.group_id = $1 AND o.topic = m.t AND o.partition = m.p""",
+        group,
+        [m[0] for m in moves],
+        [m[1] for m in moves],
+        [m[3] for m in moves],
+    )
+
+
+class BrokenAgent(consumers.agent.DatabaseAgent):
+    async def _position(self) -> None:
+        """BROKEN: positions from Kafka's committed offsets (the log start without one)."""
+        wanted = [TopicPartition(t, p) for t, p in self.ownership.unpositioned()]
+        if not wanted:
+            return
+        consumer = self._require_consumer()
+        starts = await kafka_io.beginning_offsets(consumer, wanted)
+        conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+        try:  # only so that the offset rows exist for the overwrite
+            await db.load_offsets(conn, self.config.group_id, starts)
+        finally:
+            await conn.close()
+        positions = {}
+        for tp in wanted:
+            committed = await consumer.committed(tp)
+            positions[(tp.topic, tp.partition)] = (
+                committed if committed is not None else starts[(tp.topic, tp.partition)]
+            )
+        self._apply(self.ownership.positioned_event(positions))
+
+
+def main() -> int:
+    kafka_io.make_consumer = _auto_committing_consumer  # type: ignore[assignment]
+    db.advance_offsets = _overwrite_offsets  # type: ignore[assignment]
+    consumers.agent.DatabaseAgent = BrokenAgent  # type: ignore[misc]
+    return cli.main(["run", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
