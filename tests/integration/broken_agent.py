@@ -15,15 +15,18 @@ tests.integration.broken_agent``, with the environment of ``pipeline run``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 import consumers.agent
 from pipeline import cli, db, kafka_clients
 from pipeline import kafka as kafka_io
+from pipeline.batching import Batch
 from pipeline.config import Config
 
 
@@ -62,6 +65,18 @@ async def _overwrite_offsets(
 
 
 class BrokenAgent(consumers.agent.DatabaseAgent):
+    async def _fill_batch(self) -> Batch:
+        """BROKEN: the batch's offsets are committed to Kafka as soon as it is fetched."""
+        batch = await super()._fill_batch()
+        if batch.count and self._consumer is not None:
+            with contextlib.suppress(KafkaError):
+                await self._consumer.commit()
+        return batch
+
+    def _require_mirror(self) -> Any:
+        """No mirror after the database commit: it would move Kafka's offsets back."""
+        return _NoMirror()
+
     async def _position(self) -> None:
         """BROKEN: positions from Kafka's committed offsets (the log start without one)."""
         wanted = [TopicPartition(t, p) for t, p in self.ownership.unpositioned()]
@@ -81,6 +96,11 @@ class BrokenAgent(consumers.agent.DatabaseAgent):
                 committed if committed is not None else starts[(tp.topic, tp.partition)]
             )
         self._apply(self.ownership.positioned_event(positions))
+
+
+class _NoMirror:
+    def add(self, moves: object) -> None:
+        pass
 
 
 def main() -> int:

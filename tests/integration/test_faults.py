@@ -50,6 +50,10 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.timeout(300)
 
 SEEDS = [int(s) for s in os.environ.get("CHAOS_SEEDS", "3").split()]
+# The kill moments of seed 3 land while the broken agent holds offsets committed to Kafka and
+# not to the database (seeds 1 and 2 were seen to miss the window: not every kill schedule
+# catches it, which is why the seed is pinned here).
+NEGATIVE_SEED = 3
 BROKEN_AGENT = [sys.executable, "-m", "tests.integration.broken_agent"]
 RSS_CAP_KB = 400 * 1024
 
@@ -193,7 +197,7 @@ async def test_the_oracle_catches_an_agent_that_commits_to_kafka_before_the_data
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     async with _killed_at_random_moments(
-        bootstrap, database_url, prefix, tmp_path, SEEDS[0], command=BROKEN_AGENT
+        bootstrap, database_url, prefix, tmp_path, NEGATIVE_SEED, command=BROKEN_AGENT
     ) as (agent, sent):
         with pytest.raises(AssertionError) as oracle:
             await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
