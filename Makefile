@@ -15,7 +15,9 @@ test: lint
 # The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS.
 SEEDS ?= 5
 chaos: $(STAMP)
-	CHAOS_SEEDS="$$(seq -s ' ' 1 $(SEEDS))" $(VENV)/bin/pytest tests/integration/test_faults.py -q -k test_sigkill_at_random_moments_with_seed
+	CHAOS_SEEDS="$$(seq -s ' ' 1 $(SEEDS))" $(VENV)/bin/pytest -q \
+		tests/integration/test_faults.py -k "test_sigkill_at_random_moments or test_the_oracle_catches" \
+		tests/integration/chaos_negative_control.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
