@@ -15,6 +15,7 @@ tests.integration.broken_agent``, with the environment of ``pipeline run``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from collections.abc import Sequence
@@ -71,6 +72,9 @@ class BrokenAgent(consumers.agent.DatabaseAgent):
         if batch.count and self._consumer is not None:
             with contextlib.suppress(KafkaError):
                 await self._consumer.commit()
+            # A slow database: the window between the two commits stays open most of the
+            # time, so the scenario's random SIGKILLs land in it whatever their schedule.
+            await asyncio.sleep(1.0)
         return batch
 
     def _require_mirror(self) -> Any:

@@ -4,9 +4,9 @@ transaction, positions taken from Kafka) must make the exactly-once oracle FAIL,
 oracle can fail.
 
 Not collected by `make test` (the file name does not start with ``test_``): whether a kill
-lands in the broken agent's window depends on the kill schedule, so with some seeds the
-broken agent loses nothing and this test fails. Seed 3 has caught it in every run so far
-(199 rows lost in one run, 1 in another). `make chaos` runs it.
+lands in the broken agent's window depends on the kill schedule. The broken agent holds that
+window open (a second between its Kafka commit and its database write); before it did, seed
+3 missed once in four runs. `make chaos` runs it.
 """
 
 from __future__ import annotations
