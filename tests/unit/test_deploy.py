@@ -50,11 +50,8 @@ HOW_TO_INSTALL = (
 
 
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
-    if shutil.which("docker") is None:
-        pytest.fail(
-            "the docker CLI is missing (Debian: apt-get install docker.io); then " + HOW_TO_INSTALL
-        )
-    # The file's own defaults, not whatever this shell exports for Compose or the simulator.
+    """`docker compose --file compose.yaml ARGS`, with the file's own defaults, not whatever
+    this shell exports for Compose or the simulator."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "SIMULATOR_"))}
     return subprocess.run(
         ["docker", "compose", "--file", str(ROOT / "compose.yaml"), *args],
@@ -68,18 +65,29 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def services() -> dict[str, Any]:
-    """compose.yaml as Docker Compose resolves it, every profile included."""
-    version = _compose("version")
+def compose() -> None:
+    """Fails, saying how to install it, when `docker compose` does not run."""
+    if shutil.which("docker") is None:
+        pytest.fail(
+            "the docker CLI is missing (Debian: apt-get install docker.io); then " + HOW_TO_INSTALL
+        )
+    version = subprocess.run(
+        ["docker", "compose", "version"], capture_output=True, text=True, timeout=60, check=False
+    )
     if version.returncode != 0:
         pytest.fail(f"`docker compose` does not run ({version.stderr.strip()}): {HOW_TO_INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def services(compose: None) -> dict[str, Any]:
+    """compose.yaml as Docker Compose resolves it, every profile included."""
     result = _compose("--profile", "tools", "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     resolved: dict[str, Any] = json.loads(result.stdout)["services"]
     return resolved
 
 
-def test_compose_accepts_the_file_without_a_warning() -> None:
+def test_compose_accepts_the_file_without_a_warning(compose: None) -> None:
     result = _compose("config", "--quiet")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
