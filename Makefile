@@ -1,16 +1,21 @@
 # The two set-up commands of the README, and what they need. Each installs what it needs
-# itself: the virtual environment and dependencies here, the Kafka jars on first use.
+# itself: the virtual environment and dependencies here, the Kafka jars on first use, and
+# Docker Compose for `make test` when the docker CLI lacks it.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint chaos clean
+.PHONY: demo test lint compose chaos clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
-test: lint
+test: lint compose
 	$(VENV)/bin/pytest
+
+# `docker compose`, which tests/unit/test_deploy.py runs: built once per machine when missing.
+compose:
+	deploy/install-compose
 
 # The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS.
 SEEDS ?= 5

@@ -27,7 +27,9 @@ from pipeline.batching import FetchedRecord, Row
 from pipeline.errors import DataError, FencedError, SchemaError, TransientError
 from pipeline.rows import StreamTables
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# The migrations, sql/ at the top of the repository; pipeline/sql links to it, so that an
+# installed package (a wheel, the container image) carries them as package data.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 _MIGRATION_LOCK = int.from_bytes(
     hashlib.sha256(b"agent-pipeline migrate").digest()[:8], "big", signed=True
 )
