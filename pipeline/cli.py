@@ -446,8 +446,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve_metrics(agent: DatabaseAgent, address: str) -> None:
+    """/metrics, /healthz and /readyz on PIPELINE_METRICS_ADDRESS (docs/observability.md)."""
     try:
-        agent.metrics.serve(address)
+        agent.metrics.serve(address, readiness=agent.readiness)
     except OSError as exc:
         raise ConfigError(
             f"PIPELINE_METRICS_ADDRESS: cannot serve /metrics on {address}: {exc.strerror}. "
@@ -953,7 +954,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         )
         agent = DatabaseAgent(config)
         if config.metrics_address:
-            agent.metrics.serve(config.metrics_address)
+            agent.metrics.serve(config.metrics_address, readiness=agent.readiness)
             _progress(f"DatabaseAgent metrics: http://{config.metrics_address}/metrics")
         running = asyncio.create_task(run_controlled(agent, Controller(agent, verifier)))
         antigravity = Antigravity(
