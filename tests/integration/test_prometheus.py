@@ -107,12 +107,13 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
 
 
 def firing(url: str, alertname: str) -> list[dict[str, str]]:
+    return [labels for labels in all_firing(url) if labels["alertname"] == alertname]
+
+
+def all_firing(url: str) -> list[dict[str, str]]:
+    """The labels of every firing alert."""
     alerts = api(url, "/api/v1/alerts")["data"]["alerts"]
-    return [
-        a["labels"]
-        for a in alerts
-        if a["labels"]["alertname"] == alertname and a["state"] == "firing"
-    ]
+    return [a["labels"] for a in alerts if a["state"] == "firing"]
 
 
 async def terminate_backends(database_url: str, database: str) -> int:
@@ -223,6 +224,28 @@ async def test_every_dashboard_query_has_data_and_a_killed_agent_is_alerted(
         print(
             f"\n{len(queries)} dashboard queries have data after {time.monotonic() - started:.1f}s"
         )
+
+        # Loaded and healthy, the rules (for: 1 s) fire only for the undecodable records, and
+        # name their topic and error class. Nothing else: no stall, no missing commit, no
+        # staleness (a moment of "not ready" while the writes were retried may pass first).
+        poisoned = {
+            "alertname": "PipelineDeadLetters",
+            "job": JOB,
+            "topic": f"{prefix}{events.topic}",
+            "error_class": "DecodeError",
+            "severity": "warning",
+        }
+        alerts: list[dict[str, str]] = []
+
+        async def only_the_dead_letters_fire() -> bool:
+            nonlocal alerts
+            alerts = all_firing(url)
+            return alerts == [poisoned]
+
+        try:
+            await until(only_the_dead_letters_fire, within=30, what="only PipelineDeadLetters")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; firing: {alerts}") from exc
 
         victim = agents[0]
         os.kill(victim.pid, signal.SIGKILL)
