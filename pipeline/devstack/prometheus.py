@@ -172,3 +172,8 @@ class LocalPrometheus:
             f"Prometheus did not become ready at {url} within {READY_TIMEOUT:.0f}s; the end of "
             f"{self.log_path}:\n" + log_tail(self.log_path)
         )
+
+
+def for_stack(stack_home: Path) -> LocalPrometheus:
+    """The local stack's Prometheus (`pipeline dev up --prometheus`), under its home."""
+    return LocalPrometheus(stack_home / "prometheus", repository_rules())

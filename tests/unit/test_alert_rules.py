@@ -5,8 +5,8 @@ promtool is Prometheus' own checker (Debian: ``apt-get install prometheus``); wi
 tests fail, naming the package. The YAML files are not parsed with a YAML library (none is a
 dependency, and promtool is the authority on what they mean): the rules file is split at its
 ``- alert:`` lines, which promtool's rule count confirms, and the test files are read by the
-layout their header describes. That reading is checked independently: with an alert deleted
-from the rules, promtool's tests must fail, so each case said to fire really does need it.
+layout their header describes. promtool checks that reading too: with every alert renamed,
+its tests fail in exactly the cases read as firing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,28 +59,44 @@ def promtool_test_files() -> list[Path]:
     return files
 
 
-def cases(path: Path) -> list[tuple[str, bool]]:
-    """(alertname, fires) of every alert_rule_test case in a promtool test file."""
-    found: list[tuple[str, bool]] = []
+def seconds(duration: str) -> int:
+    """A Prometheus duration (``65m``, ``1h5m``, ``30s``) in seconds."""
+    parts = re.findall(r"(\d+)([hms])", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+@dataclass(frozen=True)
+class Case:
+    alertname: str
+    eval_seconds: int
+    fires: bool  # exp_alerts lists alerts; else it is []
+
+
+def cases(path: Path) -> list[Case]:
+    """Every alert_rule_test case of a promtool test file, by the layout its header gives:
+    ``- eval_time:``, then ``alertname:``, then ``exp_alerts: []`` or ``exp_alerts:`` and a
+    list of ``- exp_labels:``."""
+    found: list[Case] = []
+    eval_time: str | None = None
     alertname: str | None = None
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
-        if m := re.fullmatch(r"\s*alertname:\s*(\S+)\s*", line):
-            assert alertname is None, f"{path.name}:{number}: alertname without exp_alerts"
+        where = f"{path.name}:{number}"
+        if m := re.fullmatch(r"\s*- eval_time:\s*(\S+)\s*", line):
+            assert eval_time is None, f"{where}: eval_time without alertname and exp_alerts"
+            eval_time = m.group(1)
+        elif m := re.fullmatch(r"\s*alertname:\s*(\S+)\s*", line):
+            assert eval_time is not None and alertname is None, f"{where}: alertname out of place"
             alertname = m.group(1)
         elif m := re.fullmatch(r"\s*exp_alerts:\s*(.*?)\s*", line):
-            assert alertname is not None, f"{path.name}:{number}: exp_alerts without alertname"
-            if m.group(1) == "[]":
-                found.append((alertname, False))
-            else:
-                following = next((x for x in lines[number:] if x.strip()), "")
-                assert m.group(1) == "" and following.strip().startswith("- exp_labels:"), (
-                    f"{path.name}:{number}: exp_alerts must be [] or a list of exp_labels"
-                )
-                found.append((alertname, True))
-            alertname = None
-    evals = sum(1 for line in lines if re.fullmatch(r"\s*- eval_time:.*", line))
-    assert evals == len(found), f"{path.name}: {evals} cases but {len(found)} read"
+            assert eval_time is not None and alertname is not None, f"{where}: exp_alerts alone"
+            following = next((x for x in lines[number:] if x.strip()), "")
+            fires = m.group(1) == "" and following.strip().startswith("- exp_labels:")
+            assert fires or m.group(1) == "[]", f"{where}: exp_alerts: [] or a list of exp_labels"
+            found.append(Case(alertname, seconds(eval_time), fires))
+            eval_time = alertname = None
+    assert eval_time is None and alertname is None, f"{path.name}: a case without exp_alerts"
     return found
 
 
@@ -101,33 +118,39 @@ def test_every_alert_fires_in_one_case_and_not_in_another() -> None:
     alerts = set(alert_blocks(RULES.read_text()))
     kinds: dict[str, set[bool]] = defaultdict(set)
     for path in promtool_test_files():
-        for alertname, fires in cases(path):
-            assert alertname in alerts, f"{path.name} tests {alertname}, which is not a rule"
-            kinds[alertname].add(fires)
+        for case in cases(path):
+            assert case.alertname in alerts, f"{path.name}: {case.alertname} is not a rule"
+            kinds[case.alertname].add(case.fires)
     missing = {a: {True, False} - kinds[a] for a in sorted(alerts) if kinds[a] != {True, False}}
     words = {True: "firing", False: "silent"}
-    assert not missing, "alerts without a case: " + ", ".join(
+    assert not missing, "alerts missing a case of a kind: " + ", ".join(
         f"{a} ({'/'.join(words[k] for k in sorted(ks))})" for a, ks in missing.items()
     )
 
 
-def test_each_firing_case_needs_its_rule(tmp_path: Path) -> None:
-    """Deleting an alert from the rules makes promtool's tests fail: the cases read as firing
-    above really expect it (a check of that reading, independent of it)."""
-    text = RULES.read_text()
-    (tmp_path / "tests").mkdir()
-    copies = []
-    for path in promtool_test_files():
-        copy = tmp_path / "tests" / path.name
-        shutil.copy(path, copy)
-        copies.append(str(copy))
+def test_exactly_the_firing_cases_need_their_alert(tmp_path: Path) -> None:
+    """With every alert renamed in a copy of the rules, promtool's tests fail in exactly the
+    cases read above as firing (and pass the silent ones): a check of that reading by promtool
+    itself."""
     (tmp_path / "rules").mkdir()
-    for name, block in alert_blocks(text).items():
-        (tmp_path / "rules" / RULES.name).write_text(text.replace(block, ""))
-        result = run_promtool("test", "rules", *copies)
-        assert result.returncode != 0, f"the tests still pass without {name}"
-        output = result.stdout + result.stderr
-        assert f"alertname: {name}," in output, output
+    renamed = ALERT_LINE.sub(r"      - alert: \g<1>Renamed", RULES.read_text())
+    (tmp_path / "rules" / RULES.name).write_text(renamed)
+    (tmp_path / "tests").mkdir()
+    copies = [str(shutil.copy(path, tmp_path / "tests")) for path in promtool_test_files()]
+    result = run_promtool("test", "rules", *copies)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    failed = {
+        (name, seconds(time))
+        for name, time in re.findall(r"alertname: (\w+), time: (\w+),", output)
+    }
+    firing = {
+        (case.alertname, case.eval_seconds)
+        for path in promtool_test_files()
+        for case in cases(path)
+        if case.fires
+    }
+    assert failed == firing, output
 
 
 def test_each_alert_has_severity_annotations_and_a_documented_runbook() -> None:
