@@ -7,6 +7,7 @@ records land; freshness and the end-to-end latency histogram against what was se
 from __future__ import annotations
 
 import asyncio
+import platform
 import random
 import time
 import urllib.error
@@ -25,6 +26,7 @@ from consumers.agent import DatabaseAgent
 from pipeline import kafka_clients
 from pipeline.devstack.processes import choose_port
 from pipeline.kafka_clients import KafkaSettings
+from pipeline.metrics import build_version
 from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
 from tests.conftest import Servers
 from tests.integration.harness import (
@@ -304,3 +306,115 @@ async def test_lag_grows_while_a_stream_is_switched_off_and_clears_once_its_reco
     }
     batches = samples[("pipeline_batches_total", frozenset())]
     assert phases == {"fetch_decode": batches, "write": batches, "commit": batches}
+
+
+async def test_readyz_names_a_stopped_stream_and_a_blocked_database_and_lag_moves_meanwhile(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")  # bad deploy
+    address = free_address()
+    settings = {"lag_refresh_s": REFRESH_S, "db_command_timeout_s": 2, "retry_max_backoff_s": 1}
+
+    async with running_agent(bootstrap, database_url, prefix, **settings) as agent:
+        with serving(agent, address):
+            await send(bootstrap, prefix, fleet_traffic(2_000, seed=63), seed=3)
+
+            # 1. A stream stopped on a schema error: 503 naming it; alive all the same.
+            async def analytics_stopped() -> bool:
+                status, text = await readyz(address)
+                return status == 503 and text.startswith("stream analytics stopped: ")
+
+            await until(analytics_stopped, within=60, what="/readyz: analytics stopped")
+            assert "properties" in (await readyz(address))[1]
+            assert await ready_gauge(address) == 0
+            assert await get(address, "/healthz") == (200, "ok\n")
+
+            await migrated(
+                database_url,
+                "ALTER TABLE user_analytics ADD COLUMN properties jsonb NOT NULL DEFAULT '{}'",
+            )
+            await agent.activate(["analytics"])
+            await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+            await until(lambda: is_ready(address), within=30, what="ready once fixed")
+            assert await ready_gauge(address) == 1
+
+            # 2. The database blocked (a table locked past the command timeout): the batch
+            # is retried, /readyz says so, and lag keeps being measured, from the records
+            # the agent holds.
+            metrics = [o for o in fleet_traffic(2_000, seed=64) if o.stream.name == "metrics"]
+            lock = await asyncpg.connect(database_url, timeout=10)
+            try:
+                async with lock.transaction():
+                    await lock.execute("LOCK TABLE performance_metrics IN ACCESS EXCLUSIVE MODE")
+                    stored = await stored_offsets(database_url, prefix, prefix)
+                    blocked = await send(bootstrap, prefix, metrics, seed=4)
+                    ends = await end_offsets(bootstrap, prefix)
+                    waiting = {p: e - stored[p] for p, e in ends.items() if e > stored[p]}
+                    assert sum(waiting.values()) == len(metrics)
+
+                    async def unreachable() -> bool:
+                        return await readyz(address) == (503, "database unreachable")
+
+                    await until(unreachable, within=30, what="/readyz: database unreachable")
+                    assert await ready_gauge(address) == 0
+                    await lag_waits_exactly(address, prefix, waiting, oldest_by_partition(blocked))
+                    assert await stored_offsets(database_url, prefix, prefix) == stored
+                    assert await get(address, "/healthz") == (200, "ok\n")
+            finally:
+                await lock.close()
+
+            ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+            await until(lambda: is_ready(address), within=30, what="ready once unblocked")
+            await lag_cleared(address, prefix, ends)
+            samples = await scrape(address)
+            assert samples[("pipeline_retries_total", frozenset({("kind", "postgres")}))] >= 1
+
+
+async def test_pipeline_run_serves_metrics_health_and_readiness_on_its_metrics_address(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    address = free_address()
+    env = agent_env(
+        bootstrap, database_url, prefix, prefix, metrics_address=address, lag_refresh_s=REFRESH_S
+    )
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        sent = await send(bootstrap, prefix, fleet_traffic(1_000, seed=65), seed=5)
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await until(lambda: is_ready(address), within=60, what="ready")
+        assert await get(address, "/healthz") == (200, "ok\n")
+        await lag_cleared(address, prefix, ends)
+        samples = await scrape(address)
+        assert samples[("pipeline_ready", frozenset())] == 1
+        assert (
+            samples[
+                (
+                    "pipeline_build_info",
+                    frozenset(
+                        {("version", build_version()), ("python", platform.python_version())}
+                    ),
+                )
+            ]
+            == 1
+        )
+        assert sum(
+            per_stream(samples, "pipeline_end_to_end_latency_seconds_count").values()
+        ) == len(sent)
+
+        # A second agent on the same address: a start-up error naming the variable.
+        second = AgentProcess(env, tmp_path / "second.log").start()
+        try:
+            assert second.wait(within=60) == 2
+        finally:
+            second.kill()
+        assert second.log_path is not None
+        assert "PIPELINE_METRICS_ADDRESS: cannot serve /metrics on" in second.log_path.read_text()
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
