@@ -141,6 +141,7 @@ class DatabaseAgent:
         self._writing_batch: Batch | None = None  # the batch self._write is writing
         self._fetch_seconds = 0.0  # fetching and decoding the batch _fill_batch returned
         self._lag_task: asyncio.Task[None] | None = None
+        self._probe: LagProbe | None = None
         self._joined = False  # the group gave this instance an assignment (maybe empty)
         # The source ("postgres", "kafka") of the transient failure a batch write, or a
         # positioning or batch-id reservation, is being retried after; None when none is.
@@ -285,7 +286,10 @@ class DatabaseAgent:
             self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
             self._mirror = _OffsetMirror(self._consumer)
             await self._consumer.start()
-            self._lag_task = asyncio.ensure_future(self._watch_lag())
+            self._probe = LagProbe(
+                config.kafka, timeout_s=max(min(config.lag_refresh_s * 2, 10.0), 1.0)
+            )
+            self._lag_task = asyncio.ensure_future(self._watch_lag(self._probe))
             self._task = asyncio.ensure_future(self._ingest_until_stopped())
             await self._task
         except asyncio.CancelledError:
@@ -374,6 +378,9 @@ class DatabaseAgent:
             self._lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
+        if self._probe is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._probe.stop(), deadline)
         for queued in self._queued:
             if not queued.done.done():
                 queued.done.set_exception(
@@ -529,29 +536,24 @@ class DatabaseAgent:
         self._readiness = readiness(health)
         self.metrics.ready.set(1 if self._readiness.ready else 0)
 
-    async def _watch_lag(self) -> None:
+    async def _watch_lag(self, probe: LagProbe) -> None:
         """Every ``lag_refresh_s``, whatever the agent is doing (idle, paused, retrying):
         ask Kafka for the end offsets of the owned partitions, look up the timestamps of the
         oldest unwritten records the agent does not hold, and set the lag gauges. Failures
         (Kafka away) are logged; the next refresh tries again, and lag in seconds keeps
         growing meanwhile from the timestamps already known."""
         interval = self.config.lag_refresh_s
-        probe = LagProbe(self.config.kafka, timeout_s=max(min(interval * 2, 10.0), 1.0))
         failing = ""
-        try:
-            while True:
-                try:
-                    await self._refresh_lag(probe)
-                    failing = ""
-                except Exception as exc:  # measuring must never stop ingesting
-                    if repr(exc) != failing:
-                        log.warning("measuring lag failed (retried every %ss): %r", interval, exc)
-                    failing = repr(exc)
-                self._decide_readiness()
-                await asyncio.sleep(interval)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(probe.stop(), 5)
+        while True:
+            try:
+                await self._refresh_lag(probe)
+                failing = ""
+            except Exception as exc:  # measuring must never stop ingesting
+                if repr(exc) != failing:
+                    log.warning("measuring lag failed (retried every %ss): %r", interval, exc)
+                failing = repr(exc)
+            self._decide_readiness()
+            await asyncio.sleep(interval)
 
     async def _refresh_lag(self, probe: LagProbe) -> None:
         owned = set(self.ownership.assigned())

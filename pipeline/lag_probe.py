@@ -11,6 +11,7 @@ not get.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -49,12 +50,23 @@ class LagProbe:
         markers or aborted records). Partitions not read within the timeout are left out."""
         if not stored:
             return {}
+        found: dict[Partition, int | None] = {}
+        # Bounded as a whole: a position being reset would otherwise be waited for.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_records(stored, ends, found), self._timeout_s + 1)
+        return found
+
+    async def _first_records(
+        self,
+        stored: Mapping[Partition, int],
+        ends: Mapping[Partition, int],
+        found: dict[Partition, int | None],
+    ) -> None:
         consumer = await self._started()
         wanted = {TopicPartition(t, p): offset for (t, p), offset in stored.items()}
         consumer.assign(list(wanted))
         for tp, offset in wanted.items():
             consumer.seek(tp, offset)
-        found: dict[Partition, int | None] = {}
         deadline = time.monotonic() + self._timeout_s
         try:
             while (left := deadline - time.monotonic()) > 0:
@@ -74,7 +86,6 @@ class LagProbe:
                             found[key] = None
         finally:
             consumer.pause(*wanted)
-        return found
 
     async def _started(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -82,6 +93,8 @@ class LagProbe:
                 self._settings,
                 group_id=None,
                 enable_auto_commit=False,
+                # A stored offset that retention deleted: the oldest record kept waits.
+                auto_offset_reset="earliest",
                 isolation_level="read_committed",
                 max_partition_fetch_bytes=_FETCH_BYTES,
                 fetch_max_bytes=_FETCH_BYTES * 8,
