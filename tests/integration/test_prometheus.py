@@ -221,6 +221,13 @@ async def test_every_dashboard_query_has_data_and_a_killed_agent_is_alerted(
             await until(every_query_has_data, within=90, what="data for every query", every=1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still empty: {empty}") from exc
+        # The Instance variable, label_values(pipeline_build_info, instance), lists both.
+        variable = json.loads(DASHBOARD.read_text())["templating"]["list"][1]
+        found = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"])
+        assert found is not None, variable["definition"]
+        metric, label = found.groups()
+        values = api(url, f"/api/v1/label/{label}/values", **{"match[]": metric})["data"]
+        assert sorted(values) == sorted(addresses)
         print(
             f"\n{len(queries)} dashboard queries have data after {time.monotonic() - started:.1f}s"
         )
