@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -637,18 +636,14 @@ class DatabaseAgent:
         """Per stream of a committed batch: end-to-end latency, one observation per record,
         counted in bulk; and freshness, the newest record timestamp."""
         now = time.time()
-        by_stream: dict[str, list[int]] = {}
+        by_stream: dict[str, list[list[int]]] = defaultdict(list)
         for (topic, _), part in work.parts.items():
-            stream = self._decoders[topic].stream.name
-            found = by_stream.get(stream)
-            timestamps = list(map(_TIMESTAMP, part.records))
-            if found is None:
-                by_stream[stream] = timestamps
-            else:
-                found += timestamps
-        for stream, timestamps in by_stream.items():
-            self.metrics.latency.observe_ages(stream, now, timestamps)  # sorts them
-            self.metrics.note_newest(stream, timestamps[-1] / 1000)
+            # A comprehension: faster than map(attrgetter) on aiokafka's records.
+            by_stream[self._decoders[topic].stream.name].append([r.timestamp for r in part.records])
+        for stream, runs in by_stream.items():
+            newest = self.metrics.latency.observe_ages(stream, now, runs)
+            if newest is not None:
+                self.metrics.note_newest(stream, newest / 1000)
 
     # -- ingesting ----------------------------------------------------------------------
 
@@ -1046,9 +1041,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._agent._on_assigned(set(assigned))
-
-
-_TIMESTAMP = operator.attrgetter("timestamp")
 
 
 def _owned(partitions: Iterable[Partition], owned: set[TopicPartition]) -> list[TopicPartition]:

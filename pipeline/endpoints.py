@@ -77,7 +77,7 @@ def application(
 
 
 def _text(start_response: StartResponse, status: int, body: str) -> list[bytes]:
-    data = (body + "\n").encode()
+    data = body.encode()  # exactly "ok", "ready" or the reasons: probes compare it
     phrase = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
     start_response(
         f"{status} {phrase}",

@@ -70,17 +70,31 @@ class BulkHistogram(Collector):
         self._sums: dict[str, float] = {}
         registry.register(self)
 
-    def observe_ages(self, value: str, now_s: float, timestamps_ms: list[int]) -> None:
-        """One observation per timestamp (ms): its age at ``now_s``. Sorts the list in place
-        (timsort: about linear on the nearly sorted timestamps of a batch)."""
-        if not timestamps_ms:
-            return
-        timestamps_ms.sort()
+    def observe_ages(self, value: str, now_s: float, runs: Iterable[list[int]]) -> int | None:
+        """One observation per timestamp (ms) of ``runs``: its age at ``now_s``. Returns the
+        newest timestamp, None when there was none.
+
+        Each run (a partition's timestamps in offset order, nearly sorted) is sorted in place
+        on its own: timsort is about linear on it, where sorting the runs together would
+        merge them. Then each bucket's count is one bisection per run."""
         now_ms = round(now_s * 1000)
-        cumulative = ages_at_most(now_ms, timestamps_ms, self.bounds)
-        total = len(timestamps_ms)
-        ages = (now_ms * total - sum(timestamps_ms)) / 1000
-        self._add(value, [*cumulative, total], ages)
+        bounds = self.bounds
+        counts = [0] * (len(bounds) + 1)
+        total_ms = 0
+        newest: int | None = None
+        for run in runs:
+            if not run:
+                continue
+            run.sort()
+            for i, n in enumerate(ages_at_most(now_ms, run, bounds)):
+                counts[i] += n
+            counts[-1] += len(run)
+            total_ms += sum(run)
+            if newest is None or run[-1] > newest:
+                newest = run[-1]
+        if counts[-1]:
+            self._add(value, counts, (now_ms * counts[-1] - total_ms) / 1000)
+        return newest
 
     def observe_many(self, value: str, values: Iterable[float]) -> None:
         """One observation per value."""

@@ -229,7 +229,7 @@ async def lag_cleared(address: str, prefix: str, ends: dict[Partition, int]) -> 
 
 async def readyz(address: str) -> tuple[int, str]:
     status, text = await get(address, "/readyz")
-    return status, text.strip()
+    return status, text
 
 
 async def is_ready(address: str) -> bool:
@@ -330,7 +330,7 @@ async def test_readyz_names_a_stopped_stream_and_a_blocked_database_and_lag_move
             await until(analytics_stopped, within=60, what="/readyz: analytics stopped")
             assert "properties" in (await readyz(address))[1]
             assert await ready_gauge(address) == 0
-            assert await get(address, "/healthz") == (200, "ok\n")
+            assert await get(address, "/healthz") == (200, "ok")
 
             await migrated(
                 database_url,
@@ -362,7 +362,7 @@ async def test_readyz_names_a_stopped_stream_and_a_blocked_database_and_lag_move
                     assert await ready_gauge(address) == 0
                     await lag_waits_exactly(address, prefix, waiting, oldest_by_partition(blocked))
                     assert await stored_offsets(database_url, prefix, prefix) == stored
-                    assert await get(address, "/healthz") == (200, "ok\n")
+                    assert await get(address, "/healthz") == (200, "ok")
             finally:
                 await lock.close()
 
@@ -388,7 +388,7 @@ async def test_pipeline_run_serves_metrics_health_and_readiness_on_its_metrics_a
         sent = await send(bootstrap, prefix, fleet_traffic(1_000, seed=65), seed=5)
         ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
         await until(lambda: is_ready(address), within=60, what="ready")
-        assert await get(address, "/healthz") == (200, "ok\n")
+        assert await get(address, "/healthz") == (200, "ok")
         await lag_cleared(address, prefix, ends)
         samples = await scrape(address)
         assert samples[("pipeline_ready", frozenset())] == 1

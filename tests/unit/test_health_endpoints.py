@@ -49,15 +49,15 @@ def test_healthz_answers_while_the_process_lives(
     server: endpoints.Server, state: list[Readiness]
 ) -> None:
     state.append(Readiness(False, "database unreachable"))
-    assert get(server.port, "/healthz") == (200, "ok\n")
+    assert get(server.port, "/healthz") == (200, "ok")
 
 
 def test_readyz_follows_the_readiness_it_is_given(
     server: endpoints.Server, state: list[Readiness]
 ) -> None:
-    assert get(server.port, "/readyz") == (200, "ready\n")
+    assert get(server.port, "/readyz") == (200, "ready")
     state.append(Readiness(False, "stream metrics stopped: permission denied"))
-    assert get(server.port, "/readyz") == (503, "stream metrics stopped: permission denied\n")
+    assert get(server.port, "/readyz") == (503, "stream metrics stopped: permission denied")
 
 
 def test_an_unknown_path_is_not_found(server: endpoints.Server) -> None:
@@ -70,7 +70,7 @@ def test_without_readiness_readyz_is_not_found() -> None:
     served = endpoints.serve("127.0.0.1:0", Metrics().registry)
     try:
         assert get(served.port, "/readyz")[0] == 404
-        assert get(served.port, "/healthz") == (200, "ok\n")
+        assert get(served.port, "/healthz") == (200, "ok")
     finally:
         served.close()
 

@@ -66,11 +66,13 @@ def test_the_bulk_histogram_exposes_what_per_record_observations_would(seed: int
         now = 1_790_000_000 + rng.random() * 1000
         now_ms = round(now * 1000)
         # Nearly sorted timestamps of a few partitions, as a batch holds them.
-        timestamps = []
-        for _ in range(3):
+        runs = []
+        for _ in range(rng.randrange(4)):
             start = now_ms - rng.randrange(0, 4_000_000)
-            timestamps += [start + i * rng.randrange(3) for i in range(rng.randrange(50))]
-        histogram.observe_ages(stream, now, list(timestamps))
+            runs.append([start + i * rng.randrange(-1, 3) for i in range(rng.randrange(50))])
+        timestamps = [t for run in runs for t in run]
+        newest = histogram.observe_ages(stream, now, [list(run) for run in runs])
+        assert newest == (max(timestamps) if timestamps else None)
         ages[stream] += [(now_ms - t) / 1000 for t in timestamps]
     samples = exposed(registry, "x_latency_seconds")
     for stream, found in ages.items():
