@@ -166,3 +166,19 @@ def test_each_alert_has_severity_annotations_and_a_documented_runbook() -> None:
         anchor = name.lower()
         assert f"runbook_url: docs/observability-operations.md#{anchor}\n" in block, name
         assert f"### {name}\n" in docs, f"{DOCS.name} has no section for {name}"
+
+
+def test_the_docs_table_gives_each_alert_its_severity_and_for() -> None:
+    table = {
+        m.group(1): (m.group(2), m.group(3))
+        for m in re.finditer(
+            r"^\| (Pipeline\w+) \| (\w+) \| .* \| ([\w ]+) \|$", DOCS.read_text(), re.M
+        )
+    }
+    rules = {}
+    for name, block in alert_blocks(RULES.read_text()).items():
+        severity = re.search(r"severity: (\w+)", block)
+        duration = re.search(r"^ +for: (\w+)$", block, re.MULTILINE)
+        assert severity is not None, name
+        rules[name] = (severity.group(1), duration.group(1) if duration else "at once")
+    assert table == rules
