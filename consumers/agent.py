@@ -50,8 +50,11 @@ from pipeline.errors import (
     SchemaError,
     TransientError,
 )
+from pipeline.lag import OldestRecords, PartitionLag, partition_lag, timestamp_in_hand
+from pipeline.lag_probe import LagProbe
 from pipeline.metrics import Metrics
 from pipeline.ownership import Actions, Ownership, StreamState
+from pipeline.readiness import STARTING, AgentHealth, Readiness, readiness
 from pipeline.records import STREAM_BY_NAME
 from pipeline.retry import classify, fatal, retrying
 from pipeline.rows import DECODERS, StreamDecoder, source_of
@@ -74,8 +77,9 @@ class AgentSnapshot:
     state: AgentState
     active_streams: tuple[str, ...]
     owned_partitions: tuple[tuple[str, int], ...]
-    lag: int  # records behind the high watermarks of owned, positioned partitions
+    lag: int  # records behind the end offsets of owned, positioned partitions
     last_error: str
+    lag_seconds: float = 0.0  # the oldest unwritten record's age, the most of owned partitions
 
 
 def _future() -> asyncio.Future[Any]:
@@ -128,6 +132,21 @@ class DatabaseAgent:
         self._task: asyncio.Task[None] | None = None
         self._write: asyncio.Task[None] | None = None  # the batch being written
         self.last_error = ""  # the newest failure, for status reports
+        # Observability (docs/observability.md): lag per owned partition as last measured,
+        # end offsets as last learnt, timestamps of records at stored offsets looked up.
+        self._lag: dict[Partition, PartitionLag] = {}
+        self._ends: dict[Partition, int] = {}
+        self._oldest = OldestRecords()
+        self._writing_batch: Batch | None = None  # the batch self._write is writing
+        self._fetch_seconds = 0.0  # fetching and decoding the batch _fill_batch returned
+        self._lag_task: asyncio.Task[None] | None = None
+        self._probe: LagProbe | None = None
+        self._joined = False  # the group gave this instance an assignment (maybe empty)
+        # The source ("postgres", "kafka") of the transient failure a batch write, or a
+        # positioning or batch-id reservation, is being retried after; None when none is.
+        self._write_retrying: str | None = None
+        self._call_retrying: str | None = None
+        self._readiness = STARTING
         self._show_streams()
 
     # -- steering -------------------------------------------------------------------------
@@ -183,19 +202,24 @@ class DatabaseAgent:
         else:
             state = "running"
         lag = 0
-        consumer = self._consumer
-        if consumer is not None:
-            for (topic, partition), position in self.ownership.positions().items():
-                highwater = consumer.highwater(TopicPartition(topic, partition))
-                if highwater is not None:
-                    lag += max(highwater - position, 0)
+        if self._consumer is not None:
+            for partition, position in self.ownership.positions().items():
+                end = self._end_of(partition)
+                if end is not None:
+                    lag += max(end - position, 0)
         return AgentSnapshot(
             state=state,
             active_streams=tuple(self.ownership.active_streams()),
             owned_partitions=tuple(sorted(self.ownership.assigned())),
             lag=lag,
             last_error=self.last_error,
+            lag_seconds=max((x.seconds or 0.0 for x in self._lag.values()), default=0.0),
         )
+
+    def readiness(self) -> Readiness:
+        """What ``/readyz`` answers (:mod:`pipeline.readiness`), as last decided on the event
+        loop; safe to call from any thread."""
+        return self._readiness
 
     async def in_ingest_transaction(self, work: FencedWork[T]) -> T:
         """Run ``work(conn)`` inside the next ingest transaction and return its result.
@@ -231,7 +255,8 @@ class DatabaseAgent:
         2. Join the consumer group; each assigned partition is positioned at its offset
            stored in PostgreSQL (the database wins over Kafka).
         3. Until stopped: fill a batch, ingest it in one transaction (transient failures
-           retried with the partitions paused), mirror the offsets to Kafka.
+           retried with the partitions paused), mirror the offsets to Kafka. Meanwhile,
+           every ``lag_refresh_s``, measure the lag and decide readiness (``_watch_lag``).
         4. On stop: the batch in flight finishes, or is aborted once the shutdown deadline
            passes; then the consumer leaves the group.
         """
@@ -260,6 +285,10 @@ class DatabaseAgent:
             self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
             self._mirror = _OffsetMirror(self._consumer)
             await self._consumer.start()
+            self._probe = LagProbe(
+                config.kafka, timeout_s=max(min(config.lag_refresh_s * 2, 10.0), 1.0)
+            )
+            self._lag_task = asyncio.ensure_future(self._watch_lag(self._probe))
             self._task = asyncio.ensure_future(self._ingest_until_stopped())
             await self._task
         except asyncio.CancelledError:
@@ -281,9 +310,13 @@ class DatabaseAgent:
                     if self._stopping.is_set():
                         break
                 batch = await self._fill_batch()
+                fetch_seconds = self._fetch_seconds
                 await self._finish_write()
                 if (batch.count or self._queued) and not self._stopping.is_set():
-                    self._write = asyncio.ensure_future(self._ingest_with_retry(batch))
+                    self._writing_batch = batch
+                    self._write = asyncio.ensure_future(
+                        self._ingest_with_retry(batch, fetch_seconds)
+                    )
         finally:
             write, self._write = self._write, None
             if write is not None and not write.done():
@@ -302,6 +335,7 @@ class DatabaseAgent:
         if self._write is not None:
             await self._write
             self._write = None
+            self._writing_batch = None
 
     @property
     def _writing(self) -> bool:
@@ -319,6 +353,7 @@ class DatabaseAgent:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._decide_readiness()
         if self._task is None:
             return
         if not self._writing:
@@ -338,6 +373,13 @@ class DatabaseAgent:
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()  # run() itself was cancelled
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+        if self._probe is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._probe.stop(), deadline)
         for queued in self._queued:
             if not queued.done.done():
                 queued.done.set_exception(
@@ -368,6 +410,7 @@ class DatabaseAgent:
         if batch_id is None:
             return Batch()  # stopping
         batch = self._filling = Batch(batch_id)
+        self._fetch_seconds = 0.0
         while not self.ownership.holding:  # a batch being retried polls for the group itself
             limits = self._limits
             if batch.is_full(limits):  # the limits went down below what it holds
@@ -377,6 +420,7 @@ class DatabaseAgent:
             if batch.started_at is not None:
                 age_left = limits.max_wait_s - (now - batch.started_at)
                 wait_ms = max(int(age_left * 1000), 0)
+            asked = time.monotonic()
             fetched = await consumer.getmany(
                 timeout_ms=wait_ms, max_records=min(batch.room(limits), _FETCH_CHUNK)
             )
@@ -384,6 +428,8 @@ class DatabaseAgent:
             for tp, records in fetched.items():
                 rows = self._decoders[tp.topic].rows(records, tp.partition, batch_id)
                 batch.add((tp.topic, tp.partition), records, rows, now)
+            if fetched:  # a poll that got nothing is idle time, not this batch's fetching
+                self._fetch_seconds += time.monotonic() - asked
             if self._stopping.is_set() or not batch.count:
                 break  # nothing arrived: let the caller check positions, stops and work
             if batch.is_due(limits, now) and (
@@ -421,15 +467,15 @@ class DatabaseAgent:
         the database is ahead of it or behind it.
         """
         self._apply(self.ownership.assigned_event((tp.topic, tp.partition) for tp in assigned))
+        self._joined = True
+        self._decide_readiness()
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in revoked]
         self._apply(self.ownership.revoked_event(keys))
         if self._mirror is not None:
             self._mirror.forget(keys)  # the next owner mirrors its own, newer offsets
-        for topic, partition in keys:
-            with contextlib.suppress(KeyError):
-                self.metrics.lag.remove(topic, str(partition))
+        self._forget_lag(keys)
 
     async def _position(self) -> None:
         """Read the stored offsets of the partitions awaiting them, then let them fetch."""
@@ -443,6 +489,7 @@ class DatabaseAgent:
         finally:
             await conn.close()
         self._apply(self.ownership.positioned_event(stored))
+        self._decide_readiness()
 
     async def _position_pending(self) -> None:
         while self.ownership.unpositioned() and not self._stopping.is_set():
@@ -466,10 +513,141 @@ class DatabaseAgent:
         for stream, state in self.ownership.streams().items():
             self.metrics.stream_active.labels(stream).set(state is StreamState.ACTIVE)
             self.metrics.stream_stopped.labels(stream).set(state is StreamState.FAILED)
+        self._decide_readiness()
+
+    # -- observing ----------------------------------------------------------------------
+
+    def _decide_readiness(self) -> None:
+        """Decide what ``/readyz`` answers, and ``pipeline_ready``; called on the event loop
+        whenever an input changes, and on every lag refresh."""
+        own = self.ownership
+        health = AgentHealth(
+            stopping=self._stopping.is_set(),
+            joined=self._joined,
+            unpositioned=len(own.unpositioned()),
+            stopped_streams=tuple(
+                (stream, own.failure(stream) or "")
+                for stream, state in own.streams().items()
+                if state is StreamState.FAILED
+            ),
+            retrying=self._write_retrying or self._call_retrying,
+        )
+        self._readiness = readiness(health)
+        self.metrics.ready.set(1 if self._readiness.ready else 0)
+
+    async def _watch_lag(self, probe: LagProbe) -> None:
+        """Every ``lag_refresh_s``, whatever the agent is doing (idle, paused, retrying):
+        ask Kafka for the end offsets of the owned partitions, look up the timestamps of the
+        oldest unwritten records the agent does not hold, and set the lag gauges. Failures
+        (Kafka away) are logged; the next refresh tries again, and lag in seconds keeps
+        growing meanwhile from the timestamps already known."""
+        interval = self.config.lag_refresh_s
+        failing = ""
+        while True:
+            try:
+                await self._refresh_lag(probe)
+                failing = ""
+            except Exception as exc:  # measuring must never stop ingesting
+                if repr(exc) != failing:
+                    log.warning("measuring lag failed (retried every %ss): %r", interval, exc)
+                failing = repr(exc)
+            self._decide_readiness()
+            await asyncio.sleep(interval)
+
+    async def _refresh_lag(self, probe: LagProbe) -> None:
+        owned = set(self.ownership.assigned())
+        self._forget_lag([p for p in self._lag if p not in owned])
+        asked = await probe.end_offsets(list(self.ownership.positions()))
+        still_owned = set(self.ownership.assigned())  # a rebalance may have come meanwhile
+        for partition, offset in asked.items():
+            if partition in still_owned:
+                self._ends[partition] = max(offset, self._ends.get(partition, 0))
+        missing: dict[Partition, int] = {}
+        for partition, stored in self.ownership.positions().items():
+            end = self._end_of(partition)
+            if end is not None and end > stored and self._oldest_ms(partition, stored) is None:
+                known, _ = self._oldest.get(partition, stored)
+                if not known:
+                    missing[partition] = stored
+        if missing:
+            found = await probe.oldest_timestamps(missing, self._ends)
+            still_owned = set(self.ownership.assigned())
+            for partition, timestamp in found.items():
+                if partition in still_owned:
+                    self._oldest.put(partition, missing[partition], timestamp)
+        now = time.time()
+        for partition, stored in self.ownership.positions().items():
+            self._show_lag(partition, stored, now)
+
+    def _show_lag(self, partition: Partition, stored: int, now: float) -> None:
+        """Set one partition's lag gauges from what is known without asking Kafka."""
+        end = self._end_of(partition)
+        if end is None:
+            return
+        oldest = None
+        markers_only = False
+        if end > stored:
+            oldest = self._oldest_ms(partition, stored)
+            if oldest is None:
+                known, oldest = self._oldest.get(partition, stored)
+                markers_only = known and oldest is None
+        lag = partition_lag(now, stored, end, oldest, markers_only=markers_only)
+        if lag.seconds is None:  # not looked up yet: the last value stands
+            previous = self._lag.get(partition)
+            lag = PartitionLag(stored, lag.end, lag.records, previous.seconds if previous else None)
+        self._lag[partition] = lag
+        m = self.metrics
+        topic, number = partition[0], str(partition[1])
+        m.lag.labels(topic, number).set(lag.records)
+        m.stored_offset.labels(topic, number).set(stored)
+        m.end_offset.labels(topic, number).set(lag.end)
+        if lag.seconds is not None:
+            m.lag_seconds.labels(topic, number).set(lag.seconds)
+
+    def _oldest_ms(self, partition: Partition, stored: int) -> int | None:
+        """The timestamp of the record at the stored offset, when the agent holds it."""
+        return timestamp_in_hand((self._writing_batch, self._filling), partition, stored)
+
+    def _end_of(self, partition: Partition) -> int | None:
+        """The newest end offset known: asked of Kafka by the last refresh, or seen in the
+        consumer's fetch responses since (fresher while the partition fetches)."""
+        end = self._ends.get(partition)
+        consumer = self._consumer
+        tp = TopicPartition(*partition)
+        if consumer is not None and tp in consumer.assignment():
+            seen = consumer.last_stable_offset(tp)
+            if seen is None or seen < 0:
+                seen = consumer.highwater(tp)
+            if seen is not None and seen >= 0 and (end is None or seen > end):
+                end = self._ends[partition] = seen
+        return end
+
+    def _forget_lag(self, partitions: Iterable[Partition]) -> None:
+        """Drop what is known of partitions this instance does not own any more, and their
+        series."""
+        partitions = list(partitions)
+        self._oldest.forget(partitions)
+        for partition in partitions:
+            self._lag.pop(partition, None)
+            self._ends.pop(partition, None)
+            self.metrics.forget_partition(*partition)
+
+    def _count_latency(self, work: Plan) -> None:
+        """Per stream of a committed batch: end-to-end latency, one observation per record,
+        counted in bulk; and freshness, the newest record timestamp."""
+        now = time.time()
+        by_stream: dict[str, list[list[int]]] = defaultdict(list)
+        for (topic, _), part in work.parts.items():
+            # A comprehension: faster than map(attrgetter) on aiokafka's records.
+            by_stream[self._decoders[topic].stream.name].append([r.timestamp for r in part.records])
+        for stream, runs in by_stream.items():
+            newest = self.metrics.latency.observe_ages(stream, now, runs)
+            if newest is not None:
+                self.metrics.note_newest(stream, newest / 1000)
 
     # -- ingesting ----------------------------------------------------------------------
 
-    async def _ingest_with_retry(self, batch: Batch) -> None:
+    async def _ingest_with_retry(self, batch: Batch, fetch_seconds: float = 0.0) -> None:
         attempt = 0
         try:
             while True:
@@ -485,7 +663,7 @@ class DatabaseAgent:
                     return
                 self._no_transaction.clear()
                 try:
-                    await self._ingest(work, queued)
+                    await self._ingest(work, queued, fetch_seconds)
                     return
                 except (FencedError, SchemaError, TransientError) as exc:
                     failure = exc
@@ -510,6 +688,7 @@ class DatabaseAgent:
                     self._apply(self.ownership.rewound_event(batch.parts))
                     return
                 delay = backoff(attempt, self.config.retry_max_backoff_s)
+                self._write_retrying = failure.source
                 self._note_retry(failure, delay)
                 self._apply(self.ownership.hold_event())
                 await self._drop_connection()
@@ -517,8 +696,13 @@ class DatabaseAgent:
                 attempt += 1
         finally:
             self._apply(self.ownership.release_event())
+            if self._write_retrying is not None:
+                self._write_retrying = None
+                self._decide_readiness()
 
-    async def _ingest(self, work: Plan, queued: list[_Queued[Any]]) -> None:
+    async def _ingest(
+        self, work: Plan, queued: list[_Queued[Any]], fetch_seconds: float = 0.0
+    ) -> None:
         """Write one batch exactly once.
 
         1. Gather each stream's rows (decoded when they were fetched); records that did not
@@ -540,14 +724,16 @@ class DatabaseAgent:
         conn = await self._connection()
         rows, letters = self._gather(work)
         await self._prepare(conn, rows)
+        written_at: list[float] = []  # when the transaction's last statement was done
         try:
             written, rejected, results = await self._commit(
-                conn, work, rows, letters, queued, bisect=False
+                conn, work, rows, letters, queued, written_at=written_at, bisect=False
             )
         except _RowRejected:
             written, rejected, results = await self._commit(
-                conn, work, rows, letters, queued, bisect=True
+                conn, work, rows, letters, queued, written_at=written_at, bisect=True
             )
+        committed = time.monotonic()
         self.ownership.committed_event(work.moves)
         for item, (result, error) in zip(queued, results, strict=True):
             self._queued.remove(item)
@@ -557,10 +743,16 @@ class DatabaseAgent:
                 else:
                     item.done.set_exception(error)
         if work.moves:
-            self._count(work, rows, written, letters + rejected, time.monotonic() - started)
+            self._count(work, rows, written, letters + rejected, committed - started)
+            m = self.metrics
+            m.batch_phase.labels("fetch_decode").observe(fetch_seconds)
+            m.batch_phase.labels("write").observe(written_at[-1] - started)
+            m.batch_phase.labels("commit").observe(committed - written_at[-1])
+            self._count_latency(work)
             self._require_mirror().add(work.moves)
         else:
             self._count_skipped(work)
+        self._decide_readiness()
 
     async def _commit(
         self,
@@ -570,6 +762,7 @@ class DatabaseAgent:
         letters: list[DeadLetter],
         queued: list[_Queued[Any]],
         *,
+        written_at: list[float],
         bisect: bool,
     ) -> tuple[
         dict[str, tuple[int, int]], list[DeadLetter], list[tuple[Any, BaseException | None]]
@@ -627,6 +820,7 @@ class DatabaseAgent:
                     results.append(await _run_in_savepoint(conn, item.work))
                 if queued:  # an aborted transaction would COMMIT as a silent ROLLBACK
                     await conn.fetchval("SELECT 1")
+                written_at.append(time.monotonic())
         except (TransientError, FencedError, SchemaError, _RowRejected):
             raise
         except Exception as exc:
@@ -682,19 +876,29 @@ class DatabaseAgent:
         return self._batch_ids.popleft() if self._batch_ids else None
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
-        await retrying(
-            what,
-            call,
-            max_backoff_s=self.config.retry_max_backoff_s,
-            sleep=self._idle,
-            stopping=self._stopping.is_set,
-            on_retry=self._note_retry,
-        )
+        def note(error: TransientError, delay: float) -> None:
+            self._call_retrying = error.source
+            self._note_retry(error, delay)
+
+        try:
+            await retrying(
+                what,
+                call,
+                max_backoff_s=self.config.retry_max_backoff_s,
+                sleep=self._idle,
+                stopping=self._stopping.is_set,
+                on_retry=note,
+            )
+        finally:
+            if self._call_retrying is not None:
+                self._call_retrying = None
+                self._decide_readiness()
 
     def _note_retry(self, error: TransientError, delay: float) -> None:
         self.last_error = str(error)
         log.warning("%s; retrying in %.1fs", error, delay)
         self.metrics.retries.labels(error.source).inc()
+        self._decide_readiness()
 
     async def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -735,14 +939,14 @@ class DatabaseAgent:
         m.batches.inc()
         m.batch_duration.observe(seconds)
         m.batch_records.observe(sum(len(p.records) for p in work.parts.values()))
-        m.last_commit.set(time.time())
-        consumer = self._require_consumer()
-        owned = consumer.assignment()
-        for (topic, partition), position in self.ownership.positions().items():
-            tp = TopicPartition(topic, partition)
-            highwater = consumer.highwater(tp) if tp in owned else None
-            if highwater is not None:
-                m.lag.labels(topic, str(partition)).set(max(highwater - position, 0))
+        now = time.time()
+        m.last_commit.set(now)
+        positions = self.ownership.positions()
+        for move in work.moves:
+            partition = (move.topic, move.partition)
+            stored = positions.get(partition)
+            if stored is not None:
+                self._show_lag(partition, stored, now)
 
     def _count_skipped(self, work: Plan) -> None:
         for topic, skipped in work.already_ingested.items():

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from pipeline.config import Config, load_config
-from pipeline.devstack import Stack, endpoints_from_env
+from pipeline.devstack import Stack, endpoints_from_env, prometheus
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
     DATABASE_ENV,
@@ -74,11 +74,17 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser("dev", help="the local Kafka + PostgreSQL stack on 127.0.0.1")
     dev_commands = dev.add_subparsers(required=True, metavar="ACTION")
-    dev_commands.add_parser(
+    up = dev_commands.add_parser(
         "up",
         help="start both servers and wait until they answer (with the endpoint variables "
         "set to other servers: check that those answer)",
-    ).set_defaults(handler=_dev_up)
+    )
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also a Prometheus with the alert rules, scraping the agents in its targets.json",
+    )
+    up.set_defaults(handler=_dev_up)
     down = dev_commands.add_parser("down", help="stop both servers by their pids")
     down.add_argument("--purge", action="store_true", help="also delete their data")
     down.set_defaults(handler=_dev_down)
@@ -440,8 +446,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve_metrics(agent: DatabaseAgent, address: str) -> None:
+    """/metrics, /healthz and /readyz on PIPELINE_METRICS_ADDRESS (docs/observability.md)."""
     try:
-        agent.metrics.serve(address)
+        agent.metrics.serve(address, readiness=agent.readiness)
     except OSError as exc:
         raise ConfigError(
             f"PIPELINE_METRICS_ADDRESS: cannot serve /metrics on {address}: {exc.strerror}. "
@@ -780,7 +787,7 @@ def _dev_up(args: argparse.Namespace) -> int:
             "using those (both answer), nothing started"
         )
         print(given.exports(), end="")
-        return 0
+        return _dev_prometheus(stack) if args.prometheus else 0
     endpoints = stack.up(report=_progress)
     if given is not None and not stack.serves(given):
         _progress(
@@ -789,11 +796,24 @@ def _dev_up(args: argparse.Namespace) -> int:
         )
     _progress('ready; for other shells: eval "$(pipeline dev env)"')
     print(endpoints.exports(), end="")
+    return _dev_prometheus(stack) if args.prometheus else 0
+
+
+def _dev_prometheus(stack: Stack) -> int:
+    server = prometheus.for_stack(stack.home)
+    url = server.start()
+    _progress(
+        f"Prometheus at {url} (pid {server.pidfile.live_pid()}): job {prometheus.JOB} scrapes "
+        f"the agents listed in {server.targets_path} (re-read while it runs: add one "
+        "host:port per agent's PIPELINE_METRICS_ADDRESS)"
+    )
     return 0
 
 
 def _dev_down(args: argparse.Namespace) -> int:
-    Stack().down(purge=args.purge, report=_progress)
+    stack = Stack()
+    prometheus.for_stack(stack.home).stop(report=_progress)
+    stack.down(purge=args.purge, report=_progress)
     return 0
 
 
@@ -806,11 +826,20 @@ def _dev_status(args: argparse.Namespace) -> int:
         answers = probe_servers(given)
         for answer in answers:
             print(answer.line())
+        _print_prometheus(stack)
         return 0 if all(a.problem is None for a in answers) else 3
     states = stack.status(probe=True)
     for state in states:
         print(state.line())
+    _print_prometheus(stack)
     return 0 if all(s.serving for s in states) else 3
+
+
+def _print_prometheus(stack: Stack) -> None:
+    """The stack's Prometheus, when `dev up --prometheus` started it and it runs."""
+    server = prometheus.for_stack(stack.home)
+    if (url := server.url()) is not None:
+        print(f"Prometheus: running (pid {server.pidfile.live_pid()}) at {url}")
 
 
 def _dev_env(args: argparse.Namespace) -> int:
@@ -925,7 +954,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         )
         agent = DatabaseAgent(config)
         if config.metrics_address:
-            agent.metrics.serve(config.metrics_address)
+            agent.metrics.serve(config.metrics_address, readiness=agent.readiness)
             _progress(f"DatabaseAgent metrics: http://{config.metrics_address}/metrics")
         running = asyncio.create_task(run_controlled(agent, Controller(agent, verifier)))
         antigravity = Antigravity(

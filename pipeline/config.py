@@ -47,6 +47,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"
+    # How often lag (records and seconds) is measured, even while idle, paused or retrying.
+    lag_refresh_s: Annotated[float, msgspec.Meta(ge=0.1, le=300)] = 5.0
     # This instance's name and its Kafka client id; load_config resolves "" to host-pid.
     instance_id: str = ""
     # Public key files (PEM) whose signatures the agent accepts on control commands; without

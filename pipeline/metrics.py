@@ -1,12 +1,148 @@
 """Prometheus metrics of a DatabaseAgent: base units, ``_total`` counters, small label sets.
 
-Labels come only from fixed, small sets (topic, table, partition, error class, mode), never from
-keys, ids or error text, so the series count does not grow with the data.
+Labels come only from fixed, small sets (topic, table, partition, error class, mode, stream,
+phase), never from keys, ids or error text, so the series count does not grow with the data.
+docs/observability.md lists every series and when it moves.
+
+Per-record measurements (the end-to-end latency) are taken per batch, in bulk: a Python call
+per record would cost several percent of the throughput. :class:`BulkHistogram` takes a batch's
+record timestamps at once and counts them into its buckets with a sort and a bisection per
+bucket.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import bisect
+import contextlib
+import importlib.metadata
+import platform
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pipeline import endpoints
+from pipeline.readiness import Readiness
+
+#: Bounds of pipeline_end_to_end_latency_seconds: from a batch's age at low rates (tens of
+#: milliseconds) to a backlog of an hour.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+PHASES = ("fetch_decode", "write", "commit")
+_PARTITION_GAUGES = ("lag", "lag_seconds", "stored_offset", "end_offset")
+
+
+def counts_at_most(ascending: Sequence[float], bounds: Sequence[float]) -> list[int]:
+    """Per bound (ascending), how many of the ``ascending`` values are at most it: a
+    histogram's cumulative bucket counts (``le`` is inclusive)."""
+    return [bisect.bisect_right(ascending, bound) for bound in bounds]
+
+
+def ages_at_most(now_ms: int, ascending_ms: Sequence[int], bounds: Sequence[float]) -> list[int]:
+    """Per bound in seconds (ascending), how many of the timestamps (ms, ascending) are at
+    most that old at ``now_ms``: ``now - t <= bound`` is ``t >= now - bound``."""
+    n = len(ascending_ms)
+    return [n - bisect.bisect_left(ascending_ms, now_ms - bound * 1000) for bound in bounds]
+
+
+class BulkHistogram(Collector):
+    """A histogram with one label, observed a batch at a time.
+
+    Thread-safe: batches are added on the event loop while the HTTP server's thread collects.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: Iterable[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self._lock = threading.Lock()
+        # Per label value: cumulative counts per bound, then the total; and the sum.
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        registry.register(self)
+
+    def observe_ages(self, value: str, now_s: float, runs: Iterable[list[int]]) -> int | None:
+        """One observation per timestamp (ms) of ``runs``: its age at ``now_s``. Returns the
+        newest timestamp, None when there was none.
+
+        Each run (a partition's timestamps in offset order, nearly sorted) is sorted in place
+        on its own: timsort is about linear on it, where sorting the runs together would
+        merge them. Then each bucket's count is one bisection per run."""
+        now_ms = round(now_s * 1000)
+        bounds = self.bounds
+        counts = [0] * (len(bounds) + 1)
+        total_ms = 0
+        newest: int | None = None
+        for run in runs:
+            if not run:
+                continue
+            run.sort()
+            for i, n in enumerate(ages_at_most(now_ms, run, bounds)):
+                counts[i] += n
+            counts[-1] += len(run)
+            total_ms += sum(run)
+            if newest is None or run[-1] > newest:
+                newest = run[-1]
+        if counts[-1]:
+            self._add(value, counts, (now_ms * counts[-1] - total_ms) / 1000)
+        return newest
+
+    def observe_many(self, value: str, values: Iterable[float]) -> None:
+        """One observation per value."""
+        ascending = sorted(values)
+        if ascending:
+            counts = [*counts_at_most(ascending, self.bounds), len(ascending)]
+            self._add(value, counts, sum(ascending))
+
+    def _add(self, value: str, counts: list[int], total: float) -> None:
+        with self._lock:
+            known = self._counts.get(value)
+            if known is None:
+                self._counts[value] = counts
+                self._sums[value] = total
+            else:
+                self._counts[value] = [a + b for a, b in zip(known, counts, strict=True)]
+                self._sums[value] += total
+
+    def samples(self, value: str) -> tuple[list[int], float]:
+        """The cumulative counts (one per bound, then +Inf) and the sum of one label value."""
+        with self._lock:
+            return list(self._counts.get(value, [0] * (len(self.bounds) + 1))), self._sums.get(
+                value, 0.0
+            )
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            found = {v: (list(c), self._sums[v]) for v, c in self._counts.items()}
+        for value, (counts, total) in sorted(found.items()):
+            buckets = [(_bound(b), c) for b, c in zip(self.bounds, counts, strict=False)]
+            buckets.append(("+Inf", counts[-1]))
+            family.add_metric([value], buckets, total)
+        yield family
+
+
+def _bound(bound: float) -> str:
+    return str(int(bound)) + ".0" if bound == int(bound) else repr(bound)
+
+
+def build_version() -> str:
+    try:
+        return importlib.metadata.version("agent-pipeline")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 class Metrics:
@@ -107,6 +243,57 @@ class Metrics:
         self.last_commit = Gauge(
             "pipeline_last_commit_timestamp_seconds", "When the last batch committed", registry=r
         )
+        self.lag_seconds = Gauge(
+            "pipeline_consumer_lag_seconds",
+            "Age of the oldest record not yet written (now minus its Kafka timestamp); 0 when "
+            "caught up",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.stored_offset = Gauge(
+            "pipeline_partition_stored_offset",
+            "The next offset to write, as stored in PostgreSQL",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.end_offset = Gauge(
+            "pipeline_partition_end_offset",
+            "The partition's end offset (last stable offset: the agent reads committed records)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.newest_record = Gauge(
+            "pipeline_newest_record_timestamp_seconds",
+            "Kafka timestamp of the newest committed record of the stream (only moves forward)",
+            ["stream"],
+            registry=r,
+        )
+        self._newest: dict[str, float] = {}
+        self.latency = BulkHistogram(
+            "pipeline_end_to_end_latency_seconds",
+            "Commit time minus the Kafka record timestamp, one observation per record",
+            "stream",
+            LATENCY_BUCKETS,
+            r,
+        )
+        self.batch_phase = Histogram(
+            "pipeline_batch_phase_seconds",
+            "Time per committed batch in each phase: fetch_decode (fetching and decoding its "
+            "records), write (the transaction's statements), commit (COMMIT)",
+            ["phase"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "pipeline_build_info",
+            "Build information (always 1)",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(build_version(), platform.python_version()).set(1)
+        self.ready = Gauge(
+            "pipeline_ready", "1 when /readyz answers 200 (ready), else 0", registry=r
+        )
 
     def total(self, name: str) -> float:
         """The sum of every sample of the metric ``name`` (all label values)."""
@@ -117,12 +304,26 @@ class Metrics:
             if sample.name == name
         )
 
-    def serve(self, address: str) -> None:
-        """Serve ``/metrics`` on ``host:port`` (loopback by default) until :meth:`close`."""
-        host, _, port = address.rpartition(":")
-        self._server, _ = start_http_server(int(port), addr=host, registry=self.registry)
+    def note_newest(self, stream: str, timestamp_s: float) -> None:
+        """Freshness: the stream's newest committed record timestamp, forward only (a replay
+        of old records never lowers it)."""
+        if timestamp_s > self._newest.get(stream, float("-inf")):
+            self._newest[stream] = timestamp_s
+            self.newest_record.labels(stream).set(timestamp_s)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop a partition's series: this instance does not own it any more."""
+        for name in _PARTITION_GAUGES:
+            gauge: Gauge = getattr(self, name)
+            with contextlib.suppress(KeyError):
+                gauge.remove(topic, str(partition))
+
+    def serve(self, address: str, readiness: Callable[[], Readiness] | None = None) -> None:
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (loopback by
+        default) until :meth:`close` (:mod:`pipeline.endpoints`). ``OSError`` when the address
+        cannot be bound."""
+        self._server = endpoints.serve(address, self.registry, readiness)
 
     def close(self) -> None:
         if (server := getattr(self, "_server", None)) is not None:
-            server.shutdown()
-            server.server_close()
+            server.close()

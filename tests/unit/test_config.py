@@ -35,6 +35,7 @@ DEFAULTS = {
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
+    "lag_refresh_s": 5.0,
     "instance_id": HOST_PID,
     "control_public_keys": (),
     "control_private_key_file": "",
@@ -110,6 +111,7 @@ def test_the_name_table_covers_every_field() -> None:
             "PIPELINE_METRICS_ADDRESS", "0.0.0.0:9200", "metrics_address", "0.0.0.0:9200", id="addr"
         ),
         pytest.param("PIPELINE_METRICS_ADDRESS", "", "metrics_address", "", id="metrics-off"),
+        pytest.param("PIPELINE_LAG_REFRESH_S", "1", "lag_refresh_s", 1.0, id="lag-refresh"),
         pytest.param("PIPELINE_INSTANCE_ID", "db-agent-3", "instance_id", "db-agent-3", id="id"),
         pytest.param(
             "KAFKA_BOOTSTRAP_SERVERS", "k:1", "kafka_bootstrap_servers", "k:1", id="kafka"
@@ -154,6 +156,21 @@ INVALID = [
     ),
     pytest.param(
         {"PIPELINE_SHUTDOWN_TIMEOUT_S": "0"}, "PIPELINE_SHUTDOWN_TIMEOUT_S", "> 0", id="zero-s"
+    ),
+    pytest.param(
+        {"PIPELINE_LAG_REFRESH_S": "0"}, "PIPELINE_LAG_REFRESH_S", ">= 0.1", id="lag-refresh-zero"
+    ),
+    pytest.param(
+        {"PIPELINE_LAG_REFRESH_S": "3600"},
+        "PIPELINE_LAG_REFRESH_S",
+        "<= 300",
+        id="lag-refresh-hour",
+    ),
+    pytest.param(
+        {"PIPELINE_LAG_REFRESH_S": "often"},
+        "PIPELINE_LAG_REFRESH_S",
+        "Expected `float`",
+        id="lag-refresh-not-a-number",
     ),
     pytest.param(
         {"PIPELINE_SESSION_TIMEOUT_MS": "1000"},

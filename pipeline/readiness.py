@@ -1,0 +1,73 @@
+"""Whether a DatabaseAgent is ready, and if not, why: a pure function of its state.
+
+``/readyz`` answers 200 "ready" once every assigned partition is positioned at its stored
+offset, no stream is stopped on an error, and the last write succeeded (or nothing waits to be
+written); otherwise 503 with the reasons, e.g. "database unreachable" or "stream metrics
+stopped: ...". A stream switched off on purpose (``pipeline control deactivate``) does not make
+an agent unready: its records wait in Kafka as the operator asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A stream's stop reason is the database's error text: kept short in a probe's answer.
+_REASON_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str  # "ready", or what is wrong
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of ``/readyz``."""
+        return 200 if self.ready else 503
+
+
+STARTING = Readiness(False, "starting: not in the consumer group yet")
+
+
+@dataclass(frozen=True)
+class AgentHealth:
+    """What readiness is decided from.
+
+    Attributes:
+        stopping: ``stop()`` was called.
+        joined: the consumer group gave this instance an assignment (possibly empty).
+        unpositioned: assigned partitions whose stored offset is not read yet.
+        stopped_streams: (stream, reason) of streams stopped on a schema or permission error.
+        retrying: the source ("postgres" or "kafka") of the transient failure being retried
+            since the last successful write or positioning; None when the last one succeeded.
+    """
+
+    stopping: bool = False
+    joined: bool = True
+    unpositioned: int = 0
+    stopped_streams: tuple[tuple[str, str], ...] = ()
+    retrying: str | None = None
+
+
+def readiness(health: AgentHealth) -> Readiness:
+    """Ready, or every reason it is not, most fundamental first, joined by "; "."""
+    if health.stopping:
+        return Readiness(False, "stopping")
+    reasons = []
+    if not health.joined:
+        reasons.append(STARTING.reason)
+    elif health.unpositioned:
+        reasons.append(f"starting: {health.unpositioned} partitions not positioned")
+    reasons.extend(
+        f"stream {stream} stopped: {reason}"[:_REASON_CHARS]
+        for stream, reason in health.stopped_streams
+    )
+    if health.retrying == "postgres":
+        reasons.append("database unreachable")
+    elif health.retrying == "kafka":
+        reasons.append("kafka unreachable: retrying writes")
+    elif health.retrying is not None:
+        reasons.append("retrying writes")
+    if reasons:
+        return Readiness(False, "; ".join(reasons))
+    return Readiness(True, "ready")

@@ -1,0 +1,74 @@
+"""Readiness, a pure function of the agent's state: each reason, and their combinations."""
+
+from __future__ import annotations
+
+from pipeline.readiness import STARTING, AgentHealth, Readiness, readiness
+
+
+def test_a_positioned_agent_whose_writes_succeed_is_ready() -> None:
+    assert readiness(AgentHealth()) == Readiness(True, "ready")
+    assert readiness(AgentHealth()).status == 200
+
+
+def test_an_agent_with_no_partitions_in_its_group_is_ready() -> None:
+    # More instances than partitions: the spare one has nothing to position or write.
+    assert readiness(AgentHealth(joined=True, unpositioned=0)).ready
+
+
+def test_before_the_group_assigns_anything_it_is_starting() -> None:
+    found = readiness(AgentHealth(joined=False))
+    assert found == STARTING
+    assert found.status == 503
+    assert found.reason == "starting: not in the consumer group yet"
+
+
+def test_unpositioned_partitions_are_counted() -> None:
+    assert readiness(AgentHealth(unpositioned=3)) == Readiness(
+        False, "starting: 3 partitions not positioned"
+    )
+
+
+def test_a_stream_stopped_on_an_error_is_named_with_its_reason() -> None:
+    found = readiness(AgentHealth(stopped_streams=(("metrics", 'column "labels" does not exist'),)))
+    assert found == Readiness(False, 'stream metrics stopped: column "labels" does not exist')
+
+
+def test_a_long_stop_reason_is_cut_short() -> None:
+    found = readiness(AgentHealth(stopped_streams=(("events", "x" * 5000),)))
+    assert not found.ready
+    assert found.reason.startswith("stream events stopped: xxx")
+    assert len(found.reason) == 200
+
+
+def test_a_database_being_retried_is_unreachable() -> None:
+    assert readiness(AgentHealth(retrying="postgres")) == Readiness(False, "database unreachable")
+
+
+def test_kafka_being_retried_is_named() -> None:
+    assert readiness(AgentHealth(retrying="kafka")) == Readiness(
+        False, "kafka unreachable: retrying writes"
+    )
+
+
+def test_any_other_retry_says_writes_are_retried() -> None:
+    assert readiness(AgentHealth(retrying="other")) == Readiness(False, "retrying writes")
+
+
+def test_every_reason_is_given_at_once_most_fundamental_first() -> None:
+    found = readiness(
+        AgentHealth(
+            unpositioned=2,
+            stopped_streams=(("events", "permission denied"), ("config", "no table")),
+            retrying="postgres",
+        )
+    )
+    assert found.reason == (
+        "starting: 2 partitions not positioned; stream events stopped: permission denied; "
+        "stream config stopped: no table; database unreachable"
+    )
+
+
+def test_a_stopping_agent_says_only_that() -> None:
+    assert readiness(AgentHealth(stopping=True, retrying="postgres")) == Readiness(
+        False, "stopping"
+    )

@@ -1,0 +1,128 @@
+"""The bulk latency histogram against a naive per-record computation, freshness, per-partition
+series and build information."""
+
+from __future__ import annotations
+
+import platform
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.metrics import (
+    LATENCY_BUCKETS,
+    BulkHistogram,
+    Metrics,
+    ages_at_most,
+    build_version,
+    counts_at_most,
+)
+
+
+def naive_counts(values: list[float], bounds: tuple[float, ...]) -> list[int]:
+    return [sum(1 for v in values if v <= bound) for bound in bounds]
+
+
+def exposed(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """Every sample of metric family ``name``: (sample name, label values) -> value."""
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(v for k, v in sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for s in family.samples
+    }
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_counts_at_most_matches_counting_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    bounds = tuple(sorted(rng.sample([0.5, 1, 2, 3, 5, 8, 13, 21], rng.randint(1, 8))))
+    values = sorted(rng.choice([*bounds, rng.uniform(-1, 25)]) for _ in range(rng.randint(0, 300)))
+    assert counts_at_most(values, bounds) == naive_counts(values, bounds)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ages_at_most_matches_counting_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    now_ms = 1_790_000_000_000 + rng.randrange(10**6)
+    # Ages in ms, on and around the bounds (le is inclusive), and far off either way.
+    on_bounds = [round(b * 1000) + rng.choice((-1, 0, 0, 1)) for b in LATENCY_BUCKETS]
+    ages = [rng.choice([*on_bounds, rng.randrange(-50, 5_000_000)]) for _ in range(500)]
+    timestamps = sorted(now_ms - a for a in ages)
+    expected = naive_counts([(now_ms - t) / 1000 for t in timestamps], LATENCY_BUCKETS)
+    assert ages_at_most(now_ms, timestamps, LATENCY_BUCKETS) == expected
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_bulk_histogram_exposes_what_per_record_observations_would(seed: int) -> None:
+    rng = random.Random(seed)
+    registry = CollectorRegistry()
+    histogram = BulkHistogram("x_latency_seconds", "doc", "stream", LATENCY_BUCKETS, registry)
+    ages: dict[str, list[float]] = {"metrics": [], "events": []}
+    for _ in range(rng.randint(1, 8)):  # batches
+        stream = rng.choice(list(ages))
+        now = 1_790_000_000 + rng.random() * 1000
+        now_ms = round(now * 1000)
+        # Nearly sorted timestamps of a few partitions, as a batch holds them.
+        runs = []
+        for _ in range(rng.randrange(4)):
+            start = now_ms - rng.randrange(0, 4_000_000)
+            runs.append([start + i * rng.randrange(-1, 3) for i in range(rng.randrange(50))])
+        timestamps = [t for run in runs for t in run]
+        newest = histogram.observe_ages(stream, now, [list(run) for run in runs])
+        assert newest == (max(timestamps) if timestamps else None)
+        ages[stream] += [(now_ms - t) / 1000 for t in timestamps]
+    samples = exposed(registry, "x_latency_seconds")
+    for stream, found in ages.items():
+        if not found:
+            assert ("x_latency_seconds_count", (stream,)) not in samples
+            continue
+        for bound, count in zip(LATENCY_BUCKETS, naive_counts(found, LATENCY_BUCKETS), strict=True):
+            assert samples[("x_latency_seconds_bucket", (str(float(bound)), stream))] == count
+        assert samples[("x_latency_seconds_bucket", ("+Inf", stream))] == len(found)
+        assert samples[("x_latency_seconds_count", (stream,))] == len(found)
+        assert samples[("x_latency_seconds_sum", (stream,))] == pytest.approx(sum(found))
+
+
+def test_observe_many_counts_plain_values() -> None:
+    registry = CollectorRegistry()
+    histogram = BulkHistogram("y_seconds", "doc", "phase", (0.1, 1), registry)
+    histogram.observe_many("write", [0.05, 0.1, 0.5, 3])
+    histogram.observe_many("write", [])
+    assert histogram.samples("write") == ([2, 3, 4], pytest.approx(3.65))
+    assert histogram.samples("commit") == ([0, 0, 0], 0.0)
+
+
+def test_freshness_only_moves_forward() -> None:
+    metrics = Metrics()
+    metrics.note_newest("metrics", 1_790_000_100.5)
+    metrics.note_newest("metrics", 1_790_000_000.0)  # a replay of old records
+    assert metrics.total("pipeline_newest_record_timestamp_seconds") == 1_790_000_100.5
+    metrics.note_newest("metrics", 1_790_000_200.0)
+    assert metrics.total("pipeline_newest_record_timestamp_seconds") == 1_790_000_200.0
+
+
+def test_a_partition_no_longer_owned_loses_every_series() -> None:
+    metrics = Metrics()
+    for gauge in (metrics.lag, metrics.lag_seconds, metrics.stored_offset, metrics.end_offset):
+        gauge.labels("agents.metrics", "0").set(5)
+        gauge.labels("agents.metrics", "1").set(7)
+    metrics.forget_partition("agents.metrics", 0)
+    metrics.forget_partition("agents.metrics", 0)  # twice: nothing left to remove is fine
+    for name in (
+        "pipeline_consumer_lag_records",
+        "pipeline_consumer_lag_seconds",
+        "pipeline_partition_stored_offset",
+        "pipeline_partition_end_offset",
+    ):
+        assert exposed(metrics.registry, name) == {(name, ("1", "agents.metrics")): 7}
+
+
+def test_build_info_names_the_version_and_python() -> None:
+    metrics = Metrics()
+    assert exposed(metrics.registry, "pipeline_build_info") == {
+        ("pipeline_build_info", (platform.python_version(), build_version())): 1
+    }
+    assert build_version() != "unknown"  # the package is installed in the test environment
