@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import curses
+import os
 import signal
 import socket
 import sys
@@ -284,6 +285,11 @@ def run_top(top: Top, *, once: bool, out: TextIO = sys.stdout) -> None:
     def on_screen(screen: curses.window) -> None:
         asyncio.run(_until_signalled(top, CursesDisplay(screen), once=False))
 
+    # The terminal's own size, not LINES and COLUMNS from the environment, which curses would
+    # prefer: they are a snapshot a parent process may have taken of another terminal (or of
+    # none: 80x24), and would pin the view to that size.
+    for name in ("LINES", "COLUMNS"):
+        os.environ.pop(name, None)
     curses.wrapper(on_screen)
 
 

@@ -70,11 +70,15 @@ class Scrape:
 def parse_scrape(text: str, *, at: float) -> Scrape:
     """The numbers ``pipeline top`` shows, from a ``/metrics`` page (Prometheus text format).
 
-    Raises ``ValueError`` for text that is not in that format. A family without samples (a
-    labelled gauge no partition has set yet) counts as absent.
+    Raises ``ValueError`` for text that is not in that format. A lag gauge declared without
+    samples (no partition measured yet) counts as absent; the rows counter declared without
+    samples is 0 (no table written yet).
     """
     found: dict[str, list[float]] = {ROWS_INGESTED: [], LAG_RECORDS: [], LAG_SECONDS: []}
+    rows_declared = False
     for family in text_string_to_metric_families(text):
+        # The text format's parser names a counter's family without its "_total".
+        rows_declared |= family.name in (ROWS_INGESTED, ROWS_INGESTED.removesuffix("_total"))
         for sample in family.samples:
             values = found.get(sample.name)
             if values is not None and math.isfinite(sample.value):
@@ -82,7 +86,7 @@ def parse_scrape(text: str, *, at: float) -> Scrape:
     rows, lag, lag_seconds = found[ROWS_INGESTED], found[LAG_RECORDS], found[LAG_SECONDS]
     return Scrape(
         at=at,
-        rows_ingested=sum(rows) if rows else None,
+        rows_ingested=sum(rows) if rows or rows_declared else None,
         lag_records=round(sum(lag)) if lag else None,
         lag_seconds=max(lag_seconds) if lag_seconds else None,
     )
@@ -262,9 +266,8 @@ def render(
             cell.rjust(w) if heading in _RIGHT else cell.ljust(w)
             for cell, w, heading in zip(cells, widths, _HEADINGS, strict=True)
         )
-        line = f"{fixed}{_GAP}{error}" if error else fixed.rstrip()
-        lines.append(_cut(line, width))
-    return lines
+        lines.append(f"{fixed}{_GAP}{error}" if error else fixed.rstrip())
+    return [_cut(line, width) for line in lines]
 
 
 def _cells(row: Row) -> list[str]:
