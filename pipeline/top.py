@@ -246,9 +246,9 @@ def render(
     live = [r for r in rows if r.live]
     states = _counts(r.state for r in rows)
     lines = [
-        f"pipeline top: group {group}, {len(rows)} instance(s)"
+        f"pipeline top {now:%Y-%m-%d %H:%M:%S %Z}: group {group}, {len(rows)} instance(s)"
         + (f" ({states})" if states else "")
-        + f", every {interval_s:g}s, {now:%Y-%m-%d %H:%M:%S %Z}",
+        + f", every {interval_s:g}s",
         _totals(live),
         "",
     ]

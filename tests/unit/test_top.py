@@ -267,8 +267,8 @@ def sample_fleet() -> Fleet:
 def test_the_screen() -> None:
     lines = render(sample_fleet().rows(NOW), group=GROUP, now=NOW, interval_s=1, width=None)
     assert lines == [
-        "pipeline top: group database-agent, 3 instance(s) (1 gone?, 2 running), every 1s, "
-        "2026-11-30 08:00:00 UTC",
+        "pipeline top 2026-11-30 08:00:00 UTC: group database-agent, 3 instance(s) "
+        "(1 gone?, 2 running), every 1s",
         "live instances in all: 124,956 rows/s, lag 2,345 records / 12 s",
         "",
         "INSTANCE  STATE    STREAMS         PARTS   ROWS/S    LAG  LAG S  HEARD  LAST ERROR",
@@ -288,7 +288,7 @@ def test_a_narrow_screen_cuts_the_lines() -> None:
 
 def test_an_empty_group_says_what_to_check() -> None:
     lines = render([], group="g", now=NOW, interval_s=2.5, width=None)
-    assert lines[0] == "pipeline top: group g, 0 instance(s), every 2.5s, 2026-11-30 08:00:00 UTC"
+    assert lines[0] == "pipeline top 2026-11-30 08:00:00 UTC: group g, 0 instance(s), every 2.5s"
     assert lines[1] == "live instances in all: - rows/s, lag - records / - s"
     assert lines[3].startswith("no heartbeat from group g in the last 300s")
 
