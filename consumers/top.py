@@ -47,8 +47,8 @@ class Display(Protocol):
 
     def show(self, lines: list[str]) -> None: ...
 
-    async def wait(self, seconds: float, quit: asyncio.Event) -> None:
-        """Return after ``seconds``, or sooner when ``quit`` is set (or the screen needs
+    async def wait(self, seconds: float, stop: asyncio.Event) -> None:
+        """Return after ``seconds``, or sooner when ``stop`` is set (or the screen needs
         redrawing)."""
 
 
@@ -65,9 +65,9 @@ class PlainDisplay:
         self.out.write("\n".join(lines) + "\n\n")
         self.out.flush()
 
-    async def wait(self, seconds: float, quit: asyncio.Event) -> None:
+    async def wait(self, seconds: float, stop: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(quit.wait(), seconds)
+            await asyncio.wait_for(stop.wait(), seconds)
 
 
 class CursesDisplay:
@@ -102,17 +102,17 @@ class CursesDisplay:
         with contextlib.suppress(curses.error):  # a terminal too small for the text
             self.screen.addnstr(y, 0, text, max(width - 1, 0), attribute)
 
-    async def wait(self, seconds: float, quit: asyncio.Event) -> None:
+    async def wait(self, seconds: float, stop: asyncio.Event) -> None:
         deadline = time.monotonic() + seconds
-        while not quit.is_set() and time.monotonic() < deadline:
+        while not stop.is_set() and time.monotonic() < deadline:
             key = self.screen.getch()
             if key in (ord("q"), ord("Q")):
-                quit.set()
+                stop.set()
             elif key == curses.KEY_RESIZE:
                 return
             elif key == -1:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(quit.wait(), self._POLL_S)
+                    await asyncio.wait_for(stop.wait(), self._POLL_S)
 
 
 class StatusFeed:
@@ -223,36 +223,35 @@ class Top:
         self.interval_s = interval_s
         self.clock = clock
 
-    async def run(self, display: Display, quit: asyncio.Event, *, once: bool = False) -> None:
-        """Show the group until ``quit`` is set.
+    async def run(self, display: Display, stop: asyncio.Event, *, once: bool = False) -> None:
+        """Show the group until ``stop`` is set.
 
         1. Read the status topic's heartbeats of the last FORGET_AFTER_S, up to its end.
         2. Each refresh: take the heartbeats that came since, scrape every live instance's
            /metrics at once (each within SCRAPE_TIMEOUT_S), and show the screen.
-        3. Wait for the next refresh, or ``quit`` (``q``, Ctrl-C, SIGTERM).
+        3. Wait for the next refresh, or ``stop`` (``q``, Ctrl-C, SIGTERM).
 
         With ``once``, one screen, after two scrapes one interval apart (a rate needs two).
         """
         try:
-            backlog = await self.feed.start(self.clock() - timedelta(seconds=FORGET_AFTER_S))
-        except KafkaError as exc:
-            await self.feed.stop()
-            raise PipelineError(
-                f"cannot read the status topic {self.feed.topic} from Kafka at "
-                f"{self.feed.kafka.bootstrap_servers}: {exc!r}"
-            ) from None
-        try:
+            try:
+                backlog = await self.feed.start(self.clock() - timedelta(seconds=FORGET_AFTER_S))
+            except KafkaError as exc:
+                raise PipelineError(
+                    f"cannot read the status topic {self.feed.topic} from Kafka at "
+                    f"{self.feed.kafka.bootstrap_servers}: {exc!r}"
+                ) from None
             for heartbeat in backlog:
                 self.fleet.heard(heartbeat)
-            while not quit.is_set():
+            while not stop.is_set():
                 await self.refresh()
                 if once:
-                    await display.wait(self.interval_s, quit)
+                    await display.wait(self.interval_s, stop)
                     await self.refresh()
                     display.show(self.screen(display.width()))
                     return
                 display.show(self.screen(display.width()))
-                await display.wait(self.interval_s, quit)
+                await display.wait(self.interval_s, stop)
         finally:
             await self.feed.stop()
 
@@ -279,7 +278,11 @@ def run_top(top: Top, *, once: bool, out: TextIO = sys.stdout) -> None:
     """Run ``top`` on the terminal when ``out`` is one (and not ``once``), else as plain
     tables on ``out``. Ctrl-C and SIGTERM end it cleanly, the terminal restored."""
     if once or not out.isatty():
-        asyncio.run(_until_signalled(top, PlainDisplay(out), once=once))
+        try:
+            asyncio.run(_until_signalled(top, PlainDisplay(out), once=once))
+        except BrokenPipeError:
+            # Its reader is gone (`pipeline top | head`): nothing more to say, to anyone.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         return
 
     def on_screen(screen: curses.window) -> None:
@@ -294,12 +297,12 @@ def run_top(top: Top, *, once: bool, out: TextIO = sys.stdout) -> None:
 
 
 async def _until_signalled(top: Top, display: Display, *, once: bool) -> None:
-    quit = asyncio.Event()
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, quit.set)
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await top.run(display, quit, once=once)
+        await top.run(display, stop, once=once)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,9 +28,12 @@ import asyncpg
 import pytest
 
 from consumers.antigravity import Antigravity
+from consumers.top import scrape
 from pipeline.devstack.processes import choose_port
 from pipeline.kafka_clients import KafkaSettings
+from pipeline.metrics import Metrics
 from pipeline.testbed import AgentProcess, stop_agents
+from pipeline.top import Scrape
 from tests.conftest import Servers
 from tests.integration.harness import (
     agent_env,
@@ -330,6 +334,48 @@ async def _locked_screens(
     assert all(f": group {group}, 2 instance(s) (2 running)" in t for t in tables)
     assert all(t.endswith("\n\n") for t in tables)  # a blank line after each table
     assert shows_the_lag(tables[1])
+
+    # Its reader gone (`pipeline top | head -1`): it ends quietly, with no traceback.
+    read_end, write_end = os.pipe()
+    piped = await asyncio.create_subprocess_exec(
+        *TOP,
+        "--group",
+        group,
+        "--interval",
+        "0.2",
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = await asyncio.wait_for(asyncio.to_thread(reader.readline), 60)
+    assert HEADER.match(first.decode())
+    _, err = await asyncio.wait_for(piped.communicate(), 30)
+    assert (piped.returncode, err.decode()) == (0, "")
+
+
+async def test_scrape_reads_an_agents_metrics_or_says_why_not() -> None:
+    metrics = Metrics()
+    metrics.rows_ingested.labels("performance_metrics", "live").inc(42)
+    metrics.lag.labels("agents.metrics", "0").set(7)
+    address = f"127.0.0.1:{choose_port(0)}"
+    metrics.serve(address)
+    try:
+        found = await scrape(address)
+        assert isinstance(found, Scrape)
+        assert (found.rows_ingested, found.lag_records, found.lag_seconds) == (42, 7, None)
+    finally:
+        metrics.close()
+    assert await scrape(address) == "connection refused"
+    # A port that accepts connections and never answers: the scrape gives up in time.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        assert await scrape(f"127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.5) == "timed out"
+        assert time.monotonic() - started < 5, "the timeout bounds a scrape"
 
 
 async def _drain_screen(
