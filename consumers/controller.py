@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -59,6 +60,7 @@ from pipeline.control import (
     control_topics,
     decide,
     encode_status,
+    metrics_scrape_address,
     next_state,
     verify,
 )
@@ -103,6 +105,10 @@ class Controller:
         self.state = GroupState()
         self._seen_seq = 0  # the seq of the last command this instance applied or followed
         self._stream_topics = {s.name: agent.config.topic(s.topic) for s in STREAMS}
+        # Heartbeats say where `pipeline top` finds this instance's /metrics.
+        self._metrics_address = metrics_scrape_address(
+            agent.config.metrics_address, socket.gethostname()
+        )
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -412,6 +418,7 @@ class Controller:
             owned_partitions=snapshot.owned_partitions,
             lag=snapshot.lag,
             last_error=snapshot.last_error,
+            metrics_address=self._metrics_address,
             at=self.clock(),
         )
         await self._publish(encode_status(heartbeat))

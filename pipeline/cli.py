@@ -47,11 +47,12 @@ if TYPE_CHECKING:
 DESCRIPTION = (
     "Ingest an agent fleet's data from Kafka into PostgreSQL exactly once. Run DatabaseAgents "
     "(`pipeline run`), prepare their database and topics (`migrate`, `topics create`), "
-    "steer them with signed commands (`control`), repair data after an incident (`replay`, "
-    "`dlq`), publish simulated traffic (`simulate`), see it all work in one command (`demo`), "
-    "measure it (`bench`), and run a local Kafka and PostgreSQL to try it on (`dev`). Settings "
-    "come from environment variables (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, PIPELINE_*) or a "
-    "TOML file; without the two endpoints, the commands use the local stack."
+    "steer them with signed commands (`control`), watch them (`top`), repair data after an "
+    "incident (`replay`, `dlq`), publish simulated traffic (`simulate`), see it all work in "
+    "one command (`demo`), measure it (`bench`), and run a local Kafka and PostgreSQL to try "
+    "it on (`dev`). Settings come from environment variables (KAFKA_BOOTSTRAP_SERVERS, "
+    "DATABASE_URL, PIPELINE_*) or a TOML file; without the two endpoints, the commands use "
+    "the local stack."
 )
 
 
@@ -115,6 +116,26 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     _control_parser(commands)
+    top = commands.add_parser(
+        "top",
+        help="a live view of every DatabaseAgent of a group, refreshed every second",
+        description="Every DatabaseAgent of the group, from the heartbeats on the status topic "
+        "and each agent's /metrics: state, active streams, partitions owned, rows written per "
+        "second, lag in records and in seconds, seconds since its last heartbeat, last error. "
+        "An instance unheard for 10 s is shown as gone?, one that said it stopped as stopped, "
+        "for 5 minutes. On a terminal it redraws in place (q or Ctrl-C quits); otherwise, or "
+        "with --once, it prints a table per refresh.",
+    )
+    _group_options(top)
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument(
+        "--interval",
+        type=_positive(float),
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (1)",
+    )
+    top.set_defaults(handler=_top)
     _replay_parser(commands)
     _dlq_parser(commands)
 
@@ -593,6 +614,17 @@ def _control_status(args: argparse.Namespace) -> int:
             f"{len(h.owned_partitions)} partitions, lag {h.lag}"
             + (f", last error: {h.last_error}" if h.last_error else "")
         )
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from consumers.top import Top, run_top
+
+    config = _load_config(args, group_id=args.group)
+    top = Top(
+        config.kafka, prefix=config.topic_prefix, group=config.group_id, interval_s=args.interval
+    )
+    run_top(top, once=args.once)
     return 0
 
 

@@ -138,6 +138,7 @@ __all__ = [
     "generate_key_pair",
     "highest_seq",
     "key_id",
+    "metrics_scrape_address",
     "next_seq",
     "next_state",
     "private_key_from_pem",
@@ -808,7 +809,33 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     owned_partitions: tuple[tuple[str, int], ...]  # [topic, partition] pairs
     lag: Count  # records behind the high watermarks of owned partitions
     last_error: str = ""
+    # Where to scrape this instance's /metrics (HOST:PORT; see :func:`metrics_scrape_address`),
+    # "" when it serves none. A default, so heartbeats of older agents still decode.
+    metrics_address: str = ""
     at: Timestamp
+
+
+# The address that binds every IPv4 interface: a server can listen on it, no client can
+# connect to it. (PIPELINE_METRICS_ADDRESS is HOST:PORT without brackets, so no IPv6 wildcard.)
+_WILDCARD_HOSTS = frozenset({"0.0.0.0"})
+
+
+def metrics_scrape_address(metrics_address: str, host_name: str) -> str:
+    """The address a heartbeat advertises for scraping an agent that serves ``/metrics`` on
+    ``metrics_address`` (``PIPELINE_METRICS_ADDRESS``, ``HOST:PORT`` or "" for none).
+
+    A specific host (a name or an IP, loopback included) is advertised as it is. The wildcard
+    ``0.0.0.0`` is where the server listens, not where anyone can connect, so it is advertised
+    as ``host_name`` (the machine's host name, what ``hostname`` prints) with the same port: the
+    server answers on every interface, so whichever address that name resolves to will do,
+    for a scraper that can resolve it.
+    """
+    if not metrics_address:
+        return ""
+    host, _, port = metrics_address.rpartition(":")
+    if host in _WILDCARD_HOSTS:
+        return f"{host_name}:{port}"
+    return metrics_address
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="ack"):

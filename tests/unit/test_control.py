@@ -1114,6 +1114,14 @@ def test_status_messages_ignore_unknown_fields() -> None:
     assert decode_status(msgspec.json.encode(as_json)) == HEARTBEAT
 
 
+def test_a_heartbeat_of_an_older_agent_has_no_metrics_address() -> None:
+    as_json = msgspec.json.decode(encode_status(HEARTBEAT))
+    del as_json["metrics_address"]
+    assert decode_status(msgspec.json.encode(as_json)) == HEARTBEAT
+    with_address = msgspec.structs.replace(HEARTBEAT, metrics_address="10.0.0.7:9108")
+    assert decode_status(encode_status(with_address)) == with_address
+
+
 def test_an_ack_without_reason_or_detail_decodes() -> None:
     as_json = msgspec.json.decode(encode_status(ACK))
     del as_json["reason"], as_json["detail"]
