@@ -95,9 +95,14 @@ _TOKENS = (
 )
 
 
-def mutate(data: bytes, rng: random.Random, corpus: Sequence[bytes]) -> bytes:
-    """``data`` with one to four byte-level mutations stacked, from ``rng``."""
-    for _ in range(rng.choice((1, 1, 1, 2, 3, 4))):
+def mutate(
+    data: bytes,
+    rng: random.Random,
+    corpus: Sequence[bytes],
+    stack: Sequence[int] = (1, 1, 1, 2, 3, 4),
+) -> bytes:
+    """``data`` with byte-level mutations from ``rng``, as many as a choice from ``stack``."""
+    for _ in range(rng.choice(stack)):
         data = _mutation(data, rng, corpus)
     return data
 
