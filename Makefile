@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint chaos clean
+.PHONY: demo test lint chaos fuzz clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
@@ -18,6 +18,12 @@ chaos: $(STAMP)
 	CHAOS_SEEDS="$$(seq -s ' ' 1 $(SEEDS))" $(VENV)/bin/pytest -q \
 		tests/integration/test_faults.py -k "test_sigkill_at_random_moments or test_the_oracle_catches" \
 		tests/integration/chaos_negative_control.py
+
+# The decoders fuzzed: FUZZ_INPUTS records and control messages each (FUZZ_SEED: new inputs).
+FUZZ_INPUTS ?= 100000
+fuzz: $(STAMP)
+	FUZZ_INPUTS=$(FUZZ_INPUTS) $(VENV)/bin/pytest -q tests/unit/test_fuzz_records.py \
+		tests/unit/test_fuzz_control.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
