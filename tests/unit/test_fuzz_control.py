@@ -149,12 +149,14 @@ SIGNATURE_MODES = (
     "stale",  # signed before the fields were changed
     "none",
     "not_bytes",
+    "duplicate",  # genuine, then an entry repeated in the map (last one wins), maybe changed
 )
 GENUINE = {"key", "other_key", "first"}
 
 
 class Case(NamedTuple):
     raw: bytes
+    genuine: bytes | None  # "duplicate": the envelope before an entry was repeated
     mode: str
     kind: str
     key_id_intact: bool
@@ -260,12 +262,29 @@ def cases(draw: st.DrawFn) -> Case:
         wire["signature"] = signature
     raw = _encode(wire)
     assert raw is not None
+    genuine = None
+    if mode == "duplicate":
+        genuine, raw = raw, _with_duplicate(draw, wire)
     applied_seq = draw(
         st.one_of(
             st.sampled_from([0, seq - 1, seq, min(seq + 1, MAX_SEQ)]), st.integers(0, MAX_SEQ)
         )
     )
-    return Case(raw, mode, kind, key_id_intact, applied_seq, draw(st.integers(0, 2**32 - 1)))
+    return Case(
+        raw, genuine, mode, kind, key_id_intact, applied_seq, draw(st.integers(0, 2**32 - 1))
+    )
+
+
+def _with_duplicate(draw: st.DrawFn, wire: dict[str, Any]) -> bytes:
+    # MessagePack maps may repeat a key; a dict cannot, so the map is written entry by entry.
+    entries = [msgspec.msgpack.encode(k) + msgspec.msgpack.encode(v) for k, v in wire.items()]
+    key = draw(st.sampled_from(list(wire)))
+    value = wire[key] if draw(st.booleans()) else draw(odd_values)
+    entry = msgspec.msgpack.encode(key) + (_encode(value) or msgspec.msgpack.encode(None))
+    entries.insert(draw(st.integers(0, len(entries))), entry)
+    count = len(entries)
+    header = bytes([0x80 | count]) if count < 16 else b"\xde" + count.to_bytes(2, "big")
+    return header + b"".join(entries)
 
 
 # Signed envelopes of every kind: the splice material of the byte-level mutations.
@@ -333,7 +352,13 @@ def test_every_control_message_is_applied_ignored_or_rejected_with_a_reason() ->
         modes[case.mode, label] += 1
         if isinstance(original, Apply):
             applied_kinds[original.kind] += 1
-        if case.mode not in GENUINE:
+        if case.mode == "duplicate" and not isinstance(original, Reject):
+            # A repeated entry never smuggles in anything the signature does not cover.
+            assert case.genuine is not None
+            before = _decide(case.genuine, case.applied_seq)
+            assert not isinstance(before, Reject), shown
+            assert original.envelope == before.envelope, shown
+        elif case.mode not in GENUINE:
             assert isinstance(original, Reject), shown  # only a genuine signature passes
         if case.key_id_intact:
             if case.mode in GENUINE:
