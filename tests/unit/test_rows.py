@@ -594,6 +594,18 @@ def test_utf8_beyond_ascii_in_a_raw_sub_object_is_kept_as_it_is() -> None:
             id="msgpack-extension-type-in-a-sub-object",
         ),
         pytest.param(b"{", (("content-type", None),), id="null-content-type-header"),
+        pytest.param(
+            # A MessagePack timestamp (extension -1, 96 bits) of 9999-12-31T23:59:59Z + 1 s:
+            # datetime raises ValueError ("year 10000 is out of range"), not msgspec.
+            msgspec.msgpack.encode(
+                {
+                    **STATE_OK,
+                    "ts": msgspec.msgpack.Ext(-1, (0).to_bytes(4) + (253402300800).to_bytes(8)),
+                }
+            ),
+            (("content-type", b"application/msgpack"),),
+            id="msgpack-timestamp-after-year-9999",
+        ),
     ],
 )
 def test_odd_input_is_rejected_never_raised(value: bytes, headers: Any) -> None:
