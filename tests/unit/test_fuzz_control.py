@@ -131,6 +131,11 @@ odd_values = st.one_of(
     st.uuids().map(lambda u: u.bytes),  # a UUID as 16 bytes: valid, just not canonical
     st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=12)),
     st.builds(lambda n: [[[[{"a": [n]}]]]] * 3, st.integers()),
+    st.builds(  # nested deeper than the interpreter recurses: arrays or maps of one entry
+        lambda depth, opening: msgspec.Raw(opening * depth + b"\xc0"),
+        st.one_of(st.integers(2, 50), st.integers(900, 5000)),
+        st.sampled_from([b"\x91", b"\x81\xa1a"]),
+    ),
 )
 
 # -- cases --------------------------------------------------------------------------------------
