@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint compose chaos clean
+.PHONY: demo test lint compose chaos fuzz clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
@@ -24,6 +24,12 @@ chaos: $(STAMP)
 		tests/integration/test_faults.py -k "test_sigkill_at_random_moments or test_the_oracle_catches" \
 		tests/integration/chaos_negative_control.py
 
+# The decoders fuzzed: FUZZ_INPUTS records and control messages each (FUZZ_SEED: new inputs).
+FUZZ_INPUTS ?= 100000
+fuzz: $(STAMP)
+	FUZZ_INPUTS=$(FUZZ_INPUTS) $(VENV)/bin/pytest -q tests/unit/test_fuzz_records.py \
+		tests/unit/test_fuzz_control.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -36,4 +42,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

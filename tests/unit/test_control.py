@@ -1,8 +1,9 @@
 """The control plane's pure core: commands, canonical encoding, signatures, the decision an
 agent makes about each envelope, status messages and the helpers around them.
 
-Tampering and fuzzing of whole envelopes are in test_control_tamper.py; the helpers that
-build envelopes by hand live here and are shared with it.
+Tampering and fuzzing of whole envelopes are in test_control_tamper.py and
+test_fuzz_control.py; the helpers that build envelopes by hand live here and are shared
+with them.
 """
 
 from __future__ import annotations

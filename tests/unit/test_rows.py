@@ -329,6 +329,33 @@ REJECTED = [
     ),
     pytest.param(
         "states",
+        # Found by tests/unit/test_fuzz_records.py: msgspec keeps a sub-object raw without
+        # checking its UTF-8, and PostgreSQL refuses a jsonb value that is not UTF-8.
+        b'{"agent_id": "", "state": "", "version": 0, "ts": "2000-01-01T00:00:00.000001+00:00",'
+        b' "data": {"": null, "\xe0\xa0\x7f": [null], "0": null}}',
+        (),
+        "DecodeError",
+        "'utf-8' codec can't decode bytes in position 106-107: invalid continuation byte",
+        id="invalid-utf8-in-a-raw-sub-object",
+    ),
+    pytest.param(
+        "config",
+        b'{"key":"k","version":1,"ts":"2025-06-01T10:00:00Z","value":"\xff"}',
+        (),
+        "DecodeError",
+        "utf-8",
+        id="invalid-utf8-in-a-raw-config-value",
+    ),
+    pytest.param(
+        "states",
+        state_json(unknown="XX").replace(b'"XX"', b'"\xc3"'),
+        (),
+        "DecodeError",
+        "utf-8",
+        id="invalid-utf8-in-an-ignored-field",
+    ),
+    pytest.param(
+        "states",
         # A msgpack fixstr of two bytes (0xa2) that are not UTF-8.
         msgspec.msgpack.encode({**STATE_OK, "agent_id": "XX"}).replace(b"\xa2XX", b"\xa2\xff\xfe"),
         MSGPACK_HEADERS,
@@ -544,6 +571,12 @@ def test_decoding_keeps_no_state_between_records() -> None:
     assert_same_row(decode("states", good), first)
 
 
+def test_utf8_beyond_ascii_in_a_raw_sub_object_is_kept_as_it_is() -> None:
+    data = '{"ville": "Zürich", "emoji": "\U0001f600", "ключ": ["значение"]}'.encode()
+    row = decode("states", state_json()[:-1] + b',"data":' + data + b"}")
+    assert bytes(row[4]) == data
+
+
 @pytest.mark.parametrize(
     ("value", "headers"),
     [
@@ -561,6 +594,18 @@ def test_decoding_keeps_no_state_between_records() -> None:
             id="msgpack-extension-type-in-a-sub-object",
         ),
         pytest.param(b"{", (("content-type", None),), id="null-content-type-header"),
+        pytest.param(
+            # A MessagePack timestamp (extension -1, 96 bits) of 9999-12-31T23:59:59Z + 1 s:
+            # datetime raises ValueError ("year 10000 is out of range"), not msgspec.
+            msgspec.msgpack.encode(
+                {
+                    **STATE_OK,
+                    "ts": msgspec.msgpack.Ext(-1, (0).to_bytes(4) + (253402300800).to_bytes(8)),
+                }
+            ),
+            (("content-type", b"application/msgpack"),),
+            id="msgpack-timestamp-after-year-9999",
+        ),
     ],
 )
 def test_odd_input_is_rejected_never_raised(value: bytes, headers: Any) -> None:
