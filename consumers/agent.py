@@ -596,13 +596,9 @@ class DatabaseAgent:
             previous = self._lag.get(partition)
             lag = PartitionLag(stored, lag.end, lag.records, previous.seconds if previous else None)
         self._lag[partition] = lag
-        m = self.metrics
-        topic, number = partition[0], str(partition[1])
-        m.lag.labels(topic, number).set(lag.records)
-        m.stored_offset.labels(topic, number).set(stored)
-        m.end_offset.labels(topic, number).set(lag.end)
-        if lag.seconds is not None:
-            m.lag_seconds.labels(topic, number).set(lag.seconds)
+        self.metrics.show_partition(
+            *partition, records=lag.records, seconds=lag.seconds, stored=stored, end=lag.end
+        )
 
     def _oldest_ms(self, partition: Partition, stored: int) -> int | None:
         """The timestamp of the record at the stored offset, when the agent holds it."""
