@@ -116,6 +116,10 @@ class DatabaseAgent:
         self._dlq_topic = kafka_io.dead_letter_topic(config)
         self.ownership = Ownership(topics)
         self._filling = Batch()  # the next batch: Actions.forget trims it
+        # Its records' Kafka timestamps per partition, in the same order as its parts'
+        # records: taken as they are fetched, while they are in the CPU's cache (at commit
+        # they are not, and reading them again cost twice as much).
+        self._filling_stamps: dict[Partition, list[int]] = {}
         self._stopping = asyncio.Event()
         # Set while no ingest transaction is open: deactivate() waits for it, so that once it
         # returns no row of a deactivated stream is written.
@@ -310,12 +314,12 @@ class DatabaseAgent:
                     if self._stopping.is_set():
                         break
                 batch = await self._fill_batch()
-                fetch_seconds = self._fetch_seconds
+                fetch_seconds, stamps = self._fetch_seconds, self._filling_stamps
                 await self._finish_write()
                 if (batch.count or self._queued) and not self._stopping.is_set():
                     self._writing_batch = batch
                     self._write = asyncio.ensure_future(
-                        self._ingest_with_retry(batch, fetch_seconds)
+                        self._ingest_with_retry(batch, fetch_seconds, stamps)
                     )
         finally:
             write, self._write = self._write, None
@@ -406,6 +410,7 @@ class DatabaseAgent:
         batches grow to what the database takes in the time one is written."""
         consumer = self._require_consumer()
         self._filling = Batch()  # not the batch being written: its parts are planned anew
+        self._filling_stamps = {}
         batch_id = await self._take_batch_id()
         if batch_id is None:
             return Batch()  # stopping
@@ -425,9 +430,18 @@ class DatabaseAgent:
                 timeout_ms=wait_ms, max_records=min(batch.room(limits), _FETCH_CHUNK)
             )
             now = time.monotonic()
+            stamps = self._filling_stamps
             for tp, records in fetched.items():
+                if not records:
+                    continue
+                key = (tp.topic, tp.partition)
                 rows = self._decoders[tp.topic].rows(records, tp.partition, batch_id)
-                batch.add((tp.topic, tp.partition), records, rows, now)
+                batch.add(key, records, rows, now)
+                taken = [r.timestamp for r in records]
+                if len(batch.parts[key].records) == len(records):  # a new part, or replaced
+                    stamps[key] = taken
+                else:  # (a part without its stamps is read again at commit, never miscounted)
+                    stamps.setdefault(key, []).extend(taken)
             if fetched:  # a poll that got nothing is idle time, not this batch's fetching
                 self._fetch_seconds += time.monotonic() - asked
             if self._stopping.is_set() or not batch.count:
@@ -448,6 +462,8 @@ class DatabaseAgent:
             return
         if actions.forget:
             self._filling.drop(actions.forget)
+            for forgotten in actions.forget:
+                self._filling_stamps.pop(forgotten, None)
         consumer = self._require_consumer()
         owned = consumer.assignment()
         for (topic, partition), offset in actions.seek.items():
@@ -596,13 +612,9 @@ class DatabaseAgent:
             previous = self._lag.get(partition)
             lag = PartitionLag(stored, lag.end, lag.records, previous.seconds if previous else None)
         self._lag[partition] = lag
-        m = self.metrics
-        topic, number = partition[0], str(partition[1])
-        m.lag.labels(topic, number).set(lag.records)
-        m.stored_offset.labels(topic, number).set(stored)
-        m.end_offset.labels(topic, number).set(lag.end)
-        if lag.seconds is not None:
-            m.lag_seconds.labels(topic, number).set(lag.seconds)
+        self.metrics.show_partition(
+            *partition, records=lag.records, seconds=lag.seconds, stored=stored, end=lag.end
+        )
 
     def _oldest_ms(self, partition: Partition, stored: int) -> int | None:
         """The timestamp of the record at the stored offset, when the agent holds it."""
@@ -632,14 +644,21 @@ class DatabaseAgent:
             self._ends.pop(partition, None)
             self.metrics.forget_partition(*partition)
 
-    def _count_latency(self, work: Plan) -> None:
+    def _count_latency(self, work: Plan, stamps: dict[Partition, list[int]]) -> None:
         """Per stream of a committed batch: end-to-end latency, one observation per record,
-        counted in bulk; and freshness, the newest record timestamp."""
+        counted in bulk; and freshness, the newest record timestamp. ``stamps`` are the
+        timestamps taken when the batch was fetched, per partition in record order; a part
+        the plan trimmed (records behind the stored offset) is their tail."""
         now = time.time()
         by_stream: dict[str, list[list[int]]] = defaultdict(list)
-        for (topic, _), part in work.parts.items():
-            # A comprehension: faster than map(attrgetter) on aiokafka's records.
-            by_stream[self._decoders[topic].stream.name].append([r.timestamp for r in part.records])
+        for partition, part in work.parts.items():
+            taken = stamps.get(partition)
+            count = len(part.records)
+            if taken is not None and len(taken) >= count:
+                run = taken[len(taken) - count :] if len(taken) > count else taken
+            else:  # not taken at fetch time (cannot happen; but never count wrong)
+                run = [r.timestamp for r in part.records]
+            by_stream[self._decoders[partition[0]].stream.name].append(run)
         for stream, runs in by_stream.items():
             newest = self.metrics.latency.observe_ages(stream, now, runs)
             if newest is not None:
@@ -647,7 +666,12 @@ class DatabaseAgent:
 
     # -- ingesting ----------------------------------------------------------------------
 
-    async def _ingest_with_retry(self, batch: Batch, fetch_seconds: float = 0.0) -> None:
+    async def _ingest_with_retry(
+        self,
+        batch: Batch,
+        fetch_seconds: float = 0.0,
+        stamps: dict[Partition, list[int]] | None = None,
+    ) -> None:
         attempt = 0
         try:
             while True:
@@ -663,7 +687,7 @@ class DatabaseAgent:
                     return
                 self._no_transaction.clear()
                 try:
-                    await self._ingest(work, queued, fetch_seconds)
+                    await self._ingest(work, queued, fetch_seconds, stamps)
                     return
                 except (FencedError, SchemaError, TransientError) as exc:
                     failure = exc
@@ -701,7 +725,11 @@ class DatabaseAgent:
                 self._decide_readiness()
 
     async def _ingest(
-        self, work: Plan, queued: list[_Queued[Any]], fetch_seconds: float = 0.0
+        self,
+        work: Plan,
+        queued: list[_Queued[Any]],
+        fetch_seconds: float = 0.0,
+        stamps: dict[Partition, list[int]] | None = None,
     ) -> None:
         """Write one batch exactly once.
 
@@ -748,7 +776,7 @@ class DatabaseAgent:
             m.batch_phase.labels("fetch_decode").observe(fetch_seconds)
             m.batch_phase.labels("write").observe(written_at[-1] - started)
             m.batch_phase.labels("commit").observe(committed - written_at[-1])
-            self._count_latency(work)
+            self._count_latency(work, stamps or {})
             self._require_mirror().add(work.moves)
         else:
             self._count_skipped(work)

@@ -73,7 +73,10 @@ class LagProbe:
                 pending = [tp for tp in wanted if (tp.topic, tp.partition) not in found]
                 if not pending:
                     break
-                fetched = await consumer.getmany(*pending, timeout_ms=int(min(left, 0.5) * 1000))
+                # One record per call: aiokafka builds a Python record for each one returned.
+                fetched = await consumer.getmany(
+                    *pending, timeout_ms=int(min(left, 0.5) * 1000), max_records=1
+                )
                 for tp, records in fetched.items():
                     if records:
                         found[(tp.topic, tp.partition)] = records[0].timestamp

@@ -18,6 +18,7 @@ import importlib.metadata
 import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -132,6 +133,14 @@ class BulkHistogram(Collector):
             buckets.append(("+Inf", counts[-1]))
             family.add_metric([value], buckets, total)
         yield family
+
+
+@dataclass
+class _PartitionSeries:
+    lag: Gauge
+    stored_offset: Gauge
+    end_offset: Gauge
+    lag_seconds: Gauge | None = None
 
 
 def _bound(bound: float) -> str:
@@ -269,6 +278,7 @@ class Metrics:
             registry=r,
         )
         self._newest: dict[str, float] = {}
+        self._partitions: dict[tuple[str, int], _PartitionSeries] = {}
         self.latency = BulkHistogram(
             "pipeline_end_to_end_latency_seconds",
             "Commit time minus the Kafka record timestamp, one observation per record",
@@ -311,8 +321,39 @@ class Metrics:
             self._newest[stream] = timestamp_s
             self.newest_record.labels(stream).set(timestamp_s)
 
+    def show_partition(
+        self,
+        topic: str,
+        partition: int,
+        *,
+        records: int,
+        seconds: float | None,
+        stored: int,
+        end: int,
+    ) -> None:
+        """Set a partition's lag (records, and seconds when known), stored and end offsets.
+        Called after every commit for the partitions it moved: the labelled children are
+        kept, not looked up each time."""
+        key = (topic, partition)
+        series = self._partitions.get(key)
+        if series is None:
+            number = str(partition)
+            series = self._partitions[key] = _PartitionSeries(
+                self.lag.labels(topic, number),
+                self.stored_offset.labels(topic, number),
+                self.end_offset.labels(topic, number),
+            )
+        series.lag.set(records)
+        series.stored_offset.set(stored)
+        series.end_offset.set(end)
+        if seconds is not None:
+            if series.lag_seconds is None:  # no series until the age is known
+                series.lag_seconds = self.lag_seconds.labels(topic, str(partition))
+            series.lag_seconds.set(seconds)
+
     def forget_partition(self, topic: str, partition: int) -> None:
         """Drop a partition's series: this instance does not own it any more."""
+        self._partitions.pop((topic, partition), None)
         for name in _PARTITION_GAUGES:
             gauge: Gauge = getattr(self, name)
             with contextlib.suppress(KeyError):

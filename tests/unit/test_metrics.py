@@ -104,20 +104,50 @@ def test_freshness_only_moves_forward() -> None:
     assert metrics.total("pipeline_newest_record_timestamp_seconds") == 1_790_000_200.0
 
 
+PARTITION_SERIES = (
+    "pipeline_consumer_lag_records",
+    "pipeline_consumer_lag_seconds",
+    "pipeline_partition_stored_offset",
+    "pipeline_partition_end_offset",
+)
+
+
+def partition_series(metrics: Metrics) -> dict[str, dict[tuple[str, ...], float]]:
+    return {
+        name: {labels: v for (_, labels), v in exposed(metrics.registry, name).items()}
+        for name in PARTITION_SERIES
+    }
+
+
+def test_a_partitions_lag_in_seconds_has_no_series_until_it_is_known() -> None:
+    metrics = Metrics()
+    metrics.show_partition("agents.metrics", 0, records=5, seconds=None, stored=10, end=15)
+    assert partition_series(metrics) == {
+        "pipeline_consumer_lag_records": {("0", "agents.metrics"): 5},
+        "pipeline_consumer_lag_seconds": {},
+        "pipeline_partition_stored_offset": {("0", "agents.metrics"): 10},
+        "pipeline_partition_end_offset": {("0", "agents.metrics"): 15},
+    }
+    metrics.show_partition("agents.metrics", 0, records=0, seconds=0.0, stored=15, end=15)
+    assert partition_series(metrics)["pipeline_consumer_lag_seconds"] == {
+        ("0", "agents.metrics"): 0
+    }
+
+
 def test_a_partition_no_longer_owned_loses_every_series() -> None:
     metrics = Metrics()
-    for gauge in (metrics.lag, metrics.lag_seconds, metrics.stored_offset, metrics.end_offset):
-        gauge.labels("agents.metrics", "0").set(5)
-        gauge.labels("agents.metrics", "1").set(7)
+    for partition in (0, 1):
+        metrics.show_partition("agents.metrics", partition, records=7, seconds=7, stored=1, end=8)
     metrics.forget_partition("agents.metrics", 0)
     metrics.forget_partition("agents.metrics", 0)  # twice: nothing left to remove is fine
-    for name in (
-        "pipeline_consumer_lag_records",
-        "pipeline_consumer_lag_seconds",
-        "pipeline_partition_stored_offset",
-        "pipeline_partition_end_offset",
-    ):
-        assert exposed(metrics.registry, name) == {(name, ("1", "agents.metrics")): 7}
+    found = partition_series(metrics)
+    assert all(list(series) == [("1", "agents.metrics")] for series in found.values())
+    # Owned again later (a rebalance gave it back): its series come back.
+    metrics.show_partition("agents.metrics", 0, records=2, seconds=3, stored=6, end=8)
+    assert partition_series(metrics)["pipeline_consumer_lag_seconds"] == {
+        ("0", "agents.metrics"): 3,
+        ("1", "agents.metrics"): 7,
+    }
 
 
 def test_build_info_names_the_version_and_python() -> None:
