@@ -17,6 +17,7 @@ import contextlib
 import importlib.metadata
 import platform
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -250,8 +251,13 @@ class Metrics:
             registry=r,
         )
         self.last_commit = Gauge(
-            "pipeline_last_commit_timestamp_seconds", "When the last batch committed", registry=r
+            "pipeline_last_commit_timestamp_seconds",
+            "When the last batch committed; before the first commit, when the process started",
+            registry=r,
         )
+        # Not zero before the first commit: "no commit for 5 minutes" then means since start,
+        # not since 1970 (the PipelineNoCommit alert).
+        self.last_commit.set(time.time())
         self.lag_seconds = Gauge(
             "pipeline_consumer_lag_seconds",
             "Age of the oldest record not yet written (now minus its Kafka timestamp); 0 when "

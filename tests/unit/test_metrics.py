@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import random
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -156,3 +157,11 @@ def test_build_info_names_the_version_and_python() -> None:
         ("pipeline_build_info", (platform.python_version(), build_version())): 1
     }
     assert build_version() != "unknown"  # the package is installed in the test environment
+
+
+def test_last_commit_reads_the_start_time_before_the_first_commit() -> None:
+    # PipelineNoCommit compares it with time(): zero would fire it at once, "56 years ago".
+    before = time.time()
+    metrics = Metrics()
+    after = time.time()
+    assert before <= metrics.total("pipeline_last_commit_timestamp_seconds") <= after
