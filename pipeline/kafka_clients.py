@@ -314,11 +314,17 @@ async def check_connection(settings: KafkaSettings, within: float = 10.0) -> Non
             f"offer it: {_said(exc)}"
         ) from None
     except (KafkaError, OSError, TimeoutError) as exc:
-        if not settings.uses_tls and await _speaks_tls(host, port, within):
+        tls = await _speaks_tls(host, port, within)
+        if tls and not settings.uses_tls:
             raise ConfigError(
                 f"{protocol}, but {where} expects TLS (it is an SSL or SASL_SSL listener): "
                 f"set {SECURITY_ENV['security_protocol']} to SSL or SASL_SSL, with "
                 f"{SECURITY_ENV['ssl_cafile']}"
+            ) from None
+        if tls is False and settings.uses_tls:
+            raise ConfigError(
+                f"{protocol}, but {where} does not speak TLS (it is a PLAINTEXT or "
+                "SASL_PLAINTEXT listener): check the port, or the protocol"
             ) from None
         if isinstance(exc, KafkaError) and not exc.retriable:
             raise ConfigError(f"{where} refused the connection: {_said(exc)}") from None
@@ -333,18 +339,24 @@ def _first_server(bootstrap_servers: str) -> tuple[str, int]:
         raise ConfigError(f"{BOOTSTRAP_ENV}: expected host:port, got {first!r}") from None
 
 
-async def _speaks_tls(host: str, port: int, within: float) -> bool:
-    """True when a TLS handshake (verifying nothing: this only asks what the port speaks)
-    with ``host:port`` completes."""
+async def _speaks_tls(host: str, port: int, within: float) -> bool | None:
+    """Whether ``host:port`` completes a TLS handshake (verifying nothing: this only asks what
+    the port speaks); None when it does not even accept a connection."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
         async with asyncio.timeout(within):
-            _, writer = await asyncio.open_connection(host, port, ssl=context)
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        async with asyncio.timeout(within):
+            await writer.start_tls(context)
     except (OSError, TimeoutError):
         return False
-    writer.close()
+    finally:
+        writer.close()
     return True
 
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 import uuid
 from base64 import urlsafe_b64encode
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
@@ -150,9 +151,18 @@ class KafkaBroker:
         self.properties = home / "server.properties"
         self.pidfile = pidfile(home)
 
-    def start(self, port: int, controller_port: int) -> int:
+    def start(self, port: int, controller_port: int, secure: SecureListener) -> int:
+        """Start the broker: a PLAINTEXT listener on ``port``, the SASL_SSL one ``secure``
+        says, and the controller on ``controller_port``."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.properties.write_text(_server_properties(self.data_dir, port, controller_port))
+        # It holds the listener's private key: its owner's only, like the key file.
+        fd = os.open(self.properties, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(
+                _server_properties(self.data_dir, port, controller_port, secure.port)
+                + _secure_properties(secure)
+            )
         (self.home / "log4j2.yaml").write_text(_LOG4J2)
         self._format_once()
         heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS).split()
@@ -199,7 +209,7 @@ class KafkaBroker:
                 f"{result.stdout}{result.stderr}"
             )
 
-    def wait_ready(self, bootstrap: str, timeout: float) -> None:
+    def wait_ready(self, bootstrap: KafkaSettings, timeout: float) -> None:
         """Wait until a Kafka client sees this broker in the cluster metadata."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -215,6 +225,23 @@ class KafkaBroker:
             f"the Kafka broker did not become ready within {timeout:.0f}s; "
             f"the end of {self.log_path}:\n" + log_tail(self.log_path)
         )
+
+    def has_secure_listener(self) -> bool:
+        """Whether the broker was last started with the SASL_SSL listener (a stack home from
+        before it existed has none until the broker restarts)."""
+        try:
+            return "SASL_SSL://" in self.properties.read_text()
+        except FileNotFoundError:
+            return False
+
+
+@dataclass(frozen=True)
+class SecureListener:
+    """The broker's SASL_SSL listener: its port, and the certificate and key it presents."""
+
+    port: int
+    cert: Path
+    key: Path
 
 
 def pidfile(home: Path) -> PidFile:
@@ -250,17 +277,45 @@ async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2
         await client.close()
 
 
-def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+def _secure_properties(secure: SecureListener) -> str:
+    """The SASL_SSL listener (SCRAM-SHA-512 over TLS, the key and certificate inline as PEM)
+    and the authorizer. On the loopback, the plaintext listener's anonymous principal is a
+    super user: the tests and the stack's own set-up use it. A dev-stack convenience, never a
+    production setting."""
+    return "\n".join(
+        [
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.certificate.chain={_one_line(secure.cert.read_text())}",
+            f"ssl.keystore.key={_one_line(secure.key.read_text())}",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users=User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found=false",
+            "",
+        ]
+    )
+
+
+def _one_line(pem: str) -> str:
+    """A PEM block as one properties value: its line breaks as ``\\n`` escapes."""
+    return pem.strip().replace("\n", "\\n")
+
+
+def _server_properties(data_dir: Path, port: int, controller_port: int, secure_port: int) -> str:
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{secure_port},"
+            f"CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{secure_port}",
             "inter.broker.listener.name=PLAINTEXT",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
+            "SASL_SSL:SASL_SSL",
             f"log.dirs={data_dir}",
             "num.partitions=1",
             # One node: every internal topic has one replica, and one offsets partition keeps
