@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from pipeline import kafka_clients
 from pipeline.config import Config, load_config
 from pipeline.devstack import Stack, endpoints_from_env
+from pipeline.devstack.kafka_auth import AGENT_USER, ORCHESTRATOR_USER, PRODUCER_USER, USERS
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
     DATABASE_ENV,
@@ -85,9 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     dev_commands.add_parser(
         "status", help="what runs and whether it answers (exit 3 when not all)"
     ).set_defaults(handler=_dev_status)
-    dev_commands.add_parser("env", help="print export lines for a shell to eval").set_defaults(
-        handler=_dev_env
+    env = dev_commands.add_parser("env", help="print export lines for a shell to eval")
+    env.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka through the stack's SASL_SSL listener (TLS + SCRAM-SHA-512): the CA file, "
+        "the user and its password FILE (never the password)",
     )
+    env.add_argument(
+        "--user",
+        choices=USERS,
+        default=AGENT_USER,
+        help=f"with --secure: who connects (default {AGENT_USER}; {ORCHESTRATOR_USER} for "
+        f"`pipeline control` and `topics create`, {PRODUCER_USER} for `simulate`)",
+    )
+    env.set_defaults(handler=_dev_env)
 
     migrate = commands.add_parser("migrate", help="apply the sql/ migrations not yet applied")
     _config_option(migrate)
@@ -362,6 +376,15 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_kafka_config(args: argparse.Namespace, **overrides: object) -> Config:
+    """:func:`_load_config` for a command that uses Kafka: a cluster that refuses its security
+    settings (authentication, certificate, TLS or not) fails here, with what to fix, instead
+    of being retried as if it were down."""
+    config = _load_config(args, **overrides)
+    asyncio.run(kafka_clients.check_connection(config.kafka))
+    return config
+
+
 def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
     """Settings from the file, the environment, the flags; the local stack fills the endpoints
     when neither endpoint variable is set and the stack is running."""
@@ -403,7 +426,7 @@ def _migrate(args: argparse.Namespace) -> int:
 def _topics_create(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
-    config = _load_config(args, topic_partitions=args.partitions)
+    config = _load_kafka_config(args, topic_partitions=args.partitions)
     from pipeline.control import control_topics
 
     topics = [*kafka.data_topics(config), kafka.dead_letter_topic(config)]
@@ -429,7 +452,7 @@ def _run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = _load_config(args, group_id=args.group)
+    config = _load_kafka_config(args, group_id=args.group)
     agent = DatabaseAgent(config)
     controller = Controller(agent, _verifier(config))
     if config.metrics_address:
@@ -537,7 +560,7 @@ def _antigravity(config: Config, *, signing: bool) -> Any:
 
 
 def _control_send(args: argparse.Namespace) -> int:
-    config = _load_config(args, group_id=args.group)
+    config = _load_kafka_config(args, group_id=args.group)
     command = _control_command(args)
     antigravity = _antigravity(config, signing=True)
     delivery = asyncio.run(antigravity.send(config.group_id, command, wait_s=args.wait))
@@ -559,7 +582,7 @@ def _control_send(args: argparse.Namespace) -> int:
 def _control_status(args: argparse.Namespace) -> int:
     import json
 
-    config = _load_config(args, group_id=args.group)
+    config = _load_kafka_config(args, group_id=args.group)
     antigravity = _antigravity(config, signing=False)
 
     async def gather() -> tuple[int, list[Any]]:
@@ -686,6 +709,7 @@ def _replay(args: argparse.Namespace) -> int:
             for note in r["notes"]:
                 print(f"      {note}")
         return 0
+    asyncio.run(kafka_clients.check_connection(config.kafka))
     tty = sys.stderr.isatty()
 
     def report(progress: Progress, final: bool) -> None:
@@ -814,6 +838,9 @@ def _dev_status(args: argparse.Namespace) -> int:
 
 
 def _dev_env(args: argparse.Namespace) -> int:
+    if args.secure:  # the stack's own listener, whatever the environment names
+        print(Stack().endpoints().exports(secure_user=args.user), end="")
+        return 0
     endpoints = endpoints_from_env() or Stack().endpoints()
     print(endpoints.exports(), end="")
     return 0
@@ -822,7 +849,7 @@ def _dev_env(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
-    config = _load_config(args)
+    config = _load_kafka_config(args)
     topics = kafka.data_topics(config)
     asyncio.run(kafka.ensure_topics(config.kafka, topics, config.topic_partitions))
     result = asyncio.run(_simulate_from_args(config, args))

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline import kafka_clients
 from pipeline.devstack.processes import PidFile, log_tail, spawn
-from pipeline.errors import DevStackError
+from pipeline.errors import ConfigError, DevStackError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
 
 KAFKA_VERSION = "4.3.1"
@@ -151,18 +151,16 @@ class KafkaBroker:
         self.properties = home / "server.properties"
         self.pidfile = pidfile(home)
 
-    def start(self, port: int, controller_port: int, secure: SecureListener) -> int:
-        """Start the broker: a PLAINTEXT listener on ``port``, the SASL_SSL one ``secure``
-        says, and the controller on ``controller_port``."""
+    def start(self, port: int, controller_port: int, secure: SecureListener | None = None) -> int:
+        """Start the broker: a PLAINTEXT listener on ``port``, the controller on
+        ``controller_port``, and the SASL_SSL listener ``secure`` says, if any."""
         self.home.mkdir(parents=True, exist_ok=True)
-        # It holds the listener's private key: its owner's only, like the key file.
+        properties = _server_properties(self.data_dir, port, controller_port, secure)
+        # With the SASL_SSL listener it holds a private key: its owner's only, like key files.
         fd = os.open(self.properties, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(
-                _server_properties(self.data_dir, port, controller_port, secure.port)
-                + _secure_properties(secure)
-            )
+            f.write(properties)
         (self.home / "log4j2.yaml").write_text(_LOG4J2)
         self._format_once()
         heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS).split()
@@ -209,7 +207,7 @@ class KafkaBroker:
                 f"{result.stdout}{result.stderr}"
             )
 
-    def wait_ready(self, bootstrap: KafkaSettings, timeout: float) -> None:
+    def wait_ready(self, bootstrap: KafkaSettings | str, timeout: float) -> None:
         """Wait until a Kafka client sees this broker in the cluster metadata."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -260,10 +258,13 @@ async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2
     # each one as an error, which would drown the start-up output.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     # The request's own timeout is longer than the probe's: silence is always "no answer".
+    client_settings = kafka_settings(kafka)
     client = kafka_clients.bootstrap_client(
-        kafka_settings(kafka), request_timeout_ms=int(probe_timeout * 1000) + 1000
+        client_settings, request_timeout_ms=int(probe_timeout * 1000) + 1000
     )
     try:
+        # aiokafka reports a refused password or certificate as "Unable to bootstrap": ask why.
+        await kafka_clients.check_connection(client_settings, probe_timeout)
         await asyncio.wait_for(client.bootstrap(), probe_timeout)
         # A broker that is still loading its cluster layout can answer with 0 brokers.
         if not client.cluster.brokers():
@@ -271,7 +272,7 @@ async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2
         return None
     except TimeoutError:
         return f"no answer within {probe_timeout:g}s"
-    except (KafkaError, OSError) as exc:
+    except (KafkaError, OSError, ConfigError) as exc:
         return str(exc) or type(exc).__name__
     finally:
         await client.close()
@@ -303,15 +304,18 @@ def _one_line(pem: str) -> str:
     return pem.strip().replace("\n", "\\n")
 
 
-def _server_properties(data_dir: Path, port: int, controller_port: int, secure_port: int) -> str:
+def _server_properties(
+    data_dir: Path, port: int, controller_port: int, secure: SecureListener | None
+) -> str:
+    sasl_ssl = "" if secure is None else f",SASL_SSL://127.0.0.1:{secure.port}"
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{secure_port},"
+            f"listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl},"
             f"CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{secure_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl}",
             "inter.broker.listener.name=PLAINTEXT",
             "controller.listener.names=CONTROLLER",
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
@@ -334,4 +338,4 @@ def _server_properties(data_dir: Path, port: int, controller_port: int, secure_p
             "auto.create.topics.enable=false",
             "",
         ]
-    )
+    ) + ("" if secure is None else _secure_properties(secure))

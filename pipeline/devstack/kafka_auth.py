@@ -148,11 +148,12 @@ async def set_up(admin: KafkaSettings, passwords: dict[str, Path], acls: Iterabl
         await client.bootstrap()
         node = client.get_random_node()
         upsertions = [_scram_upsertion(user, _read(path)) for user, path in passwords.items()]
-        response = await client.send(node, _AlterUserScram(upsertions))
-        _raise_errors(
-            "setting the SCRAM credential of",
-            [(r[0], r[1], r[2]) for r in response.results],
-        )
+        if upsertions:
+            response = await client.send(node, _AlterUserScram(upsertions))
+            _raise_errors(
+                "setting the SCRAM credential of",
+                [(r[0], r[1], r[2]) for r in response.results],
+            )
         wanted = list(acls)
         if wanted:
             created = await client.send(node, _CreateAcls(wanted))

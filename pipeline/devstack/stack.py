@@ -238,8 +238,7 @@ class Stack:
                 pid = broker.start(state["kafka_port"], state["controller_port"], secure)
                 report(f"Kafka {kafka.KAFKA_VERSION} starting (pid {pid})")
             self._ensure_control_keys(report)
-            endpoints = self._endpoints(state)
-            broker.wait_ready(endpoints.kafka, READY_TIMEOUT)
+            broker.wait_ready(self._endpoints(state).kafka, READY_TIMEOUT)
             if broker.has_secure_listener():
                 self._ensure_kafka_users()
             else:
@@ -248,7 +247,7 @@ class Stack:
                     "listener; `pipeline dev down && pipeline dev up` restarts it with one "
                     "(its data is kept)"
                 )
-            return endpoints
+            return self._endpoints(state)
 
     def down(self, purge: bool = False, report: Report = print) -> None:
         """Stop both servers by their pids and wait for them to exit; ``purge`` deletes data."""
