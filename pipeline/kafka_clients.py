@@ -26,7 +26,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -251,10 +251,14 @@ def settings_from_env(
         raise ConfigError(_name_the_variable(str(exc))) from None
 
 
+_CHOICES = {"security_protocol": SecurityProtocol, "sasl_mechanism": SaslMechanism}
+
+
 def _name_the_variable(message: str) -> str:
     for field, variable in {"bootstrap_servers": BOOTSTRAP_ENV, **SECURITY_ENV}.items():
         if f"`$.{field}`" in message:
-            return f"{variable}: {message}"
+            choices = ", ".join(get_args(_CHOICES[field])) if field in _CHOICES else ""
+            return f"{variable}: {message}" + (f"; choose from {choices}" if choices else "")
     return f"Kafka settings: {message}"
 
 

@@ -305,7 +305,7 @@ def _one_line(pem: str) -> str:
 
 
 def _server_properties(
-    data_dir: Path, port: int, controller_port: int, secure: SecureListener | None
+    data_dir: Path, port: int, controller_port: int, secure: SecureListener | None = None
 ) -> str:
     sasl_ssl = "" if secure is None else f",SASL_SSL://127.0.0.1:{secure.port}"
     return "\n".join(
@@ -318,8 +318,8 @@ def _server_properties(
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl}",
             "inter.broker.listener.name=PLAINTEXT",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
-            "SASL_SSL:SASL_SSL",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+            + ("" if secure is None else ",SASL_SSL:SASL_SSL"),
             f"log.dirs={data_dir}",
             "num.partitions=1",
             # One node: every internal topic has one replica, and one offsets partition keeps
