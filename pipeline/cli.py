@@ -32,6 +32,7 @@ from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
     DATABASE_ENV,
     KAFKA_ENV,
+    NO_SECURE_LISTENER,
     PRIVATE_KEY_ENV,
     PUBLIC_KEYS_ENV,
     probe_servers,
@@ -164,6 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
     bench.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
+    bench.add_argument(
+        "--secure",
+        action="store_true",
+        help="what TLS + SASL/SCRAM cost: produce, consume raw and drain end to end over the "
+        "local stack's SASL_SSL listener and over plaintext, in one run, and report the ratios "
+        "(instead of the usual measurements)",
+    )
     bench.add_argument("--json", type=Path, help="write the results as JSON here")
     bench.add_argument(
         "--profile",
@@ -1100,8 +1108,10 @@ def _bench(args: argparse.Namespace) -> int:
         profile=args.profile,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _local_stack_up()
+    stack, _ = _local_stack_up()
     config = _load_config(argparse.Namespace(config=None))
+    if args.secure:
+        return _bench_encryption(stack, config, source, plan, args.json)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))
     if args.json:
@@ -1110,6 +1120,64 @@ def _bench(args: argparse.Namespace) -> int:
     plot(results, args.png)
     _progress(f"plot: {args.png}")
     return 0
+
+
+def _bench_encryption(
+    stack: Stack | None, config: Config, source: Any, plan: Any, json_path: Path | None
+) -> int:
+    """`pipeline bench --secure`: plaintext against the stack's SASL_SSL listener."""
+    import json
+    from dataclasses import asdict
+
+    from consumers.bench import Listener, encryption_table, run_encryption_bench
+    from pipeline.devstack import kafka_auth
+
+    if stack is None:
+        raise ConfigError(
+            f"--secure measures the local stack's SASL_SSL listener: unset {KAFKA_ENV} and "
+            f"{DATABASE_ENV} to use the local stack"
+        )
+    endpoints = stack.endpoints()
+    secure = endpoints.kafka_secure
+    if secure is None:
+        raise DevStackError(NO_SECURE_LISTENER)
+    listeners = [
+        Listener("plaintext", config.kafka, config),
+        Listener(
+            "SASL_SSL",
+            secure.settings(PRODUCER_USER),
+            _with_kafka(config, secure.settings(AGENT_USER, client_id=config.instance_id)),
+        ),
+    ]
+
+    async def grant(prefix: str, group: str) -> None:
+        acls = kafka_auth.pipeline_acls(prefix, group)
+        await kafka_auth.set_up(endpoints.kafka, {}, acls)
+
+    results = asyncio.run(
+        run_encryption_bench(
+            config, source=source, listeners=listeners, grant=grant, plan=plan, report=_progress
+        )
+    )
+    print(encryption_table(results))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def _with_kafka(config: Config, kafka: KafkaSettings) -> Config:
+    """``config`` connecting to Kafka as ``kafka`` says."""
+    return msgspec.structs.replace(
+        config,
+        kafka_bootstrap_servers=kafka.bootstrap_servers,
+        kafka_security_protocol=kafka.security_protocol,
+        kafka_sasl_mechanism=kafka.sasl_mechanism,
+        kafka_ssl_cafile=kafka.ssl_cafile,
+        kafka_sasl_username=kafka.sasl_username,
+        kafka_sasl_password_file=kafka.sasl_password_file,
+        kafka_sasl_password=kafka.sasl_password,
+    )
 
 
 def _progress(message: str) -> None:

@@ -40,6 +40,10 @@ PROBE_TIMEOUT = 5.0  # how long `status` waits for each server to answer
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 Report = Callable[[str], None]
+NO_SECURE_LISTENER = (
+    "the local stack's Kafka broker has no SASL_SSL listener yet (it was started before the "
+    "stack had one): restart it with `pipeline dev down && pipeline dev up` (its data is kept)"
+)
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,7 @@ class Endpoints:
         if secure_user is None:
             lines = f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
         elif self.kafka_secure is None:
-            raise DevStackError(
-                "the local stack's Kafka broker has no SASL_SSL listener yet (it was started "
-                "before the stack had one): restart it with `pipeline dev down && pipeline dev "
-                "up` (its data is kept)"
-            )
+            raise DevStackError(NO_SECURE_LISTENER)
         else:
             lines = self.kafka_secure.exports(secure_user)
         lines += f"export {DATABASE_ENV}={self.database_url}\n"
