@@ -23,9 +23,11 @@ before the users existed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from aiokafka.errors import for_code
-from aiokafka.protocol.admin import CreateAclsRequest_v1
+from aiokafka.protocol.admin import CreateAclsRequest_v1, DescribeAclsRequest
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     CompactArray,
@@ -59,6 +61,7 @@ USERS = (AGENT_USER, PRODUCER_USER, ORCHESTRATOR_USER)
 DEFAULT_GROUP = "database-agent"
 MECHANISM: SaslMechanism = "SCRAM-SHA-512"
 SCRAM_ITERATIONS = 8192  # Kafka's minimum is 4096
+ACL_PROPAGATION_S = 30.0
 
 
 class Resource(IntEnum):  # Kafka's ResourceType
@@ -164,8 +167,33 @@ async def set_up(admin: KafkaSettings, passwords: dict[str, Path], acls: Iterabl
                     for a, r in zip(wanted, created.creation_responses, strict=True)
                 ],
             )
+            await _until_in_force(client, node, wanted)
     finally:
         await client.close()
+
+
+async def _until_in_force(client: Any, node: int, wanted: list[Acl]) -> None:
+    """Wait until the broker's authorizer holds every ACL of ``wanted``: CreateAcls returns
+    once the controller has them, and the broker applies them a moment later."""
+    missing: set[tuple[int, str, str, int, int]] = set()
+    deadline = time.monotonic() + ACL_PROPAGATION_S
+    while time.monotonic() < deadline:
+        described = await client.send(node, DescribeAclsRequest(1, None, 1, None, None, 1, 1))
+        held = {
+            (resource[0], resource[1], acl[0], acl[2], acl[3])
+            for resource in described.resources
+            for acl in resource[3]
+        }
+        missing = {
+            (int(a.resource), a.name, a.principal, int(a.operation), int(a.permission))
+            for a in wanted
+        } - held
+        if not missing:
+            return
+        await asyncio.sleep(0.05)
+    raise DevStackError(
+        f"the broker did not apply {len(missing)} new ACL(s) within {ACL_PROPAGATION_S:g}s"
+    )
 
 
 def _read(path: Path) -> str:

@@ -15,17 +15,18 @@ import os
 import shlex
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline import control
+from pipeline import control, kafka_clients
 from pipeline.config import redact_url
 from pipeline.devstack import kafka, kafka_auth, postgres, tls
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
-from pipeline.errors import DevStackError
+from pipeline.errors import ConfigError, DevStackError
 from pipeline.kafka_clients import KafkaSettings, settings_from_env
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
@@ -372,6 +373,9 @@ class Stack:
         state = self._read_state()
         admin = KafkaSettings(bootstrap_servers=f"127.0.0.1:{state['kafka_port']}")
         asyncio.run(kafka_auth.set_up(admin, passwords, kafka_auth.pipeline_acls()))
+        secure = self._secure_kafka(state)
+        assert secure is not None  # the listener is up and every password file exists
+        asyncio.run(_until_users_log_in(secure))
 
     def _ensure_control_keys(self, report: Report) -> None:
         """A key pair for the control plane on first `up`: the private key signs `pipeline
@@ -421,6 +425,23 @@ class Stack:
         with (self.home / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+
+async def _until_users_log_in(secure: SecureKafka, within: float = 30.0) -> None:
+    """Wait until every user authenticates on the SASL_SSL listener: a new SCRAM credential
+    reaches the broker a moment after AlterUserScramCredentials returns."""
+    deadline = time.monotonic() + within
+    for user in kafka_auth.USERS:
+        while True:
+            try:
+                await kafka_clients.check_connection(secure.settings(user), PROBE_TIMEOUT)
+                break
+            except ConfigError as exc:
+                if time.monotonic() > deadline:
+                    raise DevStackError(
+                        f"{user} cannot log in on the SASL_SSL listener: {exc}"
+                    ) from None
+                await asyncio.sleep(0.05)
 
 
 def _addresses(bootstrap: str) -> set[tuple[str, int | None]]:
