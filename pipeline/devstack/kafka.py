@@ -224,14 +224,6 @@ class KafkaBroker:
             f"the end of {self.log_path}:\n" + log_tail(self.log_path)
         )
 
-    def has_secure_listener(self) -> bool:
-        """Whether the broker was last started with the SASL_SSL listener (a stack home from
-        before it existed has none until the broker restarts)."""
-        try:
-            return "SASL_SSL://" in self.properties.read_text()
-        except FileNotFoundError:
-            return False
-
 
 @dataclass(frozen=True)
 class SecureListener:
@@ -244,6 +236,15 @@ class SecureListener:
 
 def pidfile(home: Path) -> PidFile:
     return PidFile(home / "broker.pid", _MAIN_CLASS)
+
+
+def has_secure_listener(home: Path) -> bool:
+    """Whether the broker of ``home`` was last started with the SASL_SSL listener (one from a
+    stack home older than the listener has none until it restarts)."""
+    try:
+        return "SASL_SSL://" in (home / "server.properties").read_text()
+    except FileNotFoundError:
+        return False
 
 
 async def broker_in_metadata(kafka: KafkaSettings | str, probe_timeout: float = 2.0) -> bool:

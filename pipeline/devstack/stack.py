@@ -240,7 +240,7 @@ class Stack:
                 report(f"Kafka {kafka.KAFKA_VERSION} starting (pid {pid})")
             self._ensure_control_keys(report)
             broker.wait_ready(self._endpoints(state).kafka, READY_TIMEOUT)
-            if broker.has_secure_listener():
+            if kafka.has_secure_listener(self._kafka_home):
                 self._ensure_kafka_users()
             else:
                 report(
@@ -355,7 +355,7 @@ class Stack:
         secrets = self.kafka_secrets()
         ready = (
             "kafka_secure_port" in state
-            and kafka.KafkaBroker(self._kafka_home, Path()).has_secure_listener()
+            and kafka.has_secure_listener(self._kafka_home)
             and all(kafka_auth.password_file(secrets, u).exists() for u in kafka_auth.USERS)
         )
         if not ready:
@@ -366,15 +366,16 @@ class Stack:
 
     def _ensure_kafka_users(self) -> None:
         """The SCRAM users (random passwords, made once) and the ACLs of the stack's default
-        topics and group, over the plaintext listener (its super user). Idempotent, and a
-        few milliseconds: done on every `up`."""
+        topics and group, over the plaintext listener (its super user), then a log-in as each
+        user. Idempotent, and well under a second: done on every `up`."""
         secrets = self.kafka_secrets()
         passwords = {u: kafka_auth.ensure_password_file(secrets, u) for u in kafka_auth.USERS}
         state = self._read_state()
         admin = KafkaSettings(bootstrap_servers=f"127.0.0.1:{state['kafka_port']}")
         asyncio.run(kafka_auth.set_up(admin, passwords, kafka_auth.pipeline_acls()))
         secure = self._secure_kafka(state)
-        assert secure is not None  # the listener is up and every password file exists
+        if secure is None:
+            raise DevStackError(NO_SECURE_LISTENER)
         asyncio.run(_until_users_log_in(secure))
 
     def _ensure_control_keys(self, report: Report) -> None:
