@@ -888,7 +888,7 @@ def _demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stack, started = _local_stack_up()
     try:
-        config = _load_config(argparse.Namespace(config=None))
+        config = _load_kafka_config(argparse.Namespace(config=None))
         if config.metrics_address:
             host, _, port = config.metrics_address.rpartition(":")
             free = choose_port(int(port), host=host)
@@ -1109,7 +1109,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stack, _ = _local_stack_up()
-    config = _load_config(argparse.Namespace(config=None))
+    config = _load_kafka_config(argparse.Namespace(config=None))
     if args.secure:
         return _bench_encryption(stack, config, source, plan, args.json)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
