@@ -22,6 +22,7 @@ that does not answer yet: aiokafka reports all of them as "Unable to bootstrap" 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from collections.abc import Mapping
@@ -293,7 +294,10 @@ async def check_connection(settings: KafkaSettings, within: float = 10.0) -> Non
                 sasl_plain_username=connection.get("sasl_plain_username"),
                 sasl_plain_password=connection.get("sasl_plain_password"),
             )
-        conn.close()
+        # Closing completes later (a TLS goodbye first): wait for it, or the socket outlives
+        # the event loop of a caller that returns now.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(conn.close(), within)
     except ssl.SSLCertVerificationError as exc:
         trusted = settings.ssl_cafile or "the system's trusted CAs"
         raise ConfigError(
@@ -361,6 +365,8 @@ async def _speaks_tls(host: str, port: int, within: float) -> bool | None:
         return False
     finally:
         writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), within)
     return True
 
 
