@@ -50,6 +50,7 @@ from pipeline import db, kafka_clients, testbed
 from pipeline import kafka as kafka_io
 from pipeline.batching import Row, lag
 from pipeline.config import Config
+from pipeline.control import control_topics
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import STREAM_BY_TYPE, STREAMS, Record, encode, topic_name
 from pipeline.rows import DECODERS
@@ -218,6 +219,107 @@ async def _bench_mix(
     )
 
 
+@dataclass(frozen=True)
+class Listener:
+    """One way the bench's Kafka traffic goes: plaintext, or SASL_SSL as the stack's users.
+    ``publisher`` produces the backlogs; ``agent`` (its ``kafka_*`` settings) is how the raw
+    consumer and the DatabaseAgents connect."""
+
+    name: str
+    publisher: KafkaSettings
+    agent: Config
+
+
+@dataclass
+class EncryptionResult:
+    mix: str
+    records: int
+    # By listener name, in the order given: records/s produced, consumed raw, and rows/s end
+    # to end (best of PASSES, the listeners' passes interleaved).
+    produce_per_s: dict[str, float]
+    raw_consume_per_s: dict[str, float]
+    e2e_rows_per_s: dict[str, float]
+
+
+#: (topic prefix, consumer group) -> the ACLs the listeners' users need on them
+Grant = Callable[[str, str], Awaitable[None]]
+
+
+async def run_encryption_bench(
+    config: Config,
+    *,
+    source: RecordSource,
+    listeners: list[Listener],
+    grant: Grant,
+    plan: BenchPlan,
+    report: Callable[[str], None],
+) -> list[EncryptionResult]:
+    """What TLS and SASL cost, measured in one run: per mix, a backlog is produced through
+    each listener (timed), drained raw through each, then drained end to end by one
+    DatabaseAgent through each, passes interleaved so the machine's drift hits both alike.
+    Topics are created over ``config`` (plaintext), and ``grant`` gives their ACLs."""
+    results = []
+    for mix in plan.mixes:
+        produced: dict[str, float] = {}
+        prefixes: dict[str, str] = {}
+        for listener in listeners:
+            prefix = await _fresh_topics(config, plan.partitions)
+            await kafka_io.ensure_topics(config.kafka, control_topics(prefix), 1)
+            await grant(prefix, f"{prefix}agents")
+            report(f"[{mix}] producing {plan.records:,} records over {listener.name}")
+            started = time.perf_counter()
+            await _produce(listener.publisher, source, mix, plan.records, prefix)
+            produced[listener.name] = plan.records / (time.perf_counter() - started)
+            prefixes[listener.name] = prefix
+            report(f"[{mix}]   {produced[listener.name]:,.0f} records/s")
+        consumed: dict[str, float] = {}
+        for listener in listeners:
+            rate, _ = await _raw_consume(listener.agent, prefixes[listener.name], plan.records)
+            consumed[listener.name] = rate
+            report(f"[{mix}] raw consume over {listener.name}: {rate:,.0f} records/s")
+        drains: dict[str, list[float]] = defaultdict(list)
+        for n in range(PASSES):
+            for listener in listeners:
+                async with _scratch_database(config) as url:
+                    rate, _, _ = await _drain(
+                        listener.agent, url, prefixes[listener.name], processes=1
+                    )
+                drains[listener.name].append(rate)
+                report(
+                    f"[{mix}] end to end over {listener.name}, pass {n + 1}/{PASSES}: "
+                    f"{rate:,.0f} rows/s"
+                )
+        results.append(
+            EncryptionResult(
+                mix,
+                plan.records,
+                produced,
+                consumed,
+                {name: max(rates) for name, rates in drains.items()},
+            )
+        )
+    return results
+
+
+def encryption_table(results: list[EncryptionResult]) -> str:
+    """Each rate by listener, and the last listener's against the first (1.00 = no cost)."""
+    lines = []
+    for r in results:
+        names = list(r.e2e_rows_per_s)
+        base, other = names[0], names[-1]
+        lines.append(f"{r.mix}, {r.records:,} records: {other} against {base}")
+        for what, rates in (
+            ("produce records/s", r.produce_per_s),
+            ("raw consume records/s", r.raw_consume_per_s),
+            ("end to end rows/s", r.e2e_rows_per_s),
+        ):
+            lines.append(
+                f"  {what:<22} {base} {rates[base]:>11,.0f}   {other} {rates[other]:>11,.0f}"
+                f"   ratio {rates[other] / rates[base]:.2f}"
+            )
+    return "\n".join(lines)
+
+
 def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
@@ -297,6 +399,14 @@ async def _backlog(
 ) -> str:
     """Fresh topics holding ``records`` records of ``mix``; returns their prefix."""
     prefix = await _fresh_topics(config, partitions)
+    await _produce(config.kafka, source, mix, records, prefix)
+    return prefix
+
+
+async def _produce(
+    kafka: KafkaSettings, source: RecordSource, mix: str, records: int, prefix: str
+) -> None:
+    """``records`` records of ``mix`` to the topics under ``prefix``, as ``kafka`` connects."""
     topics = {s.name: topic_name(s.topic, prefix) for s in STREAMS}
 
     def messages(chunk: list[Record]) -> list[testbed.Message]:
@@ -307,13 +417,12 @@ async def _backlog(
         return found
 
     await testbed.produce(
-        config.kafka,
+        kafka,
         map(messages, source(mix, records)),
         linger_ms=20,
         max_batch_size=512 * 1024,
         compression_type="lz4",
     )
-    return prefix
 
 
 async def _fresh_topics(config: Config, partitions: int) -> str:
@@ -575,6 +684,7 @@ def _start_agent(
         # Agents as deployed: steered by a controller that trusts the orchestrator's key.
         control_public_keys=",".join(config.control_public_keys),
     )
+    env.update(config.kafka.environment())  # over TLS and SASL when the config says so
     wrapper: list[str] = []
     if profile_to is not None:
         spy = _py_spy()

@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from pipeline import kafka_clients
 from pipeline.config import Config, load_config
 from pipeline.devstack import Stack, endpoints_from_env, prometheus
+from pipeline.devstack.kafka_auth import AGENT_USER, ORCHESTRATOR_USER, PRODUCER_USER, USERS
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
     DATABASE_ENV,
     KAFKA_ENV,
+    NO_SECURE_LISTENER,
     PRIVATE_KEY_ENV,
     PUBLIC_KEYS_ENV,
     probe_servers,
@@ -92,9 +95,21 @@ def _parser() -> argparse.ArgumentParser:
     dev_commands.add_parser(
         "status", help="what runs and whether it answers (exit 3 when not all)"
     ).set_defaults(handler=_dev_status)
-    dev_commands.add_parser("env", help="print export lines for a shell to eval").set_defaults(
-        handler=_dev_env
+    env = dev_commands.add_parser("env", help="print export lines for a shell to eval")
+    env.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka through the stack's SASL_SSL listener (TLS + SCRAM-SHA-512): the CA file, "
+        "the user and its password FILE (never the password)",
     )
+    env.add_argument(
+        "--user",
+        choices=USERS,
+        default=AGENT_USER,
+        help=f"with --secure: who connects (default {AGENT_USER}; {ORCHESTRATOR_USER} for "
+        f"`pipeline control` and `topics create`, {PRODUCER_USER} for `simulate`)",
+    )
+    env.set_defaults(handler=_dev_env)
 
     migrate = commands.add_parser("migrate", help="apply the sql/ migrations not yet applied")
     _config_option(migrate)
@@ -177,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
     bench.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
+    bench.add_argument(
+        "--secure",
+        action="store_true",
+        help="what TLS + SASL/SCRAM cost: produce, consume raw and drain end to end over the "
+        "local stack's SASL_SSL listener and over plaintext, in one run, and report the ratios "
+        "(instead of the usual measurements)",
+    )
     bench.add_argument("--json", type=Path, help="write the results as JSON here")
     bench.add_argument(
         "--profile",
@@ -389,6 +411,15 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_kafka_config(args: argparse.Namespace, **overrides: object) -> Config:
+    """:func:`_load_config` for a command that uses Kafka: a cluster that refuses its security
+    settings (authentication, certificate, TLS or not) fails here, with what to fix, instead
+    of being retried as if it were down."""
+    config = _load_config(args, **overrides)
+    asyncio.run(kafka_clients.check_connection(config.kafka))
+    return config
+
+
 def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
     """Settings from the file, the environment, the flags; the local stack fills the endpoints
     when neither endpoint variable is set and the stack is running."""
@@ -430,7 +461,7 @@ def _migrate(args: argparse.Namespace) -> int:
 def _topics_create(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
-    config = _load_config(args, topic_partitions=args.partitions)
+    config = _load_kafka_config(args, topic_partitions=args.partitions)
     from pipeline.control import control_topics
 
     topics = [*kafka.data_topics(config), kafka.dead_letter_topic(config)]
@@ -456,7 +487,7 @@ def _run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = _load_config(args, group_id=args.group)
+    config = _load_kafka_config(args, group_id=args.group)
     agent = DatabaseAgent(config)
     controller = Controller(agent, _verifier(config))
     if config.metrics_address:
@@ -565,7 +596,7 @@ def _antigravity(config: Config, *, signing: bool) -> Any:
 
 
 def _control_send(args: argparse.Namespace) -> int:
-    config = _load_config(args, group_id=args.group)
+    config = _load_kafka_config(args, group_id=args.group)
     command = _control_command(args)
     antigravity = _antigravity(config, signing=True)
     delivery = asyncio.run(antigravity.send(config.group_id, command, wait_s=args.wait))
@@ -587,7 +618,7 @@ def _control_send(args: argparse.Namespace) -> int:
 def _control_status(args: argparse.Namespace) -> int:
     import json
 
-    config = _load_config(args, group_id=args.group)
+    config = _load_kafka_config(args, group_id=args.group)
     antigravity = _antigravity(config, signing=False)
 
     async def gather() -> tuple[int, list[Any]]:
@@ -725,6 +756,7 @@ def _replay(args: argparse.Namespace) -> int:
             for note in r["notes"]:
                 print(f"      {note}")
         return 0
+    asyncio.run(kafka_clients.check_connection(config.kafka))
     tty = sys.stderr.isatty()
 
     def report(progress: Progress, final: bool) -> None:
@@ -875,6 +907,9 @@ def _print_prometheus(stack: Stack) -> None:
 
 
 def _dev_env(args: argparse.Namespace) -> int:
+    if args.secure:  # the stack's own listener, whatever the environment names
+        print(Stack().endpoints().exports(secure_user=args.user), end="")
+        return 0
     endpoints = endpoints_from_env() or Stack().endpoints()
     print(endpoints.exports(), end="")
     return 0
@@ -883,7 +918,7 @@ def _dev_env(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
-    config = _load_config(args)
+    config = _load_kafka_config(args)
     topics = kafka.data_topics(config)
     asyncio.run(kafka.ensure_topics(config.kafka, topics, config.topic_partitions))
     result = asyncio.run(_simulate_from_args(config, args))
@@ -914,7 +949,7 @@ def _demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stack, started = _local_stack_up()
     try:
-        config = _load_config(argparse.Namespace(config=None))
+        config = _load_kafka_config(argparse.Namespace(config=None))
         if config.metrics_address:
             host, _, port = config.metrics_address.rpartition(":")
             free = choose_port(int(port), host=host)
@@ -1134,8 +1169,10 @@ def _bench(args: argparse.Namespace) -> int:
         profile=args.profile,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _local_stack_up()
-    config = _load_config(argparse.Namespace(config=None))
+    stack, _ = _local_stack_up()
+    config = _load_kafka_config(argparse.Namespace(config=None))
+    if args.secure:
+        return _bench_encryption(stack, config, source, plan, args.json)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))
     if args.json:
@@ -1144,6 +1181,64 @@ def _bench(args: argparse.Namespace) -> int:
     plot(results, args.png)
     _progress(f"plot: {args.png}")
     return 0
+
+
+def _bench_encryption(
+    stack: Stack | None, config: Config, source: Any, plan: Any, json_path: Path | None
+) -> int:
+    """`pipeline bench --secure`: plaintext against the stack's SASL_SSL listener."""
+    import json
+    from dataclasses import asdict
+
+    from consumers.bench import Listener, encryption_table, run_encryption_bench
+    from pipeline.devstack import kafka_auth
+
+    if stack is None:
+        raise ConfigError(
+            f"--secure measures the local stack's SASL_SSL listener: unset {KAFKA_ENV} and "
+            f"{DATABASE_ENV} to use the local stack"
+        )
+    endpoints = stack.endpoints()
+    secure = endpoints.kafka_secure
+    if secure is None:
+        raise DevStackError(NO_SECURE_LISTENER)
+    listeners = [
+        Listener("plaintext", config.kafka, config),
+        Listener(
+            "SASL_SSL",
+            secure.settings(PRODUCER_USER),
+            _with_kafka(config, secure.settings(AGENT_USER, client_id=config.instance_id)),
+        ),
+    ]
+
+    async def grant(prefix: str, group: str) -> None:
+        acls = kafka_auth.pipeline_acls(prefix, group)
+        await kafka_auth.set_up(endpoints.kafka, {}, acls)
+
+    results = asyncio.run(
+        run_encryption_bench(
+            config, source=source, listeners=listeners, grant=grant, plan=plan, report=_progress
+        )
+    )
+    print(encryption_table(results))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def _with_kafka(config: Config, kafka: KafkaSettings) -> Config:
+    """``config`` connecting to Kafka as ``kafka`` says."""
+    return msgspec.structs.replace(
+        config,
+        kafka_bootstrap_servers=kafka.bootstrap_servers,
+        kafka_security_protocol=kafka.security_protocol,
+        kafka_sasl_mechanism=kafka.sasl_mechanism,
+        kafka_ssl_cafile=kafka.ssl_cafile,
+        kafka_sasl_username=kafka.sasl_username,
+        kafka_sasl_password_file=kafka.sasl_password_file,
+        kafka_sasl_password=kafka.sasl_password,
+    )
 
 
 def _progress(message: str) -> None:

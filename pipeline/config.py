@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from pipeline.errors import ConfigError
-from pipeline.kafka_clients import KafkaSettings
+from pipeline.kafka_clients import KafkaSettings, SaslMechanism, SecurityProtocol
 from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -56,6 +56,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     control_public_keys: tuple[str, ...] = ()
     # The orchestrator's signing key (`pipeline control`), PEM, readable by its owner only.
     control_private_key_file: str = ""
+    # How Kafka's clients authenticate and encrypt: pipeline.kafka_clients.KafkaSettings's
+    # security settings, each PIPELINE_KAFKA_<NAME>.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    kafka_ssl_cafile: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password_file: str = ""
+    kafka_sasl_password: str = ""  # never shown; prefer the file
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.streams if s not in STREAM_BY_NAME]
@@ -69,10 +77,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 f"{env_name('metrics_address')}: expected HOST:PORT (or empty to disable), "
                 f"got {self.metrics_address!r}"
             )
+        self.kafka  # noqa: B018 - the Kafka settings are checked together, at start-up
 
     def __repr__(self) -> str:  # never show the password, whatever prints this
         fields = {f: getattr(self, f) for f in self.__struct_fields__}
         fields["database_url"] = redact_url(self.database_url)
+        if self.kafka_sasl_password:
+            fields["kafka_sasl_password"] = "***"
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def topic(self, default_name: str) -> str:
@@ -83,7 +94,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def kafka(self) -> KafkaSettings:
         """How this instance's Kafka clients connect; the instance id is their client id."""
         return KafkaSettings(
-            bootstrap_servers=self.kafka_bootstrap_servers, client_id=self.instance_id
+            bootstrap_servers=self.kafka_bootstrap_servers,
+            client_id=self.instance_id,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            ssl_cafile=self.kafka_ssl_cafile,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password_file=self.kafka_sasl_password_file,
+            sasl_password=self.kafka_sasl_password,
         )
 
 

@@ -112,8 +112,11 @@ class AgentPublisher:
     so one entity's records stay ordered in one partition.
 
     Args:
-        bootstrap: how to reach Kafka: :class:`pipeline.kafka_clients.KafkaSettings`, or
-            just the bootstrap servers, ``host:port[,host:port...]``.
+        bootstrap: how to reach Kafka: :class:`pipeline.kafka_clients.KafkaSettings` (TLS
+            and SASL included: ``security_protocol``, ``ssl_cafile``, ``sasl_username``,
+            ``sasl_password_file``), or just the bootstrap servers,
+            ``host:port[,host:port...]``, which connect as the environment's
+            ``PIPELINE_KAFKA_*`` variables say (plaintext when none is set).
         topic_prefix: prepended to every default topic name (``PIPELINE_TOPIC_PREFIX``).
         content_type: :data:`pipeline.records.JSON` or :data:`pipeline.records.MSGPACK`.
         send_timeout: seconds any one call may wait on the broker (start, send, flush, stop).
@@ -121,7 +124,9 @@ class AgentPublisher:
             :data:`PRODUCER_DEFAULTS` (a ``client_id`` here wins over the settings' one).
 
     Raises:
-        ConfigError: ``content_type`` or ``send_timeout`` is invalid.
+        ConfigError: ``content_type`` or ``send_timeout`` is invalid, or the Kafka security
+            settings are (a SASL protocol without a user, a CA file that is not a
+            certificate, ...).
     """
 
     def __init__(

@@ -10,13 +10,14 @@ import subprocess
 import time
 import uuid
 from base64 import urlsafe_b64encode
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
 from pipeline import kafka_clients
 from pipeline.devstack.processes import PidFile, log_tail, spawn
-from pipeline.errors import DevStackError
+from pipeline.errors import ConfigError, DevStackError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
 
 KAFKA_VERSION = "4.3.1"
@@ -150,9 +151,16 @@ class KafkaBroker:
         self.properties = home / "server.properties"
         self.pidfile = pidfile(home)
 
-    def start(self, port: int, controller_port: int) -> int:
+    def start(self, port: int, controller_port: int, secure: SecureListener | None = None) -> int:
+        """Start the broker: a PLAINTEXT listener on ``port``, the controller on
+        ``controller_port``, and the SASL_SSL listener ``secure`` says, if any."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.properties.write_text(_server_properties(self.data_dir, port, controller_port))
+        properties = _server_properties(self.data_dir, port, controller_port, secure)
+        # With the SASL_SSL listener it holds a private key: its owner's only, like key files.
+        fd = os.open(self.properties, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(properties)
         (self.home / "log4j2.yaml").write_text(_LOG4J2)
         self._format_once()
         heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS).split()
@@ -199,7 +207,7 @@ class KafkaBroker:
                 f"{result.stdout}{result.stderr}"
             )
 
-    def wait_ready(self, bootstrap: str, timeout: float) -> None:
+    def wait_ready(self, bootstrap: KafkaSettings | str, timeout: float) -> None:
         """Wait until a Kafka client sees this broker in the cluster metadata."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -217,8 +225,26 @@ class KafkaBroker:
         )
 
 
+@dataclass(frozen=True)
+class SecureListener:
+    """The broker's SASL_SSL listener: its port, and the certificate and key it presents."""
+
+    port: int
+    cert: Path
+    key: Path
+
+
 def pidfile(home: Path) -> PidFile:
     return PidFile(home / "broker.pid", _MAIN_CLASS)
+
+
+def has_secure_listener(home: Path) -> bool:
+    """Whether the broker of ``home`` was last started with the SASL_SSL listener (one from a
+    stack home older than the listener has none until it restarts)."""
+    try:
+        return "SASL_SSL://" in (home / "server.properties").read_text()
+    except FileNotFoundError:
+        return False
 
 
 async def broker_in_metadata(kafka: KafkaSettings | str, probe_timeout: float = 2.0) -> bool:
@@ -233,10 +259,13 @@ async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2
     # each one as an error, which would drown the start-up output.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     # The request's own timeout is longer than the probe's: silence is always "no answer".
+    client_settings = kafka_settings(kafka)
     client = kafka_clients.bootstrap_client(
-        kafka_settings(kafka), request_timeout_ms=int(probe_timeout * 1000) + 1000
+        client_settings, request_timeout_ms=int(probe_timeout * 1000) + 1000
     )
     try:
+        # aiokafka reports a refused password or certificate as "Unable to bootstrap": ask why.
+        await kafka_clients.check_connection(client_settings, probe_timeout)
         await asyncio.wait_for(client.bootstrap(), probe_timeout)
         # A broker that is still loading its cluster layout can answer with 0 brokers.
         if not client.cluster.brokers():
@@ -244,23 +273,54 @@ async def why_not_answering(kafka: KafkaSettings | str, probe_timeout: float = 2
         return None
     except TimeoutError:
         return f"no answer within {probe_timeout:g}s"
-    except (KafkaError, OSError) as exc:
+    except (KafkaError, OSError, ConfigError) as exc:
         return str(exc) or type(exc).__name__
     finally:
         await client.close()
 
 
-def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+def _secure_properties(secure: SecureListener) -> str:
+    """The SASL_SSL listener (SCRAM-SHA-512 over TLS, the key and certificate inline as PEM)
+    and the authorizer. On the loopback, the plaintext listener's anonymous principal is a
+    super user: the tests and the stack's own set-up use it. A dev-stack convenience, never a
+    production setting."""
+    return "\n".join(
+        [
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.certificate.chain={_one_line(secure.cert.read_text())}",
+            f"ssl.keystore.key={_one_line(secure.key.read_text())}",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users=User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found=false",
+            "",
+        ]
+    )
+
+
+def _one_line(pem: str) -> str:
+    """A PEM block as one properties value: its line breaks as ``\\n`` escapes."""
+    return pem.strip().replace("\n", "\\n")
+
+
+def _server_properties(
+    data_dir: Path, port: int, controller_port: int, secure: SecureListener | None = None
+) -> str:
+    sasl_ssl = "" if secure is None else f",SASL_SSL://127.0.0.1:{secure.port}"
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl},"
+            f"CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl}",
             "inter.broker.listener.name=PLAINTEXT",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+            + ("" if secure is None else ",SASL_SSL:SASL_SSL"),
             f"log.dirs={data_dir}",
             "num.partitions=1",
             # One node: every internal topic has one replica, and one offsets partition keeps
@@ -279,4 +339,4 @@ def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
             "auto.create.topics.enable=false",
             "",
         ]
-    )
+    ) + ("" if secure is None else _secure_properties(secure))

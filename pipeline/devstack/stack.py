@@ -15,30 +15,65 @@ import os
 import shlex
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline import control
+from pipeline import control, kafka_clients
 from pipeline.config import redact_url
-from pipeline.devstack import kafka, postgres
+from pipeline.devstack import kafka, kafka_auth, postgres, tls
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
-from pipeline.errors import DevStackError
-from pipeline.kafka_clients import KafkaSettings
+from pipeline.errors import ConfigError, DevStackError
+from pipeline.kafka_clients import KafkaSettings, settings_from_env
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_ENV = "DATABASE_URL"
 PRIVATE_KEY_ENV = "PIPELINE_CONTROL_PRIVATE_KEY_FILE"
 PUBLIC_KEYS_ENV = "PIPELINE_CONTROL_PUBLIC_KEYS"
 DEFAULT_KAFKA_PORT = 9092
+DEFAULT_KAFKA_SECURE_PORT = 9094
 DEFAULT_PG_PORT = 5432
 READY_TIMEOUT = 90.0
 PROBE_TIMEOUT = 5.0  # how long `status` waits for each server to answer
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 Report = Callable[[str], None]
+NO_SECURE_LISTENER = (
+    "the local stack's Kafka broker has no SASL_SSL listener yet (it was started before the "
+    "stack had one): restart it with `pipeline dev down && pipeline dev up` (its data is kept)"
+)
+
+
+@dataclass(frozen=True)
+class SecureKafka:
+    """The local stack's SASL_SSL listener, and what a client needs to use it: the CA that
+    signed the broker's certificate, and the directory of the users' password files."""
+
+    bootstrap: str
+    cafile: Path
+    secrets: Path
+
+    def settings(self, user: str, client_id: str = "") -> KafkaSettings:
+        """How ``user`` (one of :data:`pipeline.devstack.kafka_auth.USERS`) connects."""
+        return KafkaSettings(
+            bootstrap_servers=self.bootstrap,
+            client_id=client_id,
+            security_protocol="SASL_SSL",
+            sasl_mechanism=kafka_auth.MECHANISM,
+            ssl_cafile=str(self.cafile),
+            sasl_username=user,
+            sasl_password_file=str(kafka_auth.password_file(self.secrets, user)),
+        )
+
+    def exports(self, user: str) -> str:
+        """Export lines for ``user``'s settings: they name the password file, never hold it."""
+        variables = self.settings(user).environment()
+        return "".join(
+            f"export {name}={shlex.quote(value)}\n" for name, value in variables.items() if value
+        )
 
 
 @dataclass(frozen=True)
@@ -48,9 +83,22 @@ class Endpoints:
     # The local stack's control key pair (private, public), for `pipeline control` and the
     # agents; None for servers from the environment.
     control_keys: tuple[Path, Path] | None = None
+    # How Kafka's clients connect, when more than the bootstrap servers (the environment's
+    # PIPELINE_KAFKA_* security settings); None means plaintext.
+    kafka_settings: KafkaSettings | None = field(default=None, compare=False)
+    # The local stack's SASL_SSL listener; None for servers from the environment, and for a
+    # broker started before the stack had one.
+    kafka_secure: SecureKafka | None = field(default=None, compare=False)
 
-    def exports(self) -> str:
-        lines = f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
+    def exports(self, secure_user: str | None = None) -> str:
+        """Export lines for a shell; with ``secure_user``, Kafka's are those of the SASL_SSL
+        listener as that user (:meth:`SecureKafka.exports`)."""
+        if secure_user is None:
+            lines = f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
+        elif self.kafka_secure is None:
+            raise DevStackError(NO_SECURE_LISTENER)
+        else:
+            lines = self.kafka_secure.exports(secure_user)
         lines += f"export {DATABASE_ENV}={self.database_url}\n"
         if self.control_keys is not None:
             private, public = (shlex.quote(str(p)) for p in self.control_keys)
@@ -60,7 +108,7 @@ class Endpoints:
     @property
     def kafka(self) -> KafkaSettings:
         """Kafka's connection settings, for :mod:`pipeline.kafka_clients`."""
-        return KafkaSettings(bootstrap_servers=self.kafka_bootstrap)
+        return self.kafka_settings or KafkaSettings(bootstrap_servers=self.kafka_bootstrap)
 
 
 @dataclass(frozen=True)
@@ -108,7 +156,7 @@ def endpoints_from_env(environ: Mapping[str, str] = os.environ) -> Endpoints | N
             f"{present} is set but {missing} is not: set both to use your own servers, "
             "or unset both to use the local stack"
         )
-    return Endpoints(bootstrap, url)
+    return Endpoints(bootstrap, url, kafka_settings=settings_from_env(environ))
 
 
 def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -149,6 +197,7 @@ class Stack:
         self._state_path = self.home / "state.json"
         self._pg_home = self.home / "postgres"
         self._kafka_home = self.home / "kafka"
+        self._tls_home = self.home / "tls"
 
     # -- commands ---------------------------------------------------------------------
 
@@ -179,13 +228,27 @@ class Stack:
                 state["controller_port"] = self._port(
                     state.get("controller_port"), DEFAULT_KAFKA_PORT + 1, report, None, taken
                 )
+                taken.add(state["controller_port"])
+                state["kafka_secure_port"] = self._port(
+                    state.get("kafka_secure_port"), DEFAULT_KAFKA_SECURE_PORT, report, None, taken
+                )
                 self._write_state(state)
-                pid = broker.start(state["kafka_port"], state["controller_port"])
+                ca = tls.ensure_ca(self._tls_home)
+                cert = tls.issue_server_cert(ca, self._tls_home, "kafka")
+                secure = kafka.SecureListener(state["kafka_secure_port"], cert.cert, cert.key)
+                pid = broker.start(state["kafka_port"], state["controller_port"], secure)
                 report(f"Kafka {kafka.KAFKA_VERSION} starting (pid {pid})")
             self._ensure_control_keys(report)
-            endpoints = self._endpoints(state)
-            broker.wait_ready(endpoints.kafka_bootstrap, READY_TIMEOUT)
-            return endpoints
+            broker.wait_ready(self._endpoints(state).kafka, READY_TIMEOUT)
+            if kafka.has_secure_listener(self._kafka_home):
+                self._ensure_kafka_users()
+            else:
+                report(
+                    "the running Kafka broker was started before the stack had its SASL_SSL "
+                    "listener; `pipeline dev down && pipeline dev up` restarts it with one "
+                    "(its data is kept)"
+                )
+            return self._endpoints(state)
 
     def down(self, purge: bool = False, report: Report = print) -> None:
         """Stop both servers by their pids and wait for them to exit; ``purge`` deletes data."""
@@ -242,7 +305,10 @@ class Stack:
         own = self.recorded_endpoints()
         if own is None:
             return False
-        if _addresses(endpoints.kafka_bootstrap) != _addresses(own.kafka_bootstrap) or (
+        kafka_addresses = [_addresses(own.kafka_bootstrap)]
+        if own.kafka_secure is not None:
+            kafka_addresses.append(_addresses(own.kafka_secure.bootstrap))
+        if _addresses(endpoints.kafka_bootstrap) not in kafka_addresses or (
             _database_address(endpoints.database_url) != _database_address(own.database_url)
         ):
             return False
@@ -262,6 +328,10 @@ class Stack:
             )
         return self._endpoints(self._read_state())
 
+    def kafka_secrets(self) -> Path:
+        """The directory of the stack's Kafka users' password files (0600 each)."""
+        return self.home / "secrets"
+
     def control_keys(self) -> tuple[Path, Path]:
         """Where the stack keeps its control key pair: (private, public)."""
         keys = self.home / "keys"
@@ -271,11 +341,42 @@ class Stack:
 
     def _endpoints(self, state: Mapping[str, int]) -> Endpoints:
         keys = self.control_keys()
+        bootstrap = f"127.0.0.1:{state['kafka_port']}"
         return Endpoints(
-            f"127.0.0.1:{state['kafka_port']}",
+            bootstrap,
             postgres.dsn(state["pg_port"]),
             keys if all(p.exists() for p in keys) else None,
+            # The stack's own plaintext listener, whatever PIPELINE_KAFKA_* says.
+            kafka_settings=KafkaSettings(bootstrap_servers=bootstrap),
+            kafka_secure=self._secure_kafka(state),
         )
+
+    def _secure_kafka(self, state: Mapping[str, int]) -> SecureKafka | None:
+        secrets = self.kafka_secrets()
+        ready = (
+            "kafka_secure_port" in state
+            and kafka.has_secure_listener(self._kafka_home)
+            and all(kafka_auth.password_file(secrets, u).exists() for u in kafka_auth.USERS)
+        )
+        if not ready:
+            return None
+        return SecureKafka(
+            f"127.0.0.1:{state['kafka_secure_port']}", self._tls_home / "ca.crt", secrets
+        )
+
+    def _ensure_kafka_users(self) -> None:
+        """The SCRAM users (random passwords, made once) and the ACLs of the stack's default
+        topics and group, over the plaintext listener (its super user), then a log-in as each
+        user. Idempotent, and well under a second: done on every `up`."""
+        secrets = self.kafka_secrets()
+        passwords = {u: kafka_auth.ensure_password_file(secrets, u) for u in kafka_auth.USERS}
+        state = self._read_state()
+        admin = KafkaSettings(bootstrap_servers=f"127.0.0.1:{state['kafka_port']}")
+        asyncio.run(kafka_auth.set_up(admin, passwords, kafka_auth.pipeline_acls()))
+        secure = self._secure_kafka(state)
+        if secure is None:
+            raise DevStackError(NO_SECURE_LISTENER)
+        asyncio.run(_until_users_log_in(secure))
 
     def _ensure_control_keys(self, report: Report) -> None:
         """A key pair for the control plane on first `up`: the private key signs `pipeline
@@ -327,6 +428,23 @@ class Stack:
             yield
 
 
+async def _until_users_log_in(secure: SecureKafka, within: float = 30.0) -> None:
+    """Wait until every user authenticates on the SASL_SSL listener: a new SCRAM credential
+    reaches the broker a moment after AlterUserScramCredentials returns."""
+    deadline = time.monotonic() + within
+    for user in kafka_auth.USERS:
+        while True:
+            try:
+                await kafka_clients.check_connection(secure.settings(user), PROBE_TIMEOUT)
+                break
+            except ConfigError as exc:
+                if time.monotonic() > deadline:
+                    raise DevStackError(
+                        f"{user} cannot log in on the SASL_SSL listener: {exc}"
+                    ) from None
+                await asyncio.sleep(0.05)
+
+
 def _addresses(bootstrap: str) -> set[tuple[str, int | None]]:
     return {_host_and_port(f"//{a.strip()}") for a in bootstrap.split(",") if a.strip()}
 
@@ -354,8 +472,8 @@ def _asked(component: ComponentStatus) -> ComponentStatus:
         url = postgres.dsn(component.port)
         problem = asyncio.run(postgres.why_not_answering(url, PROBE_TIMEOUT))
     else:
-        bootstrap = f"127.0.0.1:{component.port}"
-        problem = asyncio.run(kafka.why_not_answering(bootstrap, PROBE_TIMEOUT))
+        plaintext = KafkaSettings(bootstrap_servers=f"127.0.0.1:{component.port}")
+        problem = asyncio.run(kafka.why_not_answering(plaintext, PROBE_TIMEOUT))
     if problem is None:
         return dataclasses.replace(component, answers=True)
     return dataclasses.replace(

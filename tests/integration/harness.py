@@ -198,7 +198,7 @@ def scrape(metrics_address: str, name: str) -> float:
 
 
 def _kafka(bootstrap: str) -> KafkaSettings:
-    return KafkaSettings(bootstrap_servers=bootstrap)
+    return kafka_clients.kafka_settings(bootstrap)  # with the environment's TLS and SASL
 
 
 def _by_default_name(found: testbed.Offsets, prefix: str) -> dict[tuple[str, int], int]:

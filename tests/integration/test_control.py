@@ -51,7 +51,6 @@ from pipeline.control import (
     write_private_key_file,
     write_public_key_file,
 )
-from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import STREAM_BY_NAME
 from pipeline.testbed import AgentProcess, stop_agents
 from tests.conftest import Servers
@@ -92,7 +91,7 @@ def keys(tmp_path: Path) -> Keys:
 
 def orchestrator(bootstrap: str, prefix: str, keys: Keys) -> Antigravity:
     return Antigravity(
-        KafkaSettings(bootstrap_servers=bootstrap), prefix=prefix, private_key=keys.private
+        kafka_clients.kafka_settings(bootstrap), prefix=prefix, private_key=keys.private
     )
 
 
@@ -503,7 +502,7 @@ async def test_forged_tampered_replayed_stale_expired_unknown_and_garbage_comman
             "garbage": b"\x93\x01\x02\xc1 not an envelope",
             "empty": b"",
         }
-        producer = kafka_clients.producer(KafkaSettings(bootstrap_servers=bootstrap), acks="all")
+        producer = kafka_clients.producer(kafka_clients.kafka_settings(bootstrap), acks="all")
         await producer.start()
         try:
             first = await producer.send_and_wait(control_topic, applied)
@@ -562,7 +561,7 @@ def _sample(agent: DatabaseAgent, outcome: str) -> float:
 
 
 async def status_acks(bootstrap: str, status_topic: str) -> list[Ack]:
-    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    kafka = kafka_clients.kafka_settings(bootstrap)
     consumer = kafka_clients.consumer(kafka, enable_auto_commit=False)
     await consumer.start()
     try:

@@ -1,5 +1,5 @@
-"""The bench's pure parts: its options, its optional dependencies, and how a py-spy profile
-is summarised."""
+"""The bench's pure parts: its options, its optional dependencies, how a py-spy profile is
+summarised, and the encryption comparison's table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.bench import profile_breakdown
+from consumers.bench import EncryptionResult, encryption_table, profile_breakdown
 from pipeline import cli
 
 LOOP = "main (pipeline/cli.py:38);BaseEventLoop.run_forever (asyncio/base_events.py:607)"
@@ -103,3 +103,19 @@ def test_bench_without_its_extra_stops_before_anything_starts(
         "repository (`make demo` and `make test` install it into .venv)\n"
     )
     assert not (tmp_path / "stack").exists()  # no local stack was started
+
+
+def test_the_encryption_table_sets_each_rate_against_plaintext() -> None:
+    result = EncryptionResult(
+        "metrics-heavy",
+        1_000_000,
+        produce_per_s={"plaintext": 30_000.0, "SASL_SSL": 27_000.0},
+        raw_consume_per_s={"plaintext": 200_000.0, "SASL_SSL": 100_000.0},
+        e2e_rows_per_s={"plaintext": 250_000.0, "SASL_SSL": 225_000.0},
+    )
+    assert encryption_table([result]).splitlines() == [
+        "metrics-heavy, 1,000,000 records: SASL_SSL against plaintext",
+        "  produce records/s      plaintext      30,000   SASL_SSL      27,000   ratio 0.90",
+        "  raw consume records/s  plaintext     200,000   SASL_SSL     100,000   ratio 0.50",
+        "  end to end rows/s      plaintext     250,000   SASL_SSL     225,000   ratio 0.90",
+    ]

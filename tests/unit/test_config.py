@@ -39,6 +39,12 @@ DEFAULTS = {
     "instance_id": HOST_PID,
     "control_public_keys": (),
     "control_private_key_file": "",
+    "kafka_security_protocol": "PLAINTEXT",
+    "kafka_sasl_mechanism": "SCRAM-SHA-512",
+    "kafka_ssl_cafile": "",
+    "kafka_sasl_username": "",
+    "kafka_sasl_password_file": "",
+    "kafka_sasl_password": "",
 }
 
 
