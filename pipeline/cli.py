@@ -30,6 +30,7 @@ from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
     DATABASE_ENV,
     KAFKA_ENV,
+    MIGRATE_DATABASE_ENV,
     PRIVATE_KEY_ENV,
     PUBLIC_KEYS_ENV,
     probe_servers,
@@ -85,9 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     dev_commands.add_parser(
         "status", help="what runs and whether it answers (exit 3 when not all)"
     ).set_defaults(handler=_dev_status)
-    dev_commands.add_parser("env", help="print export lines for a shell to eval").set_defaults(
-        handler=_dev_env
+    env = dev_commands.add_parser("env", help="print export lines for a shell to eval")
+    env.add_argument(
+        "--tls",
+        action="store_true",
+        help="database URLs that verify the server's certificate (sslmode=verify-full)",
     )
+    env.set_defaults(handler=_dev_env)
 
     migrate = commands.add_parser("migrate", help="apply the sql/ migrations not yet applied")
     _config_option(migrate)
@@ -375,7 +380,9 @@ def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
                 "running: set both, or start the stack with `pipeline dev up`"
             ) from None
         environ[KAFKA_ENV] = endpoints.kafka_bootstrap
-        environ[DATABASE_ENV] = endpoints.database_url
+        environ[DATABASE_ENV] = endpoints.database_url  # the agents' login: the writer role
+        if endpoints.migrate_database_url is not None:
+            environ[MIGRATE_DATABASE_ENV] = endpoints.migrate_database_url
         if endpoints.control_keys is not None:  # the stack's key pair, unless others are set
             private, public = endpoints.control_keys
             environ.setdefault(PRIVATE_KEY_ENV, str(private))
@@ -384,12 +391,14 @@ def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    """Apply the migrations as the migrator (PIPELINE_MIGRATE_DATABASE_URL, else
+    DATABASE_URL): the one command that changes the schema."""
     from pipeline import db
 
     config = _load_config(args)
 
     async def apply() -> list[str]:
-        conn = await db.connect(config.database_url, config.db_command_timeout_s)
+        conn = await db.connect(config.migration_url, config.db_command_timeout_s)
         try:
             return await db.migrate(conn, db.read_migrations())
         finally:
@@ -665,13 +674,14 @@ def _replay(args: argparse.Namespace) -> int:
         async def read() -> list[dict[str, Any]]:
             conn = await db.connect(config.database_url, config.db_command_timeout_s)
             try:
-                await db.migrate(conn, db.read_migrations())
+                await db.check_schema(conn)
                 return await list_replays(conn)
             finally:
                 await conn.close()
 
+        replays = asyncio.run(read())
         print(f"{'id':>4}  {'state':<8}  {'group':<16}  {'streams':<20}  progress  created")
-        for r in asyncio.run(read()):
+        for r in replays:
             done = f"{r['done']:,}/{r['total']:,}"
             print(
                 f"{r['id']:>4}  {r['state']:<8}  {r['group_id']:<16}  "
@@ -814,7 +824,13 @@ def _dev_status(args: argparse.Namespace) -> int:
 
 
 def _dev_env(args: argparse.Namespace) -> int:
-    endpoints = endpoints_from_env() or Stack().endpoints()
+    given = endpoints_from_env()
+    if given is not None and args.tls:
+        raise ConfigError(
+            f"--tls: {KAFKA_ENV} and {DATABASE_ENV} name your own servers; add sslmode and "
+            "sslrootcert to your DATABASE_URL instead"
+        )
+    endpoints = given or Stack().endpoints(tls=args.tls)
     print(endpoints.exports(), end="")
     return 0
 
@@ -916,9 +932,9 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     topics = kafka.data_topics(config)
     group = config.group_id
     private_key, verifier = _demo_keys(config)
-    conn = await db.connect(config.database_url, config.db_command_timeout_s)
+    conn = await db.connect(config.migration_url, config.db_command_timeout_s)
     try:
-        await db.migrate(conn, db.read_migrations())
+        await db.migrate(conn, db.read_migrations())  # as the migrator; the agent is a writer
         before = await _row_counts(conn)
         await kafka.ensure_topics(
             config.kafka, [*topics, kafka.dead_letter_topic(config)], config.topic_partitions
@@ -1073,8 +1089,10 @@ def _bench(args: argparse.Namespace) -> int:
         profile=args.profile,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _local_stack_up()
-    config = _load_config(argparse.Namespace(config=None))
+    stack, _ = _local_stack_up()
+    # The bench creates a scratch database per run: on the local stack, as its superuser.
+    admin = {} if stack is None else {"database_url": stack.admin_url()}
+    config = _load_config(argparse.Namespace(config=None), **admin)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))
     if args.json:

@@ -24,6 +24,7 @@ from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
+from pipeline.devstack.postgres import Logins
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
 
@@ -94,6 +95,39 @@ async def stored_offsets(conn: asyncpg.Connection, group: str) -> Offsets:
         return {}
 
 
+class _InUse:
+    logins: Logins | None = None
+
+
+def use_logins(logins: Logins | None) -> None:
+    """Run as these logins from now on (the test session sets them once): scratch databases
+    are owned and migrated by the migrator, and the agents of :func:`agent_env` connect as
+    the agent login, with the writer role only. Without logins, everything uses the URL it
+    is given."""
+    _InUse.logins = logins
+
+
+def as_agent(database_url: str) -> str:
+    """``database_url`` as the agent login (when logins are in use)."""
+    logins = _InUse.logins
+    return database_url if logins is None else logins.agent.url(database_url)
+
+
+def as_migrator(database_url: str) -> str:
+    """``database_url`` as the migrator login (when logins are in use)."""
+    logins = _InUse.logins
+    return database_url if logins is None else logins.migrator.url(database_url)
+
+
+async def migrate(database_url: str, migrations: Sequence[db.Migration] | None = None) -> None:
+    """Apply ``migrations`` (default: all of sql/) as the migrator."""
+    conn = await asyncpg.connect(as_migrator(database_url), timeout=10)
+    try:
+        await db.migrate(conn, db.read_migrations() if migrations is None else migrations)
+    finally:
+        await conn.close()
+
+
 def database_url_for(server_url: str, database: str) -> str:
     """``server_url`` with ``database`` in place of its database (its query kept)."""
     base, _, query = server_url.partition("?")
@@ -101,16 +135,23 @@ def database_url_for(server_url: str, database: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(server_url: str, database: str) -> AsyncIterator[str]:
-    """A new, empty database on the server of ``server_url``: its URL; dropped afterwards,
-    connections and all."""
+async def scratch_database(
+    server_url: str, database: str, migrations: Sequence[db.Migration] | None = None
+) -> AsyncIterator[str]:
+    """A new database on the server of ``server_url``, owned by the migrator and migrated
+    by it (``migrations``, default all of sql/): its URL, with ``server_url``'s login;
+    dropped afterwards, connections and all."""
+    logins = _InUse.logins
+    owner = "" if logins is None else f" OWNER {logins.migrator.user}"
     conn = await asyncpg.connect(server_url, timeout=10)
     try:
-        await conn.execute(f'CREATE DATABASE "{database}"')
+        await conn.execute(f'CREATE DATABASE "{database}"{owner}')
     finally:
         await conn.close()
     try:
-        yield database_url_for(server_url, database)
+        url = database_url_for(server_url, database)
+        await migrate(url, migrations)
+        yield url
     finally:
         conn = await asyncpg.connect(server_url, timeout=10)
         try:
@@ -123,11 +164,12 @@ def agent_env(
     bootstrap: str, database_url: str, prefix: str, group: str, **settings: object
 ) -> dict[str, str]:
     """This process's environment, set for a ``pipeline run`` on those servers, topics and
-    group, with no /metrics; ``settings`` become ``PIPELINE_<NAME>`` variables."""
+    group, with no /metrics, connecting to ``database_url``'s database as the agent login
+    (:func:`use_logins`); ``settings`` become ``PIPELINE_<NAME>`` variables."""
     env = dict(os.environ)
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        DATABASE_URL=database_url,
+        DATABASE_URL=as_agent(database_url),
         PIPELINE_TOPIC_PREFIX=prefix,
         PIPELINE_GROUP_ID=group,
         PIPELINE_METRICS_ADDRESS="",

@@ -23,13 +23,14 @@ from urllib.parse import urlsplit
 
 from pipeline import control
 from pipeline.config import redact_url
-from pipeline.devstack import kafka, postgres
+from pipeline.devstack import kafka, postgres, tls
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
 from pipeline.errors import DevStackError
 from pipeline.kafka_clients import KafkaSettings
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_ENV = "DATABASE_URL"
+MIGRATE_DATABASE_ENV = "PIPELINE_MIGRATE_DATABASE_URL"
 PRIVATE_KEY_ENV = "PIPELINE_CONTROL_PRIVATE_KEY_FILE"
 PUBLIC_KEYS_ENV = "PIPELINE_CONTROL_PUBLIC_KEYS"
 DEFAULT_KAFKA_PORT = 9092
@@ -48,10 +49,14 @@ class Endpoints:
     # The local stack's control key pair (private, public), for `pipeline control` and the
     # agents; None for servers from the environment.
     control_keys: tuple[Path, Path] | None = None
+    # The migrator's URL (`pipeline migrate`), when it is not database_url's login.
+    migrate_database_url: str | None = None
 
     def exports(self) -> str:
         lines = f"export {KAFKA_ENV}={self.kafka_bootstrap}\n"
-        lines += f"export {DATABASE_ENV}={self.database_url}\n"
+        lines += f"export {DATABASE_ENV}={shlex.quote(self.database_url)}\n"
+        if self.migrate_database_url is not None:
+            lines += f"export {MIGRATE_DATABASE_ENV}={shlex.quote(self.migrate_database_url)}\n"
         if self.control_keys is not None:
             private, public = (shlex.quote(str(p)) for p in self.control_keys)
             lines += f"export {PRIVATE_KEY_ENV}={private}\nexport {PUBLIC_KEYS_ENV}={public}\n"
@@ -108,7 +113,7 @@ def endpoints_from_env(environ: Mapping[str, str] = os.environ) -> Endpoints | N
             f"{present} is set but {missing} is not: set both to use your own servers, "
             "or unset both to use the local stack"
         )
-    return Endpoints(bootstrap, url)
+    return Endpoints(bootstrap, url, migrate_database_url=environ.get(MIGRATE_DATABASE_ENV) or None)
 
 
 def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -149,6 +154,8 @@ class Stack:
         self._state_path = self.home / "state.json"
         self._pg_home = self.home / "postgres"
         self._kafka_home = self.home / "kafka"
+        self._tls_dir = self.home / "tls"
+        self._secrets_dir = self.home / "secrets"
 
     # -- commands ---------------------------------------------------------------------
 
@@ -156,7 +163,10 @@ class Stack:
         """Start whatever is not running, wait until both answer, return the endpoints."""
         with self._locked():
             state = self._read_state()
-            pg_server = postgres.PostgresServer(self._pg_home, postgres.find_binaries())
+            pg_certificate = tls.issue_server_cert(self.ca(), self._tls_dir, "postgres")
+            pg_server = postgres.PostgresServer(
+                self._pg_home, postgres.find_binaries(), pg_certificate
+            )
             broker = kafka.KafkaBroker(self._kafka_home, kafka.resolve_jars(self._jar_cache))
 
             if pg_server.pidfile.live_pid() is None:
@@ -167,7 +177,7 @@ class Stack:
                 self._write_state(state)
                 pid = pg_server.start(state["pg_port"])
                 report(f"PostgreSQL {pg_server.binaries.major} starting (pid {pid})")
-            pg_server.wait_ready(state["pg_port"], READY_TIMEOUT)
+            pg_server.wait_ready(state["pg_port"], READY_TIMEOUT, self._secrets_dir)
 
             if broker.pidfile.live_pid() is None:
                 broker.pidfile.remove()
@@ -251,8 +261,9 @@ class Stack:
             s.port is not None and port_is_free(s.port) for s in states
         )
 
-    def endpoints(self) -> Endpoints:
-        """The endpoints of the running stack; an error when it is not up."""
+    def endpoints(self, tls: bool = False) -> Endpoints:
+        """The endpoints of the running stack; an error when it is not up. With ``tls``, the
+        database URLs verify the server's certificate against the stack's CA."""
         states = self.status()
         if any(s.state != "running" for s in states):
             raise DevStackError(
@@ -260,7 +271,28 @@ class Stack:
                 + "; ".join(s.line() for s in states)
                 + "): start it with `pipeline dev up`"
             )
-        return self._endpoints(self._read_state())
+        endpoints = self._endpoints(self._read_state())
+        if not tls:
+            return endpoints
+        assert endpoints.migrate_database_url is not None
+        return dataclasses.replace(
+            endpoints,
+            database_url=postgres.with_tls(endpoints.database_url, self.ca().cert),
+            migrate_database_url=postgres.with_tls(endpoints.migrate_database_url, self.ca().cert),
+        )
+
+    def ca(self) -> tls.KeyPair:
+        """The stack's certificate authority (made on first use): clients trust its cert."""
+        return tls.ensure_ca(self._tls_dir)
+
+    def logins(self) -> postgres.Logins:
+        """PostgreSQL's logins, and their password files (made by `up`)."""
+        return postgres.logins(self._secrets_dir)
+
+    def admin_url(self) -> str:
+        """The superuser's URL to the pipeline database: for the tests and `pipeline bench`,
+        which create databases; every other command connects as a login."""
+        return postgres.dsn(self._read_state()["pg_port"])
 
     def control_keys(self) -> tuple[Path, Path]:
         """Where the stack keeps its control key pair: (private, public)."""
@@ -271,10 +303,13 @@ class Stack:
 
     def _endpoints(self, state: Mapping[str, int]) -> Endpoints:
         keys = self.control_keys()
+        server = postgres.dsn(state["pg_port"])
+        logins = self.logins()
         return Endpoints(
             f"127.0.0.1:{state['kafka_port']}",
-            postgres.dsn(state["pg_port"]),
+            logins.agent.url(server),
             keys if all(p.exists() for p in keys) else None,
+            migrate_database_url=logins.migrator.url(server),
         )
 
     def _ensure_control_keys(self, report: Report) -> None:
