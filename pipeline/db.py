@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import msgspec
@@ -79,13 +80,24 @@ async def connect(url: str, command_timeout: float, connect_timeout: float = 10.
             "URL's host is one the certificate names)"
         ) from None
     except FileNotFoundError as exc:  # sslrootcert, sslcert or sslkey names no file
-        raise ConfigError(f"a file the database URL names does not exist: {exc.filename}") from None
+        raise ConfigError(
+            f"a file the database URL names does not exist: {_missing_file(url) or exc}"
+        ) from None
     except Exception as exc:  # a server restarting answers in many ways: 08xxx, 57P0x, ...
         error = classify(exc)
         if isinstance(error, TransientError):
             raise TransientError(f"cannot connect to PostgreSQL: {exc}") from exc
         raise error from exc
     return conn
+
+
+def _missing_file(url: str) -> str | None:
+    """The first TLS file the URL's query names that does not exist, as ``name=path``."""
+    for name, values in parse_qs(urlsplit(url).query).items():
+        tls_file = name in ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+        if tls_file and values and not Path(values[0]).exists():
+            return f"{name}={values[0]}"
+    return None
 
 
 def _encode_jsonb(value: Any) -> bytes:
@@ -178,38 +190,47 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
     """Apply the migrations not yet applied, in order, in one transaction; return their names.
 
     The transaction-scoped advisory lock makes instances that start together take turns:
-    the second one waits, then finds everything applied.
+    the second one waits, then finds everything applied. A migration the server refuses is a
+    :class:`SchemaError` naming it; a login without the rights, one that says who migrates.
     """
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create, and a
-        # login without it may run an agent on an up-to-date schema.
-        if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
-            await conn.execute(
-                """CREATE TABLE schema_migrations (
-                       version    integer     PRIMARY KEY,
-                       name       text        NOT NULL,
-                       applied_at timestamptz NOT NULL DEFAULT now())"""
-            )
-        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        done = []
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            try:
+    step = "reading schema_migrations"
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create.
+            if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+                await conn.execute(
+                    """CREATE TABLE schema_migrations (
+                           version    integer     PRIMARY KEY,
+                           name       text        NOT NULL,
+                           applied_at timestamptz NOT NULL DEFAULT now())"""
+                )
+            rows = await conn.fetch("SELECT version FROM schema_migrations")
+            applied = {r["version"] for r in rows}
+            done = []
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                step = f"applying {migration.name}"
                 await conn.execute(migration.sql)
-            except asyncpg.PostgresError as exc:
-                error = classify(exc)
-                if isinstance(error, TransientError):
-                    raise error from exc
-                raise SchemaError(f"applying {migration.name}: {exc}") from exc
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
-            done.append(migration.name)
-        return done
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+                done.append(migration.name)
+            return done
+    except asyncpg.PostgresError as exc:
+        error = classify(exc)
+        if isinstance(error, TransientError):
+            raise error from exc
+        who = (
+            ": `pipeline migrate` runs as the migrator, the schema's owner "
+            "(PIPELINE_MIGRATE_DATABASE_URL, docs/security.md)"
+            if isinstance(exc, asyncpg.InsufficientPrivilegeError)
+            else ""
+        )
+        raise SchemaError(f"{step}: {exc}{who}") from exc
 
 
 def required_version(migrations: Sequence[Migration]) -> int:

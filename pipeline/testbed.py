@@ -167,6 +167,7 @@ def agent_env(
     group, with no /metrics, connecting to ``database_url``'s database as the agent login
     (:func:`use_logins`); ``settings`` become ``PIPELINE_<NAME>`` variables."""
     env = dict(os.environ)
+    env.pop("PIPELINE_MIGRATE_DATABASE_URL", None)  # an agent has no use for the migrator
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=bootstrap,
         DATABASE_URL=as_agent(database_url),

@@ -185,6 +185,11 @@ async def create_topic(endpoints: Endpoints, unique: str) -> AsyncIterator[Creat
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The environment with no server endpoints, for subprocesses that must find their own."""
-    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_DEV_HOME"):
+    for name in (
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "DATABASE_URL",
+        "PIPELINE_MIGRATE_DATABASE_URL",
+        "PIPELINE_DEV_HOME",
+    ):
         monkeypatch.delenv(name, raising=False)
     return dict(os.environ)
