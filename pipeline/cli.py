@@ -1090,8 +1090,13 @@ def _bench(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stack, _ = _local_stack_up()
-    # The bench creates a scratch database per run: on the local stack, as its superuser.
+    # The bench creates a scratch database per run: on the local stack, as its superuser,
+    # owned by the migrator, and its agents run as the agent login, as in production.
     admin = {} if stack is None else {"database_url": stack.admin_url()}
+    if stack is not None:
+        from pipeline import testbed
+
+        testbed.use_logins(stack.logins())
     config = _load_config(argparse.Namespace(config=None), **admin)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))
