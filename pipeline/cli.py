@@ -1096,7 +1096,7 @@ def _bench(args: argparse.Namespace) -> int:
     if stack is not None:
         from pipeline import testbed
 
-        testbed.use_logins(stack.logins())
+        testbed.use_logins(stack.logins(), stack.admin_url())
     config = _load_config(argparse.Namespace(config=None), **admin)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))

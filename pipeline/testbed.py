@@ -18,13 +18,14 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import asyncpg
 from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
-from pipeline.devstack.postgres import Logins
+from pipeline.devstack.postgres import Login, Logins
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
 
@@ -97,26 +98,35 @@ async def stored_offsets(conn: asyncpg.Connection, group: str) -> Offsets:
 
 class _InUse:
     logins: Logins | None = None
+    admin: str | None = None  # the administrator's user name: its URLs are rewritten
 
 
-def use_logins(logins: Logins | None) -> None:
+def use_logins(logins: Logins | None, admin_url: str) -> None:
     """Run as these logins from now on (the test session sets them once): scratch databases
     are owned and migrated by the migrator, and the agents of :func:`agent_env` connect as
-    the agent login, with the writer role only. Without logins, everything uses the URL it
-    is given."""
+    the agent login, with the writer role only. Only URLs of ``admin_url``'s user (the
+    administrator, who creates the databases) are rewritten: a URL with a login of its own
+    (a test's restricted role, say) is used as it is. Without logins, nothing is rewritten."""
     _InUse.logins = logins
+    _InUse.admin = urlsplit(admin_url).username
 
 
 def as_agent(database_url: str) -> str:
-    """``database_url`` as the agent login (when logins are in use)."""
+    """``database_url`` as the agent login, when it is the administrator's."""
     logins = _InUse.logins
-    return database_url if logins is None else logins.agent.url(database_url)
+    return _as(logins.agent, database_url) if logins is not None else database_url
 
 
 def as_migrator(database_url: str) -> str:
-    """``database_url`` as the migrator login (when logins are in use)."""
+    """``database_url`` as the migrator login, when it is the administrator's."""
     logins = _InUse.logins
-    return database_url if logins is None else logins.migrator.url(database_url)
+    return _as(logins.migrator, database_url) if logins is not None else database_url
+
+
+def _as(login: Login, database_url: str) -> str:
+    if urlsplit(database_url).username != _InUse.admin:
+        return database_url
+    return login.url(database_url)
 
 
 async def migrate(database_url: str, migrations: Sequence[db.Migration] | None = None) -> None:

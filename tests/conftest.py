@@ -117,7 +117,7 @@ def servers() -> Iterator[Servers]:
 def _with_logins(
     endpoints: Endpoints, stack: Stack | None, logins: postgres.Logins, ca: Path | None
 ) -> Servers:
-    testbed.use_logins(logins)
+    testbed.use_logins(logins, endpoints.database_url)
     return Servers(endpoints, stack, logins, ca)
 
 
