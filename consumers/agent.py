@@ -255,7 +255,7 @@ class DatabaseAgent:
     async def run(self) -> None:
         """Ingest until stopped.
 
-        1. Connect to PostgreSQL and apply pending migrations; create missing topics.
+        1. Connect to PostgreSQL and check the schema is new enough; create missing topics.
         2. Join the consumer group; each assigned partition is positioned at its offset
            stored in PostgreSQL (the database wins over Kafka).
         3. Until stopped: fill a batch, ingest it in one transaction (transient failures
@@ -275,11 +275,9 @@ class DatabaseAgent:
         try:
             conn = await db.connect(config.database_url, config.db_command_timeout_s)
             try:
-                applied = await db.migrate(conn, db.read_migrations())
+                await db.check_schema(conn)  # `pipeline migrate` changes it, not the agents
             finally:
                 await conn.close()
-            if applied:
-                log.info("applied migrations %s", ", ".join(applied))
             await kafka_io.ensure_topics(
                 config.kafka,
                 [*kafka_io.data_topics(config), self._dlq_topic],

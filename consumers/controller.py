@@ -124,7 +124,7 @@ class Controller:
             )
         conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
         try:
-            await db.migrate(conn, db.read_migrations())
+            await db.check_schema(conn)
             self.state = await store.load_state(conn, self.group)
         finally:
             await conn.close()

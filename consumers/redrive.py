@@ -49,13 +49,12 @@ _DRY_RUN_BATCH_ID = 0  # a dry run rolls back: it reserves no batch id
 async def _connect(config: Config) -> Connection:
     conn = await db.connect(config.database_url, config.db_command_timeout_s)
     try:
-        # The agents apply migrations when they start; a redrive may come first.
-        await db.migrate(conn, db.read_migrations())
+        await db.check_schema(conn)  # `pipeline migrate` changes it, not a redrive
     except BaseException as exc:
         await conn.close()
         error = db.classify(exc)
         if isinstance(error, PipelineError) and error is not exc:
-            raise PipelineError(f"applying migrations: {error}") from exc
+            raise PipelineError(f"checking the schema: {error}") from exc
         raise
     return conn
 

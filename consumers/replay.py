@@ -121,7 +121,7 @@ class Replayer:
         unclamped = resolve(request.start, request.end, logs, {}, allow_gap=request.allow_gap)
         conn = await self._connect()
         try:
-            await db.migrate(conn, db.read_migrations())
+            await db.check_schema(conn)
             async with conn.transaction():
                 # Partitions the group has never stored are claimed: live ingestion, if it
                 # ever starts on this database, continues after the replay's range.
@@ -177,7 +177,7 @@ class Replayer:
         started = time.monotonic()
         conn = await self._connect()
         try:
-            await db.migrate(conn, db.read_migrations())
+            await db.check_schema(conn)
             header = await conn.fetchrow(
                 "SELECT group_id, notes FROM replays WHERE id = $1", replay_id
             )

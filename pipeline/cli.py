@@ -32,6 +32,7 @@ from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
     DATABASE_ENV,
     KAFKA_ENV,
+    MIGRATE_DATABASE_ENV,
     NO_SECURE_LISTENER,
     PRIVATE_KEY_ENV,
     PUBLIC_KEYS_ENV,
@@ -108,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         default=AGENT_USER,
         help=f"with --secure: who connects (default {AGENT_USER}; {ORCHESTRATOR_USER} for "
         f"`pipeline control` and `topics create`, {PRODUCER_USER} for `simulate`)",
+    )
+    env.add_argument(
+        "--tls",
+        action="store_true",
+        help="database URLs that verify the server's certificate (sslmode=verify-full)",
     )
     env.set_defaults(handler=_dev_env)
 
@@ -433,7 +439,9 @@ def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
                 "running: set both, or start the stack with `pipeline dev up`"
             ) from None
         environ[KAFKA_ENV] = endpoints.kafka_bootstrap
-        environ[DATABASE_ENV] = endpoints.database_url
+        environ[DATABASE_ENV] = endpoints.database_url  # the agents' login: the writer role
+        if endpoints.migrate_database_url is not None:
+            environ[MIGRATE_DATABASE_ENV] = endpoints.migrate_database_url
         if endpoints.control_keys is not None:  # the stack's key pair, unless others are set
             private, public = endpoints.control_keys
             environ.setdefault(PRIVATE_KEY_ENV, str(private))
@@ -442,12 +450,14 @@ def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    """Apply the migrations as the migrator (PIPELINE_MIGRATE_DATABASE_URL, else
+    DATABASE_URL): the one command that changes the schema."""
     from pipeline import db
 
     config = _load_config(args)
 
     async def apply() -> list[str]:
-        conn = await db.connect(config.database_url, config.db_command_timeout_s)
+        conn = await db.connect(config.migration_url, config.db_command_timeout_s)
         try:
             return await db.migrate(conn, db.read_migrations())
         finally:
@@ -735,13 +745,14 @@ def _replay(args: argparse.Namespace) -> int:
         async def read() -> list[dict[str, Any]]:
             conn = await db.connect(config.database_url, config.db_command_timeout_s)
             try:
-                await db.migrate(conn, db.read_migrations())
+                await db.check_schema(conn)
                 return await list_replays(conn)
             finally:
                 await conn.close()
 
+        replays = asyncio.run(read())
         print(f"{'id':>4}  {'state':<8}  {'group':<16}  {'streams':<20}  progress  created")
-        for r in asyncio.run(read()):
+        for r in replays:
             done = f"{r['done']:,}/{r['total']:,}"
             print(
                 f"{r['id']:>4}  {r['state']:<8}  {r['group_id']:<16}  "
@@ -908,9 +919,15 @@ def _print_prometheus(stack: Stack) -> None:
 
 def _dev_env(args: argparse.Namespace) -> int:
     if args.secure:  # the stack's own listener, whatever the environment names
-        print(Stack().endpoints().exports(secure_user=args.user), end="")
+        print(Stack().endpoints(tls=args.tls).exports(secure_user=args.user), end="")
         return 0
-    endpoints = endpoints_from_env() or Stack().endpoints()
+    given = endpoints_from_env()
+    if given is not None and args.tls:
+        raise ConfigError(
+            f"--tls: {KAFKA_ENV} and {DATABASE_ENV} name your own servers; add sslmode and "
+            "sslrootcert to your DATABASE_URL instead"
+        )
+    endpoints = given or Stack().endpoints(tls=args.tls)
     print(endpoints.exports(), end="")
     return 0
 
@@ -1012,9 +1029,9 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     topics = kafka.data_topics(config)
     group = config.group_id
     private_key, verifier = _demo_keys(config)
-    conn = await db.connect(config.database_url, config.db_command_timeout_s)
+    conn = await db.connect(config.migration_url, config.db_command_timeout_s)
     try:
-        await db.migrate(conn, db.read_migrations())
+        await db.migrate(conn, db.read_migrations())  # as the migrator; the agent is a writer
         before = await _row_counts(conn)
         await kafka.ensure_topics(
             config.kafka, [*topics, kafka.dead_letter_topic(config)], config.topic_partitions
@@ -1170,7 +1187,14 @@ def _bench(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stack, _ = _local_stack_up()
-    config = _load_kafka_config(argparse.Namespace(config=None))
+    # The bench creates a scratch database per run: on the local stack, as its superuser,
+    # owned by the migrator, and its agents run as the agent login, as in production.
+    admin = {} if stack is None else {"database_url": stack.admin_url()}
+    if stack is not None:
+        from pipeline import testbed
+
+        testbed.use_logins(stack.logins(), stack.admin_url())
+    config = _load_kafka_config(argparse.Namespace(config=None), **admin)
     if args.secure:
         return _bench_encryption(stack, config, source, plan, args.json)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))

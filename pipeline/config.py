@@ -34,6 +34,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     kafka_bootstrap_servers: Annotated[str, msgspec.Meta(min_length=1)]
     database_url: Annotated[str, msgspec.Meta(min_length=1)]
+    # `pipeline migrate`'s login, the schema's owner (docs/security.md); "" means database_url.
+    migrate_database_url: str = ""
     group_id: Annotated[str, msgspec.Meta(min_length=1)] = "database-agent"
     topic_prefix: str = ""
     streams: tuple[str, ...] = tuple(s.name for s in STREAMS)
@@ -84,11 +86,17 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         fields["database_url"] = redact_url(self.database_url)
         if self.kafka_sasl_password:
             fields["kafka_sasl_password"] = "***"
+        fields["migrate_database_url"] = redact_url(self.migrate_database_url)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def topic(self, default_name: str) -> str:
         """A topic's deployed name: :func:`pipeline.records.topic_name` with this prefix."""
         return topic_name(default_name, self.topic_prefix)
+
+    @property
+    def migration_url(self) -> str:
+        """Where `pipeline migrate` connects: the migrator's URL, else the agents'."""
+        return self.migrate_database_url or self.database_url
 
     @property
     def kafka(self) -> KafkaSettings:

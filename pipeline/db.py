@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import msgspec
@@ -24,7 +26,7 @@ from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
 from pipeline.batching import FetchedRecord, Row
-from pipeline.errors import DataError, FencedError, SchemaError, TransientError
+from pipeline.errors import ConfigError, DataError, FencedError, SchemaError, TransientError
 from pipeline.rows import StreamTables
 
 # The migrations, sql/ at the top of the repository; pipeline/sql links to it, so that an
@@ -36,6 +38,7 @@ _MIGRATION_LOCK = int.from_bytes(
 _WORK_LOCK = 0x70697065  # the advisory lock space of lock_group_work ("pipe")
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _BATCH_IDS_PER_RESERVATION = 1000  # the sequence's INCREMENT BY
+_SCHEMA_READABLE_FROM = 7  # 007_least_privilege.sql lets the writer read schema_migrations
 
 __all__ = ["Connection"]
 
@@ -72,12 +75,31 @@ async def connect(url: str, command_timeout: float, connect_timeout: float = 10.
             decoder=_decode_timestamptz,
             format="tuple",
         )
+    except ssl.SSLCertVerificationError as exc:  # retrying cannot fix a certificate
+        raise ConfigError(
+            f"PostgreSQL's TLS certificate was refused: {exc.verify_message or exc} "
+            "(check sslrootcert, the CA that signed the server's certificate, and that the "
+            "URL's host is one the certificate names)"
+        ) from None
+    except FileNotFoundError as exc:  # sslrootcert, sslcert or sslkey names no file
+        raise ConfigError(
+            f"a file the database URL names does not exist: {_missing_file(url) or exc}"
+        ) from None
     except Exception as exc:  # a server restarting answers in many ways: 08xxx, 57P0x, ...
         error = classify(exc)
         if isinstance(error, TransientError):
             raise TransientError(f"cannot connect to PostgreSQL: {exc}") from exc
         raise error from exc
     return conn
+
+
+def _missing_file(url: str) -> str | None:
+    """The first TLS file the URL's query names that does not exist, as ``name=path``."""
+    for name, values in parse_qs(urlsplit(url).query).items():
+        tls_file = name in ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+        if tls_file and values and not Path(values[0]).exists():
+            return f"{name}={values[0]}"
+    return None
 
 
 def _encode_jsonb(value: Any) -> bytes:
@@ -170,32 +192,86 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
     """Apply the migrations not yet applied, in order, in one transaction; return their names.
 
     The transaction-scoped advisory lock makes instances that start together take turns:
-    the second one waits, then finds everything applied.
+    the second one waits, then finds everything applied. A migration the server refuses is a
+    :class:`SchemaError` naming it; a login without the rights, one that says who migrates.
     """
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create, and a
-        # login without it may run an agent on an up-to-date schema.
-        if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
-            await conn.execute(
-                """CREATE TABLE schema_migrations (
-                       version    integer     PRIMARY KEY,
-                       name       text        NOT NULL,
-                       applied_at timestamptz NOT NULL DEFAULT now())"""
-            )
-        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        done = []
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
-            done.append(migration.name)
-        return done
+    step = "reading schema_migrations"
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create.
+            if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+                await conn.execute(
+                    """CREATE TABLE schema_migrations (
+                           version    integer     PRIMARY KEY,
+                           name       text        NOT NULL,
+                           applied_at timestamptz NOT NULL DEFAULT now())"""
+                )
+            rows = await conn.fetch("SELECT version FROM schema_migrations")
+            applied = {r["version"] for r in rows}
+            done = []
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                step = f"applying {migration.name}"
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+                done.append(migration.name)
+            return done
+    except asyncpg.PostgresError as exc:
+        error = classify(exc)
+        if isinstance(error, TransientError):
+            raise error from exc
+        who = (
+            ": `pipeline migrate` runs as the migrator, the schema's owner "
+            "(PIPELINE_MIGRATE_DATABASE_URL, docs/security.md)"
+            if isinstance(exc, asyncpg.InsufficientPrivilegeError)
+            else ""
+        )
+        raise SchemaError(f"{step}: {exc}{who}") from exc
+
+
+def required_version(migrations: Sequence[Migration]) -> int:
+    """The schema version this code needs: its highest migration."""
+    return max((m.version for m in migrations), default=0)
+
+
+async def schema_version(conn: Connection) -> int | None:
+    """The highest migration applied to the database (0 when none); None when this login
+    may not read ``schema_migrations`` (granted from migration 007 on: the schema is older)."""
+    if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return 0
+    try:
+        version: int | None = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.InsufficientPrivilegeError:
+        return None
+    return version or 0
+
+
+async def check_schema(conn: Connection, migrations: Sequence[Migration] | None = None) -> None:
+    """Refuse to go on when the database's schema is older than this code needs.
+
+    The agents and the other commands that write rows never change the schema (their login
+    may not): `pipeline migrate`, as the migrator, does. A newer schema is fine: migrations
+    only add.
+    """
+    needed = required_version(read_migrations() if migrations is None else migrations)
+    found = await schema_version(conn)
+    if found is not None and found >= needed:
+        return
+    where = (
+        f"older than version {_SCHEMA_READABLE_FROM} (this login may not read schema_migrations)"
+        if found is None
+        else f"at version {found}"
+    )
+    raise SchemaError(
+        f"the database schema is {where}, this pipeline needs {needed}: run `pipeline "
+        "migrate` as the migrator (PIPELINE_MIGRATE_DATABASE_URL, docs/security.md)"
+    )
 
 
 # -- offsets --------------------------------------------------------------------------------

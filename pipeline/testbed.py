@@ -18,12 +18,14 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import asyncpg
 from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
+from pipeline.devstack.postgres import Login, Logins
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
 
@@ -94,6 +96,48 @@ async def stored_offsets(conn: asyncpg.Connection, group: str) -> Offsets:
         return {}
 
 
+class _InUse:
+    logins: Logins | None = None
+    admin: str | None = None  # the administrator's user name: its URLs are rewritten
+
+
+def use_logins(logins: Logins | None, admin_url: str) -> None:
+    """Run as these logins from now on (the test session sets them once): scratch databases
+    are owned and migrated by the migrator, and the agents of :func:`agent_env` connect as
+    the agent login, with the writer role only. Only URLs of ``admin_url``'s user (the
+    administrator, who creates the databases) are rewritten: a URL with a login of its own
+    (a test's restricted role, say) is used as it is. Without logins, nothing is rewritten."""
+    _InUse.logins = logins
+    _InUse.admin = urlsplit(admin_url).username
+
+
+def as_agent(database_url: str) -> str:
+    """``database_url`` as the agent login, when it is the administrator's."""
+    logins = _InUse.logins
+    return _as(logins.agent, database_url) if logins is not None else database_url
+
+
+def as_migrator(database_url: str) -> str:
+    """``database_url`` as the migrator login, when it is the administrator's."""
+    logins = _InUse.logins
+    return _as(logins.migrator, database_url) if logins is not None else database_url
+
+
+def _as(login: Login, database_url: str) -> str:
+    if urlsplit(database_url).username != _InUse.admin:
+        return database_url
+    return login.url(database_url)
+
+
+async def migrate(database_url: str, migrations: Sequence[db.Migration] | None = None) -> None:
+    """Apply ``migrations`` (default: all of sql/) as the migrator."""
+    conn = await asyncpg.connect(as_migrator(database_url), timeout=10)
+    try:
+        await db.migrate(conn, db.read_migrations() if migrations is None else migrations)
+    finally:
+        await conn.close()
+
+
 def database_url_for(server_url: str, database: str) -> str:
     """``server_url`` with ``database`` in place of its database (its query kept)."""
     base, _, query = server_url.partition("?")
@@ -101,16 +145,23 @@ def database_url_for(server_url: str, database: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database(server_url: str, database: str) -> AsyncIterator[str]:
-    """A new, empty database on the server of ``server_url``: its URL; dropped afterwards,
-    connections and all."""
+async def scratch_database(
+    server_url: str, database: str, migrations: Sequence[db.Migration] | None = None
+) -> AsyncIterator[str]:
+    """A new database on the server of ``server_url``, owned by the migrator and migrated
+    by it (``migrations``, default all of sql/): its URL, with ``server_url``'s login;
+    dropped afterwards, connections and all."""
+    logins = _InUse.logins
+    owner = "" if logins is None else f" OWNER {logins.migrator.user}"
     conn = await asyncpg.connect(server_url, timeout=10)
     try:
-        await conn.execute(f'CREATE DATABASE "{database}"')
+        await conn.execute(f'CREATE DATABASE "{database}"{owner}')
     finally:
         await conn.close()
     try:
-        yield database_url_for(server_url, database)
+        url = database_url_for(server_url, database)
+        await migrate(url, migrations)
+        yield url
     finally:
         conn = await asyncpg.connect(server_url, timeout=10)
         try:
@@ -123,11 +174,13 @@ def agent_env(
     bootstrap: str, database_url: str, prefix: str, group: str, **settings: object
 ) -> dict[str, str]:
     """This process's environment, set for a ``pipeline run`` on those servers, topics and
-    group, with no /metrics; ``settings`` become ``PIPELINE_<NAME>`` variables."""
+    group, with no /metrics, connecting to ``database_url``'s database as the agent login
+    (:func:`use_logins`); ``settings`` become ``PIPELINE_<NAME>`` variables."""
     env = dict(os.environ)
+    env.pop("PIPELINE_MIGRATE_DATABASE_URL", None)  # an agent has no use for the migrator
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        DATABASE_URL=database_url,
+        DATABASE_URL=as_agent(database_url),
         PIPELINE_TOPIC_PREFIX=prefix,
         PIPELINE_GROUP_ID=group,
         PIPELINE_METRICS_ADDRESS="",

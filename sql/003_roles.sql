@@ -1,14 +1,19 @@
 -- Least privilege (docs/architecture.md): a migrator owns the schema, a writer ingests, a
 -- reader reads. These are group roles without login: grant them to the login roles you use.
--- Roles are cluster-wide; another database on the same server may have created them already.
+-- Roles are cluster-wide; another database on the same server may have created them already,
+-- or an administrator did (docs/security.md): a migrator without CREATEROLE may not even try.
 DO $$
 BEGIN
-    CREATE ROLE pipeline_writer NOLOGIN;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pipeline_writer') THEN
+        CREATE ROLE pipeline_writer NOLOGIN;
+    END IF;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;  -- created concurrently
 END $$;
 DO $$
 BEGIN
-    CREATE ROLE pipeline_reader NOLOGIN;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pipeline_reader') THEN
+        CREATE ROLE pipeline_reader NOLOGIN;
+    END IF;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;  -- created concurrently
 END $$;
 

@@ -7,10 +7,19 @@
 
 When none can be had, every test that needs a server fails with the reason: never a skip.
 Each test gets its own topics (unique names) and its own PostgreSQL database.
+
+PostgreSQL is used as in production (docs/security.md): each test's database is owned and
+migrated by the migrator login, and the agents the tests start connect as the agent login,
+which has the writer role only (:func:`pipeline.testbed.use_logins`). The tests themselves
+connect as the server's administrator (``endpoints.database_url``, a superuser) to look and
+to break things. The local stack has the logins; on other servers the session creates them
+(their passwords under the session's home), which needs a superuser or CREATEROLE in
+``DATABASE_URL``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -18,12 +27,14 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import asyncpg
 import pytest
 from aiokafka.admin import NewTopic
 
 from pipeline import kafka_clients, testbed
-from pipeline.devstack import Endpoints, Stack, endpoints_from_env
+from pipeline.devstack import Endpoints, Stack, endpoints_from_env, postgres
 from pipeline.devstack.stack import cache_root
 from pipeline.errors import DevStackError
 from pipeline.records import topic_name
@@ -66,8 +77,10 @@ def _containers() -> Iterator[Endpoints]:
 
 @dataclass(frozen=True)
 class Servers:
-    endpoints: Endpoints
+    endpoints: Endpoints  # its database_url is the administrator's (a superuser)
     stack: Stack | None  # set when this test session started the local stack itself
+    logins: postgres.Logins | None = None  # the migrator, agent and analyst logins
+    ca: Path | None = None  # the CA that signed PostgreSQL's certificate, when known
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +90,16 @@ def servers() -> Iterator[Servers]:
     except DevStackError as exc:
         pytest.fail(str(exc))
     if given is not None:
-        yield Servers(given, None)
+        default_stack = Stack()
+        if default_stack.serves(given):  # `eval "$(pipeline dev env)"`: the agent's login
+            admin = Endpoints(given.kafka_bootstrap, default_stack.admin_url())
+            yield _with_logins(admin, None, default_stack.logins(), default_stack.ca().cert)
+        else:
+            yield _with_logins(given, None, _created_logins(given.database_url), None)
         return
     if _docker_engine_answers():
         with _containers() as found:
-            yield Servers(found, None)
+            yield _with_logins(found, None, _created_logins(found.database_url), None)
         return
     stack = Stack(home=TEST_STACK_HOME)
     try:
@@ -90,9 +108,36 @@ def servers() -> Iterator[Servers]:
         stack.down(purge=True, report=lambda _: None)  # whichever server did start
         pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
     try:
-        yield Servers(started, stack)
+        admin = Endpoints(started.kafka_bootstrap, stack.admin_url(), started.control_keys)
+        yield _with_logins(admin, stack, stack.logins(), stack.ca().cert)
     finally:
         stack.down(purge=True, report=lambda _: None)
+
+
+def _with_logins(
+    endpoints: Endpoints, stack: Stack | None, logins: postgres.Logins, ca: Path | None
+) -> Servers:
+    testbed.use_logins(logins, endpoints.database_url)
+    return Servers(endpoints, stack, logins, ca)
+
+
+def _created_logins(admin_url: str) -> postgres.Logins:
+    """The logins on a server the session did not start, made with ``admin_url``."""
+
+    async def create() -> postgres.Logins:
+        conn = await asyncpg.connect(admin_url, timeout=10)
+        try:
+            return await postgres.ensure_logins(conn, TEST_STACK_HOME / "secrets")
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(create())
+    except asyncpg.InsufficientPrivilegeError as exc:
+        pytest.fail(
+            f"the tests create the pipeline's logins on the server of DATABASE_URL, and its "
+            f"user may not: {exc}. Use a superuser, or one with CREATEROLE and CREATEDB."
+        )
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +185,11 @@ async def create_topic(endpoints: Endpoints, unique: str) -> AsyncIterator[Creat
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The environment with no server endpoints, for subprocesses that must find their own."""
-    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_DEV_HOME"):
+    for name in (
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "DATABASE_URL",
+        "PIPELINE_MIGRATE_DATABASE_URL",
+        "PIPELINE_DEV_HOME",
+    ):
         monkeypatch.delenv(name, raising=False)
     return dict(os.environ)

@@ -1,4 +1,5 @@
-"""A PostgreSQL server from the machine's own binaries, tuned for bulk ingestion."""
+"""A PostgreSQL server from the machine's own binaries, tuned for bulk ingestion, with the
+pipeline's logins (docs/security.md) and TLS."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import os
 import pwd
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -15,15 +17,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
 from pipeline.devstack.processes import PidFile, is_alive, log_tail, spawn
+from pipeline.devstack.tls import KeyPair
 from pipeline.errors import DevStackError
 
-SUPERUSER = "pipeline"
+SUPERUSER = "pipeline"  # the stack's administrator: creates the logins and databases
 DATABASE = "pipeline"
 UNPRIVILEGED_USER = "postgres"
+# The logins (docs/security.md): the migrator owns the schema; the agent has only the writer
+# role, the analyst only the reader role. The group roles are the migrations' (003_roles.sql).
+MIGRATOR = "pipeline_migrator"
+AGENT = "pipeline_agent"
+ANALYST = "pipeline_analyst"
+GROUP_OF = {AGENT: "pipeline_writer", ANALYST: "pipeline_reader"}
+
+# Who may connect how (no unix socket: loopback TCP only). The superuser without a password,
+# for the stack's own administration and the tests' (a development server, reachable from
+# this machine only); every other login with its SCRAM password. TLS is offered to all and
+# required of none: a client asks for it with sslmode in its URL.
+PG_HBA = f"""# Written by `pipeline dev up` on every start.
+host all {SUPERUSER} 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+"""
 
 # Settings for a throwaway server that takes bulk COPY: a large WAL budget so checkpoints do
 # not throttle COPY, no unix socket (loopback TCP only, no /var/run permissions needed).
@@ -44,6 +63,8 @@ SERVER_SETTINGS = {
     "wal_compression": "on",
     "log_min_messages": "warning",
     "log_connections": "off",
+    "password_encryption": "scram-sha-256",
+    "ssl": "on",  # with server.crt and server.key in the data directory (PostgresServer.start)
 }
 
 _SEARCH_GLOBS = (
@@ -115,9 +136,10 @@ class PostgresServer:
     it (under the system temp dir, named after ``home``), owned by it.
     """
 
-    def __init__(self, home: Path, binaries: Binaries) -> None:
+    def __init__(self, home: Path, binaries: Binaries, certificate: KeyPair) -> None:
         self.home = home
         self.binaries = binaries
+        self.certificate = certificate  # the server's, signed by the stack's CA
         self.run_as = _unprivileged_user() if os.geteuid() == 0 else None
         self.data_dir = data_dir(home)
         self.log_path = home / "postgres.log"
@@ -127,6 +149,7 @@ class PostgresServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self._initdb_once()
         self._remove_stale_lock()
+        self._write_access_files()
         args = [self.binaries.postgres, "-D", str(self.data_dir), "-p", str(port)]
         for name, value in SERVER_SETTINGS.items():
             args += ["-c", f"{name}={value}"]
@@ -173,6 +196,22 @@ class PostgresServer:
                 f"initdb failed for {self.data_dir}:\n{result.stdout}{result.stderr}"
             )
 
+    def _write_access_files(self) -> None:
+        """pg_hba.conf, and the server's certificate and key (0600, owned by the server's
+        user, as PostgreSQL demands of a key) in the data directory, on every start."""
+        for name, content, mode in (
+            ("pg_hba.conf", PG_HBA.encode(), 0o600),
+            ("server.crt", self.certificate.cert.read_bytes(), 0o644),
+            ("server.key", self.certificate.key.read_bytes(), 0o600),
+        ):
+            path = self.data_dir / name
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            if self.run_as is not None:
+                os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+
     def _remove_stale_lock(self) -> None:
         # A killed postmaster leaves postmaster.pid behind. PostgreSQL ignores it when that
         # pid is gone, but not when it is an unreaped zombie (a container whose PID 1 does
@@ -190,8 +229,9 @@ class PostgresServer:
             return {}
         return {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid}
 
-    def wait_ready(self, port: int, timeout: float) -> None:
-        """Wait until the server answers a query, then create the pipeline database."""
+    def wait_ready(self, port: int, timeout: float, secrets_dir: Path) -> None:
+        """Wait until the server answers a query, then create the logins (their passwords in
+        ``secrets_dir``) and the pipeline database, owned by the migrator."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.pidfile.live_pid() is None:
@@ -199,7 +239,7 @@ class PostgresServer:
                     f"PostgreSQL exited during start-up; the end of {self.log_path}:\n"
                     + log_tail(self.log_path)
                 )
-            if asyncio.run(_ensure_database(port)):
+            if asyncio.run(_ensure_logins_and_database(port, secrets_dir)):
                 return
             time.sleep(0.1)
         raise DevStackError(
@@ -226,7 +266,101 @@ def purge(home: Path) -> None:
 
 
 def dsn(port: int, database: str = DATABASE) -> str:
+    """The superuser's URL: the stack's administration, and the tests'."""
     return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}"
+
+
+@dataclass(frozen=True)
+class Login:
+    """A login role and its password file, in the pgpass format (``*:*:*:user:password``),
+    which the URL names with ``passfile=``: asyncpg, psql and pg_dump all read it, and the
+    password is in no URL, environment variable or argv."""
+
+    user: str
+    passfile: Path
+
+    def url(self, server_url: str) -> str:
+        """``server_url`` (host, port, database, TLS settings) as this login."""
+        parts = urlsplit(server_url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        query = [
+            pair
+            for pair in parts.query.split("&")
+            if pair and pair.split("=", 1)[0] not in ("passfile", "password", "user")
+        ]
+        query.append("passfile=" + quote(str(self.passfile), safe="/"))
+        return urlunsplit(parts._replace(netloc=f"{self.user}@{host}", query="&".join(query)))
+
+
+@dataclass(frozen=True)
+class Logins:
+    migrator: Login
+    agent: Login
+    analyst: Login
+
+
+def logins(secrets_dir: Path) -> Logins:
+    """Where the logins' password files are (written by :func:`ensure_logins`)."""
+
+    def login(user: str) -> Login:
+        return Login(user, secrets_dir / f"pg-{user}.pgpass")
+
+    return Logins(login(MIGRATOR), login(AGENT), login(ANALYST))
+
+
+def with_tls(url: str, ca_file: Path) -> str:
+    """``url`` verifying the server's certificate against ``ca_file``, and its host name."""
+    parts = urlsplit(url)
+    query = [
+        pair
+        for pair in parts.query.split("&")
+        if pair and pair.split("=", 1)[0] not in ("sslmode", "sslrootcert")
+    ]
+    query += ["sslmode=verify-full", "sslrootcert=" + quote(str(ca_file), safe="/")]
+    return urlunsplit(parts._replace(query="&".join(query)))
+
+
+async def ensure_logins(conn: asyncpg.Connection, secrets_dir: Path) -> Logins:
+    """The group roles (as 003_roles.sql makes them) and the three logins, on the server of
+    ``conn`` (a superuser's, or a CREATEROLE one's). A login's password is made once and
+    kept in its password file (0600); an existing login gets the file's password again."""
+    found = logins(secrets_dir)
+    for group in GROUP_OF.values():
+        await conn.execute(
+            f"""DO $$ BEGIN
+                    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{group}') THEN
+                        CREATE ROLE {group} NOLOGIN;
+                    END IF;
+                EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                END $$"""
+        )
+    for login in (found.migrator, found.agent, found.analyst):
+        password = _password(login.passfile)
+        attributes = f"LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{password}'"
+        if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", login.user):
+            await conn.execute(f"ALTER ROLE {login.user} {attributes}")
+        else:
+            await conn.execute(f"CREATE ROLE {login.user} {attributes}")
+        if login.user in GROUP_OF:
+            await conn.execute(f"GRANT {GROUP_OF[login.user]} TO {login.user}")
+    return found
+
+
+def _password(passfile: Path) -> str:
+    """The password in ``passfile``; a new random one, written there, when it has none."""
+    try:
+        password = passfile.read_text().strip().rsplit(":", 1)[1]
+    except (FileNotFoundError, IndexError):
+        password = ""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{32,}", password):  # also keeps it a safe SQL literal
+        password = secrets.token_urlsafe(32)
+        passfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        passfile.unlink(missing_ok=True)
+        user = passfile.name.removeprefix("pg-").removesuffix(".pgpass")
+        fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"*:*:*:{user}:{password}\n")
+    return password
 
 
 async def why_not_answering(url: str, probe_timeout: float = 3.0) -> str | None:
@@ -246,15 +380,16 @@ async def why_not_answering(url: str, probe_timeout: float = 3.0) -> str | None:
     return None
 
 
-async def _ensure_database(port: int) -> bool:
+async def _ensure_logins_and_database(port: int, secrets_dir: Path) -> bool:
     try:
         conn = await asyncpg.connect(dsn(port, "postgres"), timeout=2)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
         return False  # not listening yet, or still starting up or recovering
     try:
+        await ensure_logins(conn, secrets_dir)
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
         if not exists:
-            await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+            await conn.execute(f'CREATE DATABASE "{DATABASE}" OWNER {MIGRATOR}')
         return True
     finally:
         await conn.close()

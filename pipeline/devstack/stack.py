@@ -31,6 +31,7 @@ from pipeline.kafka_clients import KafkaSettings, settings_from_env
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DATABASE_ENV = "DATABASE_URL"
+MIGRATE_DATABASE_ENV = "PIPELINE_MIGRATE_DATABASE_URL"
 PRIVATE_KEY_ENV = "PIPELINE_CONTROL_PRIVATE_KEY_FILE"
 PUBLIC_KEYS_ENV = "PIPELINE_CONTROL_PUBLIC_KEYS"
 DEFAULT_KAFKA_PORT = 9092
@@ -89,6 +90,8 @@ class Endpoints:
     # The local stack's SASL_SSL listener; None for servers from the environment, and for a
     # broker started before the stack had one.
     kafka_secure: SecureKafka | None = field(default=None, compare=False)
+    # The migrator's URL (`pipeline migrate`), when it is not database_url's login.
+    migrate_database_url: str | None = None
 
     def exports(self, secure_user: str | None = None) -> str:
         """Export lines for a shell; with ``secure_user``, Kafka's are those of the SASL_SSL
@@ -99,7 +102,9 @@ class Endpoints:
             raise DevStackError(NO_SECURE_LISTENER)
         else:
             lines = self.kafka_secure.exports(secure_user)
-        lines += f"export {DATABASE_ENV}={self.database_url}\n"
+        lines += f"export {DATABASE_ENV}={shlex.quote(self.database_url)}\n"
+        if self.migrate_database_url is not None:
+            lines += f"export {MIGRATE_DATABASE_ENV}={shlex.quote(self.migrate_database_url)}\n"
         if self.control_keys is not None:
             private, public = (shlex.quote(str(p)) for p in self.control_keys)
             lines += f"export {PRIVATE_KEY_ENV}={private}\nexport {PUBLIC_KEYS_ENV}={public}\n"
@@ -156,7 +161,12 @@ def endpoints_from_env(environ: Mapping[str, str] = os.environ) -> Endpoints | N
             f"{present} is set but {missing} is not: set both to use your own servers, "
             "or unset both to use the local stack"
         )
-    return Endpoints(bootstrap, url, kafka_settings=settings_from_env(environ))
+    return Endpoints(
+        bootstrap,
+        url,
+        kafka_settings=settings_from_env(environ),
+        migrate_database_url=environ.get(MIGRATE_DATABASE_ENV) or None,
+    )
 
 
 def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -197,7 +207,8 @@ class Stack:
         self._state_path = self.home / "state.json"
         self._pg_home = self.home / "postgres"
         self._kafka_home = self.home / "kafka"
-        self._tls_home = self.home / "tls"
+        self._tls_dir = self.home / "tls"
+        self._secrets_dir = self.home / "secrets"
 
     # -- commands ---------------------------------------------------------------------
 
@@ -205,7 +216,10 @@ class Stack:
         """Start whatever is not running, wait until both answer, return the endpoints."""
         with self._locked():
             state = self._read_state()
-            pg_server = postgres.PostgresServer(self._pg_home, postgres.find_binaries())
+            pg_certificate = tls.issue_server_cert(self.ca(), self._tls_dir, "postgres")
+            pg_server = postgres.PostgresServer(
+                self._pg_home, postgres.find_binaries(), pg_certificate
+            )
             broker = kafka.KafkaBroker(self._kafka_home, kafka.resolve_jars(self._jar_cache))
 
             if pg_server.pidfile.live_pid() is None:
@@ -216,7 +230,7 @@ class Stack:
                 self._write_state(state)
                 pid = pg_server.start(state["pg_port"])
                 report(f"PostgreSQL {pg_server.binaries.major} starting (pid {pid})")
-            pg_server.wait_ready(state["pg_port"], READY_TIMEOUT)
+            pg_server.wait_ready(state["pg_port"], READY_TIMEOUT, self._secrets_dir)
 
             if broker.pidfile.live_pid() is None:
                 broker.pidfile.remove()
@@ -233,8 +247,8 @@ class Stack:
                     state.get("kafka_secure_port"), DEFAULT_KAFKA_SECURE_PORT, report, None, taken
                 )
                 self._write_state(state)
-                ca = tls.ensure_ca(self._tls_home)
-                cert = tls.issue_server_cert(ca, self._tls_home, "kafka")
+                ca = tls.ensure_ca(self._tls_dir)
+                cert = tls.issue_server_cert(ca, self._tls_dir, "kafka")
                 secure = kafka.SecureListener(state["kafka_secure_port"], cert.cert, cert.key)
                 pid = broker.start(state["kafka_port"], state["controller_port"], secure)
                 report(f"Kafka {kafka.KAFKA_VERSION} starting (pid {pid})")
@@ -317,8 +331,9 @@ class Stack:
             s.port is not None and port_is_free(s.port) for s in states
         )
 
-    def endpoints(self) -> Endpoints:
-        """The endpoints of the running stack; an error when it is not up."""
+    def endpoints(self, tls: bool = False) -> Endpoints:
+        """The endpoints of the running stack; an error when it is not up. With ``tls``, the
+        database URLs verify the server's certificate against the stack's CA."""
         states = self.status()
         if any(s.state != "running" for s in states):
             raise DevStackError(
@@ -326,11 +341,32 @@ class Stack:
                 + "; ".join(s.line() for s in states)
                 + "): start it with `pipeline dev up`"
             )
-        return self._endpoints(self._read_state())
+        endpoints = self._endpoints(self._read_state())
+        if not tls:
+            return endpoints
+        assert endpoints.migrate_database_url is not None
+        return dataclasses.replace(
+            endpoints,
+            database_url=postgres.with_tls(endpoints.database_url, self.ca().cert),
+            migrate_database_url=postgres.with_tls(endpoints.migrate_database_url, self.ca().cert),
+        )
+
+    def ca(self) -> tls.KeyPair:
+        """The stack's certificate authority (made on first use): clients trust its cert."""
+        return tls.ensure_ca(self._tls_dir)
+
+    def logins(self) -> postgres.Logins:
+        """PostgreSQL's logins, and their password files (made by `up`)."""
+        return postgres.logins(self._secrets_dir)
+
+    def admin_url(self) -> str:
+        """The superuser's URL to the pipeline database: for the tests and `pipeline bench`,
+        which create databases; every other command connects as a login."""
+        return postgres.dsn(self._read_state()["pg_port"])
 
     def kafka_secrets(self) -> Path:
         """The directory of the stack's Kafka users' password files (0600 each)."""
-        return self.home / "secrets"
+        return self._secrets_dir
 
     def control_keys(self) -> tuple[Path, Path]:
         """Where the stack keeps its control key pair: (private, public)."""
@@ -342,13 +378,16 @@ class Stack:
     def _endpoints(self, state: Mapping[str, int]) -> Endpoints:
         keys = self.control_keys()
         bootstrap = f"127.0.0.1:{state['kafka_port']}"
+        server = postgres.dsn(state["pg_port"])
+        logins = self.logins()
         return Endpoints(
             bootstrap,
-            postgres.dsn(state["pg_port"]),
+            logins.agent.url(server),
             keys if all(p.exists() for p in keys) else None,
             # The stack's own plaintext listener, whatever PIPELINE_KAFKA_* says.
             kafka_settings=KafkaSettings(bootstrap_servers=bootstrap),
             kafka_secure=self._secure_kafka(state),
+            migrate_database_url=logins.migrator.url(server),
         )
 
     def _secure_kafka(self, state: Mapping[str, int]) -> SecureKafka | None:
@@ -361,7 +400,7 @@ class Stack:
         if not ready:
             return None
         return SecureKafka(
-            f"127.0.0.1:{state['kafka_secure_port']}", self._tls_home / "ca.crt", secrets
+            f"127.0.0.1:{state['kafka_secure_port']}", self._tls_dir / "ca.crt", secrets
         )
 
     def _ensure_kafka_users(self) -> None:

@@ -25,7 +25,7 @@ import msgspec
 from aiokafka.structs import RecordMetadata
 
 from consumers.agent import DatabaseAgent
-from pipeline import db, kafka_clients, testbed
+from pipeline import kafka_clients, testbed
 from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
@@ -345,10 +345,12 @@ async def running_agent(
 
 
 async def migrated(database_url: str, *statements: str) -> None:
-    """Apply the migrations, then ``statements``: a change the agent does not know about."""
+    """Apply the migrations (as the migrator; the ``database_url`` fixture's database has
+    them already), then ``statements`` as ``database_url``'s login: a change the agent does
+    not know about."""
+    await testbed.migrate(database_url)
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        await db.migrate(conn, db.read_migrations())
         for statement in statements:
             await conn.execute(statement)
     finally:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -34,16 +35,22 @@ from pipeline.devstack.stack import PROBE_TIMEOUT
 
 # The console script next to this interpreter: the entry point users run, not just main().
 PIPELINE = Path(sys.executable).with_name("pipeline")
-SERVER_ENV = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_DEV_HOME")
+SERVER_ENV = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "DATABASE_URL",
+    "PIPELINE_MIGRATE_DATABASE_URL",
+    "PIPELINE_DEV_HOME",
+)
 STATUS_LINE = re.compile(
     r"(?P<name>PostgreSQL|Kafka): (?P<state>running|stopped|dead)"
     r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?(?P<detail>.*)"
 )
 EXPORT_LINE = re.compile(
-    r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL|PIPELINE_CONTROL_PRIVATE_KEY_FILE"
-    r"|PIPELINE_CONTROL_PUBLIC_KEYS)=(\S+)"
+    r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL|PIPELINE_MIGRATE_DATABASE_URL"
+    r"|PIPELINE_CONTROL_PRIVATE_KEY_FILE|PIPELINE_CONTROL_PUBLIC_KEYS)=(\S+)"
 )
 SERVERS = ["KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"]
+MIGRATOR = ["PIPELINE_MIGRATE_DATABASE_URL"]
 KEYS = ["PIPELINE_CONTROL_PRIVATE_KEY_FILE", "PIPELINE_CONTROL_PUBLIC_KEYS"]
 
 
@@ -136,12 +143,14 @@ def exports(stdout: str) -> tuple[str, str]:
     """(bootstrap, database URL) from `export` lines, which must be the whole output: the
     servers, then for the local stack its control key pair."""
     found = exported(stdout)
-    assert list(found) in (SERVERS, SERVERS + KEYS), stdout
+    assert list(found) in (SERVERS, SERVERS + MIGRATOR + KEYS), stdout
     return found["KAFKA_BOOTSTRAP_SERVERS"], found["DATABASE_URL"]
 
 
 def exported(stdout: str) -> dict[str, str]:
-    matches = [EXPORT_LINE.fullmatch(line) for line in stdout.splitlines()]
+    # A value may be quoted for the shell (a URL's "?" and "&"): what the shell would export.
+    lines = [" ".join(shlex.split(line)) for line in stdout.splitlines()]
+    matches = [EXPORT_LINE.fullmatch(line) for line in lines]
     assert all(matches), stdout
     return {match[1]: match[2] for match in matches if match}
 
@@ -183,7 +192,12 @@ def assert_serving(dev: Dev) -> Status:
     assert (status.postgres.pid, status.kafka.pid) == dev.pids()
     bootstrap, url = dev.endpoints()
     assert bootstrap == f"127.0.0.1:{status.kafka.port}"
-    assert url == f"postgresql://pipeline@127.0.0.1:{status.postgres.port}/pipeline"
+    # The agents' login, its password in a file of the stack's, readable by its owner only.
+    passfile = dev.home / "secrets" / "pg-pipeline_agent.pgpass"
+    assert url == (
+        f"postgresql://pipeline_agent@127.0.0.1:{status.postgres.port}/pipeline?passfile={passfile}"
+    )
+    assert passfile.stat().st_mode & 0o777 == 0o600
     assert urlsplit(url).port == status.postgres.port
     assert asyncio.run(_query_and_metadata(bootstrap, url)) == (True, 1)
     return status
@@ -231,7 +245,7 @@ def test_up_again_restarts_nothing_and_both_endpoints_answer(started: Dev) -> No
 
 def test_the_stack_has_a_control_key_pair_that_env_exports(started: Dev) -> None:
     found = exported(started.ok("env").stdout)
-    assert list(found) == SERVERS + KEYS
+    assert list(found) == SERVERS + MIGRATOR + KEYS
     private, public = Path(found[KEYS[0]]), Path(found[KEYS[1]])
     assert private.stat().st_mode & 0o777 == 0o600
     assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")

@@ -22,6 +22,7 @@ HOST_PID = f"{socket.gethostname()}-{os.getpid()}"
 DEFAULTS = {
     "kafka_bootstrap_servers": "kafka1:9092,kafka2:9092",
     "database_url": DATABASE_URL,
+    "migrate_database_url": "",
     "group_id": "database-agent",
     "topic_prefix": "",
     "streams": ("states", "events", "metrics", "analytics", "config"),
@@ -372,6 +373,15 @@ def test_repr_hides_a_password_given_as_query_parameter() -> None:
     # asyncpg and libpq both take the password from the query string too.
     url = "postgresql://ingest@db.example:5432/agents?sslmode=require&password=" + PASSWORD
     assert PASSWORD not in repr(load_config({**ENV, "DATABASE_URL": url}))
+
+
+def test_repr_hides_the_migrators_password_and_migrate_falls_back_to_database_url() -> None:
+    migrator = f"postgresql://owner:{PASSWORD}@db.example:5432/agents"
+    config = load_config({**ENV, "PIPELINE_MIGRATE_DATABASE_URL": migrator})
+    assert PASSWORD not in repr(config)
+    assert "migrate_database_url='postgresql://owner:***@db.example:5432/agents'" in repr(config)
+    assert config.migration_url == migrator
+    assert load_config(ENV).migration_url == DATABASE_URL
 
 
 def test_config_is_frozen() -> None:
