@@ -180,7 +180,9 @@ class AgentPublisher:
 
         Raises:
             PublishTimeoutError: no broker answered within ``send_timeout``.
-            PublishError: the cluster refused the producer (e.g. authorization).
+            PublishError: the cluster refused the producer (e.g. authorization), or its
+                settings: a wrong password, a certificate that does not verify, TLS against a
+                plaintext listener (not retriable).
         """
         if self._producer is not None:
             return
@@ -196,6 +198,7 @@ class AgentPublisher:
                 await _abandon(producer, exc, timeout=1.0)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    await self._refused_settings(exc)
                     raise PublishTimeoutError(
                         f"no Kafka broker answered at {self.bootstrap} within "
                         f"{self.send_timeout:g}s",
@@ -212,6 +215,16 @@ class AgentPublisher:
                 ) from exc
             self._producer = producer
             return
+
+    async def _refused_settings(self, timed_out: BaseException) -> None:
+        """Raise PublishError if the broker answers but refuses these settings (password,
+        certificate, TLS or not): aiokafka reports those only as a broker that never answers."""
+        try:
+            await kafka_clients.check_connection(self.kafka, within=5.0)
+        except ConfigError as refused:
+            error = PublishError(f"Kafka at {self.bootstrap} refused the producer: {refused}")
+            error.retriable = False  # the same settings will be refused again
+            raise error from timed_out
 
     # The bound lives inside (not in a caller's asyncio.timeout) so every call has one.
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109

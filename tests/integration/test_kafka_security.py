@@ -42,6 +42,7 @@ from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import Metric
 from pipeline.testbed import AgentProcess, agent_env, stop_agents
 from producers import AgentPublisher
+from producers.publisher import PublishError, PublishTimeoutError
 from tests.conftest import Servers
 from tests.integration.harness import count_rows, create_topics, migrated, stored_offsets, until
 
@@ -217,3 +218,24 @@ def test_a_refused_client_fails_at_start_with_what_to_fix(
     assert secure.settings(AGENT_USER).password() not in run.stderr + run.stdout
     # Bounded: the refusal is told from an absent broker, not retried (start-up included).
     assert took < 60, f"took {took:.0f}s"
+
+
+async def test_the_sdk_says_the_broker_refused_its_password(
+    secure: SecureKafka, unique: str, tmp_path: Path
+) -> None:
+    # aiokafka reports a refused login as a broker that never answers; the SDK says which.
+    wrong_password = "not-the-password-" + unique
+    (tmp_path / "password").write_text(wrong_password + "\n")
+    settings = msgspec.structs.replace(
+        secure.settings(PRODUCER_USER), sasl_password_file=str(tmp_path / "password")
+    )
+    publisher = AgentPublisher(settings, topic_prefix=f"{unique}.", send_timeout=3.0)
+    started = time.monotonic()
+    with pytest.raises(PublishError) as caught:
+        await publisher.start()
+    assert time.monotonic() - started < 30
+    assert not isinstance(caught.value, PublishTimeoutError)
+    assert not caught.value.retriable
+    message = str(caught.value)
+    assert "Kafka authentication failed for user 'pipeline-producer'" in message, message
+    assert wrong_password not in message
