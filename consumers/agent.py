@@ -273,7 +273,7 @@ class DatabaseAgent:
             redact_url(config.database_url),
         )
         try:
-            conn = await db.connect(config.database_url, config.db_command_timeout_s)
+            conn = await self._connect()
             try:
                 await db.check_schema(conn)  # `pipeline migrate` changes it, not the agents
             finally:
@@ -497,7 +497,7 @@ class DatabaseAgent:
         if not wanted:
             return
         starts = await kafka_io.beginning_offsets(self._require_consumer(), wanted)
-        conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+        conn = await self._connect()
         try:
             stored = await db.load_offsets(conn, self.config.group_id, starts)
         finally:
@@ -865,11 +865,19 @@ class DatabaseAgent:
 
     async def _connection(self) -> Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await db.connect(
-                self.config.database_url, self.config.db_command_timeout_s
-            )
+            self._conn = await self._connect()
             self._prepared = set()
         return self._conn
+
+    async def _connect(self) -> Connection:
+        """A new connection whose transactions the server ends after sitting idle past
+        ``db_idle_in_transaction_timeout_s``: an instance stopped inside its ingest
+        transaction does not keep its offset rows locked from their new owner."""
+        return await db.connect(
+            self.config.database_url,
+            self.config.db_command_timeout_s,
+            idle_in_transaction_timeout=self.config.db_idle_in_transaction_timeout_s,
+        )
 
     async def _prepare(self, conn: Connection, rows: dict[str, list[Row]]) -> None:
         """Create the staging tables of the streams in this batch that this connection has
@@ -891,7 +899,7 @@ class DatabaseAgent:
         connection, because the agent's connection may be busy writing the batch before."""
 
         async def reserve() -> None:
-            conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+            conn = await self._connect()
             try:
                 self._batch_ids.extend(await db.reserve_batch_ids(conn))
             finally:
@@ -1018,6 +1026,7 @@ def _connection_lost(conn: Connection, exc: BaseException) -> bool:
         conn.is_closed()
         or isinstance(exc, (OSError, TimeoutError))
         or sqlstate[:2] in ("08", "40", "53", "57", "58")
+        or sqlstate in ("25P03", "25P04")  # the server ended an idle or overlong transaction
     )
 
 

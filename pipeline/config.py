@@ -46,6 +46,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     fetch_max_bytes: Positive = 64 * 1024 * 1024
     session_timeout_ms: Annotated[int, msgspec.Meta(ge=6000)] = 30_000
     db_command_timeout_s: Seconds = 60.0
+    # PostgreSQL ends an agent's session whose transaction sat idle this long (a process
+    # stopped inside its ingest transaction), freeing its offset rows. Longer than anything
+    # the agent waits on inside a transaction: db_command_timeout_s bounds the longest, the
+    # DLQ acknowledgements.
+    db_idle_in_transaction_timeout_s: Seconds = 120.0
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"
@@ -78,6 +83,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ConfigError(
                 f"{env_name('metrics_address')}: expected HOST:PORT (or empty to disable), "
                 f"got {self.metrics_address!r}"
+            )
+        if self.db_idle_in_transaction_timeout_s <= self.db_command_timeout_s:
+            raise ConfigError(
+                f"{env_name('db_idle_in_transaction_timeout_s')} "
+                f"({self.db_idle_in_transaction_timeout_s:g}) must be greater than "
+                f"{env_name('db_command_timeout_s')} ({self.db_command_timeout_s:g}): inside "
+                "its ingest transaction the agent waits up to that long for the DLQ's "
+                "acknowledgements, and PostgreSQL would end the session meanwhile"
             )
         self.kafka  # noqa: B018 - the Kafka settings are checked together, at start-up
 

@@ -46,20 +46,36 @@ __all__ = ["Connection"]
 # -- connections ----------------------------------------------------------------------------
 
 
-async def connect(url: str, command_timeout: float, connect_timeout: float = 10.0) -> Connection:
+async def connect(
+    url: str,
+    command_timeout: float,
+    connect_timeout: float = 10.0,
+    *,
+    idle_in_transaction_timeout: float | None = None,
+) -> Connection:
     """A connection set up for ingestion.
+
+    With ``idle_in_transaction_timeout`` (seconds), the server ends the session when a
+    transaction sits idle that long, rolling it back: a client stopped inside its transaction
+    (SIGSTOP, a VM paused) then frees the rows it locked instead of holding them until it
+    wakes; when it does, its connection is gone (a transient error, a new connection).
 
     ``synchronous_commit=off`` is safe here: data and offsets commit together, so a crash
     loses both together and Kafka redelivers. jsonb goes over the wire in binary, straight
     from the raw JSON bytes the decoder kept; timestamptz as microseconds since PostgreSQL's
     epoch, computed by :func:`_encode_timestamptz`.
     """
+    settings = {"synchronous_commit": "off", "application_name": "database-agent"}
+    if idle_in_transaction_timeout is not None:
+        settings["idle_in_transaction_session_timeout"] = str(
+            max(1, round(idle_in_transaction_timeout * 1000))  # milliseconds
+        )
     try:
         conn: Connection = await asyncpg.connect(
             url,
             timeout=connect_timeout,
             command_timeout=command_timeout,
-            server_settings={"synchronous_commit": "off", "application_name": "database-agent"},
+            server_settings=settings,
         )
         await conn.set_type_codec(
             "jsonb",
@@ -154,6 +170,9 @@ def classify(exc: BaseException) -> BaseException:
         )
         or sqlstate in ("40001", "40P01")  # serialization failure, deadlock
         or sqlstate in ("25006", "55P03")  # read-only after a failover, lock not available
+        # The session idled in its transaction past idle_in_transaction_session_timeout (the
+        # client was stopped) or ran past transaction_timeout: the server ended it.
+        or sqlstate in ("25P03", "25P04")
         # A table's type changed under a prepared statement: a new transaction re-prepares.
         or isinstance(exc, asyncpg.InvalidCachedStatementError)
     ):

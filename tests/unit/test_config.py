@@ -33,6 +33,7 @@ DEFAULTS = {
     "fetch_max_bytes": 64 * 1024 * 1024,
     "session_timeout_ms": 30_000,
     "db_command_timeout_s": 60.0,
+    "db_idle_in_transaction_timeout_s": 120.0,
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
@@ -190,6 +191,18 @@ INVALID = [
         "PIPELINE_DB_COMMAND_TIMEOUT_S",
         "Expected `float`",
         id="not-a-float",
+    ),
+    pytest.param(
+        {"PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S": "0"},
+        "PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S",
+        "Expected `float` > 0",
+        id="idle-in-transaction-not-positive",
+    ),
+    pytest.param(
+        {"PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S": "60"},
+        "PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S",
+        "(60) must be greater than PIPELINE_DB_COMMAND_TIMEOUT_S (60)",
+        id="idle-in-transaction-not-above-the-command-timeout",
     ),
     pytest.param(
         {"PIPELINE_STREAMS": "states,bogus"}, "PIPELINE_STREAMS", "['bogus']", id="unknown-stream"

@@ -51,6 +51,15 @@ class FakePgError(Exception):
         pytest.param(FakePgError("25006", "read-only transaction"), id="25006-read-only"),
         pytest.param(FakePgError("55P03", "lock not available"), id="55P03-lock-not-available"),
         pytest.param(
+            asyncpg.exceptions.IdleInTransactionSessionTimeoutError("idle-in-transaction timeout"),
+            id="25P03-asyncpg-IdleInTransactionSessionTimeout",
+        ),
+        pytest.param(
+            asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+            id="asyncpg-ConnectionDoesNotExist",
+        ),
+        pytest.param(FakePgError("25P04", "transaction timeout"), id="25P04-transaction-timeout"),
+        pytest.param(
             asyncpg.exceptions.InvalidCachedStatementError("cached plan must not change"),
             id="asyncpg-InvalidCachedStatement",
         ),
