@@ -50,7 +50,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # stopped inside its ingest transaction), freeing its offset rows. Longer than anything
     # the agent waits on inside a transaction: db_command_timeout_s bounds the longest, the
     # DLQ acknowledgements.
-    db_idle_in_transaction_timeout_s: Seconds = 120.0
+    db_idle_in_transaction_timeout_s: Seconds = 90.0
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"

@@ -1,8 +1,9 @@
 """Faults injected into real servers and real agent processes, each judged by the
-exactly-once oracle (harness.assert_caught_up_exactly_once): a stalled instance, a frozen
-database backend, a table locked for longer than the session timeout, and randomized SIGKILLs
-with configurable seeds. The negative control (a broken agent the oracle must reject) is in
-chaos_negative_control.py, run by `make chaos`: it depends on where the kills land.
+exactly-once oracle (harness.assert_caught_up_exactly_once): a stalled instance (stopped
+inside its ingest transaction), a frozen database backend, a table locked for longer than the
+session timeout, and randomized SIGKILLs with configurable seeds. The negative control (a
+broken agent the oracle must reject) is in chaos_negative_control.py, run by `make chaos`: it
+depends on where the kills land.
 
 Signals go only to processes this test started (agents by pid), or to the one PostgreSQL
 backend of the agent under test (found in pg_stat_activity by this test's database name and
@@ -192,11 +193,26 @@ async def test_sigkill_at_random_moments_with_seed_loses_and_duplicates_nothing(
 async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothing(
     servers: Servers, database_url: str, unique: str, tmp_path: Path
 ) -> None:
+    """One of three agents is SIGSTOPped INSIDE its ingest transaction, holding its
+    partitions' offset rows, for longer than the session timeout, then SIGCONTed.
+
+    The stop lands there deterministically: the test locks system_events (a staged stream)
+    until the victim's backend waits on that lock, its fence already taken; it stops the
+    victim and releases the lock, and the victim's backend finishes the statement and sits
+    idle in the open transaction. PostgreSQL ends that session after the agents'
+    idle-in-transaction timeout, rolling it back and freeing the rows; the group evicts the
+    victim after the session timeout; the other two take its partitions and ingest them while
+    it is still stopped (they are never blocked by its locks). When it wakes, its late write
+    fails (the transaction and the connection are gone) and is retried on a new connection:
+    dropped unwritten when the rebalance has revoked its partitions first (as it usually has:
+    its first heartbeat learns of the eviction), fenced by the compare-and-set otherwise. The
+    oracle: every record exactly once."""
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=6)
     traffic = fleet_traffic(45_000, seed=31)
     addresses = [_metrics_address() for _ in range(3)]
+    idle_timeout_s = 4.0  # above the command timeout (the config insists), below the session's
     agents = [
         AgentProcess(
             agent_env(
@@ -206,6 +222,8 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
                 prefix,
                 batch_max_records=500,
                 session_timeout_ms=6000,
+                db_command_timeout_s=3,
+                db_idle_in_transaction_timeout_s=idle_timeout_s,
                 metrics_address=address,
                 instance_id=f"agent-{i}",
             ),
@@ -213,7 +231,13 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
         ).start()
         for i, address in enumerate(addresses)
     ]
-    victim = agents[0]
+    victim, victim_address = agents[0], addresses[0]
+    started = time.monotonic()
+
+    async def victims_backends() -> list[asyncpg.Record]:
+        ports = _local_tcp_ports(victim.pid)  # readable while it is stopped, too
+        return [b for b in await _agent_backends(database_url, unique) if b["client_port"] in ports]
+
     try:
 
         async def three_members() -> bool:
@@ -221,31 +245,68 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
             return state == "Stable" and len(members) == 3
 
         await until(three_members, within=60, what="three members in a stable group")
-        sending = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=30.0))
+        sending = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=40.0))
 
         async def ingesting() -> bool:
             return await _ingested(database_url, prefix, prefix) > 2_000
 
         await until(ingesting, within=30, what="ingestion under way")
-        ports = _local_tcp_ports(victim.pid)
-        # A member stopped while its transaction holds offset rows blocks the new owner of
-        # those partitions until it wakes (nothing ends an idle transaction): not this test.
-        # Stop it where its ingest connection is outside a transaction.
-        for _ in range(50):
-            victim.signal(signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            in_transaction = [
-                b["state"]
-                for b in await _agent_backends(database_url, unique)
-                if b["client_port"] in ports
-            ]
-            if in_transaction and all(s == "idle" for s in in_transaction):
-                break
-            victim.signal(signal.SIGCONT)  # and try again at its next moment
-        else:
-            raise AssertionError("the victim was never outside a transaction")
+        retries = 0.0
+        lock = await asyncpg.connect(database_url, timeout=10)
+        held: asyncpg.Record | None = None
         try:
+            async with lock.transaction():
+                await lock.execute("LOCK TABLE system_events IN SHARE MODE")
+
+                async def victim_waits_on_the_lock() -> bool:
+                    nonlocal held
+                    for b in await victims_backends():
+                        if b["state"] == "active" and b["wait_event_type"] == "Lock":
+                            nonlocal retries  # it cannot retry while the lock is held
+                            retries = scrape(victim_address, "pipeline_retries_total")
+                            victim.signal(signal.SIGSTOP)
+                            held = b
+                            return True
+                    return False
+
+                await until(
+                    victim_waits_on_the_lock,
+                    within=30,
+                    what="the victim's ingest transaction waiting on system_events",
+                    every=0.05,
+                )
+            stopped_at = time.monotonic()  # the lock is released: the statement goes on
+        finally:
+            await lock.close()
+        assert held is not None
+        try:
+
+            async def idle_in_its_transaction() -> bool:
+                return any(
+                    b["pid"] == held["pid"] and b["state"] == "idle in transaction"
+                    for b in await _agent_backends(database_url, unique)
+                )
+
+            await until(
+                idle_in_its_transaction,
+                within=10,
+                what="the stopped victim's backend idle in its open transaction",
+                every=0.05,
+            )
             before = await stored_offsets(database_url, prefix, prefix)
+
+            async def session_ended() -> bool:
+                return all(
+                    b["pid"] != held["pid"] for b in await _agent_backends(database_url, unique)
+                )
+
+            await until(
+                session_ended,
+                within=idle_timeout_s + 20,
+                what="PostgreSQL ending the stopped victim's idle transaction",
+            )
+            ended_after = time.monotonic() - stopped_at
+            assert ended_after > idle_timeout_s * 0.8, "ended before its idle timeout?"
 
             async def evicted() -> bool:
                 state, members = await _group(bootstrap, prefix)
@@ -258,7 +319,8 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
             grew = sum(ends.values()) - sum(before.values())
 
             # The two others own every partition now, the victim's too, and ingest all that
-            # was sent up to the eviction, while the victim is still stopped.
+            # was sent up to the eviction, while the victim is still stopped: its locks are
+            # gone with its session.
             async def all_partitions_advanced() -> bool:
                 now = await stored_offsets(database_url, prefix, prefix)
                 return all(now.get(tp, 0) >= o for tp, o in ends.items())
@@ -273,36 +335,40 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
                 now = await stored_offsets(database_url, prefix, prefix)
                 stuck = sorted(tp for tp, o in ends.items() if now.get(tp, 0) < o)
                 backends = [
-                    (b["pid"], b["client_port"] in ports, b["state"], b["wait_event_type"])
+                    (b["pid"], b["state"], b["wait_event_type"])
                     for b in await _agent_backends(database_url, unique)
                 ]
                 raise AssertionError(
-                    f"{exc}; stuck {stuck}; victim's backends at SIGSTOP {in_transaction}; "
-                    f"backends now (pid, victim's, state, waiting on) {backends}"
+                    f"{exc}; stuck {stuck}; backends now (pid, state, waiting on) {backends}"
                 ) from None
             assert not sending.done(), "records must still arrive when the victim wakes"
             stalled_for = time.monotonic() - stopped_at
         finally:
             victim.signal(signal.SIGCONT)
+
+        # It wakes to a connection the server has closed: its write fails as transient, and
+        # the batch is retried on a new connection: fenced by the compare-and-set if the
+        # retry runs first, or dropped unwritten when the rebalance revoking its partitions
+        # (its first heartbeat learns of the eviction) runs first, as it usually does.
+        async def late_write_failed() -> bool:
+            return scrape(victim_address, "pipeline_retries_total") > retries
+
+        await until(late_write_failed, within=30, what="the woken victim's write failing")
         sent = await sending
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
 
         async def rejoined() -> bool:
             state, members = await _group(bootstrap, prefix)
-            return (state == "Stable" and len(members) == 3) or not victim.alive()
+            return state == "Stable" and len(members) == 3
 
-        await until(rejoined, within=60, what="the stalled member back in the group, or gone")
+        await until(rejoined, within=60, what="the stalled member back in the group")
         fenced = [scrape(a, "pipeline_fenced_batches_total") for a in addresses]
         print(
-            f"stalled {stalled_for:.1f}s, evicted after {evicted_after:.1f}s, {grew} records past "
-            f"the stored offsets at SIGSTOP ingested by the others, victim's backend "
-            f"states at SIGSTOP {in_transaction}, fenced batches per agent {fenced}, "
-            f"records {len(sent)}"
+            f"records {len(sent)}, stalled {stalled_for:.1f}s, its session ended after "
+            f"{ended_after:.1f}s, evicted after {evicted_after:.1f}s, {grew} records past the "
+            f"stored offsets ingested by the others meanwhile, fenced batches per agent "
+            f"{fenced}, {time.monotonic() - started:.0f}s in all"
         )
-        if any(s in ("active", "idle in transaction") for s in in_transaction):
-            # Its batch was in flight: whichever of it and the new owner lost the race on
-            # the offset rows was fenced.
-            assert sum(fenced) >= 1
         for agent in agents:
             assert agent.stop() == 0, _log_tail(agent)
     finally:

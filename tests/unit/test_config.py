@@ -33,7 +33,7 @@ DEFAULTS = {
     "fetch_max_bytes": 64 * 1024 * 1024,
     "session_timeout_ms": 30_000,
     "db_command_timeout_s": 60.0,
-    "db_idle_in_transaction_timeout_s": 120.0,
+    "db_idle_in_transaction_timeout_s": 90.0,
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
