@@ -49,8 +49,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # PostgreSQL ends an agent's session whose transaction sat idle this long (a process
     # stopped inside its ingest transaction), freeing its offset rows. Longer than anything
     # the agent waits on inside a transaction: db_command_timeout_s bounds the longest, the
-    # DLQ acknowledgements.
-    db_idle_in_transaction_timeout_s: Seconds = 90.0
+    # DLQ acknowledgements. At most a day (the server's limit is about 24 days, in ms).
+    db_idle_in_transaction_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 90.0
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"

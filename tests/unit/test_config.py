@@ -199,6 +199,12 @@ INVALID = [
         id="idle-in-transaction-not-positive",
     ),
     pytest.param(
+        {"PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S": "1e9"},
+        "PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S",
+        "Expected `float` <= 86400",
+        id="idle-in-transaction-past-a-day",
+    ),
+    pytest.param(
         {"PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S": "60"},
         "PIPELINE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S",
         "(60) must be greater than PIPELINE_DB_COMMAND_TIMEOUT_S (60)",
