@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import uuid
@@ -92,7 +93,9 @@ def servers() -> Iterator[Servers]:
     if given is not None:
         default_stack = Stack()
         if default_stack.serves(given):  # `eval "$(pipeline dev env)"`: the agent's login
-            admin = Endpoints(given.kafka_bootstrap, default_stack.admin_url())
+            admin = dataclasses.replace(
+                given, database_url=default_stack.admin_url(), migrate_database_url=None
+            )
             yield _with_logins(admin, None, default_stack.logins(), default_stack.ca().cert)
         else:
             yield _with_logins(given, None, _created_logins(given.database_url), None)
@@ -108,7 +111,10 @@ def servers() -> Iterator[Servers]:
         stack.down(purge=True, report=lambda _: None)  # whichever server did start
         pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
     try:
-        admin = Endpoints(started.kafka_bootstrap, stack.admin_url(), started.control_keys)
+        # The same endpoints (Kafka's listeners, the control keys) with the superuser's URL.
+        admin = dataclasses.replace(
+            started, database_url=stack.admin_url(), migrate_database_url=None
+        )
         yield _with_logins(admin, stack, stack.logins(), stack.ca().cert)
     finally:
         stack.down(purge=True, report=lambda _: None)
