@@ -185,6 +185,8 @@ class Antigravity:
         consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False)
         await consumer.start()
         try:
+            if self.status_topic not in await consumer.topics():
+                return []  # no agent has started yet: it creates the topic (else a 40 s wait)
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
             found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000)})

@@ -578,3 +578,13 @@ async def status_acks(bootstrap: str, status_topic: str) -> list[Ack]:
         return acks
     finally:
         await kafka_io.stop_consumer(consumer)
+
+
+async def test_the_fleet_of_a_prefix_no_agent_has_used_is_empty_at_once(
+    servers: Servers, unique: str, keys: Keys
+) -> None:
+    # No agent has created the status topic yet: an empty fleet, not a 40 s metadata wait.
+    ag = orchestrator(servers.endpoints.kafka_bootstrap, f"{unique}.", keys)
+    started = time.monotonic()
+    assert await ag.fleet("nobody") == []
+    assert time.monotonic() - started < 10

@@ -169,6 +169,7 @@ async def test_top_shows_each_agent_its_lag_and_who_went_away(
                 instance_id=i,
                 metrics_address=addresses[i],
                 db_command_timeout_s=600,  # the lock below must not turn into retries
+                db_idle_in_transaction_timeout_s=900,  # must be above the command timeout
             ),
             tmp_path / f"{i}.log",
         ).start()
