@@ -38,7 +38,8 @@ GROUP_OF = {AGENT: "pipeline_writer", ANALYST: "pipeline_reader"}
 # Who may connect how (no unix socket: loopback TCP only). The superuser without a password,
 # for the stack's own administration and the tests' (a development server, reachable from
 # this machine only); every other login with its SCRAM password. TLS is offered to all and
-# required of none: a client asks for it with sslmode in its URL.
+# required of none: a client asks for it with sslmode in its URL (the stack's own URLs say
+# sslmode=disable unless TLS was asked for: see dsn).
 PG_HBA = f"""# Written by `pipeline dev up` on every start.
 host all {SUPERUSER} 127.0.0.1/32 trust
 host all all 127.0.0.1/32 scram-sha-256
@@ -266,8 +267,14 @@ def purge(home: Path) -> None:
 
 
 def dsn(port: int, database: str = DATABASE) -> str:
-    """The superuser's URL: the stack's administration, and the tests'."""
-    return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}"
+    """The superuser's URL: the stack's administration, and the tests'.
+
+    ``sslmode=disable``: asyncpg's default (``prefer``) would encrypt every loopback
+    connection the server offers TLS to, at about a third of the COPY throughput on two
+    cores. TLS is asked for explicitly (:func:`with_tls`, `pipeline dev env --tls`), and the
+    logins' URLs made from this one keep the setting.
+    """
+    return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}?sslmode=disable"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 from aiokafka.structs import RecordMetadata
 
 from consumers.agent import DatabaseAgent
@@ -231,6 +232,10 @@ async def kafka_committed(bootstrap: str, group: str, prefix: str) -> dict[tuple
     await admin.start()
     try:
         found = await admin.list_consumer_group_offsets(group)
+    except GroupCoordinatorNotAvailableError:
+        # A fresh broker elects the group's coordinator after the first join: nothing is
+        # committed yet, so nothing can have run ahead of the database.
+        return {}
     finally:
         await admin.close()
     return {
