@@ -195,7 +195,8 @@ def assert_serving(dev: Dev) -> Status:
     # The agents' login, its password in a file of the stack's, readable by its owner only.
     passfile = dev.home / "secrets" / "pg-pipeline_agent.pgpass"
     assert url == (
-        f"postgresql://pipeline_agent@127.0.0.1:{status.postgres.port}/pipeline?passfile={passfile}"
+        f"postgresql://pipeline_agent@127.0.0.1:{status.postgres.port}/pipeline"
+        f"?sslmode=disable&passfile={passfile}"
     )
     assert passfile.stat().st_mode & 0o777 == 0o600
     assert urlsplit(url).port == status.postgres.port
