@@ -27,7 +27,7 @@ import msgspec
 
 from pipeline import db, kafka_clients
 from pipeline.config import Config, load_config
-from pipeline.devstack import Stack, endpoints_from_env, prometheus
+from pipeline.devstack import Stack, endpoints_from_env, kafka_versions, prometheus
 from pipeline.devstack.kafka_auth import AGENT_USER, ORCHESTRATOR_USER, PRODUCER_USER, USERS
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         "up",
         help="start both servers and wait until they answer (with the endpoint variables "
         "set to other servers: check that those answer)",
+    )
+    up.add_argument(
+        "--kafka",
+        metavar="VERSION",
+        help=f"the Kafka release to run, 3.{kafka_versions.OLDEST_3}+ or 4.x (default "
+        f"${kafka_versions.VERSION_ENV}, else {kafka_versions.DEFAULT_VERSION}); a stack home "
+        "runs the release that formatted its data",
     )
     up.add_argument(
         "--prometheus",
@@ -850,7 +857,7 @@ async def _run_until_signalled(agent: DatabaseAgent, controller: Controller) -> 
 def _dev_up(args: argparse.Namespace) -> int:
     """Start the local stack, unless the endpoint variables name other servers: then start
     nothing, and succeed only if those answer."""
-    stack = Stack()
+    stack = Stack(kafka_version=args.kafka)
     given = endpoints_from_env()
     if given is not None and not stack.serves(given):
         answers = probe_servers(given)

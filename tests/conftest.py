@@ -5,6 +5,9 @@
 3. the local stack (``pipeline dev``), started once per test session under a home of its
    own, and stopped and deleted at the end.
 
+The last two run the Kafka release ``PIPELINE_DEV_KAFKA`` names (default 4.3.1), so
+``PIPELINE_DEV_KAFKA=3.9.1 pytest`` runs the suite against Kafka 3.9.1.
+
 When none can be had, every test that needs a server fails with the reason: never a skip.
 Each test gets its own topics (unique names) and its own PostgreSQL database.
 
@@ -35,9 +38,9 @@ import pytest
 from aiokafka.admin import NewTopic
 
 from pipeline import kafka_clients, testbed
-from pipeline.devstack import Endpoints, Stack, endpoints_from_env, postgres
+from pipeline.devstack import Endpoints, Stack, endpoints_from_env, kafka_versions, postgres
 from pipeline.devstack.stack import cache_root
-from pipeline.errors import DevStackError
+from pipeline.errors import ConfigError, DevStackError
 from pipeline.records import topic_name
 
 # One stack per test session: two sessions on one machine (a developer's and an editor's, or
@@ -70,7 +73,7 @@ def _containers() -> Iterator[Endpoints]:
     from testcontainers.community.postgres import PostgresContainer
 
     with (
-        KafkaContainer("apache/kafka:4.3.1").with_kraft() as kafka,
+        KafkaContainer(f"apache/kafka:{kafka_versions.chosen(os.environ)}").with_kraft() as kafka,
         PostgresContainer("postgres:15", driver=None) as pg,
     ):
         yield Endpoints(kafka.get_bootstrap_server(), pg.get_connection_url())
@@ -107,7 +110,7 @@ def servers() -> Iterator[Servers]:
     stack = Stack(home=TEST_STACK_HOME)
     try:
         started = stack.up(report=lambda _: None)
-    except DevStackError as exc:
+    except (ConfigError, DevStackError) as exc:  # ConfigError: PIPELINE_DEV_KAFKA
         stack.down(purge=True, report=lambda _: None)  # whichever server did start
         pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
     try:

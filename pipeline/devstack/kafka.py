@@ -16,74 +16,51 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 
 from pipeline import kafka_clients
+from pipeline.devstack.kafka_versions import Release
 from pipeline.devstack.processes import PidFile, log_tail, spawn
 from pipeline.errors import ConfigError, DevStackError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
 
-KAFKA_VERSION = "4.3.1"
 SCALA_VERSION = "2.13"
-LOG4J_VERSION = "2.25.4"  # the version Kafka 4.3.1 is built against
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 DEFAULT_HEAP_OPTS = "-Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20"
-
-_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>local.agent-pipeline</groupId>
-  <artifactId>kafka-runtime</artifactId>
-  <version>{kafka}</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.kafka</groupId>
-      <artifactId>kafka_{scala}</artifactId>
-      <version>{kafka}</version>
-    </dependency>
-    <!-- The SLF4J binding that only Kafka's tarball ships; without it the broker logs nothing. -->
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j-impl</artifactId>
-      <version>{log4j}</version>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-api</artifactId>
-      <version>{log4j}</version>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-core</artifactId>
-      <version>{log4j}</version>
-    </dependency>
-  </dependencies>
-</project>
-"""
-
-_LOG4J2 = """Configuration:
-  Appenders:
-    Console:
-      name: STDOUT
-      PatternLayout:
-        pattern: "[%d] %p %m (%c)%n"
-  Loggers:
-    Root:
-      level: WARN
-      AppenderRef:
-        - ref: STDOUT
-    Logger:
-      - name: kafka.server.KafkaRaftServer
-        level: INFO
-"""
+# Where the stack home records the Kafka release that formatted its data directory.
+VERSION_FILE = "kafka-version"
+# A home whose data predates that record was formatted by the only release the stack ran then.
+UNRECORDED_VERSION = "4.3.1"
 
 _MAIN_CLASS = "kafka.Kafka"
 _STORAGE_TOOL = "kafka.tools.StorageTool"
 
 
-def resolve_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
+def pom(release: Release) -> str:
+    """A POM whose runtime dependencies are the broker of ``release`` and its logging."""
+    dependencies = [("org.apache.kafka", f"kafka_{SCALA_VERSION}", release.version)]
+    dependencies += release.major.logging
+    return (
+        '<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
+        "  <modelVersion>4.0.0</modelVersion>\n"
+        "  <groupId>local.agent-pipeline</groupId>\n"
+        "  <artifactId>kafka-runtime</artifactId>\n"
+        f"  <version>{release.version}</version>\n"
+        "  <packaging>pom</packaging>\n"
+        "  <dependencies>\n"
+        + "".join(
+            f"    <dependency><groupId>{group}</groupId><artifactId>{artifact}</artifactId>"
+            f"<version>{version}</version></dependency>\n"
+            for group, artifact, version in dependencies
+        )
+        + "  </dependencies>\n</project>\n"
+    )
+
+
+def resolve_jars(cache_dir: Path, release: Release) -> Path:
     """Return a directory holding the broker's jars, resolving them with Maven once.
 
     The directory is reused on every later call; Maven's local repository also caches
     the downloads, so a second resolution (say after the cache was cleared) is offline.
     """
+    version = release.version
     home = cache_dir / f"kafka-{version}"
     lib = home / "lib"
     complete = home / ".complete"
@@ -97,9 +74,7 @@ def resolve_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
             "Install it (Debian: apt-get install maven; macOS: brew install maven)."
         )
     home.mkdir(parents=True, exist_ok=True)
-    (home / "pom.xml").write_text(
-        _POM.format(kafka=version, scala=SCALA_VERSION, log4j=LOG4J_VERSION)
-    )
+    (home / "pom.xml").write_text(pom(release))
     shutil.rmtree(lib, ignore_errors=True)
     result = subprocess.run(
         [
@@ -120,8 +95,9 @@ def resolve_jars(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
         output = (result.stdout + result.stderr).strip().splitlines()[-15:]
         raise DevStackError(
             f"Maven could not resolve org.apache.kafka:kafka_{SCALA_VERSION}:{version} "
-            "from Maven Central. Check that Maven Central is reachable (a proxy or mirror "
-            "goes in ~/.m2/settings.xml). Maven said:\n" + "\n".join(output)
+            "from Maven Central. Check the version (PIPELINE_DEV_KAFKA or --kafka) and that "
+            "Maven Central is reachable (a proxy or mirror goes in ~/.m2/settings.xml). "
+            "Maven said:\n" + "\n".join(output)
         )
     if not any(lib.glob(f"kafka_{SCALA_VERSION}-{version}.jar")):
         raise DevStackError(f"Maven finished but {lib} holds no Kafka broker jar")
@@ -141,11 +117,13 @@ def java_binary() -> str:
 
 
 class KafkaBroker:
-    """One KRaft node (broker and controller) with its data, log and pid under ``home``."""
+    """One KRaft node (broker and controller) of ``release`` with its data, log and pid under
+    ``home``."""
 
-    def __init__(self, home: Path, lib: Path) -> None:
+    def __init__(self, home: Path, lib: Path, release: Release) -> None:
         self.home = home
         self.lib = lib
+        self.release = release
         self.data_dir = home / "data"
         self.log_path = home / "broker.log"
         self.properties = home / "server.properties"
@@ -155,41 +133,40 @@ class KafkaBroker:
         """Start the broker: a PLAINTEXT listener on ``port``, the controller on
         ``controller_port``, and the SASL_SSL listener ``secure`` says, if any."""
         self.home.mkdir(parents=True, exist_ok=True)
-        properties = _server_properties(self.data_dir, port, controller_port, secure)
+        properties = _server_properties(self.release, self.data_dir, port, controller_port, secure)
         # With the SASL_SSL listener it holds a private key: its owner's only, like key files.
         fd = os.open(self.properties, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(properties)
-        (self.home / "log4j2.yaml").write_text(_LOG4J2)
         self._format_once()
         heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS).split()
         pid = spawn(
-            [
-                java_binary(),
-                *heap,
-                f"-Dlog4j2.configurationFile={self.home / 'log4j2.yaml'}",
-                "-cp",
-                f"{self.lib}/*",
-                _MAIN_CLASS,
-                str(self.properties),
-            ],
+            [java_binary(), *heap, *self._java_options(), _MAIN_CLASS, str(self.properties)],
             self.log_path,
         )
         self.pidfile.write(pid)
         return pid
 
+    def _java_options(self) -> list[str]:
+        """The class path and the logging configuration (written here) of this release."""
+        major = self.release.major
+        log_config = self.home / major.log_config_name
+        log_config.write_text(major.log_config)
+        return [major.log_option.format(path=log_config), "-cp", f"{self.lib}/*"]
+
     def _format_once(self) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
+        # Recorded before the format: the record counts only once the format wrote meta.properties.
+        (self.home / VERSION_FILE).write_text(f"{self.release.version}\n")
         cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if cluster_id.startswith("-"):
             cluster_id = "A" + cluster_id[1:]
         result = subprocess.run(
             [
                 java_binary(),
-                "-cp",
-                f"{self.lib}/*",
+                *self._java_options(),
                 _STORAGE_TOOL,
                 "format",
                 "-t",
@@ -236,6 +213,34 @@ class SecureListener:
 
 def pidfile(home: Path) -> PidFile:
     return PidFile(home / "broker.pid", _MAIN_CLASS)
+
+
+def data_version(home: Path) -> str | None:
+    """The Kafka release that formatted the data of the broker home ``home``; None when it
+    holds no formatted data."""
+    if not (home / "data" / "meta.properties").exists():
+        return None
+    try:
+        return (home / VERSION_FILE).read_text().strip()
+    except FileNotFoundError:
+        return UNRECORDED_VERSION
+
+
+def check_data_version(home: Path, version: str) -> None:
+    """Refuse to run Kafka ``version`` on data another release formatted: the stack moves
+    neither up nor down between releases."""
+    found = data_version(home)
+    if found is not None and found != version:
+        raise DevStackError(other_version_message(home / "data", found, version))
+
+
+def other_version_message(data_dir: Path, found: str, wanted: str) -> str:
+    return (
+        f"the Kafka data in {data_dir} was formatted by Kafka {found}, but this `up` would run "
+        f"Kafka {wanted}. Run Kafka {found} (PIPELINE_DEV_KAFKA={found}, or `pipeline dev "
+        f"up --kafka {found}`), or remove the data with `pipeline dev down --purge` (it is "
+        f"lost), or use another PIPELINE_DEV_HOME for Kafka {wanted}."
+    )
 
 
 def has_secure_listener(home: Path) -> bool:
@@ -306,7 +311,11 @@ def _one_line(pem: str) -> str:
 
 
 def _server_properties(
-    data_dir: Path, port: int, controller_port: int, secure: SecureListener | None = None
+    release: Release,
+    data_dir: Path,
+    port: int,
+    controller_port: int,
+    secure: SecureListener | None = None,
 ) -> str:
     sasl_ssl = "" if secure is None else f",SASL_SSL://127.0.0.1:{secure.port}"
     return "\n".join(
@@ -329,8 +338,7 @@ def _server_properties(
             "offsets.topic.num.partitions=1",
             "transaction.state.log.replication.factor=1",
             "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
+            *release.major.properties,
             "group.initial.rebalance.delay.ms=0",
             # A broker restarted after a crash re-registers once the old registration expires:
             # seconds here, not the default 9 s.

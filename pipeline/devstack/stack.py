@@ -1,8 +1,10 @@
 """The local stack: one Kafka broker and one PostgreSQL server on 127.0.0.1.
 
 Everything lives under a stack home (default ``$XDG_CACHE_HOME/agent-pipeline/dev``, or
-``PIPELINE_DEV_HOME``): the chosen ports, pid files, logs and Kafka's data. The broker's jars
-are shared by every stack under ``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>``.
+``PIPELINE_DEV_HOME``): the chosen ports, pid files, logs and Kafka's data, with the Kafka
+release that formatted it. The broker's jars are shared by every stack under
+``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>``; ``PIPELINE_DEV_KAFKA`` chooses the release
+(:mod:`pipeline.devstack.kafka_versions`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 
 from pipeline import control, kafka_clients
 from pipeline.config import redact_url
-from pipeline.devstack import kafka, kafka_auth, postgres, tls
+from pipeline.devstack import kafka, kafka_auth, kafka_versions, postgres, tls
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
 from pipeline.errors import ConfigError, DevStackError
 from pipeline.kafka_clients import KafkaSettings, settings_from_env
@@ -186,6 +188,7 @@ class ComponentStatus:
     port: int | None
     detail: str
     answers: bool | None = None  # None when not asked (see Stack.status)
+    version: str | None = None  # Kafka's: the release that formatted its data, once it has
 
     @property
     def serving(self) -> bool:
@@ -195,15 +198,24 @@ class ComponentStatus:
     def line(self) -> str:
         where = f" on 127.0.0.1:{self.port}" if self.port and self.state == "running" else ""
         pid = f" (pid {self.pid})" if self.pid else ""
-        return f"{self.name}: {self.state}{pid}{where}{self.detail}"
+        version = f", version {self.version}" if self.version else ""
+        return f"{self.name}: {self.state}{pid}{where}{version}{self.detail}"
 
 
 class Stack:
     """Start, inspect and stop the local stack. Every method is idempotent."""
 
-    def __init__(self, home: Path | None = None, jar_cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        home: Path | None = None,
+        jar_cache: Path | None = None,
+        kafka_version: str | None = None,
+    ) -> None:
         self.home = home or default_home()
         self._jar_cache = jar_cache or cache_root()
+        # The Kafka release `up` runs: the argument (`dev up --kafka`), else PIPELINE_DEV_KAFKA.
+        # Checked by `up` alone: `down` and `status` work on any home whatever it says.
+        self._kafka_version = kafka_version
         self._state_path = self.home / "state.json"
         self._pg_home = self.home / "postgres"
         self._kafka_home = self.home / "kafka"
@@ -214,13 +226,17 @@ class Stack:
 
     def up(self, report: Report = print) -> Endpoints:
         """Start whatever is not running, wait until both answer, return the endpoints."""
+        release = self._kafka_release()
         with self._locked():
+            kafka.check_data_version(self._kafka_home, release.version)  # before starting any
             state = self._read_state()
             pg_certificate = tls.issue_server_cert(self.ca(), self._tls_dir, "postgres")
             pg_server = postgres.PostgresServer(
                 self._pg_home, postgres.find_binaries(), pg_certificate
             )
-            broker = kafka.KafkaBroker(self._kafka_home, kafka.resolve_jars(self._jar_cache))
+            broker = kafka.KafkaBroker(
+                self._kafka_home, kafka.resolve_jars(self._jar_cache, release), release
+            )
 
             if pg_server.pidfile.live_pid() is None:
                 pg_server.pidfile.remove()
@@ -251,7 +267,7 @@ class Stack:
                 cert = tls.issue_server_cert(ca, self._tls_dir, "kafka")
                 secure = kafka.SecureListener(state["kafka_secure_port"], cert.cert, cert.key)
                 pid = broker.start(state["kafka_port"], state["controller_port"], secure)
-                report(f"Kafka {kafka.KAFKA_VERSION} starting (pid {pid})")
+                report(f"Kafka {release.version} starting (pid {pid})")
             self._ensure_control_keys(report)
             broker.wait_ready(self._endpoints(state).kafka, READY_TIMEOUT)
             if kafka.has_secure_listener(self._kafka_home):
@@ -292,11 +308,14 @@ class Stack:
                 state.get("pg_port"),
                 self._pg_home / "postgres.log",
             ),
-            _component(
-                "Kafka",
-                kafka.pidfile(self._kafka_home),
-                state.get("kafka_port"),
-                self._kafka_home / "broker.log",
+            dataclasses.replace(
+                _component(
+                    "Kafka",
+                    kafka.pidfile(self._kafka_home),
+                    state.get("kafka_port"),
+                    self._kafka_home / "broker.log",
+                ),
+                version=kafka.data_version(self._kafka_home),
             ),
         ]
         return [_asked(c) if probe and c.state == "running" else c for c in found]
@@ -374,6 +393,11 @@ class Stack:
         return keys / "antigravity.key", keys / "antigravity.pub"
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _kafka_release(self) -> kafka_versions.Release:
+        if self._kafka_version:
+            return kafka_versions.release(self._kafka_version, "--kafka")
+        return kafka_versions.release(kafka_versions.chosen(os.environ))
 
     def _endpoints(self, state: Mapping[str, int]) -> Endpoints:
         keys = self.control_keys()

@@ -51,6 +51,7 @@ from tests.integration.harness import (
     running_agent,
     scrape,
     stored_offsets,
+    until,
     wait_caught_up,
 )
 
@@ -536,8 +537,12 @@ async def test_broker_restart_during_ingestion_needs_no_agent_restart(
     sent = await produce(bootstrap, prefix, first)
     env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
     agent = AgentProcess(env, tmp_path / "agent.log").start()
+
+    async def ingesting() -> bool:  # past its start-up (which fails fast without a broker)
+        return bool(await stored_offsets(database_url, prefix, prefix))
+
     try:
-        await asyncio.sleep(1.0)  # ingesting the first half
+        await until(ingesting, within=60, what="the agent ingesting the first half")
         broker = kafka.pidfile(servers.stack.home / "kafka").live_pid()
         assert broker is not None
         await asyncio.to_thread(stop_pid, broker, signal.SIGTERM, 60.0)

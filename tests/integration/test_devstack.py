@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 
 from pipeline.config import redact_url
-from pipeline.devstack import Endpoints, kafka, postgres
+from pipeline.devstack import Endpoints, kafka, kafka_versions, postgres
 from pipeline.devstack.processes import port_is_free
 from pipeline.devstack.stack import PROBE_TIMEOUT
 
@@ -43,13 +43,16 @@ SERVER_ENV = (
 )
 STATUS_LINE = re.compile(
     r"(?P<name>PostgreSQL|Kafka): (?P<state>running|stopped|dead)"
-    r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?(?P<detail>.*)"
+    r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?"
+    r"(?:, version (?P<version>\d+\.\d+\.\d+))?(?P<detail>.*)"
 )
 EXPORT_LINE = re.compile(
     r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL|PIPELINE_MIGRATE_DATABASE_URL"
     r"|PIPELINE_CONTROL_PRIVATE_KEY_FILE|PIPELINE_CONTROL_PUBLIC_KEYS)=(\S+)"
 )
 SERVERS = ["KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"]
+# The Kafka release the stacks here run: this session's (PIPELINE_DEV_KAFKA), like its own.
+KAFKA = kafka_versions.chosen(os.environ)
 MIGRATOR = ["PIPELINE_MIGRATE_DATABASE_URL"]
 KEYS = ["PIPELINE_CONTROL_PRIVATE_KEY_FILE", "PIPELINE_CONTROL_PUBLIC_KEYS"]
 
@@ -60,6 +63,7 @@ class Component:
     pid: int | None
     port: int | None
     detail: str
+    version: str | None  # Kafka's: the release that formatted its data
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Dev:
                 int(match["pid"]) if match["pid"] else None,
                 int(match["port"]) if match["port"] else None,
                 match["detail"],
+                match["version"],
             )
         return Status(result.returncode, parsed["PostgreSQL"], parsed["Kafka"])
 
@@ -190,6 +195,7 @@ def assert_serving(dev: Dev) -> Status:
     assert status.code == 0, status
     assert (status.postgres.state, status.kafka.state) == ("running", "running")
     assert (status.postgres.pid, status.kafka.pid) == dev.pids()
+    assert (status.postgres.version, status.kafka.version) == (None, KAFKA)
     bootstrap, url = dev.endpoints()
     assert bootstrap == f"127.0.0.1:{status.kafka.port}"
     # The agents' login, its password in a file of the stack's, readable by its owner only.
@@ -277,7 +283,7 @@ def test_killed_broker_is_reported_dead_and_up_restarts_only_it(started: Dev) ->
     new_pg_pid, new_broker_pid = started.pids()
     assert new_pg_pid == pg_pid
     assert new_broker_pid != broker_pid
-    assert f"Kafka {kafka.KAFKA_VERSION} starting (pid {new_broker_pid})" in restarted.stderr
+    assert f"Kafka {KAFKA} starting (pid {new_broker_pid})" in restarted.stderr
     assert "PostgreSQL" not in restarted.stderr
     assert_serving(started)
 
@@ -321,8 +327,8 @@ def test_down_stops_both_by_pid_and_up_starts_new_servers(started: Dev) -> None:
 
     status = started.status()
     assert status.code == 3
-    assert status.postgres == Component("stopped", None, None, "")
-    assert status.kafka == Component("stopped", None, None, "")
+    assert status.postgres == Component("stopped", None, None, "", None)
+    assert status.kafka == Component("stopped", None, None, "", KAFKA)  # its data's release
     again_down = started.ok("down")
     assert again_down.stderr == ""
 
@@ -353,8 +359,8 @@ def test_exported_endpoints_of_a_stopped_stack_are_down_and_up_starts_it(started
 
     stopped = started.status(**exported)
     assert stopped.code == 3
-    assert stopped.postgres == Component("stopped", None, None, "")
-    assert stopped.kafka == Component("stopped", None, None, "")
+    assert stopped.postgres == Component("stopped", None, None, "", None)
+    assert stopped.kafka == Component("stopped", None, None, "", KAFKA)
 
     up = started.ok("up", **exported)
     pg_pid, broker_pid = started.pids()
@@ -526,6 +532,31 @@ def test_data_dir_from_another_postgres_is_refused_until_purged(dev: Dev) -> Non
     assert_serving(dev)
 
 
+def test_data_of_another_kafka_release_is_refused_until_purged(dev: Dev) -> None:
+    other = "4.3.1" if KAFKA.startswith("3.") else "3.9.1"
+    dev.ok("up")
+    dev.ok("down")
+    assert dev.status().kafka == Component("stopped", None, None, "", KAFKA)
+
+    # Asked for another release, by the flag or the variable: it starts nothing, not even
+    # PostgreSQL, and says what to do.
+    for refused in (dev.run("up", "--kafka", other), dev.run("up", PIPELINE_DEV_KAFKA=other)):
+        assert refused.returncode == 2
+        assert refused.stdout == ""
+        assert refused.stderr == (
+            f"pipeline: error: the Kafka data in {dev.home / 'kafka' / 'data'} was formatted "
+            f"by Kafka {KAFKA}, but this `up` would run Kafka {other}. Run Kafka {KAFKA} "
+            f"(PIPELINE_DEV_KAFKA={KAFKA}, or `pipeline dev up --kafka {KAFKA}`), or remove "
+            "the data with `pipeline dev down --purge` (it is lost), or use another "
+            f"PIPELINE_DEV_HOME for Kafka {other}.\n"
+        )
+        assert not dev.postgres_pidfile.exists()
+        assert not dev.broker_pidfile.exists()
+    # Its own release starts it again, data kept.
+    dev.ok("up", "--kafka", KAFKA)
+    assert assert_serving(dev).kafka.version == KAFKA
+
+
 def test_no_postgres_binaries_says_what_to_install(dev: Dev, tmp_path: Path) -> None:
     empty = tmp_path / "no-postgres-here"
     empty.mkdir()
@@ -559,7 +590,7 @@ def test_missing_java_or_maven_says_what_to_install(
     assert result.returncode == 2
     assert message in result.stderr
     assert install in result.stderr
-    assert not (cache / "agent-pipeline" / f"kafka-{kafka.KAFKA_VERSION}" / ".complete").exists()
+    assert not (cache / "agent-pipeline" / f"kafka-{KAFKA}" / ".complete").exists()
     assert sorted(dev.home.rglob("*.pid")) == []
 
 

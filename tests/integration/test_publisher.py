@@ -22,7 +22,7 @@ from aiokafka.admin import NewTopic
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from pipeline import kafka_clients
-from pipeline.devstack import Endpoints, kafka
+from pipeline.devstack import Endpoints, kafka, kafka_versions
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.devstack.stack import cache_root
 from pipeline.errors import ConfigError
@@ -312,7 +312,11 @@ async def test_the_log_handler_accounts_for_every_record_when_kafka_is_unreachab
 def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
     """A broker of this test's own (bootstrap, pid), so the test may freeze it."""
     monkeypatch.setenv("KAFKA_HEAP_OPTS", "-Xms128m -Xmx384m")
-    broker = kafka.KafkaBroker(tmp_path / "kafka", kafka.resolve_jars(cache_root()))
+    # The release this session runs (PIPELINE_DEV_KAFKA), as the session's stack does.
+    release = kafka_versions.release(kafka_versions.chosen(os.environ))
+    broker = kafka.KafkaBroker(
+        tmp_path / "kafka", kafka.resolve_jars(cache_root(), release), release
+    )
     port = choose_port(0)
     pid = broker.start(port, choose_port(0, taken={port}))
     try:

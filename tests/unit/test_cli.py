@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 
@@ -47,3 +49,39 @@ def test_a_driver_error_that_is_not_ours_to_explain_is_raised(
     monkeypatch.setattr(cli, "_migrate", fails)
     with pytest.raises(asyncpg.PostgresError, match="something else"):
         cli.main(["migrate"])
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "message"),
+    [
+        (
+            ["--kafka", "3.6.2"],
+            {},
+            "--kafka=3.6.2: the local stack runs Kafka 3.7 or later 3.x, or 4.x (default 4.3.1)",
+        ),
+        (
+            [],
+            {"PIPELINE_DEV_KAFKA": "latest"},
+            "PIPELINE_DEV_KAFKA='latest' is not a Kafka version: give one like 4.3.1",
+        ),
+    ],
+)
+def test_dev_up_refuses_a_kafka_release_it_cannot_run_before_touching_anything(
+    args: list[str],
+    environ: dict[str, str],
+    message: str,
+    *,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "PIPELINE_DEV_KAFKA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    home = tmp_path / "stack"
+    monkeypatch.setenv("PIPELINE_DEV_HOME", str(home))
+    assert cli.main(["dev", "up", *args]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"pipeline: error: {message}\n")
+    assert not home.exists()

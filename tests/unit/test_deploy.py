@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from pipeline.config import Config, env_name, load_config
-from pipeline.devstack.kafka import KAFKA_VERSION, _server_properties
+from pipeline.devstack.kafka import _server_properties
+from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
 from pipeline.devstack.postgres import SERVER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,10 +183,12 @@ def test_the_pipeline_settings_are_valid_and_the_tests_own(services: dict[str, A
 
 def test_kafka_has_the_local_stacks_settings(services: dict[str, Any]) -> None:
     kafka = services["kafka"]
-    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"
+    assert kafka["image"] == f"apache/kafka:{DEFAULT_VERSION}"
     properties = dict(
         line.split("=", 1)
-        for line in _server_properties(Path("/data"), 9092, 9093).splitlines()
+        for line in _server_properties(
+            release(DEFAULT_VERSION), Path("/data"), 9092, 9093
+        ).splitlines()
         if line and not line.startswith("#")
     )
     # Where the broker listens and keeps its data differs in a container, by design.

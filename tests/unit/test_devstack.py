@@ -14,12 +14,14 @@ import pytest
 
 from pipeline.devstack import Endpoints, endpoints_from_env
 from pipeline.devstack.kafka import _server_properties
+from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free
 from pipeline.devstack.stack import ComponentStatus
 from pipeline.errors import DevStackError
 
 BOOTSTRAP = "127.0.0.1:9092"
 URL = "postgresql://pipeline@127.0.0.1:5432/pipeline"
+DEFAULT = release(DEFAULT_VERSION)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +83,14 @@ def test_the_stacks_key_pair_is_exported_quoted_for_a_shell() -> None:
             "Kafka: running (pid 41) on 127.0.0.1:9092",
         ),
         (ComponentStatus("PostgreSQL", "stopped", None, 5432, ""), "PostgreSQL: stopped"),
+        (
+            ComponentStatus("Kafka", "running", 41, 9092, "", version="3.9.1"),
+            "Kafka: running (pid 41) on 127.0.0.1:9092, version 3.9.1",
+        ),
+        (
+            ComponentStatus("Kafka", "stopped", None, 9092, "", version="3.9.1"),
+            "Kafka: stopped, version 3.9.1",
+        ),
         (
             ComponentStatus(
                 "Kafka", "dead", None, 9092, ": pid file names 41, which is not running"
@@ -214,7 +224,7 @@ def test_pid_file_round_trip(tmp_path: Path) -> None:
 
 
 def test_server_properties_put_both_listeners_on_loopback(tmp_path: Path) -> None:
-    text = _server_properties(tmp_path / "data", 19092, 19093)
+    text = _server_properties(DEFAULT, tmp_path / "data", 19092, 19093)
     lines = text.splitlines()
     props = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
     assert len(props) == len([line for line in lines if line and not line.startswith("#")])

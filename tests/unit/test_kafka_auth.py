@@ -17,6 +17,9 @@ from pipeline.devstack.kafka_auth import (
     password_file,
     pipeline_acls,
 )
+from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
+
+DEFAULT = release(DEFAULT_VERSION)
 
 DATA = ["p.agents.states", "p.agents.events", "p.agents.metrics", "p.users.analytics"]
 DATA += ["p.system.config"]
@@ -94,7 +97,7 @@ def test_the_secure_listener_is_sasl_ssl_with_scram_and_the_authorizer(tmp_path:
     ca = tls.ensure_ca(tmp_path / "tls")
     cert = tls.issue_server_cert(ca, tmp_path / "tls", "kafka")
     secure = SecureListener(19094, cert.cert, cert.key)
-    text = _server_properties(tmp_path / "data", 19092, 19093, secure)
+    text = _server_properties(DEFAULT, tmp_path / "data", 19092, 19093, secure)
     props = dict(line.split("=", 1) for line in text.splitlines() if line)
     assert props["listeners"] == (
         "PLAINTEXT://127.0.0.1:19092,SASL_SSL://127.0.0.1:19094,CONTROLLER://127.0.0.1:19093"
