@@ -223,8 +223,9 @@ def classify(exc: BaseException) -> BaseException:
     ):
         # Named statements asyncpg prepared on one server session, sent to another: the
         # connection goes through a pooler in transaction mode.
+        first_line = getattr(exc, "message", None) or str(exc).split("\n", 1)[0]  # no HINT
         return ConfigError(
-            f"{exc}: the database URL goes through a connection pooler in transaction mode "
+            f"{first_line}: the database URL goes through a connection pooler in transaction mode "
             "(PgBouncer's pool_mode=transaction, Neon's -pooler host, Supabase's port 6543); "
             "set PIPELINE_DB_POOLER=transaction, or use the direct connection string "
             "(docs/compatibility.md)"

@@ -392,6 +392,14 @@ def test_a_value_the_client_cannot_encode_is_a_data_error_not_a_retry() -> None:
             ),
             id="missing",
         ),
+        pytest.param(
+            # asyncpg's own hint follows the server's message: the line keeps the first only.
+            asyncpg.exceptions.InvalidSQLStatementNameError(
+                'prepared statement "__asyncpg_stmt_7__" does not exist\n'
+                "HINT:  \nNOTE: pgbouncer with pool_mode set to ..."
+            ),
+            id="missing-with-asyncpg-hint",
+        ),
     ],
 )
 def test_named_statements_lost_to_a_transaction_pooler_name_the_setting(
@@ -400,7 +408,8 @@ def test_named_statements_lost_to_a_transaction_pooler_name_the_setting(
     error = classify(exc)
     assert type(error) is ConfigError
     assert str(error) == (
-        f"{exc}: the database URL goes through a connection pooler in transaction mode "
+        f"{str(exc).splitlines()[0]}: the database URL goes through a connection pooler in "
+        "transaction mode "
         "(PgBouncer's pool_mode=transaction, Neon's -pooler host, Supabase's port 6543); "
         "set PIPELINE_DB_POOLER=transaction, or use the direct connection string "
         "(docs/compatibility.md)"
