@@ -128,7 +128,6 @@ class DatabaseAgent:
         self._queued: list[_Queued[Any]] = []  # work for the next ingest transaction
         self._closed = False  # run() has ended: no more work is taken
         self._conn: Connection | None = None
-        self._prepared: set[str] = set()  # streams whose staging table exists on _conn
         self._batch_ids: deque[int] = deque()  # reserved from the sequence, 1000 at a time
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -749,7 +748,6 @@ class DatabaseAgent:
         started = time.monotonic()
         conn = await self._connection()
         rows, letters = self._gather(work)
-        await self._prepare(conn, rows)
         written_at: list[float] = []  # when the transaction's last statement was done
         try:
             written, rejected, results = await self._commit(
@@ -800,7 +798,7 @@ class DatabaseAgent:
         rejected_letters: list[DeadLetter] = []
         results: list[tuple[Any, BaseException | None]] = []
         try:
-            async with conn.transaction():
+            async with db.transaction(conn):
                 if queued:  # work of the group's instances runs one at a time: no deadlocks
                     await db.lock_group_work(conn, self.config.group_id)
                 if work.moves:  # none when the transaction carries queued work alone
@@ -866,33 +864,13 @@ class DatabaseAgent:
     async def _connection(self) -> Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = await self._connect()
-            self._prepared = set()
         return self._conn
 
     async def _connect(self) -> Connection:
         """A new connection whose transactions the server ends after sitting idle past
         ``db_idle_in_transaction_timeout_s``: an instance stopped inside its ingest
         transaction does not keep its offset rows locked from their new owner."""
-        return await db.connect(
-            self.config.database_url,
-            self.config.db_command_timeout_s,
-            idle_in_transaction_timeout=self.config.db_idle_in_transaction_timeout_s,
-        )
-
-    async def _prepare(self, conn: Connection, rows: dict[str, list[Row]]) -> None:
-        """Create the staging tables of the streams in this batch that this connection has
-        not staged yet (outside the transaction: a rollback would drop them again)."""
-        for stream in rows:
-            if stream in self._prepared:
-                continue
-            try:
-                await self._writers[stream].prepare(conn)
-            except Exception as exc:
-                error = db.classify(exc)
-                if isinstance(error, SchemaError):
-                    raise SchemaError(str(error), stream=stream) from exc
-                raise error from exc
-            self._prepared.add(stream)
+        return await db.connect(self.config.database_url, self.config.db_session)
 
     async def _take_batch_id(self) -> int | None:
         """The next reserved batch id, or None once stopping. Reserving more takes its own

@@ -545,19 +545,17 @@ async def _raw_copy(
     for topic, partition, offset, value in sample:
         decoder = decoders[topic]
         rows[decoder.stream.name].append(decoder.row(value, (), partition, offset, 1))
-    conn = await db.connect(url, config.db_command_timeout_s)
+    conn = await db.connect(url, config.db_session)
     try:
         await db.migrate(conn, db.read_migrations())
         writers = {name: db.TableWriter(DECODERS[name].tables) for name in rows}
-        for writer in writers.values():
-            await writer.prepare(conn)
         # The same batch shape as the agent: up to batch_max_records per transaction.
         share = {name: len(r) / len(sample) for name, r in rows.items()}
         step = {name: max(1, int(config.batch_max_records * s)) for name, s in share.items()}
         cursor = dict.fromkeys(rows, 0)
         started = time.perf_counter()
         while any(cursor[n] < len(rows[n]) for n in rows):
-            async with conn.transaction():
+            async with db.transaction(conn):
                 for name, writer in writers.items():
                     chunk = rows[name][cursor[name] : cursor[name] + step[name]]
                     if chunk:
@@ -814,7 +812,7 @@ async def _scratch_database(config: Config) -> AsyncIterator[str]:
     """
     name = f"bench_{uuid.uuid4().hex[:12]}"
     async with testbed.scratch_database(config.database_url, name) as url:
-        conn = await db.connect(url, config.db_command_timeout_s)
+        conn = await db.connect(url, config.db_session)
         try:
             await db.migrate(conn, db.read_migrations())
             tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")

@@ -122,7 +122,7 @@ class Controller:
                 "every control command it would have to decide; it follows the decisions of "
                 "instances that have keys"
             )
-        conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+        conn = await db.connect(self.config.database_url, self.config.db_session)
         try:
             await db.check_schema(conn)
             self.state = await store.load_state(conn, self.group)

@@ -47,7 +47,7 @@ _DRY_RUN_BATCH_ID = 0  # a dry run rolls back: it reserves no batch id
 
 
 async def _connect(config: Config) -> Connection:
-    conn = await db.connect(config.database_url, config.db_command_timeout_s)
+    conn = await db.connect(config.database_url, config.db_session)
     try:
         await db.check_schema(conn)  # `pipeline migrate` changes it, not a redrive
     except BaseException as exc:
@@ -157,8 +157,6 @@ async def replay(config: Config, filters: Filters, *, dry_run: bool) -> Outcome:
     conn = await _connect(config)
     try:
         batch_ids = iter(()) if dry_run else iter(await db.reserve_batch_ids(conn))
-        for writer in writers.values():
-            await writer.prepare(conn)  # outside the transactions: a rollback would drop it
         after = 0  # letters are taken in id order; a letter that still fails is not retaken
         left = filters.limit
         while left is None or left > 0:
@@ -203,9 +201,10 @@ async def _redrive_chunk(
     many were taken and the highest id taken."""
     where, args = _where(config, filters, pending=True)
     args.append(after)
-    transaction = conn.transaction()
+    transaction = conn.transaction()  # committed, or rolled back in a dry run
     await transaction.start()
     try:
+        await conn.execute(conn.prelude)  # as db.transaction does
         await db.lock_group_work(conn, config.group_id)
         letters = await conn.fetch(
             f"""SELECT id, src_topic, src_partition, src_offset, record_value, record_headers

@@ -122,7 +122,7 @@ class Replayer:
         conn = await self._connect()
         try:
             await db.check_schema(conn)
-            async with conn.transaction():
+            async with db.transaction(conn):
                 # Partitions the group has never stored are claimed: live ingestion, if it
                 # ever starts on this database, continues after the replay's range.
                 await conn.execute(
@@ -243,7 +243,7 @@ class Replayer:
         )
 
     async def _connect(self) -> Connection:
-        return await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+        return await db.connect(self.config.database_url, self.config.db_session)
 
 
 async def _partitions(config: Config, topics: list[str]) -> dict[str, list[int]]:
@@ -311,7 +311,6 @@ class _Run:
         self.started = started
         self.records = self.rows = self.dead_letters = 0
         self._batch_ids: list[int] = []
-        self._prepared: set[str] = set()
         self._last_report = 0.0
 
     def progress(self) -> Progress:
@@ -421,7 +420,6 @@ class _Run:
                 attempt += 1
                 if self.conn.is_closed():
                     self.conn = await self.r._connect()
-                    self._prepared = set()
         self.next[key] = new
         count = len(records)
         self.done += new - expected
@@ -453,10 +451,7 @@ class _Run:
         writer = self.r._writers[stream]
         group = self.r.config.group_id
         try:
-            if stream not in self._prepared:
-                await writer.prepare(conn)
-                self._prepared.add(stream)
-            async with conn.transaction():
+            async with db.transaction(conn):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))",
                     _REPLAY_LOCK,

@@ -464,7 +464,7 @@ def _migrate(args: argparse.Namespace) -> int:
     config = _load_config(args)
 
     async def apply() -> list[str]:
-        conn = await db.connect(config.migration_url, config.db_command_timeout_s)
+        conn = await db.connect(config.migration_url, config.db_session)
         try:
             return await db.migrate(conn, db.read_migrations())
         finally:
@@ -682,7 +682,7 @@ def _control_log(args: argparse.Namespace) -> int:
     config = _load_config(args, group_id=args.group)
 
     async def read() -> list[dict[str, Any]]:
-        conn = await db.connect(config.database_url, config.db_command_timeout_s)
+        conn = await db.connect(config.database_url, config.db_session)
         try:
             return await control_store.control_log(conn, config.group_id, args.limit)
         finally:
@@ -750,7 +750,7 @@ def _replay(args: argparse.Namespace) -> int:
     if args.action == "list":
 
         async def read() -> list[dict[str, Any]]:
-            conn = await db.connect(config.database_url, config.db_command_timeout_s)
+            conn = await db.connect(config.database_url, config.db_session)
             try:
                 await db.check_schema(conn)
                 return await list_replays(conn)
@@ -1036,7 +1036,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     topics = kafka.data_topics(config)
     group = config.group_id
     private_key, verifier = _demo_keys(config)
-    conn = await db.connect(config.migration_url, config.db_command_timeout_s)
+    conn = await db.connect(config.migration_url, config.db_session)
     try:
         await db.migrate(conn, db.read_migrations())  # as the migrator; the agent is a writer
         before = await _row_counts(conn)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from pipeline import db
 from pipeline.errors import ConfigError
 from pipeline.kafka_clients import KafkaSettings, SaslMechanism, SecurityProtocol
 from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
@@ -51,6 +52,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # the agent waits on inside a transaction: db_command_timeout_s bounds the longest, the
     # DLQ acknowledgements. At most a day (the server's limit is about 24 days, in ms).
     db_idle_in_transaction_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 90.0
+    # What stands between the pipeline and PostgreSQL: "none" (a direct connection) or
+    # "session" work alike; "transaction", a pooler in transaction mode, turns off the
+    # cache of prepared statements (docs/compatibility.md).
+    db_pooler: db.Pooler = "none"
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"
@@ -110,6 +115,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def migration_url(self) -> str:
         """Where `pipeline migrate` connects: the migrator's URL, else the agents'."""
         return self.migrate_database_url or self.database_url
+
+    @property
+    def db_session(self) -> db.Session:
+        """How this process's database connections are set up."""
+        return db.Session(
+            command_timeout=self.db_command_timeout_s,
+            pooler=self.db_pooler,
+            idle_in_transaction_timeout=self.db_idle_in_transaction_timeout_s,
+        )
 
     @property
     def kafka(self) -> KafkaSettings:

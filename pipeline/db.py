@@ -6,19 +6,19 @@ the writers and the dead letters, which the DatabaseAgent commits in one transac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import msgspec
-from asyncpg import Connection
 
 # asyncpg exports the server's SQLSTATE-22 class as DataError; its client-side encoding error
 # of the same name (an InterfaceError) is only reachable here.
@@ -40,20 +40,25 @@ _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _BATCH_IDS_PER_RESERVATION = 1000  # the sequence's INCREMENT BY
 _SCHEMA_READABLE_FROM = 7  # 007_least_privilege.sql lets the writer read schema_migrations
 
-__all__ = ["Connection"]
-
-
 # -- connections ----------------------------------------------------------------------------
 
+# "none": a direct connection, or a pooler in session mode (a client keeps its server session);
+# "transaction": a pooler in transaction mode (PgBouncer's pool_mode=transaction, Neon's
+# -pooler host, Supabase's port 6543), which may hand each transaction to another session.
+Pooler = Literal["none", "session", "transaction"]
+POOLERS: tuple[Pooler, ...] = ("none", "session", "transaction")
 
-async def connect(
-    url: str,
-    command_timeout: float,
-    connect_timeout: float = 10.0,
-    *,
-    idle_in_transaction_timeout: float | None = None,
-) -> Connection:
-    """A connection set up for ingestion.
+
+@dataclass(frozen=True)
+class Session:
+    """How the pipeline's connections are set up (docs/compatibility.md).
+
+    No setting outlives a transaction: each transaction begins with :meth:`prelude`'s
+    ``SET LOCAL``s (:func:`transaction`), and staging tables are created inside the
+    transaction that uses them (:class:`TableWriter`), so a transaction pooler may run every
+    transaction on another server session. Only asyncpg's cache of named prepared statements
+    depends on the pooler: a transaction pooler would send a statement prepared on one
+    server session to another.
 
     With ``idle_in_transaction_timeout`` (seconds), the server ends the session when a
     transaction sits idle that long, rolling it back: a client stopped inside its transaction
@@ -61,22 +66,47 @@ async def connect(
     wakes; when it does, its connection is gone (a transient error, a new connection).
 
     ``synchronous_commit=off`` is safe here: data and offsets commit together, so a crash
-    loses both together and Kafka redelivers. jsonb goes over the wire in binary, straight
-    from the raw JSON bytes the decoder kept; timestamptz as microseconds since PostgreSQL's
-    epoch, computed by :func:`_encode_timestamptz`.
+    loses both together and Kafka redelivers.
     """
-    settings = {"synchronous_commit": "off", "application_name": "database-agent"}
-    if idle_in_transaction_timeout is not None:
-        settings["idle_in_transaction_session_timeout"] = str(
-            max(1, round(idle_in_transaction_timeout * 1000))  # milliseconds
-        )
+
+    command_timeout: float
+    pooler: Pooler = "none"
+    idle_in_transaction_timeout: float | None = None
+    connect_timeout: float = 10.0
+
+    def prelude(self) -> str:
+        """The statements each transaction begins with (the simple protocol: one round trip)."""
+        statements = ["SET LOCAL synchronous_commit = off"]
+        if self.idle_in_transaction_timeout is not None:
+            milliseconds = max(1, round(self.idle_in_transaction_timeout * 1000))
+            statements.append(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}")
+        return "; ".join(statements)
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, knowing what its transactions begin with."""
+
+    prelude = ""
+
+
+async def connect(url: str, session: Session) -> Connection:
+    """A connection set up for ingestion (:class:`Session`).
+
+    jsonb goes over the wire in binary, straight from the raw JSON bytes the decoder kept;
+    timestamptz as microseconds since PostgreSQL's epoch, computed by
+    :func:`_encode_timestamptz`. The only startup parameter sent beyond asyncpg's own is
+    ``application_name``, which poolers pass on.
+    """
     try:
         conn: Connection = await asyncpg.connect(
             url,
-            timeout=connect_timeout,
-            command_timeout=command_timeout,
-            server_settings=settings,
+            timeout=session.connect_timeout,
+            command_timeout=session.command_timeout,
+            server_settings={"application_name": "database-agent"},
+            statement_cache_size=0 if session.pooler == "transaction" else 100,
+            connection_class=Connection,
         )
+        conn.prelude = session.prelude()
         await conn.set_type_codec(
             "jsonb",
             schema="pg_catalog",
@@ -107,6 +137,14 @@ async def connect(
             raise TransientError(f"cannot connect to PostgreSQL: {exc}") from exc
         raise error from exc
     return conn
+
+
+@contextlib.asynccontextmanager
+async def transaction(conn: Connection) -> AsyncIterator[None]:
+    """A transaction that begins with the connection's session settings (``SET LOCAL``)."""
+    async with conn.transaction():
+        await conn.execute(conn.prelude)
+        yield
 
 
 def _missing_file(url: str) -> str | None:
@@ -175,8 +213,22 @@ def classify(exc: BaseException) -> BaseException:
         or sqlstate in ("25P03", "25P04")
         # A table's type changed under a prepared statement: a new transaction re-prepares.
         or isinstance(exc, asyncpg.InvalidCachedStatementError)
+        # Through a transaction pooler, a statement outside a transaction is prepared, then
+        # bound after a Sync, which may reach another server session: a retry prepares again.
+        or (isinstance(exc, asyncpg.InvalidSQLStatementNameError) and "unnamed" in str(exc))
     ):
         return TransientError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.DuplicatePreparedStatementError) or (
+        isinstance(exc, asyncpg.InvalidSQLStatementNameError) and "unnamed" not in str(exc)
+    ):
+        # Named statements asyncpg prepared on one server session, sent to another: the
+        # connection goes through a pooler in transaction mode.
+        return ConfigError(
+            f"{exc}: the database URL goes through a connection pooler in transaction mode "
+            "(PgBouncer's pool_mode=transaction, Neon's -pooler host, Supabase's port 6543); "
+            "set PIPELINE_DB_POOLER=transaction, or use the direct connection string "
+            "(docs/compatibility.md)"
+        )
     if sqlstate[:2] in ("22", "23"):
         return DataError(f"{sqlstate} {exc}", sqlstate=sqlstate)
     if sqlstate[:2] == "42":
@@ -303,7 +355,7 @@ async def load_offsets(
     recorded at its start offset (the earliest one Kafka still has)."""
     topics = [tp[0] for tp in starts]
     partitions = [tp[1] for tp in starts]
-    async with conn.transaction():
+    async with transaction(conn):
         await conn.execute(
             """INSERT INTO ingest_offsets (group_id, topic, partition, next_offset)
                SELECT $1, t, p, o FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, o)
@@ -373,7 +425,12 @@ class TableWriter:
     """Writes one stream's rows. Append-only tables take a plain COPY; tables with a natural
     key or a "latest" row take a COPY into a temporary staging table and then one statement
     that moves the staged rows into place with ``ON CONFLICT``, so redelivered and
-    out-of-order rows are harmless. Two round trips per stream, whatever its shape.
+    out-of-order rows are harmless.
+
+    The staging table is created, when missing, in the transaction that writes: a pooler in
+    transaction mode may run the next transaction on a server session that has none, and a
+    rolled-back transaction drops the table it created. ``ON COMMIT DELETE ROWS`` leaves it
+    empty for whoever comes next.
     """
 
     def __init__(self, tables: StreamTables) -> None:
@@ -382,14 +439,11 @@ class TableWriter:
         self.columns = list(table.columns)
         self._staged = bool(tables.key)
         self.stage = f"stage_{table.name}"
+        self._create_stage = (
+            f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} "
+            f"(LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
         self._upsert = _upsert_statement(tables, self.stage) if self._staged else ""
-
-    async def prepare(self, conn: Connection) -> None:
-        if self._staged:
-            await conn.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} "
-                f"(LIKE {self.tables.table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
 
     async def write(self, conn: Connection, rows: Sequence[Row]) -> int:
         """Write ``rows``; return how many were new (the rest were duplicates)."""
@@ -398,6 +452,7 @@ class TableWriter:
                 self.tables.table.name, records=rows, columns=self.columns
             )
             return len(rows)
+        await conn.execute(self._create_stage)
         await conn.copy_records_to_table(self.stage, records=rows, columns=self.columns)
         new: int = await conn.fetchval(self._upsert)
         return new

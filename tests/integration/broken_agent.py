@@ -88,7 +88,7 @@ class BrokenAgent(consumers.agent.DatabaseAgent):
             return
         consumer = self._require_consumer()
         starts = await kafka_io.beginning_offsets(consumer, wanted)
-        conn = await db.connect(self.config.database_url, self.config.db_command_timeout_s)
+        conn = await db.connect(self.config.database_url, self.config.db_session)
         try:  # only so that the offset rows exist for the overwrite
             await db.load_offsets(conn, self.config.group_id, starts)
         finally:

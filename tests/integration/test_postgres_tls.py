@@ -46,7 +46,7 @@ async def test_verify_full_against_the_stacks_ca_is_a_tls_session(
     ca = _ca(servers)
     for host in ("127.0.0.1", "localhost"):  # both names are in the certificate
         url = postgres.with_tls(testbed.as_agent(database_url), ca).replace("127.0.0.1", host)
-        conn = await db.connect(url, command_timeout=10)
+        conn = await db.connect(url, db.Session(command_timeout=10))
         try:
             session = await conn.fetchrow(
                 "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"

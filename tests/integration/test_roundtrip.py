@@ -77,7 +77,7 @@ async def test_the_ingest_connection_writes_timestamps_and_json_exactly(database
         "2026-11-24 16:45:00.000001+00",
         "9999-12-31 23:59:59.999999+00",
     ]
-    ingest = await db.connect(database_url, command_timeout=10)
+    ingest = await db.connect(database_url, db.Session(command_timeout=10))
     plain = await asyncpg.connect(database_url, timeout=10)
     try:
         await plain.execute("SET TIME ZONE 'UTC'")

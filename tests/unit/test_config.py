@@ -34,6 +34,7 @@ DEFAULTS = {
     "session_timeout_ms": 30_000,
     "db_command_timeout_s": 60.0,
     "db_idle_in_transaction_timeout_s": 90.0,
+    "db_pooler": "none",
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
@@ -231,6 +232,12 @@ INVALID = [
         "PIPELINE_METRICS_ADDRESS",
         "expected HOST:PORT",
         id="address-with-space",
+    ),
+    pytest.param(
+        {"PIPELINE_DB_POOLER": "pgbouncer"},
+        "PIPELINE_DB_POOLER",
+        "Invalid enum value 'pgbouncer'",
+        id="pooler-unknown",
     ),
 ]
 

@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from pipeline import db
 from pipeline.db import (
     SQL_DIR,
     ClientDataError,
@@ -21,7 +22,7 @@ from pipeline.db import (
     classify,
     read_migrations,
 )
-from pipeline.errors import DataError, FencedError, SchemaError, TransientError
+from pipeline.errors import ConfigError, DataError, FencedError, SchemaError, TransientError
 from pipeline.rows import TABLES
 
 
@@ -62,6 +63,13 @@ class FakePgError(Exception):
         pytest.param(
             asyncpg.exceptions.InvalidCachedStatementError("cached plan must not change"),
             id="asyncpg-InvalidCachedStatement",
+        ),
+        pytest.param(
+            # Through a transaction pooler: bound after a Sync, on another server session.
+            asyncpg.exceptions.InvalidSQLStatementNameError(
+                "unnamed prepared statement does not exist"
+            ),
+            id="asyncpg-unnamed-statement-gone",
         ),
         pytest.param(OSError("network unreachable"), id="OSError"),
         pytest.param(ConnectionResetError("reset by peer"), id="ConnectionResetError"),
@@ -367,3 +375,44 @@ def test_a_value_the_client_cannot_encode_is_a_data_error_not_a_retry() -> None:
     error = classify(ClientDataError("invalid input for query argument $1"))
     assert isinstance(error, DataError)
     assert error.sqlstate == "22000"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(
+            asyncpg.exceptions.DuplicatePreparedStatementError(
+                'prepared statement "__asyncpg_stmt_1__" already exists'
+            ),
+            id="duplicate",
+        ),
+        pytest.param(
+            asyncpg.exceptions.InvalidSQLStatementNameError(
+                'prepared statement "__asyncpg_stmt_7__" does not exist'
+            ),
+            id="missing",
+        ),
+    ],
+)
+def test_named_statements_lost_to_a_transaction_pooler_name_the_setting(
+    exc: BaseException,
+) -> None:
+    error = classify(exc)
+    assert type(error) is ConfigError
+    assert str(error) == (
+        f"{exc}: the database URL goes through a connection pooler in transaction mode "
+        "(PgBouncer's pool_mode=transaction, Neon's -pooler host, Supabase's port 6543); "
+        "set PIPELINE_DB_POOLER=transaction, or use the direct connection string "
+        "(docs/compatibility.md)"
+    )
+
+
+def test_every_transaction_begins_with_the_session_settings_and_nothing_outlives_it() -> None:
+    assert db.Session(command_timeout=5).prelude() == "SET LOCAL synchronous_commit = off"
+    assert db.Session(command_timeout=5, idle_in_transaction_timeout=90).prelude() == (
+        "SET LOCAL synchronous_commit = off; SET LOCAL idle_in_transaction_session_timeout = 90000"
+    )
+    assert (
+        "SET LOCAL idle_in_transaction_session_timeout = 1"
+        in db.Session(command_timeout=5, idle_in_transaction_timeout=0.0001).prelude()
+    )
