@@ -249,6 +249,60 @@ async def test_prepared_statements_break_through_the_transaction_pooler_and_not_
     assert await _two_clients(pooled(session_pooler, agent, database_url)) is None
 
 
+async def _sessions_with_statements_of_another_process(url: str, sessions: int) -> None:
+    """What another agent process leaves behind a transaction pooler: asyncpg's named
+    statements (``__asyncpg_stmt_1__`` and on: each process counts from 1) on every server
+    session of the pool of ``url``'s database and login. ``sessions`` clients hold a
+    transaction each at once, so each has its own server session, and PREPARE there
+    (prepared statements outlive the transaction)."""
+    clients = [
+        await asyncpg.connect(url, timeout=10, statement_cache_size=0) for _ in range(sessions)
+    ]
+    try:
+        held = [c.transaction() for c in clients]
+        for client, transaction in zip(clients, held, strict=True):
+            await transaction.start()
+            await client.execute(
+                "".join(f"PREPARE __asyncpg_stmt_{n:x}__ AS SELECT {n};" for n in range(1, 200))
+            )
+        for transaction in held:
+            await transaction.commit()
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_an_agent_not_told_it_is_behind_a_transaction_pooler_stops_with_one_line(
+    servers: Servers,
+    transaction_pooler: PgBouncer,
+    database_url: str,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    """Without PIPELINE_DB_POOLER=transaction, an agent behind a transaction pooler meets
+    another process's prepared statements: it stops (exit 2) with one line naming the
+    setting, not a traceback."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    await produce(bootstrap, prefix, fleet_traffic(2_000, seed=62))
+    url = pooled(transaction_pooler, _login(servers, "agent"), database_url)
+    await _sessions_with_statements_of_another_process(url, sessions=20)  # default_pool_size
+    env = pooled_env(servers, transaction_pooler, database_url, prefix, db_pooler="none")
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        code = await asyncio.to_thread(agent.wait, 120)
+        log = (tmp_path / "agent.log").read_text()
+        assert code == 2, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        (said,) = [line for line in log.splitlines() if "PIPELINE_DB_POOLER" in line]
+        assert said == log.rstrip("\n").splitlines()[-1], log[-3000:]
+        assert said.startswith("pipeline: error: "), said
+        assert "prepared statement" in said, said
+    finally:
+        agent.kill()
+
+
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
     private, public = generate_key_pair()
