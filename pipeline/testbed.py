@@ -121,10 +121,15 @@ def use_pooler(port: int | None, mode: str = "transaction") -> None:
     _InUse.pooler = None if port is None else (port, mode)
 
 
+def pooler_mode() -> str | None:
+    """The pool mode of the pooler in use (:func:`use_pooler`), None when direct."""
+    return None if _InUse.pooler is None else _InUse.pooler[1]
+
+
 def pooler_settings() -> dict[str, str]:
     """The agents' settings for the pooler in use: behind a transaction pooler, no prepared
     statement cache (PIPELINE_DB_POOLER)."""
-    if _InUse.pooler is not None and _InUse.pooler[1] == "transaction":
+    if pooler_mode() == "transaction":
         return {"db_pooler": "transaction"}
     return {}
 
