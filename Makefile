@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint compose chaos fuzz clean
+.PHONY: demo test lint compose chaos fuzz compat clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
@@ -29,6 +29,13 @@ FUZZ_INPUTS ?= 100000
 fuzz: $(STAMP)
 	FUZZ_INPUTS=$(FUZZ_INPUTS) $(VENV)/bin/pytest -q tests/unit/test_fuzz_records.py \
 		tests/unit/test_fuzz_control.py
+
+# The exactly-once integration tests against each supported server (docs/compatibility.md):
+# PostgreSQL 13 and 17, Kafka 3.9 and 4.3, PgBouncer in transaction and session mode; one
+# stack per cell. CELLS picks some (`python -m tests.compat --list` names them).
+CELLS ?=
+compat: $(STAMP)
+	$(VENV)/bin/python -m tests.compat $(CELLS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import msgspec
 
-from pipeline import kafka_clients
+from pipeline import db, kafka_clients
 from pipeline.config import Config, load_config
 from pipeline.devstack import Stack, endpoints_from_env, prometheus
 from pipeline.devstack.kafka_auth import AGENT_USER, ORCHESTRATOR_USER, PRODUCER_USER, USERS
@@ -67,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except PipelineError as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.PostgresError as exc:  # one no code path classified: classified here
+        error = db.classify(exc)
+        if not isinstance(error, PipelineError):
+            raise
+        print(f"pipeline: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -459,7 +466,6 @@ def _load_config(args: argparse.Namespace, **overrides: object) -> Config:
 def _migrate(args: argparse.Namespace) -> int:
     """Apply the migrations as the migrator (PIPELINE_MIGRATE_DATABASE_URL, else
     DATABASE_URL): the one command that changes the schema."""
-    from pipeline import db
 
     config = _load_config(args)
 
@@ -677,7 +683,7 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _control_log(args: argparse.Namespace) -> int:
-    from pipeline import control_store, db
+    from pipeline import control_store
 
     config = _load_config(args, group_id=args.group)
 
@@ -742,7 +748,6 @@ def _dlq_replay(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from consumers.replay import Replayer, Request, list_replays, request_text
-    from pipeline import db
     from pipeline.replay import Progress, parse_partitions, parse_position, parse_streams
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -1030,7 +1035,7 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     from consumers.agent import DatabaseAgent
     from consumers.antigravity import Antigravity
     from consumers.controller import Controller, run_controlled
-    from pipeline import control, db, kafka
+    from pipeline import control, kafka
     from pipeline.batching import lag
 
     topics = kafka.data_topics(config)
