@@ -16,6 +16,9 @@ For each traffic mix, on the same generated records:
 
 Then, once: the peak RSS of one agent draining a large backlog (``memory_records``).
 
+Instead of all that, :func:`run_encryption_bench` measures what TLS and SASL cost, and
+:func:`run_pooler_bench` what a connection pooler (PgBouncer) in front of PostgreSQL costs.
+
 With ``profile`` set, one more drain per mix runs the agent under py-spy (sampling from
 outside, so that drain is not one of the measured ones) and prints where its time goes.
 Ratios compare numbers measured in the same run, because these machines are shared and noisy.
@@ -65,6 +68,19 @@ RAW_COPY_SAMPLE = 200_000  # about this many records for the raw COPY limit: a s
 PASSES = 3
 Measured = TypeVar("Measured")
 POLL_S = 0.01  # how often the stored offsets are read: the latency run's resolution
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the end-to-end drains' agents reach PostgreSQL: directly, or through a pooler."""
+
+    name: str  # "direct", or the pooler's, as the report names it
+    # A scratch database's URL (the administrator's) -> the agents' URL to it.
+    agent_url: Callable[[str], str] = testbed.as_agent
+    settings: dict[str, str] = field(default_factory=dict)  # the agents' (PIPELINE_<NAME>)
+
+
+DIRECT = Route("direct")
 
 
 @dataclass(frozen=True)
@@ -320,6 +336,58 @@ def encryption_table(results: list[EncryptionResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class PoolerResult:
+    mix: str
+    records: int
+    # By route name, direct first: rows/s end to end (best of PASSES, passes interleaved).
+    e2e_rows_per_s: dict[str, float]
+
+
+async def run_pooler_bench(
+    config: Config,
+    *,
+    source: RecordSource,
+    pooler: Route,
+    plan: BenchPlan,
+    report: Callable[[str], None],
+) -> list[PoolerResult]:
+    """What a connection pooler costs, measured in one run: per mix, one backlog drained end
+    to end by one DatabaseAgent directly and through ``pooler``, passes interleaved so the
+    machine's drift hits both alike; each pass into a fresh database."""
+    results = []
+    for mix in plan.mixes:
+        report(f"[{mix}] producing {plan.records:,} records ({plan.partitions} partitions)")
+        prefix = await _backlog(config, source, mix, plan.records, plan.partitions)
+        drains: dict[str, list[float]] = defaultdict(list)
+        for n in range(PASSES):
+            for route in (DIRECT, pooler):
+                async with _scratch_database(config) as url:
+                    rate, _, _ = await _drain(config, url, prefix, processes=1, route=route)
+                drains[route.name].append(rate)
+                report(
+                    f"[{mix}] end to end {route.name}, pass {n + 1}/{PASSES}: {rate:,.0f} rows/s"
+                )
+        results.append(
+            PoolerResult(mix, plan.records, {name: max(rates) for name, rates in drains.items()})
+        )
+    return results
+
+
+def pooler_table(results: list[PoolerResult]) -> str:
+    """End to end through the pooler against direct (1.00 = no cost), as
+    :func:`encryption_table` sets its rates."""
+    lines = []
+    for r in results:
+        (base, other), rates = list(r.e2e_rows_per_s), r.e2e_rows_per_s
+        lines.append(f"{r.mix}, {r.records:,} records: {other} against {base}")
+        lines.append(
+            f"  {'end to end rows/s':<22} {base} {rates[base]:>11,.0f}   {other} "
+            f"{rates[other]:>11,.0f}   ratio {rates[other] / rates[base]:.2f}"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
@@ -500,17 +568,27 @@ async def _raw_copy(
 
 
 async def _drain(
-    config: Config, url: str, prefix: str, processes: int, profile_to: Path | None = None
+    config: Config,
+    url: str,
+    prefix: str,
+    processes: int,
+    *,
+    profile_to: Path | None = None,
+    route: Route = DIRECT,
 ) -> tuple[float, float, list[tuple[float, int]]]:
     """Start agents and time the drain: from the moment every partition is positioned (the
     agents start fetching) to lag 0, so the first batch's fetch, decode and COPY count too.
+    The agents connect by ``route``; the bench watches directly, as the administrator.
 
     Returns rows/s, the agents' summed peak RSS in MB, and (seconds, rows ingested) samples.
     """
     ends = await testbed.end_offsets(config.kafka, prefix)
     total = sum(ends.values())
     group = f"{prefix}agents"
-    agents = [_start_agent(config, url, prefix, group, profile_to) for _ in range(processes)]
+    agents = [
+        _start_agent(config, url, prefix, group, profile_to=profile_to, route=route)
+        for _ in range(processes)
+    ]
     curve: list[tuple[float, int]] = []
     conn = await asyncpg.connect(url, timeout=10)
     try:
@@ -671,16 +749,23 @@ def _percentile(ordered: list[float], percent: float) -> float:
 
 
 def _start_agent(
-    config: Config, url: str, prefix: str, group: str, profile_to: Path | None = None
+    config: Config,
+    url: str,
+    prefix: str,
+    group: str,
+    *,
+    profile_to: Path | None = None,
+    route: Route = DIRECT,
 ) -> AgentProcess:
     env = testbed.agent_env(
         config.kafka_bootstrap_servers,
-        url,
+        route.agent_url(url),
         prefix,
         group,
         batch_max_records=config.batch_max_records,
         # Agents as deployed: steered by a controller that trusts the orchestrator's key.
         control_public_keys=",".join(config.control_public_keys),
+        **route.settings,
     )
     env.update(config.kafka.environment())  # over TLS and SASL when the config says so
     wrapper: list[str] = []

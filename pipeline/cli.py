@@ -219,6 +219,13 @@ def _parser() -> argparse.ArgumentParser:
         "local stack's SASL_SSL listener and over plaintext, in one run, and report the ratios "
         "(instead of the usual measurements)",
     )
+    bench.add_argument(
+        "--pooler",
+        choices=["transaction", "session"],
+        help="what a connection pooler costs: drain end to end through a PgBouncer in this pool "
+        "mode in front of the local stack's PostgreSQL and directly, in one run, and report the "
+        "ratio (instead of the usual measurements)",
+    )
     bench.add_argument("--json", type=Path, help="write the results as JSON here")
     bench.add_argument(
         "--profile",
@@ -1207,8 +1214,12 @@ def _bench(args: argparse.Namespace) -> int:
 
         testbed.use_logins(stack.logins(), stack.admin_url())
     config = _load_kafka_config(argparse.Namespace(config=None), **admin)
+    if args.secure and args.pooler:
+        raise ConfigError("--secure and --pooler are two measurements: give one at a time")
     if args.secure:
         return _bench_encryption(stack, config, source, plan, args.json)
+    if args.pooler:
+        return _bench_pooler(stack, args.pooler, config, source, plan, json_path=args.json)
     results, memory = asyncio.run(run_bench(config, source, publish, plan, _progress))
     print(table(results, memory))
     if args.json:
@@ -1257,6 +1268,54 @@ def _bench_encryption(
         )
     )
     print(encryption_table(results))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def _bench_pooler(
+    stack: Stack | None,
+    mode: str,
+    config: Config,
+    source: Any,
+    plan: Any,
+    *,
+    json_path: Path | None,
+) -> int:
+    """`pipeline bench --pooler MODE`: directly against through a PgBouncer it starts."""
+    import json
+    from dataclasses import asdict
+
+    from consumers.bench import Route, pooler_table, run_pooler_bench
+    from pipeline import testbed
+    from pipeline.devstack import pgbouncer
+
+    if stack is None:
+        raise ConfigError(
+            f"--pooler starts PgBouncer in front of the local stack's PostgreSQL: unset "
+            f"{KAFKA_ENV} and {DATABASE_ENV} to use the local stack"
+        )
+    logins = stack.logins()
+    with pgbouncer.running(
+        stack.home / f"pgbouncer-bench-{mode}",
+        mode,
+        stack.admin_url(),
+        [logins.migrator, logins.agent, logins.analyst],
+        "postgres",
+    ) as bouncer:
+        assert bouncer.port is not None
+        port = bouncer.port
+        _progress(f"PgBouncer {mode} mode on 127.0.0.1:{port}")
+        route = Route(
+            f"PgBouncer ({mode})",
+            lambda url: pgbouncer.through(testbed.as_agent(url), port),
+            {"db_pooler": "transaction"} if mode == "transaction" else {},
+        )
+        results = asyncio.run(
+            run_pooler_bench(config, source=source, pooler=route, plan=plan, report=_progress)
+        )
+    print(pooler_table(results))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

@@ -25,6 +25,7 @@ from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
+from pipeline.devstack import pgbouncer
 from pipeline.devstack.postgres import Login, Logins
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
@@ -99,6 +100,7 @@ async def stored_offsets(conn: asyncpg.Connection, group: str) -> Offsets:
 class _InUse:
     logins: Logins | None = None
     admin: str | None = None  # the administrator's user name: its URLs are rewritten
+    pooler: tuple[int, str] | None = None  # a PgBouncer's port and pool mode
 
 
 def use_logins(logins: Logins | None, admin_url: str) -> None:
@@ -109,6 +111,27 @@ def use_logins(logins: Logins | None, admin_url: str) -> None:
     (a test's restricted role, say) is used as it is. Without logins, nothing is rewritten."""
     _InUse.logins = logins
     _InUse.admin = urlsplit(admin_url).username
+
+
+def use_pooler(port: int | None, mode: str = "transaction") -> None:
+    """From now on (the test session sets it once), the agent and migrator URLs made from the
+    administrator's go through the PgBouncer on 127.0.0.1:``port``, in pool ``mode``; the
+    administrator's own connections stay direct. ``None``: directly again."""
+    pgbouncer.check_mode(mode)
+    _InUse.pooler = None if port is None else (port, mode)
+
+
+def pooler_mode() -> str | None:
+    """The pool mode of the pooler in use (:func:`use_pooler`), None when direct."""
+    return None if _InUse.pooler is None else _InUse.pooler[1]
+
+
+def pooler_settings() -> dict[str, str]:
+    """The agents' settings for the pooler in use: behind a transaction pooler, no prepared
+    statement cache (PIPELINE_DB_POOLER)."""
+    if pooler_mode() == "transaction":
+        return {"db_pooler": "transaction"}
+    return {}
 
 
 def as_agent(database_url: str) -> str:
@@ -126,12 +149,14 @@ def as_migrator(database_url: str) -> str:
 def _as(login: Login, database_url: str) -> str:
     if urlsplit(database_url).username != _InUse.admin:
         return database_url
-    return login.url(database_url)
+    url = login.url(database_url)
+    return url if _InUse.pooler is None else pgbouncer.through(url, _InUse.pooler[0])
 
 
 async def migrate(database_url: str, migrations: Sequence[db.Migration] | None = None) -> None:
-    """Apply ``migrations`` (default: all of sql/) as the migrator."""
-    conn = await asyncpg.connect(as_migrator(database_url), timeout=10)
+    """Apply ``migrations`` (default: all of sql/) as the migrator (through the pooler in
+    use, with no prepared statements, which a transaction pooler cannot keep)."""
+    conn = await asyncpg.connect(as_migrator(database_url), timeout=10, statement_cache_size=0)
     try:
         await db.migrate(conn, db.read_migrations() if migrations is None else migrations)
     finally:
@@ -175,7 +200,8 @@ def agent_env(
 ) -> dict[str, str]:
     """This process's environment, set for a ``pipeline run`` on those servers, topics and
     group, with no /metrics, connecting to ``database_url``'s database as the agent login
-    (:func:`use_logins`); ``settings`` become ``PIPELINE_<NAME>`` variables."""
+    (:func:`use_logins`), through the pooler in use (:func:`use_pooler`, with its
+    :func:`pooler_settings`); ``settings`` become ``PIPELINE_<NAME>`` variables."""
     env = dict(os.environ)
     env.pop("PIPELINE_MIGRATE_DATABASE_URL", None)  # an agent has no use for the migrator
     env.update(
@@ -185,6 +211,7 @@ def agent_env(
         PIPELINE_GROUP_ID=group,
         PIPELINE_METRICS_ADDRESS="",
     )
+    settings = {**pooler_settings(), **settings}
     env.update({f"PIPELINE_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 

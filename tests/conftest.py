@@ -18,6 +18,12 @@ connect as the server's administrator (``endpoints.database_url``, a superuser) 
 to break things. The local stack has the logins; on other servers the session creates them
 (their passwords under the session's home), which needs a superuser or CREATEROLE in
 ``DATABASE_URL``.
+
+With ``PIPELINE_TEST_POOLER=transaction`` (or ``session``), the session starts PgBouncer
+(:mod:`pipeline.devstack.pgbouncer`) in that pool mode in front of the PostgreSQL server, and
+the agents' and the migrator's URLs go through it (:func:`pipeline.testbed.use_pooler`; behind
+a transaction pooler the agents get ``PIPELINE_DB_POOLER=transaction``), as on managed
+PostgreSQL's pooled URLs; the tests' own administrator connections stay direct.
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ import pytest
 from aiokafka.admin import NewTopic
 
 from pipeline import kafka_clients, testbed
-from pipeline.devstack import Endpoints, Stack, endpoints_from_env, kafka_versions, postgres
+from pipeline.devstack import (
+    Endpoints,
+    Stack,
+    endpoints_from_env,
+    kafka_versions,
+    pgbouncer,
+    postgres,
+)
 from pipeline.devstack.stack import cache_root
 from pipeline.errors import ConfigError, DevStackError
 from pipeline.records import topic_name
@@ -46,6 +59,7 @@ from pipeline.records import topic_name
 # One stack per test session: two sessions on one machine (a developer's and an editor's, or
 # two worktrees) must not stop each other's servers.
 TEST_STACK_HOME = cache_root() / "test-stacks" / f"session-{os.getpid()}"
+POOLER_ENV = "PIPELINE_TEST_POOLER"
 
 
 def _docker_engine_answers() -> bool:
@@ -89,6 +103,36 @@ class Servers:
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
+    mode = os.environ.get(POOLER_ENV) or None
+    if mode is not None and mode not in pgbouncer.MODES:
+        pytest.fail(f"{POOLER_ENV} must be one of {', '.join(pgbouncer.MODES)}, not {mode!r}")
+    with _servers() as found:
+        if mode is None:
+            yield found
+            return
+        assert found.logins is not None
+        logins = found.logins
+        home = TEST_STACK_HOME / f"pgbouncer-{mode}"
+        try:
+            with pgbouncer.running(
+                home,
+                mode,
+                found.endpoints.database_url,
+                [logins.migrator, logins.agent, logins.analyst],
+                "postgres",
+            ) as bouncer:
+                assert bouncer.port is not None
+                testbed.use_pooler(bouncer.port, mode)
+                try:
+                    yield found
+                finally:
+                    testbed.use_pooler(None)
+        except DevStackError as exc:
+            pytest.fail(f"{POOLER_ENV}={mode}: {exc}")
+
+
+@contextlib.contextmanager
+def _servers() -> Iterator[Servers]:
     try:
         given = endpoints_from_env()
     except DevStackError as exc:

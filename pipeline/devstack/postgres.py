@@ -286,6 +286,10 @@ class Login:
     user: str
     passfile: Path
 
+    def password(self) -> str:
+        """The password in the file (a pooler in front of the server needs it)."""
+        return self.passfile.read_text().strip().rsplit(":", 1)[1]
+
     def url(self, server_url: str) -> str:
         """``server_url`` (host, port, database, TLS settings) as this login."""
         parts = urlsplit(server_url)

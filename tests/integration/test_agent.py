@@ -15,7 +15,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from pipeline import kafka as kafka_io
-from pipeline import kafka_clients
+from pipeline import kafka_clients, testbed
 from pipeline.devstack import kafka, postgres
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.records import (
@@ -384,7 +384,10 @@ async def test_postgres_restart_during_ingestion_needs_no_agent_restart(
         sent = await sending
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
         assert agent.alive(), "the agent must ride out the restart on its own"
-        assert scrape(metrics_address, "pipeline_retries_total") >= 1
+        if testbed.pooler_mode() is None:
+            # Behind PgBouncer (PIPELINE_TEST_POOLER) the agent meets the restart only when
+            # it lands inside a transaction: between them, the pooler holds its queries.
+            assert scrape(metrics_address, "pipeline_retries_total") >= 1
         assert agent.stop() == 0
     finally:
         agent.kill()

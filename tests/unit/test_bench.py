@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from consumers.bench import EncryptionResult, encryption_table, profile_breakdown
+from consumers.bench import (
+    EncryptionResult,
+    PoolerResult,
+    encryption_table,
+    pooler_table,
+    profile_breakdown,
+)
 from pipeline import cli
 
 LOOP = "main (pipeline/cli.py:38);BaseEventLoop.run_forever (asyncio/base_events.py:607)"
@@ -118,4 +124,15 @@ def test_the_encryption_table_sets_each_rate_against_plaintext() -> None:
         "  produce records/s      plaintext      30,000   SASL_SSL      27,000   ratio 0.90",
         "  raw consume records/s  plaintext     200,000   SASL_SSL     100,000   ratio 0.50",
         "  end to end rows/s      plaintext     250,000   SASL_SSL     225,000   ratio 0.90",
+    ]
+
+
+def test_the_pooler_table_sets_the_pooled_rate_against_direct() -> None:
+    result = PoolerResult(
+        "events-heavy", 100_000, {"direct": 200_000.0, "PgBouncer (transaction)": 150_000.0}
+    )
+    assert pooler_table([result]).splitlines() == [
+        "events-heavy, 100,000 records: PgBouncer (transaction) against direct",
+        "  end to end rows/s      direct     200,000   PgBouncer (transaction)     150,000"
+        "   ratio 0.75",
     ]
