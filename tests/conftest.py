@@ -3,7 +3,8 @@
 1. ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` from the environment;
 2. a Docker engine, through testcontainers, when one answers;
 3. the local stack (``pipeline dev``), started once per test session under a home of its
-   own, and stopped and deleted at the end.
+   own, and stopped and deleted at the end; of the PostgreSQL major ``PIPELINE_DEV_POSTGRES``
+   names (docs/compatibility.md), like any stack.
 
 When none can be had, every test that needs a server fails with the reason: never a skip.
 Each test gets its own topics (unique names) and its own PostgreSQL database.

@@ -2,7 +2,8 @@
 
 Everything lives under a stack home (default ``$XDG_CACHE_HOME/agent-pipeline/dev``, or
 ``PIPELINE_DEV_HOME``): the chosen ports, pid files, logs and Kafka's data. The broker's jars
-are shared by every stack under ``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>``.
+are shared by every stack under ``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>``, and so
+are PostgreSQL's binaries when they come from Maven Central (``postgresql-<version>``).
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class ComponentStatus:
     port: int | None
     detail: str
     answers: bool | None = None  # None when not asked (see Stack.status)
+    version: str = ""  # PostgreSQL's major, of the data directory; "" when none or Kafka
 
     @property
     def serving(self) -> bool:
@@ -195,7 +197,8 @@ class ComponentStatus:
     def line(self) -> str:
         where = f" on 127.0.0.1:{self.port}" if self.port and self.state == "running" else ""
         pid = f" (pid {self.pid})" if self.pid else ""
-        return f"{self.name}: {self.state}{pid}{where}{self.detail}"
+        version = f" {self.version}" if self.version else ""
+        return f"{self.name}{version}: {self.state}{pid}{where}{self.detail}"
 
 
 class Stack:
@@ -217,9 +220,8 @@ class Stack:
         with self._locked():
             state = self._read_state()
             pg_certificate = tls.issue_server_cert(self.ca(), self._tls_dir, "postgres")
-            pg_server = postgres.PostgresServer(
-                self._pg_home, postgres.find_binaries(), pg_certificate
-            )
+            binaries = postgres.resolve_binaries(self._pg_home, self._jar_cache, report)
+            pg_server = postgres.PostgresServer(self._pg_home, binaries, pg_certificate)
             broker = kafka.KafkaBroker(self._kafka_home, kafka.resolve_jars(self._jar_cache))
 
             if pg_server.pidfile.live_pid() is None:
@@ -286,11 +288,14 @@ class Stack:
         answers (Kafka through the protocol, PostgreSQL a query)."""
         state = self._read_state()
         found = [
-            _component(
-                "PostgreSQL",
-                postgres.pidfile(self._pg_home),
-                state.get("pg_port"),
-                self._pg_home / "postgres.log",
+            dataclasses.replace(
+                _component(
+                    "PostgreSQL",
+                    postgres.pidfile(self._pg_home),
+                    state.get("pg_port"),
+                    self._pg_home / "postgres.log",
+                ),
+                version=str(postgres.data_major(self._pg_home) or ""),
             ),
             _component(
                 "Kafka",

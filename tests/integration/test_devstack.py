@@ -42,7 +42,7 @@ SERVER_ENV = (
     "PIPELINE_DEV_HOME",
 )
 STATUS_LINE = re.compile(
-    r"(?P<name>PostgreSQL|Kafka): (?P<state>running|stopped|dead)"
+    r"(?P<name>PostgreSQL|Kafka)(?: (?P<version>\d+))?: (?P<state>running|stopped|dead)"
     r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?(?P<detail>.*)"
 )
 EXPORT_LINE = re.compile(
@@ -60,6 +60,7 @@ class Component:
     pid: int | None
     port: int | None
     detail: str
+    version: int | None  # PostgreSQL's major, of its data directory
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class Dev:
     def status(self, **env: str) -> Status:
         result = self.run("status", **env)
         lines = result.stdout.splitlines()
-        assert [line.split(":")[0] for line in lines] == ["PostgreSQL", "Kafka"], result.stdout
+        assert [line.split()[0].rstrip(":") for line in lines] == ["PostgreSQL", "Kafka"], (
+            result.stdout
+        )
         parsed = {}
         for line in lines:
             match = STATUS_LINE.fullmatch(line)
@@ -108,6 +111,7 @@ class Dev:
                 int(match["pid"]) if match["pid"] else None,
                 int(match["port"]) if match["port"] else None,
                 match["detail"],
+                int(match["version"]) if match["version"] else None,
             )
         return Status(result.returncode, parsed["PostgreSQL"], parsed["Kafka"])
 
@@ -498,19 +502,32 @@ def test_only_one_endpoint_in_the_environment_is_an_error(
     assert not dev.home.exists()
 
 
-def test_data_dir_from_another_postgres_is_refused_until_purged(dev: Dev) -> None:
+def test_a_stack_keeps_its_postgres_major_until_purged(dev: Dev) -> None:
+    """A stack's data directory is of one major: asking for another is refused before
+    anything starts, whether the stack runs or not. Purged, the next `up` runs the major asked
+    for (from Maven Central: the machine has no server of it), and an `up` without the setting
+    keeps it."""
     major = postgres.find_binaries().major
+    other = 13 if major != 13 else 14
     dev.ok("up")
-    dev.ok("down")
-    (dev.pg_data / "PG_VERSION").write_text("14\n")
+    running = assert_serving(dev)
+    assert running.postgres.version == major
 
-    refused = dev.run("up")
+    refused = dev.run("up", "--postgres", str(other))
     assert refused.returncode == 2
     assert refused.stdout == ""
-    assert f"created by PostgreSQL 14, but this machine's server is PostgreSQL {major}" in (
-        refused.stderr
+    assert (
+        f"created by PostgreSQL {major}, which PostgreSQL {other} "
+        f"(PIPELINE_DEV_POSTGRES={other}) cannot use" in refused.stderr
     )
     assert "`pipeline dev down --purge`" in refused.stderr
+    assert "PIPELINE_DEV_HOME" in refused.stderr
+    assert assert_serving(dev) == running  # the same servers, untouched
+
+    dev.ok("down")
+    refused = dev.run("up", PIPELINE_DEV_POSTGRES=str(other))
+    assert refused.returncode == 2
+    assert f"(PIPELINE_DEV_POSTGRES={other}) cannot use" in refused.stderr
     # It fails before starting anything, so nothing is left half up.
     assert not dev.postgres_pidfile.exists()
     assert not dev.broker_pidfile.exists()
@@ -520,10 +537,21 @@ def test_data_dir_from_another_postgres_is_refused_until_purged(dev: Dev) -> Non
     assert f"removed {dev.home}" in purged.stderr
     assert not dev.home.exists()
     assert not dev.pg_data.exists()
-    # ...and the next `up` creates a cluster of this machine's version.
+    # ...and the next `up` creates a cluster of the major asked for.
+    started = dev.ok("up", "--postgres", str(other))
+    assert f"PostgreSQL {other} starting" in started.stderr
+    assert (dev.pg_data / "PG_VERSION").read_text().strip() == str(other)
+    status = assert_serving(dev)
+    assert status.postgres.version == other
+    # Unset, the stack keeps its major; the machine's own server is refused.
     dev.ok("up")
-    assert (dev.pg_data / "PG_VERSION").read_text().strip() == str(major)
-    assert_serving(dev)
+    assert assert_serving(dev) == status
+    refused = dev.run("up", PIPELINE_DEV_POSTGRES="system")
+    assert refused.returncode == 2
+    assert (
+        f"created by PostgreSQL {other}, which PostgreSQL {major} "
+        "(PIPELINE_DEV_POSTGRES=system, " in refused.stderr
+    )
 
 
 def test_no_postgres_binaries_says_what_to_install(dev: Dev, tmp_path: Path) -> None:
