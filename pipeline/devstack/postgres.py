@@ -455,6 +455,24 @@ def _password(passfile: Path) -> str:
     return password
 
 
+async def create_database(
+    conn: asyncpg.Connection, url: str, database: str, owner: str | None
+) -> None:
+    """``CREATE DATABASE`` on the server of ``conn`` (a superuser's), at ``url``, owned by
+    ``owner``, whose public schema ``owner`` owns too, as from PostgreSQL 15 on (where the
+    database's owner owns it through pg_database_owner). Before 15 the bootstrap superuser
+    owns it, so the migrator could not revoke PUBLIC's right to create tables there
+    (sql/008_public_schema.sql does)."""
+    await conn.execute(f'CREATE DATABASE "{database}"' + (f" OWNER {owner}" if owner else ""))
+    if owner is None or conn.get_server_version().major >= 15:
+        return
+    new = await asyncpg.connect(url, timeout=10)
+    try:
+        await new.execute(f"ALTER SCHEMA public OWNER TO {owner}")
+    finally:
+        await new.close()
+
+
 async def why_not_answering(url: str, probe_timeout: float = 3.0) -> str | None:
     """None when the server at ``url`` answers a query within ``probe_timeout`` seconds, else
     why not (the URL's password never appears: asyncpg does not quote it)."""
@@ -481,7 +499,7 @@ async def _ensure_logins_and_database(port: int, secrets_dir: Path) -> bool:
         await ensure_logins(conn, secrets_dir)
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
         if not exists:
-            await conn.execute(f'CREATE DATABASE "{DATABASE}" OWNER {MIGRATOR}')
+            await create_database(conn, dsn(port, DATABASE), DATABASE, MIGRATOR)
         return True
     finally:
         await conn.close()
