@@ -60,7 +60,7 @@ class Component:
     pid: int | None
     port: int | None
     detail: str
-    version: int | None  # PostgreSQL's major, of its data directory
+    version: int | None = None  # PostgreSQL's major, of its data directory
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,8 @@ def test_down_stops_both_by_pid_and_up_starts_new_servers(started: Dev) -> None:
 
     status = started.status()
     assert status.code == 3
-    assert status.postgres == Component("stopped", None, None, "")
+    # Stopped, PostgreSQL still shows the major of the data it kept.
+    assert status.postgres == Component("stopped", None, None, "", before.postgres.version)
     assert status.kafka == Component("stopped", None, None, "")
     again_down = started.ok("down")
     assert again_down.stderr == ""
@@ -357,7 +358,7 @@ def test_exported_endpoints_of_a_stopped_stack_are_down_and_up_starts_it(started
 
     stopped = started.status(**exported)
     assert stopped.code == 3
-    assert stopped.postgres == Component("stopped", None, None, "")
+    assert stopped.postgres == Component("stopped", None, None, "", before.postgres.version)
     assert stopped.kafka == Component("stopped", None, None, "")
 
     up = started.ok("up", **exported)
