@@ -27,7 +27,7 @@ import msgspec
 
 from pipeline import db, kafka_clients
 from pipeline.config import Config, load_config
-from pipeline.devstack import Stack, endpoints_from_env, kafka_versions, prometheus
+from pipeline.devstack import Stack, endpoints_from_env, kafka_versions, pg_binaries, prometheus
 from pipeline.devstack.kafka_auth import AGENT_USER, ORCHESTRATOR_USER, PRODUCER_USER, USERS
 from pipeline.devstack.processes import choose_port
 from pipeline.devstack.stack import (
@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "--prometheus",
         action="store_true",
         help="also a Prometheus with the alert rules, scraping the agents in its targets.json",
+    )
+    up.add_argument(
+        "--postgres",
+        metavar="MAJOR",
+        help="the PostgreSQL major to run, 13 to 17 (the machine's own server of that major, "
+        "else downloaded from Maven Central), or 'system': sets PIPELINE_DEV_POSTGRES for "
+        "this command",
     )
     up.set_defaults(handler=_dev_up)
     down = dev_commands.add_parser("down", help="stop both servers by their pids")
@@ -864,6 +871,9 @@ async def _run_until_signalled(agent: DatabaseAgent, controller: Controller) -> 
 def _dev_up(args: argparse.Namespace) -> int:
     """Start the local stack, unless the endpoint variables name other servers: then start
     nothing, and succeed only if those answer."""
+    if args.postgres is not None:
+        pg_binaries.parse_choice(args.postgres)  # a bad value fails before anything starts
+        os.environ[pg_binaries.ENV] = args.postgres
     stack = Stack(kafka_version=args.kafka)
     given = endpoints_from_env()
     if given is not None and not stack.serves(given):

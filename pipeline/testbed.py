@@ -25,7 +25,7 @@ from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
-from pipeline.devstack import pgbouncer
+from pipeline.devstack import pgbouncer, postgres
 from pipeline.devstack.postgres import Login, Logins
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
@@ -177,14 +177,14 @@ async def scratch_database(
     by it (``migrations``, default all of sql/): its URL, with ``server_url``'s login;
     dropped afterwards, connections and all."""
     logins = _InUse.logins
-    owner = "" if logins is None else f" OWNER {logins.migrator.user}"
+    url = database_url_for(server_url, database)
     conn = await asyncpg.connect(server_url, timeout=10)
     try:
-        await conn.execute(f'CREATE DATABASE "{database}"{owner}')
+        owner = None if logins is None else logins.migrator.user
+        await postgres.create_database(conn, url, database, owner)
     finally:
         await conn.close()
     try:
-        url = database_url_for(server_url, database)
         await migrate(url, migrations)
         yield url
     finally:

@@ -3,7 +3,8 @@
 1. ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` from the environment;
 2. a Docker engine, through testcontainers, when one answers;
 3. the local stack (``pipeline dev``), started once per test session under a home of its
-   own, and stopped and deleted at the end.
+   own, and stopped and deleted at the end; of the PostgreSQL major ``PIPELINE_DEV_POSTGRES``
+   names (docs/compatibility.md), like any stack.
 
 The last two run the Kafka release ``PIPELINE_DEV_KAFKA`` names (default 4.3.1), so
 ``PIPELINE_DEV_KAFKA=3.9.1 pytest`` runs the suite against Kafka 3.9.1.

@@ -1,5 +1,6 @@
-"""A PostgreSQL server from the machine's own binaries, tuned for bulk ingestion, with the
-pipeline's logins (docs/security.md) and TLS."""
+"""A PostgreSQL server (13 to 17: the machine's own, or a build from Maven Central, see
+:mod:`pipeline.devstack.pg_binaries`), tuned for bulk ingestion, with the pipeline's logins
+(docs/security.md) and TLS."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
+from pipeline.devstack import pg_binaries
+from pipeline.devstack.pg_binaries import Report
 from pipeline.devstack.processes import PidFile, is_alive, log_tail, spawn
 from pipeline.devstack.tls import KeyPair
 from pipeline.errors import DevStackError
@@ -92,41 +95,132 @@ class Binaries:
         return str(self.bindir / "initdb")
 
 
+def resolve_binaries(home: Path, cache_dir: Path, report: Report) -> Binaries:
+    """The server the stack in ``home`` runs: as ``PIPELINE_DEV_POSTGRES`` and
+    ``PIPELINE_PG_BINDIR`` ask (:func:`pg_binaries.wanted`), the machine's own when it has
+    that major, else downloaded from Maven Central into ``cache_dir``. Refused when it is not
+    the major of the stack's data directory."""
+    found_major = data_major(home)
+    bindir = os.environ.get(pg_binaries.BINDIR_ENV) or None
+    want = pg_binaries.wanted(
+        pg_binaries.parse_choice(os.environ.get(pg_binaries.ENV)), found_major, bindir
+    )
+    binaries = _machine_binaries(want.major)
+    if binaries is None and want.download and want.major is None:
+        binaries = _downloaded(pg_binaries.NEWEST, cache_dir, report)
+    elif binaries is None and want.download and want.major in pg_binaries.PINNED:
+        binaries = _downloaded(want.major, cache_dir, report)
+    elif binaries is None:
+        raise DevStackError(_not_found(want))
+    if found_major is not None and binaries.major != found_major:
+        raise DevStackError(
+            pg_binaries.data_mismatch(
+                found_major, binaries.major, f"{want.asked_by}, {binaries.bindir}"
+            )
+        )
+    return binaries
+
+
 def find_binaries() -> Binaries:
-    """Find the server binaries: ``PIPELINE_PG_BINDIR``, ``pg_config``, PATH, install dirs."""
+    """The machine's own server: ``PIPELINE_PG_BINDIR``, ``pg_config``, PATH, install dirs."""
+    binaries = _machine_binaries(None)
+    if binaries is None:
+        raise DevStackError(_not_found(pg_binaries.Wanted(None, False, "")))
+    return binaries
+
+
+def _machine_binaries(major: int | None) -> Binaries | None:
+    """The first server of the machine's of ``major`` (any, when None); with
+    ``PIPELINE_PG_BINDIR``, that directory's, which must be of ``major``."""
+    if explicit := os.environ.get(pg_binaries.BINDIR_ENV):
+        if not _has_server(Path(explicit)):
+            return None
+        binaries = Binaries(Path(explicit), _major_of(Path(explicit)))
+        if major is not None and binaries.major != major:
+            raise DevStackError(
+                f"{pg_binaries.BINDIR_ENV}={explicit} is PostgreSQL {binaries.major}, but "
+                f"PostgreSQL {major} is asked for ({pg_binaries.ENV}, or the stack's data "
+                f"directory): unset {pg_binaries.BINDIR_ENV}, or point it at PostgreSQL {major}"
+            )
+        return binaries
     candidates: list[Path] = []
-    if explicit := os.environ.get("PIPELINE_PG_BINDIR"):
-        candidates.append(Path(explicit))
-    elif pg_config := shutil.which("pg_config"):
+    if pg_config := shutil.which("pg_config"):
         result = subprocess.run(
             [pg_config, "--bindir"], capture_output=True, text=True, check=False
         )
         if result.returncode == 0:
             candidates.append(Path(result.stdout.strip()))
-    if not os.environ.get("PIPELINE_PG_BINDIR"):
-        if on_path := shutil.which("postgres"):
-            candidates.append(Path(on_path).resolve().parent)
-        for pattern in _SEARCH_GLOBS:
-            candidates.extend(Path(p) for p in sorted(glob.glob(pattern), reverse=True))
-    found = [c for c in candidates if (c / "postgres").is_file() and (c / "initdb").is_file()]
-    if not found:
-        where = os.environ.get("PIPELINE_PG_BINDIR") or "pg_config, PATH or " + ", ".join(
-            _SEARCH_GLOBS
+    if on_path := shutil.which("postgres"):
+        candidates.append(Path(on_path).resolve().parent)
+    for pattern in _SEARCH_GLOBS:
+        candidates.extend(Path(p) for p in sorted(glob.glob(pattern), reverse=True))
+    for bindir in dict.fromkeys(c.resolve() for c in candidates if _has_server(c)):
+        found = _major_of(bindir)
+        if major is None or found == major:
+            return Binaries(bindir, found)
+    return None
+
+
+def _downloaded(major: int, cache_dir: Path, report: Report) -> Binaries:
+    bindir = pg_binaries.install(major, cache_dir, report)
+    found = _major_of(bindir)
+    if found != major:
+        raise DevStackError(f"{bindir} holds PostgreSQL {found}, not {major}: delete it")
+    return Binaries(bindir, found)
+
+
+def _not_found(want: pg_binaries.Wanted) -> str:
+    where = os.environ.get(pg_binaries.BINDIR_ENV) or "pg_config, PATH or " + ", ".join(
+        _SEARCH_GLOBS
+    )
+    major = "" if want.major is None else f" {want.major}"
+    found = f"PostgreSQL{major} server binaries (postgres, initdb) not found in {where}"
+    if want.major is not None and want.major not in pg_binaries.PINNED:
+        return (
+            f"{found}, which {want.asked_by} needs, and the builds that `pipeline dev up` "
+            f"downloads from Maven Central are {pg_binaries.SUPPORTED_TEXT} only. Install "
+            f"PostgreSQL{major} (or set {pg_binaries.BINDIR_ENV} to its bin directory), delete "
+            "the stack's data with `pipeline dev down --purge` (it is lost), or use another "
+            "stack home (PIPELINE_DEV_HOME)."
         )
+    return (
+        f"{found}. Install the server (Debian: apt-get install postgresql; Fedora: dnf "
+        "install postgresql-server; macOS: brew install postgresql@15), or set "
+        f"{pg_binaries.BINDIR_ENV} to its bin directory, or have `pipeline dev up` download "
+        f"it from Maven Central: unset {pg_binaries.BINDIR_ENV} and set {pg_binaries.ENV} to "
+        f"a major, {pg_binaries.SUPPORTED_TEXT}."
+    )
+
+
+def _has_server(bindir: Path) -> bool:
+    return (bindir / "postgres").is_file() and (bindir / "initdb").is_file()
+
+
+def _major_of(bindir: Path) -> int:
+    """The major of the server in ``bindir``, from ``postgres --version``: also proves that it
+    runs here (its shared libraries are found)."""
+    try:
+        result = subprocess.run(
+            [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise DevStackError(f"{bindir / 'postgres'} does not run here: {exc}") from None
+    match = re.search(r"PostgreSQL\) (\d+)", result.stdout)
+    if result.returncode != 0 or match is None:
         raise DevStackError(
-            f"PostgreSQL server binaries (postgres, initdb) not found in {where}. Install "
-            "the server (Debian: apt-get install postgresql; Fedora: dnf install "
-            "postgresql-server; macOS: brew install postgresql@15), or set "
-            "PIPELINE_PG_BINDIR to its bin directory."
+            f"{bindir / 'postgres'} does not run here or says no version: "
+            f"{(result.stdout + result.stderr).strip()[-500:]!r}"
         )
-    bindir = found[0]
-    version = subprocess.run(
-        [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    match = re.search(r"(\d+)(?:\.\d+)?", version)
-    if match is None:
-        raise DevStackError(f"cannot read the version of {bindir / 'postgres'}: {version!r}")
-    return Binaries(bindir, int(match.group(1)))
+    return int(match.group(1))
+
+
+def data_major(home: Path) -> int | None:
+    """The major of PostgreSQL that made the stack's data directory (its ``PG_VERSION``),
+    None when it has none."""
+    try:
+        return int((data_dir(home) / "PG_VERSION").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 class PostgresServer:
@@ -159,16 +253,7 @@ class PostgresServer:
         return pid
 
     def _initdb_once(self) -> None:
-        version_file = self.data_dir / "PG_VERSION"
-        if version_file.exists():
-            found = version_file.read_text().strip()
-            if found != str(self.binaries.major):
-                raise DevStackError(
-                    f"the data directory {self.data_dir} was created by PostgreSQL {found}, "
-                    f"but this machine's server is PostgreSQL {self.binaries.major} "
-                    f"({self.binaries.bindir}). Remove it with `pipeline dev down --purge` "
-                    f"(its data is lost), or point PIPELINE_PG_BINDIR at PostgreSQL {found}."
-                )
+        if (self.data_dir / "PG_VERSION").exists():  # resolve_binaries checked its major
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.run_as is not None:
@@ -374,6 +459,24 @@ def _password(passfile: Path) -> str:
     return password
 
 
+async def create_database(
+    conn: asyncpg.Connection, url: str, database: str, owner: str | None
+) -> None:
+    """``CREATE DATABASE`` on the server of ``conn`` (a superuser's), at ``url``, owned by
+    ``owner``, whose public schema ``owner`` owns too, as from PostgreSQL 15 on (where the
+    database's owner owns it through pg_database_owner). Before 15 the bootstrap superuser
+    owns it, so the migrator could not revoke PUBLIC's right to create tables there
+    (sql/008_public_schema.sql does)."""
+    await conn.execute(f'CREATE DATABASE "{database}"' + (f" OWNER {owner}" if owner else ""))
+    if owner is None or conn.get_server_version().major >= 15:
+        return
+    new = await asyncpg.connect(url, timeout=10)
+    try:
+        await new.execute(f"ALTER SCHEMA public OWNER TO {owner}")
+    finally:
+        await new.close()
+
+
 async def why_not_answering(url: str, probe_timeout: float = 3.0) -> str | None:
     """None when the server at ``url`` answers a query within ``probe_timeout`` seconds, else
     why not (the URL's password never appears: asyncpg does not quote it)."""
@@ -400,7 +503,7 @@ async def _ensure_logins_and_database(port: int, secrets_dir: Path) -> bool:
         await ensure_logins(conn, secrets_dir)
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
         if not exists:
-            await conn.execute(f'CREATE DATABASE "{DATABASE}" OWNER {MIGRATOR}')
+            await create_database(conn, dsn(port, DATABASE), DATABASE, MIGRATOR)
         return True
     finally:
         await conn.close()

@@ -3,8 +3,10 @@
 Everything lives under a stack home (default ``$XDG_CACHE_HOME/agent-pipeline/dev``, or
 ``PIPELINE_DEV_HOME``): the chosen ports, pid files, logs and Kafka's data, with the Kafka
 release that formatted it. The broker's jars are shared by every stack under
-``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>``; ``PIPELINE_DEV_KAFKA`` chooses the release
-(:mod:`pipeline.devstack.kafka_versions`).
+``$XDG_CACHE_HOME/agent-pipeline/kafka-<version>``, and so are PostgreSQL's binaries when they
+come from Maven Central (``postgresql-<version>``). ``PIPELINE_DEV_KAFKA`` chooses the Kafka
+release (:mod:`pipeline.devstack.kafka_versions`), ``PIPELINE_DEV_POSTGRES`` the PostgreSQL
+major (:mod:`pipeline.devstack.pg_binaries`).
 """
 
 from __future__ import annotations
@@ -188,7 +190,8 @@ class ComponentStatus:
     port: int | None
     detail: str
     answers: bool | None = None  # None when not asked (see Stack.status)
-    version: str | None = None  # Kafka's: the release that formatted its data, once it has
+    # Of the data: PostgreSQL's major, Kafka's release that formatted it; None before any.
+    version: str | None = None
 
     @property
     def serving(self) -> bool:
@@ -198,8 +201,8 @@ class ComponentStatus:
     def line(self) -> str:
         where = f" on 127.0.0.1:{self.port}" if self.port and self.state == "running" else ""
         pid = f" (pid {self.pid})" if self.pid else ""
-        version = f", version {self.version}" if self.version else ""
-        return f"{self.name}: {self.state}{pid}{where}{version}{self.detail}"
+        version = f" {self.version}" if self.version else ""
+        return f"{self.name}{version}: {self.state}{pid}{where}{self.detail}"
 
 
 class Stack:
@@ -231,9 +234,8 @@ class Stack:
             kafka.check_data_version(self._kafka_home, release.version)  # before starting any
             state = self._read_state()
             pg_certificate = tls.issue_server_cert(self.ca(), self._tls_dir, "postgres")
-            pg_server = postgres.PostgresServer(
-                self._pg_home, postgres.find_binaries(), pg_certificate
-            )
+            binaries = postgres.resolve_binaries(self._pg_home, self._jar_cache, report)
+            pg_server = postgres.PostgresServer(self._pg_home, binaries, pg_certificate)
             broker = kafka.KafkaBroker(
                 self._kafka_home, kafka.resolve_jars(self._jar_cache, release), release
             )
@@ -302,11 +304,14 @@ class Stack:
         answers (Kafka through the protocol, PostgreSQL a query)."""
         state = self._read_state()
         found = [
-            _component(
-                "PostgreSQL",
-                postgres.pidfile(self._pg_home),
-                state.get("pg_port"),
-                self._pg_home / "postgres.log",
+            dataclasses.replace(
+                _component(
+                    "PostgreSQL",
+                    postgres.pidfile(self._pg_home),
+                    state.get("pg_port"),
+                    self._pg_home / "postgres.log",
+                ),
+                version=str(postgres.data_major(self._pg_home) or "") or None,
             ),
             dataclasses.replace(
                 _component(

@@ -42,9 +42,9 @@ SERVER_ENV = (
     "PIPELINE_DEV_HOME",
 )
 STATUS_LINE = re.compile(
-    r"(?P<name>PostgreSQL|Kafka): (?P<state>running|stopped|dead)"
-    r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?"
-    r"(?:, version (?P<version>\d+\.\d+\.\d+))?(?P<detail>.*)"
+    r"(?P<name>PostgreSQL|Kafka)(?: (?P<version>\d+(?:\.\d+\.\d+)?))?: "
+    r"(?P<state>running|stopped|dead)"
+    r"(?: \(pid (?P<pid>\d+)\))?(?: on 127\.0\.0\.1:(?P<port>\d+))?(?P<detail>.*)"
 )
 EXPORT_LINE = re.compile(
     r"export (KAFKA_BOOTSTRAP_SERVERS|DATABASE_URL|PIPELINE_MIGRATE_DATABASE_URL"
@@ -63,7 +63,7 @@ class Component:
     pid: int | None
     port: int | None
     detail: str
-    version: str | None  # Kafka's: the release that formatted its data
+    version: str | None  # of its data: PostgreSQL's major, the Kafka release that formatted it
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ class Dev:
     def status(self, **env: str) -> Status:
         result = self.run("status", **env)
         lines = result.stdout.splitlines()
-        assert [line.split(":")[0] for line in lines] == ["PostgreSQL", "Kafka"], result.stdout
+        assert [line.split()[0].rstrip(":") for line in lines] == ["PostgreSQL", "Kafka"], (
+            result.stdout
+        )
         parsed = {}
         for line in lines:
             match = STATUS_LINE.fullmatch(line)
@@ -195,7 +197,8 @@ def assert_serving(dev: Dev) -> Status:
     assert status.code == 0, status
     assert (status.postgres.state, status.kafka.state) == ("running", "running")
     assert (status.postgres.pid, status.kafka.pid) == dev.pids()
-    assert (status.postgres.version, status.kafka.version) == (None, KAFKA)
+    assert status.kafka.version == KAFKA
+    assert status.postgres.version is not None and status.postgres.version.isdigit()
     bootstrap, url = dev.endpoints()
     assert bootstrap == f"127.0.0.1:{status.kafka.port}"
     # The agents' login, its password in a file of the stack's, readable by its owner only.
@@ -327,8 +330,9 @@ def test_down_stops_both_by_pid_and_up_starts_new_servers(started: Dev) -> None:
 
     status = started.status()
     assert status.code == 3
-    assert status.postgres == Component("stopped", None, None, "", None)
-    assert status.kafka == Component("stopped", None, None, "", KAFKA)  # its data's release
+    # Stopped, each still shows the version of the data it kept.
+    assert status.postgres == Component("stopped", None, None, "", before.postgres.version)
+    assert status.kafka == Component("stopped", None, None, "", KAFKA)
     again_down = started.ok("down")
     assert again_down.stderr == ""
 
@@ -359,7 +363,7 @@ def test_exported_endpoints_of_a_stopped_stack_are_down_and_up_starts_it(started
 
     stopped = started.status(**exported)
     assert stopped.code == 3
-    assert stopped.postgres == Component("stopped", None, None, "", None)
+    assert stopped.postgres == Component("stopped", None, None, "", before.postgres.version)
     assert stopped.kafka == Component("stopped", None, None, "", KAFKA)
 
     up = started.ok("up", **exported)
@@ -504,19 +508,32 @@ def test_only_one_endpoint_in_the_environment_is_an_error(
     assert not dev.home.exists()
 
 
-def test_data_dir_from_another_postgres_is_refused_until_purged(dev: Dev) -> None:
+def test_a_stack_keeps_its_postgres_major_until_purged(dev: Dev) -> None:
+    """A stack's data directory is of one major: asking for another is refused before
+    anything starts, whether the stack runs or not. Purged, the next `up` runs the major asked
+    for (from Maven Central: the machine has no server of it), and an `up` without the setting
+    keeps it."""
     major = postgres.find_binaries().major
+    other = 13 if major != 13 else 14
     dev.ok("up")
-    dev.ok("down")
-    (dev.pg_data / "PG_VERSION").write_text("14\n")
+    running = assert_serving(dev)
+    assert running.postgres.version == str(major)
 
-    refused = dev.run("up")
+    refused = dev.run("up", "--postgres", str(other))
     assert refused.returncode == 2
     assert refused.stdout == ""
-    assert f"created by PostgreSQL 14, but this machine's server is PostgreSQL {major}" in (
-        refused.stderr
+    assert (
+        f"created by PostgreSQL {major}, which PostgreSQL {other} "
+        f"(PIPELINE_DEV_POSTGRES={other}) cannot use" in refused.stderr
     )
     assert "`pipeline dev down --purge`" in refused.stderr
+    assert "PIPELINE_DEV_HOME" in refused.stderr
+    assert assert_serving(dev) == running  # the same servers, untouched
+
+    dev.ok("down")
+    refused = dev.run("up", PIPELINE_DEV_POSTGRES=str(other))
+    assert refused.returncode == 2
+    assert f"(PIPELINE_DEV_POSTGRES={other}) cannot use" in refused.stderr
     # It fails before starting anything, so nothing is left half up.
     assert not dev.postgres_pidfile.exists()
     assert not dev.broker_pidfile.exists()
@@ -526,10 +543,21 @@ def test_data_dir_from_another_postgres_is_refused_until_purged(dev: Dev) -> Non
     assert f"removed {dev.home}" in purged.stderr
     assert not dev.home.exists()
     assert not dev.pg_data.exists()
-    # ...and the next `up` creates a cluster of this machine's version.
+    # ...and the next `up` creates a cluster of the major asked for.
+    started = dev.ok("up", "--postgres", str(other))
+    assert f"PostgreSQL {other} starting" in started.stderr
+    assert (dev.pg_data / "PG_VERSION").read_text().strip() == str(other)
+    status = assert_serving(dev)
+    assert status.postgres.version == str(other)
+    # Unset, the stack keeps its major; the machine's own server is refused.
     dev.ok("up")
-    assert (dev.pg_data / "PG_VERSION").read_text().strip() == str(major)
-    assert_serving(dev)
+    assert assert_serving(dev) == status
+    refused = dev.run("up", PIPELINE_DEV_POSTGRES="system")
+    assert refused.returncode == 2
+    assert (
+        f"created by PostgreSQL {other}, which PostgreSQL {major} "
+        "(PIPELINE_DEV_POSTGRES=system, " in refused.stderr
+    )
 
 
 def test_data_of_another_kafka_release_is_refused_until_purged(dev: Dev) -> None:

@@ -6,13 +6,13 @@ rows they cover."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from pipeline.devstack.postgres import find_binaries
 from pipeline.records import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
@@ -44,6 +44,18 @@ def _with_poison(good: list[Outgoing], every: int) -> list[Outgoing]:
     return out
 
 
+def _client(name: str) -> str:
+    """The machine's ``pg_dump`` or ``pg_restore``, of the server's major or newer (the local
+    stack's builds from Maven Central have none)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"{name} is not on PATH: install PostgreSQL's client tools (Debian: apt-get "
+            "install postgresql-client)"
+        )
+    return path
+
+
 async def _tool(*command: str) -> None:
     result = await asyncio.to_thread(
         subprocess.run, command, capture_output=True, text=True, timeout=120, check=False
@@ -65,7 +77,6 @@ async def test_a_database_restored_from_a_dump_resumes_from_its_offsets_and_rein
 ) -> None:
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
-    bindir = find_binaries().bindir
     dump = tmp_path / "backup.dump"
     await create_topics(bootstrap, prefix, partitions=3)
     await migrated(database_url)
@@ -88,7 +99,7 @@ async def test_a_database_restored_from_a_dump_resumes_from_its_offsets_and_rein
 
         await until(ingesting_the_second_part, within=120, what="the second part being ingested")
         await _tool(
-            str(bindir / "pg_dump"), "--format=custom", f"--file={dump}", f"--dbname={database_url}"
+            _client("pg_dump"), "--format=custom", f"--file={dump}", f"--dbname={database_url}"
         )
         assert not producing.done(), "the dump was meant to be taken mid-run"
         sent += await producing
@@ -107,9 +118,7 @@ async def test_a_database_restored_from_a_dump_resumes_from_its_offsets_and_rein
         await server.execute(f'CREATE DATABASE "{unique}"')
     finally:
         await server.close()
-    await _tool(
-        str(bindir / "pg_restore"), "--exit-on-error", f"--dbname={database_url}", str(dump)
-    )
+    await _tool(_client("pg_restore"), "--exit-on-error", f"--dbname={database_url}", str(dump))
     restored = await stored_offsets(database_url, prefix, prefix)
     assert set(restored) == set(ends)
     # The dump holds part of the data, and offsets that say exactly which part.

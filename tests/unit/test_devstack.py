@@ -85,11 +85,11 @@ def test_the_stacks_key_pair_is_exported_quoted_for_a_shell() -> None:
         (ComponentStatus("PostgreSQL", "stopped", None, 5432, ""), "PostgreSQL: stopped"),
         (
             ComponentStatus("Kafka", "running", 41, 9092, "", version="3.9.1"),
-            "Kafka: running (pid 41) on 127.0.0.1:9092, version 3.9.1",
+            "Kafka 3.9.1: running (pid 41) on 127.0.0.1:9092",
         ),
         (
             ComponentStatus("Kafka", "stopped", None, 9092, "", version="3.9.1"),
-            "Kafka: stopped, version 3.9.1",
+            "Kafka 3.9.1: stopped",
         ),
         (
             ComponentStatus(
