@@ -5,6 +5,7 @@ passed and how long it took. docs/compatibility.md states the matrix.
     python -m tests.compat                      # every cell
     python -m tests.compat pgbouncer-transaction postgres-13
     python -m tests.compat --list
+    python -m tests.compat postgres-13 -- -x    # after --: pytest's own arguments
 
 A cell is a set of environment variables that tests/conftest.py's local stack reads:
 ``PIPELINE_DEV_POSTGRES`` (a PostgreSQL major, from Maven Central's binaries when the
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.compat", description=__doc__)
     parser.add_argument("cells", nargs="*", help=f"cells to run (default: all): {list(CELLS)}")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.list:
         for name, env in CELLS.items():
             print(name, " ".join(f"{k}={v}" for k, v in env.items()))

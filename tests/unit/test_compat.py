@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests import compat
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
@@ -50,3 +52,21 @@ def test_each_cell_sets_one_dimension_and_the_matrix_has_oldest_and_newest() -> 
     assert compat.CELLS["postgres-13"] == {"PIPELINE_DEV_POSTGRES": "13"}
     assert compat.CELLS["postgres-17"] == {"PIPELINE_DEV_POSTGRES": "17"}
     assert compat.CELLS["pgbouncer-transaction"] == {"PIPELINE_TEST_POOLER": "transaction"}
+
+
+def test_unknown_cells_are_refused_and_pytest_arguments_follow_a_double_dash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        compat.main(["postgres-13", "-p", "no:cacheprovider"])  # pytest's, without --
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: -p" in capsys.readouterr().err
+    ran: list[tuple[str, list[str]]] = []
+
+    def run_cell(cell: str, workdir: Path, extra: list[str]) -> compat.Result:
+        ran.append((cell, extra))
+        return compat.Result(cell, 14, 0, 0, 1.0)
+
+    monkeypatch.setattr(compat, "run_cell", run_cell)
+    assert compat.main(["postgres-13", "--", "-p", "no:cacheprovider"]) == 0
+    assert ran == [("postgres-13", ["-p", "no:cacheprovider"])]
