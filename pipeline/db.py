@@ -431,7 +431,8 @@ class TableWriter:
     The staging table is created, when missing, in the transaction that writes: a pooler in
     transaction mode may run the next transaction on a server session that has none, and a
     rolled-back transaction drops the table it created. ``ON COMMIT DELETE ROWS`` leaves it
-    empty for whoever comes next.
+    empty for whoever comes next; its name carries a hash of the columns written, so a
+    session the pooler kept across a migration never hands this writer one of another shape.
     """
 
     def __init__(self, tables: StreamTables) -> None:
@@ -439,7 +440,10 @@ class TableWriter:
         table = tables.table
         self.columns = list(table.columns)
         self._staged = bool(tables.key)
-        self.stage = f"stage_{table.name}"
+        # Named for the columns written: through a transaction pooler, a server session may
+        # keep another release's staging table (of other columns) past a migration.
+        shape = hashlib.sha256(",".join(self.columns).encode()).hexdigest()[:8]
+        self.stage = f"stage_{table.name}_{shape}"
         self._create_stage = (
             f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} "
             f"(LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -425,3 +427,21 @@ def test_every_transaction_begins_with_the_session_settings_and_nothing_outlives
         "SET LOCAL idle_in_transaction_session_timeout = 1"
         in db.Session(command_timeout=5, idle_in_transaction_timeout=0.0001).prelude()
     )
+
+
+def test_a_staging_table_is_named_for_the_columns_it_stages() -> None:
+    """Through a transaction pooler, a server session may keep a staging table made by a
+    release that wrote other columns: another shape gets another name."""
+    writer = db.TableWriter(TABLES["states"])
+    shape = hashlib.sha256(",".join(TABLES["states"].table.columns).encode()).hexdigest()[:8]
+    assert writer.stage == f"stage_agent_states_{shape}"
+    narrower = db.TableWriter(
+        dataclasses.replace(
+            TABLES["states"],
+            table=dataclasses.replace(
+                TABLES["states"].table, fields=TABLES["states"].table.fields[:-1]
+            ),
+        )
+    )
+    assert narrower.stage.startswith("stage_agent_states_")
+    assert narrower.stage != writer.stage
