@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -653,7 +655,6 @@ def _control_send(args: argparse.Namespace) -> int:
 
 
 def _control_status(args: argparse.Namespace) -> int:
-    import json
 
     config = _load_kafka_config(args, group_id=args.group)
     antigravity = _antigravity(config, signing=False)
@@ -1177,7 +1178,6 @@ async def _row_counts(conn: Any) -> dict[str, int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
     from datetime import UTC, datetime
 
     from consumers.bench import BenchPlan, as_json, missing_extras, plot, run_bench, table
@@ -1244,17 +1244,10 @@ def _bench_encryption(
     stack: Stack | None, config: Config, source: Any, plan: Any, json_path: Path | None
 ) -> int:
     """`pipeline bench --secure`: plaintext against the stack's SASL_SSL listener."""
-    import json
-    from dataclasses import asdict
-
     from consumers.bench import Listener, encryption_table, run_encryption_bench
     from pipeline.devstack import kafka_auth
 
-    if stack is None:
-        raise ConfigError(
-            f"--secure measures the local stack's SASL_SSL listener: unset {KAFKA_ENV} and "
-            f"{DATABASE_ENV} to use the local stack"
-        )
+    stack = _local_stack_for(stack, "--secure measures the local stack's SASL_SSL listener")
     endpoints = stack.endpoints()
     secure = endpoints.kafka_secure
     if secure is None:
@@ -1278,9 +1271,7 @@ def _bench_encryption(
         )
     )
     print(encryption_table(results))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    _write_results(json_path, results)
     return 0
 
 
@@ -1294,18 +1285,13 @@ def _bench_pooler(
     json_path: Path | None,
 ) -> int:
     """`pipeline bench --pooler MODE`: directly against through a PgBouncer it starts."""
-    import json
-    from dataclasses import asdict
-
     from consumers.bench import Route, pooler_table, run_pooler_bench
     from pipeline import testbed
     from pipeline.devstack import pgbouncer
 
-    if stack is None:
-        raise ConfigError(
-            f"--pooler starts PgBouncer in front of the local stack's PostgreSQL: unset "
-            f"{KAFKA_ENV} and {DATABASE_ENV} to use the local stack"
-        )
+    stack = _local_stack_for(
+        stack, "--pooler starts PgBouncer in front of the local stack's PostgreSQL"
+    )
     logins = stack.logins()
     with pgbouncer.running(
         stack.home / f"pgbouncer-bench-{mode}",
@@ -1320,16 +1306,28 @@ def _bench_pooler(
         route = Route(
             f"PgBouncer ({mode})",
             lambda url: pgbouncer.through(testbed.as_agent(url), port),
-            {"db_pooler": "transaction"} if mode == "transaction" else {},
+            pgbouncer.agent_settings(mode),
         )
         results = asyncio.run(
             run_pooler_bench(config, source=source, pooler=route, plan=plan, report=_progress)
         )
     print(pooler_table(results))
+    _write_results(json_path, results)
+    return 0
+
+
+def _local_stack_for(stack: Stack | None, why: str) -> Stack:
+    """The local stack a bench mode needs (``why`` says which and for what), or the error."""
+    if stack is None:
+        raise ConfigError(f"{why}: unset {KAFKA_ENV} and {DATABASE_ENV} to use the local stack")
+    return stack
+
+
+def _write_results(json_path: Path | None, results: Sequence[Any]) -> None:
+    """A bench mode's results (dataclasses) as JSON at ``json_path``, when given."""
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    return 0
 
 
 def _with_kafka(config: Config, kafka: KafkaSettings) -> Config:

@@ -129,9 +129,8 @@ def pooler_mode() -> str | None:
 def pooler_settings() -> dict[str, str]:
     """The agents' settings for the pooler in use: behind a transaction pooler, no prepared
     statement cache (PIPELINE_DB_POOLER)."""
-    if pooler_mode() == "transaction":
-        return {"db_pooler": "transaction"}
-    return {}
+    mode = pooler_mode()
+    return {} if mode is None else pgbouncer.agent_settings(mode)
 
 
 def as_agent(database_url: str) -> str:

@@ -57,6 +57,12 @@ def check_mode(mode: str) -> None:
         raise DevStackError(f"PgBouncer's pool mode must be one of {', '.join(MODES)}: {mode!r}")
 
 
+def agent_settings(mode: str) -> dict[str, str]:
+    """What a DatabaseAgent behind a PgBouncer in ``mode`` is told (as ``PIPELINE_<NAME>``
+    settings): behind a transaction pooler, no prepared statement cache."""
+    return {"db_pooler": "transaction"} if mode == "transaction" else {}
+
+
 def config_text(
     *, mode: str, port: int, server_host: str, server_port: int, auth_file: Path
 ) -> str:

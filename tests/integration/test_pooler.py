@@ -109,7 +109,7 @@ def pooled_env(
     """A ``pipeline run``'s environment (group ``prefix``) through ``bouncer``; behind a
     transaction pooler with PIPELINE_DB_POOLER=transaction unless ``settings`` say."""
     url = pooled(bouncer, _login(servers, "agent"), database_url)
-    told = {"db_pooler": "transaction"} if bouncer.mode == "transaction" else {}
+    told = pgbouncer.agent_settings(bouncer.mode)
     return agent_env(servers.endpoints.kafka_bootstrap, url, prefix, prefix, **{**told, **settings})
 
 
