@@ -10,6 +10,7 @@ alone), so an `up` costs seconds, not a Maven download.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -263,6 +264,68 @@ def test_the_stack_has_a_control_key_pair_that_env_exports(started: Dev) -> None
     before = private.read_bytes()
     started.ok("up")
     assert private.read_bytes() == before  # made once, on the first `up`
+
+
+async def _stored_verifier(admin_url: str, password: str) -> str:
+    """What the server itself stores for ``password`` (password_encryption=scram-sha-256)."""
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(f"CREATE ROLE scram_probe LOGIN PASSWORD '{password}'")
+        try:
+            stored: str = await conn.fetchval(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_probe'"
+            )
+        finally:
+            await conn.execute("DROP ROLE scram_probe")
+    finally:
+        await conn.close()
+    return stored
+
+
+def test_the_logins_verifier_is_the_one_postgresql_makes(started: Dev) -> None:
+    """The verifier `up` sends instead of the password is PostgreSQL's own for it (the same
+    salt and iterations give the same keys), and the logins log in with their passwords."""
+    port = started.status().postgres.port
+    assert port is not None
+    password = "probe-" + "x" * 32
+    stored = asyncio.run(_stored_verifier(postgres.dsn(port), password))
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$.*", stored)
+    assert match is not None, stored
+    iterations, salt = match.groups()
+    assert postgres.scram_verifier(password, base64.b64decode(salt), int(iterations)) == stored
+    assert_serving(started)  # the agent's login, with the password of its file
+
+
+def test_a_failed_role_statement_leaves_no_password_in_the_servers_log(started: Dev) -> None:
+    """A statement that fails is logged whole: the logins' statements carry verifiers, never
+    the passwords, and the log is not for other users to read."""
+    started.ok("up")
+    port = started.status().postgres.port
+    assert port is not None
+    secrets_dir = started.home / "secrets"
+    logins = postgres.logins(secrets_dir)
+    passwords = [login.password() for login in (logins.migrator, logins.agent, logins.analyst)]
+    log = started.home / "postgres" / "postgres.log"
+    logged_before = log.read_text()
+
+    async def as_the_analyst() -> None:  # who may not alter roles: the statement fails
+        conn = await asyncpg.connect(logins.analyst.url(postgres.dsn(port)), timeout=10)
+        try:
+            await postgres.ensure_logins(conn, secrets_dir)
+        finally:
+            await conn.close()
+
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        asyncio.run(as_the_analyst())
+    deadline = time.monotonic() + 10
+    while "ALTER ROLE pipeline_migrator" not in log.read_text()[len(logged_before) :]:
+        assert time.monotonic() < deadline, log.read_text()[len(logged_before) :]
+        time.sleep(0.05)
+    logged = log.read_text()[len(logged_before) :]
+    (statement,) = [line for line in logged.splitlines() if "ALTER ROLE" in line]
+    assert "PASSWORD 'SCRAM-SHA-256$4096:" in statement
+    assert [p for p in passwords if p in log.read_text()] == []
+    assert log.stat().st_mode & 0o777 == 0o600
 
 
 def test_killed_broker_is_reported_dead_and_up_restarts_only_it(started: Dev) -> None:
