@@ -402,11 +402,16 @@ class Logins:
     analyst: Login
 
 
+def passfile_name(user: str) -> str:
+    """The name of the password file of the login ``user``, in a secrets directory."""
+    return f"pg-{user}.pgpass"
+
+
 def logins(secrets_dir: Path) -> Logins:
     """Where the logins' password files are (written by :func:`ensure_logins`)."""
 
     def login(user: str) -> Login:
-        return Login(user, secrets_dir / f"pg-{user}.pgpass")
+        return Login(user, secrets_dir / passfile_name(user))
 
     return Logins(login(MIGRATOR), login(AGENT), login(ANALYST))
 
@@ -530,13 +535,31 @@ async def _ensure_logins_and_database(port: int, secrets_dir: Path) -> bool:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
         return False  # not listening yet, or still starting up or recovering
     try:
-        await ensure_logins(conn, secrets_dir)
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
-        if not exists:
-            await create_database(conn, dsn(port, DATABASE), DATABASE, MIGRATOR)
+        await _logins_and_database(conn, dsn(port, DATABASE), secrets_dir)
         return True
     finally:
         await conn.close()
+
+
+async def ensure_logins_and_database(
+    admin_url: str, secrets_dir: Path, connect_timeout: float
+) -> None:
+    """The logins (:func:`ensure_logins`) and the pipeline database, owned by the migrator,
+    on the server of ``admin_url`` (a superuser's, to a database other than the pipeline's):
+    what `pipeline dev up` does on its own server, for one it did not start."""
+    conn = await asyncpg.connect(admin_url, timeout=connect_timeout)
+    try:
+        url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{DATABASE}"))
+        await _logins_and_database(conn, url, secrets_dir)
+    finally:
+        await conn.close()
+
+
+async def _logins_and_database(conn: asyncpg.Connection, url: str, secrets_dir: Path) -> None:
+    await ensure_logins(conn, secrets_dir)
+    exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+    if not exists:
+        await create_database(conn, url, DATABASE, MIGRATOR)
 
 
 def _unprivileged_user() -> pwd.struct_passwd:

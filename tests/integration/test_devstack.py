@@ -29,10 +29,11 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+from pipeline import kafka_clients
 from pipeline.config import redact_url
-from pipeline.devstack import Endpoints, kafka, kafka_versions, postgres
+from pipeline.devstack import Endpoints, kafka, kafka_auth, kafka_versions, postgres
 from pipeline.devstack.processes import port_is_free
-from pipeline.devstack.stack import PROBE_TIMEOUT
+from pipeline.devstack.stack import PROBE_TIMEOUT, Stack
 
 # The console script next to this interpreter: the entry point users run, not just main().
 PIPELINE = Path(sys.executable).with_name("pipeline")
@@ -326,6 +327,31 @@ def test_a_failed_role_statement_leaves_no_password_in_the_servers_log(started: 
     assert "PASSWORD 'SCRAM-SHA-256$4096:" in statement
     assert [p for p in passwords if p in log.read_text()] == []
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_composes_provisioning_jobs_give_the_stacks_logins_and_users(started: Dev) -> None:
+    """What compose.yaml's logins and kafka-users jobs run, on this stack's servers (with
+    its secrets): idempotent, and the logins and users still log in afterwards."""
+    started.ok("up")
+    status = started.status()
+    secrets_dir = str(started.home / "secrets")
+    for args in (
+        ["postgres", "--admin-url", postgres.dsn(status.postgres.port or 0, "postgres")],
+        ["kafka", "--bootstrap", f"127.0.0.1:{status.kafka.port}"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.devstack.provision", *args, "--secrets", secrets_dir],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert (done.returncode, done.stdout) == (0, f"provision {args[0]}: done\n"), done.stderr
+    assert_serving(started)
+    secure = Stack(started.home).endpoints().kafka_secure
+    assert secure is not None
+    for user in kafka_auth.USERS:  # each logs in on the SASL_SSL listener, with its file's
+        asyncio.run(kafka_clients.check_connection(secure.settings(user), PROBE_TIMEOUT))
 
 
 def test_killed_broker_is_reported_dead_and_up_restarts_only_it(started: Dev) -> None:
