@@ -45,7 +45,7 @@ def snapshot(path: Path) -> list[tuple[str, int, int, int]]:
 def test_this_is_root() -> None:
     # The paths and owners below are root's case (the stack as root hands directories to
     # postgres): run the unit tests as root, as `make test` in this project's container does.
-    assert os.geteuid() == 0
+    assert os.geteuid() == 0, "these tests hand directories to other users: run them as root"
 
 
 def test_a_new_directory_is_made_with_its_owner_and_mode(tmp_path: Path) -> None:
