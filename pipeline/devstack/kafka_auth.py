@@ -50,6 +50,7 @@ from aiokafka.protocol.types import (
 
 from pipeline import kafka_clients
 from pipeline.control import control_topics
+from pipeline.devstack import safe_dirs
 from pipeline.errors import DevStackError
 from pipeline.kafka_clients import KafkaSettings, SaslMechanism
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
@@ -132,7 +133,7 @@ def ensure_password_file(directory: Path, user: str) -> Path:
     path = password_file(directory, user)
     if path.exists():
         return path
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    safe_dirs.ensure_dir(directory, 0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")

@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pipeline.devstack import safe_dirs
 from pipeline.errors import DevStackError
 
 ENV = "PIPELINE_DEV_POSTGRES"
@@ -209,18 +209,15 @@ def usable(target: Path) -> bool:
     """Whether ``target`` is an unpacked install to run: a directory of this user's that no
     one else may write to (under the system temp dir, another user could have made it)."""
     try:
-        info = target.lstat()
-    except FileNotFoundError:
-        return False
-    if (
-        not stat.S_ISDIR(info.st_mode)
-        or info.st_uid != os.geteuid()
-        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    ):
+        found = safe_dirs.check_dir(target)
+    except DevStackError as exc:
         raise DevStackError(
             f"{target} is not a directory of this user's that only it may write to, so its "
-            "binaries are not run: delete it, and the next `pipeline dev up` unpacks them again"
-        )
+            f"binaries are not run ({exc}): delete it, and the next `pipeline dev up` unpacks "
+            "them again"
+        ) from None
+    if not found:
+        return False
     return (target / "bin" / "postgres").is_file()
 
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from pipeline.devstack import safe_dirs
 from pipeline.devstack.postgres import UNPRIVILEGED_USER, Login
 from pipeline.devstack.processes import PidFile, choose_port, log_tail, spawn, stop_pid
 from pipeline.errors import DevStackError
@@ -107,8 +108,9 @@ class PgBouncer:
     by its pid.
 
     PgBouncer refuses to run as root. When this process is root, it runs as the unprivileged
-    ``postgres`` user, and its files live where that user can read them (under the system
-    temp dir, named after ``home``), owned by it, as :class:`PostgresServer` does.
+    ``postgres`` user, and its files live where that user can read them: under the system
+    temp dir, named after ``home``, in a directory of root's (made and checked as
+    :mod:`pipeline.devstack.safe_dirs` says), each file 0600 and that user's.
     """
 
     def __init__(self, home: Path, mode: str) -> None:
@@ -129,24 +131,24 @@ class PgBouncer:
         binary = find_binary()
         if self.pidfile.live_pid() is not None:
             raise DevStackError(f"a PgBouncer of {self.home} is running already")
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.run_as is not None:
-            shutil.chown(self.config_dir, self.run_as.pw_uid, self.run_as.pw_gid)
+        safe_dirs.ensure_dir(self.home, 0o700)
         self.port = choose_port(port, {server_port})
         auth_file = self.config_dir / "userlist.txt"
-        self._write(auth_file, userlist_text(logins))
         ini = self.config_dir / "pgbouncer.ini"
-        self._write(
-            ini,
-            config_text(
-                mode=self.mode,
-                port=self.port,
-                server_host=server_host,
-                server_port=server_port,
-                auth_file=auth_file,
-            ),
+        config = config_text(
+            mode=self.mode,
+            port=self.port,
+            server_host=server_host,
+            server_port=server_port,
+            auth_file=auth_file,
         )
+        # Root's directory (the server's user cannot swap it for a link), its files the
+        # server's user's, to read; see safe_dirs.
+        owner = None if self.run_as is None else safe_dirs.Owner.of(self.run_as)
+        earlier = set() if owner is None else {owner.uid}  # its owner before this layout
+        with safe_dirs.opened_dir(self.config_dir, 0o755, previous_owners=earlier) as directory:
+            for path, text in ((auth_file, userlist_text(logins)), (ini, config)):
+                safe_dirs.write_file(directory, path.name, text.encode(), 0o600, owner)
         pid = spawn([binary, str(ini)], self.log_path, cwd=self.config_dir, **self._user_kwargs())
         self.pidfile.write(pid)
         return pid
@@ -185,14 +187,6 @@ class PgBouncer:
         """``server_url`` through this PgBouncer."""
         assert self.port is not None, "start() first"
         return through(server_url, self.port)
-
-    def _write(self, path: Path, text: str) -> None:
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if self.run_as is not None:
-            os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
 
     def _user_kwargs(self) -> dict[str, Any]:
         if self.run_as is None:

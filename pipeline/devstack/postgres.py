@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import glob
 import hashlib
+import hmac
 import os
 import pwd
 import re
@@ -22,7 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
-from pipeline.devstack import pg_binaries
+from pipeline.devstack import pg_binaries, safe_dirs
 from pipeline.devstack.pg_binaries import Report
 from pipeline.devstack.processes import PidFile, is_alive, log_tail, spawn
 from pipeline.devstack.tls import KeyPair
@@ -37,6 +39,7 @@ MIGRATOR = "pipeline_migrator"
 AGENT = "pipeline_agent"
 ANALYST = "pipeline_analyst"
 GROUP_OF = {AGENT: "pipeline_writer", ANALYST: "pipeline_reader"}
+SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)
 
 # Who may connect how (no unix socket: loopback TCP only). The superuser without a password,
 # for the stack's own administration and the tests' (a development server, reachable from
@@ -241,7 +244,7 @@ class PostgresServer:
         self.pidfile = pidfile(home)
 
     def start(self, port: int) -> int:
-        self.home.mkdir(parents=True, exist_ok=True)
+        safe_dirs.ensure_dir(self.home, 0o700)
         self._initdb_once()
         self._remove_stale_lock()
         self._write_access_files()
@@ -253,13 +256,9 @@ class PostgresServer:
         return pid
 
     def _initdb_once(self) -> None:
+        self._prepare_data_dir()
         if (self.data_dir / "PG_VERSION").exists():  # resolve_binaries checked its major
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.run_as is not None:
-            shutil.chown(self.data_dir.parent, self.run_as.pw_uid, self.run_as.pw_gid)
-            shutil.chown(self.data_dir, self.run_as.pw_uid, self.run_as.pw_gid)
-        self.data_dir.chmod(0o700)
         result = subprocess.run(
             [
                 self.binaries.initdb,
@@ -282,21 +281,29 @@ class PostgresServer:
                 f"initdb failed for {self.data_dir}:\n{result.stdout}{result.stderr}"
             )
 
+    def _prepare_data_dir(self) -> None:
+        """The data directory, 0700 and the server's user's; as root, in a directory of
+        root's under the system temp dir (which an older layout gave to the server's user:
+        taken back, so that it cannot swap the data directory for a link)."""
+        if self.run_as is None:
+            safe_dirs.ensure_dir(self.data_dir, 0o700)
+            return
+        server = safe_dirs.Owner.of(self.run_as)
+        safe_dirs.ensure_dir(self.data_dir.parent, 0o755, previous_owners={server.uid})
+        safe_dirs.ensure_dir(self.data_dir, 0o700, server)
+
     def _write_access_files(self) -> None:
         """pg_hba.conf, and the server's certificate and key (0600, owned by the server's
-        user, as PostgreSQL demands of a key) in the data directory, on every start."""
-        for name, content, mode in (
-            ("pg_hba.conf", PG_HBA.encode(), 0o600),
-            ("server.crt", self.certificate.cert.read_bytes(), 0o644),
-            ("server.key", self.certificate.key.read_bytes(), 0o600),
-        ):
-            path = self.data_dir / name
-            path.unlink(missing_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-            if self.run_as is not None:
-                os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+        user, as PostgreSQL demands of a key) in the data directory, on every start; written
+        through the directory's descriptor, as :mod:`safe_dirs` says."""
+        owner = None if self.run_as is None else safe_dirs.Owner.of(self.run_as)
+        with safe_dirs.opened_dir(self.data_dir, 0o700, owner) as directory:
+            for name, content, mode in (
+                ("pg_hba.conf", PG_HBA.encode(), 0o600),
+                ("server.crt", self.certificate.cert.read_bytes(), 0o644),
+                ("server.key", self.certificate.key.read_bytes(), 0o600),
+            ):
+                safe_dirs.write_file(directory, name, content, mode, owner)
 
     def _remove_stale_lock(self) -> None:
         # A killed postmaster leaves postmaster.pid behind. PostgreSQL ignores it when that
@@ -395,11 +402,16 @@ class Logins:
     analyst: Login
 
 
+def passfile_name(user: str) -> str:
+    """The name of the password file of the login ``user``, in a secrets directory."""
+    return f"pg-{user}.pgpass"
+
+
 def logins(secrets_dir: Path) -> Logins:
     """Where the logins' password files are (written by :func:`ensure_logins`)."""
 
     def login(user: str) -> Login:
-        return Login(user, secrets_dir / f"pg-{user}.pgpass")
+        return Login(user, secrets_dir / passfile_name(user))
 
     return Logins(login(MIGRATOR), login(AGENT), login(ANALYST))
 
@@ -431,8 +443,9 @@ async def ensure_logins(conn: asyncpg.Connection, secrets_dir: Path) -> Logins:
                 END $$"""
         )
     for login in (found.migrator, found.agent, found.analyst):
-        password = _password(login.passfile)
-        attributes = f"LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{password}'"
+        # The SCRAM verifier, not the password: a statement that fails is logged whole.
+        verifier = scram_verifier(_password(login.passfile))
+        attributes = f"LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{verifier}'"
         if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", login.user):
             await conn.execute(f"ALTER ROLE {login.user} {attributes}")
         else:
@@ -440,6 +453,28 @@ async def ensure_logins(conn: asyncpg.Connection, secrets_dir: Path) -> Logins:
         if login.user in GROUP_OF:
             await conn.execute(f"GRANT {GROUP_OF[login.user]} TO {login.user}")
     return found
+
+
+def scram_verifier(
+    password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+) -> str:
+    """What PostgreSQL stores for ``password`` with scram-sha-256 (RFC 5802, RFC 7677):
+    ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>``, base64. PostgreSQL takes
+    it as it is in ``PASSWORD '...'`` (docs: CREATE ROLE), so the password itself never
+    reaches the server, and no statement or server log holds it. The stack's passwords are
+    ASCII letters, digits, ``-`` and ``_``, which SASLprep leaves as they are."""
+    if not password.isascii() or not password.isprintable():
+        raise ValueError("a SCRAM verifier is made here of printable ASCII passwords only")
+    salt = secrets.token_bytes(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    b64 = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
+        f"${b64(stored_key).decode()}:{b64(server_key).decode()}"
+    )
 
 
 def _password(passfile: Path) -> str:
@@ -450,7 +485,7 @@ def _password(passfile: Path) -> str:
         password = ""
     if not re.fullmatch(r"[A-Za-z0-9_-]{32,}", password):  # also keeps it a safe SQL literal
         password = secrets.token_urlsafe(32)
-        passfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        safe_dirs.ensure_dir(passfile.parent, 0o700)
         passfile.unlink(missing_ok=True)
         user = passfile.name.removeprefix("pg-").removesuffix(".pgpass")
         fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -500,13 +535,31 @@ async def _ensure_logins_and_database(port: int, secrets_dir: Path) -> bool:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
         return False  # not listening yet, or still starting up or recovering
     try:
-        await ensure_logins(conn, secrets_dir)
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
-        if not exists:
-            await create_database(conn, dsn(port, DATABASE), DATABASE, MIGRATOR)
+        await _logins_and_database(conn, dsn(port, DATABASE), secrets_dir)
         return True
     finally:
         await conn.close()
+
+
+async def ensure_logins_and_database(
+    admin_url: str, secrets_dir: Path, connect_timeout: float
+) -> None:
+    """The logins (:func:`ensure_logins`) and the pipeline database, owned by the migrator,
+    on the server of ``admin_url`` (a superuser's, to a database other than the pipeline's):
+    what `pipeline dev up` does on its own server, for one it did not start."""
+    conn = await asyncpg.connect(admin_url, timeout=connect_timeout)
+    try:
+        url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{DATABASE}"))
+        await _logins_and_database(conn, url, secrets_dir)
+    finally:
+        await conn.close()
+
+
+async def _logins_and_database(conn: asyncpg.Connection, url: str, secrets_dir: Path) -> None:
+    await ensure_logins(conn, secrets_dir)
+    exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+    if not exists:
+        await create_database(conn, url, DATABASE, MIGRATOR)
 
 
 def _unprivileged_user() -> pwd.struct_passwd:

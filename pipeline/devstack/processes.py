@@ -65,8 +65,11 @@ _spawned: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def spawn(args: Sequence[str], log_path: Path, **popen_kwargs: Any) -> int:
-    """Start a server in its own session with its output appended to ``log_path``."""
-    with log_path.open("ab") as log:
+    """Start a server in its own session with its output appended to ``log_path``, which
+    only this user may read: a server logs a failed statement with its text."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # one made before the stack said so
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from pipeline import control, kafka_clients
 from pipeline.config import redact_url
-from pipeline.devstack import kafka, kafka_auth, kafka_versions, postgres, tls
+from pipeline.devstack import kafka, kafka_auth, kafka_versions, postgres, safe_dirs, tls
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, stop_pid
 from pipeline.errors import ConfigError, DevStackError
 from pipeline.kafka_clients import KafkaSettings, settings_from_env
@@ -489,8 +489,10 @@ class Stack:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """One `up`/`down` at a time per stack home (parallel test workers, two shells)."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        """One `up`/`down` at a time per stack home (parallel test workers, two shells). The
+        home is made, or checked, as :mod:`pipeline.devstack.safe_dirs` says: it may be under
+        the system temp dir (PIPELINE_DEV_HOME), and root hands some of it to ``postgres``."""
+        safe_dirs.ensure_dir(self.home, 0o700)
         with (self.home / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield

@@ -10,6 +10,7 @@ alone), so an `up` costs seconds, not a Maven download.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -28,10 +29,11 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+from pipeline import kafka_clients
 from pipeline.config import redact_url
-from pipeline.devstack import Endpoints, kafka, kafka_versions, postgres
+from pipeline.devstack import Endpoints, kafka, kafka_auth, kafka_versions, postgres
 from pipeline.devstack.processes import port_is_free
-from pipeline.devstack.stack import PROBE_TIMEOUT
+from pipeline.devstack.stack import PROBE_TIMEOUT, Stack
 
 # The console script next to this interpreter: the entry point users run, not just main().
 PIPELINE = Path(sys.executable).with_name("pipeline")
@@ -263,6 +265,93 @@ def test_the_stack_has_a_control_key_pair_that_env_exports(started: Dev) -> None
     before = private.read_bytes()
     started.ok("up")
     assert private.read_bytes() == before  # made once, on the first `up`
+
+
+async def _stored_verifier(admin_url: str, password: str) -> str:
+    """What the server itself stores for ``password`` (password_encryption=scram-sha-256)."""
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await conn.execute(f"CREATE ROLE scram_probe LOGIN PASSWORD '{password}'")
+        try:
+            stored: str = await conn.fetchval(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = 'scram_probe'"
+            )
+        finally:
+            await conn.execute("DROP ROLE scram_probe")
+    finally:
+        await conn.close()
+    return stored
+
+
+def test_the_logins_verifier_is_the_one_postgresql_makes(started: Dev) -> None:
+    """The verifier `up` sends instead of the password is PostgreSQL's own for it (the same
+    salt and iterations give the same keys), and the logins log in with their passwords."""
+    port = started.status().postgres.port
+    assert port is not None
+    password = "probe-" + "x" * 32
+    stored = asyncio.run(_stored_verifier(postgres.dsn(port), password))
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$.*", stored)
+    assert match is not None, stored
+    iterations, salt = match.groups()
+    assert postgres.scram_verifier(password, base64.b64decode(salt), int(iterations)) == stored
+    assert_serving(started)  # the agent's login, with the password of its file
+
+
+def test_a_failed_role_statement_leaves_no_password_in_the_servers_log(started: Dev) -> None:
+    """A statement that fails is logged whole: the logins' statements carry verifiers, never
+    the passwords, and the log is not for other users to read."""
+    started.ok("up")
+    port = started.status().postgres.port
+    assert port is not None
+    secrets_dir = started.home / "secrets"
+    logins = postgres.logins(secrets_dir)
+    passwords = [login.password() for login in (logins.migrator, logins.agent, logins.analyst)]
+    log = started.home / "postgres" / "postgres.log"
+    logged_before = log.read_text()
+
+    async def as_the_analyst() -> None:  # who may not alter roles: the statement fails
+        conn = await asyncpg.connect(logins.analyst.url(postgres.dsn(port)), timeout=10)
+        try:
+            await postgres.ensure_logins(conn, secrets_dir)
+        finally:
+            await conn.close()
+
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        asyncio.run(as_the_analyst())
+    deadline = time.monotonic() + 10
+    while "ALTER ROLE pipeline_migrator" not in log.read_text()[len(logged_before) :]:
+        assert time.monotonic() < deadline, log.read_text()[len(logged_before) :]
+        time.sleep(0.05)
+    logged = log.read_text()[len(logged_before) :]
+    (statement,) = [line for line in logged.splitlines() if "ALTER ROLE" in line]
+    assert "PASSWORD 'SCRAM-SHA-256$4096:" in statement
+    assert [p for p in passwords if p in log.read_text()] == []
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_composes_provisioning_jobs_give_the_stacks_logins_and_users(started: Dev) -> None:
+    """What compose.yaml's logins and kafka-users jobs run, on this stack's servers (with
+    its secrets): idempotent, and the logins and users still log in afterwards."""
+    started.ok("up")
+    status = started.status()
+    secrets_dir = str(started.home / "secrets")
+    for args in (
+        ["postgres", "--admin-url", postgres.dsn(status.postgres.port or 0, "postgres")],
+        ["kafka", "--bootstrap", f"127.0.0.1:{status.kafka.port}"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.devstack.provision", *args, "--secrets", secrets_dir],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert (done.returncode, done.stdout) == (0, f"provision {args[0]}: done\n"), done.stderr
+    assert_serving(started)
+    secure = Stack(started.home).endpoints().kafka_secure
+    assert secure is not None
+    for user in kafka_auth.USERS:  # each logs in on the SASL_SSL listener, with its file's
+        asyncio.run(kafka_clients.check_connection(secure.settings(user), PROBE_TIMEOUT))
 
 
 def test_killed_broker_is_reported_dead_and_up_restarts_only_it(started: Dev) -> None:

@@ -22,11 +22,13 @@ import venv
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from pipeline.config import Config, env_name, load_config
-from pipeline.devstack.kafka import _server_properties
+from pipeline.devstack import kafka_auth, postgres, provision
+from pipeline.devstack.kafka import SecureListener, _secure_properties, _server_properties
 from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
 from pipeline.devstack.postgres import SERVER_SETTINGS
 
@@ -34,7 +36,18 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "agent-pipeline:local"
 AGENTS = ("agent-1", "agent-2")
 # One-shot services: each runs to its end (the simulator after SIMULATOR_DURATION_S).
-JOBS = {"keys", "migrate", "topics", "simulator", "antigravity"}
+JOBS = {"secrets", "logins", "kafka-users", "keys", "migrate", "topics", "simulator", "antigravity"}
+PROVISIONING = {"secrets", "logins", "kafka-users"}  # pipeline.devstack.provision
+# Who each pipeline service is: its PostgreSQL login (None: it never connects) and its Kafka
+# user (None: it uses no Kafka), the local stack's (docs/security.md).
+IDENTITIES = {
+    "agent-1": (postgres.AGENT, kafka_auth.AGENT_USER),
+    "agent-2": (postgres.AGENT, kafka_auth.AGENT_USER),
+    "migrate": (postgres.MIGRATOR, None),
+    "topics": (postgres.ANALYST, kafka_auth.ORCHESTRATOR_USER),
+    "antigravity": (postgres.ANALYST, kafka_auth.ORCHESTRATOR_USER),
+    "simulator": (None, kafka_auth.PRODUCER_USER),
+}
 LONG_RUNNING = {"kafka", "postgres", *AGENTS, "prometheus", "grafana"}
 PUBLISHED = {
     "kafka": {9092: 9092},
@@ -44,6 +57,7 @@ PUBLISHED = {
     "prometheus": {9090: 9090},
     "grafana": {3000: 3000},
 }
+SECRETS_ROOT = "/run/secrets"  # where compose.yaml mounts the secrets volumes
 HOW_TO_INSTALL = (
     "run deploy/install-compose: it builds Docker Compose from its Go module (needs Go; "
     "about a minute) and installs it as the docker CLI's plugin"
@@ -117,7 +131,12 @@ def test_services_wait_for_jobs_to_succeed_and_for_servers_to_be_healthy(
         expected = "service_completed_successfully" if on in JOBS else "service_healthy"
         assert condition == expected, (name, on)
     assert {on for name, on in waits if name in AGENTS} == {"keys", "migrate", "topics"}
-    assert waits[("migrate", "postgres")] == waits[("topics", "kafka")] == "service_healthy"
+    # The secrets first; the logins and users once their server is healthy; then the schema
+    # (as the migrator) and the topics (as the orchestrator).
+    assert {on for name, on in waits if name in {"postgres", "grafana"}} >= {"secrets"}
+    assert waits[("logins", "postgres")] == waits[("kafka-users", "kafka")] == "service_healthy"
+    assert {on for name, on in waits if name == "migrate"} == {"logins"}
+    assert {on for name, on in waits if name == "topics"} == {"kafka-users"}
     assert {on for name, on in waits if name == "simulator"} == set(AGENTS)
 
 
@@ -152,19 +171,43 @@ def test_the_pipeline_services_run_one_image_built_from_this_tree(
     assert stop_grace > _settings(first).shutdown_timeout_s
 
 
+@pytest.fixture(scope="module", autouse=True)
+def secret_stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the secrets job makes (pipeline.devstack.provision.make_secrets, run here as it
+    runs there, as root), for :func:`_settings`: a service's settings name files in them,
+    which loading its settings reads."""
+    stores = tmp_path_factory.mktemp("secrets")
+    provision.make_secrets(stores)
+    _STORES.append(stores)
+    return stores
+
+
+_STORES: list[Path] = []
+
+
 def _settings(service: dict[str, Any]) -> Config:
+    """The service's settings as it loads them, its secret files read from
+    :func:`secret_stores` (where its volumes would be mounted)."""
     environment: dict[str, str] = service["environment"]
     known = {env_name(field) for field in Config.__struct_fields__}
     assert set(environment) <= known, set(environment) - known
-    return load_config(environment)
+    here = {k: v.replace(f"{SECRETS_ROOT}/", f"{_STORES[-1]}/") for k, v in environment.items()}
+    return load_config(here)
+
+
+def _in_container(path: str) -> str:
+    """A path of :func:`_settings` as the container sees it."""
+    return path.replace(f"{_STORES[-1]}/", f"{SECRETS_ROOT}/")
 
 
 def test_the_pipeline_settings_are_valid_and_the_tests_own(services: dict[str, Any]) -> None:
     default = Config(kafka_bootstrap_servers="x", database_url="x")
-    for name in set(AGENTS) | JOBS - {"keys"}:
+    assert set(IDENTITIES) == set(AGENTS) | JOBS - {"keys"} - PROVISIONING
+    for name in IDENTITIES:
         config = _settings(services[name])
         assert config.kafka_bootstrap_servers == "kafka:29092", name
-        assert config.database_url == "postgresql://pipeline@postgres:5432/pipeline", name
+        assert urlsplit(config.database_url).netloc.endswith("@postgres:5432"), name
+        assert urlsplit(config.database_url).path == f"/{postgres.DATABASE}", name
         # `pipeline topics create` and the agents: 6 partitions per data topic, as the tests
         # and the benchmark create them.
         assert config.topic_partitions == default.topic_partitions == 6, name
@@ -193,7 +236,7 @@ def test_kafka_has_the_local_stacks_settings(services: dict[str, Any]) -> None:
     )
     # Where the broker listens and keeps its data differs in a container, by design.
     addresses = {"listeners", "advertised.listeners", "listener.security.protocol.map"}
-    addresses |= {"controller.quorum.voters", "log.dirs"}
+    addresses |= {"controller.quorum.voters", "log.dirs", "inter.broker.listener.name"}
     expected = {
         "KAFKA_" + k.upper().replace(".", "_"): v
         for k, v in properties.items()
@@ -202,7 +245,11 @@ def test_kafka_has_the_local_stacks_settings(services: dict[str, Any]) -> None:
     environment = kafka["environment"]
     assert {k: environment.get(k) for k in expected} == expected
     listeners = environment["KAFKA_ADVERTISED_LISTENERS"].split(",")
-    assert listeners == ["PLAINTEXT://127.0.0.1:9092", "DOCKER://kafka:29092"]
+    assert listeners == [
+        "HOST://127.0.0.1:9092",
+        "DOCKER://kafka:29092",
+        "ADMIN://127.0.0.1:9095",
+    ]
 
 
 def test_postgres_has_the_local_stacks_settings(services: dict[str, Any]) -> None:
@@ -215,6 +262,228 @@ def test_postgres_has_the_local_stacks_settings(services: dict[str, Any]) -> Non
     # has no certificate of the local stack's CA, so no TLS (said in compose.yaml).
     del expected["listen_addresses"], expected["unix_socket_directories"], expected["ssl"]
     assert dict(s.split("=", 1) for s in settings) == expected
+
+
+# -- the security model: the local stack's logins, roles, users, ACLs; no default password --
+
+
+def _property(variable: str) -> str:
+    """The broker property an apache/kafka image's environment variable sets (its
+    docker/resources/utility: ``_`` is ``.``, ``__`` is ``_``, ``___`` is ``-``)."""
+    key = variable.removeprefix("KAFKA_")
+    key = re.sub(r"(?<=[^_])_(?=[^_])", ".", key)
+    return key.replace("___", "-").replace("__", "_").lower()
+
+
+def _secret(service: dict[str, Any], path: str) -> tuple[str, str]:
+    """(store, file) of a secret file ``path`` the service names, after checking that it
+    mounts that store's volume there, read-only, and that the store holds that file."""
+    store, name = Path(path).relative_to(SECRETS_ROOT).parts
+    mounts = {v["target"]: v for v in service.get("volumes", [])}
+    mount = mounts[f"{SECRETS_ROOT}/{store}"]
+    assert (mount["type"], mount["source"], mount.get("read_only")) == (
+        "volume",
+        f"secrets-{store}",
+        True,
+    )
+    assert name in provision.STORES[store].files, (store, name)
+    return store, name
+
+
+def _secret_mounts(service: dict[str, Any]) -> set[str]:
+    return {
+        v["source"].removeprefix("secrets-")
+        for v in service.get("volumes", [])
+        if v.get("source", "").startswith("secrets-")
+    }
+
+
+_LOGINS = postgres.logins(Path())
+# Each login's password file, as the local stack names it.
+PASSFILES = {x.user: x.passfile.name for x in (_LOGINS.migrator, _LOGINS.agent, _LOGINS.analyst)}
+
+
+def test_each_service_logs_in_as_the_local_stacks_login_and_kafka_user(
+    services: dict[str, Any],
+) -> None:
+    for name, (login, user) in IDENTITIES.items():
+        service = services[name]
+        config = _settings(service)
+        url = urlsplit(config.database_url)
+        used: set[str] = set()
+        if login is None:  # a required setting it never connects with: no password at all
+            assert "passfile" not in url.query and url.password is None, name
+        else:
+            assert (url.username, url.password) == (login, None), name
+            (passfile,) = parse_qs(url.query)["passfile"]
+            store, file = _secret(service, _in_container(passfile))
+            assert file == PASSFILES[login]
+            used.add(store)
+        if user is None:
+            assert config.kafka_security_protocol == "PLAINTEXT", name  # it uses no Kafka
+        else:
+            assert config.kafka_security_protocol == "SASL_PLAINTEXT", name
+            assert config.kafka_sasl_mechanism == kafka_auth.MECHANISM, name
+            assert config.kafka_sasl_username == user, name
+            assert config.kafka_sasl_password == "", name  # from its file only
+            store, file = _secret(service, _in_container(config.kafka_sasl_password_file))
+            assert file == kafka_auth.password_file(Path(), user).name
+            used.add(store)
+        assert _secret_mounts(service) == used, name  # no other secrets
+    # The agents' group and topics are the ones the ACLs name (kafka_auth.pipeline_acls()).
+    for agent in AGENTS:
+        config = _settings(services[agent])
+        assert (config.group_id, config.topic_prefix) == (kafka_auth.DEFAULT_GROUP, "")
+
+
+def test_postgres_has_no_trust_and_the_local_stacks_superuser(services: dict[str, Any]) -> None:
+    server = services["postgres"]
+    environment = server["environment"]
+    assert environment["POSTGRES_USER"] == postgres.SUPERUSER
+    assert "POSTGRES_PASSWORD" not in environment
+    assert _secret(server, environment["POSTGRES_PASSWORD_FILE"]) == (
+        "postgres",
+        provision.SUPERUSER_PASSWORD_FILE,
+    )
+    assert environment["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256"
+    assert environment["POSTGRES_INITDB_ARGS"] == "--auth=scram-sha-256"  # the socket too
+    assert "password_encryption=scram-sha-256" in server["command"]
+    # The database is the logins job's (owned by the migrator), not the image's.
+    assert environment["POSTGRES_DB"] != postgres.DATABASE
+    assert not any("trust" in json.dumps(s.get("environment", {})) for s in services.values())
+
+
+def test_the_logins_job_runs_the_local_stacks_code_as_the_superuser(
+    services: dict[str, Any],
+) -> None:
+    job = services["logins"]
+    assert job["entrypoint"] == ["python", "-m", "pipeline.devstack.provision"]
+    command, *args = job["command"]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    assert command == "postgres" and set(options) == {"--admin-url", "--secrets"}
+    url = urlsplit(options["--admin-url"])
+    assert (url.username, url.hostname, url.port) == (postgres.SUPERUSER, "postgres", 5432)
+    (passfile,) = parse_qs(url.query)["passfile"]
+    assert _secret(job, passfile) == ("admin", provision.POSTGRES_SUPERUSER_FILE)
+    assert options["--secrets"] == f"{SECRETS_ROOT}/admin"
+    assert _secret_mounts(job) == {"admin"}
+    # ... the directory of the logins' password files, as postgres.logins() names them.
+    logins = postgres.logins(Path(options["--secrets"]))
+    for login in (logins.migrator, logins.agent, logins.analyst):
+        _secret(job, str(login.passfile))
+
+
+def test_kafka_has_the_local_stacks_sasl_authorizer_and_acls(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    kafka = services["kafka"]
+    properties = {_property(k): str(v) for k, v in kafka["environment"].items()}
+    for pem in ("cert.pem", "key.pem"):
+        (tmp_path / pem).write_text("PEM\n")
+    secure = SecureListener(9094, tmp_path / "cert.pem", tmp_path / "key.pem")
+    local = dict(
+        line.split("=", 1)
+        for line in _secure_properties(secure).splitlines()
+        if line and not line.startswith("ssl.")  # TLS: the local stack's, not compose's
+    )
+    jaas = local.pop("listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config")
+    assert {k: properties.get(k) for k in local} == local
+    protocols = dict(
+        pair.split(":") for pair in properties["listener.security.protocol.map"].split(",")
+    )
+    listeners = dict(
+        (entry.split("://")[0], entry.split("://")[1])
+        for entry in properties["listeners"].split(",")
+    )
+    sasl = {name for name, protocol in protocols.items() if protocol.startswith("SASL_")}
+    assert sasl == {"HOST", "DOCKER"}
+    for name in sasl:
+        key = f"listener.name.{name.lower()}.scram-sha-512.sasl.jaas.config"
+        assert properties[key] == jaas
+    # The listeners without authentication (whose anonymous principal is the super user)
+    # are on the container's loopback only; the published and the compose network's are SASL.
+    for name, protocol in protocols.items():
+        if name not in sasl:
+            assert protocol == "PLAINTEXT" and listeners[name].startswith("127.0.0.1:"), name
+    published = {int(p["target"]) for p in kafka["ports"]}
+    assert {int(listeners[n].rsplit(":", 1)[1]) for n in sasl} >= published
+    # The health check asks the loopback listener, as a client inside the container.
+    assert kafka["healthcheck"]["test"][-1] == listeners["ADMIN"]
+
+    # The users and ACLs: the kafka-users job runs the local stack's own code
+    # (kafka_auth.set_up with kafka_auth.pipeline_acls()) on that loopback listener, from
+    # inside the broker's network namespace, with every user's password.
+    job = services["kafka-users"]
+    assert job["network_mode"] == "service:kafka"
+    assert job["entrypoint"] == ["python", "-m", "pipeline.devstack.provision"]
+    command, *args = job["command"]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    assert command == "kafka"
+    assert options["--bootstrap"] == listeners["ADMIN"]
+    for user in kafka_auth.USERS:
+        _secret(job, str(kafka_auth.password_file(Path(options["--secrets"]), user)))
+
+
+def test_no_default_passwords_every_secret_is_made_by_the_secrets_job(
+    services: dict[str, Any],
+) -> None:
+    grafana = services["grafana"]["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana
+    assert _secret(services["grafana"], grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"]) == (
+        "grafana",
+        provision.GRAFANA_ADMIN_FILE,
+    )
+    passwords = re.compile(r"PASSWORD(?!_FILE|__FILE)|SECRET", re.IGNORECASE)
+    for name, service in services.items():
+        for variable in service.get("environment") or {}:
+            assert not passwords.search(variable), (name, variable)
+    job = services["secrets"]
+    assert job["user"] == "0:0"  # it gives each store to its user
+    assert job["command"] == ["secrets", "--stores", "/stores"]
+    mounts = {v["target"]: v["source"] for v in job["volumes"]}
+    assert mounts == {f"/stores/{store}": f"secrets-{store}" for store in provision.STORES}
+    used = set().union(*(_secret_mounts(s) for n, s in services.items() if n != "secrets"))
+    assert used == set(provision.STORES)
+
+
+def _store_files(root: Path) -> dict[str, dict[str, tuple[int, int, int, str]]]:
+    """Each store: each file's owner, group, mode and text (and the store's, as "")."""
+    found: dict[str, dict[str, tuple[int, int, int, str]]] = {}
+    for store in sorted(root.iterdir()):
+        info = store.stat()
+        found[store.name] = {"": (info.st_uid, info.st_gid, info.st_mode & 0o7777, "")}
+        for path in sorted(store.iterdir()):
+            info = path.lstat()
+            found[store.name][path.name] = (
+                info.st_uid,
+                info.st_gid,
+                info.st_mode & 0o7777,
+                path.read_text(),
+            )
+    return found
+
+
+def test_the_secrets_job_makes_each_password_once_for_its_users_only(tmp_path: Path) -> None:
+    provision.make_secrets(tmp_path)
+    made = _store_files(tmp_path)
+    assert set(made) == set(provision.STORES)
+    password: dict[str, str] = {}
+    for name, store in provision.STORES.items():
+        owner = (store.owner.uid, store.owner.gid)
+        assert made[name][""][:3] == (*owner, 0o700), name
+        assert set(made[name]) - {""} == set(store.files), name
+        for file, (uid, gid, mode, text) in made[name].items():
+            if file:
+                assert ((uid, gid), mode) == (owner, 0o600), (name, file)
+                value = text.rstrip("\n").rsplit(":", 1)[-1]
+                assert len(value) >= 32 and text.count("\n") == 1
+                # The same password wherever it is copied; the superuser's in both forms.
+                key = "superuser" if "pipeline.pgpass" in file or "superuser" in file else file
+                assert password.setdefault(key, value) == value, (name, file)
+    assert made["admin"][f"pg-{postgres.AGENT}.pgpass"][3].startswith(f"*:*:*:{postgres.AGENT}:")
+    assert len(set(password.values())) == len(password)  # each its own
+    provision.make_secrets(tmp_path)  # again: the passwords are kept
+    assert _store_files(tmp_path) == made
 
 
 def _mount(service: dict[str, Any], source: Path) -> dict[str, Any]:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.devstack import Endpoints, endpoints_from_env
+from pipeline.devstack import Endpoints, endpoints_from_env, postgres, tls
 from pipeline.devstack.kafka import _server_properties
 from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
-from pipeline.devstack.processes import PidFile, choose_port, port_is_free
+from pipeline.devstack.processes import PidFile, choose_port, port_is_free, spawn, wait_exit
 from pipeline.devstack.stack import ComponentStatus
 from pipeline.errors import DevStackError
+from tests.unit.test_safe_dirs import NOBODY, SERVER, snapshot, victim
 
 BOOTSTRAP = "127.0.0.1:9092"
 URL = "postgresql://pipeline@127.0.0.1:5432/pipeline"
@@ -241,3 +244,87 @@ def test_server_properties_put_both_listeners_on_loopback(tmp_path: Path) -> Non
     assert props["group.initial.rebalance.delay.ms"] == "0"
     assert props["auto.create.topics.enable"] == "false"
     assert text.endswith("\n")
+
+
+# -- the stack's directories as root, against another local user (see test_safe_dirs) ------
+
+
+def _fake_binaries(bindir: Path) -> postgres.Binaries:
+    """initdb and postgres that only say so: nothing here gets as far as running them."""
+    bindir.mkdir()
+    for name in ("initdb", "postgres"):
+        (bindir / name).write_text(f"#!/bin/sh\necho {name} ran\n")
+        (bindir / name).chmod(0o755)
+    return postgres.Binaries(bindir, 17)
+
+
+@pytest.fixture
+def server_home(shared_tmp: Path, tmp_path: Path) -> Path:
+    """A stack's PostgreSQL home; its data directory in ``shared_tmp``."""
+    return tmp_path / "stack" / "postgres"
+
+
+def _server(home: Path, tmp_path: Path) -> postgres.PostgresServer:
+    ca = tls.ensure_ca(tmp_path / "tls")
+    certificate = tls.issue_server_cert(ca, tmp_path / "tls", "postgres")
+    bindir = Path(tempfile.gettempdir()) / "bin"  # postgres runs them
+    return postgres.PostgresServer(home, _fake_binaries(bindir), certificate)
+
+
+def test_as_root_a_link_planted_at_the_data_directorys_path_is_refused(
+    server_home: Path, tmp_path: Path
+) -> None:
+    """The data directory's path under /tmp is predictable; a link there must not make root
+    hand the directory it points at to postgres (who, as the cluster's superuser, runs
+    programs with COPY TO PROGRAM)."""
+    planted = postgres.data_dir(server_home).parent
+    target = victim(tmp_path / "theirs")
+    before = snapshot(target)
+    planted.symlink_to(target)
+    os.lchown(planted, NOBODY.pw_uid, NOBODY.pw_gid)
+    server = _server(server_home, tmp_path)
+    with pytest.raises(DevStackError, match=f"^{planted} is a symbolic link of nobody"):
+        server.start(choose_port(0))
+    assert snapshot(target) == before
+    assert not (server_home / "postgres.pid").exists()
+
+
+def test_as_root_a_data_directory_another_user_made_is_refused(
+    server_home: Path, tmp_path: Path
+) -> None:
+    theirs = victim(postgres.data_dir(server_home).parent)
+    (theirs / "pgdata").mkdir()
+    os.chown(theirs / "pgdata", NOBODY.pw_uid, NOBODY.pw_gid)
+    before = snapshot(theirs)
+    with pytest.raises(DevStackError, match=f"^{theirs} belongs to nobody"):
+        _server(server_home, tmp_path).start(choose_port(0))
+    assert snapshot(theirs) == before
+
+
+def test_as_root_the_data_directory_is_postgress_in_a_directory_of_roots(
+    server_home: Path, tmp_path: Path
+) -> None:
+    data = postgres.data_dir(server_home)
+    data.parent.mkdir()  # as the older layout left it: postgres's
+    os.chown(data.parent, SERVER.pw_uid, SERVER.pw_gid)
+    server = _server(server_home, tmp_path)
+    server.start(choose_port(0))  # the fake initdb and postgres run and exit
+    assert (data.parent.stat().st_uid, stat.S_IMODE(data.parent.stat().st_mode)) == (0, 0o755)
+    assert snapshot(data) == [
+        (str(data), SERVER.pw_uid, SERVER.pw_gid, 0o700),
+        *(
+            (str(data / name), SERVER.pw_uid, SERVER.pw_gid, mode)
+            for name, mode in (("pg_hba.conf", 0o600), ("server.crt", 0o644), ("server.key", 0o600))
+        ),
+    ]
+
+
+def test_a_servers_log_is_readable_by_this_user_only(tmp_path: Path) -> None:
+    """A server logs a failed statement whole: the log is not for other users to read."""
+    log = tmp_path / "server.log"
+    log.write_text("an older log\n")
+    log.chmod(0o644)
+    pid = spawn([sys.executable, "-c", "print('started')"], log)
+    assert wait_exit(pid, 30.0)
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert log.read_text() == "an older log\nstarted\n"

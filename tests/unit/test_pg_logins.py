@@ -3,6 +3,7 @@ URL's user and password; the host, port, database and TLS settings stay."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.devstack import postgres
@@ -42,3 +43,18 @@ def test_a_password_is_made_once_in_a_private_pgpass_file(tmp_path: Path) -> Non
     assert len(first) >= 32
     passfile.write_text("garbage")  # not a password this module made: a new one
     assert postgres._password(passfile) != first
+
+
+def test_a_scram_verifier_is_postgresqls_format_for_rfc_7677s_example() -> None:
+    """RFC 7677's salt and password, as PostgreSQL would store them (the integration test
+    compares with the server's own verifier too)."""
+    salt = bytes.fromhex("5b6d99689d12358eeca04b141236fa81")
+    assert postgres.scram_verifier("pencil", salt, 4096) == (
+        "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$"
+        "WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+    )
+    password = "A_password-made-by-the-stack-0123456789"
+    made = postgres.scram_verifier(password)
+    assert made != postgres.scram_verifier(password)  # a new salt each time
+    assert made.startswith("SCRAM-SHA-256$4096:") and password not in made
+    assert re.fullmatch(r"[A-Za-z0-9+/=$:-]+", made)  # a safe SQL literal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from pipeline.devstack import pgbouncer
 from pipeline.devstack.postgres import Login
 from pipeline.errors import DevStackError
+from tests.unit.test_safe_dirs import NOBODY, SERVER, snapshot, victim
 
 
 def test_config_listens_on_loopback_only_with_no_socket_and_forwards_every_database() -> None:
@@ -56,3 +58,50 @@ def test_a_missing_binary_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(pgbouncer, "_SEARCH_DIRS", ("/nonexistent",))
     with pytest.raises(DevStackError, match=r"install pgbouncer \(Debian: apt-get install"):
         pgbouncer.find_binary()
+
+
+def test_as_root_a_link_planted_at_its_directorys_path_is_refused(
+    shared_tmp: Path,
+    tmp_path: Path,
+) -> None:
+    """PgBouncer's directory under /tmp is predictable: a link there must not make root
+    hand the directory it points at to postgres, nor write the userlist into it."""
+    home = tmp_path / "stack"
+    planted = pgbouncer.config_dir(home)
+    assert planted.parent == shared_tmp
+    target = victim(tmp_path / "theirs")
+    before = snapshot(target)
+    planted.symlink_to(target)
+    os.lchown(planted, NOBODY.pw_uid, NOBODY.pw_gid)
+    passfile = tmp_path / "pg-pipeline_agent.pgpass"
+    passfile.write_text("*:*:*:pipeline_agent:s3cret-Value\n")
+    bouncer = pgbouncer.PgBouncer(home, "transaction")
+    try:
+        with pytest.raises(DevStackError, match=f"^{planted} is a symbolic link of nobody"):
+            bouncer.start("127.0.0.1", 1, [Login("pipeline_agent", passfile)])
+    finally:
+        bouncer.stop()
+    assert snapshot(target) == before
+
+
+def test_as_root_its_files_are_postgress_in_a_directory_of_roots(
+    shared_tmp: Path,
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "stack"
+    passfile = tmp_path / "pg-pipeline_agent.pgpass"
+    passfile.write_text("*:*:*:pipeline_agent:s3cret-Value\n")
+    bouncer = pgbouncer.PgBouncer(home, "transaction")
+    directory = pgbouncer.config_dir(home)
+    try:
+        bouncer.start("127.0.0.1", 1, [Login("pipeline_agent", passfile)])
+        assert snapshot(directory) == [
+            (str(directory), 0, 0, 0o755),
+            *(
+                (str(directory / name), SERVER.pw_uid, SERVER.pw_gid, 0o600)
+                for name in ("pgbouncer.ini", "userlist.txt")
+            ),
+        ]
+    finally:
+        bouncer.stop()
+    assert not directory.exists()
