@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import msgspec
 import pytest
+from aiokafka.admin import NewTopic
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline import kafka as kafka_io
@@ -42,7 +43,9 @@ from tests.integration.harness import (
     assert_exactly_once,
     create_topics,
     fleet_traffic,
+    produce,
     produce_paced,
+    until,
     wait_caught_up,
 )
 
@@ -271,3 +274,46 @@ async def _dlq_letters(
     finally:
         await kafka_io.stop_consumer(consumer)
     return found
+
+
+async def test_a_dlq_topic_too_small_for_a_dead_letter_stops_the_agent_naming_the_setting(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    # Kafka's default limit fits every dead letter; a topic configured below it refuses one,
+    # and retrying cannot help: the agent stops and says what to change, never stalls.
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    settings = kafka_clients.kafka_settings(bootstrap)
+    admin = kafka_clients.admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    topic_name(DLQ_TOPIC, prefix),
+                    1,
+                    replication_factor=1,
+                    topic_configs={"max.message.bytes": "20000"},
+                )
+            ]
+        )
+    finally:
+        await admin.close()
+    await create_topics(bootstrap, prefix, partitions=1)  # the data topics
+    await produce(bootstrap, prefix, [Outgoing(METRICS, b"m", b"{" + b"x" * 50_000)])
+    log = tmp_path / "agent.log"
+    agent = AgentProcess(agent_env(bootstrap, database_url, prefix, prefix), log).start()
+    try:
+
+        async def stopped() -> bool:
+            return not agent.alive()
+
+        await until(stopped, within=90, what="the agent kept retrying a letter its topic refuses")
+        assert agent.wait(0) == 2
+        text = log.read_text()
+        assert f"dead-letter topic {prefix}pipeline.dlq refused a dead letter as too large" in (
+            text
+        ), text[-3000:]
+        assert "max.message.bytes" in text
+    finally:
+        agent.kill()
