@@ -187,8 +187,20 @@ def _decode_timestamptz(value: tuple[int]) -> datetime:
     return _PG_EPOCH + timedelta(microseconds=micros)
 
 
+# The errors of class 54 (program limit exceeded) that one value can cause: 54000, an index
+# row over a third of a page (a long key), a string too long for tsvector or jsonb, an array
+# too large; 54001, a value nested deeper than the server's stack allows. Its other codes
+# (too many columns or arguments) are about a statement, not a row.
+_ROW_LIMITS = ("54000", "54001")
+
+
 def classify(exc: BaseException) -> BaseException:
-    """Map a driver error to ours, once: transient, data, schema, or as it was."""
+    """Map a driver error to ours, once: transient, data, schema, or as it was.
+
+    A :class:`DataError` is what one row can cause: its value (class 22, data exception), its
+    constraints (class 23) or a limit its value exceeds (:data:`_ROW_LIMITS`). The writers
+    bisect a batch down to the rows that raise it, and dead-letter those.
+    """
     if isinstance(exc, (TransientError, DataError, SchemaError, FencedError)):
         return exc
     sqlstate = getattr(exc, "sqlstate", None) or ""
@@ -230,7 +242,7 @@ def classify(exc: BaseException) -> BaseException:
             "set PIPELINE_DB_POOLER=transaction, or use the direct connection string "
             "(docs/compatibility.md)"
         )
-    if sqlstate[:2] in ("22", "23"):
+    if sqlstate[:2] in ("22", "23") or sqlstate in _ROW_LIMITS:
         return DataError(f"{sqlstate} {exc}", sqlstate=sqlstate)
     if sqlstate[:2] == "42":
         return SchemaError(f"{sqlstate} {exc}")

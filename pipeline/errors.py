@@ -28,7 +28,8 @@ class TransientError(PipelineError):
 
 
 class DataError(PipelineError):
-    """The database rejected a row (SQLSTATE class 22 or 23): the row is dead-lettered."""
+    """The database rejected a row (SQLSTATE class 22 or 23, or a limit one value exceeds:
+    54000, 54001): the row is dead-lettered."""
 
     def __init__(self, message: str, sqlstate: str = "") -> None:
         super().__init__(message)

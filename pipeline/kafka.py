@@ -11,23 +11,31 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
 from pipeline import kafka_clients
 from pipeline.batching import OffsetMove
 from pipeline.config import Config
 from pipeline.db import DeadLetter
-from pipeline.errors import TransientError
+from pipeline.errors import ConfigError, TransientError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
 from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
 
 log = logging.getLogger(__name__)
 
 MIRROR_TIMEOUT_S = 10.0
-# Kafka's default limit on a record is 1 MiB; a dead letter's value above this is replaced by
-# an empty value on the DLQ topic (with its size in a header). dead_letters keeps it whole.
-DLQ_MAX_VALUE_BYTES = 900 * 1024
+# Kafka refuses a record over the topic's max.message.bytes (1 MiB by default) and the
+# producer one over its max_request_size (1 MiB): a source record near the limit would not
+# fit on the DLQ topic with the letter's own headers added, and a refused letter stalls its
+# partition. So a dead letter on the topic is at most this, batch overhead included: its
+# key, value and headers (all of them as one part) each go whole or not at all, smallest
+# first while they fit; one left out is named by a dlq.<part>.omitted.bytes header holding its
+# size. dead_letters keeps all of them, and the dlq.source.* headers say where the whole
+# record still is.
+DLQ_MAX_RECORD_BYTES = 900 * 1024
+DLQ_MAX_REASON_BYTES = 4 * 1024  # dead_letters keeps the whole reason
 DLQ_HEADERS = (
     "dlq.source.topic",
     "dlq.source.partition",
@@ -35,6 +43,7 @@ DLQ_HEADERS = (
     "dlq.error.class",
     "dlq.reason",
 )
+Headers = list[tuple[str, bytes | None]]
 
 
 def data_topics(config: Config) -> list[str]:
@@ -111,46 +120,88 @@ async def publish_dead_letters(
         return
     try:
         async with asyncio.timeout(ack_timeout):
-            futures = [
-                await producer.send(
-                    topic,
-                    value=_dlq_value(letter),
-                    key=letter.key,
-                    headers=[
-                        *_dlq_size_header(letter),
-                        *letter.headers,
-                        *zip(
-                            DLQ_HEADERS,
-                            (
-                                letter.topic.encode(),
-                                str(letter.partition).encode(),
-                                str(letter.offset).encode(),
-                                letter.error_class.encode(),
-                                letter.reason.encode(),
-                            ),
-                            strict=True,
-                        ),
-                    ],
-                )
-                for letter in letters
-            ]
+            futures = []
+            for letter in letters:
+                key, value, headers = dlq_record(letter)
+                futures.append(await producer.send(topic, value, key=key, headers=headers))
             await asyncio.gather(*futures)
+    except MessageSizeTooLargeError as exc:
+        # Retrying cannot make it fit, and a refused batch leaves the idempotent producer's
+        # sequence behind: stop, saying what to change.
+        raise ConfigError(
+            f"dead-letter topic {topic} refused a dead letter as too large ({exc}); a dead "
+            f"letter is at most {DLQ_MAX_RECORD_BYTES} bytes: set the topic's "
+            "max.message.bytes (and the brokers' message.max.bytes) to at least 1048588, "
+            "Kafka's default"
+        ) from exc
     except (KafkaError, TimeoutError) as exc:
         raise TransientError(
             f"dead-letter topic {topic} did not acknowledge: {exc!r}", source="kafka"
         ) from exc
 
 
-def _dlq_value(letter: DeadLetter) -> bytes | None:
-    if letter.value is not None and len(letter.value) > DLQ_MAX_VALUE_BYTES:
-        return b""
-    return letter.value
+def dlq_record(letter: DeadLetter) -> tuple[bytes | None, bytes | None, Headers]:
+    """The key, value and headers a dead letter carries on the DLQ topic: the record's own,
+    within :data:`DLQ_MAX_RECORD_BYTES`, then the ``dlq.*`` headers; pure."""
+    reason = letter.reason.encode()
+    if len(reason) > DLQ_MAX_REASON_BYTES:
+        reason = reason[:DLQ_MAX_REASON_BYTES].decode(errors="ignore").encode()
+    ours: Headers = list(
+        zip(
+            DLQ_HEADERS,
+            (
+                letter.topic.encode(),
+                str(letter.partition).encode(),
+                str(letter.offset).encode(),
+                letter.error_class.encode(),
+                reason,
+            ),
+            strict=True,
+        )
+    )
+    # The parts the record has, and their sizes in bytes (a header's: its name and value).
+    sizes = {
+        name: size
+        for name, size in (
+            ("key", None if letter.key is None else len(letter.key)),
+            ("value", None if letter.value is None else len(letter.value)),
+            (
+                "headers",
+                sum(len(n.encode()) + len(v or b"") for n, v in letter.headers)
+                if letter.headers
+                else None,
+            ),
+        )
+        if size is not None
+    }
+    carried: set[str] = set()
+    for name in sorted(sizes, key=sizes.__getitem__):
+        if _size(*_letter(letter, carried | {name}, sizes, ours)) <= DLQ_MAX_RECORD_BYTES:
+            carried.add(name)
+    return _letter(letter, carried, sizes, ours)
 
 
-def _dlq_size_header(letter: DeadLetter) -> list[tuple[str, bytes]]:
-    if letter.value is not None and len(letter.value) > DLQ_MAX_VALUE_BYTES:
-        return [("dlq.value.omitted.bytes", str(len(letter.value)).encode())]
-    return []
+def _letter(
+    letter: DeadLetter, carried: set[str], sizes: dict[str, int], ours: Headers
+) -> tuple[bytes | None, bytes | None, Headers]:
+    omitted: Headers = [
+        (f"dlq.{name}.omitted.bytes", str(size).encode())
+        for name, size in sizes.items()
+        if name not in carried
+    ]
+    return (
+        letter.key if "key" in carried else None,
+        # An empty value, not None: None would be a tombstone on a compacted topic.
+        letter.value if "value" in carried or letter.value is None else b"",
+        [*omitted, *(letter.headers if "headers" in carried else ()), *ours],
+    )
+
+
+def _size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """A record's size on the wire in a batch of its own: what the producer checks against
+    max_request_size, and at least what the broker checks against max.message.bytes."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+    return size
 
 
 def dead_letter_topic(config: Config) -> str:

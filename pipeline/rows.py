@@ -12,6 +12,7 @@ Every row ends with its provenance: source partition, source offset, ingest batc
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import filterfalse
@@ -121,6 +122,12 @@ _JSON_FIELDS: dict[type[Record], dict[str, bool]] = {
 _EMPTY_OBJECT = msgspec.Raw(b"{}")
 _OPEN_BRACE = ord("{")
 _JSON_ONLY = ((CONTENT_TYPE_HEADER, JSON.encode()),)  # the headers our publisher sends
+# PostgreSQL's text and jsonb cannot hold NUL. In JSON text a NUL can only be the escape
+# \u0000 (msgspec refuses raw control characters), so a record without those six bytes has
+# none; one with them may still be an escaped backslash followed by "u0000", which the regex
+# tells apart: a NUL escape's backslash is preceded by an even number of backslashes.
+_NUL_ESCAPE = b"\\u0000"
+_NUL_IN_JSON = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _HEADERS = operator.attrgetter("headers")
 _VALUE = operator.attrgetter("value")
 _OFFSET = operator.attrgetter("offset")
@@ -186,13 +193,20 @@ class StreamDecoder:
             try:
                 decoded = list(map(self._json.decode, values))
                 list(map(bytes.decode, filterfalse(bytes.isascii, values)))  # see _check_utf8
+                # Searched in one buffer, for the rare backslash first: no call per record.
+                # (Records are JSON objects: none ends with a part of the escape.)
+                joined = b"".join(values)
+                has_nul = b"\\" in joined and _NUL_ESCAPE in joined
             except Exception:  # a bad record: the per-record road below names it
                 pass
             else:
+                # A record that may hold a NUL (rare) takes the per-record road below too.
                 object_of = self._object_of
-                if object_of is None or [memoryview(o)[0] for o in map(object_of, decoded)].count(
-                    _OPEN_BRACE
-                ) == len(decoded):
+                if not has_nul and (
+                    object_of is None
+                    or [memoryview(o)[0] for o in map(object_of, decoded)].count(_OPEN_BRACE)
+                    == len(decoded)
+                ):
                     return [
                         (*astuple(d), partition, offset, batch_id)
                         for d, offset in zip(decoded, map(_OFFSET, records), strict=True)
@@ -224,8 +238,12 @@ class StreamDecoder:
             if content_type == JSON:
                 record = self._json.decode(value)
                 _check_utf8(value)
+                if _NUL_ESCAPE in value:
+                    _check_no_nul(record)
             elif content_type == MSGPACK:
                 record = self._from_msgpack(value)
+                if b"\x00" in value:  # a NUL in a string is a raw 0x00 (numbers have them too)
+                    _check_no_nul(record)
             else:
                 raise RecordRejected(
                     "UnsupportedContentType",
@@ -261,6 +279,20 @@ def _check_utf8(value: bytes) -> None:
     records, the common case, are checked without decoding."""
     if not value.isascii():
         value.decode()
+
+
+def _check_no_nul(record: msgspec.Struct) -> None:
+    """Refuse a record whose stored text holds a NUL, which PostgreSQL's text and jsonb
+    cannot: found here, it costs no bisection in the database. Only the fields that are
+    stored count (an ignored field may hold anything)."""
+    for name in record.__struct_fields__:
+        field = getattr(record, name)
+        if (isinstance(field, str) and "\x00" in field) or (
+            isinstance(field, msgspec.Raw) and _NUL_IN_JSON.search(field)
+        ):
+            raise RecordRejected(
+                "ValidationError", f"text cannot contain NUL (\\u0000) - at `$.{name}`"
+            )
 
 
 def _content_type(headers: Sequence[tuple[str, bytes | None]]) -> str:

@@ -111,6 +111,17 @@ def test_transient_errors(exc: BaseException) -> None:
         pytest.param(
             asyncpg.exceptions.UniqueViolationError("duplicate key"), "23505", id="asyncpg-23505"
         ),
+        # A limit one value exceeds: a key too long for its index, a value nested too deep.
+        pytest.param(
+            asyncpg.exceptions.ProgramLimitExceededError(
+                "index row size 8216 exceeds btree version 4 maximum 2704 for index "
+                '"agent_states_pkey"'
+            ),
+            "54000",
+            id="asyncpg-54000-index-row-size",
+        ),
+        pytest.param(FakePgError("54000", "string is too long for tsvector"), "54000", id="54000"),
+        pytest.param(FakePgError("54001", "stack depth limit exceeded"), "54001", id="54001"),
         pytest.param(
             asyncpg.exceptions.CharacterNotInRepertoireError("bad byte"),
             "22021",
@@ -152,6 +163,9 @@ def test_schema_errors(exc: BaseException, sqlstate: str) -> None:
         pytest.param(FakePgError("XX000", "internal error"), id="XX000-internal"),
         pytest.param(FakePgError("0A000", "not supported"), id="0A000-feature-not-supported"),
         pytest.param(FakePgError("25P02", "aborted transaction"), id="25P02-in-failed-txn"),
+        # Limits a statement exceeds, whatever its rows hold.
+        pytest.param(FakePgError("54011", "too many columns"), id="54011-too-many-columns"),
+        pytest.param(FakePgError("54023", "too many arguments"), id="54023-too-many-arguments"),
         pytest.param(FakePgError(None), id="sqlstate-None"),
         pytest.param(FakePgError(""), id="sqlstate-empty"),
         pytest.param(ValueError("not a driver error"), id="ValueError"),

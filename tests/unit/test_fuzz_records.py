@@ -93,7 +93,8 @@ ALL_HEADERS: tuple[Headers, ...] = (*JSON_HEADERS, MSGPACK_HEADERS, *ODD_HEADERS
 # -- values -----------------------------------------------------------------------------------
 
 any_text = st.text(st.characters(exclude_categories=()), max_size=40)  # surrogates too
-plain_text = st.text(st.characters(codec="utf-8"), max_size=24)
+# Text a valid record may hold: PostgreSQL's text and jsonb cannot hold NUL (any_text can).
+plain_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=24)
 offsets = st.builds(
     lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-(24 * 60 - 1), 24 * 60 - 1)
 )

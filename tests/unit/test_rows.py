@@ -531,6 +531,58 @@ REJECTED = [
         "content-type 'application/json; charset=utf-8' is not supported",
         id="content-type-with-parameters",
     ),
+    # PostgreSQL's text and jsonb cannot hold NUL: refused here, not by the database.
+    pytest.param(
+        "states",
+        state_json(agent_id="a\x00b"),
+        (),
+        "ValidationError",
+        "text cannot contain NUL (\\u0000) - at `$.agent_id`",
+        id="nul-in-a-text-field",
+    ),
+    pytest.param(
+        "states",
+        state_json(data={"deep": ["x", {"y": "\x00"}]}),
+        (),
+        "ValidationError",
+        "text cannot contain NUL (\\u0000) - at `$.data`",
+        id="nul-in-a-nested-json-string",
+    ),
+    pytest.param(
+        "events",
+        with_field("events", "payload", b'{"k\\\\\\u0000": 1}'),  # \\ then a NUL escape
+        (),
+        "ValidationError",
+        "text cannot contain NUL (\\u0000) - at `$.payload`",
+        id="nul-in-a-json-key-after-an-escaped-backslash",
+    ),
+    pytest.param(
+        "config",
+        b'{"key":"k","value":"\\u0000","version":1,"ts":"2025-06-01T10:00:00Z"}',
+        (),
+        "ValidationError",
+        "text cannot contain NUL (\\u0000) - at `$.value`",
+        id="nul-as-the-config-value",
+    ),
+    pytest.param(
+        "metrics",
+        encode(Metric("a", "cpu\x00", 1.0, datetime(2025, 6, 1, tzinfo=UTC)), MSGPACK),
+        MSGPACK_HEADERS,
+        "ValidationError",
+        "text cannot contain NUL (\\u0000) - at `$.name`",
+        id="nul-in-a-msgpack-text-field",
+    ),
+    pytest.param(
+        "analytics",
+        encode(
+            AnalyticsEvent(EVENT_UUID, "u", "a", TS_VALUE, {"p": ["\x00"]}),
+            MSGPACK,
+        ),
+        MSGPACK_HEADERS,
+        "ValidationError",
+        "text cannot contain NUL (\\u0000) - at `$.properties`",
+        id="nul-in-a-msgpack-nested-string",
+    ),
     pytest.param(
         "states",
         None,
@@ -614,6 +666,33 @@ def test_odd_input_is_rejected_never_raised(value: bytes, headers: Any) -> None:
         decode("states", value, headers)
     assert caught.value.error_class == "DecodeError"
     assert caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("stream", "value", "headers"),
+    [
+        # An escaped backslash followed by "u0000" is six characters of text, no NUL.
+        pytest.param("states", state_json(agent_id="\\u0000"), (), id="escaped-backslash"),
+        pytest.param(
+            "states", state_json(data={"k": "\\\\u0000"}), (), id="two-escaped-backslashes"
+        ),
+        # A field the record type does not have is ignored, NUL or not.
+        pytest.param("states", state_json(unknown="\x00"), (), id="nul-in-an-ignored-field"),
+        # MessagePack numbers and lengths are full of 0x00 bytes.
+        pytest.param(
+            "metrics",
+            encode(Metric("a", "cpu", 0.0, datetime(2025, 6, 1, tzinfo=UTC), {"n": 0}), MSGPACK),
+            MSGPACK_HEADERS,
+            id="msgpack-zero-bytes-outside-strings",
+        ),
+    ],
+)
+def test_what_only_looks_like_a_nul_is_kept(stream: str, value: bytes, headers: Any) -> None:
+    assert b"\\u0000" in value or b"\x00" in value
+    row = decode(stream, value, headers)
+    rows, rejected = DECODERS[stream].rows([consumed(5, value, headers)], PARTITION, BATCH_ID)
+    assert rejected == []
+    assert_same_row(rows[0], (*row[:-2], 5, BATCH_ID))
 
 
 # -- a partition's records at a time: the fast road and the per-record road agree ------------

@@ -1,0 +1,319 @@
+"""No single record stops the pipeline: poison among several thousand good records, while
+two agents run. Each poison record is one dead letter, in ``dead_letters`` and on the DLQ
+topic, with its reason and coordinates; every good record lands exactly once; neither agent
+stops or restarts.
+
+One more kind of bad record is one more :class:`Poison` in :func:`poison_cases`.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+from aiokafka.admin import NewTopic
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from pipeline import kafka as kafka_io
+from pipeline import kafka_clients
+from pipeline.records import (
+    DLQ_TOPIC,
+    MSGPACK,
+    STREAM_BY_NAME,
+    AgentEvent,
+    ConfigChange,
+    Metric,
+    StateChange,
+    encode,
+    topic_name,
+)
+from tests.conftest import Servers
+from tests.integration.harness import (
+    APPEND_TABLE,
+    T0,
+    AgentProcess,
+    Outgoing,
+    agent_env,
+    assert_exactly_once,
+    create_topics,
+    fleet_traffic,
+    produce,
+    produce_paced,
+    until,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+STATES, EVENTS, METRICS, CONFIG = (
+    STREAM_BY_NAME[n] for n in ("states", "events", "metrics", "config")
+)
+MSGPACK_HEADERS = (("content-type", MSGPACK.encode()),)
+# What the test's producer sends at most (aiokafka's default max_request_size); the topics'
+# max.message.bytes is Kafka's default, 12 bytes more.
+PRODUCER_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A record that must become a dead letter: its error class is ``outgoing.poison``."""
+
+    name: str
+    outgoing: Outgoing
+    reason: str  # a part of the dead letter's reason
+
+    @property
+    def error_class(self) -> str:
+        assert self.outgoing.poison is not None, f"{self.name}: a poison record has a class"
+        return self.outgoing.poison
+
+
+def incompressible(size: int, seed: int) -> str:
+    """Text PostgreSQL cannot compress below an index row's limit (a third of a page)."""
+    return "".join(random.Random(seed).choices(string.ascii_letters + string.digits, k=size))
+
+
+def near_the_limit(stream_key: bytes, value: bytes) -> tuple[bytes, tuple[tuple[str, bytes], ...]]:
+    """A key and headers that make the record just fit the producer's limit: its dead letter,
+    with its coordinates and reason added, would not."""
+    key = random.Random(1).randbytes(600_000)
+
+    def headers(size: int) -> tuple[tuple[str, bytes], ...]:
+        return (("k", stream_key), ("blob", random.Random(2).randbytes(size)))
+
+    size = PRODUCER_LIMIT - len(key) - 100
+    room = (
+        PRODUCER_LIMIT
+        - 16
+        - DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers(size)))
+    )
+    return key, headers(size + room)
+
+
+def poison_cases() -> list[Poison]:
+    long_id = incompressible(8192, 1)
+    big_key, big_headers = near_the_limit(b"agent-1", b"{not json")
+    return [
+        Poison(
+            "states: an 8 KiB agent_id, too long for its index",
+            Outgoing(
+                STATES,
+                long_id.encode(),
+                encode(StateChange(long_id, "busy", 1, T0, {"v": 1})),
+                "DatabaseRejected",
+            ),
+            "54000 index row",
+        ),
+        Poison(
+            "config: an 8 KiB key, too long for its index",
+            Outgoing(
+                CONFIG,
+                b"k",
+                encode(ConfigChange(incompressible(8192, 2), {"v": 1}, 1, T0, "ops")),
+                "DatabaseRejected",
+            ),
+            "54000 index row",
+        ),
+        Poison(
+            "events: an 8 KiB agent_id, too long for the (agent_id, ts) index",
+            Outgoing(
+                EVENTS,
+                b"e",
+                encode(AgentEvent(uuid.UUID(int=7), incompressible(8192, 3), "started", T0)),
+                "DatabaseRejected",
+            ),
+            "54000 index row",
+        ),
+        Poison(
+            "metrics: near 1 MiB of key and headers, its dead letter over Kafka's limit",
+            Outgoing(METRICS, big_key, b"{not json", "DecodeError", big_headers),
+            "JSON is malformed",
+        ),
+        Poison(
+            "metrics: NUL in a JSON text field",
+            Outgoing(METRICS, b"n", encode(Metric("a", "cpu\x00", 1.0, T0)), "ValidationError"),
+            "text cannot contain NUL (\\u0000) - at `$.name`",
+        ),
+        Poison(
+            "events: NUL in a JSON payload's nested string",
+            Outgoing(
+                EVENTS,
+                b"n",
+                encode(AgentEvent(uuid.UUID(int=8), "a", "k", T0, payload={"s": ["\x00"]})),
+                "ValidationError",
+            ),
+            "text cannot contain NUL (\\u0000) - at `$.payload`",
+        ),
+        Poison(
+            "states: NUL in a MessagePack text field",
+            Outgoing(
+                STATES,
+                b"n",
+                encode(StateChange("a", "idle\x00", 1, T0), MSGPACK),
+                "ValidationError",
+                MSGPACK_HEADERS,
+            ),
+            "text cannot contain NUL (\\u0000) - at `$.state`",
+        ),
+    ]
+
+
+async def test_poison_among_good_records_is_dead_lettered_and_stops_no_agent(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=3)
+    cases = poison_cases()
+    traffic = fleet_traffic(20_000, seed=24)
+    rng = random.Random(24)
+    for case in cases:  # anywhere among the good records, so they share batches with them
+        traffic.insert(rng.randrange(len(traffic)), case.outgoing)
+    env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=500)
+    agents = [AgentProcess(env, tmp_path / f"agent-{i}.log") for i in range(2)]
+    try:
+        for agent in agents:
+            agent.start()
+        pids = [agent.pid for agent in agents]
+
+        async def still_running() -> None:
+            for agent, log in zip(agents, ("agent-0.log", "agent-1.log"), strict=True):
+                assert agent.alive(), (tmp_path / log).read_text()[-3000:]
+            assert [agent.pid for agent in agents] == pids
+
+        sent = await produce_paced(bootstrap, prefix, traffic, over=6.0, chunks=12)
+        ends = await wait_caught_up(
+            database_url, bootstrap, prefix, prefix, within=180, on_poll=still_running
+        )
+        await still_running()
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        for agent in agents:
+            assert agent.stop() == 0
+    finally:
+        for agent in agents:
+            agent.kill()
+
+    where = {id(o): s for o, s in zip(traffic, sent, strict=True)}
+    good = [s for s in sent if s.poison is None]
+    assert len(good) == 20_000 and len(sent) == 20_000 + len(cases)
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        for stream, table in APPEND_TABLE.items():
+            produced = sum(1 for s in good if s.topic == STREAM_BY_NAME[stream].topic)
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == produced, table
+        letters = {
+            (r["src_topic"].removeprefix(prefix), r["src_partition"], r["src_offset"]): r
+            for r in await conn.fetch("SELECT * FROM dead_letters")
+        }
+    finally:
+        await conn.close()
+    assert len(letters) == len(cases)
+    for case in cases:
+        s = where[id(case.outgoing)]
+        row = letters[(s.topic, s.partition, s.offset)]
+        assert (row["error_class"], row["record_key"], row["record_value"]) == (
+            case.error_class,
+            case.outgoing.key,
+            case.outgoing.value,
+        ), case.name
+        assert case.reason in row["reason"], (case.name, row["reason"][:300])
+        headers = msgspec.json.decode(row["record_headers"])
+        assert len(headers) == len(case.outgoing.headers), case.name
+
+    # The DLQ topic: one letter per poison record (at least once: a retried batch publishes
+    # its letters again), each with its coordinates, class and reason, each within the limit.
+    on_topic = await _dlq_letters(bootstrap, prefix, len(cases))
+    assert set(on_topic) == {(s.topic, s.partition, s.offset) for s in sent if s.poison}
+    for case in cases:
+        s = where[id(case.outgoing)]
+        key, value, headers = on_topic[(s.topic, s.partition, s.offset)]
+        assert headers["dlq.error.class"] == case.error_class.encode(), case.name
+        assert case.reason.encode() in headers["dlq.reason"], case.name
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers.items()))
+        assert size <= kafka_io.DLQ_MAX_RECORD_BYTES, case.name
+    # The record near 1 MiB: its value and headers go, its key (the largest part) does not.
+    big = next(c.outgoing for c in cases if len(c.outgoing.key) > 500_000)
+    s = where[id(big)]
+    key, value, headers = on_topic[(s.topic, s.partition, s.offset)]
+    assert (key, value) == (None, big.value)
+    assert headers["dlq.key.omitted.bytes"] == str(len(big.key)).encode()
+    assert "dlq.headers.omitted.bytes" not in headers
+    assert [headers[name] for name, _ in big.headers] == [v for _, v in big.headers]
+
+
+async def _dlq_letters(
+    bootstrap: str, prefix: str, count: int
+) -> dict[tuple[str, int, int], tuple[bytes | None, bytes | None, dict[str, bytes]]]:
+    """The DLQ topic's letters by source coordinates (default topic name)."""
+    consumer = kafka_clients.consumer(
+        kafka_clients.kafka_settings(bootstrap),
+        topic_name(DLQ_TOPIC, prefix),
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=2 * 1024 * 1024,
+    )
+    await consumer.start()
+    found: dict[tuple[str, int, int], tuple[bytes | None, bytes | None, dict[str, bytes]]] = {}
+    try:
+        while len(found) < count:
+            batches = await consumer.getmany(timeout_ms=10_000)
+            assert batches, f"only {len(found)} dead letters on the DLQ topic"
+            for record in (r for records in batches.values() for r in records):
+                headers = dict(record.headers)
+                coordinates = (
+                    headers["dlq.source.topic"].decode().removeprefix(prefix),
+                    int(headers["dlq.source.partition"]),
+                    int(headers["dlq.source.offset"]),
+                )
+                found[coordinates] = (record.key, record.value, headers)
+    finally:
+        await kafka_io.stop_consumer(consumer)
+    return found
+
+
+async def test_a_dlq_topic_too_small_for_a_dead_letter_stops_the_agent_naming_the_setting(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    # Kafka's default limit fits every dead letter; a topic configured below it refuses one,
+    # and retrying cannot help: the agent stops and says what to change, never stalls.
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    settings = kafka_clients.kafka_settings(bootstrap)
+    admin = kafka_clients.admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    topic_name(DLQ_TOPIC, prefix),
+                    1,
+                    replication_factor=1,
+                    topic_configs={"max.message.bytes": "20000"},
+                )
+            ]
+        )
+    finally:
+        await admin.close()
+    await create_topics(bootstrap, prefix, partitions=1)  # the data topics
+    await produce(bootstrap, prefix, [Outgoing(METRICS, b"m", b"{" + b"x" * 50_000)])
+    log = tmp_path / "agent.log"
+    agent = AgentProcess(agent_env(bootstrap, database_url, prefix, prefix), log).start()
+    try:
+
+        async def stopped() -> bool:
+            return not agent.alive()
+
+        await until(stopped, within=90, what="the agent kept retrying a letter its topic refuses")
+        assert agent.wait(0) == 2
+        text = log.read_text()
+        assert f"dead-letter topic {prefix}pipeline.dlq refused a dead letter as too large" in (
+            text
+        ), text[-3000:]
+        assert "max.message.bytes" in text
+    finally:
+        agent.kill()
