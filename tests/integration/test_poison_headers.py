@@ -48,6 +48,7 @@ from tests.integration.test_control import (
     orchestrator,
     status_acks,
 )
+from tests.raw_headers import RawName
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -55,22 +56,6 @@ __all__ = ["keys"]  # the fixture, used by name
 
 BAD_NAME = b"\xff\xfe"
 BAD_REASON = "header name b'\\xff\\xfe' is not UTF-8"
-
-
-class RawName(str):
-    """A header name sent as these bytes. aiokafka's producer takes names as ``str`` and
-    encodes them; its pure-Python batch builder does so with ``str.encode``, which this
-    overrides (its C builder encodes without asking)."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        name = super().__new__(cls, raw.hex())
-        name.raw = raw
-        return name
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
 
 
 Header = tuple[str, bytes | None]
