@@ -23,9 +23,10 @@ from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
 from pipeline.control import Ack, control_topics
 from pipeline.devstack.processes import choose_port
+from pipeline.lag_probe import LagProbe
 from pipeline.records import DLQ_TOPIC, JSON, STREAM_BY_NAME, topic_name
 from pipeline.testbed import AgentProcess
-from tests.conftest import Servers
+from tests.conftest import CreateTopic, Servers
 from tests.integration.harness import (
     Outgoing,
     Sent,
@@ -277,3 +278,42 @@ async def test_a_control_record_whose_header_name_is_not_utf8_is_rejected_and_th
             (7, "applied", "", ""),
         ]
     )
+
+
+async def test_the_other_readers_read_past_such_a_record(
+    servers: Servers, create_topic: CreateTopic
+) -> None:
+    """Every consumer of the project comes from kafka_clients.consumer: `pipeline top`,
+    Antigravity's status readers and the replay worker read with ``getmany`` as here; the lag
+    probe asks for the timestamp of the record at a stored offset, here the bad one."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    topic = await create_topic("poison")
+    bad: list[Header] = [(RawName(BAD_NAME), b"x")]
+    first = await send_batch(bootstrap, topic, 0, [(b"k", b"a", []), (b"k", b"b", bad)])
+    await send_batch(bootstrap, topic, 0, [(b"k", b"c", [])])
+    tp = TopicPartition(topic, 0)
+    kafka = kafka_clients.kafka_settings(bootstrap)
+
+    consumer = kafka_clients.consumer(kafka, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, first)
+        found: list[Any] = []
+        while len(found) < 3:
+            found += (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+    finally:
+        await kafka_io.stop_consumer(consumer)
+    assert [(r.offset - first, r.value, r.headers) for r in found] == [
+        (0, b"a", ()),
+        (1, b"b", (("\udcff\udcfe", b"x"),)),
+        (2, b"c", ()),
+    ]
+
+    probe = LagProbe(kafka, timeout_s=10)
+    try:
+        stored = {(topic, 0): first + 1}
+        oldest = await probe.oldest_timestamps(stored, await probe.end_offsets(list(stored)))
+    finally:
+        await probe.stop()
+    assert oldest == {(topic, 0): found[1].timestamp}
