@@ -63,13 +63,14 @@ class _FetchedRecords:
 
 
 class _Reparsed:
-    """The rest of a fetch after a batch that raised: that batch parsed by
-    :class:`_TolerantBatch`, then the batches after it by aiokafka's C parser again."""
+    """The rest of a fetch from a batch that raised: that batch parsed by
+    :class:`_TolerantBatch`, then the batches after it (from ``after`` on in ``data``, the
+    whole fetch) by aiokafka's C parser again."""
 
-    def __init__(self, batch: _TolerantBatch, after: bytes) -> None:
+    def __init__(self, batch: _TolerantBatch, data: bytes, after: int) -> None:
         self._batch: _TolerantBatch | None = batch
-        self.data = after
-        self._after = MemoryRecords(after)
+        self.data = data
+        self._after = MemoryRecords(data[after:])
 
     def has_next(self) -> bool:
         return self._batch is not None or bool(self._after.has_next())
@@ -88,6 +89,7 @@ class _PartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc]  # aiok
 
     _records: Any
     _records_iterator: Any
+    _reparsed_at: int | None = None
 
     def __next__(self) -> Any:
         # aiokafka's own __next__, plus the except clause: nothing more per record.
@@ -103,10 +105,12 @@ class _PartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc]  # aiok
 
     def _reparse(self) -> bool:
         """Go on from the batch that raised: aiokafka's own generator, over what
-        :func:`_rest_of_fetch` gives. False when that is not what raised."""
+        :func:`_rest_of_fetch` gives. False when a header name is not what raised: the same
+        record raised again after its batch was parsed again (a deserializer, say)."""
         data = getattr(self._records, "data", None)
-        if data is None:
+        if data is None or self._reparsed_at == self.next_fetch_offset:
             return False
+        self._reparsed_at = self.next_fetch_offset
         rest = _rest_of_fetch(data, self.next_fetch_offset)
         if rest is None:
             return False
@@ -131,7 +135,7 @@ def _rest_of_fetch(data: bytes, next_offset: int) -> _Reparsed | None:
         if v2:
             last += _LAST_OFFSET_DELTA.unpack_from(data, pos + _LAST_OFFSET_DELTA_AT)[0]
         if last >= next_offset:
-            return _Reparsed(_TolerantBatch(data[pos:stop]), data[stop:]) if v2 else None
+            return _Reparsed(_TolerantBatch(data[pos:stop]), data, stop) if v2 else None
         pos = stop
     return None
 

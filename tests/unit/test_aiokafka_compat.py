@@ -103,6 +103,24 @@ def test_a_bad_record_first_or_last_in_its_batch_or_in_every_batch() -> None:
     ]
 
 
+@pytest.mark.parametrize("at", [b"v3", b"v4"])
+def test_a_decode_error_that_is_not_a_header_name_is_raised_not_retried(at: bytes) -> None:
+    # At the bad record itself, and at a good one after it in the batch parsed again.
+    def value(raw: bytes) -> str:
+        if raw == at:
+            raise UnicodeDecodeError("utf-8", raw, 0, 1, "a deserializer's own error")
+        return raw.decode()
+
+    records = aiokafka_compat._PartitionRecords(
+        TP, aiokafka_compat._FetchedRecords(FETCH), [], 0, None, value, True, READ_COMMITTED
+    )
+    before = int(at[1:])
+    assert [next(records).offset for _ in range(before)] == list(range(before))
+    with pytest.raises(UnicodeDecodeError, match="deserializer"):
+        next(records)
+    assert records.next_fetch_offset == before  # nothing skipped
+
+
 def test_a_good_fetch_is_parsed_by_aiokafka_alone() -> None:
     data = batch(0, [[("a", b"1")], []]) + batch(2, [[]])
     records = aiokafka_compat._PartitionRecords(
