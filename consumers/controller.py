@@ -28,7 +28,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -65,7 +65,7 @@ from pipeline.control import (
     verify,
 )
 from pipeline.db import Connection
-from pipeline.records import STREAMS
+from pipeline.records import STREAMS, header_names_not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Controller:
     # -- one record ------------------------------------------------------------------------
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        offset, raw = record.offset, record.value
+        offset, raw, headers = record.offset, record.value, record.headers
         if self.verifier is None and offset >= self.state.next_offset:
             # Not ours to decide without keys; another instance may, and we will follow.
             undecided = await self.agent.in_ingest_transaction(
@@ -192,7 +192,7 @@ class Controller:
         else:
             now = self.clock()
             outcome = await self.agent.in_ingest_transaction(
-                lambda conn: self._decide(conn, offset, raw, now)
+                lambda conn: self._decide(conn, offset, raw, now, headers)
             )
         self.state = outcome.state
         await self._converge(outcome.state, activated=outcome.activated)
@@ -249,15 +249,25 @@ class Controller:
         return await self._follow(conn, state, offset, None)
 
     async def _decide(
-        self, conn: Connection, offset: int, raw: bytes | None, now: datetime
+        self,
+        conn: Connection,
+        offset: int,
+        raw: bytes | None,
+        now: datetime,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> _Outcome:
         """The group's decision on the record at ``offset``: made now, or followed."""
         state = await store.lock_state(conn, self.group)
         if offset < state.next_offset:
             return await self._follow(conn, state, offset, raw)
         assert self.verifier is not None
-        verdict = decide(
-            raw, keys=self.verifier, group=self.group, applied_seq=state.applied_seq, now=now
+        bad_names = header_names_not_utf8(headers)  # Kafka's protocol makes them UTF-8
+        verdict = (
+            Reject("undecodable", f"header name {bad_names[0]!r} is not UTF-8")
+            if bad_names
+            else decide(
+                raw, keys=self.verifier, group=self.group, applied_seq=state.applied_seq, now=now
+            )
         )
         moved = msgspec.structs.replace(state, next_offset=offset + 1)
         if isinstance(verdict, Ignore):

@@ -27,6 +27,7 @@ from asyncpg.exceptions._base import InternalClientError
 
 from pipeline.batching import FetchedRecord, Row
 from pipeline.errors import ConfigError, DataError, FencedError, SchemaError, TransientError
+from pipeline.records import header_name_text
 from pipeline.rows import StreamTables
 
 # The migrations, sql/ at the top of the repository; pipeline/sql links to it, so that an
@@ -577,14 +578,17 @@ class DeadLetter:
 
 
 def dead_letter(record: FetchedRecord, error_class: str, reason: str) -> DeadLetter:
-    """The dead letter of a consumed record: its coordinates, bytes and headers, and why."""
+    """The dead letter of a consumed record: its coordinates, bytes and headers, and why.
+    A header name that is not UTF-8 is kept as text with its bad bytes escaped
+    (:func:`~pipeline.records.header_name_text`): neither jsonb nor the DLQ topic's producer
+    can carry it as it came; the reason of its ``InvalidHeader`` letter quotes the bytes."""
     return DeadLetter(
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         key=record.key,
         value=record.value,
-        headers=list(record.headers),
+        headers=[(header_name_text(name), value) for name, value in record.headers],
         timestamp_ms=record.timestamp,
         error_class=error_class,
         reason=reason,

@@ -41,6 +41,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from pipeline import aiokafka_compat
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -375,7 +376,10 @@ def _said(exc: BaseException) -> str:
 
 
 def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
-    """An :class:`aiokafka.AIOKafkaConsumer` (not started), subscribed to ``topics`` if any."""
+    """An :class:`aiokafka.AIOKafkaConsumer` (not started), subscribed to ``topics`` if any.
+    A record whose header name is not UTF-8 reaches it like any other (see
+    :mod:`pipeline.aiokafka_compat`)."""
+    aiokafka_compat.install()
     return AIOKafkaConsumer(*topics, **_arguments(settings, overrides))
 
 

@@ -11,6 +11,7 @@ Each record type maps to its topic and key field in :data:`STREAMS`; its table(s
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -105,6 +106,31 @@ STREAM_BY_TYPE: dict[type[Record], Stream] = {s.record_type: s for s in STREAMS}
 STREAM_BY_NAME: dict[str, Stream] = {s.name: s for s in STREAMS}
 
 DLQ_TOPIC = "pipeline.dlq"
+
+
+def header_names_not_utf8(headers: Iterable[tuple[str, bytes | None]]) -> list[bytes]:
+    """The header names of a record that are not UTF-8, as their bytes; none for a good one.
+
+    Kafka's protocol makes a header name UTF-8, but brokers do not check it. Such a name
+    reaches a reader as text holding lone surrogates (``surrogateescape``, see
+    :mod:`pipeline.aiokafka_compat`), which no UTF-8 text holds. ASCII names, the common case,
+    are checked without encoding them."""
+    found = []
+    for name, _ in headers:
+        if not name.isascii():
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                found.append(name.encode("utf-8", "surrogateescape"))
+    return found
+
+
+def header_name_text(name: str) -> str:
+    """A header name as UTF-8 text can carry it: bytes that are not UTF-8 written as
+    ``\\xNN`` (as ``dead_letters.record_headers`` writes header values)."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def topic_name(topic: str, prefix: str = "") -> str:

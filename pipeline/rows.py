@@ -33,6 +33,7 @@ from pipeline.records import (
     Record,
     StateChange,
     Stream,
+    header_names_not_utf8,
 )
 
 PROVENANCE = ("src_partition", "src_offset", "batch_id")
@@ -231,6 +232,9 @@ class StreamDecoder:
         batch_id: int,
     ) -> Row:
         """The COPY row for one record; :class:`RecordRejected` when it cannot be ingested."""
+        bad_names = header_names_not_utf8(headers) if headers else None
+        if bad_names:
+            raise RecordRejected("InvalidHeader", f"header name {bad_names[0]!r} is not UTF-8")
         if value is None:
             raise RecordRejected("EmptyRecord", "record has no value (a tombstone)")
         content_type = _content_type(headers) if headers else JSON
