@@ -1,7 +1,8 @@
 """No single record stops the pipeline: poison among several thousand good records, while
 two agents run. Each poison record is one dead letter, in ``dead_letters`` and on the DLQ
 topic, with its reason and coordinates; every good record lands exactly once; neither agent
-stops or restarts.
+stops or restarts. Among them too, batches holding a record whose header name is not UTF-8
+(test_poison_headers.py sends them: aiokafka's producer cannot).
 
 One more kind of bad record is one more :class:`Poison` in :func:`poison_cases`.
 """
@@ -48,6 +49,7 @@ from tests.integration.harness import (
     until,
     wait_caught_up,
 )
+from tests.integration.test_poison_headers import BAD_REASON, send_poison
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -187,12 +189,15 @@ async def test_poison_among_good_records_is_dead_lettered_and_stops_no_agent(
                 assert agent.alive(), (tmp_path / log).read_text()[-3000:]
             assert [agent.pid for agent in agents] == pids
 
-        sent = await produce_paced(bootstrap, prefix, traffic, over=6.0, chunks=12)
+        half = len(traffic) // 2
+        sent = await produce_paced(bootstrap, prefix, traffic[:half], over=3.0, chunks=6)
+        bad_names = await send_poison(bootstrap, prefix, fleet_traffic(200, seed=62))
+        sent += await produce_paced(bootstrap, prefix, traffic[half:], over=3.0, chunks=6)
         ends = await wait_caught_up(
             database_url, bootstrap, prefix, prefix, within=180, on_poll=still_running
         )
         await still_running()
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_exactly_once(database_url, prefix, prefix, sent + bad_names, ends)
         for agent in agents:
             assert agent.stop() == 0
     finally:
@@ -200,8 +205,10 @@ async def test_poison_among_good_records_is_dead_lettered_and_stops_no_agent(
             agent.kill()
 
     where = {id(o): s for o, s in zip(traffic, sent, strict=True)}
-    good = [s for s in sent if s.poison is None]
-    assert len(good) == 20_000 and len(sent) == 20_000 + len(cases)
+    bad_name_at = {(s.topic, s.partition, s.offset) for s in bad_names if s.poison}
+    good = [s for s in sent + bad_names if s.poison is None]
+    assert len(sent) == 20_000 + len(cases)
+    assert (len(good), len(bad_name_at)) == (20_000 + 12, 6)
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         for stream, table in APPEND_TABLE.items():
@@ -213,7 +220,9 @@ async def test_poison_among_good_records_is_dead_lettered_and_stops_no_agent(
         }
     finally:
         await conn.close()
-    assert len(letters) == len(cases)
+    assert len(letters) == len(cases) + len(bad_name_at)
+    for at in bad_name_at:
+        assert (letters[at]["error_class"], letters[at]["reason"]) == ("InvalidHeader", BAD_REASON)
     for case in cases:
         s = where[id(case.outgoing)]
         row = letters[(s.topic, s.partition, s.offset)]
@@ -228,8 +237,14 @@ async def test_poison_among_good_records_is_dead_lettered_and_stops_no_agent(
 
     # The DLQ topic: one letter per poison record (at least once: a retried batch publishes
     # its letters again), each with its coordinates, class and reason, each within the limit.
-    on_topic = await _dlq_letters(bootstrap, prefix, len(cases))
-    assert set(on_topic) == {(s.topic, s.partition, s.offset) for s in sent if s.poison}
+    on_topic = await _dlq_letters(bootstrap, prefix, len(cases) + len(bad_name_at))
+    assert set(on_topic) == {(s.topic, s.partition, s.offset) for s in sent + bad_names if s.poison}
+    for at in bad_name_at:
+        _, _, headers = on_topic[at]
+        assert (headers["dlq.error.class"], headers["dlq.reason"].decode()) == (
+            b"InvalidHeader",
+            BAD_REASON,
+        )
     for case in cases:
         s = where[id(case.outgoing)]
         key, value, headers = on_topic[(s.topic, s.partition, s.offset)]
