@@ -3,6 +3,8 @@ them, and aiokafka's producer cannot send them on its own."""
 
 from __future__ import annotations
 
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
 
 class RawName(str):
     """A header name sent as these bytes. aiokafka's producer takes names as ``str`` and
@@ -18,3 +20,17 @@ class RawName(str):
 
     def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
         return self.raw
+
+
+def batch_builder(*, gzip: bool = False) -> _DefaultRecordBatchBuilderPy:
+    """aiokafka's pure-Python v2 batch builder, the one that sends a :class:`RawName` as its
+    bytes."""
+    return _DefaultRecordBatchBuilderPy(
+        2,
+        _DefaultRecordBatchBuilderPy.CODEC_GZIP if gzip else 0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=0,
+        batch_size=1 << 20,
+    )

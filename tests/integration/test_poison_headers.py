@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
@@ -49,7 +48,7 @@ from tests.integration.test_control import (
     orchestrator,
     status_acks,
 )
-from tests.raw_headers import RawName
+from tests.raw_headers import RawName, batch_builder
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -79,15 +78,7 @@ async def send_batch(
     await producer.start()
     try:
         batch = producer.create_batch()
-        batch._builder = _DefaultRecordBatchBuilderPy(
-            2,
-            _DefaultRecordBatchBuilderPy.CODEC_GZIP if gzip else 0,
-            is_transactional=0,
-            producer_id=-1,
-            producer_epoch=-1,
-            base_sequence=0,
-            batch_size=1 << 20,
-        )
+        batch._builder = batch_builder(gzip=gzip)
         for key, value, headers in records:
             assert batch.append(key=key, value=value, timestamp=None, headers=headers) is not None
         delivered = await producer.send_batch(batch, topic, partition=partition)

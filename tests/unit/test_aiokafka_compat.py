@@ -10,14 +10,13 @@ from typing import Any
 import pytest
 from aiokafka.consumer import fetcher
 from aiokafka.consumer.fetcher import READ_COMMITTED
-from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from pipeline import aiokafka_compat, db, kafka_clients
 from pipeline.records import header_name_text, header_names_not_utf8
 from pipeline.rows import DECODERS
-from tests.raw_headers import RawName
+from tests.raw_headers import RawName, batch_builder
 
 TP = TopicPartition("topic", 0)
 BAD = "\udcff\udcfe"  # b"\xff\xfe" with surrogateescape
@@ -27,15 +26,7 @@ ORIGINAL = aiokafka_compat._PartitionRecords.__mro__[1]
 
 def batch(base_offset: int, headers: list[list[Header]], *, gzip: bool = False) -> bytes:
     """A v2 batch of one record per entry of ``headers``, values ``v<offset>``."""
-    builder = _DefaultRecordBatchBuilderPy(
-        2,
-        _DefaultRecordBatchBuilderPy.CODEC_GZIP if gzip else 0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=0,
-        batch_size=1 << 20,
-    )
+    builder = batch_builder(gzip=gzip)
     for i, record_headers in enumerate(headers):
         value = b"v%d" % (base_offset + i)
         assert builder.append(i, timestamp=None, key=None, value=value, headers=record_headers)
