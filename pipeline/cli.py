@@ -179,6 +179,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between refreshes (1)",
     )
+    top.add_argument(
+        "--metrics-hosts",
+        metavar="LIST",
+        help="the hosts whose /metrics may be fetched: a comma list of names, IPs and networks "
+        "(10.0.0.0/8); heartbeats are unsigned, so an address they name elsewhere is shown, "
+        "not fetched (default $PIPELINE_TOP_METRICS_HOSTS, else this machine: "
+        "127.0.0.1,::1,localhost)",
+    )
     top.set_defaults(handler=_top)
     _replay_parser(commands)
     _dlq_parser(commands)
@@ -615,6 +623,8 @@ def _control_command(args: argparse.Namespace) -> Any:
 
 
 def _antigravity(config: Config, *, signing: bool) -> Any:
+    """The orchestrator: with the private key when ``signing``; trusting, for the seq and the
+    status views, the agents' public keys (PIPELINE_CONTROL_PUBLIC_KEYS) when set."""
     from consumers.antigravity import Antigravity
     from pipeline import control
 
@@ -631,20 +641,56 @@ def _antigravity(config: Config, *, signing: bool) -> Any:
             raise ConfigError(
                 f"PIPELINE_CONTROL_PRIVATE_KEY_FILE: cannot read {exc.filename}: {exc.strerror}"
             ) from None
-    return Antigravity(config.kafka, prefix=config.topic_prefix, private_key=key)
+    verifier = _verifier(config)
+    public_keys = [] if verifier is None else verifier.public_keys
+    return Antigravity(
+        config.kafka, prefix=config.topic_prefix, private_key=key, public_keys=public_keys
+    )
+
+
+async def _applied_seq(config: Config) -> int:
+    """The group's applied seq in PostgreSQL, or 0 with a warning when the database cannot
+    be read (the control topic's signed envelopes alone then give the seq)."""
+    from pipeline import control_store
+
+    try:
+        conn = await db.connect(config.database_url, config.db_session)
+        try:
+            return (await control_store.load_state(conn, config.group_id)).applied_seq
+        finally:
+            await conn.close()
+    except (OSError, PipelineError, asyncpg.PostgresError) as exc:
+        print(
+            f"pipeline: warning: the group's applied seq was not read from PostgreSQL ({exc}); "
+            "the seq comes from the control topic alone",
+            file=sys.stderr,
+        )
+        return 0
 
 
 def _control_send(args: argparse.Namespace) -> int:
     config = _load_kafka_config(args, group_id=args.group)
     command = _control_command(args)
     antigravity = _antigravity(config, signing=True)
-    delivery = asyncio.run(antigravity.send(config.group_id, command, wait_s=args.wait))
+
+    async def send() -> Any:
+        applied = await _applied_seq(config)
+        return await antigravity.send(
+            config.group_id, command, wait_s=args.wait, applied_seq=applied
+        )
+
+    delivery = asyncio.run(send())
     envelope = delivery.envelope
     live = len(delivery.live)
     print(
         f"{envelope.kind} (seq {envelope.seq}, command {envelope.command_id}) sent to group "
         f"{config.group_id} at control offset {delivery.offset}; "
-        + (f"{live} live instance(s)" if live else "no live instance: applied when one starts")
+        + (
+            f"{live} live instance(s) by their heartbeats; acks as reported by the instances "
+            "(unsigned; `pipeline control log` has the group's decision):"
+            if live
+            else "no live instance: applied when one starts"
+        )
     )
     for instance, ack in sorted(delivery.acks.items()):
         outcome = ack.outcome + (f": {ack.detail}" if ack.outcome == "rejected" else "")
@@ -661,24 +707,35 @@ def _control_status(args: argparse.Namespace) -> int:
 
     async def gather() -> tuple[int, list[Any]]:
         await antigravity.ensure_topics()
-        return await antigravity.latest_seq(config.group_id), await antigravity.fleet(
+        # The seq is from signed envelopes; the instances, what their heartbeats say.
+        return await antigravity.highest_seq(config.group_id), await antigravity.fleet(
             config.group_id
         )
 
-    latest, heard = asyncio.run(gather())
+    highest, heard = asyncio.run(gather())
+    # Without a key to check signatures, no seq on the control topic can be trusted.
+    latest = highest if antigravity.verifier.key_ids else None
     fleet = [h for h in heard if h.state != "stopping"]
-    instances = [{**msgspec.to_builtins(h), "behind": h.applied_seq < latest} for h in fleet]
+
+    def behind(h: Any) -> bool:
+        return latest is not None and h.applied_seq < latest
+
+    instances = [{**msgspec.to_builtins(h), "behind": behind(h)} for h in fleet]
     if args.json:
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
-    print(f"group {config.group_id}: latest command seq {latest}; {len(fleet)} live instance(s)")
+    shown = "unknown (no PIPELINE_CONTROL_PUBLIC_KEYS)" if latest is None else latest
+    print(
+        f"group {config.group_id}: latest signed command seq {shown}; {len(fleet)} live "
+        "instance(s), as reported by their heartbeats (unsigned):"
+    )
     for h in heard:
         if h.state == "stopping":
             print(f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})")
     for h in fleet:
-        behind = "  BEHIND" if h.applied_seq < latest else ""
+        mark = "  BEHIND" if behind(h) else ""
         print(
-            f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{behind}, assignment "
+            f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{mark}, assignment "
             f"v{h.assignment_version}, streams {','.join(h.active_streams) or '-'}, "
             f"{len(h.owned_partitions)} partitions, lag {h.lag}"
             + (f", last error: {h.last_error}" if h.last_error else "")
@@ -688,10 +745,23 @@ def _control_status(args: argparse.Namespace) -> int:
 
 def _top(args: argparse.Namespace) -> int:
     from consumers.top import Top, run_top
+    from pipeline.top import LOOPBACK_HOSTS, METRICS_HOSTS_ENV, MetricsHosts
 
     config = _load_config(args, group_id=args.group)
+    if args.metrics_hosts is not None:
+        setting, listed = "--metrics-hosts", args.metrics_hosts
+    else:
+        setting, listed = METRICS_HOSTS_ENV, os.environ.get(METRICS_HOSTS_ENV, LOOPBACK_HOSTS)
+    try:
+        hosts = MetricsHosts.parse(listed)
+    except ValueError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
     top = Top(
-        config.kafka, prefix=config.topic_prefix, group=config.group_id, interval_s=args.interval
+        config.kafka,
+        prefix=config.topic_prefix,
+        group=config.group_id,
+        interval_s=args.interval,
+        metrics_hosts=hosts,
     )
     run_top(top, once=args.once)
     return 0

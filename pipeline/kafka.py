@@ -66,6 +66,17 @@ async def ensure_topics(
         await admin.close()
 
 
+async def partition_count(kafka: KafkaSettings | str, topic: str) -> int:
+    """How many partitions ``topic`` has (``kafka`` as in :func:`ensure_topics`)."""
+    admin = kafka_clients.admin(kafka_settings(kafka), request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return len(described["partitions"])
+
+
 def make_consumer(config: Config, listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
     """A group member with the safe settings: no auto-commit, positions from the database.
     Its client id is the instance id."""
