@@ -771,10 +771,29 @@ def highest_seq(raws: Iterable[bytes | None], *, keys: Verifier, group: str) -> 
     """
     highest = 0
     for raw in raws:
+        # Only a record that would raise the answer is verified: reading a long log (or a
+        # flood) costs a signature check per new high, not per record.
+        if not raw or len(raw) > MAX_ENVELOPE_BYTES:
+            continue
+        try:
+            peek = _peek_decoder.decode(raw)
+        except _DECODE_ERRORS:
+            continue
+        if peek.target != group or peek.seq <= highest:
+            continue
         envelope = verify(raw, keys=keys)
         if isinstance(envelope, Envelope) and envelope.target == group:
             highest = max(highest, envelope.seq)
     return highest
+
+
+class _SeqPeek(msgspec.Struct):
+    # An envelope's seq and target, unverified: only to skip records that cannot matter.
+    seq: int
+    target: str
+
+
+_peek_decoder = msgspec.msgpack.Decoder(_SeqPeek)
 
 
 Assignment = tuple[tuple[str, ...], BatchLimits]  # an applied Assign's streams and limits
