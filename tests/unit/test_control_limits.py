@@ -53,9 +53,7 @@ def test_the_lifetime_is_checked_after_the_command_and_before_the_clock() -> Non
 
 def test_the_limit_is_a_parameter() -> None:
     two_hours = signed_wire(fields(expires_at=NOW + timedelta(hours=2)))
-    assert rejected(run(two_hours, max_lifetime=timedelta(hours=1))).reason == (
-        "lifetime_too_long"
-    )
+    assert rejected(run(two_hours, max_lifetime=timedelta(hours=1))).reason == ("lifetime_too_long")
 
 
 def test_the_orchestrator_does_not_sign_a_command_beyond_it() -> None:

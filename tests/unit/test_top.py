@@ -266,8 +266,7 @@ def test_by_default_only_this_machine_is_scraped() -> None:
     assert errors == {
         "vm-1": "",
         "vm-2": "",
-        "vm-3": "metrics 10.0.0.2:9108: not fetched: host not allowed "
-        "(PIPELINE_TOP_METRICS_HOSTS)",
+        "vm-3": "metrics 10.0.0.2:9108: not fetched: host not allowed (PIPELINE_TOP_METRICS_HOSTS)",
         "vm-4": "metrics 169.254.169.254:80: not fetched: host not allowed "
         "(PIPELINE_TOP_METRICS_HOSTS)",
     }
