@@ -206,7 +206,9 @@ def _mutate_fields(draw: st.DrawFn, unsigned: dict[str, Any], ops: tuple[str, ..
 def _encode(value: Any) -> bytes | None:
     try:
         return msgspec.msgpack.encode(value)
-    except (msgspec.EncodeError, OverflowError, TypeError, UnicodeEncodeError):
+    # RecursionError: a value nested deeper than the stack allows here (how deep that is
+    # depends on the stack the test runs on), as decode_status and decide allow for too.
+    except (msgspec.EncodeError, OverflowError, TypeError, UnicodeEncodeError, RecursionError):
         return None
 
 
