@@ -19,10 +19,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -648,46 +648,60 @@ def _antigravity(config: Config, *, signing: bool) -> Any:
     )
 
 
-async def _applied_seq(config: Config) -> int:
-    """The group's applied seq in PostgreSQL, or 0 with a warning when the database cannot
-    be read (the control topic's signed envelopes alone then give the seq)."""
-    from pipeline import control_store
+_T = TypeVar("_T")
 
+
+async def _from_database(
+    config: Config, what: str, read: Callable[[Any], Awaitable[_T]]
+) -> tuple[_T] | None:
+    """``read(conn)`` on the group's database, or None with a warning naming ``what`` when
+    the database cannot be read (`pipeline control` still works from Kafka alone)."""
     try:
         conn = await db.connect(config.database_url, config.db_session)
         try:
-            return (await control_store.load_state(conn, config.group_id)).applied_seq
+            return (await read(conn),)
         finally:
             await conn.close()
     except (OSError, PipelineError, asyncpg.PostgresError) as exc:
-        print(
-            f"pipeline: warning: the group's applied seq was not read from PostgreSQL ({exc}); "
-            "the seq comes from the control topic alone",
-            file=sys.stderr,
-        )
-        return 0
+        print(f"pipeline: warning: {what} not read from PostgreSQL: {exc}", file=sys.stderr)
+        return None
 
 
 def _control_send(args: argparse.Namespace) -> int:
+    """Sign and send a command; report the acks (as the instances report them, unsigned) and
+    the group's decision as PostgreSQL recorded it, which is what the exit status follows
+    when the database can be read."""
+    from pipeline import control_store
+
     config = _load_kafka_config(args, group_id=args.group)
     command = _control_command(args)
     antigravity = _antigravity(config, signing=True)
+    group = config.group_id
 
-    async def send() -> Any:
-        applied = await _applied_seq(config)
-        return await antigravity.send(
-            config.group_id, command, wait_s=args.wait, applied_seq=applied
+    async def send() -> tuple[Any, Any]:
+        state = await _from_database(
+            config,
+            "the group's applied seq (the seq comes from the control topic alone)",
+            lambda conn: control_store.load_state(conn, group),
         )
+        applied = 0 if state is None else state[0].applied_seq
+        delivery = await antigravity.send(group, command, wait_s=args.wait, applied_seq=applied)
+        decided = await _from_database(
+            config,
+            "the group's decision",
+            lambda conn: control_store.decision_at(conn, group, delivery.offset),
+        )
+        return delivery, decided
 
-    delivery = asyncio.run(send())
+    delivery, decided = asyncio.run(send())
     envelope = delivery.envelope
     live = len(delivery.live)
     print(
         f"{envelope.kind} (seq {envelope.seq}, command {envelope.command_id}) sent to group "
-        f"{config.group_id} at control offset {delivery.offset}; "
+        f"{group} at control offset {delivery.offset}; "
         + (
             f"{live} live instance(s) by their heartbeats; acks as reported by the instances "
-            "(unsigned; `pipeline control log` has the group's decision):"
+            "(unsigned):"
             if live
             else "no live instance: applied when one starts"
         )
@@ -697,7 +711,18 @@ def _control_send(args: argparse.Namespace) -> int:
         print(f"  {instance}: {outcome}")
     for instance in delivery.missing:
         print(f"  {instance}: no ack within {args.wait:g}s")
-    return 0 if delivery.ok else 1
+    ok = delivery.ok
+    if decided is not None:
+        (decision,) = decided
+        if decision is not None:
+            reason = f" ({decision.reason})" if decision.reason else ""
+            print(f"the group's decision (PostgreSQL control_log): {decision.outcome}{reason}")
+            ok = ok and decision.outcome == "applied"
+        elif live:
+            # Acks without a decision are not to be believed: the status topic is unsigned.
+            print("the group's decision (PostgreSQL control_log): none yet")
+            ok = False
+    return 0 if ok else 1
 
 
 def _control_status(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -16,18 +18,22 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 
 from consumers.agent import DatabaseAgent
 from consumers.antigravity import Antigravity
 from consumers.controller import Controller, run_controlled
+from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
 from pipeline.config import load_config
 from pipeline.control import (
     ALL_STREAMS,
+    Ack,
     Checkpoint,
     ControlError,
     Deactivate,
+    Envelope,
     Heartbeat,
     Verifier,
     control_topics,
@@ -36,6 +42,7 @@ from pipeline.control import (
     generate_key_pair,
     read_verifier,
     sign,
+    verify,
     write_private_key_file,
     write_public_key_file,
 )
@@ -140,6 +147,77 @@ async def test_a_forged_heartbeat_cannot_exhaust_the_sequence(
     assert [(r["seq"], r["outcome"]) for r in rows] == [(1, "applied"), (2, "applied")]
     state = await fetch(database_url, "SELECT applied_seq FROM control_state")
     assert [r["applied_seq"] for r in state] == [2]
+
+
+async def test_forged_acks_do_not_make_pipeline_control_succeed(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    await ag.ensure_topics()
+    control_topic, status_topic = control_topics(prefix)
+    # No agent runs: an intruder with a status-topic login claims to be one, and acks.
+    forged = Heartbeat(
+        instance_id="intruder",
+        group=prefix,
+        state="running",
+        applied_seq=0,
+        assignment_version=0,
+        active_streams=ALL_STREAMS,
+        owned_partitions=(),
+        lag=0,
+        at=datetime.now(UTC),
+    )
+    await publish(bootstrap, status_topic, [encode_status(forged)])
+
+    async def ack_whatever_is_sent() -> None:
+        consumer = kafka_clients.consumer(kafka_clients.kafka_settings(bootstrap))
+        await consumer.start()
+        try:
+            tp = TopicPartition(control_topic, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, 0)
+            while True:
+                for record in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
+                    envelope = verify(record.value, keys=Verifier([keys.private.public_key()]))
+                    assert isinstance(envelope, Envelope)
+                    ack = Ack(
+                        command_id=envelope.command_id,
+                        seq=envelope.seq,
+                        kind=envelope.kind,
+                        instance_id="intruder",
+                        group=prefix,
+                        outcome="applied",
+                        at=datetime.now(UTC),
+                    )
+                    await publish(bootstrap, status_topic, [encode_status(ack)])
+                    return
+        finally:
+            await kafka_io.stop_consumer(consumer)
+
+    forger = asyncio.create_task(ack_whatever_is_sent())
+    env = controlled_env(bootstrap, database_url, prefix, keys)
+    env["PIPELINE_CONTROL_PRIVATE_KEY_FILE"] = str(keys.private_path)
+    sent = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "pipeline.cli", "control", "checkpoint", "cp", "--wait", "20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    await asyncio.wait_for(forger, 10)
+    assert sent.returncode == 1, sent.stdout + sent.stderr
+    lines = sent.stdout.splitlines()
+    assert "1 live instance(s) by their heartbeats; acks as reported by the instances" in lines[0]
+    assert lines[1:] == [
+        "  intruder: applied",
+        "the group's decision (PostgreSQL control_log): none yet",
+    ]
 
 
 # -- a flood of garbage on the control topic ---------------------------------------------------
