@@ -181,8 +181,13 @@ class Controller:
                     except Exception as exc:
                         if self.agent.stopping:
                             raise
-                        await self._give_up(records[0].offset, exc)
-                        done = 1
+                        if self.verifier is None:
+                            # Not ours to decide, even as a rejection: ask again shortly.
+                            log.error("control record at offset %d: %r", records[0].offset, exc)
+                            done = 0
+                        else:
+                            await self._give_up(records[0].offset, exc)
+                            done = 1
                     if not done:
                         # No keys, and nobody has decided the first record yet: ask again
                         # shortly, never moving past it (docs/control-plane.md).

@@ -772,7 +772,6 @@ def _top(args: argparse.Namespace) -> int:
     from consumers.top import Top, run_top
     from pipeline.top import LOOPBACK_HOSTS, METRICS_HOSTS_ENV, MetricsHosts
 
-    config = _load_config(args, group_id=args.group)
     if args.metrics_hosts is not None:
         setting, listed = "--metrics-hosts", args.metrics_hosts
     else:
@@ -781,6 +780,7 @@ def _top(args: argparse.Namespace) -> int:
         hosts = MetricsHosts.parse(listed)
     except ValueError as exc:
         raise ConfigError(f"{setting}: {exc}") from None
+    config = _load_config(args, group_id=args.group)
     top = Top(
         config.kafka,
         prefix=config.topic_prefix,
