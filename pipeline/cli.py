@@ -623,18 +623,19 @@ def _control_command(args: argparse.Namespace) -> Any:
 
 
 def _antigravity(config: Config, *, signing: bool) -> Any:
-    """The orchestrator: with the private key when ``signing``; trusting, for the seq and the
-    status views, the agents' public keys (PIPELINE_CONTROL_PUBLIC_KEYS) when set."""
+    """The orchestrator: with the private key (required when ``signing``); trusting, for the
+    seq and the status views, that key's public half and the agents' public keys
+    (PIPELINE_CONTROL_PUBLIC_KEYS), those that are set."""
     from consumers.antigravity import Antigravity
     from pipeline import control
 
     key = None
-    if signing:
-        if not config.control_private_key_file:
-            raise ConfigError(
-                "PIPELINE_CONTROL_PRIVATE_KEY_FILE is not set: sending a command needs the "
-                "orchestrator's private key (make a pair with `pipeline control keygen DIR`)"
-            )
+    if signing and not config.control_private_key_file:
+        raise ConfigError(
+            "PIPELINE_CONTROL_PRIVATE_KEY_FILE is not set: sending a command needs the "
+            "orchestrator's private key (make a pair with `pipeline control keygen DIR`)"
+        )
+    if config.control_private_key_file:
         try:
             key = control.read_private_key_file(Path(config.control_private_key_file))
         except OSError as exc:
@@ -749,7 +750,7 @@ def _control_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
-    shown = "unknown (no PIPELINE_CONTROL_PUBLIC_KEYS)" if latest is None else latest
+    shown = latest if latest is not None else "unknown (no key to verify it with)"
     print(
         f"group {config.group_id}: latest signed command seq {shown}; {len(fleet)} live "
         "instance(s), as reported by their heartbeats (unsigned):"
