@@ -1,6 +1,11 @@
 """Antigravity, the orchestrator's side of the control plane: it signs commands, publishes
 them on the control topic, and reads the fleet's heartbeats and acknowledgements from the
 status topic. ``pipeline control`` is its command line; docs/control-plane.md the protocol.
+
+What it decides on, it can verify: the next seq comes from the signed envelopes on the
+control topic (and the group's applied seq in PostgreSQL, which the caller reads). The status
+topic is unsigned, and anyone who may write it can forge a heartbeat or an ack: what it says
+is reported by the instances, shown as such, and never feeds the seq (docs/security.md).
 """
 
 from __future__ import annotations
@@ -8,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
@@ -26,6 +30,7 @@ from pipeline.control import (
     Envelope,
     Heartbeat,
     Verifier,
+    check_control_partitions,
     control_topics,
     decode_status,
     encode_envelope,
@@ -36,7 +41,9 @@ from pipeline.control import (
 from pipeline.kafka_clients import KafkaSettings
 
 LIVE_WINDOW_S = 15.0  # an instance whose last heartbeat is older than this is not live
-_SEQ_SCAN = 1000  # how many of the control topic's last records are read for the seq
+# Reading a topic to its end fails when no record came for this long (not after a fixed
+# total: a long control log takes as long as it takes).
+_STALLED_S = 30.0
 
 
 @dataclass
@@ -45,8 +52,8 @@ class Delivery:
 
     envelope: Envelope
     offset: int
-    live: list[str]  # the instances expected to answer: live when it was sent
-    acks: dict[str, Ack] = field(default_factory=dict)
+    live: list[str]  # the instances expected to answer: live by their heartbeats (a hint)
+    acks: dict[str, Ack] = field(default_factory=dict)  # as reported: the first per instance
 
     @property
     def missing(self) -> list[str]:
@@ -70,30 +77,49 @@ class Antigravity:
         *,
         prefix: str = "",
         private_key: Ed25519PrivateKey | None = None,
+        public_keys: Iterable[Ed25519PublicKey] = (),
         issuer: str = "antigravity",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.kafka = kafka
         self.control_topic, self.status_topic = control_topics(prefix)
         self.private_key = private_key
+        # The keys whose envelopes count for the seq and the status views: the agents' public
+        # keys (PIPELINE_CONTROL_PUBLIC_KEYS, every key of a rotation) and this key's own.
+        own = [] if private_key is None else [private_key.public_key()]
+        self.verifier = Verifier([*public_keys, *own])
         self.issuer = issuer
         self.clock = clock
 
     async def ensure_topics(self) -> None:
+        """Create the control and status topics if missing; :class:`ControlError` when the
+        control topic has more than one partition (a command on another would be lost)."""
         await kafka_io.ensure_topics(self.kafka, [self.control_topic, self.status_topic], 1)
+        partitions = await kafka_io.partition_count(self.kafka, self.control_topic)
+        check_control_partitions(self.control_topic, partitions)
 
     async def send(
-        self, group: str, command: Command, *, wait_s: float, ttl: timedelta = timedelta(hours=1)
+        self,
+        group: str,
+        command: Command,
+        *,
+        wait_s: float,
+        ttl: timedelta = timedelta(hours=1),
+        applied_seq: int = 0,
     ) -> Delivery:
         """Sign ``command`` with the next seq for ``group``, publish it, and wait up to
         ``wait_s`` for an ack from every instance of the group that is live now.
 
         1. Start reading the status topic at its end: no ack is missed.
-        2. The live instances: those whose last heartbeat is recent and not "stopping".
-        3. The seq: one above the highest of the control topic (envelopes this key signed for
-           the group) and of every live instance's applied seq.
-        4. Sign and publish (acknowledged by every in-sync replica).
-        5. Collect acks for the command until each live instance answered or time is up.
+        2. The live instances: those whose last heartbeat is recent and not "stopping" (as
+           the heartbeats say: who is waited for, never what is signed).
+        3. The seq: one above the highest of the whole control topic (envelopes signed for
+           the group by a key of :attr:`verifier`) and of ``applied_seq`` (the group's, from
+           PostgreSQL, when the caller can read it: it outlives the topic's retention).
+        4. Sign (``ttl`` at most :data:`~pipeline.control.MAX_COMMAND_LIFETIME`) and publish
+           (acknowledged by every in-sync replica).
+        5. Collect acks for the command until each live instance answered or time is up;
+           an instance's first ack counts.
         """
         if self.private_key is None:
             raise ControlError(
@@ -105,10 +131,7 @@ class Antigravity:
         try:
             fleet = await self.fleet(group)
             live = [h.instance_id for h in fleet if h.state != "stopping"]
-            verifier = Verifier([self.private_key.public_key()])
-            highest = max(
-                [await self._highest_seq(group, verifier), *(h.applied_seq for h in fleet)]
-            )
+            highest = max(await self.highest_seq(group), applied_seq)
             now = self.clock()
             envelope = sign(
                 command=command,
@@ -148,28 +171,28 @@ class Antigravity:
                 newest[message.instance_id] = message
         return sorted(newest.values(), key=lambda h: h.instance_id)
 
-    async def latest_seq(self, group: str) -> int:
-        """The highest seq on the control topic for ``group`` (any key; for status views)."""
-        seqs = [_peek_seq(raw, group) for raw in await self._control_tail()]
-        return max([0, *(s for s in seqs if s is not None)])
-
-    # -- internals ---------------------------------------------------------------------------
-
-    async def _highest_seq(self, group: str, verifier: Verifier) -> int:
-        return highest_seq(await self._control_tail(), keys=verifier, group=group)
-
-    async def _control_tail(self) -> list[bytes | None]:
+    async def highest_seq(self, group: str) -> int:
+        """The highest seq on the whole control topic signed for ``group`` by a key of
+        :attr:`verifier` (0: none). Every record is read: a flood of garbage cannot push a
+        signed command out of view."""
         tp = TopicPartition(self.control_topic, 0)
         consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False)
         await consumer.start()
         try:
             consumer.assign([tp])
             end = (await consumer.end_offsets([tp]))[tp]
-            start = (await consumer.beginning_offsets([tp]))[tp]
-            consumer.seek(tp, max(start, end - _SEQ_SCAN))
-            return [r.value for r in await _read_to(consumer, tp, end)]
+            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+            highest = 0
+            async for records in _read_to(consumer, tp, end):
+                highest = max(
+                    highest,
+                    highest_seq((r.value for r in records), keys=self.verifier, group=group),
+                )
+            return highest
         finally:
             await kafka_io.stop_consumer(consumer)
+
+    # -- internals ---------------------------------------------------------------------------
 
     async def _status_consumer(self) -> AIOKafkaConsumer:
         tp = TopicPartition(self.status_topic, 0)
@@ -192,7 +215,7 @@ class Antigravity:
             found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000)})
             start = found[tp].offset if found.get(tp) is not None else end
             consumer.seek(tp, start)
-            return _statuses(await _read_to(consumer, tp, end))
+            return [m async for records in _read_to(consumer, tp, end) for m in _statuses(records)]
         finally:
             await kafka_io.stop_consumer(consumer)
 
@@ -210,21 +233,22 @@ class Antigravity:
                     and message.command_id == command_id
                     and message.group == group
                 ):
-                    delivery.acks[message.instance_id] = message
+                    # The first: a later "rejected" ack for this id answers a forged copy.
+                    delivery.acks.setdefault(message.instance_id, message)
 
 
 async def _read_to(
     consumer: AIOKafkaConsumer, tp: TopicPartition, end: int
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``tp`` from the consumer's position up to ``end``."""
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    deadline = time.monotonic() + 30
+) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
+    """The records of ``tp`` from the consumer's position up to ``end``, as fetched."""
+    stalled_at = time.monotonic() + _STALLED_S
     while await consumer.position(tp) < end:
-        if time.monotonic() > deadline:
+        if time.monotonic() > stalled_at:
             raise ControlError(f"{tp.topic} did not deliver its records up to offset {end}")
-        fetched = await consumer.getmany(tp, timeout_ms=500)
-        records.extend(fetched.get(tp, []))
-    return records
+        fetched = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+        if fetched:
+            stalled_at = time.monotonic() + _STALLED_S
+            yield fetched
 
 
 def _statuses(records: list[ConsumerRecord[bytes, bytes]]) -> list[Heartbeat | Ack]:
@@ -238,19 +262,3 @@ def _statuses(records: list[ConsumerRecord[bytes, bytes]]) -> list[Heartbeat | A
         except ControlError:
             continue  # not ours to judge: an unreadable status message is skipped
     return found
-
-
-class _Peek(msgspec.Struct):
-    seq: int
-    target: str
-
-
-def _peek_seq(raw: bytes | None, group: str) -> int | None:
-    """An envelope's seq for ``group``, without checking its signature (status views only)."""
-    if not raw:
-        return None
-    try:
-        peek = msgspec.msgpack.decode(raw, type=_Peek)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return None
-    return peek.seq if peek.target == group else None

@@ -28,7 +28,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -42,6 +42,7 @@ from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
 from pipeline.batching import Limits
 from pipeline.control import (
+    UNAUTHENTICATED,
     Ack,
     Activate,
     Apply,
@@ -52,11 +53,12 @@ from pipeline.control import (
     Envelope,
     GroupState,
     Heartbeat,
-    Ignore,
     Reject,
+    RejectionTally,
     RollbackCheckpoint,
     Verifier,
     apply_failed,
+    check_control_partitions,
     control_topics,
     decide,
     encode_status,
@@ -70,7 +72,22 @@ from pipeline.records import STREAMS, header_names_not_utf8
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 3.0
+# How often an instance without keys asks whether the record it waits at has been decided.
+UNDECIDED_POLL_S = 1.0
 _SEND_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a run of control records came to for this instance, once its transaction
+    committed: the group's state, how many records it handled, and the decisions on those
+    that were for this group (offset, decision)."""
+
+    state: GroupState
+    consumed: int
+    decisions: list[tuple[int, store.Decision]]
+    activated: tuple[str, ...] = ()  # streams a command switched on by name
+    rolled_back: bool = False  # a data rollback moved stored offsets
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,9 @@ class Controller:
         self._metrics_address = metrics_scrape_address(
             agent.config.metrics_address, socket.gethostname()
         )
+        self.undecided_poll_s = UNDECIDED_POLL_S
+        self._waiting_at = -1  # the offset an instance without keys last said it waits at
+        self._rejections = RejectionTally()
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -116,11 +136,13 @@ class Controller:
         """Create the control and status topics, read the group's state, and put the agent
         in it before it ingests anything."""
         await kafka_io.ensure_topics(self.config.kafka, [self.control_topic, self.status_topic], 1)
+        partitions = await kafka_io.partition_count(self.config.kafka, self.control_topic)
+        check_control_partitions(self.control_topic, partitions)
         if self.verifier is None:
             log.warning(
-                "no control public keys (PIPELINE_CONTROL_PUBLIC_KEYS): this instance refuses "
-                "every control command it would have to decide; it follows the decisions of "
-                "instances that have keys"
+                "no control public keys (PIPELINE_CONTROL_PUBLIC_KEYS): this instance decides "
+                "no control command; it waits for instances that have keys to decide each one, "
+                "and follows their decisions"
             )
         conn = await db.connect(self.config.database_url, self.config.db_session)
         try:
@@ -152,13 +174,26 @@ class Controller:
         try:
             while True:
                 fetched = await self._consumer.getmany(partition, timeout_ms=500)
-                for record in fetched.get(partition, []):
+                records = fetched.get(partition, [])
+                while records:
                     try:
-                        await self._handle(record)
+                        done = await self._handle(records)
                     except Exception as exc:
                         if self.agent.stopping:
                             raise
-                        await self._give_up(record.offset, exc)
+                        if self.verifier is None:
+                            # Not ours to decide, even as a rejection: ask again shortly.
+                            log.error("control record at offset %d: %r", records[0].offset, exc)
+                            done = 0
+                        else:
+                            await self._give_up(records[0].offset, exc)
+                            done = 1
+                    if not done:
+                        # No keys, and nobody has decided the first record yet: ask again
+                        # shortly, never moving past it (docs/control-plane.md).
+                        await asyncio.sleep(self.undecided_poll_s)
+                    records = records[done:]
+                self._log_rejections()
         finally:
             heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,48 +209,49 @@ class Controller:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), 10)
 
-    # -- one record ------------------------------------------------------------------------
+    # -- a run of records --------------------------------------------------------------------
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        offset, raw, headers = record.offset, record.value, record.headers
-        if self.verifier is None and offset >= self.state.next_offset:
-            # Not ours to decide without keys; another instance may, and we will follow.
-            undecided = await self.agent.in_ingest_transaction(
-                lambda conn: self._decided_by_others(conn, offset)
-            )
-            if undecided is None:
-                reject = Reject("unknown_key", "this instance has no control public keys")
-                await self._ack(_rejected(reject))
-                self._count(reject.kind, "rejected")
-                return
-            outcome = undecided
-        else:
-            now = self.clock()
-            outcome = await self.agent.in_ingest_transaction(
-                lambda conn: self._decide(conn, offset, raw, now, headers)
-            )
-        self.state = outcome.state
-        await self._converge(outcome.state, activated=outcome.activated)
-        if outcome.rolled_back:
+    async def _handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
+        """Decide or follow the first records of ``records`` in one transaction; how many
+        were handled (0: an instance without keys waits for the first one's decision)."""
+        run = await self.agent.in_ingest_transaction(lambda conn: self._decide(conn, records))
+        self.state = run.state
+        if not run.consumed:
+            if self._waiting_at != records[0].offset:
+                self._waiting_at = records[0].offset
+                log.warning(
+                    "control record at offset %d: waiting for an instance with control public "
+                    "keys to decide it (this one has none); it is not skipped",
+                    records[0].offset,
+                )
+            return 0
+        await self._converge(run.state, activated=run.activated)
+        if run.rolled_back:
             self.agent.reposition()
-        decision = outcome.decision
-        if decision is None:
-            self._show_state()
-            return
-        if decision.outcome == "applied" and decision.seq is not None:
-            self._seen_seq = max(self._seen_seq, decision.seq)
-        self._count(decision.kind, decision.outcome)
+        applied = False
+        for offset, decision in run.decisions:
+            self._count(decision.kind, decision.outcome)
+            if decision.outcome == "applied":
+                applied = True
+                if decision.seq is not None:
+                    self._seen_seq = max(self._seen_seq, decision.seq)
+                log.info(
+                    "control command %s (seq %s, offset %d): applied",
+                    decision.kind,
+                    decision.seq,
+                    offset,
+                )
+            else:
+                self._rejections.add(
+                    1, f"{decision.kind} at offset {offset}: {decision.reason}", time.monotonic()
+                )
+        self._log_rejections()
         self._show_state()
-        (log.info if decision.outcome == "applied" else log.warning)(
-            "control command %s (seq %s, offset %d): %s%s",
-            decision.kind,
-            decision.seq,
-            offset,
-            decision.outcome,
-            f" ({decision.reason})" if decision.reason else "",
-        )
-        await self._ack(decision)
-        await self._send_heartbeat(stopping=False)  # the fleet's view follows at once
+        # An undecodable record carries no command id: nobody waits for its ack.
+        await self._ack_all([d for _, d in run.decisions if d.command_id is not None])
+        if applied:
+            await self._send_heartbeat(stopping=False)  # the fleet's view follows at once
+        return run.consumed
 
     async def _give_up(self, offset: int, error: Exception) -> None:
         """Applying the record at ``offset`` failed in a way no retry fixes (its work rolled
@@ -242,58 +278,116 @@ class Controller:
         self._count("unknown", "rejected")
         await self._ack(decision)
 
-    async def _decided_by_others(self, conn: Connection, offset: int) -> _Outcome | None:
-        state = await store.load_state(conn, self.group)
-        if offset >= state.next_offset:
-            return None
-        return await self._follow(conn, state, offset, None)
+    async def _decide(self, conn: Connection, records: list[ConsumerRecord[bytes, bytes]]) -> _Run:
+        """The group's decisions on the first records of ``records``, made here or followed.
 
-    async def _decide(
-        self,
-        conn: Connection,
-        offset: int,
-        raw: bytes | None,
-        now: datetime,
-        headers: Sequence[tuple[str, bytes]] = (),
-    ) -> _Outcome:
-        """The group's decision on the record at ``offset``: made now, or followed."""
+        A run of records that are not applied here (rejected, for another group, or decided
+        by another instance) is handled in this one transaction: their decisions are written
+        together and ``next_offset`` moves once. A command to apply is applied alone, in its
+        own transaction, so the run stops before it (or after it, when it is the first).
+        An instance without keys decides nothing: the run stops at the first record nobody
+        has decided yet."""
         state = await store.lock_state(conn, self.group)
-        if offset < state.next_offset:
-            return await self._follow(conn, state, offset, raw)
-        assert self.verifier is not None
-        bad_names = header_names_not_utf8(headers)  # Kafka's protocol makes them UTF-8
-        verdict = (
-            Reject("undecodable", f"header name {bad_names[0]!r} is not UTF-8")
-            if bad_names
-            else decide(
-                raw, keys=self.verifier, group=self.group, applied_seq=state.applied_seq, now=now
-            )
+        # Read under the lock, on every attempt: a command that expired while this
+        # transaction waited (for the lock, or for a database that did not answer) is expired.
+        now = self.clock()
+        below = [r.offset for r in records if r.offset < state.next_offset]
+        followed = (
+            await store.decisions_from(conn, self.group, below[0], below[-1]) if below else {}
         )
-        moved = msgspec.structs.replace(state, next_offset=offset + 1)
-        if isinstance(verdict, Ignore):
+        decisions: list[tuple[int, store.Decision]] = []
+        rejected: list[tuple[int, store.Decision]] = []
+        activated: list[str] = []
+        rolled_back = False
+        consumed = 0
+        moved = state
+        for record in records:
+            offset, raw = record.offset, record.value
+            if offset < state.next_offset:
+                consumed += 1
+                decision = followed.get(offset)
+                if decision is None:
+                    continue  # another group's command
+                decisions.append((offset, decision))
+                if decision.outcome == "applied":
+                    activated += self._activated_by(raw)
+                    rolled_back = rolled_back or decision.kind == "rollback_checkpoint"
+                continue
+            if self.verifier is None:
+                break  # not ours to decide: an instance with keys will, and this one follows
+            bad_names = header_names_not_utf8(record.headers)  # Kafka's protocol: UTF-8
+            verdict = (
+                Reject("undecodable", f"header name {bad_names[0]!r} is not UTF-8")
+                if bad_names
+                else decide(
+                    raw,
+                    keys=self.verifier,
+                    group=self.group,
+                    applied_seq=state.applied_seq,
+                    now=now,
+                )
+            )
+            if isinstance(verdict, Apply):
+                if consumed:
+                    break  # applied in a transaction of its own, next
+                outcome = await self._apply(
+                    conn, msgspec.structs.replace(state, next_offset=offset + 1), verdict.envelope
+                )
+                assert outcome.decision is not None
+                await store.save_state(conn, self.group, outcome.state)
+                await store.record_decision(
+                    conn,
+                    group=self.group,
+                    offset=offset,
+                    decision=outcome.decision,
+                    instance_id=self.agent.instance_id,
+                    issuer=verdict.envelope.issuer,
+                    version=outcome.state.assignment_version,
+                    body=_body(verdict.envelope),
+                    issued_at=verdict.envelope.issued_at,
+                )
+                await store.record_ack(
+                    conn,
+                    group=self.group,
+                    instance_id=self.agent.instance_id,
+                    decision=outcome.decision,
+                )
+                return _Run(
+                    outcome.state,
+                    1,
+                    [(offset, outcome.decision)],
+                    outcome.activated,
+                    outcome.rolled_back,
+                )
+            consumed += 1
+            moved = msgspec.structs.replace(moved, next_offset=offset + 1)
+            if isinstance(verdict, Reject):
+                decision = _rejected(verdict)
+                rejected.append((offset, decision))
+                decisions.append((offset, decision))
+        if moved is not state:
             await store.save_state(conn, self.group, moved)
-            return _Outcome(moved, None)
-        outcome = _Outcome(moved, _rejected(verdict) if isinstance(verdict, Reject) else None)
-        if isinstance(verdict, Apply):
-            outcome = await self._apply(conn, moved, verdict.envelope)
-        assert outcome.decision is not None
-        await store.save_state(conn, self.group, outcome.state)
-        envelope = verdict.envelope if isinstance(verdict, Apply) else None
-        await store.record_decision(
+        await store.record_rejections(
+            conn, group=self.group, instance_id=self.agent.instance_id, rejected=rejected
+        )
+        # The instance's own row for what could be shown to be a command; garbage has its
+        # decision row alone.
+        await store.record_acks(
             conn,
             group=self.group,
-            offset=offset,
-            decision=outcome.decision,
             instance_id=self.agent.instance_id,
-            issuer=envelope.issuer if envelope else "",
-            version=outcome.state.assignment_version if envelope else None,
-            body=_body(envelope),
-            issued_at=envelope.issued_at if envelope else None,
+            decisions=[d for _, d in decisions if _reason(d) not in UNAUTHENTICATED],
         )
-        await store.record_ack(
-            conn, group=self.group, instance_id=self.agent.instance_id, decision=outcome.decision
-        )
-        return outcome
+        return _Run(moved, consumed, decisions, tuple(dict.fromkeys(activated)), rolled_back)
+
+    def _activated_by(self, raw: bytes | None) -> tuple[str, ...]:
+        """The streams an applied command (decided by another instance) switched on by name."""
+        if self.verifier is None:
+            return ()
+        envelope = verify(raw, keys=self.verifier)
+        if isinstance(envelope, Envelope) and isinstance(envelope.command, Activate | Assign):
+            return envelope.command.streams
+        return ()
 
     async def _apply(self, conn: Connection, state: GroupState, envelope: Envelope) -> _Outcome:
         """Apply a verified command to the group, in the caller's transaction; a command that
@@ -347,28 +441,6 @@ class Controller:
             return _Outcome(new, applied, rolled_back=bool(done.topics))
         return _Outcome(new, applied, activated=activated)
 
-    async def _follow(
-        self, conn: Connection, state: GroupState, offset: int, raw: bytes | None
-    ) -> _Outcome:
-        """Another instance decided this record: take the group's state and its decision."""
-        decision = await store.decision_at(conn, self.group, offset)
-        if decision is None:
-            return _Outcome(state, None)  # another group's command
-        await store.record_ack(
-            conn, group=self.group, instance_id=self.agent.instance_id, decision=decision
-        )
-        activated: tuple[str, ...] = ()
-        if decision.outcome == "applied" and self.verifier is not None:
-            envelope = verify(raw, keys=self.verifier)
-            if isinstance(envelope, Envelope) and isinstance(envelope.command, Activate | Assign):
-                activated = envelope.command.streams
-        return _Outcome(
-            state,
-            decision,
-            activated=activated,
-            rolled_back=decision.outcome == "applied" and decision.kind == "rollback_checkpoint",
-        )
-
     # -- the agent -------------------------------------------------------------------------
 
     async def _converge(self, state: GroupState, *, activated: tuple[str, ...]) -> None:
@@ -398,7 +470,10 @@ class Controller:
     # -- the status topic ------------------------------------------------------------------
 
     async def _ack(self, decision: store.Decision) -> None:
-        ack = Ack(
+        await self._publish(encode_status(self._to_ack(decision)))
+
+    def _to_ack(self, decision: store.Decision) -> Ack:
+        return Ack(
             command_id=None if decision.command_id is None else uuid.UUID(decision.command_id),
             seq=decision.seq,
             kind=decision.kind,
@@ -409,11 +484,23 @@ class Controller:
             detail=decision.reason,
             at=self.clock(),
         )
-        await self._publish(encode_status(ack))
+
+    async def _ack_all(self, decisions: list[store.Decision]) -> None:
+        """Acks for several decisions, sent together (one wait, not one per ack)."""
+        if len(decisions) == 1:
+            await self._ack(decisions[0])
+        elif decisions:
+            await self._publish_all([encode_status(self._to_ack(d)) for d in decisions])
+
+    def _log_rejections(self) -> None:
+        line = self._rejections.due(time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
 
     async def _heartbeat_until_cancelled(self) -> None:
         while True:
             await self._send_heartbeat(stopping=False)
+            self._log_rejections()  # the count of a flood that has stopped
             await asyncio.sleep(self.heartbeat_s)
 
     async def _send_heartbeat(self, *, stopping: bool) -> None:
@@ -447,6 +534,24 @@ class Controller:
         except Exception as exc:
             log.warning("status topic %s did not take a message: %r", self.status_topic, exc)
 
+    async def _publish_all(self, values: list[bytes]) -> None:
+        """:meth:`_publish` for several messages: sent at once, their delivery awaited
+        together, bounded as one."""
+        if self._producer is None:
+            return
+        producer, key = self._producer, self.agent.instance_id.encode()
+
+        async def send() -> None:
+            sent = [await producer.send(self.status_topic, v, key=key) for v in values]
+            await asyncio.gather(*sent)
+
+        try:
+            await asyncio.wait_for(send(), _SEND_TIMEOUT_S)
+        except Exception as exc:
+            log.warning(
+                "status topic %s did not take %d acks: %r", self.status_topic, len(values), exc
+            )
+
     # -- metrics -----------------------------------------------------------------------------
 
     def _count(self, kind: str, outcome: str) -> None:
@@ -470,6 +575,11 @@ def _rejected(reject: Reject) -> store.Decision:
         "rejected",
         f"{reject.reason}: {reject.detail}",
     )
+
+
+def _reason(decision: store.Decision) -> str:
+    """A decision's reason code (its stored reason is "code: detail")."""
+    return decision.reason.split(":", 1)[0]
 
 
 def _body(envelope: Envelope | None) -> bytes:

@@ -1,7 +1,8 @@
 """``pipeline top``: a live view of every DatabaseAgent of a group, refreshed every second.
 
 The IO around :mod:`pipeline.top` (which holds the fleet model and draws the screen): the
-status topic's heartbeats, each live instance's ``/metrics`` scraped over HTTP, the refresh
+status topic's heartbeats, each live instance's ``/metrics`` scraped over HTTP (on the hosts
+the operator allowed: :class:`pipeline.top.MetricsHosts`), the refresh
 loop, and the terminal. On a terminal it is a full-screen view (curses) that ``q`` or Ctrl-C
 quits; otherwise (a pipe, a file, ``--once``) it prints a plain table per refresh.
 """
@@ -30,7 +31,7 @@ from pipeline import kafka_clients
 from pipeline.control import ControlError, Heartbeat, control_topics, decode_status
 from pipeline.errors import PipelineError
 from pipeline.kafka_clients import KafkaSettings
-from pipeline.top import FORGET_AFTER_S, Fleet, Scrape, parse_scrape, render
+from pipeline.top import FORGET_AFTER_S, Fleet, MetricsHosts, Scrape, parse_scrape, render
 
 #: How long one scrape may take: a /metrics page that does not come within it is shown as
 #: unreachable for that refresh, rather than holding up the screen.
@@ -215,10 +216,12 @@ class Top:
         prefix: str,
         group: str,
         interval_s: float = 1.0,
+        metrics_hosts: MetricsHosts | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.feed = StatusFeed(kafka, control_topics(prefix)[1])
-        self.fleet = Fleet(group)
+        # Heartbeats are unsigned: only the hosts the operator allowed are fetched.
+        self.fleet = Fleet(group, metrics_hosts=metrics_hosts)
         self.group = group
         self.interval_s = interval_s
         self.clock = clock

@@ -19,10 +19,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -178,6 +178,14 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="SECONDS",
         help="seconds between refreshes (1)",
+    )
+    top.add_argument(
+        "--metrics-hosts",
+        metavar="LIST",
+        help="the hosts whose /metrics may be fetched: a comma list of names, IPs and networks "
+        "(10.0.0.0/8); heartbeats are unsigned, so an address they name elsewhere is shown, "
+        "not fetched (default $PIPELINE_TOP_METRICS_HOSTS, else this machine: "
+        "127.0.0.1,::1,localhost)",
     )
     top.set_defaults(handler=_top)
     _replay_parser(commands)
@@ -615,43 +623,107 @@ def _control_command(args: argparse.Namespace) -> Any:
 
 
 def _antigravity(config: Config, *, signing: bool) -> Any:
+    """The orchestrator: with the private key (required when ``signing``); trusting, for the
+    seq and the status views, that key's public half and the agents' public keys
+    (PIPELINE_CONTROL_PUBLIC_KEYS), those that are set."""
     from consumers.antigravity import Antigravity
     from pipeline import control
 
     key = None
-    if signing:
-        if not config.control_private_key_file:
-            raise ConfigError(
-                "PIPELINE_CONTROL_PRIVATE_KEY_FILE is not set: sending a command needs the "
-                "orchestrator's private key (make a pair with `pipeline control keygen DIR`)"
-            )
+    if signing and not config.control_private_key_file:
+        raise ConfigError(
+            "PIPELINE_CONTROL_PRIVATE_KEY_FILE is not set: sending a command needs the "
+            "orchestrator's private key (make a pair with `pipeline control keygen DIR`)"
+        )
+    if config.control_private_key_file:
         try:
             key = control.read_private_key_file(Path(config.control_private_key_file))
         except OSError as exc:
             raise ConfigError(
                 f"PIPELINE_CONTROL_PRIVATE_KEY_FILE: cannot read {exc.filename}: {exc.strerror}"
             ) from None
-    return Antigravity(config.kafka, prefix=config.topic_prefix, private_key=key)
+    verifier = _verifier(config)
+    public_keys = [] if verifier is None else verifier.public_keys
+    return Antigravity(
+        config.kafka, prefix=config.topic_prefix, private_key=key, public_keys=public_keys
+    )
+
+
+_T = TypeVar("_T")
+
+
+async def _from_database(
+    config: Config, what: str, read: Callable[[Any], Awaitable[_T]]
+) -> tuple[_T] | None:
+    """``read(conn)`` on the group's database, or None with a warning naming ``what`` when
+    the database cannot be read (`pipeline control` still works from Kafka alone)."""
+    try:
+        conn = await db.connect(config.database_url, config.db_session)
+        try:
+            return (await read(conn),)
+        finally:
+            await conn.close()
+    except (OSError, PipelineError, asyncpg.PostgresError) as exc:
+        print(f"pipeline: warning: {what} not read from PostgreSQL: {exc}", file=sys.stderr)
+        return None
 
 
 def _control_send(args: argparse.Namespace) -> int:
+    """Sign and send a command; report the acks (as the instances report them, unsigned) and
+    the group's decision as PostgreSQL recorded it, which is what the exit status follows
+    when the database can be read."""
+    from pipeline import control_store
+
     config = _load_kafka_config(args, group_id=args.group)
     command = _control_command(args)
     antigravity = _antigravity(config, signing=True)
-    delivery = asyncio.run(antigravity.send(config.group_id, command, wait_s=args.wait))
+    group = config.group_id
+
+    async def send() -> tuple[Any, Any]:
+        state = await _from_database(
+            config,
+            "the group's applied seq (the seq comes from the control topic alone)",
+            lambda conn: control_store.load_state(conn, group),
+        )
+        applied = 0 if state is None else state[0].applied_seq
+        delivery = await antigravity.send(group, command, wait_s=args.wait, applied_seq=applied)
+        decided = await _from_database(
+            config,
+            "the group's decision",
+            lambda conn: control_store.decision_at(conn, group, delivery.offset),
+        )
+        return delivery, decided
+
+    delivery, decided = asyncio.run(send())
     envelope = delivery.envelope
     live = len(delivery.live)
     print(
         f"{envelope.kind} (seq {envelope.seq}, command {envelope.command_id}) sent to group "
-        f"{config.group_id} at control offset {delivery.offset}; "
-        + (f"{live} live instance(s)" if live else "no live instance: applied when one starts")
+        f"{group} at control offset {delivery.offset}; "
+        + (
+            f"{live} live instance(s) by their heartbeats; acks as reported by the instances "
+            "(unsigned):"
+            if live
+            else "no live instance: applied when one starts"
+        )
     )
     for instance, ack in sorted(delivery.acks.items()):
         outcome = ack.outcome + (f": {ack.detail}" if ack.outcome == "rejected" else "")
         print(f"  {instance}: {outcome}")
     for instance in delivery.missing:
         print(f"  {instance}: no ack within {args.wait:g}s")
-    return 0 if delivery.ok else 1
+    ok = delivery.ok
+    if decided is not None:
+        (decision,) = decided
+        if decision is not None:
+            reason = f" ({decision.reason})" if decision.reason else ""
+            print(f"the group's decision (PostgreSQL control_log): {decision.outcome}{reason}")
+            ok = ok and decision.outcome == "applied"
+        elif live:
+            # Acks without a decision are not to be believed: the status topic is unsigned.
+            print("the group's decision (PostgreSQL control_log): none yet")
+            ok = False
+    return 0 if ok else 1
 
 
 def _control_status(args: argparse.Namespace) -> int:
@@ -661,24 +733,35 @@ def _control_status(args: argparse.Namespace) -> int:
 
     async def gather() -> tuple[int, list[Any]]:
         await antigravity.ensure_topics()
-        return await antigravity.latest_seq(config.group_id), await antigravity.fleet(
+        # The seq is from signed envelopes; the instances, what their heartbeats say.
+        return await antigravity.highest_seq(config.group_id), await antigravity.fleet(
             config.group_id
         )
 
-    latest, heard = asyncio.run(gather())
+    highest, heard = asyncio.run(gather())
+    # Without a key to check signatures, no seq on the control topic can be trusted.
+    latest = highest if antigravity.verifier.key_ids else None
     fleet = [h for h in heard if h.state != "stopping"]
-    instances = [{**msgspec.to_builtins(h), "behind": h.applied_seq < latest} for h in fleet]
+
+    def behind(h: Any) -> bool:
+        return latest is not None and h.applied_seq < latest
+
+    instances = [{**msgspec.to_builtins(h), "behind": behind(h)} for h in fleet]
     if args.json:
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
-    print(f"group {config.group_id}: latest command seq {latest}; {len(fleet)} live instance(s)")
+    shown = latest if latest is not None else "unknown (no key to verify it with)"
+    print(
+        f"group {config.group_id}: latest signed command seq {shown}; {len(fleet)} live "
+        "instance(s), as reported by their heartbeats (unsigned):"
+    )
     for h in heard:
         if h.state == "stopping":
             print(f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})")
     for h in fleet:
-        behind = "  BEHIND" if h.applied_seq < latest else ""
+        mark = "  BEHIND" if behind(h) else ""
         print(
-            f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{behind}, assignment "
+            f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{mark}, assignment "
             f"v{h.assignment_version}, streams {','.join(h.active_streams) or '-'}, "
             f"{len(h.owned_partitions)} partitions, lag {h.lag}"
             + (f", last error: {h.last_error}" if h.last_error else "")
@@ -688,10 +771,23 @@ def _control_status(args: argparse.Namespace) -> int:
 
 def _top(args: argparse.Namespace) -> int:
     from consumers.top import Top, run_top
+    from pipeline.top import LOOPBACK_HOSTS, METRICS_HOSTS_ENV, MetricsHosts
 
+    if args.metrics_hosts is not None:
+        setting, listed = "--metrics-hosts", args.metrics_hosts
+    else:
+        setting, listed = METRICS_HOSTS_ENV, os.environ.get(METRICS_HOSTS_ENV, LOOPBACK_HOSTS)
+    try:
+        hosts = MetricsHosts.parse(listed)
+    except ValueError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
     config = _load_config(args, group_id=args.group)
     top = Top(
-        config.kafka, prefix=config.topic_prefix, group=config.group_id, interval_s=args.interval
+        config.kafka,
+        prefix=config.topic_prefix,
+        group=config.group_id,
+        interval_s=args.interval,
+        metrics_hosts=hosts,
     )
     run_top(top, once=args.once)
     return 0

@@ -47,13 +47,17 @@ Checks, in this order (:func:`decide`); the first that fails decides:
    here (an unknown stream name, version 0, a bad checkpoint name). An extension of the
    brief's list: the body is parsed only once it is authenticated, and a signed body this
    agent cannot accept is a different alarm (orchestrator bug or version skew) from garbage.
-6. ``expired``: ``now >= expires_at``.
-7. ``not_yet_valid``: ``issued_at`` later than ``now + max_clock_skew`` (5 minutes by
+6. ``lifetime_too_long``: ``expires_at - issued_at`` is over :data:`MAX_COMMAND_LIFETIME`
+   (24 hours). A signed command is a bearer token until it expires: one signed to live for
+   years could be replayed to a group that lost its state (a new database) for years. The
+   orchestrator refuses to sign one (:func:`sign`).
+7. ``expired``: ``now >= expires_at``.
+8. ``not_yet_valid``: ``issued_at`` later than ``now + max_clock_skew`` (5 minutes by
    default). A command "from the future" means the orchestrator's clock is far off; its
    lifetime would silently stretch by that much, so it is refused rather than trusted.
-8. ``target != group``: :class:`Ignore`, not a rejection: other groups' commands share the
+9. ``target != group``: :class:`Ignore`, not a rejection: other groups' commands share the
    topic. Only after the signature, so a forged target cannot hide a forgery.
-9. ``stale_seq``: ``seq <= applied_seq``; this also refuses a replay of an applied envelope.
+10. ``stale_seq``: ``seq <= applied_seq``; this also refuses a replay of an applied envelope.
 
 :func:`decide` never raises for any input bytes: each is :class:`Apply`, :class:`Ignore` or a
 :class:`Reject` with one of :data:`REASONS`. Two reasons are not returned by the checks:
@@ -67,7 +71,9 @@ so a sender cannot invent label values) and ``outcome`` (``applied``, ``rejected
 ``ignored``).
 
 Status messages (:class:`Heartbeat`, :class:`Ack`) are unsigned JSON, tagged by ``type``
-(``kind`` is taken by the ack's command kind), readable with any Kafka console tool.
+(``kind`` is taken by the ack's command kind), readable with any Kafka console tool. Anyone
+who may write the status topic can forge them: they are hints for people, never an input to
+a decision (the seq comes from the signed control log, docs/security.md).
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import typing
 import uuid
 from collections.abc import Iterable, Mapping
@@ -97,12 +104,14 @@ __all__ = [
     "DEFAULT_MAX_CLOCK_SKEW",
     "KINDS",
     "KIND_UNKNOWN",
+    "MAX_COMMAND_LIFETIME",
     "MAX_ENVELOPE_BYTES",
     "MAX_SEQ",
     "OUTCOMES",
     "REASONS",
     "SIGNING_CONTEXT",
     "STATUS_TOPIC",
+    "UNAUTHENTICATED",
     "Ack",
     "Activate",
     "AgentState",
@@ -122,6 +131,7 @@ __all__ = [
     "Outcome",
     "Reason",
     "Reject",
+    "RejectionTally",
     "RollbackCheckpoint",
     "RollbackVersion",
     "Status",
@@ -129,6 +139,7 @@ __all__ = [
     "Verifier",
     "apply_failed",
     "canonical_encoder",
+    "check_control_partitions",
     "command_kind",
     "control_topics",
     "decide",
@@ -168,12 +179,25 @@ def control_topics(prefix: str) -> tuple[str, str]:
     return topic_name(CONTROL_TOPIC, prefix), topic_name(STATUS_TOPIC, prefix)
 
 
+def check_control_partitions(topic: str, partitions: int) -> None:
+    """The control topic must have one partition: commands are totally ordered, and every
+    instance reads partition 0 only, so a command on another partition would never be
+    seen. :class:`ControlError` naming the topic and its partition count otherwise."""
+    if partitions != 1:
+        raise ControlError(
+            f"the control topic {topic} has {partitions} partitions: it must have exactly 1 "
+            "(commands are read from partition 0 only, in order)"
+        )
+
+
 # Domain separation: what the key signs is never just the envelope bytes.
 SIGNING_CONTEXT = b"agent-pipeline control envelope v1\n"
 # A command is a few hundred bytes; anything far larger is refused before it is parsed.
 MAX_ENVELOPE_BYTES = 64 * 1024
 MAX_SEQ = 2**63 - 1  # a PostgreSQL bigint holds every seq
 DEFAULT_MAX_CLOCK_SKEW = timedelta(minutes=5)
+# The longest a command may live (expires_at - issued_at): check 6 of the module doc.
+MAX_COMMAND_LIFETIME = timedelta(hours=24)
 KIND_UNKNOWN = "unknown"
 
 
@@ -374,6 +398,11 @@ def sign(
         raise ControlError("issued_at and expires_at must be aware datetimes")
     if expires_at <= issued_at:
         raise ControlError(f"expires_at {expires_at} is not after issued_at {issued_at}")
+    if expires_at - issued_at > MAX_COMMAND_LIFETIME:
+        raise ControlError(
+            f"a command may live {MAX_COMMAND_LIFETIME} at most (expires_at - issued_at), "
+            f"not {expires_at - issued_at}: agents refuse it (lifetime_too_long)"
+        )
     unsigned = UnsignedEnvelope(
         command_id=command_id,
         seq=seq,
@@ -462,6 +491,10 @@ class Verifier:
     def key_ids(self) -> tuple[str, ...]:
         return tuple(self._keys)
 
+    @property
+    def public_keys(self) -> tuple[Ed25519PublicKey, ...]:
+        return tuple(self._keys.values())
+
     def __contains__(self, key_id: object) -> bool:
         return key_id in self._keys
 
@@ -485,6 +518,7 @@ Reason = Literal[
     "unknown_key",
     "bad_signature",
     "invalid_command",
+    "lifetime_too_long",
     "expired",
     "not_yet_valid",
     "stale_seq",
@@ -614,6 +648,7 @@ def decide(
     applied_seq: int,
     now: datetime,
     max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+    max_lifetime: timedelta = MAX_COMMAND_LIFETIME,
 ) -> Decision:
     """What this agent of ``group`` does with one control-topic message (checks: module doc).
 
@@ -629,7 +664,9 @@ def decide(
         return verified
     envelope = verified
     try:
-        return _check(envelope, group, applied_seq, now, max_clock_skew)
+        return _check(
+            envelope, group, applied_seq, now, skew=max_clock_skew, max_lifetime=max_lifetime
+        )
     except Exception as e:  # see verify
         return Reject(
             "internal_error",
@@ -642,13 +679,22 @@ def decide(
 
 
 def _check(
-    envelope: Envelope, group: str, applied_seq: int, now: datetime, skew: timedelta
+    envelope: Envelope,
+    group: str,
+    applied_seq: int,
+    now: datetime,
+    *,
+    skew: timedelta,
+    max_lifetime: timedelta,
 ) -> Decision:
     def reject(reason: Reason, detail: str) -> Reject:
         return Reject(
             reason, detail, envelope.kind, envelope.command_id, envelope.seq, envelope.target
         )
 
+    lifetime = envelope.expires_at - envelope.issued_at
+    if lifetime > max_lifetime:
+        return reject("lifetime_too_long", f"lives {lifetime}, over the limit of {max_lifetime}")
     if now >= envelope.expires_at:
         return reject("expired", f"expired at {envelope.expires_at.isoformat()}")
     if envelope.issued_at > now + skew:
@@ -661,6 +707,42 @@ def _check(
     if envelope.seq <= applied_seq:
         return reject("stale_seq", f"seq {envelope.seq} is not above applied {applied_seq}")
     return Apply(envelope)
+
+
+# Rejections anyone who may write the control topic can produce at will: the record was not
+# shown to be signed by a trusted key. No status row, and no log line of their own, per record.
+UNAUTHENTICATED: frozenset[str] = frozenset(
+    {"undecodable", "unknown_kind", "unknown_key", "bad_signature"}
+)
+
+
+@dataclass
+class RejectionTally:
+    """Rejected control records, logged at most once per ``interval_s`` with their count and
+    the last reason: the first at once, the rest summed until the interval has passed, so a
+    flood of garbage costs a line per interval, not one per record. ``now`` is monotonic
+    seconds, passed in."""
+
+    interval_s: float = 10.0
+    count: int = 0
+    last: str = ""
+    _quiet_until: float = float("-inf")
+
+    def add(self, count: int, last: str, now: float) -> str | None:
+        """Count ``count`` rejections (the newest: ``last``); the line to log, if one is due."""
+        self.count += count
+        self.last = last
+        return self.due(now)
+
+    def due(self, now: float) -> str | None:
+        """The line to log now, if rejections are counted and the interval has passed."""
+        if not self.count or now < self._quiet_until:
+            return None
+        line = f"{self.count} control record(s) rejected since the last such line; the last: "
+        line += self.last
+        self.count = 0
+        self._quiet_until = now + self.interval_s
+        return line
 
 
 def apply_failed(envelope: Envelope, detail: str) -> Reject:
@@ -689,10 +771,29 @@ def highest_seq(raws: Iterable[bytes | None], *, keys: Verifier, group: str) -> 
     """
     highest = 0
     for raw in raws:
+        # Only a record that would raise the answer is verified: reading a long log (or a
+        # flood) costs a signature check per new high, not per record.
+        if not raw or len(raw) > MAX_ENVELOPE_BYTES:
+            continue
+        try:
+            peek = _peek_decoder.decode(raw)
+        except _DECODE_ERRORS:
+            continue
+        if peek.target != group or peek.seq <= highest:
+            continue
         envelope = verify(raw, keys=keys)
         if isinstance(envelope, Envelope) and envelope.target == group:
             highest = max(highest, envelope.seq)
     return highest
+
+
+class _SeqPeek(msgspec.Struct):
+    # An envelope's seq and target, unverified: only to skip records that cannot matter.
+    seq: int
+    target: str
+
+
+_peek_decoder = msgspec.msgpack.Decoder(_SeqPeek)
 
 
 Assignment = tuple[tuple[str, ...], BatchLimits]  # an applied Assign's streams and limits
@@ -918,8 +1019,20 @@ def write_public_key_file(path: Path, public_key: Ed25519PublicKey) -> None:
 
 
 def read_private_key_file(path: Path) -> Ed25519PrivateKey:
-    """Read a private key file written by :func:`write_private_key_file` (or openssl)."""
-    return private_key_from_pem(path.read_bytes())
+    """Read a private key file written by :func:`write_private_key_file` (or openssl).
+
+    Refused, as ssh refuses its keys, when the group or others have any access to it: a key
+    others could read may have been copied, and whoever holds it steers every group. The
+    mode is read from the file opened, so it is the mode of the bytes read."""
+    with path.open("rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise ControlError(
+                f"the private key {path} has mode {stat.S_IMODE(mode):04o}: it must be "
+                f"readable by its owner only (chmod 600 {path})"
+            )
+        data = f.read()
+    return private_key_from_pem(data)
 
 
 def read_public_key_file(path: Path) -> Ed25519PublicKey:

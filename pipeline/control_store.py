@@ -99,6 +99,70 @@ async def decision_at(conn: Connection, group: str, offset: int) -> Decision | N
     return Decision(row["command_id"], row["seq"], row["kind"], row["outcome"], row["reason"])
 
 
+async def decisions_from(
+    conn: Connection, group: str, first: int, last: int
+) -> dict[int, Decision]:
+    """How the group decided the control records at offsets ``first`` to ``last`` (those
+    that were for it), in one query: a run of records is followed at once."""
+    rows = await conn.fetch(
+        """SELECT src_offset, command_id::text, seq, kind, outcome, reason FROM control_log
+           WHERE direction = 'command' AND target = $1 AND src_offset BETWEEN $2 AND $3""",
+        group,
+        first,
+        last,
+    )
+    return {
+        r["src_offset"]: Decision(r["command_id"], r["seq"], r["kind"], r["outcome"], r["reason"])
+        for r in rows
+    }
+
+
+async def record_rejections(
+    conn: Connection, *, group: str, instance_id: str, rejected: list[tuple[int, Decision]]
+) -> None:
+    """The group's decisions on a run of rejected records (offset, decision), in one
+    statement: a flood of garbage costs one round trip per fetched run, not one per record."""
+    if not rejected:
+        return
+    await conn.execute(
+        """INSERT INTO control_log (direction, command_id, seq, kind, target, instance_id,
+               outcome, reason, src_offset)
+           SELECT 'command', r.command_id::uuid, r.seq, r.kind, $1, $2, 'rejected', r.reason,
+               r.src_offset
+           FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])
+               AS r(command_id, seq, kind, reason, src_offset)""",
+        group,
+        instance_id,
+        [d.command_id for _, d in rejected],
+        [d.seq for _, d in rejected],
+        [d.kind for _, d in rejected],
+        [d.reason for _, d in rejected],
+        [offset for offset, _ in rejected],
+    )
+
+
+async def record_acks(
+    conn: Connection, *, group: str, instance_id: str, decisions: list[Decision]
+) -> None:
+    """:func:`record_ack` for several decisions, in one statement."""
+    if not decisions:
+        return
+    await conn.execute(
+        """INSERT INTO control_log (direction, command_id, seq, kind, target, instance_id,
+               outcome, reason)
+           SELECT 'status', r.command_id::uuid, r.seq, r.kind, $1, $2, r.outcome, r.reason
+           FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[])
+               AS r(command_id, seq, kind, outcome, reason)""",
+        group,
+        instance_id,
+        [d.command_id for d in decisions],
+        [d.seq for d in decisions],
+        [d.kind for d in decisions],
+        [d.outcome for d in decisions],
+        [d.reason for d in decisions],
+    )
+
+
 async def record_decision(
     conn: Connection,
     *,

@@ -19,7 +19,7 @@ from pipeline import kafka_clients
 from pipeline.batching import OffsetMove
 from pipeline.config import Config
 from pipeline.db import DeadLetter
-from pipeline.errors import ConfigError, TransientError
+from pipeline.errors import ConfigError, PipelineError, TransientError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
 from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
 
@@ -71,6 +71,27 @@ async def ensure_topics(
             except TopicAlreadyExistsError:
                 pass
         return created
+    finally:
+        await admin.close()
+
+
+async def partition_count(kafka: KafkaSettings | str, topic: str, *, within_s: float = 30.0) -> int:
+    """How many partitions ``topic`` has (``kafka`` as in :func:`ensure_topics`). A topic just
+    created may not be in the metadata yet: asked again until ``within_s`` has passed."""
+    admin = kafka_clients.admin(kafka_settings(kafka), request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            (described,) = await admin.describe_topics([topic])
+            if described["error_code"] == 0 and described["partitions"]:
+                return len(described["partitions"])
+            if asyncio.get_running_loop().time() > deadline:
+                raise PipelineError(
+                    f"Kafka did not describe the topic {topic} within {within_s:g}s "
+                    f"(error code {described['error_code']})"
+                )
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
 

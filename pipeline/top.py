@@ -17,6 +17,11 @@ An instance whose last heartbeat is older than :data:`STALE_AFTER_S` is shown as
 last heartbeat said it was stopping as ``stopped``; neither is scraped. Both leave the view
 once unheard for :data:`FORGET_AFTER_S`.
 
+A heartbeat is unsigned: anyone who may write the status topic can name any address in it.
+So an address is scraped only when its host is one the operator allowed
+(:class:`MetricsHosts`: ``PIPELINE_TOP_METRICS_HOSTS`` or ``--metrics-hosts``; this machine's
+loopback by default); any other is shown, not fetched.
+
 Everything here is values in, values out: the time is passed in (``now`` for heartbeat ages,
 monotonic seconds for scrapes), nothing touches the network or the terminal
 (consumers/top.py does).
@@ -24,9 +29,11 @@ monotonic seconds for scrapes), nothing touches the network or the terminal
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,9 +44,12 @@ __all__ = [
     "FORGET_AFTER_S",
     "LAG_RECORDS",
     "LAG_SECONDS",
+    "LOOPBACK_HOSTS",
+    "METRICS_HOSTS_ENV",
     "ROWS_INGESTED",
     "STALE_AFTER_S",
     "Fleet",
+    "MetricsHosts",
     "Row",
     "Scrape",
     "parse_scrape",
@@ -55,6 +65,61 @@ FORGET_AFTER_S = 300.0
 ROWS_INGESTED = "pipeline_rows_ingested_total"
 LAG_RECORDS = "pipeline_consumer_lag_records"
 LAG_SECONDS = "pipeline_consumer_lag_seconds"
+
+
+#: The setting that lists the hosts ``pipeline top`` may scrape (a comma list).
+METRICS_HOSTS_ENV = "PIPELINE_TOP_METRICS_HOSTS"
+#: What it may scrape when the setting is not given: this machine only.
+LOOPBACK_HOSTS = "127.0.0.1,::1,localhost"
+
+# HOST:PORT as a heartbeat advertises it: a host name or IPv4 address, or an IPv6 address in
+# brackets; nothing that could make the URL reach elsewhere (user info, a path, a query).
+_ADDRESS = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})\Z")
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class MetricsHosts:
+    """The hosts whose ``/metrics`` ``pipeline top`` may fetch: names (any case, as the
+    heartbeat writes them) and IP networks (``10.0.0.0/8``; a bare IP is a network of one)."""
+
+    names: frozenset[str] = frozenset()
+    networks: tuple[_Network, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, text: str) -> MetricsHosts:
+        """A comma list of host names, IP addresses and networks; ``ValueError`` naming an
+        entry that is none of them."""
+        names: set[str] = set()
+        networks: list[_Network] = []
+        for entry in (e.strip() for e in text.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            if "/" in entry or not re.fullmatch(r"[A-Za-z0-9.-]+", entry):
+                raise ValueError(f"{entry!r} is not a host name, an IP address or a network")
+            names.add(entry.lower())
+        return cls(frozenset(names), tuple(networks))
+
+    def refusal(self, address: str) -> str | None:
+        """Why ``address`` (a heartbeat's ``HOST:PORT``) is not fetched; None to fetch it."""
+        found = _ADDRESS.match(address)
+        if found is None or not 0 < int(found["port"]) < 65536:
+            return "not fetched: not HOST:PORT"
+        host = found["host"].strip("[]")
+        if host.lower() in self.names:
+            return None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in network for network in self.networks):
+            return None
+        return f"not fetched: host not allowed ({METRICS_HOSTS_ENV})"
 
 
 @dataclass(frozen=True)
@@ -128,8 +193,10 @@ class Fleet:
         *,
         stale_after_s: float = STALE_AFTER_S,
         forget_after_s: float = FORGET_AFTER_S,
+        metrics_hosts: MetricsHosts | None = None,
     ) -> None:
         self.group = group
+        self.metrics_hosts = metrics_hosts or MetricsHosts.parse(LOOPBACK_HOSTS)
         self.stale_after_s = stale_after_s
         self.forget_after_s = forget_after_s
         self._instances: dict[str, _Instance] = {}
@@ -151,11 +218,14 @@ class Fleet:
         }
 
     def scrape_targets(self, now: datetime) -> dict[str, str]:
-        """Instance id -> ``/metrics`` address of every live instance that serves one."""
+        """Instance id -> ``/metrics`` address of every live instance that serves one on a
+        host :attr:`metrics_hosts` allows."""
         return {
             i: known.heartbeat.metrics_address
             for i, known in self._instances.items()
-            if known.heartbeat.metrics_address and self._state(known, now) not in _NOT_LIVE
+            if known.heartbeat.metrics_address
+            and self._state(known, now) not in _NOT_LIVE
+            and self.metrics_hosts.refusal(known.heartbeat.metrics_address) is None
         }
 
     def scraped(self, instance_id: str, scrape: Scrape) -> None:
@@ -202,7 +272,10 @@ class Fleet:
         live = state not in _NOT_LIVE
         scrape = known.scrape if live and not known.scrape_error else None
         problems = [beat.last_error] if beat.last_error else []
-        if live and known.scrape_error:
+        refused = beat.metrics_address and self.metrics_hosts.refusal(beat.metrics_address)
+        if live and refused:
+            problems.append(f"metrics {beat.metrics_address}: {refused}")
+        elif live and known.scrape_error:
             problems.append(f"metrics {beat.metrics_address}: {known.scrape_error}")
         lag: int | None = None
         if live:

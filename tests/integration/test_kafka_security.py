@@ -150,7 +150,9 @@ async def test_agents_ingest_and_obey_the_orchestrator_over_sasl_ssl(
             check=False,
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert sent.stdout.count(": applied") == 1, sent.stdout
+        lines = sent.stdout.splitlines()
+        assert [line.split(": ", 1)[1] for line in lines[1:-1]] == ["applied"], sent.stdout
+        assert lines[-1] == "the group's decision (PostgreSQL control_log): applied", sent.stdout
     finally:
         await stop_agents([agent])
     assert agent.proc is not None and agent.proc.returncode == 0, (

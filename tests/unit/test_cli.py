@@ -85,3 +85,32 @@ def test_dev_up_refuses_a_kafka_release_it_cannot_run_before_touching_anything(
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", f"pipeline: error: {message}\n")
     assert not home.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "message"),
+    [
+        (
+            ["--metrics-hosts", "vm-1,evil@vm-2"],
+            {},
+            "--metrics-hosts: 'evil@vm-2' is not a host name, an IP address or a network",
+        ),
+        (
+            [],
+            {"PIPELINE_TOP_METRICS_HOSTS": "10.0.0.0/33"},
+            "PIPELINE_TOP_METRICS_HOSTS: '10.0.0.0/33' is not a host name, an IP address or a "
+            "network",
+        ),
+    ],
+)
+def test_top_refuses_a_metrics_host_it_cannot_check(
+    args: list[str],
+    environ: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["top", "--once", *args]) == 2
+    assert capsys.readouterr().err == f"pipeline: error: {message}\n"

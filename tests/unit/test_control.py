@@ -959,6 +959,7 @@ def test_the_reason_codes_are_a_small_fixed_set() -> None:
         "unknown_key",
         "bad_signature",
         "invalid_command",
+        "lifetime_too_long",
         "expired",
         "not_yet_valid",
         "stale_seq",

@@ -10,7 +10,17 @@ from prometheus_client import generate_latest
 
 from pipeline.control import Heartbeat, metrics_scrape_address
 from pipeline.metrics import Metrics
-from pipeline.top import FORGET_AFTER_S, STALE_AFTER_S, Fleet, Row, Scrape, parse_scrape, render
+from pipeline.top import (
+    FORGET_AFTER_S,
+    LOOPBACK_HOSTS,
+    STALE_AFTER_S,
+    Fleet,
+    MetricsHosts,
+    Row,
+    Scrape,
+    parse_scrape,
+    render,
+)
 
 NOW = datetime(2026, 11, 30, 8, 0, 0, tzinfo=UTC)
 GROUP = "database-agent"
@@ -236,10 +246,66 @@ def test_an_instance_unheard_for_long_leaves_the_view() -> None:
 
 
 def test_instances_without_metrics_are_not_scraped() -> None:
-    fleet = Fleet(GROUP)
+    fleet = Fleet(GROUP, metrics_hosts=MetricsHosts.parse("10.0.0.0/8"))
     fleet.heard(beat("vm-1", address=""))
     fleet.heard(beat("vm-2", address="10.0.0.2:9108"))
     assert fleet.scrape_targets(NOW) == {"vm-2": "10.0.0.2:9108"}
+
+
+# --- which addresses are fetched: heartbeats are unsigned -------------------------------------
+
+
+def test_by_default_only_this_machine_is_scraped() -> None:
+    fleet = Fleet(GROUP)
+    fleet.heard(beat("vm-1", address="127.0.0.1:9108"))
+    fleet.heard(beat("vm-2", address="localhost:9109"))
+    fleet.heard(beat("vm-3", address="10.0.0.2:9108"))
+    fleet.heard(beat("vm-4", address="169.254.169.254:80"))
+    assert fleet.scrape_targets(NOW) == {"vm-1": "127.0.0.1:9108", "vm-2": "localhost:9109"}
+    errors = {r.instance_id: r.last_error for r in fleet.rows(NOW)}
+    assert errors == {
+        "vm-1": "",
+        "vm-2": "",
+        "vm-3": "metrics 10.0.0.2:9108: not fetched: host not allowed (PIPELINE_TOP_METRICS_HOSTS)",
+        "vm-4": "metrics 169.254.169.254:80: not fetched: host not allowed "
+        "(PIPELINE_TOP_METRICS_HOSTS)",
+    }
+
+
+@pytest.mark.parametrize(
+    ("address", "refusal"),
+    [
+        ("vm-7.internal:9108", None),
+        ("VM-7.Internal:9108", None),
+        ("10.1.2.3:9108", None),
+        ("192.168.1.5:9108", None),
+        ("192.168.2.5:9108", "not fetched: host not allowed (PIPELINE_TOP_METRICS_HOSTS)"),
+        ("vm-8.internal:9108", "not fetched: host not allowed (PIPELINE_TOP_METRICS_HOSTS)"),
+        ("127.0.0.1:9108", "not fetched: host not allowed (PIPELINE_TOP_METRICS_HOSTS)"),
+        ("vm-7.internal:9108/admin?x=", "not fetched: not HOST:PORT"),
+        ("evil@vm-7.internal:9108", "not fetched: not HOST:PORT"),
+        ("vm-7.internal#@10.1.2.3:9108", "not fetched: not HOST:PORT"),
+        ("vm-7.internal:0", "not fetched: not HOST:PORT"),
+        ("vm-7.internal:70000", "not fetched: not HOST:PORT"),
+        ("vm-7.internal", "not fetched: not HOST:PORT"),
+        ("[::1]:9108", "not fetched: host not allowed (PIPELINE_TOP_METRICS_HOSTS)"),
+    ],
+)
+def test_an_address_is_fetched_only_on_an_allowed_host(address: str, refusal: str | None) -> None:
+    hosts = MetricsHosts.parse(" vm-7.internal, 10.0.0.0/8 ,192.168.1.5,")
+    assert hosts.refusal(address) == refusal
+
+
+def test_the_default_hosts_are_the_loopback_ones() -> None:
+    hosts = MetricsHosts.parse(LOOPBACK_HOSTS)
+    assert [hosts.refusal(a) for a in ("127.0.0.1:1", "[::1]:1", "localhost:1")] == [None] * 3
+    assert hosts.refusal("127.0.0.2:1") is not None  # the list, not all of 127/8
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "a/b", "host name", "evil@host", "h:80"])
+def test_an_entry_that_is_no_host_is_refused(entry: str) -> None:
+    with pytest.raises(ValueError, match=f"{entry!r} is not a host name, an IP address or"):
+        MetricsHosts.parse(f"localhost,{entry}")
 
 
 def test_scrapes_of_unknown_instances_are_ignored() -> None:

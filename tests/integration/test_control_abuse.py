@@ -1,0 +1,390 @@
+"""The control plane against what a writer to its topics, or an outage, can throw at it (real
+broker and database): a forged heartbeat, a flood of garbage on the control topic, a command
+that expires while the database is unreachable, a control topic with two partitions, an
+instance without keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
+
+from consumers.agent import DatabaseAgent
+from consumers.antigravity import Antigravity
+from consumers.controller import Controller, run_controlled
+from pipeline import kafka as kafka_io
+from pipeline import kafka_clients
+from pipeline.config import load_config
+from pipeline.control import (
+    ALL_STREAMS,
+    Ack,
+    Checkpoint,
+    ControlError,
+    Deactivate,
+    Envelope,
+    Heartbeat,
+    Verifier,
+    control_topics,
+    encode_envelope,
+    encode_status,
+    generate_key_pair,
+    read_verifier,
+    sign,
+    verify,
+    write_private_key_file,
+    write_public_key_file,
+)
+from tests.conftest import Servers
+from tests.integration.harness import create_topics, migrated, until
+from tests.integration.test_control import (
+    Keys,
+    assert_all_applied,
+    controlled_env,
+    envelope_bytes,
+    fetch,
+    live,
+    orchestrator,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    private, public = generate_key_pair()
+    write_private_key_file(tmp_path / "antigravity.key", private)
+    write_public_key_file(tmp_path / "antigravity.pub", public)
+    return Keys(private, tmp_path / "antigravity.key", tmp_path / "antigravity.pub")
+
+
+@contextlib.asynccontextmanager
+async def steered(
+    bootstrap: str, database_url: str, prefix: str, keys: Keys, verifier: Verifier | None
+) -> AsyncIterator[DatabaseAgent]:
+    """A DatabaseAgent in this process steered by a controller with ``verifier`` (None: an
+    instance without public keys)."""
+    config = load_config(controlled_env(bootstrap, database_url, prefix, keys))
+    agent = DatabaseAgent(config)
+    controller = Controller(agent, verifier, heartbeat_s=1.0)
+    task = asyncio.create_task(run_controlled(agent, controller))
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def publish(bootstrap: str, topic: str, values: list[bytes]) -> list[int]:
+    """Publish ``values`` to ``topic`` (one partition) in order; their offsets."""
+    producer = kafka_clients.producer(
+        kafka_clients.kafka_settings(bootstrap), acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value) for value in values]
+        return [(await f).offset for f in futures]
+    finally:
+        await producer.stop()
+
+
+async def decisions(database_url: str) -> dict[int, tuple[str, str]]:
+    rows = await fetch(
+        database_url,
+        "SELECT src_offset, outcome, reason FROM control_log WHERE direction = 'command'",
+    )
+    return {r["src_offset"]: (r["outcome"], r["reason"].split(":", 1)[0]) for r in rows}
+
+
+# -- the status topic is a hint ----------------------------------------------------------------
+
+
+async def test_a_forged_heartbeat_cannot_exhaust_the_sequence(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    _, status_topic = control_topics(prefix)
+    async with steered(bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])):
+        (real,) = await live(ag, prefix, 1)
+        forged = Heartbeat(
+            instance_id="intruder",
+            group=prefix,
+            state="running",
+            applied_seq=2**63 - 2,
+            assignment_version=0,
+            active_streams=ALL_STREAMS,
+            owned_partitions=(),
+            lag=0,
+            at=datetime.now(UTC),
+        )
+        await publish(bootstrap, status_topic, [encode_status(forged)])
+        assert {h.instance_id for h in await ag.fleet(prefix)} == {real.instance_id, "intruder"}
+
+        for seq in (1, 2):
+            delivery = await ag.send(prefix, Checkpoint(name=f"cp{seq}"), wait_s=10)
+            assert delivery.envelope.seq == seq
+            assert {i: a.outcome for i, a in delivery.acks.items()} == {real.instance_id: "applied"}
+            assert delivery.missing == ["intruder"]  # reported live, never answers: a hint
+    rows = await fetch(
+        database_url,
+        "SELECT seq, outcome FROM control_log WHERE direction = 'command' ORDER BY seq",
+    )
+    assert [(r["seq"], r["outcome"]) for r in rows] == [(1, "applied"), (2, "applied")]
+    state = await fetch(database_url, "SELECT applied_seq FROM control_state")
+    assert [r["applied_seq"] for r in state] == [2]
+
+
+async def test_forged_acks_do_not_make_pipeline_control_succeed(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    await ag.ensure_topics()
+    control_topic, status_topic = control_topics(prefix)
+    # No agent runs: an intruder with a status-topic login claims to be one, and acks.
+    forged = Heartbeat(
+        instance_id="intruder",
+        group=prefix,
+        state="running",
+        applied_seq=0,
+        assignment_version=0,
+        active_streams=ALL_STREAMS,
+        owned_partitions=(),
+        lag=0,
+        at=datetime.now(UTC),
+    )
+    await publish(bootstrap, status_topic, [encode_status(forged)])
+
+    async def ack_whatever_is_sent() -> None:
+        consumer = kafka_clients.consumer(kafka_clients.kafka_settings(bootstrap))
+        await consumer.start()
+        try:
+            tp = TopicPartition(control_topic, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, 0)
+            while True:
+                for record in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
+                    envelope = verify(record.value, keys=Verifier([keys.private.public_key()]))
+                    assert isinstance(envelope, Envelope)
+                    ack = Ack(
+                        command_id=envelope.command_id,
+                        seq=envelope.seq,
+                        kind=envelope.kind,
+                        instance_id="intruder",
+                        group=prefix,
+                        outcome="applied",
+                        at=datetime.now(UTC),
+                    )
+                    await publish(bootstrap, status_topic, [encode_status(ack)])
+                    return
+        finally:
+            await kafka_io.stop_consumer(consumer)
+
+    forger = asyncio.create_task(ack_whatever_is_sent())
+    env = controlled_env(bootstrap, database_url, prefix, keys)
+    env["PIPELINE_CONTROL_PRIVATE_KEY_FILE"] = str(keys.private_path)
+    sent = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "pipeline.cli", "control", "checkpoint", "cp", "--wait", "20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    await asyncio.wait_for(forger, 10)
+    assert sent.returncode == 1, sent.stdout + sent.stderr
+    lines = sent.stdout.splitlines()
+    assert "1 live instance(s) by their heartbeats; acks as reported by the instances" in lines[0]
+    assert lines[1:] == [
+        "  intruder: applied",
+        "the group's decision (PostgreSQL control_log): none yet",
+    ]
+
+
+# -- a flood of garbage on the control topic ---------------------------------------------------
+
+FLOOD = 10_000
+
+
+async def test_a_valid_command_behind_a_flood_of_garbage_is_applied_within_seconds(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    control_topic, _ = control_topics(prefix)
+    intruder, _ = generate_key_pair()
+    forged = [envelope_bytes(keys, prefix, 1000 + i, private_key=intruder) for i in range(50)]
+    # Undecodable bytes and envelopes signed by a key no agent trusts, interleaved.
+    garbage = [forged[i % len(forged)] if i % 2 else b"\x93garbage %d" % i for i in range(FLOOD)]
+    async with steered(bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])):
+        await live(ag, prefix, 1)
+        offsets = await publish(bootstrap, control_topic, garbage)
+        started = time.monotonic()
+        delivery = await ag.send(prefix, Checkpoint(name="after-flood"), wait_s=600)
+        took = time.monotonic() - started
+        print(f"\na valid command behind {FLOOD:,} garbage control records: {took:.2f} s")
+        assert_all_applied(delivery, 1)
+        assert delivery.envelope.seq == 1  # the forged seqs (1000+) do not count
+        assert took < 5.0, f"{took:.2f} s"
+
+    found = await decisions(database_url)
+    assert len(found) == FLOOD + 1
+    assert Counter(found[o] for o in offsets) == Counter(
+        {("rejected", "undecodable"): FLOOD // 2, ("rejected", "unknown_key"): FLOOD // 2}
+    )
+    assert found[delivery.offset] == ("applied", "")
+    state = await fetch(database_url, "SELECT next_offset, applied_seq FROM control_state")
+    assert [(r["next_offset"], r["applied_seq"]) for r in state] == [(FLOOD + 1, 1)]
+
+
+# -- a command that expires while the database is unreachable -----------------------------------
+
+
+async def test_a_command_that_expires_while_the_database_is_blocked_is_refused(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    control_topic, _ = control_topics(prefix)
+    async with steered(
+        bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])
+    ) as agent:
+        await live(ag, prefix, 1)
+        blocker = await asyncpg.connect(database_url, timeout=10)
+        try:
+            # Hold the group's control_state row: the controller's transaction waits on it as
+            # it would on a database that does not answer.
+            await blocker.execute(
+                "INSERT INTO control_state (group_id) VALUES ($1) ON CONFLICT DO NOTHING", prefix
+            )
+            block = blocker.transaction()
+            await block.start()
+            await blocker.execute(
+                "SELECT 1 FROM control_state WHERE group_id = $1 FOR UPDATE", prefix
+            )
+            now = datetime.now(UTC)
+            expires_at = now + timedelta(seconds=3)
+            envelope = sign(
+                command=Deactivate(streams=("events",)),
+                command_id=uuid.uuid4(),
+                seq=1,
+                target=prefix,
+                issuer="test",
+                issued_at=now,
+                expires_at=expires_at,
+                private_key=keys.private,
+            )
+            (offset,) = await publish(bootstrap, control_topic, [encode_envelope(envelope)])
+
+            async def controller_waits_on_the_lock() -> bool:
+                rows = await blocker.fetch(
+                    "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE NOT l.granted AND a.datname = current_database()"
+                )
+                return len(rows) > 0
+
+            await until(controller_waits_on_the_lock, within=30, what="the controller blocked")
+
+            async def expired() -> bool:
+                return datetime.now(UTC) > expires_at + timedelta(seconds=1)
+
+            await until(expired, within=30, what="the command's expiry passed")
+            await block.rollback()
+        finally:
+            await blocker.close()
+
+        async def decided() -> bool:
+            return offset in await decisions(database_url)
+
+        await until(decided, within=60, what="the command decided")
+        assert (await decisions(database_url))[offset] == ("rejected", "expired")
+        assert agent.ownership.active_streams() == list(ALL_STREAMS)
+
+
+# -- start-up checks ----------------------------------------------------------------------------
+
+
+async def test_a_control_topic_with_two_partitions_is_refused(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    control_topic, _ = control_topics(prefix)
+    admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(control_topic, 2, replication_factor=1)])
+    finally:
+        await admin.close()
+    expected = f"the control topic {control_topic} has 2 partitions"
+
+    config = load_config(controlled_env(bootstrap, database_url, prefix, keys))
+    controller = Controller(DatabaseAgent(config), read_verifier([keys.public_path]))
+    with pytest.raises(ControlError, match=expected):
+        await controller.prepare()
+
+    ag = orchestrator(bootstrap, prefix, keys)
+    with pytest.raises(ControlError, match=expected):
+        await ag.send(prefix, Checkpoint(name="never"), wait_s=1)
+
+
+# -- an instance without keys -------------------------------------------------------------------
+
+
+async def test_an_instance_without_keys_waits_for_the_decision_and_follows_it(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag: Antigravity = orchestrator(bootstrap, prefix, keys)
+    async with steered(bootstrap, database_url, prefix, keys, None) as keyless:
+        await live(ag, prefix, 1)
+        delivery = await ag.send(prefix, Deactivate(streams=("events",)), wait_s=3)
+        # Nobody could decide it: no ack, no decision, the group's position unmoved.
+        assert delivery.acks == {} and len(delivery.missing) == 1
+        assert await decisions(database_url) == {}
+        state = await fetch(database_url, "SELECT next_offset FROM control_state")
+        assert [r["next_offset"] for r in state] in ([], [0])
+        assert keyless.ownership.active_streams() == list(ALL_STREAMS)
+
+        async with steered(
+            bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])
+        ) as keyed:
+
+            async def both_switched_events_off() -> bool:
+                return "events" not in keyless.ownership.active_streams() and (
+                    "events" not in keyed.ownership.active_streams()
+                )
+
+            # No other control record comes: the keyless instance follows the decision itself.
+            await until(both_switched_events_off, within=30, what="events off on both")
+    assert await decisions(database_url) == {delivery.offset: ("applied", "")}
