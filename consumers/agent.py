@@ -109,6 +109,7 @@ class DatabaseAgent:
             config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000
         )
         topics = {config.topic(STREAM_BY_NAME[name].topic): name for name in config.streams}
+        self._stream_of_topic = topics
         self._decoders: dict[str, StreamDecoder] = {
             topic: DECODERS[name] for topic, name in topics.items()
         }
@@ -275,6 +276,12 @@ class DatabaseAgent:
             conn = await self._connect()
             try:
                 await db.check_schema(conn)  # `pipeline migrate` changes it, not the agents
+                # Before anything is written: the tables of its streams are this group's.
+                await db.claim_tables(
+                    conn,
+                    config.group_id,
+                    db.stream_tables({n: t for t, n in self._stream_of_topic.items()}),
+                )
             finally:
                 await conn.close()
             await kafka_io.ensure_topics(

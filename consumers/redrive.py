@@ -29,6 +29,7 @@ from pipeline.batching import Row
 from pipeline.config import Config
 from pipeline.db import Connection, TableWriter
 from pipeline.errors import DataError, PipelineError, SchemaError
+from pipeline.records import STREAM_BY_NAME
 from pipeline.redrive import (
     Filters,
     Outcome,
@@ -233,6 +234,12 @@ async def _redrive_chunk(
             rows[stream].append(row)
             owners[stream].append(_Letter(r["id"], stream, r["src_partition"], r["src_offset"]))
         landed: list[int] = []
+        # Into the group's own tables only (docs/exactly-once.md, "One group per table").
+        await db.claim_tables(
+            conn,
+            config.group_id,
+            db.stream_tables({s: config.topic(STREAM_BY_NAME[s].topic) for s in rows}),
+        )
         for stream, stream_rows in rows.items():
             try:
                 new, rejected = await db.write_bisecting(conn, writers[stream].write, stream_rows)

@@ -144,6 +144,23 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(migrate)
     migrate.set_defaults(handler=_migrate)
 
+    owners = commands.add_parser(
+        "owners",
+        help="which group owns each data table (one group per table, docs/exactly-once.md)",
+    )
+    owner_actions = owners.add_subparsers(required=True, metavar="ACTION")
+    owners_show = owner_actions.add_parser("show", help="every claimed table, its group, topic")
+    _config_option(owners_show)
+    owners_show.set_defaults(handler=_owners_show)
+    release = owner_actions.add_parser(
+        "release",
+        help="as the migrator: hand back a group's tables, for another group to claim "
+        "(stop that group's agents and replays first)",
+    )
+    _config_option(release)
+    release.add_argument("--group", required=True, help="the group whose tables to release")
+    release.set_defaults(handler=_owners_release)
+
     topics = commands.add_parser("topics", help="manage the pipeline's Kafka topics")
     topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
     create = topic_commands.add_parser(
@@ -494,6 +511,46 @@ def _migrate(args: argparse.Namespace) -> int:
 
     applied = asyncio.run(apply())
     print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
+    return 0
+
+
+def _owners_show(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+
+    async def read() -> list[db.TableOwner]:
+        conn = await db.connect(config.database_url, config.db_session)
+        try:
+            await db.check_schema(conn)
+            return await db.table_owners(conn)
+        finally:
+            await conn.close()
+
+    found = asyncio.run(read())
+    if not found:
+        print("no data table is claimed yet: the first group to write one claims it")
+    for owner in found:
+        print(f"{owner.table}: group {owner.group}, topic {owner.topic}")
+    return 0
+
+
+def _owners_release(args: argparse.Namespace) -> int:
+    """As the migrator (PIPELINE_MIGRATE_DATABASE_URL, else DATABASE_URL): the writer may
+    claim a table, never hand one over."""
+    config = _load_config(args)
+
+    async def release() -> list[db.TableOwner]:
+        conn = await db.connect(config.migration_url, config.db_session)
+        try:
+            await db.check_schema(conn)
+            return await db.release_tables(conn, args.group)
+        finally:
+            await conn.close()
+
+    released = asyncio.run(release())
+    if not released:
+        print(f"group {args.group} owns no table: nothing to release")
+    for owner in released:
+        print(f"released {owner.table} (group {owner.group}, topic {owner.topic})")
     return 0
 
 
