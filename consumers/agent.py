@@ -546,9 +546,7 @@ class DatabaseAgent:
             joined=self._joined,
             unpositioned=len(own.unpositioned()),
             stopped_streams=tuple(
-                (stream, own.failure(stream) or "")
-                for stream, state in own.streams().items()
-                if state is StreamState.FAILED
+                stream for stream, state in own.streams().items() if state is StreamState.FAILED
             ),
             retrying=self._write_retrying or self._call_retrying,
         )
