@@ -44,6 +44,7 @@ from pipeline.devstack.stack import (
 from pipeline.errors import ConfigError, DevStackError, PipelineError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.rows import DATA_TABLES
+from pipeline.terminal import printable
 
 if TYPE_CHECKING:
     from consumers.agent import DatabaseAgent
@@ -728,19 +729,31 @@ def _control_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
-    print(f"group {config.group_id}: latest command seq {latest}; {len(fleet)} live instance(s)")
+    for line in status_lines(config.group_id, latest, heard):
+        print(line)
+    return 0
+
+
+def status_lines(group: str, latest: int, heard: Sequence[Any]) -> list[str]:
+    """`pipeline control status`'s lines from the group's heartbeats (``Heartbeat``s). Whoever
+    may write to the status topic writes their fields: each line goes through
+    :func:`~pipeline.terminal.printable`."""
+    fleet = [h for h in heard if h.state != "stopping"]
+    lines = [f"group {group}: latest command seq {latest}; {len(fleet)} live instance(s)"]
     for h in heard:
         if h.state == "stopping":
-            print(f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})")
+            lines.append(
+                f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})"
+            )
     for h in fleet:
         behind = "  BEHIND" if h.applied_seq < latest else ""
-        print(
+        lines.append(
             f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{behind}, assignment "
             f"v{h.assignment_version}, streams {','.join(h.active_streams) or '-'}, "
             f"{len(h.owned_partitions)} partitions, lag {h.lag}"
             + (f", last error: {h.last_error}" if h.last_error else "")
         )
-    return 0
+    return [printable(line) for line in lines]
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -772,8 +785,10 @@ def _control_log(args: argparse.Namespace) -> int:
         where = "" if row["src_offset"] is None else f" @{row['src_offset']}"
         reason = f" ({row['reason']})" if row["reason"] else ""
         print(
-            f"{at} {row['direction']:<7} seq {row['seq']} {row['kind']}{where} "
-            f"{row['outcome']}{reason} by {who}"
+            printable(  # a rejected command's reason quotes what it was sent
+                f"{at} {row['direction']:<7} seq {row['seq']} {row['kind']}{where} "
+                f"{row['outcome']}{reason} by {who}"
+            )
         )
     return 0
 
