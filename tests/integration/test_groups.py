@@ -183,3 +183,41 @@ async def test_a_replay_of_a_second_group_is_refused_and_keeps_the_first_groups_
     assert refused is not None
     assert f"performance_metrics belongs to group {first!r}" in str(refused)
     assert f"not to group {second!r} on topic '{second}agents.metrics'" in str(refused)
+
+
+async def test_a_rollback_of_tables_handed_to_another_group_meanwhile_is_rejected_deleting_nothing(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    """The misuse the release command warns of: the first group's tables released while its
+    agent still runs, and claimed by a second group that writes them. The first group's
+    rollback then finds a table that is not its own, and is rejected before it deletes."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    first, second = f"{unique}a.", f"{unique}b."
+    for prefix in (first, second):
+        await create_topics(bootstrap, prefix, partitions=3)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, first, keys)
+    async with controlled_agent(bootstrap, database_url, first, keys):
+        await live(ag, first, 1)
+        assert_all_applied(await ag.send(first, Checkpoint(name="empty"), wait_s=30), 1)
+        await produce(bootstrap, first, fleet_traffic(3_000, seed=1))
+        mine = await wait_caught_up(database_url, bootstrap, first, first, within=120)
+
+        released = _owners(database_url, "release", "--group", first)
+        assert released.returncode == 0, released.stderr
+        await produce(bootstrap, second, fleet_traffic(3_000, seed=2))
+        async with running_agent(bootstrap, database_url, second):
+            await wait_caught_up(database_url, bootstrap, second, second, within=120)
+        # Both groups' rows (states and config of the same keys and versions were found
+        # stored: the two fleets share agent ids).
+        rows = await _append_rows(database_url)
+        assert rows > sum(mine.values())
+
+        command = RollbackCheckpoint(to_checkpoint="empty", then="reingest")
+        delivery = await ag.send(first, command, wait_s=60)
+        assert not delivery.missing
+        (ack,) = delivery.acks.values()
+        assert (ack.outcome, ack.reason) == ("rejected", "apply_failed")
+        assert f"performance_metrics belongs to group {second!r}" in ack.detail
+        assert await _append_rows(database_url) == rows  # nobody's rows deleted
+        assert await stored_offsets(database_url, first, first) == mine  # nor offsets moved
