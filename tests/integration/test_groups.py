@@ -221,3 +221,38 @@ async def test_a_rollback_of_tables_handed_to_another_group_meanwhile_is_rejecte
         assert f"performance_metrics belongs to group {second!r}" in ack.detail
         assert await _append_rows(database_url) == rows  # nobody's rows deleted
         assert await stored_offsets(database_url, first, first) == mine  # nor offsets moved
+
+
+async def test_the_same_group_under_another_topic_prefix_is_refused_at_start(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    """One group id, two prefixes: the same partitions and offsets of other topics, which a
+    rollback or replay by partition and offset would mix up as two groups' would."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    group, first, second = unique, f"{unique}a.", f"{unique}b."
+    for prefix in (first, second):
+        await create_topics(bootstrap, prefix, partitions=3)
+    await migrated(database_url)
+    owner = AgentProcess(agent_env(bootstrap, database_url, first, group)).start()
+    try:
+
+        async def claimed() -> bool:
+            return await count_rows(database_url, "table_owners") == 7
+
+        await until(claimed, within=60, what="the first prefix's agent claims the tables")
+    finally:
+        await stop_agents([owner])
+        owner.kill()
+    log = tmp_path / "second.log"
+    env = agent_env(bootstrap, database_url, second, group)
+    other = AgentProcess(env, log).start()
+    try:
+        assert await asyncio.to_thread(other.wait, 60) == 2
+    finally:
+        other.kill()
+    text = log.read_text()
+    assert (
+        f"performance_metrics belongs to group {group!r} on topic '{first}agents.metrics', not "
+        f"to group {group!r} on topic '{second}agents.metrics'"
+    ) in text, text
+    assert await stored_offsets(database_url, group, second) == {}  # nothing positioned
