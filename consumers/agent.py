@@ -109,6 +109,7 @@ class DatabaseAgent:
             config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000
         )
         topics = {config.topic(STREAM_BY_NAME[name].topic): name for name in config.streams}
+        self._stream_of_topic = topics
         self._decoders: dict[str, StreamDecoder] = {
             topic: DECODERS[name] for topic, name in topics.items()
         }
@@ -275,6 +276,8 @@ class DatabaseAgent:
             conn = await self._connect()
             try:
                 await db.check_schema(conn)  # `pipeline migrate` changes it, not the agents
+                # Before anything is written: the tables of its streams are this group's.
+                await self._claim_tables(conn)
             finally:
                 await conn.close()
             await kafka_io.ensure_topics(
@@ -297,6 +300,21 @@ class DatabaseAgent:
                 raise  # cancelled from outside, not by the shutdown deadline
         finally:
             await self._close()
+
+    async def _claim_tables(self, conn: Connection) -> None:
+        """Claim the tables of its streams for its group (docs/exactly-once.md, "One group per
+        table"): :class:`OwnershipError` when another group owns one; a login that may not
+        read or claim them ends the agent saying so."""
+        tables = db.stream_tables({n: t for t, n in self._stream_of_topic.items()})
+        try:
+            await db.claim_tables(conn, self.config.group_id, tables)
+        except PipelineError:
+            raise
+        except Exception as exc:
+            error = classify(exc)
+            if isinstance(error, TransientError):
+                raise error from exc
+            raise fatal("claiming the tables of its streams (table_owners)", error) from exc
 
     async def _ingest_until_stopped(self) -> None:
         """Write batch N while batch N+1 is fetched and decoded: the agent decodes while
@@ -539,9 +557,7 @@ class DatabaseAgent:
             joined=self._joined,
             unpositioned=len(own.unpositioned()),
             stopped_streams=tuple(
-                (stream, own.failure(stream) or "")
-                for stream, state in own.streams().items()
-                if state is StreamState.FAILED
+                stream for stream, state in own.streams().items() if state is StreamState.FAILED
             ),
             retrying=self._write_retrying or self._call_retrying,
         )

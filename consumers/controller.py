@@ -67,6 +67,7 @@ from pipeline.control import (
     verify,
 )
 from pipeline.db import Connection
+from pipeline.errors import OwnershipError
 from pipeline.records import STREAMS, header_names_not_utf8
 
 log = logging.getLogger(__name__)
@@ -423,7 +424,10 @@ class Controller:
                 detail = f"no checkpoint named {command.to_checkpoint!r}"
                 return _Outcome(state, _rejected(apply_failed(envelope, detail)))
             started = time.monotonic()
-            done = await store.roll_back_data(conn, self.group, offsets, self._stream_topics)
+            try:
+                done = await store.roll_back_data(conn, self.group, offsets, self._stream_topics)
+            except OwnershipError as exc:  # a table is another group's now: nothing deleted
+                return _Outcome(state, _rejected(apply_failed(envelope, str(exc))))
             log.warning(
                 "rolled the data back to checkpoint %s in %.2fs (to commit with the batch): "
                 "deleted %s and %d dead letters; topics moved back: %s",

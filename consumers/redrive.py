@@ -19,7 +19,6 @@ the database would do today, and nothing changes.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +28,13 @@ from pipeline.batching import Row
 from pipeline.config import Config
 from pipeline.db import Connection, TableWriter
 from pipeline.errors import DataError, PipelineError, SchemaError
+from pipeline.records import STREAM_BY_NAME
 from pipeline.redrive import (
     Filters,
     Outcome,
     decode_again,
-    one_line,
-    shown,
+    letter_lines,
+    list_line,
     stored_headers,
     stream_of,
     stream_topics,
@@ -91,13 +91,7 @@ async def list_letters(config: Config, filters: Filters) -> list[str]:
         total = await conn.fetchval(f"SELECT count(*) FROM dead_letters WHERE {where}", *args)
     finally:
         await conn.close()
-    lines = [
-        f"{r['id']:>8}  {r['dead_lettered_at'].isoformat(timespec='seconds')}  "
-        f"{r['src_topic']}[{r['src_partition']}]@{r['src_offset']}  {r['error_class']}  "
-        + ("redriven" if r["redriven_at"] is not None else f"pending, {r['attempts']} attempts")
-        + f"  {one_line(r['reason'])}"
-        for r in rows
-    ]
+    lines = [list_line(r) for r in rows]
     lines.append(f"{len(rows)} of {total} dead letter(s) of group {config.group_id}")
     return lines
 
@@ -111,32 +105,7 @@ async def show_letter(config: Config, letter_id: int) -> list[str] | None:
         )
     finally:
         await conn.close()
-    if r is None:
-        return None
-    stream = stream_of(r["src_topic"], config.topic_prefix) or "(not a data topic of this prefix)"
-    ts = r["record_ts"].isoformat() if r["record_ts"] is not None else "(none)"
-    redriven = (
-        f"{r['redriven_at'].isoformat()} in batch {r['redriven_batch_id']}"
-        if r["redriven_at"] is not None
-        else "no"
-    )
-    last = r["last_attempt_at"].isoformat() if r["last_attempt_at"] is not None else "never"
-    headers = r["record_headers"] or []
-    lines = [
-        f"id:             {r['id']}",
-        f"group:          {r['group_id']}",
-        f"source:         {r['src_topic']} partition {r['src_partition']} offset "
-        f"{r['src_offset']} (stream {stream})",
-        f"record time:    {ts}",
-        f"dead-lettered:  {r['dead_lettered_at'].isoformat()}",
-        f"error class:    {r['error_class']}",
-        f"reason:         {r['reason']}",
-        f"redrive:        {r['attempts']} attempt(s), last {last}; redriven: {redriven}",
-        f"key:            {shown(r['record_key'])}",
-        f"headers:        {json.dumps(headers) if headers else '(none)'}",
-        f"value:          {shown(r['record_value'])}",
-    ]
-    return lines
+    return None if r is None else letter_lines(r, config.topic_prefix)
 
 
 # -- redrive --------------------------------------------------------------------------------
@@ -233,6 +202,12 @@ async def _redrive_chunk(
             rows[stream].append(row)
             owners[stream].append(_Letter(r["id"], stream, r["src_partition"], r["src_offset"]))
         landed: list[int] = []
+        # Into the group's own tables only (docs/exactly-once.md, "One group per table").
+        await db.claim_tables(
+            conn,
+            config.group_id,
+            db.stream_tables({s: config.topic(STREAM_BY_NAME[s].topic) for s in rows}),
+        )
         for stream, stream_rows in rows.items():
             try:
                 new, rejected = await db.write_bisecting(conn, writers[stream].write, stream_rows)

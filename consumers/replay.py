@@ -122,6 +122,7 @@ class Replayer:
         conn = await self._connect()
         try:
             await db.check_schema(conn)
+            await db.claim_tables(conn, config.group_id, self._tables(request.streams))
             async with db.transaction(conn):
                 # Partitions the group has never stored are claimed: live ingestion, if it
                 # ever starts on this database, continues after the replay's range.
@@ -179,7 +180,7 @@ class Replayer:
         try:
             await db.check_schema(conn)
             header = await conn.fetchrow(
-                "SELECT group_id, notes FROM replays WHERE id = $1", replay_id
+                "SELECT group_id, streams, notes FROM replays WHERE id = $1", replay_id
             )
             if header is None:
                 raise ReplayError(f"no replay {replay_id} in this database")
@@ -188,6 +189,7 @@ class Replayer:
                     f"replay {replay_id} belongs to group {header['group_id']}, not "
                     f"{self.config.group_id}: give --group {header['group_id']}"
                 )
+            await db.claim_tables(conn, self.config.group_id, self._tables(header["streams"]))
             ranges = [
                 (Range(r["topic"], r["partition"], r["start_offset"], r["end_offset"], 0), n)
                 for r in await conn.fetch(
@@ -244,6 +246,10 @@ class Replayer:
 
     async def _connect(self) -> Connection:
         return await db.connect(self.config.database_url, self.config.db_session)
+
+    def _tables(self, streams: Sequence[str]) -> dict[str, str]:
+        """The data tables of ``streams``, each with its deployed topic."""
+        return db.stream_tables({s: self.config.topic(STREAM_BY_NAME[s].topic) for s in streams})
 
 
 async def _partitions(config: Config, topics: list[str]) -> dict[str, list[int]]:
@@ -486,7 +492,9 @@ class _Run:
                         "that range is live ingestion's now; the replay stops"
                     )
                 # The range's rows are replaced in every table with a row per record; the
-                # "latest" tables follow their history under the version guard.
+                # "latest" tables follow their history under the version guard. Only in the
+                # group's own tables: another group's rows share partitions and offsets.
+                await db.claim_tables(conn, group, self.r._tables([stream]))
                 per_record = writer.tables.history or writer.tables.table
                 await conn.execute(
                     f"DELETE FROM {per_record.name} WHERE src_partition = $1 "

@@ -44,6 +44,7 @@ from pipeline.devstack.stack import (
 from pipeline.errors import ConfigError, DevStackError, PipelineError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.rows import DATA_TABLES
+from pipeline.terminal import printable
 
 if TYPE_CHECKING:
     from consumers.agent import DatabaseAgent
@@ -143,6 +144,23 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply the sql/ migrations not yet applied")
     _config_option(migrate)
     migrate.set_defaults(handler=_migrate)
+
+    owners = commands.add_parser(
+        "owners",
+        help="which group owns each data table (one group per table, docs/exactly-once.md)",
+    )
+    owner_actions = owners.add_subparsers(required=True, metavar="ACTION")
+    owners_show = owner_actions.add_parser("show", help="every claimed table, its group, topic")
+    _config_option(owners_show)
+    owners_show.set_defaults(handler=_owners_show)
+    release = owner_actions.add_parser(
+        "release",
+        help="as the migrator: hand back a group's tables, for another group to claim "
+        "(stop that group's agents and replays first)",
+    )
+    _config_option(release)
+    release.add_argument("--group", required=True, help="the group whose tables to release")
+    release.set_defaults(handler=_owners_release)
 
     topics = commands.add_parser("topics", help="manage the pipeline's Kafka topics")
     topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
@@ -505,6 +523,46 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owners_show(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+
+    async def read() -> list[db.TableOwner]:
+        conn = await db.connect(config.database_url, config.db_session)
+        try:
+            await db.check_schema(conn)
+            return await db.table_owners(conn)
+        finally:
+            await conn.close()
+
+    found = asyncio.run(read())
+    if not found:
+        print("no data table is claimed yet: the first group to write one claims it")
+    for owner in found:
+        print(f"{owner.table}: group {owner.group}, topic {owner.topic}")
+    return 0
+
+
+def _owners_release(args: argparse.Namespace) -> int:
+    """As the migrator (PIPELINE_MIGRATE_DATABASE_URL, else DATABASE_URL): the writer may
+    claim a table, never hand one over."""
+    config = _load_config(args)
+
+    async def release() -> list[db.TableOwner]:
+        conn = await db.connect(config.migration_url, config.db_session)
+        try:
+            await db.check_schema(conn)
+            return await db.release_tables(conn, args.group)
+        finally:
+            await conn.close()
+
+    released = asyncio.run(release())
+    if not released:
+        print(f"group {args.group} owns no table: nothing to release")
+    for owner in released:
+        print(f"released {owner.table} (group {owner.group}, topic {owner.topic})")
+    return 0
+
+
 def _topics_create(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
@@ -750,23 +808,35 @@ def _control_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
+    for line in status_lines(config.group_id, latest, heard):
+        print(line)
+    return 0
+
+
+def status_lines(group: str, latest: int | None, heard: Sequence[Any]) -> list[str]:
+    """`pipeline control status`'s lines from the group's heartbeats (``Heartbeat``s) and the
+    latest signed seq (None: no key to verify one with). Whoever may write to the status topic
+    writes the heartbeats' fields: each line goes through :func:`~pipeline.terminal.printable`."""
+    fleet = [h for h in heard if h.state != "stopping"]
     shown = latest if latest is not None else "unknown (no key to verify it with)"
-    print(
-        f"group {config.group_id}: latest signed command seq {shown}; {len(fleet)} live "
-        "instance(s), as reported by their heartbeats (unsigned):"
-    )
+    lines = [
+        f"group {group}: latest signed command seq {shown}; {len(fleet)} live instance(s), "
+        "as reported by their heartbeats (unsigned):"
+    ]
     for h in heard:
         if h.state == "stopping":
-            print(f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})")
+            lines.append(
+                f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})"
+            )
     for h in fleet:
-        mark = "  BEHIND" if behind(h) else ""
-        print(
+        mark = "  BEHIND" if latest is not None and h.applied_seq < latest else ""
+        lines.append(
             f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{mark}, assignment "
             f"v{h.assignment_version}, streams {','.join(h.active_streams) or '-'}, "
             f"{len(h.owned_partitions)} partitions, lag {h.lag}"
             + (f", last error: {h.last_error}" if h.last_error else "")
         )
-    return 0
+    return [printable(line) for line in lines]
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -811,8 +881,10 @@ def _control_log(args: argparse.Namespace) -> int:
         where = "" if row["src_offset"] is None else f" @{row['src_offset']}"
         reason = f" ({row['reason']})" if row["reason"] else ""
         print(
-            f"{at} {row['direction']:<7} seq {row['seq']} {row['kind']}{where} "
-            f"{row['outcome']}{reason} by {who}"
+            printable(  # a rejected command's reason quotes what it was sent
+                f"{at} {row['direction']:<7} seq {row['seq']} {row['kind']}{where} "
+                f"{row['outcome']}{reason} by {who}"
+            )
         )
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from asyncpg import Connection
 
+from pipeline import db
 from pipeline.control import Assign, BatchLimits, GroupState
 from pipeline.rows import TABLES
 
@@ -313,7 +314,9 @@ async def roll_back_data(
     3. Delete the group's dead letters at or after the checkpoint.
     4. Move ``ingest_offsets`` back to the checkpoint.
 
-    The data tables do not record their group: a database's data tables belong to one group.
+    The data tables do not record their group: each belongs to one group and topic
+    (``table_owners``), and a table another group owns makes the rollback an
+    :class:`~pipeline.errors.OwnershipError`, before anything is deleted.
     """
     stored = {
         (r["topic"], r["partition"]): r["next_offset"]
@@ -325,6 +328,10 @@ async def roll_back_data(
     }
     back = {tp: checkpoint.get(tp, 0) for tp in stored}
     moved = sorted({tp[0] for tp, offset in back.items() if stored[tp] > offset})
+    # Only the group's own tables: another group's rows would share partitions and offsets.
+    await db.claim_tables(
+        conn, group, db.stream_tables({s: t for s, t in stream_topics.items() if t in moved})
+    )
     deleted: dict[str, int] = {}
     for stream, topic in stream_topics.items():
         cut = [(p, offset) for (t, p), offset in back.items() if t == topic and t in moved]

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,9 +26,16 @@ from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
 from pipeline.batching import FetchedRecord, Row
-from pipeline.errors import ConfigError, DataError, FencedError, SchemaError, TransientError
+from pipeline.errors import (
+    ConfigError,
+    DataError,
+    FencedError,
+    OwnershipError,
+    SchemaError,
+    TransientError,
+)
 from pipeline.records import header_name_text
-from pipeline.rows import StreamTables
+from pipeline.rows import TABLES, StreamTables
 
 # The migrations, sql/ at the top of the repository; pipeline/sql links to it, so that an
 # installed package (a wheel, the container image) carries them as package data.
@@ -430,6 +437,117 @@ async def lock_group_work(conn: Connection, group: str) -> None:
 async def reserve_batch_ids(conn: Connection) -> range:
     first: int = await conn.fetchval("SELECT nextval('ingest_batch_id_seq')")
     return range(first, first + _BATCH_IDS_PER_RESERVATION)
+
+
+# -- table owners ---------------------------------------------------------------------------
+#
+# A data row names its source partition and offset, not its group or topic, and rollbacks and
+# replays delete rows by those two: each data table belongs to one (group, topic), recorded in
+# table_owners (sql/009_table_owners.sql, docs/exactly-once.md "One group per table").
+
+
+@dataclass(frozen=True, order=True)
+class TableOwner:
+    table: str
+    group: str
+    topic: str  # the deployed topic (prefix included) whose records the table holds
+
+
+def stream_tables(stream_topics: Mapping[str, str]) -> dict[str, str]:
+    """Every data table of these streams (stream name -> deployed topic), with its topic."""
+    found: dict[str, str] = {}
+    for stream, topic in stream_topics.items():
+        tables = TABLES[stream]
+        for table in (tables.table, tables.history):
+            if table is not None:
+                found[table.name] = topic
+    return found
+
+
+def foreign_owners(
+    group: str, wanted: Mapping[str, str], owners: Iterable[TableOwner]
+) -> list[TableOwner]:
+    """The owners of ``wanted`` tables (table -> topic) that are not ``group`` on that topic."""
+    return sorted(
+        o for o in owners if o.table in wanted and (o.group, o.topic) != (group, wanted[o.table])
+    )
+
+
+def ownership_error(
+    group: str, wanted: Mapping[str, str], foreign: Sequence[TableOwner]
+) -> OwnershipError:
+    """What a group is told when tables it would write belong to another (group, topic)."""
+    by_owner: dict[tuple[str, str], list[str]] = {}
+    for owner in foreign:
+        by_owner.setdefault((owner.group, owner.topic), []).append(owner.table)
+    parts = []
+    for (owner_group, topic), tables in by_owner.items():
+        parts.append(
+            f"{', '.join(tables)} belong{'s' if len(tables) == 1 else ''} to group "
+            f"{owner_group!r} on topic {topic!r}, not to group {group!r} on topic "
+            f"{wanted[tables[0]]!r}"
+        )
+    owners = sorted({o.group for o in foreign})
+    release = " and ".join(f"`pipeline owners release --group {g}`" for g in owners)
+    return OwnershipError(
+        "; ".join(parts)
+        + ". A data table serves one group and topic: rows do not record their group, and a "
+        "rollback or replay deletes rows by source partition and offset, so it would delete "
+        "the other's rows. Give this group another database, or, once the owner has stopped "
+        f"for good (its agents and replays), release its tables as the migrator: {release} "
+        '(docs/exactly-once.md, "One group per table")'
+    )
+
+
+async def claim_tables(conn: asyncpg.Connection, group: str, tables: Mapping[str, str]) -> None:
+    """Claim ``tables`` (table -> deployed topic) for ``group``, all or none: the ones no one
+    owns become the group's; :class:`OwnershipError` when any belongs to another group or
+    topic. In the caller's transaction when there is one (a savepoint), else in its own.
+
+    Tables are claimed in name order, so two groups claiming at once never deadlock."""
+    if not tables:
+        return
+    names = sorted(tables)
+    async with conn.transaction():
+        await conn.execute(
+            """INSERT INTO table_owners (table_name, group_id, topic)
+               SELECT t, $1, p FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(t, p, n)
+               ORDER BY n
+               ON CONFLICT DO NOTHING""",
+            group,
+            names,
+            [tables[n] for n in names],
+        )
+        rows = await conn.fetch(
+            "SELECT table_name, group_id, topic FROM table_owners WHERE table_name = ANY($1)",
+            names,
+        )
+        owners = [TableOwner(r["table_name"], r["group_id"], r["topic"]) for r in rows]
+        foreign = foreign_owners(group, tables, owners)
+        if foreign:
+            raise ownership_error(group, tables, foreign)
+
+
+async def table_owners(conn: Connection) -> list[TableOwner]:
+    """Every claimed data table, by name."""
+    rows = await conn.fetch(
+        "SELECT table_name, group_id, topic FROM table_owners ORDER BY table_name"
+    )
+    return [TableOwner(r["table_name"], r["group_id"], r["topic"]) for r in rows]
+
+
+async def release_tables(conn: Connection, group: str) -> list[TableOwner]:
+    """Hand back every table ``group`` owns (the migrator's right); return what was released.
+
+    Takes the group's work lock first: a rollback in flight finishes before its tables go."""
+    async with transaction(conn):
+        await lock_group_work(conn, group)
+        rows = await conn.fetch(
+            """DELETE FROM table_owners WHERE group_id = $1
+               RETURNING table_name, group_id, topic""",
+            group,
+        )
+    return sorted(TableOwner(r["table_name"], r["group_id"], r["topic"]) for r in rows)
 
 
 # -- writers --------------------------------------------------------------------------------

@@ -56,3 +56,9 @@ class FatalError(PipelineError):
 class FencedError(PipelineError):
     """Another writer moved a partition's stored offset: the batch is dropped, and its
     partitions are paused until their stored offsets are read again."""
+
+
+class OwnershipError(PipelineError):
+    """A data table belongs to another group (or the same group under another topic prefix):
+    this one may not write it, roll it back or replay into it (docs/exactly-once.md, "One
+    group per table"). The message names the owner and the ways out."""

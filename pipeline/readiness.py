@@ -2,17 +2,20 @@
 
 ``/readyz`` answers 200 "ready" once every assigned partition is positioned at its stored
 offset, no stream is stopped on an error, and the last write succeeded (or nothing waits to be
-written); otherwise 503 with the reasons, e.g. "database unreachable" or "stream metrics
-stopped: ...". A stream switched off on purpose (``pipeline control deactivate``) does not make
-an agent unready: its records wait in Kafka as the operator asked.
+written); otherwise 503 with the reasons, from a fixed set (never a driver's error text): e.g.
+"database unreachable" or "stream metrics stopped: schema or permission error". A stream
+switched off on purpose (``pipeline control deactivate``) does not make an agent unready: its
+records wait in Kafka as the operator asked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A stream's stop reason is the database's error text: kept short in a probe's answer.
-_REASON_CHARS = 200
+# What /readyz says of a stopped stream: a fixed class, never the database's error text,
+# which names tables, columns and roles to whoever can reach the port. The log, the
+# heartbeat's last_error and `pipeline control status` carry the text.
+STREAM_STOPPED = "schema or permission error"
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class AgentHealth:
         stopping: ``stop()`` was called.
         joined: the consumer group gave this instance an assignment (possibly empty).
         unpositioned: assigned partitions whose stored offset is not read yet.
-        stopped_streams: (stream, reason) of streams stopped on a schema or permission error.
+        stopped_streams: the streams stopped on a schema or permission error.
         retrying: the source ("postgres" or "kafka") of the transient failure being retried
             since the last successful write or positioning; None when the last one succeeded.
     """
@@ -45,7 +48,7 @@ class AgentHealth:
     stopping: bool = False
     joined: bool = True
     unpositioned: int = 0
-    stopped_streams: tuple[tuple[str, str], ...] = ()
+    stopped_streams: tuple[str, ...] = ()
     retrying: str | None = None
 
 
@@ -59,8 +62,7 @@ def readiness(health: AgentHealth) -> Readiness:
     elif health.unpositioned:
         reasons.append(f"starting: {health.unpositioned} partitions not positioned")
     reasons.extend(
-        f"stream {stream} stopped: {reason}"[:_REASON_CHARS]
-        for stream, reason in health.stopped_streams
+        f"stream {stream} stopped: {STREAM_STOPPED}" for stream in health.stopped_streams
     )
     if health.retrying == "postgres":
         reasons.append("database unreachable")

@@ -8,8 +8,9 @@ docs/repair.md describes the whole.
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from pipeline.batching import Row
 from pipeline.records import STREAMS, topic_name
 from pipeline.rows import DECODERS
+from pipeline.terminal import printable
 
 #: How much of a key or value `pipeline dlq show` prints before it says how much it left out.
 SHOW_MAX_CHARS = 2048
@@ -103,6 +105,45 @@ def one_line(text: str, limit: int = LIST_REASON_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def list_line(r: Mapping[str, Any]) -> str:
+    """A dead letter's line in `pipeline dlq list`, safe to print (:func:`printable`)."""
+    return printable(
+        f"{r['id']:>8}  {r['dead_lettered_at'].isoformat(timespec='seconds')}  "
+        f"{r['src_topic']}[{r['src_partition']}]@{r['src_offset']}  {r['error_class']}  "
+        + ("redriven" if r["redriven_at"] is not None else f"pending, {r['attempts']} attempts")
+        + f"  {one_line(r['reason'])}"
+    )
+
+
+def letter_lines(r: Mapping[str, Any], topic_prefix: str) -> list[str]:
+    """A dead letter's fields (a ``dead_letters`` row) for `pipeline dlq show`. The key, value,
+    headers and reason are a producer's bytes: each line goes through :func:`printable`."""
+    stream = stream_of(r["src_topic"], topic_prefix) or "(not a data topic of this prefix)"
+    ts = r["record_ts"].isoformat() if r["record_ts"] is not None else "(none)"
+    redriven = (
+        f"{r['redriven_at'].isoformat()} in batch {r['redriven_batch_id']}"
+        if r["redriven_at"] is not None
+        else "no"
+    )
+    last = r["last_attempt_at"].isoformat() if r["last_attempt_at"] is not None else "never"
+    headers = r["record_headers"] or []
+    lines = [
+        f"id:             {r['id']}",
+        f"group:          {r['group_id']}",
+        f"source:         {r['src_topic']} partition {r['src_partition']} offset "
+        f"{r['src_offset']} (stream {stream})",
+        f"record time:    {ts}",
+        f"dead-lettered:  {r['dead_lettered_at'].isoformat()}",
+        f"error class:    {r['error_class']}",
+        f"reason:         {r['reason']}",
+        f"redrive:        {r['attempts']} attempt(s), last {last}; redriven: {redriven}",
+        f"key:            {shown(r['record_key'])}",
+        f"headers:        {json.dumps(headers, ensure_ascii=False) if headers else '(none)'}",
+        f"value:          {shown(r['record_value'])}",
+    ]
+    return [printable(line) for line in lines]
+
+
 @dataclass
 class Outcome:
     """What a redrive did (or, dry, would do)."""
@@ -132,7 +173,8 @@ class Outcome:
             + f"{self.still_failing}"
         ]
         for error_class, count in sorted(self.failing.items()):
-            out.append(f"  {error_class}: {count} (e.g. {one_line(self.examples[error_class])})")
+            example = one_line(self.examples[error_class])
+            out.append(printable(f"  {error_class}: {count} (e.g. {example})"))
         if self.still_failing and not self.dry_run:
             out.append(
                 f"{self.still_failing} letter(s) still fail: kept in dead_letters with their new "

@@ -39,6 +39,7 @@ from datetime import datetime
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.control import ALL_STREAMS, Heartbeat
+from pipeline.terminal import printable
 
 __all__ = [
     "FORGET_AFTER_S",
@@ -317,7 +318,7 @@ def render(
     the other columns leave, cut with ``...``.
     """
     live = [r for r in rows if r.live]
-    states = _counts(r.state for r in rows)
+    states = _counts(printable(r.state) for r in rows)
     lines = [
         f"pipeline top {now:%Y-%m-%d %H:%M:%S %Z}: group {group}, {len(rows)} instance(s)"
         + (f" ({states})" if states else "")
@@ -333,7 +334,7 @@ def render(
         return [_cut(line, width) for line in lines]
     table = [list(_HEADINGS)] + [_cells(r) for r in rows]
     widths = [max(len(cells[i]) for cells in table) for i in range(len(_HEADINGS))]
-    errors = [_ERROR_HEADING] + [r.last_error for r in rows]
+    errors = [_ERROR_HEADING] + [printable(r.last_error) for r in rows]
     for cells, error in zip(table, errors, strict=True):
         fixed = _GAP.join(
             cell.rjust(w) if heading in _RIGHT else cell.ljust(w)
@@ -344,10 +345,12 @@ def render(
 
 
 def _cells(row: Row) -> list[str]:
+    """A row's cells; a heartbeat's text is whoever wrote to the status topic's, escaped
+    (:func:`~pipeline.terminal.printable`) before the columns are measured."""
     return [
-        row.instance_id,
-        row.state,
-        _streams(row.active_streams),
+        printable(row.instance_id),
+        printable(row.state),
+        printable(_streams(row.active_streams)),
         str(row.partitions),
         _count(row.rows_per_s),
         _count(row.lag_records),

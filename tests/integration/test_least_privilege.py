@@ -108,6 +108,9 @@ async def test_the_writer_is_no_superuser_owns_nothing_and_may_not_change_the_sc
             "TRUNCATE performance_metrics",  # a rollback deletes the rows it must, no more
             "INSERT INTO schema_migrations (version, name) VALUES (999, 'sneaky.sql')",
             "INSERT INTO billing.invoices VALUES (1)",  # no USAGE on another schema
+            # A group claims a data table, never hands one over: the migrator releases it.
+            "DELETE FROM table_owners",
+            "UPDATE table_owners SET group_id = 'sneaky'",
         ]
         for statement in refused:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -123,6 +126,7 @@ async def test_the_writer_is_no_superuser_owns_nothing_and_may_not_change_the_sc
                 "VALUES ('status', 'heartbeat', 'g', 'ok')"
             )
             assert await writer.execute("DELETE FROM performance_metrics") == "DELETE 0"
+            await db.claim_tables(writer, "g", {"performance_metrics": "agents.metrics"})
             assert await writer.fetchval("SELECT nextval('ingest_batch_id_seq')") >= 1
             assert await writer.fetchval("SELECT max(version) FROM schema_migrations") == (
                 db.required_version(db.read_migrations())

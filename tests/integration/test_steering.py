@@ -241,6 +241,20 @@ async def test_a_permission_error_while_positioning_ends_the_agent_with_a_clear_
     hostpart = rest.split("@", 1)[-1]
     reader_url = f"{base}://{role}:pw@{hostpart}"
     try:
+        # A reader may not even claim its streams' tables: it says so at start.
+        agent = DatabaseAgent(load_config(agent_env(bootstrap, reader_url, prefix, prefix)))
+        with pytest.raises(FatalError) as failure:
+            await asyncio.wait_for(agent.run(), 60)
+        assert str(failure.value) == (
+            "claiming the tables of its streams (table_owners) failed, and retrying cannot fix "
+            "it: 42501 permission denied for table table_owners"
+        )
+        conn = await asyncpg.connect(database_url, timeout=10)
+        try:
+            await conn.execute(f"GRANT INSERT ON table_owners TO {role}")
+        finally:
+            await conn.close()
+        # With that right, positioning is the first thing it may not do.
         agent = DatabaseAgent(load_config(agent_env(bootstrap, reader_url, prefix, prefix)))
         with pytest.raises(FatalError) as failure:
             await asyncio.wait_for(agent.run(), 60)

@@ -459,3 +459,52 @@ def test_a_staging_table_is_named_for_the_columns_it_stages() -> None:
     )
     assert narrower.stage.startswith("stage_agent_states_")
     assert narrower.stage != writer.stage
+
+
+# -- table owners ----------------------------------------------------------------------------
+
+
+def test_a_streams_tables_are_its_table_and_history_with_its_topic() -> None:
+    assert db.stream_tables({"metrics": "a.agents.metrics", "states": "a.agents.states"}) == {
+        "performance_metrics": "a.agents.metrics",
+        "agent_states": "a.agents.states",
+        "agent_state_history": "a.agents.states",
+    }
+
+
+def test_only_another_group_or_another_topic_is_a_foreign_owner() -> None:
+    wanted = {"performance_metrics": "a.agents.metrics", "system_events": "a.agents.events"}
+    owners = [
+        db.TableOwner("system_events", "g", "a.agents.events"),  # ours
+        db.TableOwner("performance_metrics", "g", "b.agents.metrics"),  # ours, another prefix
+        db.TableOwner("user_analytics", "h", "h.users.analytics"),  # not wanted
+    ]
+    assert db.foreign_owners("g", wanted, owners) == [owners[1]]
+    assert db.foreign_owners("h", wanted, owners) == sorted(owners[:2])
+    assert db.foreign_owners("g", wanted, owners[:1]) == []
+
+
+def test_the_ownership_error_names_the_owner_the_topics_and_the_ways_out() -> None:
+    wanted = {"performance_metrics": "b.agents.metrics", "system_events": "b.agents.events"}
+    foreign = [
+        db.TableOwner("performance_metrics", "g", "a.agents.metrics"),
+        db.TableOwner("system_events", "h", "h.agents.events"),
+    ]
+    text = str(db.ownership_error("g", wanted, foreign))
+    assert text.startswith(
+        "performance_metrics belongs to group 'g' on topic 'a.agents.metrics', not to group 'g' "
+        "on topic 'b.agents.metrics'; system_events belongs to group 'h' on topic "
+        "'h.agents.events', not to group 'g' on topic 'b.agents.events'. "
+    )
+    assert "Give this group another database" in text
+    assert (
+        "`pipeline owners release --group g` and `pipeline owners release --group h` "
+        '(docs/exactly-once.md, "One group per table")'
+    ) in text
+
+
+def test_the_owners_migration_lets_the_writer_claim_and_read_only() -> None:
+    sql = (SQL_DIR / "009_table_owners.sql").read_text()
+    assert "CREATE TABLE IF NOT EXISTS table_owners" in sql
+    assert "REVOKE UPDATE, DELETE, TRUNCATE ON table_owners FROM pipeline_writer;" in sql
+    assert "GRANT SELECT, INSERT ON table_owners TO pipeline_writer;" in sql
