@@ -10,8 +10,8 @@ it parses a fetched batch (``DefaultRecordBatch._read_msg``, in C and in Python 
 * records already drained for other partitions in the same ``getmany`` are lost to the
   caller, though their positions moved past them.
 
-:func:`install` (run when :mod:`pipeline.kafka_clients` is imported, so before any of the
-project's consumers exists) changes two names in aiokafka's fetcher module:
+:func:`install` (run by :func:`pipeline.kafka_clients.consumer`, which builds every consumer
+of the project, before the consumer exists) changes two names in aiokafka's fetcher module:
 
 * ``MemoryRecords``: the same C parser, kept together with the fetched bytes
   (:class:`_FetchedRecords`);
