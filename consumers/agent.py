@@ -54,7 +54,7 @@ from pipeline.lag import OldestRecords, PartitionLag, partition_lag, timestamp_i
 from pipeline.lag_probe import LagProbe
 from pipeline.metrics import Metrics
 from pipeline.ownership import Actions, Ownership, StreamState
-from pipeline.readiness import STARTING, AgentHealth, Readiness, readiness
+from pipeline.readiness import STARTING, AgentHealth, Readiness, failure_class, readiness
 from pipeline.records import STREAM_BY_NAME
 from pipeline.retry import classify, fatal, retrying
 from pipeline.rows import DECODERS, StreamDecoder, source_of
@@ -537,7 +537,8 @@ class DatabaseAgent:
             stream,
         )
         self.last_error = f"stream {stream} stopped: {exc}"
-        self._apply(self.ownership.failed_event(stream, str(exc)))
+        # The failure's class, not its text: /readyz shows it to whoever reaches the port.
+        self._apply(self.ownership.failed_event(stream, failure_class(exc)))
         self._show_streams()
 
     def _show_streams(self) -> None:
@@ -557,7 +558,9 @@ class DatabaseAgent:
             joined=self._joined,
             unpositioned=len(own.unpositioned()),
             stopped_streams=tuple(
-                stream for stream, state in own.streams().items() if state is StreamState.FAILED
+                (stream, own.failure(stream) or "")
+                for stream, state in own.streams().items()
+                if state is StreamState.FAILED
             ),
             retrying=self._write_retrying or self._call_retrying,
         )
@@ -836,7 +839,7 @@ class DatabaseAgent:
                     except Exception as exc:
                         error = db.classify(exc)
                         if isinstance(error, SchemaError):  # this stream's table is broken
-                            raise SchemaError(str(error), stream=stream) from exc
+                            raise error.for_stream(stream) from exc
                         if isinstance(error, DataError) and not bisect:
                             raise _RowRejected(str(error)) from exc
                         raise error from exc

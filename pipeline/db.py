@@ -253,7 +253,7 @@ def classify(exc: BaseException) -> BaseException:
     if sqlstate[:2] in ("22", "23") or sqlstate in _ROW_LIMITS:
         return DataError(f"{sqlstate} {exc}", sqlstate=sqlstate)
     if sqlstate[:2] == "42":
-        return SchemaError(f"{sqlstate} {exc}")
+        return SchemaError(f"{sqlstate} {exc}", sqlstate=sqlstate)
     return exc
 
 

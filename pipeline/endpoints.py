@@ -2,60 +2,215 @@
 DatabaseAgent): ``/metrics`` (Prometheus), ``/healthz`` (200 "ok" while the process lives) and
 ``/readyz`` (200 "ready", or 503 and what is wrong: :mod:`pipeline.readiness`).
 
-The server runs in threads of its own, so a busy event loop never delays a scrape or a
-probe: one accepts, a fixed few serve (:data:`WORKERS`), whatever clients do. ``/readyz``
+One thread of its own runs an asyncio event loop of its own that serves every connection, so
+a busy agent loop never delays a scrape or a probe, and no client can take the probes' turn:
+an open connection costs a file descriptor, never a thread. Each request has a total
+deadline, however slowly its bytes trickle in, and beyond :data:`MAX_CONNECTIONS` the oldest
+connection still sending its request is dropped to make room for the new one. ``/readyz``
 only reads the readiness the agent last decided (an immutable value), never the agent's state
 itself.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import email.utils
+import gzip
+import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+from collections.abc import Callable
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.registry import Collector
 
 from pipeline.readiness import Readiness
 
-StartResponse = Callable[..., Any]
-WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+log = logging.getLogger(__name__)
+
+# A request's line and headers must arrive within DEADLINE_S in all, and its answer be taken
+# within DEADLINE_S more; a scrape or a probe takes milliseconds.
+DEADLINE_S = 5.0
+# Open connections at most, to bound file descriptors: well below the usual soft limit of
+# 1024, so clients cannot starve the agent's own Kafka and PostgreSQL connections.
+MAX_CONNECTIONS = 256
+# The request line and headers, in bytes (a longer head is closed): a probe's or a scrape's
+# take a few hundred.
+MAX_HEAD = 16 * 1024
+# The Server header: no Python version for a scanner to match against.
+SERVER = "agent-pipeline"
+
+_METHODS = ("GET", "HEAD")
+_NOT_FOUND = "not found: try /metrics, /healthz or /readyz"
+
+Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
 
 
-# Bounds on what an unauthenticated client may hold: at most MAX_CONNECTIONS open at once,
-# served by WORKERS threads one connection each (the others wait their turn); a connection
-# beyond the maximum is closed at once. A connection that sends nothing for IDLE_TIMEOUT_S is
-# closed, so an idle socket holds a worker that long at most. A scrape or a probe takes
-# milliseconds.
-WORKERS = 4
-MAX_CONNECTIONS = 20
-IDLE_TIMEOUT_S = 5.0
-# What the Server header says: no Python version for a scanner to match against.
-SERVER_SOFTWARE = "agent-pipeline"
+class Endpoints:
+    """What each request is answered, from its head (request line and headers): no IO."""
+
+    def __init__(
+        self, registry: CollectorRegistry, readiness: Callable[[], Readiness] | None = None
+    ) -> None:
+        self._registry = registry
+        self._readiness = readiness
+
+    def answer(self, head: bytes) -> bytes:
+        """The whole HTTP response to one request head (ending in a blank line)."""
+        method = "GET"
+        try:
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, version = lines[0].split(" ")
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                if line:
+                    name, colon, value = line.partition(":")
+                    if not colon or not name or name != name.strip():
+                        raise ValueError(line)
+                    headers[name.lower()] = value.strip()
+            if not version.startswith("HTTP/1."):
+                raise ValueError(version)
+        except ValueError:
+            return render(method, _text(400, "bad request"))
+        try:
+            found = self.route(method, target, headers)
+        except Exception:  # a collector failing: say so, keep serving
+            log.exception("answering %s %s", method, target)
+            found = _text(500, "internal error")
+        return render(method, found)
+
+    def route(self, method: str, target: str, headers: dict[str, str]) -> Answer:
+        url = urlsplit(target)
+        if url.path not in ("/metrics", "/", "/healthz") and (
+            url.path != "/readyz" or self._readiness is None
+        ):
+            return _text(404, _NOT_FOUND)
+        if method not in _METHODS:
+            status, fields, body = _text(405, "method not allowed: use GET or HEAD")
+            return status, [*fields, ("Allow", ", ".join(_METHODS))], body
+        if url.path == "/healthz":
+            return _text(200, "ok")
+        if url.path == "/readyz":
+            assert self._readiness is not None
+            found = self._readiness()
+            return _text(found.status, found.reason)
+        return self._metrics(url.query, headers)
+
+    def _metrics(self, query: str, headers: dict[str, str]) -> Answer:
+        """As prometheus_client serves them: the format the Accept header asks for,
+        ``name[]`` to choose series, gzip when accepted."""
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        source: Collector = self._registry
+        if names := parse_qs(query).get("name[]"):
+            source = self._registry.restricted_registry(names)
+        body = encoder(source)
+        fields = [("Content-Type", content_type)]
+        if gzip_accepted(headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            fields.append(("Content-Encoding", "gzip"))
+        return 200, fields, body
+
+
+def _text(status: int, body: str) -> Answer:
+    # Exactly "ok", "ready" or the reasons: probes compare it.
+    return status, [("Content-Type", "text/plain; charset=utf-8")], body.encode()
+
+
+def render(method: str, answer: Answer) -> bytes:
+    """An answer as HTTP/1.1 bytes; the connection closes after it. HEAD: no body."""
+    status, fields, body = answer
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Server: {SERVER}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        *(f"{name}: {value}" for name, value in fields),
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if method == "HEAD" else head + body
 
 
 class Server:
-    """A running endpoint server; :meth:`close` stops it."""
+    """The endpoints served on a bound socket by a thread running its own event loop;
+    :meth:`close` stops it."""
 
-    def __init__(self, server: _PooledServer) -> None:
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="pipeline-endpoints", daemon=True
-        )
+    def __init__(
+        self, sock: socket.socket, endpoints: Endpoints, max_connections: int, deadline_s: float
+    ) -> None:
+        self._sock = sock
+        self._endpoints = endpoints
+        self._max_connections = max_connections
+        self._deadline_s = deadline_s
+        self._open: set[asyncio.Task[None]] = set()
+        # Connections still sending their request, oldest first: the ones dropped when full.
+        self._waiting: dict[asyncio.Task[None], None] = {}
+        self._port = int(sock.getsockname()[1])
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline-endpoints", daemon=True)
         self._thread.start()
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return self._port
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.stop_workers()
-        self._server.server_close()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._connection, sock=self._sock, limit=MAX_HEAD)
+        async with server:
+            await self._stop.wait()
+        connections = list(self._open)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._open) >= self._max_connections:
+            if not self._waiting:  # all of them being answered, for DEADLINE_S at most
+                writer.transport.abort()
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel()
+        self._open.add(task)
+        self._waiting[task] = None
+        # drain() returns once the whole answer is with the kernel: closing then loses nothing.
+        writer.transport.set_write_buffer_limits(high=0)
+        answered = False
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+            self._waiting.pop(task, None)
+            answer = self._endpoints.answer(head)
+            async with asyncio.timeout(self._deadline_s):
+                writer.write(answer)
+                await writer.drain()
+            answered = True
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # too slow (TimeoutError is an OSError), gone, or a head too large: closed
+        finally:
+            self._waiting.pop(task, None)
+            self._open.discard(task)
+            if answered:
+                writer.close()
+            else:  # nothing to flush to a client that may not read
+                writer.transport.abort()
 
 
 def serve(
@@ -63,168 +218,14 @@ def serve(
     registry: CollectorRegistry,
     readiness: Callable[[], Readiness] | None = None,
     *,
-    workers: int = WORKERS,
     max_connections: int = MAX_CONNECTIONS,
-    idle_timeout_s: float = IDLE_TIMEOUT_S,
+    deadline_s: float = DEADLINE_S,
 ) -> Server:
     """Serve the endpoints on ``host:port``; ``OSError`` when it cannot be bound (taken).
     Without ``readiness`` (a process that is not a DatabaseAgent), ``/readyz`` is 404.
 
-    At most ``max_connections`` are open at once, ``workers`` of them served, the others
-    waiting; any other is closed at once. A connection idle for ``idle_timeout_s`` is closed."""
+    A request's line and headers must arrive within ``deadline_s`` in all; beyond
+    ``max_connections`` open at once, the oldest one still sending its request is closed."""
     host, _, port = address.rpartition(":")
-    app = application(registry, readiness)
-
-    server = _PooledServer(
-        (host, int(port)),
-        _QuietHandler,
-        workers=workers,
-        max_connections=max_connections,
-        idle_timeout_s=idle_timeout_s,
-    )
-    server.set_app(app)
-    return Server(server)
-
-
-def application(
-    registry: CollectorRegistry, readiness: Callable[[], Readiness] | None = None
-) -> WsgiApp:
-    """The WSGI application behind :func:`serve`."""
-    metrics = make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path in ("/metrics", "/"):
-            served: Iterable[bytes] = metrics(environ, start_response)
-            return served
-        if path == "/healthz":
-            return _text(start_response, 200, "ok")
-        if path == "/readyz" and readiness is not None:
-            found = readiness()
-            return _text(start_response, found.status, found.reason)
-        return _text(start_response, 404, "not found: try /metrics, /healthz or /readyz")
-
-    return app
-
-
-def _text(start_response: StartResponse, status: int, body: str) -> list[bytes]:
-    data = body.encode()  # exactly "ok", "ready" or the reasons: probes compare it
-    phrase = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-    start_response(
-        f"{status} {phrase}",
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))],
-    )
-    return [data]
-
-
-class _PooledServer(WSGIServer):
-    """A WSGI server whose connections are served by a fixed pool of threads (see
-    :data:`WORKERS`): the accept loop hands each connection to them, up to
-    :data:`MAX_CONNECTIONS` open at once, and closes the others, so no client can make the
-    process start a thread or hold more than that many sockets."""
-
-    request_queue_size = 64  # the listen backlog: accepted (and queued or closed) at once
-
-    def __init__(
-        self,
-        server_address: tuple[str, int],
-        handler: type[WSGIRequestHandler],
-        *,
-        workers: int,
-        max_connections: int,
-        idle_timeout_s: float,
-    ) -> None:
-        super().__init__(server_address, handler)
-        self.idle_timeout_s = idle_timeout_s
-        self._max_connections = max_connections
-        self._open = 0  # connections waiting or being served
-        self._lock = threading.Lock()
-        self._waiting: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue()
-        self._workers = [
-            threading.Thread(target=self._work, name=f"pipeline-endpoints-{n}", daemon=True)
-            for n in range(workers)
-        ]
-        for worker in self._workers:
-            worker.start()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._lock:
-            full = self._open >= self._max_connections
-            if not full:
-                self._open += 1
-        if full:
-            self.shutdown_request(request)  # too many connections: this one is closed
-        else:
-            self._waiting.put((request, client_address))
-
-    def _work(self) -> None:
-        while (item := self._waiting.get()) is not None:
-            request, client_address = item
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-                with self._lock:
-                    self._open -= 1
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away or sent garbage is not worth a traceback on stderr."""
-
-    def stop_workers(self) -> None:
-        """Close what waits, and end the workers (each once its connection ends)."""
-        while True:
-            try:
-                item = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self.shutdown_request(item[0])
-        for _ in self._workers:
-            self._waiting.put(None)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    server: _PooledServer
-    server_version = SERVER_SOFTWARE
-    sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.idle_timeout_s)  # idle clients go
-
-    def version_string(self) -> str:
-        return SERVER_SOFTWARE
-
-    def handle(self) -> None:
-        """One request, as WSGIRequestHandler serves it, but with the Server header above,
-        and a client idle past the timeout (or gone) closed quietly."""
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-        except OSError:  # TimeoutError included: idle too long
-            return
-        if len(self.raw_requestline) > 65536:
-            self.requestline = self.request_version = self.command = ""
-            self.send_error(414)
-            return
-        if not self.parse_request():  # an error was sent
-            return
-        handler = _ServerHandler(
-            self.rfile,
-            self.wfile,  # type: ignore[arg-type]  # a BufferedIOBase, as wsgiref passes it
-            self.get_stderr(),
-            self.get_environ(),
-            multithread=True,
-        )
-        handler.request_handler = self  # type: ignore[attr-defined]
-        app = self.server.get_app()
-        assert app is not None  # set by serve()
-        handler.run(app)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Every scrape and probe would otherwise be a line on stderr."""
-
-
-class _ServerHandler(ServerHandler):
-    server_software = SERVER_SOFTWARE
+    sock = socket.create_server((host, int(port)))
+    return Server(sock, Endpoints(registry, readiness), max_connections, deadline_s)

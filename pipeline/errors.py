@@ -43,9 +43,14 @@ class SchemaError(PipelineError):
     one (the pipeline's own tables are wrong), the whole agent stops.
     """
 
-    def __init__(self, message: str, stream: str | None = None) -> None:
+    def __init__(self, message: str, stream: str | None = None, sqlstate: str = "") -> None:
         super().__init__(message)
         self.stream = stream
+        self.sqlstate = sqlstate
+
+    def for_stream(self, stream: str) -> SchemaError:
+        """The same error, naming the stream whose table raised it."""
+        return SchemaError(str(self), stream=stream, sqlstate=self.sqlstate)
 
 
 class FatalError(PipelineError):

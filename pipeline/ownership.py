@@ -127,7 +127,8 @@ class Ownership:
         return StreamState.ACTIVE if stream in self._active else StreamState.INACTIVE
 
     def failure(self, stream: str) -> str | None:
-        """Why a failed stream stopped, None when it has not failed."""
+        """Why a failed stream stopped (the agent says its error's class, never its text: it
+        is shown on /readyz), None when it has not failed."""
         return self._failed.get(stream)
 
     def active_streams(self) -> list[str]:

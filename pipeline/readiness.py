@@ -2,20 +2,16 @@
 
 ``/readyz`` answers 200 "ready" once every assigned partition is positioned at its stored
 offset, no stream is stopped on an error, and the last write succeeded (or nothing waits to be
-written); otherwise 503 with the reasons, from a fixed set (never a driver's error text): e.g.
-"database unreachable" or "stream metrics stopped: schema or permission error". A stream
+written); otherwise 503 with the reasons, never a driver's error text: e.g. "database
+unreachable" or "stream metrics stopped: SchemaError (SQLSTATE 42501)". A stream
 switched off on purpose (``pipeline control deactivate``) does not make an agent unready: its
 records wait in Kafka as the operator asked.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-
-# What /readyz says of a stopped stream: a fixed class, never the database's error text,
-# which names tables, columns and roles to whoever can reach the port. The log, the
-# heartbeat's last_error and `pipeline control status` carry the text.
-STREAM_STOPPED = "schema or permission error"
 
 
 @dataclass(frozen=True)
@@ -32,6 +28,17 @@ class Readiness:
 STARTING = Readiness(False, "starting: not in the consumer group yet")
 
 
+def failure_class(error: BaseException) -> str:
+    """What /readyz says of a stopped stream's error: its class and SQLSTATE (e.g.
+    "SchemaError (SQLSTATE 42501)"), which carry no data. Never the error's text, which names
+    tables, columns and roles to whoever can reach the port: the log, the heartbeat's
+    last_error and `pipeline control status` carry that."""
+    sqlstate = getattr(error, "sqlstate", "")
+    if isinstance(sqlstate, str) and re.fullmatch(r"[0-9A-Z]{5}", sqlstate):
+        return f"{type(error).__name__} (SQLSTATE {sqlstate})"
+    return type(error).__name__
+
+
 @dataclass(frozen=True)
 class AgentHealth:
     """What readiness is decided from.
@@ -40,7 +47,8 @@ class AgentHealth:
         stopping: ``stop()`` was called.
         joined: the consumer group gave this instance an assignment (possibly empty).
         unpositioned: assigned partitions whose stored offset is not read yet.
-        stopped_streams: the streams stopped on a schema or permission error.
+        stopped_streams: the streams stopped on a schema or permission error, each with its
+            :func:`failure_class`.
         retrying: the source ("postgres" or "kafka") of the transient failure being retried
             since the last successful write or positioning; None when the last one succeeded.
     """
@@ -48,7 +56,7 @@ class AgentHealth:
     stopping: bool = False
     joined: bool = True
     unpositioned: int = 0
-    stopped_streams: tuple[str, ...] = ()
+    stopped_streams: tuple[tuple[str, str], ...] = ()
     retrying: str | None = None
 
 
@@ -61,9 +69,7 @@ def readiness(health: AgentHealth) -> Readiness:
         reasons.append(STARTING.reason)
     elif health.unpositioned:
         reasons.append(f"starting: {health.unpositioned} partitions not positioned")
-    reasons.extend(
-        f"stream {stream} stopped: {STREAM_STOPPED}" for stream in health.stopped_streams
-    )
+    reasons.extend(f"stream {stream} stopped: {kind}" for stream, kind in health.stopped_streams)
     if health.retrying == "postgres":
         reasons.append("database unreachable")
     elif health.retrying == "kafka":

@@ -330,7 +330,7 @@ async def test_readyz_names_a_stopped_stream_and_a_blocked_database_and_lag_move
             await until(analytics_stopped, within=60, what="/readyz: analytics stopped")
             # The failure's class, not the database's error text (it names the column).
             assert (await readyz(address))[1] == (
-                "stream analytics stopped: schema or permission error"
+                "stream analytics stopped: SchemaError (SQLSTATE 42703)"
             )
             assert await ready_gauge(address) == 0
             assert await get(address, "/healthz") == (200, "ok")

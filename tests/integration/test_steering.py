@@ -155,8 +155,8 @@ async def test_a_stream_stopped_on_a_schema_error_resumes_once_fixed_with_no_res
 
         await until(others_caught_up, within=120, what="the other streams catch up")
         assert agent.metrics.total("pipeline_stream_stopped") == 1
-        assert agent.ownership.failure("analytics") is not None
-        assert "properties" in (agent.ownership.failure("analytics") or "")
+        assert agent.ownership.failure("analytics") == "SchemaError (SQLSTATE 42703)"
+        assert "properties" in agent.last_error
         assert await count_rows(database_url, "user_analytics") == 0
 
         await migrated(

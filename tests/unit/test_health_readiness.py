@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.readiness import STARTING, AgentHealth, Readiness, readiness
+from pipeline.errors import SchemaError
+from pipeline.readiness import STARTING, AgentHealth, Readiness, failure_class, readiness
 
 
 def test_a_positioned_agent_whose_writes_succeed_is_ready() -> None:
@@ -28,9 +29,17 @@ def test_unpositioned_partitions_are_counted() -> None:
     )
 
 
-def test_a_stream_stopped_on_an_error_is_named_with_a_fixed_class_not_the_error_text() -> None:
-    found = readiness(AgentHealth(stopped_streams=("metrics",)))
-    assert found == Readiness(False, "stream metrics stopped: schema or permission error")
+def test_a_stream_stopped_on_an_error_is_named_with_its_failure_class() -> None:
+    found = readiness(AgentHealth(stopped_streams=(("metrics", "SchemaError (SQLSTATE 42501)"),)))
+    assert found == Readiness(False, "stream metrics stopped: SchemaError (SQLSTATE 42501)")
+
+
+def test_a_failure_class_is_the_error_class_and_sqlstate_never_its_text() -> None:
+    denied = SchemaError("42501 permission denied for table secret_table", sqlstate="42501")
+    assert failure_class(denied) == "SchemaError (SQLSTATE 42501)"
+    assert failure_class(SchemaError("secret_table: no such migration")) == "SchemaError"
+    # Whatever is not a five-character SQLSTATE is left out.
+    assert failure_class(SchemaError("x", sqlstate="secret_table")) == "SchemaError"
 
 
 def test_a_database_being_retried_is_unreachable() -> None:
@@ -51,13 +60,17 @@ def test_every_reason_is_given_at_once_most_fundamental_first() -> None:
     found = readiness(
         AgentHealth(
             unpositioned=2,
-            stopped_streams=("events", "config"),
+            stopped_streams=(
+                ("events", "SchemaError (SQLSTATE 42703)"),
+                ("config", "SchemaError (SQLSTATE 42501)"),
+            ),
             retrying="postgres",
         )
     )
     assert found.reason == (
-        "starting: 2 partitions not positioned; stream events stopped: schema or permission "
-        "error; stream config stopped: schema or permission error; database unreachable"
+        "starting: 2 partitions not positioned; "
+        "stream events stopped: SchemaError (SQLSTATE 42703); "
+        "stream config stopped: SchemaError (SQLSTATE 42501); database unreachable"
     )
 
 
