@@ -432,7 +432,8 @@ async def test_a_dlq_topic_lowered_while_the_agent_runs_gets_letters_sized_to_it
     dlq = topic_name(DLQ_TOPIC, prefix)
     log = tmp_path / "agent.log"
     agent = AgentProcess(agent_env(bootstrap, database_url, prefix, prefix), log).start()
-    outgoing = fleet_traffic(100, seed=7)
+    traffic = fleet_traffic(300, seed=7)  # one call: its (key, version) pairs are distinct
+    outgoing = traffic[:100]
     sent = await produce(bootstrap, prefix, outgoing)
     try:
         pid = agent.pid
@@ -468,14 +469,14 @@ async def test_a_dlq_topic_lowered_while_the_agent_runs_gets_letters_sized_to_it
         await until(enforced, within=30, what="the broker enforcing max.message.bytes=20000")
         first = Outgoing(METRICS, b"m1", b"{" + b"x" * 50_000, "DecodeError")
         second = Outgoing(METRICS, b"m2", b"{" + b"y" * 50_000, "DecodeError")
-        more = fleet_traffic(100, seed=8)
-        sent += await produce(bootstrap, prefix, [first, *more[:50]])
-        outgoing += [first, *more[:50]]
+        more = traffic[100:]
+        sent += await produce(bootstrap, prefix, [first, *more[:100]])
+        outgoing += [first, *more[:100]]
         await wait_caught_up(
             database_url, bootstrap, prefix, prefix, within=90, on_poll=still_running
         )
-        sent += await produce(bootstrap, prefix, [second, *more[50:]])
-        outgoing += [second, *more[50:]]
+        sent += await produce(bootstrap, prefix, [second, *more[100:]])
+        outgoing += [second, *more[100:]]
         ends = await wait_caught_up(
             database_url, bootstrap, prefix, prefix, within=90, on_poll=still_running
         )
