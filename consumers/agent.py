@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from pipeline import db
 from pipeline import kafka as kafka_io
@@ -44,6 +45,7 @@ from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.control import AgentState
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import (
+    ConfigError,
     DataError,
     FencedError,
     PipelineError,
@@ -115,6 +117,11 @@ class DatabaseAgent:
         }
         self._writers = {name: TableWriter(DECODERS[name].tables) for name in config.streams}
         self._dlq_topic = kafka_io.dead_letter_topic(config)
+        self._dlq_limit = kafka_io.PRODUCER_MAX_REQUEST_SIZE  # the topic's, read in run()
+        # Set when the DLQ topic refused a letter: the next attempt reads its limit again and
+        # renews the producer; bare while that batch's letters go bare (_after_refused_letter).
+        self._dlq_refused: kafka_io.DeadLetterRefused | None = None
+        self._dlq_bare = False
         self.ownership = Ownership(topics)
         self._filling = Batch()  # the next batch: Actions.forget trims it
         # Its records' Kafka timestamps per partition, in the same order as its parts'
@@ -285,7 +292,11 @@ class DatabaseAgent:
                 [*kafka_io.data_topics(config), self._dlq_topic],
                 config.topic_partitions,
             )
-            self._producer = await kafka_io.start_dead_letter_producer(config)
+            # Read once, after the topic exists (this agent may just have created it): every
+            # letter is sized to it, and a limit too small for any letter stops the agent
+            # here, before it ingests anything.
+            self._dlq_limit = await self._read_dlq_limit()
+            self._producer = await kafka_io.start_dead_letter_producer(config, self._dlq_limit)
             self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
             self._mirror = _OffsetMirror(self._consumer)
             await self._consumer.start()
@@ -300,6 +311,55 @@ class DatabaseAgent:
                 raise  # cancelled from outside, not by the shutdown deadline
         finally:
             await self._close()
+
+    async def _read_dlq_limit(self) -> int:
+        """The DLQ topic's limit (:func:`pipeline.kafka.dead_letter_limit`), read from Kafka:
+        a :class:`ConfigError` naming ``max.message.bytes`` when no letter can fit it."""
+        return kafka_io.dead_letter_limit(
+            self._dlq_topic,
+            await kafka_io.read_max_message_bytes(self.config.kafka, self._dlq_topic),
+            kafka_io.PRODUCER_MAX_REQUEST_SIZE,
+            kafka_io.data_topics(self.config),
+        )
+
+    async def _after_refused_letter(self) -> None:
+        """Before the batch's next attempt, once the DLQ topic refused one of its letters as too
+        large: read the topic's limit again (a limit lowered below any letter stops the agent
+        naming ``max.message.bytes``) and replace the producer (the refused batch left its
+        sequence behind). A lowered limit sizes the letters from now on; an unchanged one
+        means a broker enforces less than the cluster reports, so this batch's letters go
+        bare. A bare letter refused too means the topic takes no letter at all: stop, naming
+        the setting, rather than retry for ever. The record itself is never the reason to
+        stop: on the next start its letter is sized to the limit read then."""
+        refused, self._dlq_refused = self._dlq_refused, None
+        if refused is None:
+            return
+        if self._dlq_bare:
+            raise ConfigError(
+                f"{refused}, even with its key, value, headers and reason omitted: set the "
+                f"max.message.bytes of {self._dlq_topic} (and the brokers' message.max.bytes) "
+                f"to at least {self._dlq_limit}, the limit it reported"
+            ) from refused
+        before = self._dlq_limit
+        try:
+            self._dlq_limit = await self._read_dlq_limit()
+            old, self._producer = self._producer, None
+            if old is not None:
+                with contextlib.suppress(KafkaError):
+                    await old.stop()
+            self._producer = await kafka_io.start_dead_letter_producer(self.config, self._dlq_limit)
+        except KafkaError as exc:  # the broker away: the next attempt tries again
+            self._dlq_refused = refused
+            raise TransientError(
+                f"renewing the dead-letter producer: {exc!r}", source="kafka"
+            ) from exc
+        self._dlq_bare = self._dlq_limit >= before
+        log.warning(
+            "%s; the topic's limit is now %d bytes: %s (dead_letters keeps the records whole)",
+            refused,
+            self._dlq_limit,
+            "this batch's dead letters go bare" if self._dlq_bare else "letters sized to it",
+        )
 
     async def _claim_tables(self, conn: Connection) -> None:
         """Claim the tables of its streams for its group (docs/exactly-once.md, "One group per
@@ -703,10 +763,14 @@ class DatabaseAgent:
                     return
                 self._no_transaction.clear()
                 try:
+                    await self._after_refused_letter()
                     await self._ingest(work, queued, fetch_seconds, stamps)
+                    self._dlq_bare = False
                     return
                 except (FencedError, SchemaError, TransientError) as exc:
                     failure = exc
+                    if isinstance(exc, kafka_io.DeadLetterRefused):
+                        self._dlq_refused = exc
                 except Exception as exc:  # retrying cannot fix it: say so, and stop
                     raise fatal("writing a batch", classify(exc)) from exc
                 finally:
@@ -856,6 +920,7 @@ class DatabaseAgent:
                     self._dlq_topic,
                     all_letters,
                     self.config.db_command_timeout_s,
+                    kafka_io.BARE if self._dlq_bare else self._dlq_limit,
                 )
                 if all_letters:
                     await db.insert_dead_letters(conn, self.config.group_id, all_letters)

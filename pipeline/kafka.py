@@ -11,7 +11,14 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import NewTopic
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    for_code,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
@@ -26,16 +33,20 @@ from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
 log = logging.getLogger(__name__)
 
 MIRROR_TIMEOUT_S = 10.0
-# Kafka refuses a record over the topic's max.message.bytes (1 MiB by default) and the
-# producer one over its max_request_size (1 MiB): a source record near the limit would not
-# fit on the DLQ topic with the letter's own headers added, and a refused letter stalls its
-# partition. So a dead letter on the topic is at most this, batch overhead included: its
-# key, value and headers (all of them as one part) each go whole or not at all, smallest
-# first while they fit; one left out is named by a dlq.<part>.omitted.bytes header holding its
-# size. dead_letters keeps all of them, and the dlq.source.* headers say where the whole
-# record still is.
-DLQ_MAX_RECORD_BYTES = 900 * 1024
+# A dead letter on the DLQ topic must fit the topic's max.message.bytes (Kafka's default is
+# 1 MiB + 12; an operator may set less, on the topic or as the brokers' message.max.bytes) and
+# the producer's max_request_size (aiokafka's default: 1 MiB). The agent reads the topic's
+# limit at start-up (read_max_message_bytes) and sizes every letter to the smaller of the two
+# (dead_letter_limit): the record's key, value and headers (all of them as one part) each go
+# whole or not at all, smallest first while they fit; one left out is named by a
+# dlq.<part>.omitted.bytes header holding its size. dead_letters keeps all of them, and the
+# dlq.source.* headers say where the whole record still is.
+PRODUCER_MAX_REQUEST_SIZE = 1024 * 1024  # aiokafka's default, set explicitly
+PRODUCER_MAX_BATCH_SIZE = 16 * 1024  # aiokafka's default; lowered to a smaller limit
 DLQ_MAX_REASON_BYTES = 4 * 1024  # dead_letters keeps the whole reason
+# The room a letter with every part omitted keeps for its error class and reason together: a
+# limit that leaves less is refused at start-up.
+DLQ_MIN_REASON_BYTES = 256
 DLQ_HEADERS = (
     "dlq.source.topic",
     "dlq.source.partition",
@@ -116,23 +127,95 @@ def make_consumer(config: Config, listener: ConsumerRebalanceListener) -> AIOKaf
     return consumer
 
 
-async def start_dead_letter_producer(config: Config) -> AIOKafkaProducer:
+async def read_max_message_bytes(kafka: KafkaSettings | str, topic: str) -> int:
+    """The ``max.message.bytes`` Kafka applies to ``topic``: the topic's own, or the brokers'
+    ``message.max.bytes`` when the topic sets none (``kafka`` as in :func:`ensure_topics`).
+    Needs DESCRIBE_CONFIGS on the topic."""
+    admin = kafka_clients.admin(kafka_settings(kafka), request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})]
+        )
+    finally:
+        await admin.close()
+    for error_code, error_message, _, name, entries in response.resources:
+        if name != topic:
+            continue
+        if error_code == TopicAuthorizationFailedError.errno:
+            raise ConfigError(
+                f"Kafka refused to describe the configs of dead-letter topic {topic}: its "
+                "max.message.bytes sizes dead letters; allow the agents' principal "
+                "DESCRIBE_CONFIGS on it"
+            )
+        if error_code:
+            raise PipelineError(
+                f"Kafka did not describe the configs of topic {topic}: "
+                f"{for_code(error_code).__name__} {error_message or ''}".rstrip()
+            )
+        for entry in entries:
+            if entry[0] == "max.message.bytes":
+                return int(entry[1])
+    raise PipelineError(f"Kafka did not report max.message.bytes of topic {topic}")
+
+
+def dead_letter_limit(
+    topic: str, max_message_bytes: int, max_request_size: int, source_topics: Iterable[str]
+) -> int:
+    """The most bytes a dead letter on ``topic`` may take, batch framing included (what
+    :func:`dlq_record` sizes against): the smaller of the topic's ``max.message.bytes`` and the
+    producer's ``max_request_size``. Pure.
+
+    :class:`ConfigError` naming the topic and ``max.message.bytes`` when even a letter from the
+    longest of ``source_topics`` with its key, value and headers all omitted, the largest
+    coordinates, and :data:`DLQ_MIN_REASON_BYTES` for its class and reason would not fit.
+    """
+    limit = min(max_message_bytes, max_request_size)
+    longest = max(source_topics, key=len, default="")
+    most = 2**31 - 1  # Kafka's largest partition number and record part
+    floor = _size(
+        *_letter(
+            DeadLetter(longest, most, 2**63 - 1, b"", b"", [], None, "", ""),
+            set(),  # every part omitted, each named with the largest size
+            {name: most for name in ("key", "value", "headers")},
+            _ours(longest, most, 2**63 - 1, "", b"x" * DLQ_MIN_REASON_BYTES),
+        )
+    )
+    if limit < floor:
+        raise ConfigError(
+            f"dead-letter topic {topic}: its max.message.bytes is {max_message_bytes}, below "
+            f"{floor} bytes, the size of a dead letter carrying only its coordinates and "
+            f"reason: set the topic's max.message.bytes to at least {floor} (Kafka's default "
+            "is 1048588)"
+        )
+    return limit
+
+
+async def start_dead_letter_producer(config: Config, limit: int) -> AIOKafkaProducer:
     """The DLQ topic's producer (idempotent, acks=all), started; its client id is the
-    instance id."""
+    instance id. ``limit`` is :func:`dead_letter_limit`'s: a batch of several letters stays
+    within it too."""
     producer = kafka_clients.producer(
         config.kafka,
         acks="all",
         enable_idempotence=True,
         request_timeout_ms=30_000,
+        max_request_size=PRODUCER_MAX_REQUEST_SIZE,
+        max_batch_size=min(PRODUCER_MAX_BATCH_SIZE, limit),
     )
     await producer.start()
     return producer
 
 
 async def publish_dead_letters(
-    producer: AIOKafkaProducer, topic: str, letters: list[DeadLetter], ack_timeout: float
+    producer: AIOKafkaProducer,
+    topic: str,
+    letters: list[DeadLetter],
+    ack_timeout: float,
+    limit: int,
 ) -> None:
-    """Send every dead letter to the DLQ topic and wait for all acks, within ``ack_timeout`` s.
+    """Send every dead letter to the DLQ topic, each within ``limit`` bytes
+    (:func:`dead_letter_limit`), and wait for all acks, within ``ack_timeout`` s.
 
     The topic is at-least-once: a batch retried after a failure publishes its dead letters
     again. Its ``dlq.source.*`` headers identify a record; ``dead_letters`` holds each once.
@@ -143,17 +226,16 @@ async def publish_dead_letters(
         async with asyncio.timeout(ack_timeout):
             futures = []
             for letter in letters:
-                key, value, headers = dlq_record(letter)
+                key, value, headers = dlq_record(letter, limit)
                 futures.append(await producer.send(topic, value, key=key, headers=headers))
             await asyncio.gather(*futures)
     except MessageSizeTooLargeError as exc:
-        # Retrying cannot make it fit, and a refused batch leaves the idempotent producer's
-        # sequence behind: stop, saying what to change.
-        raise ConfigError(
-            f"dead-letter topic {topic} refused a dead letter as too large ({exc}); a dead "
-            f"letter is at most {DLQ_MAX_RECORD_BYTES} bytes: set the topic's "
-            "max.message.bytes (and the brokers' message.max.bytes) to at least 1048588, "
-            "Kafka's default"
+        # Letters are sized to the limit read at start-up: only a limit lowered since, or a
+        # broker enforcing less than the cluster reported, refuses one. The agent recovers
+        # (DatabaseAgent._after_refused_letter) instead of stalling or stopping on this record.
+        raise DeadLetterRefused(
+            f"dead-letter topic {topic} refused a dead letter of at most {limit} bytes as "
+            f"too large ({exc})"
         ) from exc
     except (KafkaError, TimeoutError) as exc:
         raise TransientError(
@@ -161,25 +243,29 @@ async def publish_dead_letters(
         ) from exc
 
 
-def dlq_record(letter: DeadLetter) -> tuple[bytes | None, bytes | None, Headers]:
+class DeadLetterRefused(TransientError):
+    """The DLQ topic refused a dead letter as too large (``MessageSizeTooLargeError``).
+
+    Retrying the same letter cannot help, and a batch the broker refused leaves the idempotent
+    producer's sequence behind (its next batch to that partition would be refused as out of
+    order): the agent reads the topic's limit again, starts a new producer, and retries the
+    batch with letters sized to a lowered limit, or, the limit unchanged, bare
+    (:data:`BARE`); a bare letter refused too stops it, naming ``max.message.bytes``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, source="kafka")
+
+
+#: The limit that makes :func:`dlq_record` omit every part and the reason: the smallest letter.
+BARE = 0
+
+
+def dlq_record(letter: DeadLetter, limit: int) -> tuple[bytes | None, bytes | None, Headers]:
     """The key, value and headers a dead letter carries on the DLQ topic: the record's own,
-    within :data:`DLQ_MAX_RECORD_BYTES`, then the ``dlq.*`` headers; pure."""
-    reason = letter.reason.encode()
-    if len(reason) > DLQ_MAX_REASON_BYTES:
-        reason = reason[:DLQ_MAX_REASON_BYTES].decode(errors="ignore").encode()
-    ours: Headers = list(
-        zip(
-            DLQ_HEADERS,
-            (
-                letter.topic.encode(),
-                str(letter.partition).encode(),
-                str(letter.offset).encode(),
-                letter.error_class.encode(),
-                reason,
-            ),
-            strict=True,
-        )
-    )
+    then the ``dlq.*`` headers, within ``limit`` bytes (:func:`dead_letter_limit`); pure.
+
+    The coordinates and class always go; the reason, cut at :data:`DLQ_MAX_REASON_BYTES`, is
+    cut further only when a letter with every part omitted would not fit otherwise."""
     # The parts the record has, and their sizes in bytes (a header's: its name and value).
     sizes = {
         name: size
@@ -195,11 +281,36 @@ def dlq_record(letter: DeadLetter) -> tuple[bytes | None, bytes | None, Headers]
         )
         if size is not None
     }
+    reason = _cut(letter.reason.encode(), DLQ_MAX_REASON_BYTES)
+    while True:
+        ours = _ours(letter.topic, letter.partition, letter.offset, letter.error_class, reason)
+        over = _size(*_letter(letter, set(), sizes, ours)) - limit
+        if over <= 0 or not reason:
+            break
+        reason = _cut(reason, len(reason) - over)
     carried: set[str] = set()
     for name in sorted(sizes, key=sizes.__getitem__):
-        if _size(*_letter(letter, carried | {name}, sizes, ours)) <= DLQ_MAX_RECORD_BYTES:
+        if _size(*_letter(letter, carried | {name}, sizes, ours)) <= limit:
             carried.add(name)
     return _letter(letter, carried, sizes, ours)
+
+
+def _cut(text: bytes, size: int) -> bytes:
+    """UTF-8 ``text`` cut to at most ``size`` bytes, on a character boundary."""
+    if len(text) <= size:
+        return text
+    return text[: max(size, 0)].decode(errors="ignore").encode()
+
+
+def _ours(topic: str, partition: int, offset: int, error_class: str, reason: bytes) -> Headers:
+    values = (
+        topic.encode(),
+        str(partition).encode(),
+        str(offset).encode(),
+        error_class.encode(),
+        reason,
+    )
+    return list(zip(DLQ_HEADERS, values, strict=True))
 
 
 def _letter(

@@ -4,8 +4,9 @@ Three principals, each with only what its processes do (docs/security-kafka.md h
 list as ``kafka-acls`` commands for a real cluster):
 
 * ``User:pipeline-agent``, the DatabaseAgents: read the five data topics and the control
-  topic, join (read) their consumer group, write the dead-letter and status topics; writing
-  the control topic is denied outright.
+  topic, join (read) their consumer group, write the dead-letter and status topics, read the
+  dead-letter topic's configs (its ``max.message.bytes``); writing the control topic is denied
+  outright.
 * ``User:pipeline-producer``, the fleet's publishers (the SDK, the simulator): write the five
   data topics.
 * ``User:antigravity``, the orchestrator (``pipeline control``, ``pipeline topics create``):
@@ -76,6 +77,7 @@ class Operation(IntEnum):  # Kafka's AclOperation
     WRITE = 4
     CREATE = 5
     DESCRIBE = 8
+    DESCRIBE_CONFIGS = 10
 
 
 class Permission(IntEnum):  # Kafka's AclPermissionType
@@ -112,6 +114,7 @@ def pipeline_acls(topic_prefix: str = "", group: str = DEFAULT_GROUP) -> list[Ac
     return [
         *(Acl(agent, topic, t, read) for t in [*data, control]),
         Acl(agent, topic, dlq, write),
+        Acl(agent, topic, dlq, Operation.DESCRIBE_CONFIGS),  # its max.message.bytes
         Acl(agent, topic, status, write),
         Acl(agent, Resource.GROUP, group, read),
         Acl(agent, topic, control, write, Permission.DENY),

@@ -179,9 +179,10 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
             encode(AgentEvent(uuid.uuid4(), "a", "k", T0, payload={"s": "\x00"})),
             "ValidationError",
         ),
-        # Too big for the DLQ topic's 1 MiB record limit once wrapped: the topic gets an empty
-        # value and the size, dead_letters the whole value.
-        Outgoing(metrics, b"big", b"{" + b"x" * 950_000, "DecodeError"),
+        # Just under the producer's 1 MiB limit, too big for the DLQ topic's (Kafka's default)
+        # once wrapped: the topic gets an empty value and the size, dead_letters the whole
+        # value.
+        Outgoing(metrics, b"big", b"{" + b"x" * 1_048_399, "DecodeError"),
         # Headers jsonb cannot hold as they are: a NUL byte in a value and in a name, a null.
         Outgoing(
             metrics,
@@ -285,7 +286,7 @@ async def test_bad_records_are_dead_lettered_with_reasons_and_good_ones_ingested
     }
     assert on_topic == {k: v["error_class"] for k, v in by_coordinates.items()}
     (big,) = [r for r in received if "dlq.value.omitted.bytes" in dict(r.headers)]
-    assert (big.value, dict(big.headers)["dlq.value.omitted.bytes"]) == (b"", b"950001")
+    assert (big.value, dict(big.headers)["dlq.value.omitted.bytes"]) == (b"", b"1048400")
 
 
 @pytest.mark.parametrize("seed", [1, 2])

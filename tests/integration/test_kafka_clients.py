@@ -57,7 +57,7 @@ async def test_the_agents_clients_use_the_instance_id_as_client_id(
     finally:
         await kafka_io.stop_consumer(consumer)
 
-    producer = await kafka_io.start_dead_letter_producer(config)
+    producer = await kafka_io.start_dead_letter_producer(config, kafka_io.PRODUCER_MAX_REQUEST_SIZE)
     try:
         assert repr(producer.client) == f"<AIOKafkaClient client_id={config.instance_id}>"
     finally:

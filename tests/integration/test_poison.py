@@ -19,6 +19,8 @@ import asyncpg
 import msgspec
 import pytest
 from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline import kafka as kafka_io
@@ -42,10 +44,12 @@ from tests.integration.harness import (
     Outgoing,
     agent_env,
     assert_exactly_once,
+    count_rows,
     create_topics,
     fleet_traffic,
     produce,
     produce_paced,
+    stored_offsets,
     until,
     wait_caught_up,
 )
@@ -251,7 +255,7 @@ async def test_poison_among_good_records_is_dead_lettered_and_stops_no_agent(
         assert headers["dlq.error.class"] == case.error_class.encode(), case.name
         assert case.reason.encode() in headers["dlq.reason"], case.name
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers.items()))
-        assert size <= kafka_io.DLQ_MAX_RECORD_BYTES, case.name
+        assert size <= PRODUCER_LIMIT, case.name
     # The record near 1 MiB: its value and headers go, its key (the largest part) does not.
     big = next(c.outgoing for c in cases if len(c.outgoing.key) > 500_000)
     s = where[id(big)]
@@ -280,6 +284,8 @@ async def _dlq_letters(
             assert batches, f"only {len(found)} dead letters on the DLQ topic"
             for record in (r for records in batches.values() for r in records):
                 headers = dict(record.headers)
+                if record.key == b"probe" and not headers:  # the test's own, not a letter
+                    continue
                 coordinates = (
                     headers["dlq.source.topic"].decode().removeprefix(prefix),
                     int(headers["dlq.source.partition"]),
@@ -291,15 +297,9 @@ async def _dlq_letters(
     return found
 
 
-async def test_a_dlq_topic_too_small_for_a_dead_letter_stops_the_agent_naming_the_setting(
-    servers: Servers, database_url: str, unique: str, tmp_path: Path
-) -> None:
-    # Kafka's default limit fits every dead letter; a topic configured below it refuses one,
-    # and retrying cannot help: the agent stops and says what to change, never stalls.
-    bootstrap = servers.endpoints.kafka_bootstrap
-    prefix = f"{unique}."
-    settings = kafka_clients.kafka_settings(bootstrap)
-    admin = kafka_clients.admin(settings)
+async def _dlq_topic(bootstrap: str, prefix: str, max_message_bytes: int) -> None:
+    """The DLQ topic, created before the agent with a smaller max.message.bytes than Kafka's."""
+    admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
     await admin.start()
     try:
         await admin.create_topics(
@@ -308,14 +308,96 @@ async def test_a_dlq_topic_too_small_for_a_dead_letter_stops_the_agent_naming_th
                     topic_name(DLQ_TOPIC, prefix),
                     1,
                     replication_factor=1,
-                    topic_configs={"max.message.bytes": "20000"},
+                    topic_configs={"max.message.bytes": str(max_message_bytes)},
                 )
             ]
         )
     finally:
         await admin.close()
+
+
+async def test_a_dlq_topic_below_a_records_size_gets_letters_sized_to_it_and_no_agent_stops(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    # The agent reads the topic's max.message.bytes at start-up and sizes its letters to it:
+    # a 50 kB record's letter leaves its value out, where it stopped the agent (or, before
+    # that, retried for ever).
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await _dlq_topic(bootstrap, prefix, 20_000)
     await create_topics(bootstrap, prefix, partitions=1)  # the data topics
-    await produce(bootstrap, prefix, [Outgoing(METRICS, b"m", b"{" + b"x" * 50_000)])
+    big = Outgoing(METRICS, b"m", b"{" + b"x" * 50_000, "DecodeError", (("trace", b"t-1"),))
+    small = Outgoing(EVENTS, b"e", b"{bad", "DecodeError", (("trace", b"t-2"),))
+    traffic = fleet_traffic(400, seed=5)
+    outgoing = [*traffic[:200], big, small, *traffic[200:]]  # good records after the bad
+    sent = await produce(bootstrap, prefix, outgoing)
+    log = tmp_path / "agent.log"
+    agent = AgentProcess(agent_env(bootstrap, database_url, prefix, prefix), log).start()
+    try:
+        pid = agent.pid
+
+        async def still_running() -> None:
+            assert agent.alive(), log.read_text()[-3000:]
+            assert agent.pid == pid
+
+        ends = await wait_caught_up(
+            database_url, bootstrap, prefix, prefix, within=120, on_poll=still_running
+        )
+        await still_running()
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+
+    at = {
+        (s.topic, s.partition, s.offset): o for s, o in zip(sent, outgoing, strict=True) if s.poison
+    }
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT * FROM dead_letters")
+    finally:
+        await conn.close()
+    whole = {
+        (r["src_topic"].removeprefix(prefix), r["src_partition"], r["src_offset"]): (
+            r["record_key"],
+            r["record_value"],
+            msgspec.json.decode(r["record_headers"]),
+        )
+        for r in rows
+    }
+    assert whole == {
+        c: (o.key, o.value, [[n, v.decode()] for n, v in o.headers]) for c, o in at.items()
+    }
+    on_topic = await _dlq_letters(bootstrap, prefix, 2)
+    assert set(on_topic) == set(at)
+    for coordinates, outgoing in at.items():
+        key, value, headers = on_topic[coordinates]
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers.items()))
+        assert size <= 20_000
+        assert (key, headers["trace"], headers["dlq.error.class"]) == (
+            outgoing.key,
+            outgoing.headers[0][1],
+            b"DecodeError",
+        )
+        if outgoing is big:
+            assert value == b""
+            assert headers["dlq.value.omitted.bytes"] == b"50001"
+        else:
+            assert value == outgoing.value
+            assert not [n for n in headers if n.endswith(".omitted.bytes")]
+
+
+async def test_a_dlq_topic_too_small_for_any_dead_letter_stops_the_agent_at_start(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    # 200 bytes cannot hold even a letter's coordinates: the agent refuses to start, naming
+    # the setting, before it ingests a record (not on the first bad record, which would
+    # stop it again on every start).
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await _dlq_topic(bootstrap, prefix, 200)
+    await create_topics(bootstrap, prefix, partitions=1)  # the data topics
+    await produce(bootstrap, prefix, fleet_traffic(50, seed=6))
     log = tmp_path / "agent.log"
     agent = AgentProcess(agent_env(bootstrap, database_url, prefix, prefix), log).start()
     try:
@@ -323,12 +405,108 @@ async def test_a_dlq_topic_too_small_for_a_dead_letter_stops_the_agent_naming_th
         async def stopped() -> bool:
             return not agent.alive()
 
-        await until(stopped, within=90, what="the agent kept retrying a letter its topic refuses")
+        await until(stopped, within=90, what="the agent started with a DLQ topic of 200 bytes")
         assert agent.wait(0) == 2
         text = log.read_text()
-        assert f"dead-letter topic {prefix}pipeline.dlq refused a dead letter as too large" in (
-            text
-        ), text[-3000:]
-        assert "max.message.bytes" in text
+        assert (
+            f"dead-letter topic {prefix}pipeline.dlq: its max.message.bytes is 200, below "
+        ) in text, text[-3000:]
+        assert "set the topic's max.message.bytes to at least" in text
     finally:
         agent.kill()
+    assert await stored_offsets(database_url, prefix, prefix) == {}
+    for table in [*APPEND_TABLE.values(), "dead_letters"]:
+        assert await count_rows(database_url, table) == 0, table
+
+
+async def test_a_dlq_topic_lowered_while_the_agent_runs_gets_letters_sized_to_its_new_limit(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    # The limit read at start-up is Kafka's default; an operator lowers it to 20000 while the
+    # agent runs. The first letter over it is refused: the agent reads the limit again, renews
+    # its producer (the refused batch left its sequence behind) and sizes letters to 20000
+    # from then on; it never stops, and every good record lands once.
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    dlq = topic_name(DLQ_TOPIC, prefix)
+    log = tmp_path / "agent.log"
+    agent = AgentProcess(agent_env(bootstrap, database_url, prefix, prefix), log).start()
+    traffic = fleet_traffic(300, seed=7)  # one call: its (key, version) pairs are distinct
+    outgoing = traffic[:100]
+    sent = await produce(bootstrap, prefix, outgoing)
+    try:
+        pid = agent.pid
+
+        async def still_running() -> None:
+            assert agent.alive(), log.read_text()[-3000:]
+            assert agent.pid == pid
+
+        await wait_caught_up(
+            database_url, bootstrap, prefix, prefix, within=90, on_poll=still_running
+        )
+        settings = kafka_clients.kafka_settings(bootstrap)
+        admin = kafka_clients.admin(settings)
+        await admin.start()
+        try:
+            await admin.alter_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, dlq, {"max.message.bytes": "20000"})]
+            )
+        finally:
+            await admin.close()
+
+        async def enforced() -> bool:  # the broker refuses a 30 kB record on the topic now
+            producer = kafka_clients.producer(settings, acks="all")
+            await producer.start()
+            try:
+                await producer.send_and_wait(dlq, b"x" * 30_000, key=b"probe")
+            except MessageSizeTooLargeError:
+                return True
+            finally:
+                await producer.stop()
+            return False  # not yet: _dlq_letters skips the probe
+
+        await until(enforced, within=30, what="the broker enforcing max.message.bytes=20000")
+        first = Outgoing(METRICS, b"m1", b"{" + b"x" * 50_000, "DecodeError")
+        second = Outgoing(METRICS, b"m2", b"{" + b"y" * 50_000, "DecodeError")
+        more = traffic[100:]
+        sent += await produce(bootstrap, prefix, [first, *more[:100]])
+        outgoing += [first, *more[:100]]
+        await wait_caught_up(
+            database_url, bootstrap, prefix, prefix, within=90, on_poll=still_running
+        )
+        sent += await produce(bootstrap, prefix, [second, *more[100:]])
+        outgoing += [second, *more[100:]]
+        ends = await wait_caught_up(
+            database_url, bootstrap, prefix, prefix, within=90, on_poll=still_running
+        )
+        await still_running()
+        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+    text = log.read_text()
+    assert "refused a dead letter of at most 1048576 bytes" in text, text[-3000:]
+    assert "the topic's limit is now 20000 bytes: letters sized to it" in text
+    at = {
+        (s.topic, s.partition, s.offset): o for s, o in zip(sent, outgoing, strict=True) if s.poison
+    }
+    on_topic = await _dlq_letters(bootstrap, prefix, 2)
+    assert set(on_topic) == set(at)
+    letters = {o.key: on_topic[c] for c, o in at.items()}
+    for key_sent in (b"m1", b"m2"):  # sized to the new limit: only the value left out
+        key, value, headers = letters[key_sent]
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers.items()))
+        assert size <= 20_000
+        assert (key, value, headers["dlq.value.omitted.bytes"]) == (key_sent, b"", b"50001")
+        assert "dlq.key.omitted.bytes" not in headers
+        assert b"JSON is malformed" in headers["dlq.reason"]
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        whole = {
+            r["record_key"]: r["record_value"]
+            for r in await conn.fetch("SELECT record_key, record_value FROM dead_letters")
+        }
+    finally:
+        await conn.close()
+    assert whole == {b"m1": first.value, b"m2": second.value}

@@ -39,6 +39,7 @@ def test_agents_read_data_and_control_write_dlq_and_status_and_join_their_group(
     assert allowed(acls, "User:pipeline-agent") == {
         *(("TOPIC", t, "READ") for t in [*DATA, CONTROL]),
         ("TOPIC", DLQ, "WRITE"),
+        ("TOPIC", DLQ, "DESCRIBE_CONFIGS"),  # the limit its dead letters are sized to
         ("TOPIC", STATUS, "WRITE"),
         ("GROUP", "g", "READ"),
     }
