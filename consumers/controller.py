@@ -175,25 +175,7 @@ class Controller:
         try:
             while True:
                 fetched = await self._consumer.getmany(partition, timeout_ms=500)
-                records = fetched.get(partition, [])
-                while records:
-                    try:
-                        done = await self._handle(records)
-                    except Exception as exc:
-                        if self.agent.stopping:
-                            raise
-                        if self.verifier is None:
-                            # Not ours to decide, even as a rejection: ask again shortly.
-                            log.error("control record at offset %d: %r", records[0].offset, exc)
-                            done = 0
-                        else:
-                            await self._give_up(records[0].offset, exc)
-                            done = 1
-                    if not done:
-                        # No keys, and nobody has decided the first record yet: ask again
-                        # shortly, never moving past it (docs/control-plane.md).
-                        await asyncio.sleep(self.undecided_poll_s)
-                    records = records[done:]
+                await self._handle_fetched(fetched.get(partition, []))
                 self._log_rejections()
         finally:
             heartbeats.cancel()
@@ -211,6 +193,27 @@ class Controller:
                 await asyncio.wait_for(self._producer.stop(), 10)
 
     # -- a run of records --------------------------------------------------------------------
+
+    async def _handle_fetched(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Handle fetched control records in order, a run at a time (:meth:`_handle`)."""
+        while records:
+            try:
+                done = await self._handle(records)
+            except Exception as exc:
+                if self.agent.stopping:
+                    raise
+                if self.verifier is None:
+                    # Not ours to decide, even as a rejection: ask again shortly.
+                    log.error("control record at offset %d: %r", records[0].offset, exc)
+                    done = 0
+                else:
+                    await self._give_up(records[0].offset, exc)
+                    done = 1
+            if not done:
+                # No keys, and nobody has decided the first record yet: ask again
+                # shortly, never moving past it (docs/control-plane.md).
+                await asyncio.sleep(self.undecided_poll_s)
+            records = records[done:]
 
     async def _handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
         """Decide or follow the first records of ``records`` in one transaction; how many
