@@ -605,6 +605,16 @@ async def test_an_instance_without_keys_waits_for_the_decision_and_follows_it(
 
             # No other control record comes: the keyless instance follows the decision itself.
             await until(both_switched_events_off, within=30, what="events off on both")
+
+            async def both_acknowledged_the_command() -> bool:
+                acks = await status_acks(bootstrap, status_topic)
+                return {a.instance_id for a in acks if a.seq == delivery.envelope.seq} == {
+                    "keyed",
+                    "keyless",
+                }
+
+            # Acks follow the records' order: the forged record's would have come first.
+            await until(both_acknowledged_the_command, within=30, what="both acknowledged")
     assert await decisions(database_url) == {
         forged: ("rejected", "unknown_key"),
         delivery.offset: ("applied", ""),
