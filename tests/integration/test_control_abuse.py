@@ -1,7 +1,8 @@
 """The control plane against what a writer to its topics, or an outage, can throw at it (real
-broker and database): a forged heartbeat, a flood of garbage on the control topic, a command
-that expires while the database is unreachable, a control topic with two partitions, an
-instance without keys."""
+broker and database): a forged heartbeat, a flood of garbage on the control topic, a signed
+command far back on it, a command that expires while the database is blocked or its
+connection is cut, a record whose decision cannot be recorded, a control topic with two
+partitions, an instance without keys."""
 
 from __future__ import annotations
 
