@@ -233,7 +233,8 @@ class Antigravity:
                     and message.command_id == command_id
                     and message.group == group
                 ):
-                    # The first: a later "rejected" ack for this id answers a forged copy.
+                    # The first: a later "rejected" ack for this id answers a replayed copy
+                    # (a forged one is not acknowledged).
                     delivery.acks.setdefault(message.instance_id, message)
 
 

@@ -42,6 +42,7 @@ from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
 from pipeline.batching import Limits
 from pipeline.control import (
+    KIND_UNKNOWN,
     UNAUTHENTICATED,
     Ack,
     Activate,
@@ -130,6 +131,9 @@ class Controller:
         self.undecided_poll_s = UNDECIDED_POLL_S
         self._waiting_at = -1  # the offset an instance without keys last said it waits at
         self._rejections = RejectionTally()
+        # A lasting error of an instance without keys, asking again every second: one line
+        # per interval, as rejections.
+        self._errors = RejectionTally(what="failed attempt(s) to follow a control record")
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -175,25 +179,7 @@ class Controller:
         try:
             while True:
                 fetched = await self._consumer.getmany(partition, timeout_ms=500)
-                records = fetched.get(partition, [])
-                while records:
-                    try:
-                        done = await self._handle(records)
-                    except Exception as exc:
-                        if self.agent.stopping:
-                            raise
-                        if self.verifier is None:
-                            # Not ours to decide, even as a rejection: ask again shortly.
-                            log.error("control record at offset %d: %r", records[0].offset, exc)
-                            done = 0
-                        else:
-                            await self._give_up(records[0].offset, exc)
-                            done = 1
-                    if not done:
-                        # No keys, and nobody has decided the first record yet: ask again
-                        # shortly, never moving past it (docs/control-plane.md).
-                        await asyncio.sleep(self.undecided_poll_s)
-                    records = records[done:]
+                await self._handle_fetched(fetched.get(partition, []))
                 self._log_rejections()
         finally:
             heartbeats.cancel()
@@ -211,6 +197,41 @@ class Controller:
                 await asyncio.wait_for(self._producer.stop(), 10)
 
     # -- a run of records --------------------------------------------------------------------
+
+    async def _handle_fetched(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Handle fetched control records in order, a run at a time (:meth:`_handle`).
+
+        A run of several records that fails is handled again one record at a time, once
+        (the rest of the fetch too): a record that fails alone is the one given up
+        (:meth:`_give_up`), and the others are decided or followed as they would have been.
+        So each record costs at most two attempts, whatever the error."""
+        one_by_one = False
+        while records:
+            run = records[:1] if one_by_one else records
+            try:
+                done = await self._handle(run)
+            except Exception as exc:
+                if self.agent.stopping:
+                    raise
+                if self.verifier is None:
+                    # Not ours to decide, even as a rejection: ask again shortly.
+                    line = self._errors.add(
+                        1, f"control record at offset {run[0].offset}: {exc!r}", time.monotonic()
+                    )
+                    if line is not None:
+                        log.error("%s", line)
+                    done = 0
+                elif len(run) > 1:
+                    one_by_one = True  # which record fails?
+                    continue
+                else:
+                    await self._give_up(run[0], exc)
+                    done = 1
+            if not done:
+                # No keys, and nobody has decided the first record yet: ask again
+                # shortly, never moving past it (docs/control-plane.md).
+                await asyncio.sleep(self.undecided_poll_s)
+            records = records[done:]
 
     async def _handle(self, records: list[ConsumerRecord[bytes, bytes]]) -> int:
         """Decide or follow the first records of ``records`` in one transaction; how many
@@ -248,23 +269,34 @@ class Controller:
                 )
         self._log_rejections()
         self._show_state()
-        # An undecodable record carries no command id: nobody waits for its ack.
-        await self._ack_all([d for _, d in run.decisions if d.command_id is not None])
+        await self._ack_all([d for _, d in run.decisions])
         if applied:
             await self._send_heartbeat(stopping=False)  # the fleet's view follows at once
         return run.consumed
 
-    async def _give_up(self, offset: int, error: Exception) -> None:
-        """Applying the record at ``offset`` failed in a way no retry fixes (its work rolled
-        back alone): the group records it as rejected and moves past it, so one poison
-        command cannot stall control. If even that fails, the error ends the controller."""
-        log.error("control record at offset %d could not be applied: %r", offset, error)
-        decision = store.Decision(None, None, "unknown", "rejected", f"apply_failed: {error!r}")
+    async def _give_up(self, record: ConsumerRecord[bytes, bytes], error: Exception) -> None:
+        """Handling ``record`` alone failed in a way no retry fixes (its work rolled back
+        alone): unless the group has decided it already, the group records it as rejected
+        (``apply_failed``, naming its command if it is one signed for the group) and moves
+        past it, so one poison record cannot stall control. A record decided already (by
+        another instance, or by this one before what followed its decision failed) keeps its
+        decision, and is neither counted nor acknowledged again. If even that fails, the
+        error ends the controller."""
+        offset = record.offset
+        log.error("control record at offset %d could not be handled: %r", offset, error)
+        assert self.verifier is not None  # an instance without keys gives nothing up
+        envelope = verify(record.value, keys=self.verifier)
+        if isinstance(envelope, Envelope) and envelope.target == self.group:
+            decision = _rejected(apply_failed(envelope, repr(error)))
+        else:
+            decision = store.Decision(
+                None, None, KIND_UNKNOWN, "rejected", "apply_failed", repr(error)
+            )
 
-        async def record(conn: Connection) -> None:
+        async def record_it(conn: Connection) -> GroupState | None:
             state = await store.lock_state(conn, self.group)
             if offset < state.next_offset:
-                return  # decided meanwhile
+                return None  # decided already
             moved = msgspec.structs.replace(state, next_offset=offset + 1)
             await store.save_state(conn, self.group, moved)
             await store.record_decision(
@@ -274,10 +306,20 @@ class Controller:
                 decision=decision,
                 instance_id=self.agent.instance_id,
             )
+            await store.record_acks(
+                conn,
+                group=self.group,
+                instance_id=self.agent.instance_id,
+                decisions=[d for d in [decision] if _acknowledged(d)],
+            )
+            return moved
 
-        await self.agent.in_ingest_transaction(record)
-        self._count("unknown", "rejected")
-        await self._ack(decision)
+        moved = await self.agent.in_ingest_transaction(record_it)
+        if moved is None:
+            return
+        self.state = moved
+        self._count(decision.kind, decision.outcome)
+        await self._ack_all([decision])
 
     async def _decide(self, conn: Connection, records: list[ConsumerRecord[bytes, bytes]]) -> _Run:
         """The group's decisions on the first records of ``records``, made here or followed.
@@ -347,11 +389,11 @@ class Controller:
                     body=_body(verdict.envelope),
                     issued_at=verdict.envelope.issued_at,
                 )
-                await store.record_ack(
+                await store.record_acks(
                     conn,
                     group=self.group,
                     instance_id=self.agent.instance_id,
-                    decision=outcome.decision,
+                    decisions=[d for d in [outcome.decision] if _acknowledged(d)],
                 )
                 return _Run(
                     outcome.state,
@@ -377,7 +419,7 @@ class Controller:
             conn,
             group=self.group,
             instance_id=self.agent.instance_id,
-            decisions=[d for _, d in decisions if _reason(d) not in UNAUTHENTICATED],
+            decisions=[d for _, d in decisions if _acknowledged(d)],
         )
         return _Run(moved, consumed, decisions, tuple(dict.fromkeys(activated)), rolled_back)
 
@@ -473,8 +515,12 @@ class Controller:
 
     # -- the status topic ------------------------------------------------------------------
 
-    async def _ack(self, decision: store.Decision) -> None:
-        await self._publish(encode_status(self._to_ack(decision)))
+    async def _ack_all(self, decisions: list[store.Decision]) -> None:
+        """Acknowledge those of ``decisions`` that are acknowledged (:func:`_acknowledged`) on
+        the status topic, sent together (one wait, not one per ack)."""
+        await self._publish_all(
+            [encode_status(self._to_ack(d)) for d in decisions if _acknowledged(d)]
+        )
 
     def _to_ack(self, decision: store.Decision) -> Ack:
         return Ack(
@@ -484,22 +530,19 @@ class Controller:
             instance_id=self.agent.instance_id,
             group=self.group,
             outcome="applied" if decision.outcome == "applied" else "rejected",
-            reason=decision.reason.split(":", 1)[0] if decision.outcome != "applied" else "",
+            reason=decision.code,
             detail=decision.reason,
             at=self.clock(),
         )
 
-    async def _ack_all(self, decisions: list[store.Decision]) -> None:
-        """Acks for several decisions, sent together (one wait, not one per ack)."""
-        if len(decisions) == 1:
-            await self._ack(decisions[0])
-        elif decisions:
-            await self._publish_all([encode_status(self._to_ack(d)) for d in decisions])
-
     def _log_rejections(self) -> None:
-        line = self._rejections.due(time.monotonic())
+        now = time.monotonic()
+        line = self._rejections.due(now)
         if line is not None:
             log.warning("%s", line)
+        line = self._errors.due(now)
+        if line is not None:
+            log.error("%s", line)
 
     async def _heartbeat_until_cancelled(self) -> None:
         while True:
@@ -522,26 +565,13 @@ class Controller:
             metrics_address=self._metrics_address,
             at=self.clock(),
         )
-        await self._publish(encode_status(heartbeat))
-
-    async def _publish(self, value: bytes) -> None:
-        """Best effort, bounded: a status topic that does not answer must not stop control."""
-        if self._producer is None:
-            return
-        try:
-            await asyncio.wait_for(
-                self._producer.send_and_wait(
-                    self.status_topic, value, key=self.agent.instance_id.encode()
-                ),
-                _SEND_TIMEOUT_S,
-            )
-        except Exception as exc:
-            log.warning("status topic %s did not take a message: %r", self.status_topic, exc)
+        await self._publish_all([encode_status(heartbeat)])
 
     async def _publish_all(self, values: list[bytes]) -> None:
-        """:meth:`_publish` for several messages: sent at once, their delivery awaited
-        together, bounded as one."""
-        if self._producer is None:
+        """Publish ``values`` on the status topic, keyed by this instance: sent at once, their
+        delivery awaited together. Best effort, bounded: a status topic that does not answer
+        must not stop control."""
+        if self._producer is None or not values:
             return
         producer, key = self._producer, self.agent.instance_id.encode()
 
@@ -553,7 +583,10 @@ class Controller:
             await asyncio.wait_for(send(), _SEND_TIMEOUT_S)
         except Exception as exc:
             log.warning(
-                "status topic %s did not take %d acks: %r", self.status_topic, len(values), exc
+                "status topic %s did not take %d message(s): %r",
+                self.status_topic,
+                len(values),
+                exc,
             )
 
     # -- metrics -----------------------------------------------------------------------------
@@ -577,13 +610,19 @@ def _rejected(reject: Reject) -> store.Decision:
         reject.seq,
         reject.kind,
         "rejected",
-        f"{reject.reason}: {reject.detail}",
+        reject.reason,
+        reject.detail,
     )
 
 
-def _reason(decision: store.Decision) -> str:
-    """A decision's reason code (its stored reason is "code: detail")."""
-    return decision.reason.split(":", 1)[0]
+def _acknowledged(decision: store.Decision) -> bool:
+    """Whether an instance acknowledges ``decision`` (on the status topic, and in
+    ``control_log`` as a ``status`` row): only a record shown to be signed by a trusted key,
+    which names its command. What anyone who may write the control topic can produce
+    (:data:`~pipeline.control.UNAUTHENTICATED`: undecodable, of an unknown kind, an unknown
+    key or a bad signature) names a command id of its writer's choosing, or none: an ack for
+    it would answer nobody, or a forger."""
+    return decision.command_id is not None and decision.code not in UNAUTHENTICATED
 
 
 def _body(envelope: Envelope | None) -> bytes:

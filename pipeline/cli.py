@@ -748,14 +748,37 @@ def _control_send(args: argparse.Namespace) -> int:
         decided = await _from_database(
             config,
             "the group's decision",
-            lambda conn: control_store.decision_at(conn, group, delivery.offset),
+            lambda conn: control_store.decisions_from(
+                conn, group, delivery.offset, delivery.offset
+            ),
         )
         return delivery, decided
 
     delivery, decided = asyncio.run(send())
+    lines, ok = send_lines(
+        group,
+        delivery,
+        None if decided is None else decided[0].get(delivery.offset),
+        database_read=decided is not None,
+        wait_s=args.wait,
+    )
+    for line in lines:
+        print(line)
+    return 0 if ok else 1
+
+
+def send_lines(
+    group: str, delivery: Any, decision: Any, *, database_read: bool, wait_s: float
+) -> tuple[list[str], bool]:
+    """`pipeline control`'s lines for a command sent (a ``Delivery``) and the group's decision
+    on it (a ``control_store.Decision``; None: none, or ``database_read`` is false), and
+    whether it succeeded: every live instance acked ``applied`` and, when the database could
+    be read, the group applied it. The instance ids, acks' details and the decision's reason
+    come from the status topic (any agent login writes it) or quote what was sent: each line
+    goes through :func:`~pipeline.terminal.printable`."""
     envelope = delivery.envelope
     live = len(delivery.live)
-    print(
+    lines = [
         f"{envelope.kind} (seq {envelope.seq}, command {envelope.command_id}) sent to group "
         f"{group} at control offset {delivery.offset}; "
         + (
@@ -764,24 +787,22 @@ def _control_send(args: argparse.Namespace) -> int:
             if live
             else "no live instance: applied when one starts"
         )
-    )
+    ]
     for instance, ack in sorted(delivery.acks.items()):
         outcome = ack.outcome + (f": {ack.detail}" if ack.outcome == "rejected" else "")
-        print(f"  {instance}: {outcome}")
+        lines.append(f"  {instance}: {outcome}")
     for instance in delivery.missing:
-        print(f"  {instance}: no ack within {args.wait:g}s")
-    ok = delivery.ok
-    if decided is not None:
-        (decision,) = decided
-        if decision is not None:
-            reason = f" ({decision.reason})" if decision.reason else ""
-            print(f"the group's decision (PostgreSQL control_log): {decision.outcome}{reason}")
-            ok = ok and decision.outcome == "applied"
-        elif live:
-            # Acks without a decision are not to be believed: the status topic is unsigned.
-            print("the group's decision (PostgreSQL control_log): none yet")
-            ok = False
-    return 0 if ok else 1
+        lines.append(f"  {instance}: no ack within {wait_s:g}s")
+    ok: bool = delivery.ok
+    if decision is not None:
+        reason = f" ({decision.reason})" if decision.reason else ""
+        lines.append(f"the group's decision (PostgreSQL control_log): {decision.outcome}{reason}")
+        ok = ok and decision.outcome == "applied"
+    elif database_read and live:
+        # Acks without a decision are not to be believed: the status topic is unsigned.
+        lines.append("the group's decision (PostgreSQL control_log): none yet")
+        ok = False
+    return [printable(line) for line in lines], ok
 
 
 def _control_status(args: argparse.Namespace) -> int:
@@ -799,13 +820,11 @@ def _control_status(args: argparse.Namespace) -> int:
     highest, heard = asyncio.run(gather())
     # Without a key to check signatures, no seq on the control topic can be trusted.
     latest = highest if antigravity.verifier.key_ids else None
-    fleet = [h for h in heard if h.state != "stopping"]
-
-    def behind(h: Any) -> bool:
-        return latest is not None and h.applied_seq < latest
-
-    instances = [{**msgspec.to_builtins(h), "behind": behind(h)} for h in fleet]
     if args.json:
+        instances = [
+            {**msgspec.to_builtins(h), "behind": behind}
+            for h, behind in live_instances(latest, heard)
+        ]
         print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
         return 0
     for line in status_lines(config.group_id, latest, heard):
@@ -813,11 +832,20 @@ def _control_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def live_instances(latest: int | None, heard: Sequence[Any]) -> list[tuple[Any, bool]]:
+    """The live instances among the heartbeats ``heard`` (those not stopping), each with
+    whether it reports an ``applied_seq`` behind ``latest``, the latest signed seq (None: no
+    key to verify one with, so none is behind)."""
+    return [
+        (h, latest is not None and h.applied_seq < latest) for h in heard if h.state != "stopping"
+    ]
+
+
 def status_lines(group: str, latest: int | None, heard: Sequence[Any]) -> list[str]:
     """`pipeline control status`'s lines from the group's heartbeats (``Heartbeat``s) and the
     latest signed seq (None: no key to verify one with). Whoever may write to the status topic
     writes the heartbeats' fields: each line goes through :func:`~pipeline.terminal.printable`."""
-    fleet = [h for h in heard if h.state != "stopping"]
+    fleet = live_instances(latest, heard)
     shown = latest if latest is not None else "unknown (no key to verify it with)"
     lines = [
         f"group {group}: latest signed command seq {shown}; {len(fleet)} live instance(s), "
@@ -828,8 +856,8 @@ def status_lines(group: str, latest: int | None, heard: Sequence[Any]) -> list[s
             lines.append(
                 f"  {h.instance_id}: stopped (last heard {h.at.isoformat(timespec='seconds')})"
             )
-    for h in fleet:
-        mark = "  BEHIND" if latest is not None and h.applied_seq < latest else ""
+    for h, behind in fleet:
+        mark = "  BEHIND" if behind else ""
         lines.append(
             f"  {h.instance_id}: {h.state}, seq {h.applied_seq}{mark}, assignment "
             f"v{h.assignment_version}, streams {','.join(h.active_streams) or '-'}, "

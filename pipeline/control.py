@@ -721,9 +721,11 @@ class RejectionTally:
     """Rejected control records, logged at most once per ``interval_s`` with their count and
     the last reason: the first at once, the rest summed until the interval has passed, so a
     flood of garbage costs a line per interval, not one per record. ``now`` is monotonic
-    seconds, passed in."""
+    seconds, passed in. ``what`` names what is counted (other repeated failures are logged
+    the same way)."""
 
     interval_s: float = 10.0
+    what: str = "control record(s) rejected"
     count: int = 0
     last: str = ""
     _quiet_until: float = float("-inf")
@@ -738,7 +740,7 @@ class RejectionTally:
         """The line to log now, if rejections are counted and the interval has passed."""
         if not self.count or now < self._quiet_until:
             return None
-        line = f"{self.count} control record(s) rejected since the last such line; the last: "
+        line = f"{self.count} {self.what} since the last such line; the last: "
         line += self.last
         self.count = 0
         self._quiet_until = now + self.interval_s
@@ -771,8 +773,11 @@ def highest_seq(raws: Iterable[bytes | None], *, keys: Verifier, group: str) -> 
     """
     highest = 0
     for raw in raws:
-        # Only a record that would raise the answer is verified: reading a long log (or a
-        # flood) costs a signature check per new high, not per record.
+        # Only a record whose claimed seq is above the highest verified so far is verified;
+        # the others cost a partial decode. A forged one fails and leaves ``highest`` as it
+        # was, so each forged record claiming a higher seq under a trusted key id costs one
+        # Ed25519 check (an unknown key id is refused before any): linear in the topic's
+        # size, as reading it is, and bounded by it.
         if not raw or len(raw) > MAX_ENVELOPE_BYTES:
             continue
         try:

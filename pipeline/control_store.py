@@ -23,13 +23,25 @@ from pipeline.rows import TABLES
 
 @dataclass(frozen=True)
 class Decision:
-    """How the group decided one control record (from ``control_log``)."""
+    """How the group decided one control record (from ``control_log``): a rejection's reason
+    code (``control.Reason``) and what it says, "" both when applied."""
 
     command_id: str | None
     seq: int | None
     kind: str
     outcome: str  # "applied" or "rejected"
-    reason: str
+    code: str = ""
+    detail: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The reason as ``control_log`` stores it: "code: detail" ("" when applied)."""
+        return f"{self.code}: {self.detail}" if self.code else ""
+
+
+def _decision(row: Any) -> Decision:
+    code, _, detail = row["reason"].partition(": ")
+    return Decision(row["command_id"], row["seq"], row["kind"], row["outcome"], code, detail)
 
 
 _limits_decoder = msgspec.json.Decoder(BatchLimits)
@@ -87,24 +99,12 @@ async def save_state(conn: Connection, group: str, state: GroupState) -> None:
     )
 
 
-async def decision_at(conn: Connection, group: str, offset: int) -> Decision | None:
-    """How the group decided the control record at ``offset``; None if it was not for it."""
-    row = await conn.fetchrow(
-        """SELECT command_id::text, seq, kind, outcome, reason FROM control_log
-           WHERE direction = 'command' AND target = $1 AND src_offset = $2""",
-        group,
-        offset,
-    )
-    if row is None:
-        return None
-    return Decision(row["command_id"], row["seq"], row["kind"], row["outcome"], row["reason"])
-
-
 async def decisions_from(
     conn: Connection, group: str, first: int, last: int
 ) -> dict[int, Decision]:
     """How the group decided the control records at offsets ``first`` to ``last`` (those
-    that were for it), in one query: a run of records is followed at once."""
+    that were for it), in one query: a run of records is followed at once. One offset:
+    ``first == last``."""
     rows = await conn.fetch(
         """SELECT src_offset, command_id::text, seq, kind, outcome, reason FROM control_log
            WHERE direction = 'command' AND target = $1 AND src_offset BETWEEN $2 AND $3""",
@@ -112,10 +112,7 @@ async def decisions_from(
         first,
         last,
     )
-    return {
-        r["src_offset"]: Decision(r["command_id"], r["seq"], r["kind"], r["outcome"], r["reason"])
-        for r in rows
-    }
+    return {r["src_offset"]: _decision(r) for r in rows}
 
 
 async def record_rejections(
@@ -145,7 +142,8 @@ async def record_rejections(
 async def record_acks(
     conn: Connection, *, group: str, instance_id: str, decisions: list[Decision]
 ) -> None:
-    """:func:`record_ack` for several decisions, in one statement."""
+    """The instance's acknowledgements of ``decisions`` (rows of direction ``status``, next
+    to the group's decisions), in one statement."""
     if not decisions:
         return
     await conn.execute(
@@ -193,22 +191,6 @@ async def record_decision(
         body.decode(),
         issued_at,
         offset,
-    )
-
-
-async def record_ack(conn: Connection, *, group: str, instance_id: str, decision: Decision) -> None:
-    """One instance's acknowledgement of a command, next to the group's decision."""
-    await conn.execute(
-        """INSERT INTO control_log (direction, command_id, seq, kind, target, instance_id,
-               outcome, reason)
-           VALUES ('status', $1::text::uuid, $2, $3, $4, $5, $6, $7)""",
-        decision.command_id,
-        decision.seq,
-        decision.kind,
-        group,
-        instance_id,
-        decision.outcome,
-        decision.reason,
     )
 
 

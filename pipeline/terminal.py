@@ -4,8 +4,8 @@ Dead letters (a producer's key, value and headers, the reason built from them), 
 the status topic (an instance id, a state, a last error) and control-log reasons are written
 by whoever can produce to a topic: printed as they are, an escape sequence in them would move
 the cursor, rewrite the screen, set the window title or worse in the operator's terminal.
-``pipeline dlq``, ``pipeline control status`` and ``log``, and ``pipeline top`` print them
-through :func:`printable`.
+``pipeline dlq``, ``pipeline control`` (its acks and the group's decision), ``control status``
+and ``log``, and ``pipeline top`` print them through :func:`printable`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The control plane against what a writer to its topics, or an outage, can throw at it (real
-broker and database): a forged heartbeat, a flood of garbage on the control topic, a command
-that expires while the database is unreachable, a control topic with two partitions, an
-instance without keys."""
+broker and database): a forged heartbeat, a flood of garbage on the control topic, a signed
+command far back on it, a command that expires while the database is blocked or its
+connection is cut, a record whose decision cannot be recorded, a control topic with two
+partitions, an instance without keys."""
 
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ from tests.conftest import Servers
 from tests.integration.harness import create_topics, migrated, until
 from tests.integration.test_control import (
     Keys,
-    assert_all_applied,
     controlled_env,
     envelope_bytes,
     fetch,
     live,
     orchestrator,
+    status_acks,
 )
 
 pytestmark = pytest.mark.timeout(900)
@@ -71,16 +72,21 @@ def keys(tmp_path: Path) -> Keys:
 
 @contextlib.asynccontextmanager
 async def steered(
-    bootstrap: str, database_url: str, prefix: str, keys: Keys, verifier: Verifier | None
-) -> AsyncIterator[DatabaseAgent]:
+    bootstrap: str,
+    database_url: str,
+    prefix: str,
+    keys: Keys,
+    verifier: Verifier | None,
+    **settings: object,
+) -> AsyncIterator[Controller]:
     """A DatabaseAgent in this process steered by a controller with ``verifier`` (None: an
-    instance without public keys)."""
-    config = load_config(controlled_env(bootstrap, database_url, prefix, keys))
+    instance without public keys); the controller (its agent: ``.agent``)."""
+    config = load_config(controlled_env(bootstrap, database_url, prefix, keys, **settings))
     agent = DatabaseAgent(config)
     controller = Controller(agent, verifier, heartbeat_s=1.0)
     task = asyncio.create_task(run_controlled(agent, controller))
     try:
-        yield agent
+        yield controller
     finally:
         agent.stop()
         await asyncio.wait_for(task, 60)
@@ -233,30 +239,56 @@ async def test_a_valid_command_behind_a_flood_of_garbage_is_applied_within_secon
     await create_topics(bootstrap, prefix, partitions=1)
     await migrated(database_url)
     ag = orchestrator(bootstrap, prefix, keys)
-    control_topic, _ = control_topics(prefix)
+    await ag.ensure_topics()
+    control_topic, status_topic = control_topics(prefix)
     intruder, _ = generate_key_pair()
     forged = [envelope_bytes(keys, prefix, 1000 + i, private_key=intruder) for i in range(50)]
-    # Undecodable bytes and envelopes signed by a key no agent trusts, interleaved.
+    # Undecodable bytes and envelopes signed by a key no agent trusts, interleaved; then the
+    # command, all on the topic before the agent starts: it has the whole flood to get through.
     garbage = [forged[i % len(forged)] if i % 2 else b"\x93garbage %d" % i for i in range(FLOOD)]
+    offsets = await publish(bootstrap, control_topic, garbage)
+    delivery = await ag.send(prefix, Checkpoint(name="after-flood"), wait_s=0)
+    assert delivery.envelope.seq == 1  # the forged seqs (1000+) do not count
+    assert delivery.live == []
+
+    async def applied() -> bool:
+        return (await decisions(database_url)).get(delivery.offset) == ("applied", "")
+
+    started = time.monotonic()
     async with steered(bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])):
-        await live(ag, prefix, 1)
-        offsets = await publish(bootstrap, control_topic, garbage)
-        started = time.monotonic()
-        delivery = await ag.send(prefix, Checkpoint(name="after-flood"), wait_s=600)
+        await until(applied, within=120, what="the command applied", every=0.05)
         took = time.monotonic() - started
         print(f"\na valid command behind {FLOOD:,} garbage control records: {took:.2f} s")
-        assert_all_applied(delivery, 1)
-        assert delivery.envelope.seq == 1  # the forged seqs (1000+) do not count
-        assert took < 5.0, f"{took:.2f} s"
+        assert took < 5.0, f"{took:.2f} s from the agent's start"
 
     found = await decisions(database_url)
     assert len(found) == FLOOD + 1
     assert Counter(found[o] for o in offsets) == Counter(
         {("rejected", "undecodable"): FLOOD // 2, ("rejected", "unknown_key"): FLOOD // 2}
     )
-    assert found[delivery.offset] == ("applied", "")
     state = await fetch(database_url, "SELECT next_offset, applied_seq FROM control_state")
     assert [(r["next_offset"], r["applied_seq"]) for r in state] == [(FLOOD + 1, 1)]
+    # The forged envelopes name command ids of their writer's choosing: none is acknowledged.
+    acks = await status_acks(bootstrap, status_topic)
+    assert [(a.command_id, a.outcome) for a in acks] == [(delivery.envelope.command_id, "applied")]
+    statuses = await fetch(database_url, "SELECT seq FROM control_log WHERE direction = 'status'")
+    assert [r["seq"] for r in statuses] == [1]
+
+
+async def test_the_next_seq_counts_a_command_more_than_1000_records_back(
+    servers: Servers, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    ag = orchestrator(bootstrap, prefix, keys)
+    await ag.ensure_topics()
+    control_topic, _ = control_topics(prefix)
+    first = await ag.send(prefix, Checkpoint(name="first"), wait_s=0)
+    assert first.envelope.seq == 1
+    await publish(bootstrap, control_topic, [b"\x93garbage %d" % i for i in range(1500)])
+    # The signed command is 1,501 records back: the whole topic is read for the seq.
+    second = await ag.send(prefix, Checkpoint(name="second"), wait_s=0)
+    assert (second.offset, second.envelope.seq) == (first.offset + 1501, 2)
 
 
 # -- a command that expires while the database is unreachable -----------------------------------
@@ -273,7 +305,8 @@ async def test_a_command_that_expires_while_the_database_is_blocked_is_refused(
     control_topic, _ = control_topics(prefix)
     async with steered(
         bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])
-    ) as agent:
+    ) as controller:
+        agent = controller.agent
         await live(ag, prefix, 1)
         blocker = await asyncpg.connect(database_url, timeout=10)
         try:
@@ -326,6 +359,169 @@ async def test_a_command_that_expires_while_the_database_is_blocked_is_refused(
         assert agent.ownership.active_streams() == list(ALL_STREAMS)
 
 
+async def test_a_command_whose_transaction_fails_and_is_retried_after_its_expiry_is_refused(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    control_topic, _ = control_topics(prefix)
+    async with steered(
+        bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])
+    ) as controller:
+        await live(ag, prefix, 1)
+        admin = await asyncpg.connect(database_url, timeout=10)
+        try:
+            # Writing the decision waits: the controller has read its clock (before the
+            # expiry) and decided to apply the command when its transaction stalls.
+            block = admin.transaction()
+            await block.start()
+            await admin.execute("LOCK TABLE control_log IN EXCLUSIVE MODE")
+            now = datetime.now(UTC)
+            expires_at = now + timedelta(seconds=3)
+            envelope = sign(
+                command=Deactivate(streams=("events",)),
+                command_id=uuid.uuid4(),
+                seq=1,
+                target=prefix,
+                issuer="test",
+                issued_at=now,
+                expires_at=expires_at,
+                private_key=keys.private,
+            )
+            (offset,) = await publish(bootstrap, control_topic, [encode_envelope(envelope)])
+            waiting: list[int] = []
+
+            async def controller_writes_its_decision() -> bool:
+                waiting[:] = [
+                    r["pid"]
+                    for r in await admin.fetch(
+                        "SELECT pid FROM pg_locks WHERE NOT granted "
+                        "AND relation = 'control_log'::regclass"
+                    )
+                ]
+                return len(waiting) == 1
+
+            await until(controller_writes_its_decision, within=30, what="the controller writing")
+
+            async def expired() -> bool:
+                return datetime.now(UTC) > expires_at + timedelta(seconds=1)
+
+            await until(expired, within=30, what="the command's expiry passed")
+            # Its connection is cut: the transaction fails and is retried, after the expiry.
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", waiting[0])
+            await block.rollback()
+        finally:
+            await admin.close()
+
+        async def decided() -> bool:
+            return offset in await decisions(database_url)
+
+        await until(decided, within=60, what="the command decided")
+        assert (await decisions(database_url))[offset] == ("rejected", "expired")
+        assert controller.agent.ownership.active_streams() == list(ALL_STREAMS)
+
+
+# -- a record that cannot be recorded -------------------------------------------------------------
+
+FAIL_AT_OFFSET_2 = """
+CREATE FUNCTION refuse_offset_2() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.direction = 'command' AND NEW.src_offset = 2 AND NEW.reason LIKE 'undecodable%' THEN
+        RAISE EXCEPTION 'the rejection at offset 2 cannot be recorded';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_offset_2 BEFORE INSERT ON control_log
+    FOR EACH ROW EXECUTE FUNCTION refuse_offset_2();
+"""
+
+
+async def test_a_run_that_fails_blames_the_record_that_fails_not_one_decided_before(
+    servers: Servers,
+    database_url: str,
+    unique: str,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    control_topic, status_topic = control_topics(prefix)
+    verifier = read_verifier([keys.public_path])
+    # Instance B reads the group's state (nothing decided yet), and is held before it reads
+    # the control topic.
+    config = load_config(controlled_env(bootstrap, database_url, prefix, keys, instance_id="b"))
+    late = Controller(DatabaseAgent(config), verifier, heartbeat_s=1.0)
+    await late.prepare()
+    # Instance A decides offsets 0 (a command, applied) and 1 (garbage), then stops.
+    async with steered(bootstrap, database_url, prefix, keys, verifier, instance_id="a"):
+        await live(ag, prefix, 1)
+        first = await ag.send(prefix, Checkpoint(name="cp1"), wait_s=30)
+        assert (first.offset, [a.outcome for a in first.acks.values()]) == (0, ["applied"])
+        (garbage,) = await publish(bootstrap, control_topic, [b"\x93garbage"])
+
+        async def garbage_decided() -> bool:
+            return garbage in await decisions(database_url)
+
+        await until(garbage_decided, within=30, what="the garbage rejected")
+    # Offset 2, garbage whose rejection cannot be recorded; offset 3, a command.
+    await migrated(database_url, FAIL_AT_OFFSET_2)
+    second = envelope_bytes(keys, prefix, 2)
+    assert await publish(bootstrap, control_topic, [b"\x93poison", second]) == [2, 3]
+
+    # B starts from offset 0: its first run holds two records A decided, then the one that
+    # fails.
+    agent = late.agent
+    ingesting = asyncio.create_task(agent.run())
+    controlling = asyncio.create_task(late.run())
+    try:
+
+        def counted() -> dict[tuple[str, str], float]:
+            return {
+                (s.labels["kind"], s.labels["outcome"]): s.value
+                for metric in agent.metrics.registry.collect()
+                for s in metric.samples
+                if s.name == "pipeline_control_commands_total" and s.value
+            }
+
+        async def all_handled() -> bool:
+            return 3 in await decisions(database_url) and late.state.next_offset == 4
+
+        await until(all_handled, within=60, what="B handled every record")
+        # B followed A's decisions on 0 and 1, gave up on 2 alone, applied 3.
+        assert counted() == {("checkpoint", "applied"): 2, ("unknown", "rejected"): 2}
+    finally:
+        agent.stop()
+        await asyncio.wait_for(ingesting, 60)
+        controlling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await controlling
+
+    assert await decisions(database_url) == {
+        0: ("applied", ""),
+        1: ("rejected", "undecodable"),
+        2: ("rejected", "apply_failed"),
+        3: ("applied", ""),
+    }
+    given_up = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "consumers.controller" and "could not be handled" in r.getMessage()
+    ]
+    assert len(given_up) == 1 and given_up[0].startswith("control record at offset 2 "), given_up
+    acks = await status_acks(bootstrap, status_topic)
+    assert sorted((a.instance_id, a.seq, a.outcome) for a in acks) == [
+        ("a", 1, "applied"),
+        ("b", 1, "applied"),
+        ("b", 2, "applied"),
+    ]
+
+
 # -- start-up checks ----------------------------------------------------------------------------
 
 
@@ -359,26 +555,49 @@ async def test_a_control_topic_with_two_partitions_is_refused(
 
 
 async def test_an_instance_without_keys_waits_for_the_decision_and_follows_it(
-    servers: Servers, database_url: str, unique: str, keys: Keys
+    servers: Servers,
+    database_url: str,
+    unique: str,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=1)
     await migrated(database_url)
     ag: Antigravity = orchestrator(bootstrap, prefix, keys)
-    async with steered(bootstrap, database_url, prefix, keys, None) as keyless:
+    control_topic, status_topic = control_topics(prefix)
+    intruder, _ = generate_key_pair()
+    async with steered(bootstrap, database_url, prefix, keys, None, instance_id="keyless") as kl:
+        keyless = kl.agent
         await live(ag, prefix, 1)
-        delivery = await ag.send(prefix, Deactivate(streams=("events",)), wait_s=3)
-        # Nobody could decide it: no ack, no decision, the group's position unmoved.
-        assert delivery.acks == {} and len(delivery.missing) == 1
+        # A forged envelope first, with a command id of its writer's choosing: whoever decides
+        # it rejects it, and nobody acknowledges it, neither the decider nor the follower.
+        (forged,) = await publish(
+            bootstrap, control_topic, [envelope_bytes(keys, prefix, 7, private_key=intruder)]
+        )
+        delivery = await ag.send(prefix, Deactivate(streams=("events",)), wait_s=0)
+
+        async def waits_at_the_forged_record() -> bool:
+            waits = f"control record at offset {forged}: waiting for an instance with control"
+            return any(waits in r.getMessage() for r in caplog.records)
+
+        await until(waits_at_the_forged_record, within=30, what="the keyless instance waiting")
+        # Nobody could decide it: no decision, the group's position unmoved.
         assert await decisions(database_url) == {}
         state = await fetch(database_url, "SELECT next_offset FROM control_state")
         assert [r["next_offset"] for r in state] in ([], [0])
         assert keyless.ownership.active_streams() == list(ALL_STREAMS)
 
         async with steered(
-            bootstrap, database_url, prefix, keys, read_verifier([keys.public_path])
-        ) as keyed:
+            bootstrap,
+            database_url,
+            prefix,
+            keys,
+            read_verifier([keys.public_path]),
+            instance_id="keyed",
+        ) as kd:
+            keyed = kd.agent
 
             async def both_switched_events_off() -> bool:
                 return "events" not in keyless.ownership.active_streams() and (
@@ -387,4 +606,22 @@ async def test_an_instance_without_keys_waits_for_the_decision_and_follows_it(
 
             # No other control record comes: the keyless instance follows the decision itself.
             await until(both_switched_events_off, within=30, what="events off on both")
-    assert await decisions(database_url) == {delivery.offset: ("applied", "")}
+
+            async def both_acknowledged_the_command() -> bool:
+                acks = await status_acks(bootstrap, status_topic)
+                return {a.instance_id for a in acks if a.seq == delivery.envelope.seq} == {
+                    "keyed",
+                    "keyless",
+                }
+
+            # Acks follow the records' order: the forged record's would have come first.
+            await until(both_acknowledged_the_command, within=30, what="both acknowledged")
+    assert await decisions(database_url) == {
+        forged: ("rejected", "unknown_key"),
+        delivery.offset: ("applied", ""),
+    }
+    acks = await status_acks(bootstrap, status_topic)
+    assert sorted((a.instance_id, a.command_id, a.outcome) for a in acks) == [
+        ("keyed", delivery.envelope.command_id, "applied"),
+        ("keyless", delivery.envelope.command_id, "applied"),
+    ]

@@ -1,13 +1,17 @@
 """Untrusted text on the operator's terminal: one pure function escapes what does not print,
-and `pipeline dlq show`/`list`, `pipeline control status` and `pipeline top` print through it."""
+and `pipeline dlq show`/`list`, `pipeline control`, `control status` and `pipeline top` print
+through it."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.cli import status_lines
-from pipeline.control import Heartbeat
+from consumers.antigravity import Delivery
+from pipeline.cli import send_lines, status_lines
+from pipeline.control import Ack, Checkpoint, Heartbeat, generate_key_pair, sign
+from pipeline.control_store import Decision
 from pipeline.redrive import letter_lines, list_line
 from pipeline.terminal import printable
 from pipeline.top import Fleet, render
@@ -143,3 +147,80 @@ def test_control_status_without_a_key_marks_no_instance_behind() -> None:
     assert "BEHIND" not in lines[1]
     assert lines[1].startswith("  vm: running, seq 3, assignment v1")
     assert status_lines("g", 4, [_beat("vm")])[1].startswith("  vm: running, seq 3  BEHIND")
+
+
+def test_pipeline_control_escapes_instance_ids_ack_details_and_the_decisions_reason() -> None:
+    envelope = sign(
+        command=Checkpoint(name="cp"),
+        command_id=uuid.UUID(int=1),
+        seq=4,
+        target="g",
+        issuer="test",
+        issued_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+        private_key=generate_key_pair()[0],
+    )
+    ack = Ack(
+        command_id=envelope.command_id,
+        seq=4,
+        kind="checkpoint",
+        instance_id=f"vm{ESC}",
+        group="g",
+        outcome="rejected",
+        reason="stale_seq",
+        detail=f"stale_seq: {ESC}",
+        at=NOW,
+    )
+    # Every field below but the envelope's is someone else's text: the ids come from
+    # heartbeats and acks (the status topic), the decision's reason may quote what was sent.
+    delivery = Delivery(envelope, 12, [f"vm{ESC}", f"gone{ESC}"], {f"vm{ESC}": ack})
+    decision = Decision(str(envelope.command_id), 4, "checkpoint", "rejected", "x", f"y{ESC}")
+    lines, ok = send_lines("g", delivery, decision, database_read=True, wait_s=5)
+    _safe(lines)
+    assert not ok
+    assert lines == [
+        "checkpoint (seq 4, command 00000000-0000-0000-0000-000000000001) sent to group g at "
+        "control offset 12; 2 live instance(s) by their heartbeats; acks as reported by the "
+        "instances (unsigned):",
+        f"  vm{ESCAPED}: rejected: stale_seq: {ESCAPED}",
+        f"  gone{ESCAPED}: no ack within 5s",
+        f"the group's decision (PostgreSQL control_log): rejected (x: y{ESCAPED})",
+    ]
+
+
+def test_pipeline_control_succeeds_on_applied_acks_only_with_the_groups_decision() -> None:
+    envelope = sign(
+        command=Checkpoint(name="cp"),
+        command_id=uuid.UUID(int=2),
+        seq=1,
+        target="g",
+        issuer="test",
+        issued_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+        private_key=generate_key_pair()[0],
+    )
+    ack = Ack(
+        command_id=envelope.command_id,
+        seq=1,
+        kind="checkpoint",
+        instance_id="vm",
+        group="g",
+        outcome="applied",
+        at=NOW,
+    )
+    delivery = Delivery(envelope, 0, ["vm"], {"vm": ack})
+    applied = Decision(str(envelope.command_id), 1, "checkpoint", "applied")
+    assert send_lines("g", delivery, applied, database_read=True, wait_s=5) == (
+        [
+            "checkpoint (seq 1, command 00000000-0000-0000-0000-000000000002) sent to group g "
+            "at control offset 0; 1 live instance(s) by their heartbeats; acks as reported by "
+            "the instances (unsigned):",
+            "  vm: applied",
+            "the group's decision (PostgreSQL control_log): applied",
+        ],
+        True,
+    )
+    # Applied acks and no decision in PostgreSQL: forged, so a failure; no database: the acks.
+    lines, ok = send_lines("g", delivery, None, database_read=True, wait_s=5)
+    assert (lines[-1], ok) == ("the group's decision (PostgreSQL control_log): none yet", False)
+    assert send_lines("g", delivery, None, database_read=False, wait_s=5)[1] is True
