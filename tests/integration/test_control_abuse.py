@@ -15,7 +15,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -44,8 +43,6 @@ from pipeline.control import (
     read_verifier,
     sign,
     verify,
-    write_private_key_file,
-    write_public_key_file,
 )
 from tests.conftest import Servers
 from tests.integration.harness import create_topics, migrated, until
@@ -54,20 +51,15 @@ from tests.integration.test_control import (
     controlled_env,
     envelope_bytes,
     fetch,
+    keys,
     live,
     orchestrator,
     status_acks,
 )
 
+__all__ = ["keys"]  # the fixture, used by name
+
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    private, public = generate_key_pair()
-    write_private_key_file(tmp_path / "antigravity.key", private)
-    write_public_key_file(tmp_path / "antigravity.pub", public)
-    return Keys(private, tmp_path / "antigravity.key", tmp_path / "antigravity.pub")
 
 
 @contextlib.asynccontextmanager

@@ -19,9 +19,6 @@ from pipeline import testbed
 from pipeline.control import (
     Checkpoint,
     RollbackCheckpoint,
-    generate_key_pair,
-    write_private_key_file,
-    write_public_key_file,
 )
 from pipeline.errors import PipelineError
 from pipeline.replay import Earliest, Now
@@ -45,20 +42,15 @@ from tests.integration.test_control import (
     Keys,
     assert_all_applied,
     controlled_agent,
+    keys,
     live,
     orchestrator,
 )
 from tests.integration.test_replay import _replayer
 
+__all__ = ["keys"]  # the fixture, used by name
+
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    private, public = generate_key_pair()
-    write_private_key_file(tmp_path / "antigravity.key", private)
-    write_public_key_file(tmp_path / "antigravity.pub", public)
-    return Keys(private, tmp_path / "antigravity.key", tmp_path / "antigravity.pub")
 
 
 async def _append_rows(database_url: str) -> int:
