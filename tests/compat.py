@@ -29,10 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Kill -9 at random moments, rolling restarts and rebalances, poison records and dead
-# letters, server restarts, redrive, the ingest connection's own codecs.
+# letters (each kind that once stopped an agent, among good records under load), server
+# restarts, redrive, the ingest connection's own codecs.
 EXACTLY_ONCE_TESTS = (
     "tests/integration/test_agent.py",
     "tests/integration/test_dlq.py",
+    "tests/integration/test_poison.py",
     "tests/integration/test_roundtrip.py",
 )
 
