@@ -286,6 +286,27 @@ async def test_the_next_seq_counts_a_command_more_than_1000_records_back(
 # -- a command that expires while the database is unreachable -----------------------------------
 
 
+async def publish_expiring_deactivate(
+    bootstrap: str, control_topic: str, prefix: str, keys: Keys
+) -> tuple[int, datetime]:
+    """Publish a signed ``Deactivate(events)``, seq 1, that expires 3 s from now; return its
+    offset on the control topic and its expiry."""
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(seconds=3)
+    envelope = sign(
+        command=Deactivate(streams=("events",)),
+        command_id=uuid.uuid4(),
+        seq=1,
+        target=prefix,
+        issuer="test",
+        issued_at=now,
+        expires_at=expires_at,
+        private_key=keys.private,
+    )
+    (offset,) = await publish(bootstrap, control_topic, [encode_envelope(envelope)])
+    return offset, expires_at
+
+
 async def test_a_command_that_expires_while_the_database_is_blocked_is_refused(
     servers: Servers, database_url: str, unique: str, keys: Keys
 ) -> None:
@@ -312,19 +333,9 @@ async def test_a_command_that_expires_while_the_database_is_blocked_is_refused(
             await blocker.execute(
                 "SELECT 1 FROM control_state WHERE group_id = $1 FOR UPDATE", prefix
             )
-            now = datetime.now(UTC)
-            expires_at = now + timedelta(seconds=3)
-            envelope = sign(
-                command=Deactivate(streams=("events",)),
-                command_id=uuid.uuid4(),
-                seq=1,
-                target=prefix,
-                issuer="test",
-                issued_at=now,
-                expires_at=expires_at,
-                private_key=keys.private,
+            offset, expires_at = await publish_expiring_deactivate(
+                bootstrap, control_topic, prefix, keys
             )
-            (offset,) = await publish(bootstrap, control_topic, [encode_envelope(envelope)])
 
             async def controller_waits_on_the_lock() -> bool:
                 rows = await blocker.fetch(
@@ -371,19 +382,9 @@ async def test_a_command_whose_transaction_fails_and_is_retried_after_its_expiry
             block = admin.transaction()
             await block.start()
             await admin.execute("LOCK TABLE control_log IN EXCLUSIVE MODE")
-            now = datetime.now(UTC)
-            expires_at = now + timedelta(seconds=3)
-            envelope = sign(
-                command=Deactivate(streams=("events",)),
-                command_id=uuid.uuid4(),
-                seq=1,
-                target=prefix,
-                issuer="test",
-                issued_at=now,
-                expires_at=expires_at,
-                private_key=keys.private,
+            offset, expires_at = await publish_expiring_deactivate(
+                bootstrap, control_topic, prefix, keys
             )
-            (offset,) = await publish(bootstrap, control_topic, [encode_envelope(envelope)])
             waiting: list[int] = []
 
             async def controller_writes_its_decision() -> bool:
