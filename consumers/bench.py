@@ -758,7 +758,7 @@ def _start_agent(
     route: Route = DIRECT,
 ) -> AgentProcess:
     env = testbed.agent_env(
-        config.kafka_bootstrap_servers,
+        config.kafka.bootstrap_servers,
         route.agent_url(url),
         prefix,
         group,

@@ -1529,14 +1529,7 @@ def _write_results(json_path: Path | None, results: Sequence[Any]) -> None:
 def _with_kafka(config: Config, kafka: KafkaSettings) -> Config:
     """``config`` connecting to Kafka as ``kafka`` says."""
     return msgspec.structs.replace(
-        config,
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_security_protocol=kafka.security_protocol,
-        kafka_sasl_mechanism=kafka.sasl_mechanism,
-        kafka_ssl_cafile=kafka.ssl_cafile,
-        kafka_sasl_username=kafka.sasl_username,
-        kafka_sasl_password_file=kafka.sasl_password_file,
-        kafka_sasl_password=kafka.sasl_password,
+        config, kafka=msgspec.structs.replace(kafka, client_id=config.instance_id)
     )
 
 

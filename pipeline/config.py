@@ -1,9 +1,6 @@
-"""DatabaseAgent configuration: environment variables over an optional TOML file.
-
-Every field has an environment variable (``PIPELINE_`` + the field name in upper case, except
-the two endpoints, which use the names every tool knows). A typo in the TOML file or a value
-of the wrong type fails at start-up with the field named. The database URL may hold a
-password: it is only ever shown through :func:`redact_url`.
+"""DatabaseAgent configuration (:class:`Config`): environment variables over an optional TOML
+file, each field checked at start-up with its variable named. docs/architecture.md lists the
+fields; docs/security-kafka.md the Kafka settings. Passwords are never shown.
 """
 
 from __future__ import annotations
@@ -18,22 +15,30 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from pipeline import db
+from pipeline.db_session import Pooler, Session
 from pipeline.errors import ConfigError
-from pipeline.kafka_clients import KafkaSettings, SaslMechanism, SecurityProtocol
+from pipeline.kafka_settings import BOOTSTRAP_ENV, CHOICES, SECURITY_ENV, KafkaSettings
 from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 _LISTS = {"streams", "control_public_keys"}  # comma-separated in the environment
-_ENV_NAMES = {"kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS", "database_url": "DATABASE_URL"}
+# Config.kafka's settings, each under its flat name ("kafka_" + its field) in the TOML file and
+# its own environment variable; the client id is the instance id.
+_KAFKA_KEYS = {f"kafka_{field}": field for field in ("bootstrap_servers", *SECURITY_ENV)}
+_ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "kafka_bootstrap_servers": BOOTSTRAP_ENV,
+    **{f"kafka_{field}": variable for field, variable in SECURITY_ENV.items()},
+}
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Settings of one DatabaseAgent process."""
 
-    kafka_bootstrap_servers: Annotated[str, msgspec.Meta(min_length=1)]
+    # How this instance's Kafka clients connect; its client id is the instance id.
+    kafka: KafkaSettings
     database_url: Annotated[str, msgspec.Meta(min_length=1)]
     # `pipeline migrate`'s login, the schema's owner (docs/security.md); "" means database_url.
     migrate_database_url: str = ""
@@ -55,7 +60,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # What stands between the pipeline and PostgreSQL: "none" (a direct connection) or
     # "session" work alike; "transaction", a pooler in transaction mode, turns off the
     # cache of prepared statements (docs/compatibility.md).
-    db_pooler: db.Pooler = "none"
+    db_pooler: Pooler = "none"
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"
@@ -66,16 +71,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Public key files (PEM) whose signatures the agent accepts on control commands; without
     # any, it refuses every command it would have to decide.
     control_public_keys: tuple[str, ...] = ()
-    # The orchestrator's signing key (`pipeline control`), PEM, readable by its owner only.
+    # Antigravity's signing key (`pipeline control`), PEM, readable by its owner only.
     control_private_key_file: str = ""
-    # How Kafka's clients authenticate and encrypt: pipeline.kafka_clients.KafkaSettings's
-    # security settings, each PIPELINE_KAFKA_<NAME>.
-    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
-    kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
-    kafka_ssl_cafile: str = ""
-    kafka_sasl_username: str = ""
-    kafka_sasl_password_file: str = ""
-    kafka_sasl_password: str = ""  # never shown; prefer the file
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.streams if s not in STREAM_BY_NAME]
@@ -97,13 +94,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 "its ingest transaction the agent waits up to that long for the DLQ's "
                 "acknowledgements, and PostgreSQL would end the session meanwhile"
             )
-        self.kafka  # noqa: B018 - the Kafka settings are checked together, at start-up
 
     def __repr__(self) -> str:  # never show the password, whatever prints this
         fields = {f: getattr(self, f) for f in self.__struct_fields__}
         fields["database_url"] = redact_url(self.database_url)
-        if self.kafka_sasl_password:
-            fields["kafka_sasl_password"] = "***"
         fields["migrate_database_url"] = redact_url(self.migrate_database_url)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
@@ -117,31 +111,27 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return self.migrate_database_url or self.database_url
 
     @property
-    def db_session(self) -> db.Session:
+    def db_session(self) -> Session:
         """How this process's database connections are set up."""
-        return db.Session(
+        return Session(
             command_timeout=self.db_command_timeout_s,
             pooler=self.db_pooler,
             idle_in_transaction_timeout=self.db_idle_in_transaction_timeout_s,
         )
 
-    @property
-    def kafka(self) -> KafkaSettings:
-        """How this instance's Kafka clients connect; the instance id is their client id."""
-        return KafkaSettings(
-            bootstrap_servers=self.kafka_bootstrap_servers,
-            client_id=self.instance_id,
-            security_protocol=self.kafka_security_protocol,
-            sasl_mechanism=self.kafka_sasl_mechanism,
-            ssl_cafile=self.kafka_ssl_cafile,
-            sasl_username=self.kafka_sasl_username,
-            sasl_password_file=self.kafka_sasl_password_file,
-            sasl_password=self.kafka_sasl_password,
-        )
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting (a key of the TOML file)."""
+    return _ENV_NAMES.get(setting, f"PIPELINE_{setting.upper()}")
 
 
-def env_name(field: str) -> str:
-    return _ENV_NAMES.get(field, f"PIPELINE_{field.upper()}")
+#: Every setting, as a key of the TOML file: Config's fields, with Config.kafka's in their
+#: flat form (``kafka_security_protocol``, ...).
+SETTINGS = tuple(
+    key
+    for field in Config.__struct_fields__
+    for key in (_KAFKA_KEYS if field == "kafka" else (field,))
+)
 
 
 def load_config(
@@ -149,26 +139,31 @@ def load_config(
     toml_path: Path | None = None,
     **overrides: Any,
 ) -> Config:
-    """Build the config: TOML file, then environment variables, then explicit overrides.
+    """Build the config: TOML file, then environment variables, then explicit overrides, each
+    by setting (:data:`SETTINGS`).
 
     An empty or unset ``instance_id`` becomes :func:`default_instance_id` (host-pid), so
     every process has a name, in its logs and as its Kafka client id.
     """
-    values: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     if toml_path is not None:
         try:
-            values.update(msgspec.toml.decode(toml_path.read_bytes()))
+            settings.update(msgspec.toml.decode(toml_path.read_bytes()))
         except FileNotFoundError:
             raise ConfigError(f"config file {toml_path} does not exist") from None
         except msgspec.DecodeError as exc:
             raise ConfigError(f"config file {toml_path}: {exc}") from None
-    for field in Config.__struct_fields__:
-        raw = environ.get(env_name(field))
+        if "kafka" in settings:  # the settings' flat names only, as for every other setting
+            raise ConfigError(_name_the_field("Object contains unknown field `kafka`"))
+    for setting in SETTINGS:
+        raw = environ.get(env_name(setting))
         if raw is not None:
-            values[field] = [s for s in raw.split(",") if s] if field in _LISTS else raw
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("instance_id") in (None, ""):
-        values["instance_id"] = default_instance_id()
+            settings[setting] = [s for s in raw.split(",") if s] if setting in _LISTS else raw
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings.get("instance_id") in (None, ""):
+        settings["instance_id"] = default_instance_id()
+    kafka = {_KAFKA_KEYS[k]: settings.pop(k) for k in list(settings) if k in _KAFKA_KEYS}
+    values = {**settings, "kafka": {**kafka, "client_id": settings["instance_id"]}}
     try:
         return msgspec.convert(values, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -182,10 +177,20 @@ def default_instance_id() -> str:
 
 def _name_the_field(message: str) -> str:
     # msgspec says "Expected `int` >= 1 - at `$.batch_max_records`"; users set environment
-    # variables, so name the variable too.
+    # variables, so name the variable too. Config.kafka's fields are named as settings:
+    # "at `$.kafka.ssl_cafile`" is kafka_ssl_cafile, PIPELINE_KAFKA_SSL_CAFILE.
     unknown = re.search(r"unknown field `(\w+)`", message)
     if unknown is not None:
         return f"unknown setting {unknown.group(1)!r} in the config file: {message}"
+    kafka = re.search(r"`\$\.kafka\.(\w+)`", message) or re.search(
+        r"field `(\w+)` - at `\$\.kafka`", message
+    )
+    if kafka is not None:
+        choices = ", ".join(CHOICES.get(kafka.group(1), ()))
+        setting = f"kafka_{kafka.group(1)}"
+        return f"{env_name(setting)} (config field {setting!r}): {message}" + (
+            f"; choose from {choices}" if choices else ""
+        )
     match = re.search(r"`\$\.(\w+)", message) or re.search(r"field `(\w+)`", message)
     if match is None:
         return f"configuration: {message}"

@@ -10,9 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from pipeline.config import Config, env_name, load_config, redact_url
+from pipeline.config import SETTINGS, Config, env_name, load_config, redact_url
 from pipeline.errors import ConfigError
-from pipeline.kafka_clients import KafkaSettings
+from pipeline.kafka_settings import KafkaSettings
 
 PASSWORD = "s3cr3t-Pa55"
 DATABASE_URL = f"postgresql://ingest:{PASSWORD}@db.example:5432/agents"
@@ -52,7 +52,12 @@ DEFAULTS = {
 
 
 def as_dict(config: Config) -> dict[str, Any]:
-    return msgspec.structs.asdict(config)
+    """The config as its settings (:data:`SETTINGS`): Config.kafka's fields by their flat
+    names; its client id is the instance id."""
+    values = msgspec.structs.asdict(config)
+    kafka = msgspec.structs.asdict(values.pop("kafka"))
+    assert kafka.pop("client_id") == config.instance_id
+    return {**{f"kafka_{k}": v for k, v in kafka.items()}, **values}
 
 
 def test_defaults_with_only_the_two_endpoints() -> None:
@@ -82,7 +87,13 @@ def test_every_field_has_its_environment_variable(field: str, variable: str) -> 
 
 
 def test_the_name_table_covers_every_field() -> None:
-    assert set(Config.__struct_fields__) == set(DEFAULTS)
+    assert set(SETTINGS) == set(DEFAULTS)
+
+
+def test_the_kafka_settings_are_one_field_not_copies() -> None:
+    assert Config.__struct_fields__[0] == "kafka"
+    assert [f for f in Config.__struct_fields__ if f.startswith("kafka")] == ["kafka"]
+    assert type(load_config(ENV).kafka) is KafkaSettings
 
 
 @pytest.mark.parametrize(
@@ -125,6 +136,13 @@ def test_the_name_table_covers_every_field() -> None:
         pytest.param(
             "KAFKA_BOOTSTRAP_SERVERS", "k:1", "kafka_bootstrap_servers", "k:1", id="kafka"
         ),
+        pytest.param(
+            "PIPELINE_KAFKA_SASL_MECHANISM",
+            "PLAIN",
+            "kafka_sasl_mechanism",
+            "PLAIN",
+            id="kafka-mechanism",
+        ),
     ],
 )
 def test_environment_strings_become_typed_values(
@@ -132,7 +150,7 @@ def test_environment_strings_become_typed_values(
 ) -> None:
     config = load_config({**ENV, variable: text})
     assert as_dict(config) == {**DEFAULTS, field: value}
-    assert type(getattr(config, field)) is type(value)
+    assert type(as_dict(config)[field]) is type(value)
 
 
 INVALID = [
@@ -234,6 +252,24 @@ INVALID = [
         id="address-with-space",
     ),
     pytest.param(
+        {"PIPELINE_KAFKA_SECURITY_PROTOCOL": "TLS"},
+        "PIPELINE_KAFKA_SECURITY_PROTOCOL",
+        "Invalid enum value 'TLS'",
+        id="kafka-protocol-unknown",
+    ),
+    pytest.param(
+        {"PIPELINE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"},
+        "PIPELINE_KAFKA_SASL_USERNAME",
+        "SASL_SSL needs a user",
+        id="kafka-sasl-without-a-user",
+    ),
+    pytest.param(
+        {"PIPELINE_KAFKA_SASL_USERNAME": "u", "PIPELINE_KAFKA_SASL_PASSWORD": PASSWORD},
+        "PIPELINE_KAFKA_SASL_USERNAME",
+        "does not authenticate with SASL",
+        id="kafka-user-without-sasl",
+    ),
+    pytest.param(
         {"PIPELINE_DB_POOLER": "pgbouncer"},
         "PIPELINE_DB_POOLER",
         "Invalid enum value 'pgbouncer'",
@@ -273,6 +309,25 @@ def test_a_bad_value_message_names_variable_and_field() -> None:
     )
 
 
+def test_a_bad_kafka_value_names_its_variable_and_setting_and_the_choices() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({**ENV, "PIPELINE_KAFKA_SASL_MECHANISM": "GSSAPI"})
+    assert str(caught.value) == (
+        "PIPELINE_KAFKA_SASL_MECHANISM (config field 'kafka_sasl_mechanism'): "
+        "Invalid enum value 'GSSAPI' - at `$.kafka.sasl_mechanism`; "
+        "choose from SCRAM-SHA-512, SCRAM-SHA-256, PLAIN"
+    )
+
+
+def test_missing_bootstrap_servers_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"DATABASE_URL": DATABASE_URL})
+    assert str(caught.value) == (
+        "KAFKA_BOOTSTRAP_SERVERS (config field 'kafka_bootstrap_servers'): "
+        "Object missing required field `bootstrap_servers` - at `$.kafka`"
+    )
+
+
 # -- TOML ------------------------------------------------------------------------------------
 
 
@@ -304,6 +359,31 @@ def test_toml_may_hold_the_endpoints(tmp_path: Path) -> None:
         tmp_path, f'kafka_bootstrap_servers = "k:9092"\ndatabase_url = "{DATABASE_URL}"\n'
     )
     assert as_dict(load_config({}, path)) == {**DEFAULTS, "kafka_bootstrap_servers": "k:9092"}
+
+
+def test_toml_sets_the_kafka_settings_by_their_flat_names(tmp_path: Path) -> None:
+    password_file = tmp_path / "kafka-password"
+    password_file.write_text(PASSWORD + "\n")
+    path = write_toml(
+        tmp_path,
+        'kafka_security_protocol = "SASL_PLAINTEXT"\n'
+        'kafka_sasl_mechanism = "SCRAM-SHA-256"\n'
+        'kafka_sasl_username = "pipeline-agent"\n'
+        f'kafka_sasl_password_file = "{password_file}"\n',
+    )
+    config = load_config(ENV, path)
+    assert as_dict(config) == {
+        **DEFAULTS,
+        "kafka_security_protocol": "SASL_PLAINTEXT",
+        "kafka_sasl_mechanism": "SCRAM-SHA-256",
+        "kafka_sasl_username": "pipeline-agent",
+        "kafka_sasl_password_file": str(password_file),
+    }
+    assert config.kafka.password() == PASSWORD
+    assert PASSWORD not in repr(config)
+    # The environment still wins, setting by setting.
+    environ = {**ENV, "PIPELINE_KAFKA_SASL_USERNAME": "pipeline-producer"}
+    assert load_config(environ, path).kafka.sasl_username == "pipeline-producer"
 
 
 def test_environment_overrides_toml_field_by_field(tmp_path: Path) -> None:
@@ -390,9 +470,27 @@ def test_repr_and_str_hide_the_database_password() -> None:
 
 def test_repr_lists_every_field_in_order() -> None:
     text = repr(load_config(ENV))
-    assert text.startswith("Config(kafka_bootstrap_servers='kafka1:9092,kafka2:9092', ")
-    positions = [text.index(f"{field}=") for field in DEFAULTS]
+    assert text.startswith(
+        "Config(kafka=KafkaSettings(bootstrap_servers='kafka1:9092,kafka2:9092', "
+        f"client_id='{HOST_PID}', "
+    )
+    positions = [text.index(f" {field}=") for field in Config.__struct_fields__[1:]]
     assert positions == sorted(positions)
+
+
+def test_repr_hides_the_kafka_password() -> None:
+    config = load_config(
+        {
+            **ENV,
+            "PIPELINE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "PIPELINE_KAFKA_SASL_USERNAME": "pipeline-agent",
+            "PIPELINE_KAFKA_SASL_PASSWORD": PASSWORD,
+        }
+    )
+    assert config.kafka.password() == PASSWORD
+    for text in (repr(config), str(config), repr(config.kafka)):
+        assert PASSWORD not in text
+        assert "sasl_password='***'" in text
 
 
 def test_repr_hides_a_password_given_as_query_parameter() -> None:

@@ -26,11 +26,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from pipeline.config import Config, env_name, load_config
+from pipeline.config import SETTINGS, Config, env_name, load_config
 from pipeline.devstack import kafka_auth, postgres, provision
 from pipeline.devstack.kafka import SecureListener, _secure_properties, _server_properties
 from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
 from pipeline.devstack.postgres import SERVER_SETTINGS
+from pipeline.kafka_settings import KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "agent-pipeline:local"
@@ -189,7 +190,7 @@ def _settings(service: dict[str, Any]) -> Config:
     """The service's settings as it loads them, its secret files read from
     :func:`secret_stores` (where its volumes would be mounted)."""
     environment: dict[str, str] = service["environment"]
-    known = {env_name(field) for field in Config.__struct_fields__}
+    known = {env_name(setting) for setting in SETTINGS}
     assert set(environment) <= known, set(environment) - known
     here = {k: v.replace(f"{SECRETS_ROOT}/", f"{_STORES[-1]}/") for k, v in environment.items()}
     return load_config(here)
@@ -201,11 +202,11 @@ def _in_container(path: str) -> str:
 
 
 def test_the_pipeline_settings_are_valid_and_the_tests_own(services: dict[str, Any]) -> None:
-    default = Config(kafka_bootstrap_servers="x", database_url="x")
+    default = Config(kafka=KafkaSettings(bootstrap_servers="x"), database_url="x")
     assert set(IDENTITIES) == set(AGENTS) | JOBS - {"keys"} - PROVISIONING
     for name in IDENTITIES:
         config = _settings(services[name])
-        assert config.kafka_bootstrap_servers == "kafka:29092", name
+        assert config.kafka.bootstrap_servers == "kafka:29092", name
         assert urlsplit(config.database_url).netloc.endswith("@postgres:5432"), name
         assert urlsplit(config.database_url).path == f"/{postgres.DATABASE}", name
         # `pipeline topics create` and the agents: 6 partitions per data topic, as the tests
@@ -320,13 +321,13 @@ def test_each_service_logs_in_as_the_local_stacks_login_and_kafka_user(
             assert file == PASSFILES[login]
             used.add(store)
         if user is None:
-            assert config.kafka_security_protocol == "PLAINTEXT", name  # it uses no Kafka
+            assert config.kafka.security_protocol == "PLAINTEXT", name  # it uses no Kafka
         else:
-            assert config.kafka_security_protocol == "SASL_PLAINTEXT", name
-            assert config.kafka_sasl_mechanism == kafka_auth.MECHANISM, name
-            assert config.kafka_sasl_username == user, name
-            assert config.kafka_sasl_password == "", name  # from its file only
-            store, file = _secret(service, _in_container(config.kafka_sasl_password_file))
+            assert config.kafka.security_protocol == "SASL_PLAINTEXT", name
+            assert config.kafka.sasl_mechanism == kafka_auth.MECHANISM, name
+            assert config.kafka.sasl_username == user, name
+            assert config.kafka.sasl_password == "", name  # from its file only
+            store, file = _secret(service, _in_container(config.kafka.sasl_password_file))
             assert file == kafka_auth.password_file(Path(), user).name
             used.add(store)
         assert _secret_mounts(service) == used, name  # no other secrets

@@ -19,6 +19,7 @@ from pipeline import endpoints
 from pipeline.config import Config
 from pipeline.db import classify
 from pipeline.errors import SchemaError
+from pipeline.kafka_settings import KafkaSettings
 from pipeline.metrics import Metrics
 from pipeline.readiness import Readiness
 
@@ -255,7 +256,9 @@ def test_readyz_of_a_stopped_stream_names_the_class_and_sqlstate_not_the_error_t
     driver_error = asyncpg.exceptions.UndefinedColumnError(text)
     error = classify(driver_error)
     assert isinstance(error, SchemaError)
-    agent = DatabaseAgent(Config(kafka_bootstrap_servers="k:9092", database_url="postgresql://x/y"))
+    agent = DatabaseAgent(
+        Config(kafka=KafkaSettings(bootstrap_servers="k:9092"), database_url="postgresql://x/y")
+    )
     agent._fail_stream("metrics", error.for_stream("metrics"))
     assert text in agent.last_error  # the log and the status have the text; /readyz does not
     served = endpoints.serve("127.0.0.1:0", agent.metrics.registry, agent.readiness)

@@ -249,7 +249,7 @@ def test_the_password_never_shows(ca: Path, password_file: Path) -> None:
     config = load_config(env)
     assert config.kafka.password() == SECRET
     assert SECRET not in repr(config)
-    assert "kafka_sasl_password='***'" in repr(config)
+    assert "sasl_password='***'" in repr(config)
 
 
 def test_settings_come_from_the_environment(ca: Path, password_file: Path) -> None:

@@ -70,6 +70,113 @@ def test_imports_anywhere_in_a_module_are_seen(tmp_path: Path) -> None:
     assert imported_packages(module) == {"typing", "consumers", "producers"}
 
 
+# -- the pure core ---------------------------------------------------------------------------
+
+DRIVERS = {"asyncpg", "aiokafka"}
+# The modules that hold decisions, formats and settings, not IO: they must not import a driver,
+# directly or through another module of the project, so they load and test without one.
+# pipeline.retry is not among them: it classifies the drivers' own errors.
+PURE = {
+    "pipeline.batching",
+    "pipeline.config",
+    "pipeline.control",
+    "pipeline.db_session",
+    "pipeline.endpoints",
+    "pipeline.errors",
+    "pipeline.kafka_settings",
+    "pipeline.lag",
+    "pipeline.metrics",
+    "pipeline.ownership",
+    "pipeline.readiness",
+    "pipeline.records",
+    "pipeline.redrive",
+    "pipeline.replay",
+    "pipeline.rows",
+    "pipeline.terminal",
+    "pipeline.top",
+}
+
+
+def module_path(module: str) -> Path | None:
+    """The file of a module of the project (a package's ``__init__.py``), or None."""
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(module: str) -> set[str]:
+    """Every module ``module`` imports, wherever the import statement stands, with the
+    packages each import loads on the way (``pipeline.devstack.kafka`` loads
+    ``pipeline.devstack`` and ``pipeline``)."""
+    path = module_path(module)
+    assert path is not None, module
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            found.add(source)
+            # `from pipeline import db` imports the module pipeline.db.
+            found.update(
+                f"{source}.{alias.name}"
+                for alias in node.names
+                if module_path(f"{source}.{alias.name}") is not None
+            )
+    return {
+        ".".join(name.split(".")[:depth])
+        for name in found
+        for depth in range(1, name.count(".") + 2)
+    }
+
+
+def drivers_reached(module: str) -> dict[str, list[str]]:
+    """Each driver ``module`` loads, with the chain of project modules through which it
+    does (first found, breadth first)."""
+    chains = {module: [module]}
+    queue = [module]
+    reached: dict[str, list[str]] = {}
+    while queue:
+        current = queue.pop(0)
+        for name in sorted(imported_modules(current)):
+            top = name.split(".")[0]
+            if top in DRIVERS and top not in reached:
+                reached[top] = [*chains[current], name]
+            if top == "pipeline" and name not in chains and module_path(name) is not None:
+                chains[name] = [*chains[current], name]
+                queue.append(name)
+    return reached
+
+
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_the_pure_core_imports_no_driver_even_through_another_module(module: str) -> None:
+    assert drivers_reached(module) == {}
+
+
+def test_driver_imports_are_followed_through_the_project() -> None:
+    # The check is not vacuous: the modules that do IO are seen reaching their drivers, and an
+    # import inside a function counts (pipeline.cli imports pipeline.kafka in its commands).
+    assert drivers_reached("pipeline.db")["asyncpg"] == ["pipeline.db", "asyncpg"]
+    assert drivers_reached("pipeline.kafka_clients")["aiokafka"][0] == "pipeline.kafka_clients"
+    assert set(drivers_reached("pipeline.control_store")) == {"asyncpg"}
+    assert set(drivers_reached("pipeline.lag_probe")) == DRIVERS
+    assert set(drivers_reached("pipeline.cli")) == DRIVERS
+    assert "pipeline.kafka" in imported_modules("pipeline.cli")
+    assert "pipeline.devstack.stack" in imported_modules("pipeline.devstack")
+    assert "pipeline" in imported_modules("pipeline.config")
+
+
+def test_the_pure_modules_exist() -> None:
+    assert {m for m in PURE if module_path(m) is None} == set()
+
+
 KAFKA_CLIENTS = {"AIOKafkaConsumer", "AIOKafkaProducer", "AIOKafkaAdminClient", "AIOKafkaClient"}
 FACTORY = ROOT / "pipeline" / "kafka_clients.py"
 
