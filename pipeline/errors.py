@@ -6,8 +6,6 @@ from __future__ import annotations
 class PipelineError(Exception):
     """Root of every error this project raises on purpose."""
 
-    retriable: bool = False
-
 
 class ConfigError(PipelineError):
     """Bad configuration, detected at start-up; the message names the field."""
@@ -19,8 +17,6 @@ class DevStackError(PipelineError):
 
 class TransientError(PipelineError):
     """Kafka or PostgreSQL is unavailable for now: retry with backoff, skip nothing."""
-
-    retriable = True
 
     def __init__(self, message: str, source: str = "postgres") -> None:
         super().__init__(message)

@@ -31,14 +31,7 @@ from pipeline.readiness import Readiness
 #: Bounds of pipeline_end_to_end_latency_seconds: from a batch's age at low rates (tens of
 #: milliseconds) to a backlog of an hour.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-PHASES = ("fetch_decode", "write", "commit")
 _PARTITION_GAUGES = ("lag", "lag_seconds", "stored_offset", "end_offset")
-
-
-def counts_at_most(ascending: Sequence[float], bounds: Sequence[float]) -> list[int]:
-    """Per bound (ascending), how many of the ``ascending`` values are at most it: a
-    histogram's cumulative bucket counts (``le`` is inclusive)."""
-    return [bisect.bisect_right(ascending, bound) for bound in bounds]
 
 
 def ages_at_most(now_ms: int, ascending_ms: Sequence[int], bounds: Sequence[float]) -> list[int]:
@@ -97,13 +90,6 @@ class BulkHistogram(Collector):
         if counts[-1]:
             self._add(value, counts, (now_ms * counts[-1] - total_ms) / 1000)
         return newest
-
-    def observe_many(self, value: str, values: Iterable[float]) -> None:
-        """One observation per value."""
-        ascending = sorted(values)
-        if ascending:
-            counts = [*counts_at_most(ascending, self.bounds), len(ascending)]
-            self._add(value, counts, sum(ascending))
 
     def _add(self, value: str, counts: list[int], total: float) -> None:
         with self._lock:

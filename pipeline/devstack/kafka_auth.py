@@ -69,7 +69,6 @@ ACL_PROPAGATION_S = 30.0
 class Resource(IntEnum):  # Kafka's ResourceType
     TOPIC = 2
     GROUP = 3
-    CLUSTER = 4
 
 
 class Operation(IntEnum):  # Kafka's AclOperation

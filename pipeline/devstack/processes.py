@@ -53,10 +53,6 @@ class PidFile:
             return None
         return pid
 
-    def is_stale(self) -> bool:
-        """True when a pid file exists but its process is gone (a crash, a kill -9)."""
-        return self.read() is not None and self.live_pid() is None
-
 
 # Servers outlive the call that started them; their Popen handles stay here so that the
 # handle is not garbage-collected (with a warning) while the server runs, and so that a

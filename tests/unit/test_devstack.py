@@ -169,30 +169,29 @@ OURS = "<part of this process's command line>"
 @pytest.mark.parametrize(
     ("content", "marker", "expected"),
     [
-        # expected: (read(), live_pid(), is_stale())
-        (None, "kafka.Kafka", (None, None, False)),  # no file: never started, or stopped
-        ("", "kafka.Kafka", (None, None, False)),
-        ("not a pid", "kafka.Kafka", (None, None, False)),
-        (THIS, OURS, (THIS, THIS, False)),
+        # expected: (read(), live_pid())
+        (None, "kafka.Kafka", (None, None)),  # no file: never started, or stopped
+        ("", "kafka.Kafka", (None, None)),
+        ("not a pid", "kafka.Kafka", (None, None)),
+        (THIS, OURS, (THIS, THIS)),
         # A live pid that is not what the file says it started: the number was reused.
-        (THIS, "kafka.Kafka", (THIS, None, True)),
-        (EXITED, "kafka.Kafka", (EXITED, None, True)),  # a crash or a kill -9
+        (THIS, "kafka.Kafka", (THIS, None)),
+        (EXITED, "kafka.Kafka", (EXITED, None)),  # a crash or a kill -9
     ],
 )
 def test_pid_file(
     tmp_path: Path,
     content: str | None,
     marker: str,
-    expected: tuple[str | None, str | None, bool],
+    expected: tuple[str | None, str | None],
 ) -> None:
     pids = {THIS: os.getpid(), EXITED: exited_pid()}
     pidfile = PidFile(tmp_path / "server.pid", own_marker() if marker == OURS else marker)
     if content is not None:
         pidfile.path.write_text(f"{pids.get(content, content)}\n")
-    read, live, stale = expected
+    read, live = expected
     assert pidfile.read() == (pids[read] if read else None)
     assert pidfile.live_pid() == (pids[live] if live else None)
-    assert pidfile.is_stale() is stale
 
 
 def test_pid_file_treats_a_zombie_as_dead(tmp_path: Path) -> None:
@@ -208,7 +207,7 @@ def test_pid_file_treats_a_zombie_as_dead(tmp_path: Path) -> None:
         pidfile = PidFile(tmp_path / "server.pid", sys.executable)
         pidfile.write(proc.pid)
         assert pidfile.live_pid() is None
-        assert pidfile.is_stale()
+        assert pidfile.read() == proc.pid  # the file is there, its process is not
     finally:
         proc.wait()
 

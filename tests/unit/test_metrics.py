@@ -17,7 +17,6 @@ from pipeline.metrics import (
     Metrics,
     ages_at_most,
     build_version,
-    counts_at_most,
 )
 
 
@@ -34,14 +33,6 @@ def exposed(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[str
         if family.name == name
         for s in family.samples
     }
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_counts_at_most_matches_counting_one_by_one(seed: int) -> None:
-    rng = random.Random(seed)
-    bounds = tuple(sorted(rng.sample([0.5, 1, 2, 3, 5, 8, 13, 21], rng.randint(1, 8))))
-    values = sorted(rng.choice([*bounds, rng.uniform(-1, 25)]) for _ in range(rng.randint(0, 300)))
-    assert counts_at_most(values, bounds) == naive_counts(values, bounds)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -85,15 +76,6 @@ def test_the_bulk_histogram_exposes_what_per_record_observations_would(seed: int
         assert samples[("x_latency_seconds_bucket", ("+Inf", stream))] == len(found)
         assert samples[("x_latency_seconds_count", (stream,))] == len(found)
         assert samples[("x_latency_seconds_sum", (stream,))] == pytest.approx(sum(found))
-
-
-def test_observe_many_counts_plain_values() -> None:
-    registry = CollectorRegistry()
-    histogram = BulkHistogram("y_seconds", "doc", "phase", (0.1, 1), registry)
-    histogram.observe_many("write", [0.05, 0.1, 0.5, 3])
-    histogram.observe_many("write", [])
-    assert histogram.samples("write") == ([2, 3, 4], pytest.approx(3.65))
-    assert histogram.samples("commit") == ([0, 0, 0], 0.0)
 
 
 def test_freshness_only_moves_forward() -> None:
