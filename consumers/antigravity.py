@@ -82,6 +82,7 @@ class Antigravity:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.kafka = kafka
+        self.prefix = prefix
         self.control_topic, self.status_topic = control_topics(prefix)
         self.private_key = private_key
         # The keys whose envelopes count for the seq and the status views: the agents' public
@@ -94,7 +95,7 @@ class Antigravity:
     async def ensure_topics(self) -> None:
         """Create the control and status topics if missing; :class:`ControlError` when the
         control topic has more than one partition (a command on another would be lost)."""
-        await kafka_io.ensure_topics(self.kafka, [self.control_topic, self.status_topic], 1)
+        await kafka_io.ensure_control_topics(self.kafka, self.prefix)
         partitions = await kafka_io.partition_count(self.kafka, self.control_topic)
         check_control_partitions(self.control_topic, partitions)
 

@@ -53,7 +53,6 @@ from pipeline import db, kafka_clients, testbed
 from pipeline import kafka as kafka_io
 from pipeline.batching import Row, lag
 from pipeline.config import Config
-from pipeline.control import control_topics
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import STREAM_BY_TYPE, STREAMS, Record, encode, topic_name
 from pipeline.rows import DECODERS
@@ -280,7 +279,7 @@ async def run_encryption_bench(
         prefixes: dict[str, str] = {}
         for listener in listeners:
             prefix = await _fresh_topics(config, plan.partitions)
-            await kafka_io.ensure_topics(config.kafka, control_topics(prefix), 1)
+            await kafka_io.ensure_control_topics(config.kafka, prefix)
             await grant(prefix, f"{prefix}agents")
             report(f"[{mix}] producing {plan.records:,} records over {listener.name}")
             started = time.perf_counter()

@@ -140,7 +140,7 @@ class Controller:
     async def prepare(self) -> None:
         """Create the control and status topics, read the group's state, and put the agent
         in it before it ingests anything."""
-        await kafka_io.ensure_topics(self.config.kafka, [self.control_topic, self.status_topic], 1)
+        await kafka_io.ensure_control_topics(self.config.kafka, self.config.topic_prefix)
         partitions = await kafka_io.partition_count(self.config.kafka, self.control_topic)
         check_control_partitions(self.control_topic, partitions)
         if self.verifier is None:

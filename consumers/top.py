@@ -28,7 +28,13 @@ from aiokafka.errors import KafkaError
 
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
-from pipeline.control import ControlError, Heartbeat, control_topics, decode_status
+from pipeline.control import (
+    STATUS_TOPIC_CONFIG,
+    ControlError,
+    Heartbeat,
+    control_topics,
+    decode_status,
+)
 from pipeline.errors import PipelineError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.top import FORGET_AFTER_S, Fleet, MetricsHosts, Scrape, parse_scrape, render
@@ -129,7 +135,7 @@ class StatusFeed:
     async def start(self, since: datetime) -> list[Heartbeat]:
         """Start reading at ``since``; return every heartbeat from there to the topic's
         present end."""
-        await kafka_io.ensure_topics(self.kafka, [self.topic], 1)
+        await kafka_io.ensure_topics(self.kafka, [self.topic], 1, configs=STATUS_TOPIC_CONFIG)
         consumer = kafka_clients.consumer(self.kafka, enable_auto_commit=False)
         await consumer.start()
         self._consumer = consumer

@@ -165,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     topics = commands.add_parser("topics", help="manage the pipeline's Kafka topics")
     topic_commands = topics.add_subparsers(required=True, metavar="ACTION")
     create = topic_commands.add_parser(
-        "create", help="create the data, dead-letter, control and status topics"
+        "create",
+        help="create the data, dead-letter, control and status topics; bring an existing "
+        "status topic's retention to the pipeline's (docs/control-plane.md)",
     )
     _config_option(create)
     create.add_argument("--partitions", type=int, help="partitions per new topic (default 6)")
@@ -567,19 +569,8 @@ def _topics_create(args: argparse.Namespace) -> int:
     from pipeline import kafka
 
     config = _load_kafka_config(args, topic_partitions=args.partitions)
-    from pipeline.control import control_topics
-
-    topics = [*kafka.data_topics(config), kafka.dead_letter_topic(config)]
-    control = list(control_topics(config.topic_prefix))
-
-    async def create() -> list[str]:
-        made = await kafka.ensure_topics(config.kafka, topics, config.topic_partitions)
-        # One partition each: commands are totally ordered, and status readers read one log.
-        return made + await kafka.ensure_topics(config.kafka, control, 1)
-
-    created = asyncio.run(create())
-    for topic in [*topics, *control]:
-        print(f"{topic}: {'created' if topic in created else 'exists'}")
+    for line in asyncio.run(kafka.create_topics(config)):
+        print(line)
     return 0
 
 

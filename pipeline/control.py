@@ -111,6 +111,7 @@ __all__ = [
     "REASONS",
     "SIGNING_CONTEXT",
     "STATUS_TOPIC",
+    "STATUS_TOPIC_CONFIG",
     "UNAUTHENTICATED",
     "Ack",
     "Activate",
@@ -172,6 +173,18 @@ __all__ = [
 # Default topic names, prefixed like the data topics (``pipeline.records.topic_name``).
 CONTROL_TOPIC = "antigravity.control"
 STATUS_TOPIC = "antigravity.status"
+
+_HOUR_MS = 3_600_000
+#: The status topic's settings. Its readers look back minutes at most (`pipeline top` 5 min,
+#: `pipeline control status` 15 s; `pipeline control` reads acks as they arrive), so a few
+#: hours are kept, to look into after an incident. Deleted, not compacted: heartbeats and acks
+#: share the instance's key, and compaction would drop an ack behind its next heartbeat.
+#: Segments roll hourly, or the default week-long segment would keep everything a week.
+STATUS_TOPIC_CONFIG = {
+    "cleanup.policy": "delete",
+    "retention.ms": str(6 * _HOUR_MS),
+    "segment.ms": str(_HOUR_MS),
+}
 
 
 def control_topics(prefix: str) -> tuple[str, str]:

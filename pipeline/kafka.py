@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import NewTopic
@@ -19,12 +20,15 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     for_code,
 )
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Boolean, Int8, Int16, Int32, Schema, String
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 
 from pipeline import kafka_clients
 from pipeline.batching import OffsetMove
 from pipeline.config import Config
+from pipeline.control import STATUS_TOPIC_CONFIG, control_topics
 from pipeline.db import DeadLetter
 from pipeline.errors import ConfigError, PipelineError, TransientError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
@@ -62,9 +66,14 @@ def data_topics(config: Config) -> list[str]:
 
 
 async def ensure_topics(
-    kafka: KafkaSettings | str, topics: Iterable[str], partitions: int
+    kafka: KafkaSettings | str,
+    topics: Iterable[str],
+    partitions: int,
+    *,
+    configs: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; return the ones created.
+    """Create the topics that do not exist yet, with ``configs`` (Kafka's topic settings);
+    return the ones created.
 
     ``kafka`` is ``config.kafka``; bootstrap servers alone (a string) still work. Several
     instances may start together: a topic another one created first is fine.
@@ -76,14 +85,102 @@ async def ensure_topics(
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         created = []
         for topic in missing:
+            new = NewTopic(topic, partitions, replication_factor=1, topic_configs=configs or {})
             try:
-                await admin.create_topics([NewTopic(topic, partitions, replication_factor=1)])
+                await admin.create_topics([new])
                 created.append(topic)
             except TopicAlreadyExistsError:
                 pass
         return created
     finally:
         await admin.close()
+
+
+async def ensure_control_topics(kafka: KafkaSettings | str, prefix: str) -> list[str]:
+    """Create the control and status topics under ``prefix`` that do not exist yet, one
+    partition each (commands are totally ordered; status readers read one log), the status
+    topic with :data:`~pipeline.control.STATUS_TOPIC_CONFIG`; return the ones created."""
+    control, status = control_topics(prefix)
+    created = await ensure_topics(kafka, [control], 1)
+    return created + await ensure_topics(kafka, [status], 1, configs=STATUS_TOPIC_CONFIG)
+
+
+async def create_topics(config: Config) -> list[str]:
+    """`pipeline topics create`: every topic of ``config`` (data, dead letters, control,
+    status) that does not exist yet, and an existing status topic's settings brought to
+    :data:`~pipeline.control.STATUS_TOPIC_CONFIG`. One line per topic, and per setting
+    changed, says what was done."""
+    topics = [*data_topics(config), dead_letter_topic(config)]
+    control, status = control_topics(config.topic_prefix)
+    created = await ensure_topics(config.kafka, topics, config.topic_partitions)
+    created += await ensure_control_topics(config.kafka, config.topic_prefix)
+    lines = [f"{t}: {'created' if t in created else 'exists'}" for t in [*topics, control, status]]
+    if status not in created:
+        changed = await configure_topic(config.kafka, status, STATUS_TOPIC_CONFIG)
+        lines += [
+            f"{status}: {name} set to {STATUS_TOPIC_CONFIG[name]} (was {was})"
+            for name, was in changed.items()
+        ]
+    return lines
+
+
+async def topic_config(
+    kafka: KafkaSettings | str, topic: str, names: Iterable[str]
+) -> dict[str, str]:
+    """The values Kafka applies to ``topic`` of the settings ``names`` (the topic's own or the
+    brokers' defaults). Needs DESCRIBE_CONFIGS on the topic."""
+    admin = kafka_clients.admin(kafka_settings(kafka), request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))]
+        )
+    finally:
+        await admin.close()
+    found: dict[str, str] = {}
+    for error_code, error_message, _, name, entries in response.resources:
+        if name != topic:
+            continue
+        if error_code:
+            raise PipelineError(
+                f"Kafka did not describe the configs of topic {topic}: "
+                f"{for_code(error_code).__name__} {error_message or ''}".rstrip()
+                + _CONFIGS_ACL
+            )
+        found.update((entry[0], entry[1]) for entry in entries)
+    return found
+
+
+async def configure_topic(
+    kafka: KafkaSettings | str, topic: str, wanted: Mapping[str, str]
+) -> dict[str, str]:
+    """Set the settings of ``wanted`` that ``topic`` does not have yet, leaving its other
+    settings as they are (Kafka's IncrementalAlterConfigs); return the ones changed, each with
+    its former value. Needs DESCRIBE_CONFIGS and ALTER_CONFIGS on the topic."""
+    current = await topic_config(kafka, topic, wanted)
+    changed = {
+        name: current.get(name, "") for name, value in wanted.items() if current.get(name) != value
+    }
+    if not changed:
+        return {}
+    client = kafka_clients.bootstrap_client(kafka_settings(kafka), request_timeout_ms=30_000)
+    try:
+        await client.bootstrap()
+        request = _IncrementalAlterConfigs(topic, {name: wanted[name] for name in changed})
+        response = await client.send(client.get_random_node(), request)
+    finally:
+        await client.close()
+    for error_code, error_message, _, name in response.responses:
+        if name == topic and error_code:
+            raise PipelineError(
+                f"Kafka did not alter the configs of topic {topic}: "
+                f"{for_code(error_code).__name__} {error_message or ''}".rstrip()
+                + _CONFIGS_ACL
+            )
+    return changed
+
+
+_CONFIGS_ACL = " (the principal needs DESCRIBE_CONFIGS and ALTER_CONFIGS on it)"
 
 
 async def partition_count(kafka: KafkaSettings | str, topic: str, *, within_s: float = 30.0) -> int:
@@ -399,3 +496,63 @@ async def beginning_offsets(
 ) -> dict[tuple[str, int], int]:
     found = await consumer.beginning_offsets(list(partitions))
     return {(tp.topic, tp.partition): offset for tp, offset in found.items()}
+
+
+# -- the admin request aiokafka declares no method for ---------------------------------------
+
+_TOPIC = 2  # ConfigResource type
+_SET = 0  # IncrementalAlterConfigs' config_operation
+
+
+class _IncrementalAlterConfigsResponse_v0(Response):  # type: ignore[misc]
+    API_KEY = 44
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "responses",
+            Array(
+                ("error_code", Int16),
+                ("error_message", String("utf-8")),
+                ("resource_type", Int8),
+                ("resource_name", String("utf-8")),
+            ),
+        ),
+    )
+
+
+class _IncrementalAlterConfigsRequest_v0(RequestStruct):  # type: ignore[misc]
+    API_KEY = 44
+    API_VERSION = 0
+    RESPONSE_TYPE = _IncrementalAlterConfigsResponse_v0
+    SCHEMA = Schema(
+        (
+            "resources",
+            Array(
+                ("resource_type", Int8),
+                ("resource_name", String("utf-8")),
+                (
+                    "configs",
+                    Array(
+                        ("name", String("utf-8")),
+                        ("config_operation", Int8),
+                        ("value", String("utf-8")),
+                    ),
+                ),
+            ),
+        ),
+        ("validate_only", Boolean),
+    )
+
+
+class _IncrementalAlterConfigs(Request[_IncrementalAlterConfigsRequest_v0]):  # type: ignore[misc]
+    """Set some settings of one topic, leaving the others as they are (Kafka 2.3 and later;
+    aiokafka's alter_configs replaces them all)."""
+
+    API_KEY = 44
+
+    def __init__(self, topic: str, settings: Mapping[str, str]) -> None:
+        self._resource = (_TOPIC, topic, [(k, _SET, v) for k, v in settings.items()])
+
+    def build(self, request_struct_class: type[_IncrementalAlterConfigsRequest_v0]) -> Any:
+        return request_struct_class([self._resource], False)

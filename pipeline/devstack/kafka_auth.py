@@ -77,6 +77,7 @@ class Operation(IntEnum):  # Kafka's AclOperation
     CREATE = 5
     DESCRIBE = 8
     DESCRIBE_CONFIGS = 10
+    ALTER_CONFIGS = 11
 
 
 class Permission(IntEnum):  # Kafka's AclPermissionType
@@ -121,6 +122,11 @@ def pipeline_acls(topic_prefix: str = "", group: str = DEFAULT_GROUP) -> list[Ac
         Acl(orchestrator, topic, control, write),
         Acl(orchestrator, topic, control, read),
         Acl(orchestrator, topic, status, read),
+        # `pipeline topics create` brings an existing status topic to its retention.
+        *(
+            Acl(orchestrator, topic, status, op)
+            for op in (Operation.DESCRIBE_CONFIGS, Operation.ALTER_CONFIGS)
+        ),
         *(
             Acl(orchestrator, topic, t, op)
             for t in [*data, dlq, control, status]

@@ -61,6 +61,9 @@ def test_only_the_orchestrator_writes_the_control_topic() -> None:
         ("TOPIC", CONTROL, "WRITE"),
         ("TOPIC", CONTROL, "READ"),
         ("TOPIC", STATUS, "READ"),
+        # `pipeline topics create` brings an existing status topic to its retention.
+        ("TOPIC", STATUS, "DESCRIBE_CONFIGS"),
+        ("TOPIC", STATUS, "ALTER_CONFIGS"),
     }
 
 

@@ -1,0 +1,128 @@
+"""The status topic's retention, as the broker reports it after `pipeline topics create`: on a
+fresh prefix, and on a status topic made before with a week's retention (docs/control-plane.md,
+"The status topic")."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from pipeline import kafka_clients
+from pipeline.control import STATUS_TOPIC_CONFIG, control_topics
+from pipeline.devstack import Endpoints
+from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
+
+WEEK_MS = str(7 * 24 * 3_600_000)
+KEPT = {"max.message.bytes": "2000000"}  # a setting of the operator's: left as it is
+
+
+def all_topics(prefix: str) -> list[str]:
+    data = [topic_name(s.topic, prefix) for s in STREAMS]
+    return [*data, topic_name(DLQ_TOPIC, prefix), *control_topics(prefix)]
+
+
+def topics_create(endpoints: Endpoints, prefix: str) -> list[str]:
+    """`pipeline topics create`'s lines, run as the operator runs it."""
+    env = {
+        **os.environ,
+        **endpoints.kafka.environment(),
+        "DATABASE_URL": endpoints.database_url,
+        "PIPELINE_TOPIC_PREFIX": prefix,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "topics", "create", "--partitions", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+async def described(endpoints: Endpoints, topic: str, names: list[str]) -> dict[str, str]:
+    """The values the broker applies to ``topic``; a topic just made may take a moment to be
+    described."""
+    admin = kafka_clients.admin(endpoints.kafka)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            (response,) = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))]
+            )
+            ((error_code, _, _, _, entries),) = response.resources
+            if error_code == 0:
+                return {entry[0]: entry[1] for entry in entries}
+            assert time.monotonic() < deadline, f"{topic} not described: error {error_code}"
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def prefix(endpoints: Endpoints, unique: str) -> AsyncIterator[str]:
+    """A prefix of this test's own; its topics are deleted afterwards."""
+    yield f"{unique}."
+    admin = kafka_clients.admin(endpoints.kafka)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        await admin.delete_topics([t for t in all_topics(f"{unique}.") if t in existing])
+    finally:
+        await admin.close()
+
+
+async def test_a_new_status_topic_keeps_hours_not_a_week(endpoints: Endpoints, prefix: str) -> None:
+    status = control_topics(prefix)[1]
+    assert topics_create(endpoints, prefix) == [f"{t}: created" for t in all_topics(prefix)]
+    assert await described(endpoints, status, list(STATUS_TOPIC_CONFIG)) == {
+        "cleanup.policy": "delete",
+        "retention.ms": "21600000",  # 6 hours
+        "segment.ms": "3600000",  # segments roll hourly, so the old ones go on time
+    }
+    # Run again: everything exists, nothing to change.
+    assert topics_create(endpoints, prefix) == [f"{t}: exists" for t in all_topics(prefix)]
+    assert await described(endpoints, status, list(STATUS_TOPIC_CONFIG)) == STATUS_TOPIC_CONFIG
+
+
+async def test_an_existing_status_topic_is_brought_to_the_retention_and_says_so(
+    endpoints: Endpoints, prefix: str
+) -> None:
+    status = control_topics(prefix)[1]
+    before = {
+        "cleanup.policy": "compact",
+        "retention.ms": WEEK_MS,
+        "segment.ms": WEEK_MS,
+        **KEPT,
+    }
+    admin = kafka_clients.admin(endpoints.kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(status, 1, 1, topic_configs=before)])
+    finally:
+        await admin.close()
+    names = [*STATUS_TOPIC_CONFIG, *KEPT]
+    assert await described(endpoints, status, names) == before
+
+    lines = topics_create(endpoints, prefix)
+    assert lines == [
+        *(f"{t}: created" for t in all_topics(prefix)[:-1]),
+        f"{status}: exists",
+        f"{status}: cleanup.policy set to delete (was compact)",
+        f"{status}: retention.ms set to 21600000 (was {WEEK_MS})",
+        f"{status}: segment.ms set to 3600000 (was {WEEK_MS})",
+    ]
+    assert await described(endpoints, status, names) == {**STATUS_TOPIC_CONFIG, **KEPT}
+
+    # Brought once: the next run changes nothing.
+    assert topics_create(endpoints, prefix) == [f"{t}: exists" for t in all_topics(prefix)]
