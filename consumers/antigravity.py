@@ -1,6 +1,6 @@
-"""Antigravity, the orchestrator's side of the control plane: it signs commands, publishes
-them on the control topic, and reads the fleet's heartbeats and acknowledgements from the
-status topic. ``pipeline control`` is its command line; docs/control-plane.md the protocol.
+"""Antigravity's side of the control plane: it signs commands, publishes them on the control
+topic, and reads the fleet's heartbeats and acknowledgements from the status topic.
+``pipeline control`` is its command line; docs/control-plane.md the protocol.
 
 What it decides on, it can verify: the next seq comes from the signed envelopes on the
 control topic (and the group's applied seq in PostgreSQL, which the caller reads). The status

@@ -1,30 +1,13 @@
-"""`pipeline bench`: the DatabaseAgent's throughput against the raw limits, in one run.
+"""`pipeline bench`: the DatabaseAgent's throughput against the raw limits, in one run
+(README.md, "Benchmark: `pipeline bench`", says what each mode measures and how).
 
-For each traffic mix, on the same generated records:
-
-1. Produce a backlog of ``records`` records to fresh topics.
-2. Raw consume limit: a bare aiokafka consumer drains the backlog, no database.
-3. Raw COPY limit: the same records, decoded once, written with the agent's own writers
-   (binary COPY, staged upserts) into the same tables in a fresh database, no Kafka; the
-   best of three passes, so the ratio is against the most the database managed.
-4. End to end: ``pipeline run`` processes drain the backlog into another fresh database,
-   exactly-once path included; their peak RSS is read from ``/proc``. One process: the best
-   of three passes, like the raw COPY limit.
-5. Latency at steady load: records published at a fixed rate while an agent runs; a
-   record's latency runs from its Kafka timestamp to the first poll (every 10 ms) of
-   ``ingest_offsets`` that shows it committed, so it is exact to 10 ms.
-
-Then, once: the peak RSS of one agent draining a large backlog (``memory_records``).
-
-Instead of all that, :func:`run_encryption_bench` measures what TLS and SASL cost, and
-:func:`run_pooler_bench` what a connection pooler (PgBouncer) in front of PostgreSQL costs.
-
-With ``profile`` set, one more drain per mix runs the agent under py-spy (sampling from
-outside, so that drain is not one of the measured ones) and prints where its time goes.
-Ratios compare numbers measured in the same run, because these machines are shared and noisy.
-
-Topics, producing, offsets, scratch databases and agent processes come from
-:mod:`pipeline.testbed`, which the integration tests use too.
+:func:`run_bench` measures, per traffic mix on the same generated records, the raw consume
+limit, the raw COPY limit, the end-to-end drain and the latency at steady load, then one
+agent's peak RSS on a large backlog; :func:`run_encryption_bench` what TLS and SASL cost;
+:func:`run_pooler_bench` what a connection pooler in front of PostgreSQL costs. Ratios compare
+numbers measured in the same run: these machines are shared and noisy. Topics, producing,
+offsets, scratch databases and agent processes come from :mod:`pipeline.testbed`, which the
+integration tests use too.
 """
 
 from __future__ import annotations
@@ -762,7 +745,7 @@ def _start_agent(
         prefix,
         group,
         batch_max_records=config.batch_max_records,
-        # Agents as deployed: steered by a controller that trusts the orchestrator's key.
+        # Agents as deployed: each one's controller trusts Antigravity's key.
         control_public_keys=",".join(config.control_public_keys),
         **route.settings,
     )

@@ -1,23 +1,11 @@
 """The DatabaseAgent's side of the control plane: it reads the control topic, decides each
 command once per group, steers its agent, and reports on the status topic.
-docs/control-plane.md describes the protocol.
+docs/control-plane.md ("Deciding a record once per group") describes the protocol.
 
-Every instance reads the control topic's one partition outside the consumer group, from the
-group's position stored in PostgreSQL (``control_state.next_offset``), so a command sent
-while an instance was down is seen when it starts. Each record is decided in a transaction
-that locks the group's ``control_state`` row and runs inside the instance's ingest
-transaction (:meth:`DatabaseAgent.in_ingest_transaction`):
-
-* a record at or past ``next_offset`` is decided here: checked (:func:`pipeline.control.decide`),
-  applied (the group's state, an assignment, a checkpoint, a data rollback) or rejected,
-  recorded in ``control_log`` with its offset, and ``next_offset`` moves past it;
-* a record below ``next_offset`` was decided by another instance: this one follows the
-  decision recorded for that offset.
-
-Then each instance makes its agent match the group's state (streams, batch limits; after a
-data rollback, every partition is re-read from its stored offset) and acknowledges on the
-status topic. So a group-scoped effect happens once, and every instance ends in the same
-state whichever decided.
+Each instance reads the control topic's one partition outside the consumer group, from the
+group's position in PostgreSQL (``control_state.next_offset``); it decides a record at or past
+that position inside its ingest transaction, and follows the decision another instance
+recorded for one below it. Then it makes its agent match the group's state and acknowledges.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The control plane's pure core: signed commands from the orchestrator to a consumer group.
+"""The control plane's pure core: signed commands from Antigravity to a consumer group.
 
-The orchestrator ("Antigravity") steers each DatabaseAgent consumer group by publishing
-**envelopes** on a control topic; every agent answers on a status topic with **heartbeats**
-and **acks**. This module holds the wire formats, the signing and the decision an agent makes
-about each envelope. Everything here is values in, values out: ``now`` is passed in, nothing
-reads the clock, the environment or the network. The only IO is in the key-file helpers at
-the end (``*_key_file`` and :func:`read_verifier`), kept apart and named for what they touch.
+Antigravity steers each DatabaseAgent consumer group by publishing **envelopes** on a control
+topic; every agent answers on a status topic with **heartbeats** and **acks**
+(docs/control-plane.md describes the whole). This module holds the wire formats, the signing
+and the decision an agent makes about each envelope. Everything here is values in, values
+out: ``now`` is passed in, nothing reads the clock, the environment or the network. The only
+IO is in the key-file helpers at the end (``*_key_file`` and :func:`read_verifier`), kept
+apart and named for what they touch.
 
 Envelope
     ``command_id`` (UUID), ``seq`` (strictly increasing per target group; gaps are allowed),
@@ -28,36 +29,21 @@ Canonical encoding
     An agent never re-encodes what it received to check the signature: it takes the received
     map's entries other than ``signature``, byte for byte in the order received, under a new
     map header, and verifies those bytes; then it decodes its typed envelope *from the bytes
-    it verified*. So a field added by a newer orchestrator (with a default, as every new field
+    it verified*. So a field added by a newer Antigravity (with a default, as every new field
     must have) is covered by the signature and ignored by an older agent, no re-encoding
     difference can fail a good signature, and what is applied is exactly what was signed.
     The flip side: re-encoding a decoded :class:`Envelope` need not reproduce a newer
     issuer's bytes, so forward the received bytes, never a re-encoded copy.
 
-Checks, in this order (:func:`decide`); the first that fails decides:
-
-1. ``undecodable``: not a MessagePack map of the envelope's fields with valid header values
-   (also empty, tombstone, over :data:`MAX_ENVELOPE_BYTES`, nested too deep).
-2. ``unknown_kind``: the command's ``kind`` is not one this agent knows (a newer
-   orchestrator's command, or a typo). Checked before the key so a version skew is named as
-   such even when the key is also unknown.
-3. ``unknown_key``: ``key_id`` is not among the verifier's public keys.
-4. ``bad_signature``: Ed25519 verification fails (forged, tampered, truncated).
-5. ``invalid_command``: correctly signed, known kind, but the command's fields are not valid
-   here (an unknown stream name, version 0, a bad checkpoint name). An extension of the
-   brief's list: the body is parsed only once it is authenticated, and a signed body this
-   agent cannot accept is a different alarm (orchestrator bug or version skew) from garbage.
-6. ``lifetime_too_long``: ``expires_at - issued_at`` is over :data:`MAX_COMMAND_LIFETIME`
-   (24 hours). A signed command is a bearer token until it expires: one signed to live for
-   years could be replayed to a group that lost its state (a new database) for years. The
-   orchestrator refuses to sign one (:func:`sign`).
-7. ``expired``: ``now >= expires_at``.
-8. ``not_yet_valid``: ``issued_at`` later than ``now + max_clock_skew`` (5 minutes by
-   default). A command "from the future" means the orchestrator's clock is far off; its
-   lifetime would silently stretch by that much, so it is refused rather than trusted.
-9. ``target != group``: :class:`Ignore`, not a rejection: other groups' commands share the
-   topic. Only after the signature, so a forged target cannot hide a forgery.
-10. ``stale_seq``: ``seq <= applied_seq``; this also refuses a replay of an applied envelope.
+Checks, in this order (:func:`decide`; docs/control-plane.md, "Deciding a record once per
+group", says what each refuses): ``undecodable``, ``unknown_kind`` (before the key, so a
+version skew is named as such even when the key is also unknown), ``unknown_key``,
+``bad_signature``, ``invalid_command`` (the body is parsed only once authenticated: a signed
+body this agent cannot accept is a different alarm, Antigravity's bug or a version skew, from
+garbage), ``lifetime_too_long`` (:data:`MAX_COMMAND_LIFETIME`; :func:`sign` refuses to sign
+one), ``expired``, ``not_yet_valid`` (issued after ``now + max_clock_skew``: Antigravity's
+clock is far off), a ``target`` other than the group (:class:`Ignore`, after the signature so
+a forged target cannot hide a forgery), ``stale_seq``. The first that fails decides.
 
 :func:`decide` never raises for any input bytes: each is :class:`Apply`, :class:`Ignore` or a
 :class:`Reject` with one of :data:`REASONS`. Two reasons are not returned by the checks:
@@ -345,7 +331,7 @@ class UnsignedEnvelope(_Fields, frozen=True):
 
 
 class Envelope(_Fields, frozen=True):
-    """A command for one consumer group, signed by the orchestrator (fields: module doc)."""
+    """A command for one consumer group, signed by Antigravity (fields: module doc)."""
 
     command: Command
     signature: bytes
@@ -439,7 +425,7 @@ def sign(
 
 
 def generate_key_pair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    """A new Ed25519 key pair (the orchestrator keeps the private key, agents the public)."""
+    """A new Ed25519 key pair (Antigravity keeps the private key, agents the public)."""
     private_key = Ed25519PrivateKey.generate()
     return private_key, private_key.public_key()
 
@@ -493,7 +479,7 @@ def public_key_from_pem(data: bytes) -> Ed25519PublicKey:
 class Verifier:
     """The public keys an agent trusts, by key id: several at once, to rotate keys.
 
-    Rotation: add the new public key to every agent, switch the orchestrator to the new
+    Rotation: add the new public key to every agent, switch Antigravity to the new
     private key, then drop the old public key once no unexpired command signed by it is left.
     """
 
@@ -767,7 +753,7 @@ def apply_failed(envelope: Envelope, detail: str) -> Reject:
     )
 
 
-# --- helpers for the orchestrator and the agent -------------------------------------------------
+# --- helpers for Antigravity and the agent -------------------------------------------------------
 
 
 def next_seq(highest: int) -> int:
@@ -782,7 +768,7 @@ def highest_seq(raws: Iterable[bytes | None], *, keys: Verifier, group: str) -> 
     """The highest seq among ``raws`` (the control log) signed by ``keys`` for ``group``.
 
     Only verified envelopes count, expired or not: an injected unsigned envelope with a huge
-    seq must not push the orchestrator's sequence forward.
+    seq must not push Antigravity's sequence forward.
     """
     highest = 0
     for raw in raws:
@@ -916,7 +902,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     """One agent instance's state, published periodically on the status topic.
 
     ``assignment_version`` 0 means no ``Assign`` applied yet (the configuration rules).
-    Stream names are not checked here: the orchestrator may be older than the agent.
+    Stream names are not checked here: Antigravity may be older than the agent.
     """
 
     instance_id: str

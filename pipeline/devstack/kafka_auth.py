@@ -9,8 +9,9 @@ list as ``kafka-acls`` commands for a real cluster):
   outright.
 * ``User:pipeline-producer``, the fleet's publishers (the SDK, the simulator): write the five
   data topics.
-* ``User:antigravity``, the orchestrator (``pipeline control``, ``pipeline topics create``):
-  write and read the control topic, read the status topic, create the pipeline's topics.
+* ``User:antigravity``, Antigravity (``pipeline control``, ``pipeline topics create``): write
+  and read the control topic, read the status topic and set its retention, create the
+  pipeline's topics.
 
 The broker takes them over its plaintext listener, whose anonymous principal is the stack's
 super user: SCRAM credentials through AlterUserScramCredentials and ACLs through CreateAcls,
@@ -109,7 +110,7 @@ def pipeline_acls(topic_prefix: str = "", group: str = DEFAULT_GROUP) -> list[Ac
     data = [topic_name(s.topic, topic_prefix) for s in STREAMS]
     control, status = control_topics(topic_prefix)
     dlq = topic_name(DLQ_TOPIC, topic_prefix)
-    agent, producer, orchestrator = (f"User:{u}" for u in USERS)
+    agent, producer, antigravity = (f"User:{u}" for u in USERS)
     topic, read, write = Resource.TOPIC, Operation.READ, Operation.WRITE
     return [
         *(Acl(agent, topic, t, read) for t in [*data, control]),
@@ -119,16 +120,16 @@ def pipeline_acls(topic_prefix: str = "", group: str = DEFAULT_GROUP) -> list[Ac
         Acl(agent, Resource.GROUP, group, read),
         Acl(agent, topic, control, write, Permission.DENY),
         *(Acl(producer, topic, t, write) for t in data),
-        Acl(orchestrator, topic, control, write),
-        Acl(orchestrator, topic, control, read),
-        Acl(orchestrator, topic, status, read),
+        Acl(antigravity, topic, control, write),
+        Acl(antigravity, topic, control, read),
+        Acl(antigravity, topic, status, read),
         # `pipeline topics create` brings an existing status topic to its retention.
         *(
-            Acl(orchestrator, topic, status, op)
+            Acl(antigravity, topic, status, op)
             for op in (Operation.DESCRIBE_CONFIGS, Operation.ALTER_CONFIGS)
         ),
         *(
-            Acl(orchestrator, topic, t, op)
+            Acl(antigravity, topic, t, op)
             for t in [*data, dlq, control, status]
             for op in (Operation.CREATE, Operation.DESCRIBE)
         ),
