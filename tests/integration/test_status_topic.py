@@ -1,6 +1,7 @@
 """The status topic's retention, as the broker reports it after `pipeline topics create`: on a
-fresh prefix, and on a status topic made before with a week's retention (docs/control-plane.md,
-"The status topic")."""
+fresh prefix, on a status topic made before with a week's retention, and over SASL_SSL as
+`User:antigravity` with only its ACLs (docs/control-plane.md, "The status topic keeps 6
+hours")."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from pipeline import kafka_clients
 from pipeline.control import STATUS_TOPIC_CONFIG, control_topics
-from pipeline.devstack import Endpoints
+from pipeline.devstack import Endpoints, Stack, endpoints_from_env
+from pipeline.devstack.kafka_auth import ORCHESTRATOR_USER, pipeline_acls, set_up
+from pipeline.devstack.stack import SecureKafka
+from pipeline.kafka_settings import KafkaSettings
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
+from tests.conftest import Servers
 
 WEEK_MS = str(7 * 24 * 3_600_000)
 KEPT = {"max.message.bytes": "2000000"}  # a setting of the operator's: left as it is
@@ -29,11 +34,14 @@ def all_topics(prefix: str) -> list[str]:
     return [*data, topic_name(DLQ_TOPIC, prefix), *control_topics(prefix)]
 
 
-def topics_create(endpoints: Endpoints, prefix: str) -> list[str]:
-    """`pipeline topics create`'s lines, run as the operator runs it."""
+def topics_create(
+    endpoints: Endpoints, prefix: str, kafka: KafkaSettings | None = None
+) -> list[str]:
+    """`pipeline topics create`'s lines, run as the operator runs it (connecting as ``kafka``
+    says, by default as the endpoints do)."""
     env = {
         **os.environ,
-        **endpoints.kafka.environment(),
+        **(kafka or endpoints.kafka).environment(),
         "DATABASE_URL": endpoints.database_url,
         "PIPELINE_TOPIC_PREFIX": prefix,
     }
@@ -47,6 +55,45 @@ def topics_create(endpoints: Endpoints, prefix: str) -> list[str]:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
+
+
+async def make_weeklong_status_topic(endpoints: Endpoints, status: str) -> dict[str, str]:
+    """The status topic as Kafka's defaults would have made it, compacted, with a setting of
+    the operator's; its configs."""
+    before = {"cleanup.policy": "compact", "retention.ms": WEEK_MS, "segment.ms": WEEK_MS, **KEPT}
+    admin = kafka_clients.admin(endpoints.kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(status, 1, 1, topic_configs=before)])
+    finally:
+        await admin.close()
+    assert await described(endpoints, status, [*STATUS_TOPIC_CONFIG, *KEPT]) == before
+    return before
+
+
+def brought(prefix: str) -> list[str]:
+    """`pipeline topics create`'s lines when only the status topic existed, with ``before``."""
+    status = control_topics(prefix)[1]
+    return [
+        *(f"{t}: created" for t in all_topics(prefix)[:-1]),
+        f"{status}: exists",
+        f"{status}: cleanup.policy set to delete (was compact)",
+        f"{status}: retention.ms set to 21600000 (was {WEEK_MS})",
+        f"{status}: segment.ms set to 3600000 (was {WEEK_MS})",
+    ]
+
+
+def secure_listener(servers: Servers) -> SecureKafka:
+    """The local stack's SASL_SSL listener: the test session's stack, or the default one when
+    the environment names it (`eval "$(pipeline dev env)"`)."""
+    found = servers.endpoints.kafka_secure
+    given = endpoints_from_env()
+    if found is None and given is not None and Stack().serves(given):
+        recorded = Stack().recorded_endpoints()
+        found = None if recorded is None else recorded.kafka_secure
+    if found is None:
+        pytest.fail("no SASL_SSL listener: this test needs the local stack (`pipeline dev`)")
+    return found
 
 
 async def described(endpoints: Endpoints, topic: str, names: list[str]) -> dict[str, str]:
@@ -99,30 +146,22 @@ async def test_an_existing_status_topic_is_brought_to_the_retention_and_says_so(
     endpoints: Endpoints, prefix: str
 ) -> None:
     status = control_topics(prefix)[1]
-    before = {
-        "cleanup.policy": "compact",
-        "retention.ms": WEEK_MS,
-        "segment.ms": WEEK_MS,
-        **KEPT,
-    }
-    admin = kafka_clients.admin(endpoints.kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(status, 1, 1, topic_configs=before)])
-    finally:
-        await admin.close()
+    await make_weeklong_status_topic(endpoints, status)
+    assert topics_create(endpoints, prefix) == brought(prefix)
     names = [*STATUS_TOPIC_CONFIG, *KEPT]
-    assert await described(endpoints, status, names) == before
-
-    lines = topics_create(endpoints, prefix)
-    assert lines == [
-        *(f"{t}: created" for t in all_topics(prefix)[:-1]),
-        f"{status}: exists",
-        f"{status}: cleanup.policy set to delete (was compact)",
-        f"{status}: retention.ms set to 21600000 (was {WEEK_MS})",
-        f"{status}: segment.ms set to 3600000 (was {WEEK_MS})",
-    ]
     assert await described(endpoints, status, names) == {**STATUS_TOPIC_CONFIG, **KEPT}
-
     # Brought once: the next run changes nothing.
     assert topics_create(endpoints, prefix) == [f"{t}: exists" for t in all_topics(prefix)]
+
+
+async def test_antigravity_brings_it_over_sasl_ssl_with_its_acls_alone(
+    servers: Servers, endpoints: Endpoints, prefix: str, unique: str
+) -> None:
+    secure = secure_listener(servers)
+    status = control_topics(prefix)[1]
+    await make_weeklong_status_topic(endpoints, status)
+    await set_up(endpoints.kafka, {}, pipeline_acls(prefix, unique))  # as the super user
+    antigravity = secure.settings(ORCHESTRATOR_USER)
+    assert topics_create(endpoints, prefix, antigravity) == brought(prefix)
+    names = [*STATUS_TOPIC_CONFIG, *KEPT]
+    assert await described(endpoints, status, names) == {**STATUS_TOPIC_CONFIG, **KEPT}
