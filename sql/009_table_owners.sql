@@ -13,8 +13,7 @@ CREATE TABLE IF NOT EXISTS table_owners (
 );
 
 -- The writer claims (INSERT ... ON CONFLICT DO NOTHING) and reads; it never hands a table
--- over: releasing one is the migrator's (`pipeline owners release`, docs/operations in the
--- README). 007_least_privilege.sql's default privileges gave it UPDATE and DELETE too.
+-- over: releasing one is the migrator's (`pipeline owners release`, docs/operations.md). 007_least_privilege.sql's default privileges gave it UPDATE and DELETE too.
 REVOKE UPDATE, DELETE, TRUNCATE ON table_owners FROM pipeline_writer;
 GRANT SELECT, INSERT ON table_owners TO pipeline_writer;
 GRANT SELECT ON table_owners TO pipeline_reader;
