@@ -1,20 +1,8 @@
 """`pipeline dlq`: list, show and redrive dead letters (docs/repair.md).
 
-A redrive decodes each pending dead letter of the group again with today's decoders
-(``pipeline.rows.DECODERS``) and writes those that now pass through the DatabaseAgent's own
-write path (:class:`consumers.writer.BatchWriter`, bisecting from the start so the rows the
-database still rejects are found), in chunks of one transaction each. In that transaction:
-
-1. the group's work lock (``db.lock_group_work``): a data rollback to a checkpoint, which
-   deletes rows and dead letters by source offset, runs one at a time with a redrive;
-2. the chunk's pending letters, locked ``FOR UPDATE SKIP LOCKED``: another redrive skips
-   them, and once this one commits they are no longer pending, so no letter is ingested twice;
-3. the rows, carrying the letter's ``src_partition``/``src_offset`` and a reserved batch id;
-4. the letters that landed marked redriven (``redriven_at``, ``redriven_batch_id``); the
-   others keep their row with the new error class and reason. Both count an attempt.
-
-A dry run does all of it in a transaction that is rolled back, so what it reports is what
-the database would do today, and nothing changes.
+A redrive decodes the group's pending dead letters again with today's decoders and writes
+those that now pass through the agent's write path (:class:`consumers.writer.BatchWriter`),
+a chunk of letters per transaction (:class:`_Chunk`); a dry run rolls each one back.
 """
 
 from __future__ import annotations
@@ -131,6 +119,8 @@ async def replay(config: Config, filters: Filters, *, dry_run: bool) -> Outcome:
                 await writer.write(
                     conn,
                     redrive.read,
+                    # The lock a data rollback takes: it deletes rows and letters by source
+                    # offset, so a redrive and a rollback never interleave.
                     lock=True,
                     after=redrive.mark,
                     savepoints=True,  # letters are suspect: no first attempt without them
@@ -182,6 +172,9 @@ class _Chunk:
         self.new_rows = 0
 
     async def read(self, conn: Connection) -> dict[str, list[Row]]:
+        """The chunk's letters, locked: another redrive skips them, and once this one commits
+        they are no longer pending, so no letter is ingested twice. Their rows carry the
+        letter's source partition and offset, and the chunk's batch id."""
         letters = await conn.fetch(
             f"""SELECT id, src_topic, src_partition, src_offset, record_value, record_headers
                 FROM dead_letters WHERE {self.where} AND id > ${len(self.args)}

@@ -94,7 +94,7 @@ class BatchWriter:
         The first attempt writes without savepoints, which cost round trips; when the
         database refuses a row, the transaction rolls back and is run again with every
         stream's write bisected in savepoints (from the start with ``savepoints``). So every
-        step before the rows may run twice: each must depend only on the transaction.
+        step may run twice: each must depend on nothing outside the transaction.
 
         A stream's table that rejects every write is a :class:`SchemaError` naming the
         stream; any other driver error is classified (:func:`pipeline.retry.classify`).

@@ -195,8 +195,8 @@ _PG_INFINITY = 2**63 - 1  # timestamptz 'infinity' on the wire; -infinity is its
 
 def _encode_timestamptz(value: datetime) -> tuple[int]:
     """An aware datetime as PostgreSQL's binary timestamptz: microseconds since 2000-01-01
-    UTC. asyncpg's own encoder compares with its infinities, converts to UTC and subtracts,
-    about 0.6 µs a value, a fifth of a metrics row's cost in the agent; this takes half."""
+    UTC. Every row carries one, so only the subtraction: asyncpg's own encoder also compares
+    with its infinities and converts to UTC first, which an aware datetime does not need."""
     return ((value - _PG_EPOCH) // _MICROSECOND,)
 
 
