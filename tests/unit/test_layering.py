@@ -102,7 +102,7 @@ def test_every_kafka_client_comes_from_the_factory() -> None:
 # Every batch written to the data tables (the agent's, the replay's, the redrive's) goes
 # through consumers/writer.py: the offsets' compare-and-set, the writes, the bisection of
 # refused rows in savepoints, the dead letters. The table writer's COPY is pipeline/db.py's
-# (TableWriter), and a transaction is opened by db.transaction, never by hand.
+# (TableWriter.write), and a transaction is opened by db.transaction, never by hand.
 
 WRITER = ROOT / "consumers" / "writer.py"
 DB = ROOT / "pipeline" / "db.py"
@@ -112,6 +112,8 @@ ONLY_IN = {
     "insert_dead_letters": {(WRITER, None)},
     "write_bisecting": {(WRITER, None)},
     "copy_records_to_table": {(DB, "write")},
+    # A table writer is the writer's, and `pipeline bench`'s for its raw COPY limit.
+    "TableWriter": {(WRITER, None), (ROOT / "consumers" / "bench.py", None)},
     # conn.transaction() with no argument: only the helper, and the bisection's savepoints.
     "transaction()": {(DB, "transaction"), (WRITER, "_write_range")},
 }
@@ -161,6 +163,7 @@ def test_every_batch_is_written_through_the_one_write_path() -> None:
     assert {b.split(":")[0] for b in taken} == {
         "advance_offsets",
         "insert_dead_letters",
+        "TableWriter",
         "write_bisecting",
         "transaction()",
         "SAVEPOINT",
