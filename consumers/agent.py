@@ -28,25 +28,23 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from consumers.writer import BatchWriter, Written
 from pipeline import db
 from pipeline import kafka as kafka_io
 from pipeline.batching import (
     Batch,
-    FetchedRecord,
     Limits,
     OffsetMove,
     Partition,
     Plan,
-    Row,
     backoff,
     plan,
 )
 from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.control import AgentState
-from pipeline.db import Connection, DeadLetter, TableWriter
+from pipeline.db import Connection, DeadLetter
 from pipeline.errors import (
     ConfigError,
-    DataError,
     FencedError,
     PipelineError,
     SchemaError,
@@ -59,7 +57,7 @@ from pipeline.ownership import Actions, Ownership, StreamState
 from pipeline.readiness import STARTING, AgentHealth, Readiness, failure_class, readiness
 from pipeline.records import STREAM_BY_NAME
 from pipeline.retry import classify, fatal, retrying
-from pipeline.rows import DECODERS, StreamDecoder, source_of
+from pipeline.rows import DECODERS, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +113,7 @@ class DatabaseAgent:
         self._decoders: dict[str, StreamDecoder] = {
             topic: DECODERS[name] for topic, name in topics.items()
         }
-        self._writers = {name: TableWriter(DECODERS[name].tables) for name in config.streams}
+        self._batch_writer = BatchWriter(config.group_id, topics, publish=self._publish_letters)
         self._dlq_topic = kafka_io.dead_letter_topic(config)
         self._dlq_limit = kafka_io.PRODUCER_MAX_REQUEST_SIZE  # the topic's, read in run()
         # Set when the DLQ topic refused a letter: the next attempt reads its limit again and
@@ -811,38 +809,21 @@ class DatabaseAgent:
         fetch_seconds: float = 0.0,
         stamps: dict[Partition, list[int]] | None = None,
     ) -> None:
-        """Write one batch exactly once.
-
-        1. Gather each stream's rows (decoded when they were fetched); records that did not
-           decode become dead letters.
-        2. Open one transaction and compare-and-set every partition's stored offset: the
-           fence. It locks those offset rows, so a zombie stops here, before it writes or
-           publishes anything, and waits here while another member commits.
-        3. Write each stream's rows with COPY.
-        4. Send every dead letter to the DLQ topic and wait for the acknowledgements.
-        5. Record the dead letters in ``dead_letters``.
-        6. Run the work queued with :meth:`in_ingest_transaction`, each in a savepoint.
-        7. Commit; then mirror the offsets to Kafka, in the background.
-
-        When the database rejects a row, the transaction rolls back and the batch is written
-        again with each stream in savepoints, bisecting to find the rejected rows, which
-        become dead letters too. Savepoints cost round trips, so only such batches pay them.
-        """
+        """Write one batch exactly once through the writer (:meth:`BatchWriter.write`): in one
+        transaction the fence (the compare-and-set of every partition's stored offset), each
+        stream's rows, the dead letters sent to the DLQ topic and recorded, the queued work;
+        then count it and mirror the offsets to Kafka, in the background."""
         started = time.monotonic()
-        conn = await self._connection()
-        rows, letters = self._gather(work)
-        written_at: list[float] = []  # when the transaction's last statement was done
-        try:
-            written, rejected, results = await self._commit(
-                conn, work, rows, letters, queued, written_at=written_at, bisect=False
-            )
-        except _RowRejected:
-            written, rejected, results = await self._commit(
-                conn, work, rows, letters, queued, written_at=written_at, bisect=True
-            )
+        written = await self._batch_writer.write(
+            await self._connection(),
+            work.parts,
+            lock=bool(queued),
+            moves=work.moves,
+            work=[item.work for item in queued],
+        )
         committed = time.monotonic()
         self.ownership.committed_event(work.moves)
-        for item, (result, error) in zip(queued, results, strict=True):
+        for item, (result, error) in zip(queued, written.results, strict=True):
             self._queued.remove(item)
             if not item.done.done():
                 if error is None:
@@ -850,98 +831,26 @@ class DatabaseAgent:
                 else:
                     item.done.set_exception(error)
         if work.moves:
-            self._count(work, rows, written, letters + rejected, committed - started)
+            self._count(work, written, committed - started)
             m = self.metrics
             m.batch_phase.labels("fetch_decode").observe(fetch_seconds)
-            m.batch_phase.labels("write").observe(written_at[-1] - started)
-            m.batch_phase.labels("commit").observe(committed - written_at[-1])
+            m.batch_phase.labels("write").observe(written.written_at - started)
+            m.batch_phase.labels("commit").observe(committed - written.written_at)
             self._count_latency(work, stamps or {})
             self._require_mirror().add(work.moves)
         else:
             self._count_skipped(work)
         self._decide_readiness()
 
-    async def _commit(
-        self,
-        conn: Connection,
-        work: Plan,
-        rows: dict[str, list[Row]],
-        letters: list[DeadLetter],
-        queued: list[_Queued[Any]],
-        *,
-        written_at: list[float],
-        bisect: bool,
-    ) -> tuple[
-        dict[str, tuple[int, int]], list[DeadLetter], list[tuple[Any, BaseException | None]]
-    ]:
-        """One transaction: the fence, every stream's rows, the dead letters, the queued
-        work. Returns per stream (new rows, rejected rows), the dead letters of the rejected
-        rows, and each queued work's (result, error)."""
-        written: dict[str, tuple[int, int]] = {}
-        rejected_letters: list[DeadLetter] = []
-        results: list[tuple[Any, BaseException | None]] = []
-        try:
-            async with db.transaction(conn):
-                if queued:  # work of the group's instances runs one at a time: no deadlocks
-                    await db.lock_group_work(conn, self.config.group_id)
-                if work.moves:  # none when the transaction carries queued work alone
-                    await db.advance_offsets(
-                        conn,
-                        self.config.group_id,
-                        [(m.topic, m.partition, m.expected, m.new) for m in work.moves],
-                    )
-                for stream, stream_rows in rows.items():
-                    writer = self._writers[stream]
-                    topic = self.config.topic(STREAM_BY_NAME[stream].topic)
-                    try:
-                        if bisect:
-                            new, rejected = await db.write_bisecting(
-                                conn, writer.write, stream_rows
-                            )
-                        else:
-                            new, rejected = await writer.write(conn, stream_rows), []
-                    except Exception as exc:
-                        error = db.classify(exc)
-                        if isinstance(error, SchemaError):  # this stream's table is broken
-                            raise error.for_stream(stream) from exc
-                        if isinstance(error, DataError) and not bisect:
-                            raise _RowRejected(str(error)) from exc
-                        raise error from exc
-                    written[stream] = (new, len(rejected))
-                    rejected_letters.extend(
-                        db.dead_letter(
-                            _source(work, topic, stream_rows[r.index]), "DatabaseRejected", r.reason
-                        )
-                        for r in rejected
-                    )
-                all_letters = letters + rejected_letters
-                await kafka_io.publish_dead_letters(
-                    self._require_producer(),
-                    self._dlq_topic,
-                    all_letters,
-                    self.config.db_command_timeout_s,
-                    kafka_io.BARE if self._dlq_bare else self._dlq_limit,
-                )
-                if all_letters:
-                    await db.insert_dead_letters(conn, self.config.group_id, all_letters)
-                for item in queued:
-                    results.append(await _run_in_savepoint(conn, item.work))
-                if queued:  # an aborted transaction would COMMIT as a silent ROLLBACK
-                    await conn.fetchval("SELECT 1")
-                written_at.append(time.monotonic())
-        except (TransientError, FencedError, SchemaError, _RowRejected):
-            raise
-        except Exception as exc:
-            raise db.classify(exc) from exc
-        return written, rejected_letters, results
-
-    def _gather(self, work: Plan) -> tuple[dict[str, list[Row]], list[DeadLetter]]:
-        rows: dict[str, list[Row]] = defaultdict(list)
-        letters: list[DeadLetter] = []
-        for (topic, _), part in work.parts.items():
-            rows[self._decoders[topic].stream.name].extend(part.rows)
-            letters.extend(db.dead_letter(*r) for r in part.rejected)
-        return rows, letters
+    async def _publish_letters(self, letters: list[DeadLetter]) -> None:
+        """Send a batch's dead letters to the DLQ topic and wait for every acknowledgement."""
+        await kafka_io.publish_dead_letters(
+            self._require_producer(),
+            self._dlq_topic,
+            letters,
+            self.config.db_command_timeout_s,
+            kafka_io.BARE if self._dlq_bare else self._dlq_limit,
+        )
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -1013,23 +922,16 @@ class DatabaseAgent:
                     self.ownership.rewound_event((tp.topic, tp.partition) for tp in fetched)
                 )
 
-    def _count(
-        self,
-        work: Plan,
-        rows: dict[str, list[Row]],
-        written: dict[str, tuple[int, int]],
-        letters: list[DeadLetter],
-        seconds: float,
-    ) -> None:
+    def _count(self, work: Plan, written: Written, seconds: float) -> None:
         m = self.metrics
         for (topic, _), part in work.parts.items():
             m.records_consumed.labels(topic, "live").inc(len(part.records))
-        for stream, stream_rows in rows.items():
-            new, rejected = written[stream]
+        for stream, stream_rows in written.rows.items():
+            new, refused = written.new[stream], len(written.refused.get(stream, ()))
             m.rows_ingested.labels(DECODERS[stream].tables.table.name, "live").inc(new)
             topic = self.config.topic(STREAM_BY_NAME[stream].topic)
-            m.duplicates_skipped.labels(topic).inc(len(stream_rows) - new - rejected)
-        for letter in letters:
+            m.duplicates_skipped.labels(topic).inc(len(stream_rows) - new - refused)
+        for letter in written.letters:
             m.dead_lettered.labels(letter.topic, letter.error_class).inc()
         self._count_skipped(work)
         m.batches.inc()
@@ -1060,36 +962,6 @@ class DatabaseAgent:
     def _require_mirror(self) -> _OffsetMirror:
         assert self._mirror is not None, "the agent is not running"
         return self._mirror
-
-
-async def _run_in_savepoint(
-    conn: Connection, work: FencedWork[Any]
-) -> tuple[Any, BaseException | None]:
-    """Run queued work in a savepoint of the ingest transaction: if it fails, only its own
-    statements roll back, even when it caught a database error itself and left the
-    transaction aborted. Only a connection that is gone (or a server that stopped answering)
-    fails the whole batch, which is then retried with the work; any other failure is the
-    work's own, and the same work would fail again."""
-    await conn.execute("SAVEPOINT queued_work")
-    try:
-        result = await work(conn)
-        await conn.execute("RELEASE SAVEPOINT queued_work")
-    except Exception as exc:
-        if _connection_lost(conn, exc):
-            raise classify(exc) from exc
-        await conn.execute("ROLLBACK TO SAVEPOINT queued_work")
-        return None, exc
-    return result, None
-
-
-def _connection_lost(conn: Connection, exc: BaseException) -> bool:
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return (
-        conn.is_closed()
-        or isinstance(exc, (OSError, TimeoutError))
-        or sqlstate[:2] in ("08", "40", "53", "57", "58")
-        or sqlstate in ("25P03", "25P04")  # the server ended an idle or overlong transaction
-    )
 
 
 class _OffsetMirror:
@@ -1124,11 +996,6 @@ class _OffsetMirror:
             await kafka_io.mirror_offsets(self._consumer, moves)
 
 
-class _RowRejected(Exception):
-    """The database rejected a row of a batch written without savepoints: write it again,
-    bisecting to find the row."""
-
-
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, agent: DatabaseAgent) -> None:
         self._agent = agent
@@ -1142,9 +1009,3 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 def _owned(partitions: Iterable[Partition], owned: set[TopicPartition]) -> list[TopicPartition]:
     return [tp for t, p in partitions if (tp := TopicPartition(t, p)) in owned]
-
-
-def _source(work: Plan, topic: str, row: Row) -> FetchedRecord:
-    """The record a row was decoded from."""
-    partition, offset = source_of(row)
-    return work.parts[(topic, partition)].record_at(offset)

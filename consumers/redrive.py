@@ -1,33 +1,21 @@
 """`pipeline dlq`: list, show and redrive dead letters (docs/repair.md).
 
-A redrive decodes each pending dead letter of the group again with today's decoders
-(``pipeline.rows.DECODERS``) and writes those that now pass with the DatabaseAgent's own
-writers (``TableWriter``, through ``write_bisecting`` so the rows the database still rejects
-are found), in chunks of one transaction each. In that transaction:
-
-1. the group's work lock (``db.lock_group_work``): a data rollback to a checkpoint, which
-   deletes rows and dead letters by source offset, runs one at a time with a redrive;
-2. the chunk's pending letters, locked ``FOR UPDATE SKIP LOCKED``: another redrive skips
-   them, and once this one commits they are no longer pending, so no letter is ingested twice;
-3. the rows, carrying the letter's ``src_partition``/``src_offset`` and a reserved batch id;
-4. the letters that landed marked redriven (``redriven_at``, ``redriven_batch_id``); the
-   others keep their row with the new error class and reason. Both count an attempt.
-
-A dry run does all of it in a transaction that is rolled back, so what it reports is what
-the database would do today, and nothing changes.
+A redrive decodes the group's pending dead letters again with today's decoders and writes
+those that now pass through the agent's write path (:class:`consumers.writer.BatchWriter`),
+a chunk of letters per transaction (:class:`_Chunk`); a dry run rolls each one back.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
+from consumers.writer import BatchWriter, Written
 from pipeline import db
 from pipeline.batching import Row
 from pipeline.config import Config
-from pipeline.db import Connection, TableWriter
-from pipeline.errors import DataError, PipelineError, SchemaError
+from pipeline.db import Connection
+from pipeline.errors import ConfigError, DataError, PipelineError, SchemaError, TransientError
 from pipeline.records import STREAM_BY_NAME
 from pipeline.redrive import (
     Filters,
@@ -39,7 +27,7 @@ from pipeline.redrive import (
     stream_of,
     stream_topics,
 )
-from pipeline.rows import DECODERS, RecordRejected
+from pipeline.rows import RecordRejected
 
 #: Letters per redrive transaction: bounds the locks held and the rows in memory.
 CHUNK = 500
@@ -111,18 +99,10 @@ async def show_letter(config: Config, letter_id: int) -> list[str] | None:
 # -- redrive --------------------------------------------------------------------------------
 
 
-@dataclass
-class _Letter:
-    id: int
-    stream: str
-    partition: int
-    offset: int
-
-
 async def replay(config: Config, filters: Filters, *, dry_run: bool) -> Outcome:
     """Redrive the group's pending dead letters that match ``filters``; see the module."""
     outcome = Outcome(dry_run=dry_run)
-    writers = {name: TableWriter(DECODERS[name].tables) for name in DECODERS}
+    writer = BatchWriter(config.group_id, stream_topics(config.topic_prefix))
     conn = await _connect(config)
     try:
         batch_ids = iter(()) if dry_run else iter(await db.reserve_batch_ids(conn))
@@ -134,14 +114,32 @@ async def replay(config: Config, filters: Filters, *, dry_run: bool) -> Outcome:
             if batch_id is None:
                 batch_ids = iter(await db.reserve_batch_ids(conn))
                 batch_id = next(batch_ids)
-            taken, after = await _redrive_chunk(
-                conn, config, filters, writers, outcome, after=after, chunk=chunk,
-                batch_id=batch_id, dry_run=dry_run,
-            )  # fmt: skip
-            if taken < chunk:
+            redrive = _Chunk(config, filters, after=after, size=chunk, batch_id=batch_id)
+            try:
+                await writer.write(
+                    conn,
+                    redrive.read,
+                    # The lock a data rollback takes: it deletes rows and letters by source
+                    # offset, so a redrive and a rollback never interleave.
+                    lock=True,
+                    after=redrive.mark,
+                    savepoints=True,  # letters are suspect: no first attempt without them
+                    commit=not dry_run,
+                )
+            except SchemaError as exc:
+                if exc.stream is None:
+                    raise
+                raise PipelineError(
+                    f"writing the {exc.stream} stream's redriven rows: {exc}"
+                ) from exc
+            redrive.count(outcome)
+            if redrive.taken < chunk:
                 break
+            after = redrive.last
             if left is not None:
-                left -= taken
+                left -= redrive.taken
+    except (TransientError, DataError, SchemaError, ConfigError) as exc:  # a database's
+        raise PipelineError(f"redriving dead letters: {exc}") from exc
     except PipelineError:
         raise
     except Exception as exc:
@@ -154,38 +152,42 @@ async def replay(config: Config, filters: Filters, *, dry_run: bool) -> Outcome:
     return outcome
 
 
-async def _redrive_chunk(
-    conn: Connection,
-    config: Config,
-    filters: Filters,
-    writers: dict[str, TableWriter],
-    outcome: Outcome,
-    *,
-    after: int,
-    chunk: int,
-    batch_id: int,
-    dry_run: bool,
-) -> tuple[int, int]:
-    """One transaction: up to ``chunk`` pending letters with ids above ``after``. Returns how
-    many were taken and the highest id taken."""
-    where, args = _where(config, filters, pending=True)
-    args.append(after)
-    transaction = conn.transaction()  # committed, or rolled back in a dry run
-    await transaction.start()
-    try:
-        await conn.execute(conn.prelude)  # as db.transaction does
-        await db.lock_group_work(conn, config.group_id)
+class _Chunk:
+    """One redrive transaction: up to ``size`` pending letters with ids above ``after``, read
+    and decoded again (:meth:`read`), then marked (:meth:`mark`), as the writer calls them."""
+
+    def __init__(
+        self, config: Config, filters: Filters, *, after: int, size: int, batch_id: int
+    ) -> None:
+        self.config = config
+        self.where, self.args = _where(config, filters, pending=True)
+        self.args.append(after)
+        self.size = size
+        self.batch_id = batch_id
+        self.taken = 0
+        self.last = after  # the highest id taken
+        self.owners: dict[str, list[int]] = {}  # per stream, the letter id of each row
+        self.failed: dict[int, tuple[str, str]] = {}  # letter id -> (error class, reason)
+        self.landed: list[int] = []
+        self.new_rows = 0
+
+    async def read(self, conn: Connection) -> dict[str, list[Row]]:
+        """The chunk's letters, locked: another redrive skips them, and once this one commits
+        they are no longer pending, so no letter is ingested twice. Their rows carry the
+        letter's source partition and offset, and the chunk's batch id."""
         letters = await conn.fetch(
             f"""SELECT id, src_topic, src_partition, src_offset, record_value, record_headers
-                FROM dead_letters WHERE {where} AND id > ${len(args)}
-                ORDER BY id LIMIT {chunk} FOR UPDATE SKIP LOCKED""",
-            *args,
+                FROM dead_letters WHERE {self.where} AND id > ${len(self.args)}
+                ORDER BY id LIMIT {self.size} FOR UPDATE SKIP LOCKED""",
+            *self.args,
         )
+        self.taken = len(letters)
+        self.last = max((r["id"] for r in letters), default=self.last)
         rows: dict[str, list[Row]] = defaultdict(list)
-        owners: dict[str, list[_Letter]] = defaultdict(list)
-        failed: dict[int, tuple[str, str]] = {}
+        self.owners = defaultdict(list)
+        self.failed = {}
         for r in letters:
-            stream = stream_of(r["src_topic"], config.topic_prefix)
+            stream = stream_of(r["src_topic"], self.config.topic_prefix)
             assert stream is not None  # the WHERE clause takes only this prefix's data topics
             try:
                 row = decode_again(
@@ -194,59 +196,52 @@ async def _redrive_chunk(
                     stored_headers(r["record_headers"]),
                     partition=r["src_partition"],
                     offset=r["src_offset"],
-                    batch_id=batch_id,
+                    batch_id=self.batch_id,
                 )
             except RecordRejected as exc:
-                failed[r["id"]] = (exc.error_class, exc.reason)
+                self.failed[r["id"]] = (exc.error_class, exc.reason)
                 continue
             rows[stream].append(row)
-            owners[stream].append(_Letter(r["id"], stream, r["src_partition"], r["src_offset"]))
-        landed: list[int] = []
+            self.owners[stream].append(r["id"])
         # Into the group's own tables only (docs/exactly-once.md, "One group per table").
+        config = self.config
         await db.claim_tables(
             conn,
             config.group_id,
             db.stream_tables({s: config.topic(STREAM_BY_NAME[s].topic) for s in rows}),
         )
-        for stream, stream_rows in rows.items():
-            try:
-                new, rejected = await db.write_bisecting(conn, writers[stream].write, stream_rows)
-            except Exception as exc:
-                error = db.classify(exc)
-                if isinstance(error, (SchemaError, DataError)):
-                    raise PipelineError(
-                        f"writing the {stream} stream's redriven rows: {error}"
-                    ) from exc
-                raise
-            refused = {r.index for r in rejected}
-            for r in rejected:
-                failed[owners[stream][r.index].id] = ("DatabaseRejected", r.reason)
-            landed += [o.id for i, o in enumerate(owners[stream]) if i not in refused]
-            outcome.new_rows += new
+        return rows
+
+    async def mark(self, conn: Connection, written: Written) -> None:
+        """The landed letters redriven; the others with their new error class and reason."""
+        self.landed = []
+        for stream, ids in self.owners.items():
+            refused = {r.index: r for r in written.refused.get(stream, ())}
+            for index, letter_id in enumerate(ids):
+                if index in refused:
+                    self.failed[letter_id] = ("DatabaseRejected", refused[index].reason)
+                else:
+                    self.landed.append(letter_id)
+        self.new_rows = sum(written.new.values())
         await conn.execute(
             """UPDATE dead_letters SET redriven_at = now(), redriven_batch_id = $2,
                    attempts = attempts + 1, last_attempt_at = now()
                WHERE id = ANY($1::bigint[])""",
-            landed,
-            batch_id,
+            self.landed,
+            self.batch_id,
         )
         await conn.execute(
             """UPDATE dead_letters AS d SET error_class = f.error_class, reason = f.reason,
                    attempts = attempts + 1, last_attempt_at = now()
                FROM unnest($1::bigint[], $2::text[], $3::text[]) AS f(id, error_class, reason)
                WHERE d.id = f.id""",
-            list(failed),
-            [c for c, _ in failed.values()],
-            [reason for _, reason in failed.values()],
+            list(self.failed),
+            [c for c, _ in self.failed.values()],
+            [reason for _, reason in self.failed.values()],
         )
-    except BaseException:
-        await transaction.rollback()
-        raise
-    if dry_run:
-        await transaction.rollback()
-    else:
-        await transaction.commit()
-    outcome.redriven += len(landed)
-    for error_class, reason in failed.values():
-        outcome.fail(error_class, reason)
-    return len(letters), max((r["id"] for r in letters), default=after)
+
+    def count(self, outcome: Outcome) -> None:
+        outcome.redriven += len(self.landed)
+        outcome.new_rows += self.new_rows
+        for error_class, reason in self.failed.values():
+            outcome.fail(error_class, reason)

@@ -1,23 +1,13 @@
 """``pipeline replay``: read a range of streams' partitions again and write it exactly once,
 beside live ingestion (docs/replay.md).
 
-The replay has its own consumer, in assign mode (no consumer group), and the agent's own
-decoders (``pipeline.rows.DECODERS``) and writers (``TableWriter``, ``write_bisecting``, dead
-letters). Its progress is a row per partition in ``replay_partitions``, moved by
-compare-and-set in the same transaction as the rows it covers: killed at any point, the
-replay resumes (``--resume ID``) where its last transaction committed. The pure part
-(parsing, ranges, progress, pace) is :mod:`pipeline.replay`.
-
-One transaction writes one partition's records ``[expected, new)``:
-
-1. take the partition's replay lock (two replays of one range take turns);
-2. compare-and-set ``replay_partitions.next_offset`` from ``expected`` to ``new``;
-3. check, under a share lock, that the live group's stored offset is still at or past
-   ``new`` (a data rollback that moved it back would hand the range to live ingestion);
-4. append-only tables: delete the rows of the source range, by (src_partition,
-   src_offset); then write the rows with the agent's writers (keyed tables keep their
-   ``ON CONFLICT`` and version guard);
-5. record the dead letters under the live group (``ON CONFLICT DO NOTHING``).
+The replay has its own consumer, in assign mode (no consumer group), the agent's decoders
+(``pipeline.rows.DECODERS``) and its write path (:class:`consumers.writer.BatchWriter`). Its
+progress is a row per partition in ``replay_partitions``, moved by compare-and-set in the
+same transaction as the rows it covers, before which the range's rows are deleted
+(:meth:`_Run._replace`): killed at any point, the replay resumes (``--resume ID``) where its
+last transaction committed. The pure part (parsing, ranges, progress, pace) is
+:mod:`pipeline.replay`.
 """
 
 from __future__ import annotations
@@ -25,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +23,13 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
+from consumers.writer import BatchWriter, Written
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
-from pipeline.batching import FetchedRecord, Row
+from pipeline.batching import FetchedRecord, Part
 from pipeline.config import Config
-from pipeline.db import Connection, DeadLetter, TableWriter
-from pipeline.errors import DataError, FencedError, PipelineError, TransientError
+from pipeline.db import Connection
+from pipeline.errors import FencedError, TransientError
 from pipeline.metrics import Metrics
 from pipeline.records import STREAM_BY_NAME
 from pipeline.replay import (
@@ -52,7 +43,8 @@ from pipeline.replay import (
     resolve,
     select_partitions,
 )
-from pipeline.rows import DECODERS, source_of
+from pipeline.retry import retrying
+from pipeline.rows import DECODERS
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +93,8 @@ class Replayer:
         self.batch_records = batch_records or config.batch_max_records
         self.rate = rate
         self.report = report
-        self._writers = {name: TableWriter(DECODERS[name].tables) for name in STREAM_BY_NAME}
         self._stream_of = {config.topic(s.topic): s.name for s in STREAM_BY_NAME.values()}
+        self._writer = BatchWriter(config.group_id, self._stream_of)
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -390,48 +382,34 @@ class _Run:
             return
         stream = self.r._stream_of[topic]
         batch_id = await self._batch_id()
-        rows, rejected = DECODERS[stream].rows(records, partition, batch_id)
-        letters = [db.dead_letter(r.record, r.error_class, r.reason) for r in rejected]
-        attempt = 0
-        while True:
+        part = Part(records, *DECODERS[stream].rows(records, partition, batch_id))
+
+        async def write() -> Written:
+            if self.conn.is_closed():
+                self.conn = await self.r._connect()
             try:
-                try:
-                    new_rows, refused = await self._commit(
-                        key,
-                        stream=stream,
-                        expected=expected,
-                        new=new,
-                        records=records,
-                        rows=rows,
-                        letters=letters,
-                        bisect=False,
-                    )
-                except _RowRejected:
-                    new_rows, refused = await self._commit(
-                        key,
-                        stream=stream,
-                        expected=expected,
-                        new=new,
-                        records=records,
-                        rows=rows,
-                        letters=letters,
-                        bisect=True,
-                    )
-                break
-            except TransientError as exc:
-                delay = min(0.1 * 2**attempt, self.r.config.retry_max_backoff_s)
-                log.warning("replay %d: %s; retrying in %.1fs", self.replay_id, exc, delay)
-                self.r.metrics.retries.labels(exc.source).inc()
-                await asyncio.sleep(delay)
-                attempt += 1
-                if self.conn.is_closed():
-                    self.conn = await self.r._connect()
+                return await self.r._writer.write(
+                    self.conn, {key: part}, before=self._replace(key, stream, expected, new)
+                )
+            except FencedError as exc:
+                raise ReplayError(str(exc)) from None
+
+        written = await retrying(
+            None,
+            write,
+            max_backoff_s=self.r.config.retry_max_backoff_s,
+            sleep=asyncio.sleep,
+            stopping=lambda: False,
+            on_retry=self._note_retry,
+        )
+        assert written is not None
         self.next[key] = new
         count = len(records)
+        new_rows = written.new.get(stream, 0)
         self.done += new - expected
         self.records += count
         self.rows += new_rows
-        self.dead_letters += len(letters) + refused
+        self.dead_letters += len(written.letters)
         m = self.r.metrics
         m.records_consumed.labels(topic, "replay").inc(count)
         m.rows_ingested.labels(DECODERS[stream].tables.table.name, "replay").inc(new_rows)
@@ -440,109 +418,73 @@ class _Run:
         if wait:
             await asyncio.sleep(wait)
 
-    async def _commit(
-        self,
-        key: tuple[str, int],
-        *,
-        stream: str,
-        expected: int,
-        new: int,
-        records: list[FetchedRecord],
-        rows: list[Row],
-        letters: list[DeadLetter],
-        bisect: bool,
-    ) -> tuple[int, int]:
+    def _note_retry(self, error: TransientError, delay: float) -> None:
+        log.warning("replay %d: %s; retrying in %.1fs", self.replay_id, error, delay)
+        self.r.metrics.retries.labels(error.source).inc()
+
+    def _replace(
+        self, key: tuple[str, int], stream: str, expected: int, new: int
+    ) -> Callable[[Connection], Awaitable[None]]:
+        """What the batch's transaction runs before its rows: the replay's own compare-and-set
+        of ``[expected, new)``, the check that live ingestion is still past it, and the
+        range's rows deleted."""
         topic, partition = key
-        conn = self.conn
-        writer = self.r._writers[stream]
         group = self.r.config.group_id
-        try:
-            async with db.transaction(conn):
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                    _REPLAY_LOCK,
-                    f"{topic}/{partition}",
+
+        async def replace(conn: Connection) -> None:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                _REPLAY_LOCK,
+                f"{topic}/{partition}",
+            )
+            moved = await conn.execute(
+                """UPDATE replay_partitions SET next_offset = $5
+                   WHERE replay_id = $1 AND topic = $2 AND partition = $3
+                     AND next_offset = $4""",
+                self.replay_id,
+                topic,
+                partition,
+                expected,
+                new,
+            )
+            if db.row_count(moved) != 1:
+                raise FencedError(
+                    f"replay {self.replay_id}: {topic}[{partition}] moved on: is another "
+                    "process running this replay?"
                 )
-                moved = await conn.execute(
-                    """UPDATE replay_partitions SET next_offset = $5
-                       WHERE replay_id = $1 AND topic = $2 AND partition = $3
-                         AND next_offset = $4""",
-                    self.replay_id,
-                    topic,
-                    partition,
-                    expected,
-                    new,
+            live = await conn.fetchval(
+                """SELECT next_offset FROM ingest_offsets
+                   WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR SHARE""",
+                group,
+                topic,
+                partition,
+            )
+            if live is not None and live < new:
+                raise ReplayError(
+                    f"replay {self.replay_id}: {topic}[{partition}]: the live group's stored "
+                    f"offset went back to {live}, below the replay's {new} (a rollback?): "
+                    "that range is live ingestion's now; the replay stops"
                 )
-                if moved != "UPDATE 1":
-                    raise FencedError(
-                        f"replay {self.replay_id}: {topic}[{partition}] moved on: is another "
-                        "process running this replay?"
-                    )
-                live = await conn.fetchval(
-                    """SELECT next_offset FROM ingest_offsets
-                       WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR SHARE""",
-                    group,
-                    topic,
-                    partition,
-                )
-                if live is not None and live < new:
-                    raise ReplayError(
-                        f"replay {self.replay_id}: {topic}[{partition}]: the live group's stored "
-                        f"offset went back to {live}, below the replay's {new} (a rollback?): "
-                        "that range is live ingestion's now; the replay stops"
-                    )
-                # The range's rows are replaced in every table with a row per record; the
-                # "latest" tables follow their history under the version guard. Only in the
-                # group's own tables: another group's rows share partitions and offsets.
-                await db.claim_tables(conn, group, self.r._tables([stream]))
-                per_record = writer.tables.history or writer.tables.table
-                await conn.execute(
-                    f"DELETE FROM {per_record.name} WHERE src_partition = $1 "
-                    "AND src_offset >= $2 AND src_offset < $3",
-                    partition,
-                    expected,
-                    new,
-                )
-                refused: list[DeadLetter] = []
-                if not rows:
-                    new_rows = 0
-                elif bisect:
-                    new_rows, rejected = await db.write_bisecting(conn, writer.write, rows)
-                    by_offset = {r.offset: r for r in records}
-                    refused = [
-                        db.dead_letter(
-                            by_offset[source_of(rows[r.index])[1]], "DatabaseRejected", r.reason
-                        )
-                        for r in rejected
-                    ]
-                else:
-                    try:
-                        new_rows = await writer.write(conn, rows)
-                    except Exception as exc:
-                        error = db.classify(exc)
-                        if isinstance(error, DataError):
-                            raise _RowRejected(str(error)) from exc
-                        raise error from exc
-                if letters or refused:
-                    await db.insert_dead_letters(conn, group, letters + refused)
-        except (_RowRejected, ReplayError):
-            raise
-        except FencedError as exc:
-            raise ReplayError(str(exc)) from None
-        except PipelineError:
-            raise
-        except Exception as exc:
-            raise db.classify(exc) from exc
-        return new_rows, len(refused)
+            # The range's rows are replaced in every table with a row per record; the
+            # "latest" tables follow their history under the version guard. Only in the
+            # group's own tables: another group's rows share partitions and offsets.
+            await db.claim_tables(conn, group, self.r._tables([stream]))
+            tables = DECODERS[stream].tables
+            per_record = tables.history or tables.table
+            await conn.execute(
+                f"DELETE FROM {per_record.name} WHERE src_partition = $1 "
+                "AND src_offset >= $2 AND src_offset < $3",
+                partition,
+                expected,
+                new,
+            )
+
+        return replace
 
     async def _batch_id(self) -> int:
         if not self._batch_ids:
             self._batch_ids = list(await db.reserve_batch_ids(self.conn))
         return self._batch_ids.pop(0)
-
-
-class _RowRejected(Exception):
-    """The database refused a row of a batch written without savepoints: bisect."""
 
 
 async def list_replays(conn: Connection) -> list[dict[str, Any]]:

@@ -340,7 +340,7 @@ async def roll_back_data(
         [p for _, p, _ in triples],
         [o for _, _, o in triples],
     )
-    return RolledBack(deleted, _count(letters), tuple(moved))
+    return RolledBack(deleted, db.row_count(letters), tuple(moved))
 
 
 async def _delete_after(
@@ -356,7 +356,7 @@ async def _delete_after(
             list(partitions),
             list(offsets),
         )
-        return {tables.table.name: _count(status)}
+        return {tables.table.name: db.row_count(status)}
     key = tables.key[0]  # the latest tables have a one-column key
     history, latest = tables.history.name, tables.table.name
     keys = await conn.fetch(
@@ -375,10 +375,6 @@ async def _delete_after(
         lost,
     )
     return {history: sum(r["n"] for r in keys)}
-
-
-def _count(status: str) -> int:
-    return int(status.rsplit(" ", 1)[1])
 
 
 async def control_log(conn: Connection, group: str, limit: int) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""Everything that talks to PostgreSQL: connections, migrations, writers, offsets.
+"""Everything that talks to PostgreSQL: connections, migrations, table writers, offsets.
 
-The pieces of the exactly-once protocol (docs/exactly-once.md): the offset compare-and-set,
-the writers and the dead letters, which the DatabaseAgent commits in one transaction.
+The statements of the exactly-once protocol (docs/exactly-once.md): the offsets'
+compare-and-set, the table writers and the dead letters, which consumers/writer.py runs in
+one transaction.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import hashlib
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,11 +112,24 @@ async def connect(url: str, session: Session) -> Connection:
 
 
 @contextlib.asynccontextmanager
-async def transaction(conn: Connection) -> AsyncIterator[None]:
-    """A transaction that begins with the connection's session settings (``SET LOCAL``)."""
-    async with conn.transaction():
-        await conn.execute(conn.prelude)
-        yield
+async def transaction(conn: asyncpg.Connection, *, commit: bool = True) -> AsyncIterator[None]:
+    """A transaction that begins with the connection's session settings (``SET LOCAL``; a
+    connection not made by :func:`connect` has none), or a savepoint inside one. It commits
+    when its block ends, or with ``commit=False`` (a dry run) rolls back."""
+    try:
+        async with conn.transaction():
+            prelude = getattr(conn, "prelude", "")
+            if prelude:
+                await conn.execute(prelude)
+            yield
+            if not commit:
+                raise _RollBack
+    except _RollBack:
+        pass
+
+
+class _RollBack(Exception):
+    """Ends a dry run's transaction: asyncpg rolls back a block that raises."""
 
 
 def _missing_file(url: str) -> str | None:
@@ -144,8 +158,8 @@ _PG_INFINITY = 2**63 - 1  # timestamptz 'infinity' on the wire; -infinity is its
 
 def _encode_timestamptz(value: datetime) -> tuple[int]:
     """An aware datetime as PostgreSQL's binary timestamptz: microseconds since 2000-01-01
-    UTC. asyncpg's own encoder compares with its infinities, converts to UTC and subtracts,
-    about 0.6 µs a value, a fifth of a metrics row's cost in the agent; this takes half."""
+    UTC. Every row carries one, so only the subtraction: asyncpg's own encoder also compares
+    with its infinities and converts to UTC first, which an aware datetime does not need."""
     return ((value - _PG_EPOCH) // _MICROSECOND,)
 
 
@@ -252,7 +266,7 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
     """
     step = "reading schema_migrations"
     try:
-        async with conn.transaction():
+        async with transaction(conn):
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create.
             if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
@@ -384,8 +398,9 @@ async def advance_offsets(
         [m[2] for m in moves],
         [m[3] for m in moves],
     )
-    if _count(status) != len(moves):
-        raise FencedError(f"{len(moves) - _count(status)} of {len(moves)} partitions moved on")
+    moved = row_count(status)
+    if moved != len(moves):
+        raise FencedError(f"{len(moves) - moved} of {len(moves)} partitions moved on")
 
 
 async def lock_group_work(conn: Connection, group: str) -> None:
@@ -471,7 +486,7 @@ async def claim_tables(conn: asyncpg.Connection, group: str, tables: Mapping[str
     if not tables:
         return
     names = sorted(tables)
-    async with conn.transaction():
+    async with transaction(conn):
         await conn.execute(
             """INSERT INTO table_owners (table_name, group_id, topic)
                SELECT t, $1, p FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(t, p, n)
@@ -587,61 +602,6 @@ def _upsert_statement(tables: StreamTables, stage: str) -> str:
     )
 
 
-@dataclass
-class Rejected:
-    index: int
-    sqlstate: str
-    reason: str
-
-
-async def write_bisecting(
-    conn: Connection,
-    write: Callable[[Connection, Sequence[Row]], Awaitable[int]],
-    rows: Sequence[Row],
-) -> tuple[int, list[Rejected]]:
-    """Write ``rows``; when the database rejects some, find them by bisection.
-
-    Each attempt runs in a savepoint, so a rejected half rolls back alone and the good rows
-    of the batch stay written. A batch with k bad rows among n costs about k·log2(n)
-    attempts, never one attempt per row. Returns (new rows, rejected rows by index).
-    """
-    rejected: list[Rejected] = []
-    new = await _write_range(
-        conn, write=write, rows=rows, start=0, stop=len(rows), rejected=rejected
-    )
-    return new, rejected
-
-
-async def _write_range(
-    conn: Connection,
-    *,
-    write: Callable[[Connection, Sequence[Row]], Awaitable[int]],
-    rows: Sequence[Row],
-    start: int,
-    stop: int,
-    rejected: list[Rejected],
-) -> int:
-    if start >= stop:
-        return 0
-    try:
-        async with conn.transaction():  # a savepoint inside the batch transaction
-            return await write(conn, rows[start:stop])
-    except Exception as exc:
-        error = classify(exc)
-        if not isinstance(error, DataError):
-            raise error from exc
-        if stop - start == 1:
-            rejected.append(Rejected(start, error.sqlstate, str(error)))
-            return 0
-    middle = (start + stop) // 2
-    first = await _write_range(
-        conn, write=write, rows=rows, start=start, stop=middle, rejected=rejected
-    )
-    return first + await _write_range(
-        conn, write=write, rows=rows, start=middle, stop=stop, rejected=rejected
-    )
-
-
 # -- dead letters ---------------------------------------------------------------------------
 
 
@@ -713,6 +673,6 @@ def _without_nul(text: str) -> str:
     return text.replace("\x00", "\\x00")
 
 
-def _count(status: str) -> int:
+def row_count(status: str) -> int:
     """The row count of a command status such as ``INSERT 0 42`` or ``UPDATE 3``."""
     return int(status.rsplit(" ", 1)[1])

@@ -1,10 +1,11 @@
-"""One retry policy for everything the DatabaseAgent asks of Kafka and PostgreSQL.
+"""One retry policy for what the DatabaseAgent and the replay ask of Kafka and PostgreSQL.
 
 Positioning partitions, reserving batch ids and writing batches meet the same failures and
 treat them the same way: an error is first mapped to ours, once, by :func:`classify`; a
 :class:`TransientError` (a server restarting, a connection lost, a timeout) is retried with
-exponential backoff; anything else cannot be fixed by retrying and ends the agent with a
-:class:`FatalError` that says what it was doing (a permission error is not retried forever).
+exponential backoff (:func:`pipeline.batching.backoff`); anything else cannot be fixed by
+retrying, and in the agent ends it with a :class:`FatalError` that says what it was doing (a
+permission error is not retried forever).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def classify(exc: BaseException) -> BaseException:
 
 
 async def retrying(
-    what: str,
+    what: str | None,
     call: Callable[[], Awaitable[T]],
     *,
     max_backoff_s: float,
@@ -44,7 +45,7 @@ async def retrying(
 
     Transient failures wait ``sleep(delay)`` (the agent's sleep keeps it in its group) and
     try again, each reported to ``on_retry(error, delay)``; any other failure raises a
-    :class:`FatalError` naming ``what``.
+    :class:`FatalError` naming ``what``, or without ``what`` the failure itself, classified.
     """
     attempt = 0
     while not stopping():
@@ -53,7 +54,11 @@ async def retrying(
         except Exception as exc:
             error = classify(exc)
             if not isinstance(error, TransientError):
-                raise fatal(what, error) from exc
+                if what is not None:
+                    raise fatal(what, error) from exc
+                if error is exc:
+                    raise
+                raise error from exc
             delay = backoff(attempt, max_backoff_s)
             on_retry(error, delay)
             await sleep(delay)

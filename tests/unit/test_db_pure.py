@@ -15,7 +15,6 @@ from pipeline import db
 from pipeline.db import (
     SQL_DIR,
     ClientDataError,
-    _count,
     _decode_jsonb,
     _decode_timestamptz,
     _encode_jsonb,
@@ -23,6 +22,7 @@ from pipeline.db import (
     _upsert_statement,
     classify,
     read_migrations,
+    row_count,
 )
 from pipeline.errors import ConfigError, DataError, FencedError, SchemaError, TransientError
 from pipeline.rows import TABLES
@@ -338,7 +338,7 @@ def test_two_migrations_with_one_number_raise(tmp_path: Path) -> None:
     ],
 )
 def test_count_reads_the_command_status(status: str, count: int) -> None:
-    assert _count(status) == count
+    assert row_count(status) == count
 
 
 @pytest.mark.parametrize(

@@ -202,3 +202,77 @@ def test_every_kafka_client_comes_from_the_factory() -> None:
     }
     assert {path: calls for path, calls in built.items() if calls} == {}
     assert len(kafka_clients_built(FACTORY)) == len(KAFKA_CLIENTS)
+
+
+# -- one write path ---------------------------------------------------------------------------
+#
+# Every batch written to the data tables (the agent's, the replay's, the redrive's) goes
+# through consumers/writer.py: the offsets' compare-and-set, the writes, the bisection of
+# refused rows in savepoints, the dead letters. The table writer's COPY is pipeline/db.py's
+# (TableWriter.write), and a transaction is opened by db.transaction, never by hand.
+
+WRITER = ROOT / "consumers" / "writer.py"
+DB = ROOT / "pipeline" / "db.py"
+# Who may call what: the steps of a batch's transaction, and asyncpg's hand-made transactions.
+ONLY_IN = {
+    "advance_offsets": {(WRITER, None)},
+    "insert_dead_letters": {(WRITER, None)},
+    "write_bisecting": {(WRITER, None)},
+    "copy_records_to_table": {(DB, "write")},
+    # A table writer is the writer's, and `pipeline bench`'s for its raw COPY limit.
+    "TableWriter": {(WRITER, None), (ROOT / "consumers" / "bench.py", None)},
+    # conn.transaction() with no argument: only the helper, and the bisection's savepoints.
+    "transaction()": {(DB, "transaction"), (WRITER, "_write_range")},
+}
+
+
+def write_path_breaches(path: Path, *, as_if: Path | None = None) -> list[str]:
+    """``what:line`` of every step of the write path that ``path`` (judged as the module
+    ``as_if``) takes and only its owner may: a call in ``ONLY_IN`` outside its (module,
+    function), a SAVEPOINT statement, or an exception class of refused rows (``_RowRejected``)
+    outside the writer."""
+    judged = as_if or path
+    found = []
+
+    def visit(node: ast.AST, function: str | None) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name == "transaction":  # db.transaction(conn) is the helper itself
+                name = None if node.args or node.keywords else "transaction()"
+            allowed = ONLY_IN.get(name or "")
+            if allowed is not None and not allowed & {(judged, None), (judged, function)}:
+                found.append(f"{name}:{node.lineno}")
+        elif judged != WRITER:
+            # The statement (upper case), not the word in a docstring.
+            if isinstance(node, ast.Constant) and "SAVEPOINT" in str(node.value):
+                found.append(f"SAVEPOINT:{node.lineno}")
+            if isinstance(node, ast.ClassDef) and "Row" in node.name and "Rejected" in node.name:
+                found.append(f"class {node.name}:{node.lineno}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(path.read_text(), filename=str(path)), None)
+    return found
+
+
+def test_every_batch_is_written_through_the_one_write_path() -> None:
+    breaches = {
+        str(path.relative_to(ROOT)): write_path_breaches(path)
+        for package in ("pipeline", "producers", "consumers")
+        for path in modules(package)
+    }
+    assert {path: found for path, found in breaches.items() if found} == {}
+    # The rule names steps the writer does take, not stale ones: anywhere else, they breach.
+    taken = write_path_breaches(WRITER, as_if=ROOT / "consumers" / "elsewhere.py")
+    assert {b.split(":")[0] for b in taken} == {
+        "advance_offsets",
+        "insert_dead_letters",
+        "TableWriter",
+        "write_bisecting",
+        "transaction()",
+        "SAVEPOINT",
+        "class _RowRejected",
+    }

@@ -1,5 +1,6 @@
 """pipeline.replay: parsing the range, resolving it against the log and live ingestion,
-progress and pace. Table-driven; no servers."""
+progress and pace; and the retry policy the replay shares with the agent (pipeline.retry).
+Table-driven; no servers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from pipeline.errors import FatalError, SchemaError, TransientError
 from pipeline.replay import (
     AtOffset,
     AtTime,
@@ -24,6 +26,7 @@ from pipeline.replay import (
     resolve,
     select_partitions,
 )
+from pipeline.retry import retrying
 
 T = "agents.metrics"
 
@@ -222,3 +225,69 @@ def test_progress(
 )
 def test_pace(done: int, rate: float | None, elapsed: float, wait: float) -> None:
     assert pace(done, rate, elapsed) == pytest.approx(wait)
+
+
+# -- retries: the one policy of pipeline/retry.py ---------------------------------------------
+
+
+async def test_a_replay_batch_is_retried_with_the_policys_backoff_and_its_own_errors_pass() -> None:
+    """The replay retries through ``retry.retrying`` without a ``what``: transient failures
+    wait 0.1 s, 0.2 s ... up to the cap; a failure retrying cannot fix (the replay's own
+    ``ReplayError``, a fence) is raised as it is, not wrapped as the agent's fatal error."""
+    slept: list[float] = []
+    noted: list[tuple[str, float]] = []
+    failures: list[BaseException] = [
+        TransientError("connection lost"),
+        TransientError("connection lost"),
+        TransientError("dlq away", source="kafka"),
+        ReplayError("replay 7: agents.metrics[0] moved on"),
+    ]
+
+    async def call() -> int:
+        raise failures.pop(0)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    with pytest.raises(ReplayError) as stopped:
+        await retrying(
+            None,
+            call,
+            max_backoff_s=0.3,
+            sleep=sleep,
+            stopping=lambda: False,
+            on_retry=lambda error, delay: noted.append((error.source, delay)),
+        )
+    assert str(stopped.value) == "replay 7: agents.metrics[0] moved on"
+    assert slept == [0.1, 0.2, 0.3]
+    assert noted == [("postgres", 0.1), ("postgres", 0.2), ("kafka", 0.3)]
+
+
+async def test_a_driver_error_retrying_cannot_fix_is_raised_classified() -> None:
+    class Refused(Exception):
+        sqlstate = "42501"  # insufficient privilege
+
+    async def call() -> None:
+        raise Refused("permission denied for table replay_partitions")
+
+    async def sleep(seconds: float) -> None:
+        raise AssertionError("not retried")
+
+    with pytest.raises(SchemaError, match="42501 permission denied") as refused:
+        await retrying(
+            None, call, max_backoff_s=1, sleep=sleep, stopping=lambda: False, on_retry=print
+        )
+    assert isinstance(refused.value.__cause__, Refused)
+    with pytest.raises(FatalError) as fatal:
+        await retrying(
+            "writing a batch",
+            call,
+            max_backoff_s=1,
+            sleep=sleep,
+            stopping=lambda: False,
+            on_retry=print,
+        )
+    assert str(fatal.value) == (
+        "writing a batch failed, and retrying cannot fix it: "
+        "42501 permission denied for table replay_partitions"
+    )
