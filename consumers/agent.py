@@ -28,30 +28,15 @@ from typing import Any, Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumers.dlq import DeadLetterOutlet
-from consumers.lag_watch import LagWatch
+from consumers.lag_watch import LagWatch, probe_for
 from consumers.membership import OffsetMirror, Rebalance, claim_tables
 from pipeline import db
 from pipeline import kafka as kafka_io
-from pipeline.batching import (
-    Batch,
-    FetchedRecord,
-    Limits,
-    Partition,
-    Plan,
-    Row,
-    backoff,
-    plan,
-)
+from pipeline.batching import Batch, FetchedRecord, Limits, Partition, Plan, Row, backoff, plan
 from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.control import AgentState
 from pipeline.db import Connection, DeadLetter, TableWriter
-from pipeline.errors import (
-    DataError,
-    FencedError,
-    PipelineError,
-    SchemaError,
-    TransientError,
-)
+from pipeline.errors import DataError, FencedError, PipelineError, SchemaError, TransientError
 from pipeline.latency import LatencyCount
 from pipeline.metrics import Metrics
 from pipeline.ownership import Actions, Ownership
@@ -118,8 +103,8 @@ class DatabaseAgent:
         self.ownership = Ownership(topics)
         self._filling = Batch()  # the next batch: Actions.forget trims it
         # Its records' Kafka timestamps per partition, in the same order as its parts'
-        # records: taken as they are fetched, while they are in the CPU's cache (at commit
-        # they are not, and reading them again cost twice as much).
+        # records, for the latency count: taken as they are fetched, while the records are in
+        # the CPU's cache, rather than read again at commit.
         self._filling_stamps: dict[Partition, list[int]] = {}
         self._stopping = asyncio.Event()
         # Set while no ingest transaction is open: deactivate() waits for it, so that once it
@@ -288,7 +273,8 @@ class DatabaseAgent:
             self._consumer = kafka_io.make_consumer(config, rebalance)
             self._mirror = OffsetMirror(self._consumer)
             await self._consumer.start()
-            self._lag.start(self._consumer, config.kafka, config.lag_refresh_s)
+            probe = probe_for(config.kafka, config.lag_refresh_s)
+            self._lag.start(self._consumer, probe, config.lag_refresh_s)
             self._task = asyncio.ensure_future(self._ingest_until_stopped())
             await self._task
         except asyncio.CancelledError:

@@ -23,6 +23,11 @@ from pipeline.ownership import Ownership
 log = logging.getLogger(__name__)
 
 
+def probe_for(kafka: KafkaSettings, interval_s: float) -> LagProbe:
+    """A probe whose lookups give up well before the next refresh is due."""
+    return LagProbe(kafka, timeout_s=max(min(interval_s * 2, 10.0), 1.0))
+
+
 class LagWatch:
     """``start()`` once the agent's consumer runs, ``stop()`` when the agent closes.
 
@@ -47,10 +52,12 @@ class LagWatch:
         self._probe: LagProbe | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, consumer: AIOKafkaConsumer, kafka: KafkaSettings, interval_s: float) -> None:
+    def start(self, consumer: AIOKafkaConsumer, probe: LagProbe, interval_s: float) -> None:
+        """Refresh every ``interval_s`` through ``probe`` (:func:`probe_for`), which
+        :meth:`stop` stops."""
         self._consumer = consumer
-        self._probe = LagProbe(kafka, timeout_s=max(min(interval_s * 2, 10.0), 1.0))
-        self._task = asyncio.ensure_future(self._watch(self._probe, interval_s))
+        self._probe = probe
+        self._task = asyncio.ensure_future(self._watch(probe, interval_s))
 
     async def stop(self, deadline: float) -> None:
         if self._task is not None:
@@ -102,7 +109,7 @@ class LagWatch:
         failing = ""
         while True:
             try:
-                await self._refresh(probe)
+                await self.refresh(probe)
                 failing = ""
             except Exception as exc:  # measuring must never stop ingesting
                 if repr(exc) != failing:
@@ -111,7 +118,7 @@ class LagWatch:
             self._after_each()
             await asyncio.sleep(interval_s)
 
-    async def _refresh(self, probe: LagProbe) -> None:
+    async def refresh(self, probe: LagProbe) -> None:
         """Ask Kafka for the end offsets of the owned partitions and the timestamps of the
         oldest unwritten records the agent does not hold, then set every gauge."""
         own = self._ownership
