@@ -124,9 +124,7 @@ def test_without_a_timestamp_the_last_seconds_stand_and_records_move_on() -> Non
     assert book.measure(M0, 100, 130, NOW, None) == PartitionLag(100, 130, 30, None)
     book.measure(M0, 100, 130, NOW, int((NOW - 7) * 1000))
     # Committed up to 120; the record at 120 is neither in hand nor looked up yet.
-    assert book.measure(M0, 120, 140, NOW, None) == PartitionLag(
-        120, 140, 20, pytest.approx(7.0)
-    )
+    assert book.measure(M0, 120, 140, NOW, None) == PartitionLag(120, 140, 20, pytest.approx(7.0))
     assert book.measure(M0, 140, 140, NOW, None) == PartitionLag(140, 140, 0, 0.0)
 
 
