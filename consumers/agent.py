@@ -1,17 +1,9 @@
 """The DatabaseAgent: a consumer-group member that lands the five data streams in PostgreSQL
-exactly once, with COPY. docs/exactly-once.md explains the protocol; docs/architecture.md
-where this module sits.
-
-The one invariant everything here keeps: the consumer's fetch position of a partition is
-never ahead of the database's stored offset except by records that are in the batch being
-written or in the next batch, which is fetched and decoded while the one before it is
-written. Whenever fetched records are dropped unwritten (a fenced batch, a revoked
-partition, a deactivated stream, a retry), the partition is sought back to the stored
-offset, and the next batch forgets what it holds of that partition.
-
-Who may fetch and write what is decided by one object, :class:`pipeline.ownership.Ownership`:
-the fetch loop, the write task and the rebalance callbacks report events to it and carry out
-the actions it returns; none of them keeps partition state of its own.
+exactly once, with COPY. docs/exactly-once.md states the invariant every method here keeps (a
+partition's fetch position is never ahead of its stored offset except by the records of the
+batch being written and of the next one) and the protocol; docs/architecture.md, "The actors",
+how the fetch loop, the write task and the rebalance callbacks share one
+:class:`pipeline.ownership.Ownership`, and which collaborator does what.
 """
 
 from __future__ import annotations
