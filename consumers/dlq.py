@@ -1,6 +1,7 @@
 """The DatabaseAgent's way to the dead-letter topic: its producer, the topic's size limit, and
 what the agent does when the topic refuses a letter as too large. The letters' shape is
-:mod:`pipeline.kafka`'s (``dlq_record``); docs/exactly-once.md says where dead letters go.
+:mod:`pipeline.kafka`'s (``dlq_record``); docs/architecture.md, "The wire contract", says how
+each letter is sized and what a refused one does.
 """
 
 from __future__ import annotations
