@@ -1,17 +1,9 @@
 """The DatabaseAgent: a consumer-group member that lands the five data streams in PostgreSQL
-exactly once, with COPY. docs/exactly-once.md explains the protocol; docs/architecture.md
-where this module sits.
-
-The one invariant everything here keeps: the consumer's fetch position of a partition is
-never ahead of the database's stored offset except by records that are in the batch being
-written or in the next batch, which is fetched and decoded while the one before it is
-written. Whenever fetched records are dropped unwritten (a fenced batch, a revoked
-partition, a deactivated stream, a retry), the partition is sought back to the stored
-offset, and the next batch forgets what it holds of that partition.
-
-Who may fetch and write what is decided by one object, :class:`pipeline.ownership.Ownership`:
-the fetch loop, the write task and the rebalance callbacks report events to it and carry out
-the actions it returns; none of them keeps partition state of its own.
+exactly once, with COPY. docs/exactly-once.md states the invariant every method here keeps (a
+partition's fetch position is never ahead of its stored offset except by the records of the
+batch being written and of the next one) and the protocol; docs/architecture.md, "The actors",
+how the fetch loop, the write task and the rebalance callbacks share one
+:class:`pipeline.ownership.Ownership`, and which collaborator does what.
 """
 
 from __future__ import annotations
@@ -20,41 +12,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumers.dlq import DeadLetterOutlet
+from consumers.lag_watch import LagWatch, probe_for
+from consumers.membership import OffsetMirror, Rebalance, claim_tables
 from consumers.writer import BatchWriter, Written
 from pipeline import db
 from pipeline import kafka as kafka_io
-from pipeline.batching import (
-    Batch,
-    Limits,
-    OffsetMove,
-    Partition,
-    Plan,
-    backoff,
-    plan,
-)
+from pipeline.batching import Batch, Limits, Partition, Plan, backoff, plan
 from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.control import AgentState
 from pipeline.db import Connection, DeadLetter
-from pipeline.errors import (
-    ConfigError,
-    FencedError,
-    PipelineError,
-    SchemaError,
-    TransientError,
-)
-from pipeline.lag import OldestRecords, PartitionLag, partition_lag, timestamp_in_hand
-from pipeline.lag_probe import LagProbe
+from pipeline.errors import FencedError, PipelineError, SchemaError, TransientError
+from pipeline.latency import LatencyCount
 from pipeline.metrics import Metrics
-from pipeline.ownership import Actions, Ownership, StreamState
-from pipeline.readiness import STARTING, AgentHealth, Readiness, failure_class, readiness
+from pipeline.ownership import Actions, Ownership
+from pipeline.readiness import Readiness, ReadinessWatch, failure_class
 from pipeline.records import STREAM_BY_NAME
 from pipeline.retry import classify, fatal, retrying
 from pipeline.rows import DECODERS, StreamDecoder
@@ -109,22 +88,16 @@ class DatabaseAgent:
             config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000
         )
         topics = {config.topic(STREAM_BY_NAME[name].topic): name for name in config.streams}
-        self._stream_of_topic = topics
         self._decoders: dict[str, StreamDecoder] = {
             topic: DECODERS[name] for topic, name in topics.items()
         }
+        self._dlq = DeadLetterOutlet(config)
         self._batch_writer = BatchWriter(config.group_id, topics, publish=self._publish_letters)
-        self._dlq_topic = kafka_io.dead_letter_topic(config)
-        self._dlq_limit = kafka_io.PRODUCER_MAX_REQUEST_SIZE  # the topic's, read in run()
-        # Set when the DLQ topic refused a letter: the next attempt reads its limit again and
-        # renews the producer; bare while that batch's letters go bare (_after_refused_letter).
-        self._dlq_refused: kafka_io.DeadLetterRefused | None = None
-        self._dlq_bare = False
         self.ownership = Ownership(topics)
         self._filling = Batch()  # the next batch: Actions.forget trims it
         # Its records' Kafka timestamps per partition, in the same order as its parts'
-        # records: taken as they are fetched, while they are in the CPU's cache (at commit
-        # they are not, and reading them again cost twice as much).
+        # records, for the latency count: taken as they are fetched, while the records are in
+        # the CPU's cache, rather than read again at commit.
         self._filling_stamps: dict[Partition, list[int]] = {}
         self._stopping = asyncio.Event()
         # Set while no ingest transaction is open: deactivate() waits for it, so that once it
@@ -136,27 +109,31 @@ class DatabaseAgent:
         self._conn: Connection | None = None
         self._batch_ids: deque[int] = deque()  # reserved from the sequence, 1000 at a time
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
-        self._mirror: _OffsetMirror | None = None
+        self._mirror: OffsetMirror | None = None
         self._task: asyncio.Task[None] | None = None
         self._write: asyncio.Task[None] | None = None  # the batch being written
         self.last_error = ""  # the newest failure, for status reports
-        # Observability (docs/observability.md): lag per owned partition as last measured,
-        # end offsets as last learnt, timestamps of records at stored offsets looked up.
-        self._lag: dict[Partition, PartitionLag] = {}
-        self._ends: dict[Partition, int] = {}
-        self._oldest = OldestRecords()
         self._writing_batch: Batch | None = None  # the batch self._write is writing
         self._fetch_seconds = 0.0  # fetching and decoding the batch _fill_batch returned
-        self._lag_task: asyncio.Task[None] | None = None
-        self._probe: LagProbe | None = None
-        self._joined = False  # the group gave this instance an assignment (maybe empty)
         # The source ("postgres", "kafka") of the transient failure a batch write, or a
         # positioning or batch-id reservation, is being retried after; None when none is.
         self._write_retrying: str | None = None
         self._call_retrying: str | None = None
-        self._readiness = STARTING
-        self._show_streams()
+        # Observability (docs/observability.md): readiness, lag, latency.
+        self._ready = ReadinessWatch(
+            self.ownership,
+            self.metrics,
+            stopping=self._stopping.is_set,
+            retrying=lambda: self._write_retrying or self._call_retrying,
+        )
+        self._lag = LagWatch(
+            self.ownership,
+            self.metrics,
+            in_hand=lambda: (self._writing_batch, self._filling),
+            after_each=self._ready.decide,
+        )
+        self._latency = LatencyCount(self.metrics, topics)
+        self._ready.show_streams()
 
     # -- steering -------------------------------------------------------------------------
 
@@ -165,7 +142,7 @@ class DatabaseAgent:
         fetch again from the stored offsets. :class:`UnknownStreamError` for a stream this
         agent does not consume."""
         self._apply(self.ownership.activate_event(streams))
-        self._show_streams()
+        self._ready.show_streams()
 
     async def deactivate(self, streams: Iterable[str]) -> None:
         """Switch streams off: their partitions stay assigned and paused, their fetched
@@ -173,7 +150,7 @@ class DatabaseAgent:
         When this returns, no row of theirs is written until then (an ingest transaction that
         was already open has committed or rolled back)."""
         self._apply(self.ownership.deactivate_event(streams))
-        self._show_streams()
+        self._ready.show_streams()
         await self._no_transaction.wait()
 
     def set_limits(self, limits: Limits) -> None:
@@ -210,25 +187,19 @@ class DatabaseAgent:
             state = "starting"
         else:
             state = "running"
-        lag = 0
-        if self._consumer is not None:
-            for partition, position in self.ownership.positions().items():
-                end = self._end_of(partition)
-                if end is not None:
-                    lag += max(end - position, 0)
         return AgentSnapshot(
             state=state,
             active_streams=tuple(self.ownership.active_streams()),
             owned_partitions=tuple(sorted(self.ownership.assigned())),
-            lag=lag,
+            lag=self._lag.records_behind(),
             last_error=self.last_error,
-            lag_seconds=max((x.seconds or 0.0 for x in self._lag.values()), default=0.0),
+            lag_seconds=self._lag.seconds_behind(),
         )
 
     def readiness(self) -> Readiness:
         """What ``/readyz`` answers (:mod:`pipeline.readiness`), as last decided on the event
         loop; safe to call from any thread."""
-        return self._readiness
+        return self._ready.current
 
     async def in_ingest_transaction(self, work: FencedWork[T]) -> T:
         """Run ``work(conn)`` inside the next ingest transaction and return its result.
@@ -265,7 +236,7 @@ class DatabaseAgent:
            stored in PostgreSQL (the database wins over Kafka).
         3. Until stopped: fill a batch, ingest it in one transaction (transient failures
            retried with the partitions paused), mirror the offsets to Kafka. Meanwhile,
-           every ``lag_refresh_s``, measure the lag and decide readiness (``_watch_lag``).
+           every ``lag_refresh_s``, measure the lag and decide readiness (:class:`LagWatch`).
         4. On stop: the batch in flight finishes, or is aborted once the shutdown deadline
            passes; then the consumer leaves the group.
         """
@@ -282,26 +253,21 @@ class DatabaseAgent:
             try:
                 await db.check_schema(conn)  # `pipeline migrate` changes it, not the agents
                 # Before anything is written: the tables of its streams are this group's.
-                await self._claim_tables(conn)
+                await claim_tables(conn, config)
             finally:
                 await conn.close()
             await kafka_io.ensure_topics(
                 config.kafka,
-                [*kafka_io.data_topics(config), self._dlq_topic],
+                [*kafka_io.data_topics(config), self._dlq.topic],
                 config.topic_partitions,
             )
-            # Read once, after the topic exists (this agent may just have created it): every
-            # letter is sized to it, and a limit too small for any letter stops the agent
-            # here, before it ingests anything.
-            self._dlq_limit = await self._read_dlq_limit()
-            self._producer = await kafka_io.start_dead_letter_producer(config, self._dlq_limit)
-            self._consumer = kafka_io.make_consumer(config, _Rebalance(self))
-            self._mirror = _OffsetMirror(self._consumer)
+            await self._dlq.start()  # after the topic exists: this agent may just have made it
+            rebalance = Rebalance(self._on_assigned, self._on_revoked)
+            self._consumer = kafka_io.make_consumer(config, rebalance)
+            self._mirror = OffsetMirror(self._consumer)
             await self._consumer.start()
-            self._probe = LagProbe(
-                config.kafka, timeout_s=max(min(config.lag_refresh_s * 2, 10.0), 1.0)
-            )
-            self._lag_task = asyncio.ensure_future(self._watch_lag(self._probe))
+            probe = probe_for(config.kafka, config.lag_refresh_s)
+            self._lag.start(self._consumer, probe, config.lag_refresh_s)
             self._task = asyncio.ensure_future(self._ingest_until_stopped())
             await self._task
         except asyncio.CancelledError:
@@ -309,70 +275,6 @@ class DatabaseAgent:
                 raise  # cancelled from outside, not by the shutdown deadline
         finally:
             await self._close()
-
-    async def _read_dlq_limit(self) -> int:
-        """The DLQ topic's limit (:func:`pipeline.kafka.dead_letter_limit`), read from Kafka:
-        a :class:`ConfigError` naming ``max.message.bytes`` when no letter can fit it."""
-        return kafka_io.dead_letter_limit(
-            self._dlq_topic,
-            await kafka_io.read_max_message_bytes(self.config.kafka, self._dlq_topic),
-            kafka_io.PRODUCER_MAX_REQUEST_SIZE,
-            kafka_io.data_topics(self.config),
-        )
-
-    async def _after_refused_letter(self) -> None:
-        """Before the batch's next attempt, once the DLQ topic refused one of its letters as too
-        large: read the topic's limit again (a limit lowered below any letter stops the agent
-        naming ``max.message.bytes``) and replace the producer (the refused batch left its
-        sequence behind). A lowered limit sizes the letters from now on; an unchanged one
-        means a broker enforces less than the cluster reports, so this batch's letters go
-        bare. A bare letter refused too means the topic takes no letter at all: stop, naming
-        the setting, rather than retry for ever. The record itself is never the reason to
-        stop: on the next start its letter is sized to the limit read then."""
-        refused, self._dlq_refused = self._dlq_refused, None
-        if refused is None:
-            return
-        if self._dlq_bare:
-            raise ConfigError(
-                f"{refused}, even with its key, value, headers and reason omitted: set the "
-                f"max.message.bytes of {self._dlq_topic} (and the brokers' message.max.bytes) "
-                f"to at least {self._dlq_limit}, the limit it reported"
-            ) from refused
-        before = self._dlq_limit
-        try:
-            self._dlq_limit = await self._read_dlq_limit()
-            old, self._producer = self._producer, None
-            if old is not None:
-                with contextlib.suppress(KafkaError):
-                    await old.stop()
-            self._producer = await kafka_io.start_dead_letter_producer(self.config, self._dlq_limit)
-        except KafkaError as exc:  # the broker away: the next attempt tries again
-            self._dlq_refused = refused
-            raise TransientError(
-                f"renewing the dead-letter producer: {exc!r}", source="kafka"
-            ) from exc
-        self._dlq_bare = self._dlq_limit >= before
-        log.warning(
-            "%s; the topic's limit is now %d bytes: %s (dead_letters keeps the records whole)",
-            refused,
-            self._dlq_limit,
-            "this batch's dead letters go bare" if self._dlq_bare else "letters sized to it",
-        )
-
-    async def _claim_tables(self, conn: Connection) -> None:
-        """Claim the tables of its streams for its group (docs/exactly-once.md, "One group per
-        table"): :class:`OwnershipError` when another group owns one; a login that may not
-        read or claim them ends the agent saying so."""
-        tables = db.stream_tables({n: t for t, n in self._stream_of_topic.items()})
-        try:
-            await db.claim_tables(conn, self.config.group_id, tables)
-        except PipelineError:
-            raise
-        except Exception as exc:
-            error = classify(exc)
-            if isinstance(error, TransientError):
-                raise error from exc
-            raise fatal("claiming the tables of its streams (table_owners)", error) from exc
 
     async def _ingest_until_stopped(self) -> None:
         """Write batch N while batch N+1 is fetched and decoded: the agent decodes while
@@ -430,7 +332,7 @@ class DatabaseAgent:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self._decide_readiness()
+        self._ready.decide()
         if self._task is None:
             return
         if not self._writing:
@@ -450,13 +352,7 @@ class DatabaseAgent:
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()  # run() itself was cancelled
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
-        if self._probe is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._probe.stop(), deadline)
+        await self._lag.stop(deadline)
         for queued in self._queued:
             if not queued.done.done():
                 queued.done.set_exception(
@@ -468,9 +364,7 @@ class DatabaseAgent:
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(kafka_io.stop_consumer(self._consumer), deadline)
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), deadline)
+        await self._dlq.stop(deadline)
         await self._drop_connection()
         log.info("DatabaseAgent %s stopped", self.instance_id)
 
@@ -556,15 +450,14 @@ class DatabaseAgent:
         the database is ahead of it or behind it.
         """
         self._apply(self.ownership.assigned_event((tp.topic, tp.partition) for tp in assigned))
-        self._joined = True
-        self._decide_readiness()
+        self._ready.joined()
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in revoked]
         self._apply(self.ownership.revoked_event(keys))
         if self._mirror is not None:
             self._mirror.forget(keys)  # the next owner mirrors its own, newer offsets
-        self._forget_lag(keys)
+        self._lag.forget(keys)
 
     async def _position(self) -> None:
         """Read the stored offsets of the partitions awaiting them, then let them fetch."""
@@ -578,7 +471,7 @@ class DatabaseAgent:
         finally:
             await conn.close()
         self._apply(self.ownership.positioned_event(stored))
-        self._decide_readiness()
+        self._ready.decide()
 
     async def _position_pending(self) -> None:
         while self.ownership.unpositioned() and not self._stopping.is_set():
@@ -597,146 +490,7 @@ class DatabaseAgent:
         self.last_error = f"stream {stream} stopped: {exc}"
         # The failure's class, not its text: /readyz shows it to whoever reaches the port.
         self._apply(self.ownership.failed_event(stream, failure_class(exc)))
-        self._show_streams()
-
-    def _show_streams(self) -> None:
-        for stream, state in self.ownership.streams().items():
-            self.metrics.stream_active.labels(stream).set(state is StreamState.ACTIVE)
-            self.metrics.stream_stopped.labels(stream).set(state is StreamState.FAILED)
-        self._decide_readiness()
-
-    # -- observing ----------------------------------------------------------------------
-
-    def _decide_readiness(self) -> None:
-        """Decide what ``/readyz`` answers, and ``pipeline_ready``; called on the event loop
-        whenever an input changes, and on every lag refresh."""
-        own = self.ownership
-        health = AgentHealth(
-            stopping=self._stopping.is_set(),
-            joined=self._joined,
-            unpositioned=len(own.unpositioned()),
-            stopped_streams=tuple(
-                (stream, own.failure(stream) or "")
-                for stream, state in own.streams().items()
-                if state is StreamState.FAILED
-            ),
-            retrying=self._write_retrying or self._call_retrying,
-        )
-        self._readiness = readiness(health)
-        self.metrics.ready.set(1 if self._readiness.ready else 0)
-
-    async def _watch_lag(self, probe: LagProbe) -> None:
-        """Every ``lag_refresh_s``, whatever the agent is doing (idle, paused, retrying):
-        ask Kafka for the end offsets of the owned partitions, look up the timestamps of the
-        oldest unwritten records the agent does not hold, and set the lag gauges. Failures
-        (Kafka away) are logged; the next refresh tries again, and lag in seconds keeps
-        growing meanwhile from the timestamps already known."""
-        interval = self.config.lag_refresh_s
-        failing = ""
-        while True:
-            try:
-                await self._refresh_lag(probe)
-                failing = ""
-            except Exception as exc:  # measuring must never stop ingesting
-                if repr(exc) != failing:
-                    log.warning("measuring lag failed (retried every %ss): %r", interval, exc)
-                failing = repr(exc)
-            self._decide_readiness()
-            await asyncio.sleep(interval)
-
-    async def _refresh_lag(self, probe: LagProbe) -> None:
-        owned = set(self.ownership.assigned())
-        self._forget_lag([p for p in self._lag if p not in owned])
-        asked = await probe.end_offsets(list(self.ownership.positions()))
-        still_owned = set(self.ownership.assigned())  # a rebalance may have come meanwhile
-        for partition, offset in asked.items():
-            if partition in still_owned:
-                self._ends[partition] = max(offset, self._ends.get(partition, 0))
-        missing: dict[Partition, int] = {}
-        for partition, stored in self.ownership.positions().items():
-            end = self._end_of(partition)
-            if end is not None and end > stored and self._oldest_ms(partition, stored) is None:
-                known, _ = self._oldest.get(partition, stored)
-                if not known:
-                    missing[partition] = stored
-        if missing:
-            found = await probe.oldest_timestamps(missing, self._ends)
-            still_owned = set(self.ownership.assigned())
-            for partition, timestamp in found.items():
-                if partition in still_owned:
-                    self._oldest.put(partition, missing[partition], timestamp)
-        now = time.time()
-        for partition, stored in self.ownership.positions().items():
-            self._show_lag(partition, stored, now)
-
-    def _show_lag(self, partition: Partition, stored: int, now: float) -> None:
-        """Set one partition's lag gauges from what is known without asking Kafka."""
-        end = self._end_of(partition)
-        if end is None:
-            return
-        oldest = None
-        markers_only = False
-        if end > stored:
-            oldest = self._oldest_ms(partition, stored)
-            if oldest is None:
-                known, oldest = self._oldest.get(partition, stored)
-                markers_only = known and oldest is None
-        lag = partition_lag(now, stored, end, oldest, markers_only=markers_only)
-        if lag.seconds is None:  # not looked up yet: the last value stands
-            previous = self._lag.get(partition)
-            lag = PartitionLag(stored, lag.end, lag.records, previous.seconds if previous else None)
-        self._lag[partition] = lag
-        self.metrics.show_partition(
-            *partition, records=lag.records, seconds=lag.seconds, stored=stored, end=lag.end
-        )
-
-    def _oldest_ms(self, partition: Partition, stored: int) -> int | None:
-        """The timestamp of the record at the stored offset, when the agent holds it."""
-        return timestamp_in_hand((self._writing_batch, self._filling), partition, stored)
-
-    def _end_of(self, partition: Partition) -> int | None:
-        """The newest end offset known: asked of Kafka by the last refresh, or seen in the
-        consumer's fetch responses since (fresher while the partition fetches)."""
-        end = self._ends.get(partition)
-        consumer = self._consumer
-        tp = TopicPartition(*partition)
-        if consumer is not None and tp in consumer.assignment():
-            seen = consumer.last_stable_offset(tp)
-            if seen is None or seen < 0:
-                seen = consumer.highwater(tp)
-            if seen is not None and seen >= 0 and (end is None or seen > end):
-                end = self._ends[partition] = seen
-        return end
-
-    def _forget_lag(self, partitions: Iterable[Partition]) -> None:
-        """Drop what is known of partitions this instance does not own any more, and their
-        series."""
-        partitions = list(partitions)
-        self._oldest.forget(partitions)
-        for partition in partitions:
-            self._lag.pop(partition, None)
-            self._ends.pop(partition, None)
-            self.metrics.forget_partition(*partition)
-
-    def _count_latency(self, work: Plan, stamps: dict[Partition, list[int]]) -> None:
-        """Per stream of a committed batch: end-to-end latency, one observation per record,
-        counted in bulk; and freshness, the newest record timestamp. ``stamps`` are the
-        timestamps taken when the batch was fetched, per partition in record order; a part
-        the plan trimmed (records behind the stored offset) is their tail."""
-        now = time.time()
-        by_stream: dict[str, list[list[int]]] = defaultdict(list)
-        for partition, part in work.parts.items():
-            taken = stamps.get(partition)
-            count = len(part.records)
-            if taken is not None and len(taken) >= count:
-                run = taken[len(taken) - count :] if len(taken) > count else taken
-            else:  # not taken at fetch time (cannot happen; but never count wrong)
-                run = [r.timestamp for r in part.records]
-            by_stream[self._decoders[partition[0]].stream.name].append(run)
-        for stream, runs in by_stream.items():
-            newest = self.metrics.latency.observe_ages(stream, now, runs)
-            if newest is not None:
-                self.metrics.note_newest(stream, newest / 1000)
+        self._ready.show_streams()
 
     # -- ingesting ----------------------------------------------------------------------
 
@@ -761,14 +515,14 @@ class DatabaseAgent:
                     return
                 self._no_transaction.clear()
                 try:
-                    await self._after_refused_letter()
+                    await self._dlq.before_attempt()
                     await self._ingest(work, queued, fetch_seconds, stamps)
-                    self._dlq_bare = False
+                    self._dlq.delivered()
                     return
                 except (FencedError, SchemaError, TransientError) as exc:
                     failure = exc
                     if isinstance(exc, kafka_io.DeadLetterRefused):
-                        self._dlq_refused = exc
+                        self._dlq.refused(exc)
                 except Exception as exc:  # retrying cannot fix it: say so, and stop
                     raise fatal("writing a batch", classify(exc)) from exc
                 finally:
@@ -800,7 +554,7 @@ class DatabaseAgent:
             self._apply(self.ownership.release_event())
             if self._write_retrying is not None:
                 self._write_retrying = None
-                self._decide_readiness()
+                self._ready.decide()
 
     async def _ingest(
         self,
@@ -836,21 +590,15 @@ class DatabaseAgent:
             m.batch_phase.labels("fetch_decode").observe(fetch_seconds)
             m.batch_phase.labels("write").observe(written.written_at - started)
             m.batch_phase.labels("commit").observe(committed - written.written_at)
-            self._count_latency(work, stamps or {})
+            self._latency.count(work, stamps or {}, time.time())
             self._require_mirror().add(work.moves)
         else:
             self._count_skipped(work)
-        self._decide_readiness()
+        self._ready.decide()
 
     async def _publish_letters(self, letters: list[DeadLetter]) -> None:
         """Send a batch's dead letters to the DLQ topic and wait for every acknowledgement."""
-        await kafka_io.publish_dead_letters(
-            self._require_producer(),
-            self._dlq_topic,
-            letters,
-            self.config.db_command_timeout_s,
-            kafka_io.BARE if self._dlq_bare else self._dlq_limit,
-        )
+        await self._dlq.publish(letters, self.config.db_command_timeout_s)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -897,13 +645,13 @@ class DatabaseAgent:
         finally:
             if self._call_retrying is not None:
                 self._call_retrying = None
-                self._decide_readiness()
+                self._ready.decide()
 
     def _note_retry(self, error: TransientError, delay: float) -> None:
         self.last_error = str(error)
         log.warning("%s; retrying in %.1fs", error, delay)
         self.metrics.retries.labels(error.source).inc()
-        self._decide_readiness()
+        self._ready.decide()
 
     async def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -944,7 +692,7 @@ class DatabaseAgent:
             partition = (move.topic, move.partition)
             stored = positions.get(partition)
             if stored is not None:
-                self._show_lag(partition, stored, now)
+                self._lag.show(partition, stored, now)
 
     def _count_skipped(self, work: Plan) -> None:
         for topic, skipped in work.already_ingested.items():
@@ -955,56 +703,9 @@ class DatabaseAgent:
         assert self._consumer is not None, "the agent is not running"
         return self._consumer
 
-    def _require_producer(self) -> AIOKafkaProducer:
-        assert self._producer is not None, "the agent is not running"
-        return self._producer
-
-    def _require_mirror(self) -> _OffsetMirror:
+    def _require_mirror(self) -> OffsetMirror:
         assert self._mirror is not None, "the agent is not running"
         return self._mirror
-
-
-class _OffsetMirror:
-    """Offsets committed to the database, mirrored to Kafka for lag tools without holding up
-    the next batch (a commit to Kafka is a round trip to the group coordinator): newest per
-    partition, one commit at a time, so mirrors land in order."""
-
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
-        self._consumer = consumer
-        self._pending: dict[Partition, OffsetMove] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, moves: Iterable[OffsetMove]) -> None:
-        for move in moves:
-            self._pending[(move.topic, move.partition)] = move
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._until_done())
-
-    def forget(self, partitions: Iterable[Partition]) -> None:
-        for partition in partitions:
-            self._pending.pop(partition, None)
-
-    async def close(self, deadline: float) -> None:
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, deadline)
-
-    async def _until_done(self) -> None:
-        while self._pending:
-            moves = list(self._pending.values())
-            self._pending.clear()
-            await kafka_io.mirror_offsets(self._consumer, moves)
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, agent: DatabaseAgent) -> None:
-        self._agent = agent
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._agent._on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._agent._on_assigned(set(assigned))
 
 
 def _owned(partitions: Iterable[Partition], owned: set[TopicPartition]) -> list[TopicPartition]:

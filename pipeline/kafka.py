@@ -329,7 +329,7 @@ async def publish_dead_letters(
     except MessageSizeTooLargeError as exc:
         # Letters are sized to the limit read at start-up: only a limit lowered since, or a
         # broker enforcing less than the cluster reported, refuses one. The agent recovers
-        # (DatabaseAgent._after_refused_letter) instead of stalling or stopping on this record.
+        # (consumers/dlq.py, before_attempt) instead of stalling or stopping on this record.
         raise DeadLetterRefused(
             f"dead-letter topic {topic} refused a dead letter of at most {limit} bytes as "
             f"too large ({exc})"

@@ -1,4 +1,6 @@
 """Consumer lag per partition, in records and in seconds; pure, ``now`` passed in.
+:class:`LagBook` keeps what one agent knows of it; consumers/lag_watch.py asks Kafka and sets
+the gauges. docs/observability.md says what each lag gauge means.
 
 Lag in records is the end offset minus the stored offset. Lag in seconds is the age of the
 oldest record not yet written: now minus the Kafka timestamp of the record at the stored
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pipeline.batching import Batch, Partition
@@ -77,6 +79,70 @@ class OldestRecords:
     def forget(self, partitions: Iterable[Partition]) -> None:
         for partition in partitions:
             self._found.pop(partition, None)
+
+
+class LagBook:
+    """What one agent knows of its owned partitions' lag without asking Kafka: each one's lag
+    as last measured, the newest end offset learnt, and the timestamps looked up at stored
+    offsets (:class:`OldestRecords`)."""
+
+    def __init__(self) -> None:
+        self._lag: dict[Partition, PartitionLag] = {}
+        self._ends: dict[Partition, int] = {}
+        self._oldest = OldestRecords()
+
+    @property
+    def ends(self) -> Mapping[Partition, int]:
+        return self._ends
+
+    def note_end(self, partition: Partition, offset: int) -> int:
+        """An end offset learnt (asked of Kafka, or seen in a fetch response): the newest one
+        known stands, since a reply can be older than one seen since. Returns it."""
+        known = self._ends.get(partition)
+        if known is None or offset > known:
+            self._ends[partition] = known = offset
+        return known
+
+    def needs_lookup(self, partition: Partition, stored: int, end: int | None) -> bool:
+        """Whether the timestamp at ``stored`` is to be asked of Kafka: records wait there and
+        no lookup at that offset is known. Records in hand are the caller's to rule out."""
+        return end is not None and end > stored and not self._oldest.get(partition, stored)[0]
+
+    def found(self, partition: Partition, stored: int, timestamp_ms: int | None) -> None:
+        """A lookup's answer: the timestamp at ``stored``, None when only markers wait."""
+        self._oldest.put(partition, stored, timestamp_ms)
+
+    def measure(
+        self, partition: Partition, stored: int, end: int, now: float, in_hand_ms: int | None
+    ) -> PartitionLag:
+        """The partition's lag at ``now``, remembered. ``in_hand_ms``: the timestamp of the
+        record at ``stored`` when a fetched batch holds it, else a lookup's answer is used; when
+        neither is known the last lag in seconds stands rather than a gap in the gauge."""
+        oldest = in_hand_ms
+        markers_only = False
+        if end > stored and oldest is None:
+            known, oldest = self._oldest.get(partition, stored)
+            markers_only = known and oldest is None
+        lag = partition_lag(now, stored, end, oldest, markers_only=markers_only)
+        if lag.seconds is None:
+            previous = self._lag.get(partition)
+            lag = PartitionLag(stored, lag.end, lag.records, previous.seconds if previous else None)
+        self._lag[partition] = lag
+        return lag
+
+    def measured(self) -> list[Partition]:
+        return list(self._lag)
+
+    def seconds_behind(self) -> float:
+        """The most lag in seconds of the partitions measured (0 when none is known)."""
+        return max((lag.seconds or 0.0 for lag in self._lag.values()), default=0.0)
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        partitions = list(partitions)
+        self._oldest.forget(partitions)
+        for partition in partitions:
+            self._lag.pop(partition, None)
+            self._ends.pop(partition, None)
 
 
 _OFFSET = operator.attrgetter("offset")

@@ -1,5 +1,5 @@
 """Kafka lookups for lag, off the DatabaseAgent's hot path: end offsets, and the timestamp of
-the record at a stored offset.
+the record at a stored offset (docs/observability.md, "Lag: records and seconds").
 
 One consumer of its own, without a group, reading committed records only (as the agent
 does), so the end offsets are last stable offsets and aborted records are skipped. It asks

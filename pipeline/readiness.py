@@ -1,4 +1,6 @@
-"""Whether a DatabaseAgent is ready, and if not, why: a pure function of its state.
+"""Whether a DatabaseAgent is ready, and if not, why: :func:`readiness`, a pure function of
+its state, and :class:`ReadinessWatch`, which decides it whenever that state changes and keeps
+the gauges with it (docs/observability.md, "Health and readiness").
 
 ``/readyz`` answers 200 "ready" once every assigned partition is positioned at its stored
 offset, no stream is stopped on an error, and the last write succeeded (or nothing waits to be
@@ -11,7 +13,14 @@ records wait in Kafka as the operator asked.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.ownership import Ownership, StreamState
+
+if TYPE_CHECKING:  # pipeline.metrics imports this module for the endpoints
+    from pipeline.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -79,3 +88,56 @@ def readiness(health: AgentHealth) -> Readiness:
     if reasons:
         return Readiness(False, "; ".join(reasons))
     return Readiness(True, "ready")
+
+
+class ReadinessWatch:
+    """One agent's readiness, decided on the event loop whenever an input changes, with
+    ``pipeline_ready`` and the streams' ``pipeline_stream_active`` and
+    ``pipeline_stream_stopped``. :attr:`current` is safe to read from any thread.
+
+    ``stopping`` and ``retrying`` read the agent's own state (:class:`AgentHealth`); the
+    streams' states come from its :class:`Ownership`.
+    """
+
+    def __init__(
+        self,
+        ownership: Ownership,
+        metrics: Metrics,
+        *,
+        stopping: Callable[[], bool],
+        retrying: Callable[[], str | None],
+    ) -> None:
+        self._ownership = ownership
+        self._metrics = metrics
+        self._stopping = stopping
+        self._retrying = retrying
+        self._joined = False
+        self.current = STARTING
+
+    def joined(self) -> None:
+        """The group gave this instance an assignment (maybe empty)."""
+        self._joined = True
+        self.decide()
+
+    def decide(self) -> None:
+        own = self._ownership
+        health = AgentHealth(
+            stopping=self._stopping(),
+            joined=self._joined,
+            unpositioned=len(own.unpositioned()),
+            stopped_streams=tuple(
+                (stream, own.failure(stream) or "")
+                for stream, state in own.streams().items()
+                if state is StreamState.FAILED
+            ),
+            retrying=self._retrying(),
+        )
+        self.current = readiness(health)
+        self._metrics.ready.set(1 if self.current.ready else 0)
+
+    def show_streams(self) -> None:
+        """Set the streams' gauges after one was switched on, off, or stopped; and decide."""
+        for stream, state in self._ownership.streams().items():
+            self._metrics.stream_active.labels(stream).set(state is StreamState.ACTIVE)
+            self._metrics.stream_stopped.labels(stream).set(state is StreamState.FAILED)
+        self.decide()

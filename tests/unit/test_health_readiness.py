@@ -1,9 +1,19 @@
-"""Readiness, a pure function of the agent's state: each reason, and their combinations."""
+"""Readiness, a pure function of the agent's state: each reason, and their combinations; and
+``ReadinessWatch``, which decides it from an agent's ownership and keeps the gauges with it."""
 
 from __future__ import annotations
 
 from pipeline.errors import SchemaError
-from pipeline.readiness import STARTING, AgentHealth, Readiness, failure_class, readiness
+from pipeline.metrics import Metrics
+from pipeline.ownership import Ownership
+from pipeline.readiness import (
+    STARTING,
+    AgentHealth,
+    Readiness,
+    ReadinessWatch,
+    failure_class,
+    readiness,
+)
 
 
 def test_a_positioned_agent_whose_writes_succeed_is_ready() -> None:
@@ -78,3 +88,69 @@ def test_a_stopping_agent_says_only_that() -> None:
     assert readiness(AgentHealth(stopping=True, retrying="postgres")) == Readiness(
         False, "stopping"
     )
+
+
+class Agent:
+    """What a ReadinessWatch reads of an agent: its ownership and two flags."""
+
+    def __init__(self) -> None:
+        self.ownership = Ownership({"agents.metrics": "metrics", "agents.events": "events"})
+        self.metrics = Metrics()
+        self.stopping = False
+        self.retrying: str | None = None
+        self.watch = ReadinessWatch(
+            self.ownership,
+            self.metrics,
+            stopping=lambda: self.stopping,
+            retrying=lambda: self.retrying,
+        )
+
+    def gauge(self, name: str, stream: str | None = None) -> float | None:
+        labels = {} if stream is None else {"stream": stream}
+        return self.metrics.registry.get_sample_value(name, labels)
+
+
+def test_the_watch_starts_unready_and_is_ready_once_joined_and_positioned() -> None:
+    agent = Agent()
+    assert agent.watch.current == STARTING
+    agent.ownership.assigned_event([("agents.metrics", 0), ("agents.events", 0)])
+    agent.watch.joined()
+    assert agent.watch.current == Readiness(False, "starting: 2 partitions not positioned")
+    assert agent.gauge("pipeline_ready") == 0
+    agent.ownership.positioned_event({("agents.metrics", 0): 0, ("agents.events", 0): 5})
+    agent.watch.decide()
+    assert agent.watch.current == Readiness(True, "ready")
+    assert agent.gauge("pipeline_ready") == 1
+
+
+def test_the_watch_reads_stopping_and_retrying_from_the_agent_when_it_decides() -> None:
+    agent = Agent()
+    agent.watch.joined()
+    agent.retrying = "kafka"
+    assert agent.watch.current.ready  # decided before the flag changed
+    agent.watch.decide()
+    assert agent.watch.current == Readiness(False, "kafka unreachable: retrying writes")
+    agent.stopping = True
+    agent.watch.decide()
+    assert agent.watch.current == Readiness(False, "stopping")
+    assert agent.gauge("pipeline_ready") == 0
+
+
+def test_stream_gauges_follow_switched_off_and_stopped_streams() -> None:
+    agent = Agent()
+    agent.watch.joined()
+    agent.watch.show_streams()
+    assert [agent.gauge("pipeline_stream_active", s) for s in ("metrics", "events")] == [1, 1]
+    agent.ownership.deactivate_event(["events"])
+    agent.ownership.failed_event("metrics", "SchemaError (SQLSTATE 42501)")
+    agent.watch.show_streams()
+    assert [agent.gauge("pipeline_stream_active", s) for s in ("metrics", "events")] == [0, 0]
+    assert [agent.gauge("pipeline_stream_stopped", s) for s in ("metrics", "events")] == [1, 0]
+    # A stream switched off on purpose leaves the agent ready; a stopped one does not.
+    assert agent.watch.current == Readiness(
+        False, "stream metrics stopped: SchemaError (SQLSTATE 42501)"
+    )
+    agent.ownership.activate_event(["metrics", "events"])
+    agent.watch.show_streams()
+    assert agent.watch.current == Readiness(True, "ready")
+    assert [agent.gauge("pipeline_stream_stopped", s) for s in ("metrics", "events")] == [0, 0]
