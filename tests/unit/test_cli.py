@@ -1,4 +1,5 @@
-"""The command line's own words: what `pipeline --help` tells a user first."""
+"""The command line's own words: what `pipeline --help` tells a user first, what an error
+becomes (one line, exit 2), and that every --help works without the drivers."""
 
 from __future__ import annotations
 
