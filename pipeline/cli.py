@@ -1,17 +1,12 @@
-"""The `pipeline` command line: its parser, built from the command modules of
-:mod:`pipeline.commands`, and what an error becomes (a line and an exit status).
+"""The `pipeline` command line: the parser, built from the command modules of
+:mod:`pipeline.commands`, and what an error becomes (one line, exit status 2).
 
-Layering: ``pipeline`` is the core; ``producers`` (the SDK) and ``consumers`` (the
-DatabaseAgent, Antigravity, the benchmark) build on it and not on each other. The command line
-(this module and :mod:`pipeline.commands`) is the composition root, the one part of
-``pipeline`` that imports ``producers`` and ``consumers`` (docs/architecture.md);
-tests/unit/test_layering.py enforces it.
-
-The command modules import the drivers (asyncpg, aiokafka), and every module that loads them,
-inside their handlers only, so that `pipeline --help` and every command's --help work without
-the drivers (tests/unit/test_cli.py checks it with both blocked). Running a command needs
-them, `pipeline dev` included: the local stack provisions its logins, users and ACLs, and
-probes its servers, through them.
+With pipeline/commands/ it is the composition root, the one part of ``pipeline`` that imports
+``producers`` and ``consumers`` (docs/architecture.md; tests/unit/test_layering.py). The
+command modules import the drivers (asyncpg, aiokafka), and the modules that load them, inside
+their handlers only: `pipeline --help` and every command's --help work without the drivers
+(tests/unit/test_cli.py). Running a command needs them, `pipeline dev` included: the local
+stack provisions its logins, Kafka users and ACLs, and probes its servers, through them.
 """
 
 from __future__ import annotations
