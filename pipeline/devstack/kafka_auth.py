@@ -52,15 +52,16 @@ from aiokafka.protocol.types import (
 
 from pipeline import kafka_clients
 from pipeline.control import control_topics
-from pipeline.devstack import safe_dirs
+from pipeline.devstack import kafka_users, safe_dirs
 from pipeline.errors import DevStackError
 from pipeline.kafka_clients import KafkaSettings, SaslMechanism
 from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
 
-AGENT_USER = "pipeline-agent"
-PRODUCER_USER = "pipeline-producer"
-ORCHESTRATOR_USER = "antigravity"
-USERS = (AGENT_USER, PRODUCER_USER, ORCHESTRATOR_USER)
+# The users are named in kafka_users, which loads without aiokafka; their ACLs are here.
+AGENT_USER = kafka_users.AGENT_USER
+PRODUCER_USER = kafka_users.PRODUCER_USER
+ORCHESTRATOR_USER = kafka_users.ORCHESTRATOR_USER
+USERS = kafka_users.USERS
 DEFAULT_GROUP = "database-agent"
 MECHANISM: SaslMechanism = "SCRAM-SHA-512"
 SCRAM_ITERATIONS = 8192  # Kafka's minimum is 4096

@@ -1,6 +1,7 @@
 """The layering, enforced: the core (``pipeline``) imports neither the SDK (``producers``)
-nor the agent and benchmark (``consumers``), except the command line, which wires them all
-together; and ``producers`` and ``consumers`` do not import each other.
+nor the agent and benchmark (``consumers``), except the command line (pipeline/cli.py and
+pipeline/commands/), which wires them all together; and ``producers`` and ``consumers`` do not
+import each other.
 
 Every import counts: at the top of a module, inside a function, under TYPE_CHECKING.
 
@@ -11,12 +12,16 @@ how to reach the cluster (TLS and SASL one day) is said in one place.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSITION_ROOT = ROOT / "pipeline" / "cli.py"
+CLI = ROOT / "pipeline" / "cli.py"
+COMMANDS = ROOT / "pipeline" / "commands"
+# The command line: cli.py and the command package.
+COMPOSITION_ROOT = frozenset({CLI, *COMMANDS.glob("*.py")})
 # What each package must never import.
 FORBIDDEN = {
     "pipeline": {"producers", "consumers"},
@@ -47,14 +52,14 @@ def test_no_package_imports_what_its_layer_must_not(package: str) -> None:
     violations = {
         str(path.relative_to(ROOT)): sorted(imported_packages(path) & FORBIDDEN[package])
         for path in found
-        if path != COMPOSITION_ROOT
+        if path not in COMPOSITION_ROOT
     }
     assert {path: names for path, names in violations.items() if names} == {}
 
 
 def test_only_the_command_line_wires_the_layers_together() -> None:
     # The exception above is real, not stale: the command line does import both.
-    assert imported_packages(COMPOSITION_ROOT) >= {"producers", "consumers"}
+    assert set().union(*map(imported_packages, COMPOSITION_ROOT)) >= {"producers", "consumers"}
 
 
 def test_imports_anywhere_in_a_module_are_seen(tmp_path: Path) -> None:
@@ -162,13 +167,13 @@ def test_the_pure_core_imports_no_driver_even_through_another_module(module: str
 
 def test_driver_imports_are_followed_through_the_project() -> None:
     # The check is not vacuous: the modules that do IO are seen reaching their drivers, and an
-    # import inside a function counts (pipeline.cli imports pipeline.kafka in its commands).
+    # import inside a function counts (`pipeline topics` imports pipeline.kafka in its handler).
     assert drivers_reached("pipeline.db")["asyncpg"] == ["pipeline.db", "asyncpg"]
     assert drivers_reached("pipeline.kafka_clients")["aiokafka"][0] == "pipeline.kafka_clients"
     assert set(drivers_reached("pipeline.control_store")) == {"asyncpg"}
     assert set(drivers_reached("pipeline.lag_probe")) == DRIVERS
     assert set(drivers_reached("pipeline.cli")) == DRIVERS
-    assert "pipeline.kafka" in imported_modules("pipeline.cli")
+    assert "pipeline.kafka" in imported_modules("pipeline.commands.topics")
     assert "pipeline.devstack.stack" in imported_modules("pipeline.devstack")
     assert "pipeline" in imported_modules("pipeline.config")
 
@@ -276,3 +281,54 @@ def test_every_batch_is_written_through_the_one_write_path() -> None:
         "SAVEPOINT",
         "class _RowRejected",
     }
+
+
+def command_modules() -> list[str]:
+    """The command families: the modules of pipeline/commands/ not named ``_*``."""
+    return sorted(p.stem for p in COMMANDS.glob("*.py") if not p.stem.startswith("_"))
+
+
+def top_level_functions(path: Path) -> dict[str, ast.FunctionDef | ast.AsyncFunctionDef]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {
+        node.name: node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+
+
+def test_every_command_module_registers_itself() -> None:
+    found = command_modules()
+    assert "dev" in found and "control" in found
+    lacking = [m for m in found if "register" not in top_level_functions(COMMANDS / f"{m}.py")]
+    assert lacking == []
+
+
+def test_the_command_line_registers_every_command_module() -> None:
+    cli = importlib.import_module("pipeline.cli")
+    registered = [m.__name__.rpartition(".")[2] for m in cli.COMMANDS]
+    assert len(registered) == len(set(registered))
+    assert sorted(registered) == command_modules()  # none forgotten, none from elsewhere
+    assert all(m.__name__.startswith("pipeline.commands.") for m in cli.COMMANDS)
+
+
+def test_the_command_line_itself_holds_no_command() -> None:
+    """cli.py parses, dispatches and explains errors; each command's options and handler are
+    in its module: no handler of ``argparse.Namespace`` and no parser but the root's here."""
+    tree = ast.parse(CLI.read_text(), filename=str(CLI))
+    handlers = [
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and any(
+            "Namespace" in ast.unparse(a.annotation or ast.Constant("")) for a in node.args.args
+        )
+    ]
+    calls = [
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    ]
+    assert handlers == []
+    assert calls.count("add_subparsers") == 1
+    assert [c for c in calls if c in {"add_parser", "add_argument", "set_defaults"}] == []

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumers.antigravity import Delivery
-from pipeline.cli import send_lines, status_lines
+from pipeline.commands.control import send_lines, status_lines
 from pipeline.control import Ack, Checkpoint, Heartbeat, generate_key_pair, sign
 from pipeline.control_store import Decision
 from pipeline.redrive import letter_lines, list_line

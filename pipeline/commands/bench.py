@@ -1,0 +1,250 @@
+"""`pipeline bench`: end-to-end throughput against the raw limits, latency and memory, in one
+run; or, with --secure or --pooler, what TLS + SASL or a connection pooler costs. The
+measurements are consumers/bench.py; how to read them, README.md ("Benchmark").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from pipeline.commands._common import (
+    OK,
+    Subparsers,
+    load_kafka_config,
+    local_stack_up,
+    positive,
+    progress,
+)
+from pipeline.errors import ConfigError, DevStackError
+
+if TYPE_CHECKING:
+    from consumers.bench import BenchPlan
+    from pipeline.config import Config
+    from pipeline.devstack import Stack
+    from pipeline.kafka_clients import KafkaSettings
+
+
+def register(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "bench", help="end-to-end throughput against the raw limits, measured in one run"
+    )
+    count, amount = positive(int), positive(float)
+    parser.add_argument("--records", type=count, default=1_000_000, help="backlog per mix (1M)")
+    parser.add_argument(
+        "--latency-rate", type=amount, default=20_000, help="records/s of the latency run (20k)"
+    )
+    parser.add_argument(
+        "--latency-seconds", type=amount, default=60, help="length of the latency run (60)"
+    )
+    parser.add_argument(
+        "--memory-records", type=count, default=5_000_000, help="backlog of the memory run (5M)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="about a minute: 100k records per mix, 5k records/s for 10 s, 200k for memory",
+    )
+    parser.add_argument(
+        "--mix",
+        action="append",
+        choices=["metrics-heavy", "events-heavy"],
+        help="metrics-heavy and/or events-heavy (default both)",
+    )
+    parser.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
+    parser.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="what TLS + SASL/SCRAM cost: produce, consume raw and drain end to end over the "
+        "local stack's SASL_SSL listener and over plaintext, in one run, and report the ratios "
+        "(instead of the usual measurements)",
+    )
+    parser.add_argument(
+        "--pooler",
+        choices=["transaction", "session"],
+        help="what a connection pooler costs: drain end to end through a PgBouncer in this pool "
+        "mode in front of the local stack's PostgreSQL and directly, in one run, and report the "
+        "ratio (instead of the usual measurements)",
+    )
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="also drain each backlog once under py-spy; raw stacks here, breakdown printed",
+    )
+    parser.add_argument(
+        "--png",
+        type=Path,
+        default=Path("bench-results/bench.png"),
+        help="the plot (default bench-results/bench.png)",
+    )
+    parser.set_defaults(handler=bench)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from consumers.bench import BenchPlan, as_json, missing_extras, plot, run_bench, table
+    from producers.simulator import FleetSimulator, simulate
+
+    missing = missing_extras(profile=args.profile is not None)
+    if missing:  # before anything starts: the plot comes at the end of a long run
+        raise ConfigError(
+            f"pipeline bench needs its extra, and this environment lacks {' and '.join(missing)}"
+            f": install it with `{sys.executable} -m pip install -e '.[bench]'` in the "
+            "repository (`make demo` and `make test` install it into .venv)"
+        )
+
+    def source(mix: str, count: int) -> Iterator[list[Any]]:
+        fleet = FleetSimulator(agents=143, seed=1, mix=mix)
+        for start in range(0, count, 10_000):
+            yield fleet.next_records(min(10_000, count - start), datetime.now(UTC))
+
+    async def publish(
+        kafka: KafkaSettings, prefix: str, mix: str, rate: float, seconds: float
+    ) -> int:
+        result = await simulate(
+            kafka, rate=rate, duration=seconds, topic_prefix=prefix, mix=mix, seed=2
+        )
+        return result.total
+
+    plan = BenchPlan(
+        mixes=args.mix or ["metrics-heavy", "events-heavy"],
+        records=100_000 if args.quick else args.records,
+        partitions=args.partitions,
+        scale_out=not args.no_scale_out,
+        latency_rate=5_000 if args.quick else args.latency_rate,
+        latency_seconds=10 if args.quick else args.latency_seconds,
+        memory_records=200_000 if args.quick else args.memory_records,
+        profile=args.profile,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stack, _ = local_stack_up()
+    # The bench creates a scratch database per run: on the local stack, as its superuser,
+    # owned by the migrator, and its agents run as the agent login, as in production.
+    admin = {} if stack is None else {"database_url": stack.admin_url()}
+    if stack is not None:
+        from pipeline import testbed
+
+        testbed.use_logins(stack.logins(), stack.admin_url())
+    config = load_kafka_config(argparse.Namespace(config=None), **admin)
+    if args.secure and args.pooler:
+        raise ConfigError("--secure and --pooler are two measurements: give one at a time")
+    if args.secure:
+        _write_json(args.json, _encryption(stack, config, source, plan))
+        return OK
+    if args.pooler:
+        _write_json(args.json, _pooler(stack, args.pooler, config, source, plan))
+        return OK
+    results, memory = asyncio.run(run_bench(config, source, publish, plan, progress))
+    print(table(results, memory))
+    _write_json(args.json, as_json(results, memory))
+    plot(results, args.png)
+    progress(f"plot: {args.png}")
+    return OK
+
+
+def _encryption(
+    stack: Stack | None, config: Config, source: Any, plan: BenchPlan
+) -> list[dict[str, Any]]:
+    """`pipeline bench --secure`: plaintext against the stack's SASL_SSL listener. Prints the
+    table; the results, for --json."""
+    from consumers.bench import Listener, encryption_table, run_encryption_bench
+    from pipeline.devstack import kafka_auth
+    from pipeline.devstack.kafka_users import AGENT_USER, PRODUCER_USER
+    from pipeline.devstack.stack import NO_SECURE_LISTENER
+
+    stack = _local_stack_for(stack, "--secure measures the local stack's SASL_SSL listener")
+    endpoints = stack.endpoints()
+    secure = endpoints.kafka_secure
+    if secure is None:
+        raise DevStackError(NO_SECURE_LISTENER)
+    listeners = [
+        Listener("plaintext", config.kafka, config),
+        Listener(
+            "SASL_SSL",
+            secure.settings(PRODUCER_USER),
+            _with_kafka(config, secure.settings(AGENT_USER, client_id=config.instance_id)),
+        ),
+    ]
+
+    async def grant(prefix: str, group: str) -> None:
+        acls = kafka_auth.pipeline_acls(prefix, group)
+        await kafka_auth.set_up(endpoints.kafka, {}, acls)
+
+    results = asyncio.run(
+        run_encryption_bench(
+            config, source=source, listeners=listeners, grant=grant, plan=plan, report=progress
+        )
+    )
+    print(encryption_table(results))
+    return [asdict(r) for r in results]
+
+
+def _pooler(
+    stack: Stack | None, mode: str, config: Config, source: Any, plan: BenchPlan
+) -> list[dict[str, Any]]:
+    """`pipeline bench --pooler MODE`: directly against through a PgBouncer it starts. Prints
+    the table; the results, for --json."""
+    from consumers.bench import Route, pooler_table, run_pooler_bench
+    from pipeline import testbed
+    from pipeline.devstack import pgbouncer
+
+    stack = _local_stack_for(
+        stack, "--pooler starts PgBouncer in front of the local stack's PostgreSQL"
+    )
+    logins = stack.logins()
+    with pgbouncer.running(
+        stack.home / f"pgbouncer-bench-{mode}",
+        mode,
+        stack.admin_url(),
+        [logins.migrator, logins.agent, logins.analyst],
+        "postgres",
+    ) as bouncer:
+        assert bouncer.port is not None
+        port = bouncer.port
+        progress(f"PgBouncer {mode} mode on 127.0.0.1:{port}")
+        route = Route(
+            f"PgBouncer ({mode})",
+            lambda url: pgbouncer.through(testbed.as_agent(url), port),
+            pgbouncer.agent_settings(mode),
+        )
+        results = asyncio.run(
+            run_pooler_bench(config, source=source, pooler=route, plan=plan, report=progress)
+        )
+    print(pooler_table(results))
+    return [asdict(r) for r in results]
+
+
+def _local_stack_for(stack: Stack | None, why: str) -> Stack:
+    """The local stack a bench mode needs (``why`` says which and for what), or the error."""
+    from pipeline.devstack.stack import DATABASE_ENV, KAFKA_ENV
+
+    if stack is None:
+        raise ConfigError(f"{why}: unset {KAFKA_ENV} and {DATABASE_ENV} to use the local stack")
+    return stack
+
+
+def _write_json(path: Path | None, results: object) -> None:
+    """The results as JSON at ``path`` (--json), when given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _with_kafka(config: Config, kafka: KafkaSettings) -> Config:
+    """``config`` connecting to Kafka as ``kafka`` says."""
+    return msgspec.structs.replace(
+        config, kafka=msgspec.structs.replace(kafka, client_id=config.instance_id)
+    )
