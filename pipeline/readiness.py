@@ -1,6 +1,6 @@
 """Whether a DatabaseAgent is ready, and if not, why: :func:`readiness`, a pure function of
 its state, and :class:`ReadinessWatch`, which decides it whenever that state changes and keeps
-the gauges with it (docs/observability.md, "Health and readiness").
+the gauges with it (docs/observability.md, "Health endpoints").
 
 ``/readyz`` answers 200 "ready" once every assigned partition is positioned at its stored
 offset, no stream is stopped on an error, and the last write succeeded (or nothing waits to be
