@@ -1,5 +1,5 @@
 """`pipeline bench`: the DatabaseAgent's throughput against the raw limits, in one run
-(docs/performance.md says what each mode measures and how).
+(docs/performance.md, "Running it", says what each mode measures and how).
 
 :func:`run_bench` measures, per traffic mix on the same generated records, the raw consume
 limit, the raw COPY limit, the end-to-end drain and the latency at steady load, then one

@@ -1,6 +1,6 @@
 """`pipeline bench`: end-to-end throughput against the raw limits, latency and memory, in one
 run; or, with --secure or --pooler, what TLS + SASL or a connection pooler costs. The
-measurements are consumers/bench.py; how to read them, docs/performance.md.
+measurements are consumers/bench.py; how to read them, docs/performance.md ("Running it").
 """
 
 from __future__ import annotations

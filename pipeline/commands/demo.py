@@ -1,7 +1,7 @@
 """`pipeline demo`: the whole pipeline in one command, on the local stack (or the servers the
 endpoint variables name): migrations and topics, a DatabaseAgent steered through the signed
 control topic, a simulated fleet's traffic, and what landed (README.md, "Set up on a fresh
-machine")."""
+machine: two commands")."""
 
 from __future__ import annotations
 

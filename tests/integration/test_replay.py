@@ -18,10 +18,11 @@ from aiokafka.admin.records_to_delete import RecordsToDelete
 from consumers.replay import Replayer, Request
 from pipeline import cli, kafka_clients, testbed
 from pipeline.config import load_config
-from pipeline.records import STREAM_BY_NAME, STREAMS
+from pipeline.records import STREAM_BY_NAME, STREAMS, Metric, encode
 from pipeline.replay import AtOffset, Earliest, Now, ReplayError
 from tests.conftest import Servers
 from tests.integration.harness import (
+    T0,
     Outgoing,
     Sent,
     agent_env,
@@ -399,3 +400,46 @@ async def _table_contents(database_url: str) -> dict[str, list[tuple[object, ...
         return found
     finally:
         await conn.close()
+
+
+async def test_a_replay_dead_letters_the_rows_the_database_refuses_once_each(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """Rows a constraint refuses are found by bisection inside the replay's transaction: each
+    refused record is dead-lettered once, as DatabaseRejected with the record's own
+    coordinates, and every other record of its chunk lands."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(
+        database_url, "ALTER TABLE performance_metrics ADD CONSTRAINT sane CHECK (value < 1e9)"
+    )
+    refused = [
+        Outgoing(METRICS, b"agent-r", encode(Metric(f"r{i}", "cpu", 5e12, T0)), "DatabaseRejected")
+        for i in range(3)
+    ]
+    traffic = fleet_traffic(3_000, seed=45)
+    outgoing = [*traffic[:100], refused[0], *traffic[100:1_500], refused[1], refused[2]]
+    outgoing += traffic[1_500:]
+    sent = await produce(bootstrap, prefix, outgoing)
+    ends = await end_offsets(bootstrap, prefix)
+    env = agent_env(bootstrap, database_url, prefix, prefix)
+    streams = ",".join(s.name for s in STREAMS)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*REPLAY_COMMAND, "--stream", streams, "--from", "earliest", "--to", "now"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{len(sent):,} records" in done.stdout
+    assert "3 dead letters" in done.stdout, done.stdout
+    await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        classes = await conn.fetch("SELECT error_class, reason FROM dead_letters")
+    finally:
+        await conn.close()
+    assert [r["error_class"] for r in classes] == ["DatabaseRejected"] * 3
+    assert all("sane" in r["reason"] for r in classes), classes
