@@ -112,13 +112,19 @@ async def connect(url: str, session: Session) -> Connection:
 
 
 @contextlib.asynccontextmanager
-async def transaction(conn: asyncpg.Connection, *, commit: bool = True) -> AsyncIterator[None]:
+async def transaction(
+    conn: asyncpg.Connection, *, commit: bool = True, durable: bool = False
+) -> AsyncIterator[None]:
     """A transaction that begins with the connection's session settings (``SET LOCAL``; a
     connection not made by :func:`connect` has none), or a savepoint inside one. It commits
-    when its block ends, or with ``commit=False`` (a dry run) rolls back."""
+    when its block ends, or with ``commit=False`` (a dry run) rolls back. ``durable`` keeps
+    ``synchronous_commit`` on: for a change nothing would redo after a crash (a migration),
+    unlike a batch, whose offsets are lost with it and which Kafka redelivers."""
     try:
         async with conn.transaction():
             prelude = getattr(conn, "prelude", "")
+            if durable:
+                prelude = f"{prelude}; SET LOCAL synchronous_commit = on" if prelude else ""
             if prelude:
                 await conn.execute(prelude)
             yield
@@ -266,7 +272,7 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
     """
     step = "reading schema_migrations"
     try:
-        async with transaction(conn):
+        async with transaction(conn, durable=True):
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             # Only when missing: CREATE ... IF NOT EXISTS still needs the right to create.
             if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):

@@ -60,6 +60,22 @@ async def test_rows_copied_are_read_back(database_url: str) -> None:
         await conn.close()
 
 
+async def test_a_migration_commits_durably_on_an_ingest_connection(database_url: str) -> None:
+    """Batches commit with synchronous_commit off (Kafka redelivers what a crash loses, offsets
+    and rows together); a migration keeps it on, since nothing would apply it again."""
+    session = db.Session(command_timeout=10, idle_in_transaction_timeout=60)
+    conn = await db.connect(database_url, session)
+    try:
+        seen = "CREATE TABLE seen AS SELECT current_setting('synchronous_commit') AS value"
+        applied = await db.migrate(conn, [db.Migration(900, "900_seen.sql", seen)])
+        assert applied == ["900_seen.sql"]
+        assert await conn.fetchval("SELECT value FROM seen") == "on"
+        async with db.transaction(conn):  # a batch's transaction, for contrast
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+    finally:
+        await conn.close()
+
+
 async def test_the_ingest_connection_writes_timestamps_and_json_exactly(database_url: str) -> None:
     """db.connect's own codecs (jsonb from raw bytes, timestamptz from microseconds) against
     what PostgreSQL and a plain asyncpg connection make of the same values."""
