@@ -5,6 +5,7 @@ handling and exit around a stand-in agent and controller (tests/unit/hanging_run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import subprocess
@@ -14,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka import TopicPartition
 
+from pipeline import kafka_clients
+from pipeline.lag_probe import LagProbe
 from pipeline.shutdown import FORCED_EXIT_STATUS, BoundedStop, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,3 +164,25 @@ async def test_running_names_each_task_with_where_it_waits() -> None:
         assert ".<locals>.outer > " in found
     finally:
         task.cancel()
+
+
+class _AnsweringConsumer:
+    """A consumer whose end offsets come at once."""
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 7)
+
+
+@pytest.mark.parametrize("steps", range(8))
+async def test_a_cancel_that_comes_as_a_lag_lookup_answers_is_never_lost(steps: int) -> None:
+    # The agent cancels its lag task as it stops, and waits for it: a lost cancel would keep
+    # the task measuring for ever, and the agent from stopping.
+    probe = LagProbe(kafka_clients.kafka_settings("localhost:9"), timeout_s=5.0)
+    probe._consumer = _AnsweringConsumer()  # type: ignore[assignment]
+    asking = asyncio.ensure_future(probe.end_offsets([("t", 0)]))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    requested = asking.cancel()  # False: it had answered already, nothing to cancel
+    with contextlib.suppress(asyncio.CancelledError):
+        await asking
+    assert asking.cancelled() == requested
