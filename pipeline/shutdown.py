@@ -51,13 +51,15 @@ class BoundedStop:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._forced = False
+        self._signalled = False
 
     def signalled(self, signum: int = signal.SIGTERM) -> None:
         """The first signal stops the agent and arms the deadline; the next exits at once."""
         name = signal.Signals(signum).name
         if self._timer is not None:
-            self._force(f"a second {name} (or {name} after the agent ended)")
+            self._force(f"a second {name}" if self._signalled else f"{name} while exiting")
             return
+        self._signalled = True
         log.info(
             "%s: stopping; exiting within %.0fs whatever is still running", name, self.deadline_s
         )

@@ -136,6 +136,20 @@ async def test_the_deadline_is_armed_by_the_first_signal_only() -> None:
     assert (stops, exits) == ([1], [FORCED_EXIT_STATUS])
 
 
+async def test_a_signal_once_the_agent_has_ended_exits_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stops: list[int] = []
+    exits: list[int] = []
+    stopping = BoundedStop(
+        lambda: stops.append(1), 30.0, asyncio.get_running_loop(), exit=exits.append
+    )
+    stopping.arm()  # run_controlled returned: asyncio.run is ending
+    stopping.signalled(signal.SIGTERM)
+    assert (stops, exits) == ([], [FORCED_EXIT_STATUS])
+    assert "SIGTERM while exiting: exiting now (status 70)" in caplog.text
+
+
 async def test_the_deadline_alone_exits_when_it_passes() -> None:
     exits: list[int] = []
     stopping = BoundedStop(lambda: None, 0.05, asyncio.get_running_loop(), exit=exits.append)
