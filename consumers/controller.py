@@ -563,12 +563,13 @@ class Controller:
             return
         producer, key = self._producer, self.agent.instance_id.encode()
 
-        async def send() -> None:
-            sent = [await producer.send(self.status_topic, v, key=key) for v in values]
-            await asyncio.gather(*sent)
-
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result of a send
+        # that completes as its caller is cancelled, and the cancel is lost: the heartbeat
+        # loop and the control loop would go on for ever, and the instance never exit.
         try:
-            await asyncio.wait_for(send(), _SEND_TIMEOUT_S)
+            async with asyncio.timeout(_SEND_TIMEOUT_S):
+                sent = [await producer.send(self.status_topic, v, key=key) for v in values]
+                await asyncio.gather(*sent)
         except Exception as exc:
             log.warning(
                 "status topic %s did not take %d message(s): %r",

@@ -6,6 +6,10 @@ does), so the end offsets are last stable offsets and aborted records are skippe
 even for partitions the agent has paused (a switched-off stream, a batch being retried): the
 agent's own consumer learns end offsets only from fetch responses, which paused partitions do
 not get.
+
+Each lookup is bounded by ``asyncio.timeout``, never ``wait_for``: lookups run in the agent's
+lag task, which the agent cancels as it stops, and Python 3.11's ``wait_for`` loses a cancel
+that comes as the lookup completes (the task would go on, and the agent never stop).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class LagProbe:
             return {}
         consumer = await self._started()
         tps = [TopicPartition(t, p) for t, p in partitions]
-        found = await asyncio.wait_for(consumer.end_offsets(tps), self._timeout_s)
+        async with asyncio.timeout(self._timeout_s):  # not wait_for: the module says why
+            found = await consumer.end_offsets(tps)
         return {(tp.topic, tp.partition): offset for tp, offset in found.items()}
 
     async def oldest_timestamps(
@@ -53,7 +58,8 @@ class LagProbe:
         found: dict[Partition, int | None] = {}
         # Bounded as a whole: a position being reset would otherwise be waited for.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._first_records(stored, ends, found), self._timeout_s + 1)
+            async with asyncio.timeout(self._timeout_s + 1):
+                await self._first_records(stored, ends, found)
         return found
 
     async def _first_records(
@@ -105,7 +111,8 @@ class LagProbe:
                 request_timeout_ms=max(int(self._timeout_s * 1000), 1000),
             )
             try:
-                await asyncio.wait_for(consumer.start(), self._timeout_s)
+                async with asyncio.timeout(self._timeout_s):
+                    await consumer.start()
             except BaseException:
                 await kafka.stop_consumer(consumer)  # the next lookup starts a new one
                 raise

@@ -64,11 +64,17 @@ def _serve_metrics(agent: DatabaseAgent, address: str) -> None:
 
 
 async def _run_until_signalled(agent: DatabaseAgent, controller: Controller) -> None:
-    """Run the agent, steered by its controller; SIGTERM or SIGINT asks it to stop (within
-    its shutdown deadline)."""
+    """Run the agent, steered by its controller; SIGTERM or SIGINT asks it to stop, and the
+    process exits within its shutdown deadline plus the close's allowance even if something
+    does not stop; a second signal exits at once (:class:`pipeline.shutdown.BoundedStop`)."""
     from consumers.controller import run_controlled
+    from pipeline.shutdown import CLOSE_ALLOWANCE_S, BoundedStop
 
     loop = asyncio.get_running_loop()
+    stopping = BoundedStop(agent.stop, agent.config.shutdown_timeout_s + CLOSE_ALLOWANCE_S, loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop)
-    await run_controlled(agent, controller)
+        loop.add_signal_handler(sig, stopping.signalled, sig)
+    try:
+        await run_controlled(agent, controller)
+    finally:
+        stopping.arm()  # what asyncio.run waits for once this returns is bounded too

@@ -5,6 +5,8 @@ most once per interval, not once per attempt."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -100,3 +102,30 @@ async def test_an_instance_without_keys_logs_a_lasting_error_once_per_interval(
             "last: control record at offset 7: RuntimeError('database down')",
         )
     ]
+
+
+class _AckedProducer:
+    """A producer whose every send is acknowledged at once."""
+
+    async def send(self, topic: str, value: bytes, *, key: bytes) -> asyncio.Future[None]:
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
+
+
+@pytest.mark.parametrize("steps", range(10))
+async def test_a_cancel_that_comes_as_a_status_send_is_acknowledged_is_never_lost(
+    steps: int,
+) -> None:
+    # Every step of the event loop from the send to its return: a cancel in any of them ends
+    # the heartbeat loop and the control loop (else the instance never stops: its close, and
+    # asyncio.run, wait for them for ever).
+    controller = _controller(None)
+    controller._producer = _AckedProducer()  # type: ignore[assignment]
+    sending = asyncio.ensure_future(controller._publish_all([b"status"]))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    requested = sending.cancel()  # False: it had returned already, nothing to cancel
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    assert sending.cancelled() == requested

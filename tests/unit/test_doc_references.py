@@ -20,7 +20,8 @@ def _sections(page: Path) -> set[str]:
     sections = set()
     for line in page.read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
-            sections.add(line.lstrip("#").strip())
+            # "### ... SIGTERM" continues its parent's sentence: named without the dots.
+            sections.add(line.lstrip("#").strip().removeprefix("... "))
         elif lead := re.match(r"\*\*(.+?)\.?\*\*", line):
             sections.add(lead.group(1))
     return sections
