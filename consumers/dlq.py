@@ -50,12 +50,15 @@ class DeadLetterOutlet:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), deadline)
 
-    async def publish(self, letters: list[DeadLetter], ack_timeout: float) -> None:
-        """:func:`pipeline.kafka.publish_dead_letters`, each letter within the limit in force
-        (none but its coordinates and class while this batch's letters go bare)."""
+    async def publish(self, letters: list[DeadLetter]) -> None:
+        """Send a batch's dead letters and wait for every acknowledgement, within
+        ``db_command_timeout_s`` (:func:`pipeline.kafka.publish_dead_letters`): each letter
+        within the limit in force (none but its coordinates and class while this batch's
+        letters go bare)."""
         assert self._producer is not None, "the agent is not running"
         limit = kafka_io.BARE if self._bare else self._limit
-        await kafka_io.publish_dead_letters(self._producer, self.topic, letters, ack_timeout, limit)
+        timeout = self._config.db_command_timeout_s
+        await kafka_io.publish_dead_letters(self._producer, self.topic, letters, timeout, limit)
 
     def refused(self, error: kafka_io.DeadLetterRefused) -> None:
         self._refused = error

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.batching import Batch, Partition
+from pipeline.batching import Batch, OffsetMove, Partition
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.lag import LagBook, timestamp_in_hand
 from pipeline.lag_probe import LagProbe
@@ -93,6 +93,15 @@ class LagWatch:
         self._metrics.show_partition(
             *partition, records=lag.records, seconds=lag.seconds, stored=stored, end=lag.end
         )
+
+    def show_moved(self, moves: Iterable[OffsetMove], now: float) -> None:
+        """Set the lag gauges of the partitions a commit moved, those still positioned."""
+        positions = self._ownership.positions()
+        for move in moves:
+            partition = (move.topic, move.partition)
+            stored = positions.get(partition)
+            if stored is not None:
+                self.show(partition, stored, now)
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         """Drop what is known of partitions this instance does not own any more, and their

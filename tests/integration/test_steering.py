@@ -286,7 +286,7 @@ async def test_batch_limits_lowered_while_a_batch_fills_take_effect_without_a_cr
         sent = await produce(bootstrap, prefix, traffic[:500])
 
         async def filling() -> bool:
-            return agent._filling.count == 500  # a batch far from due: it waits a minute
+            return agent._fetcher.batch.count == 500  # a batch far from due: it waits a minute
 
         await until(filling, within=60, what="500 records in the batch being filled")
         # Below what that batch holds already: it is written as it is, once the fetch under
