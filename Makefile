@@ -5,15 +5,23 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint compose chaos fuzz compat clean
+.PHONY: demo check test lint compose chaos fuzz compat clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
-test: lint compose
-	$(VENV)/bin/pytest
+# The inner loop: lint, types and the unit tests, which need no server and no external tool.
+check: lint
+	$(VENV)/bin/pytest -q tests/unit
 
-# `docker compose`, which tests/unit/test_deploy.py runs: built once per machine when missing.
+# Everything: check's parts, then the tests that run external tools (tests/tools/) and real
+# servers (tests/integration/) in WORKERS parallel processes sharing one local stack
+# (tests/conftest.py). loadgroup keeps each xdist_group's tests on one worker.
+WORKERS ?= 2
+test: check compose
+	$(VENV)/bin/pytest -n $(WORKERS) --dist loadgroup tests/tools tests/integration
+
+# `docker compose`, which tests/tools/test_deploy.py runs: built once per machine when missing.
 compose:
 	deploy/install-compose
 
