@@ -230,10 +230,12 @@ async def test_simulate_delivers_exactly_what_it_reports(
         record_sent=True,
         tick=TICK,
     )
-    assert result.total == sum(result.counts.values()) == len(result.sent) == 3000
+    assert result.total == sum(result.counts.values()) == len(result.sent)
     assert all(result.counts[s.name] > 0 for s in STREAMS)
-    # The pacing never runs ahead of the schedule: a tick queues only what is due by its end.
-    # (How far below the target a loaded machine falls is not the simulator's to promise.)
+    # It sends the 3000 due unless its second ran out first, as a loaded machine's may (how
+    # far below the target that leaves it is not the simulator's to promise); and its pacing
+    # never runs ahead of the schedule: a tick queues only what is due by the tick's end.
+    assert result.total == 3000 or (result.total < 3000 and result.elapsed >= 1.0), result
     assert result.total <= result.target_rate * (result.elapsed + TICK), result
 
     messages = await _consume_all(endpoints.kafka_bootstrap, list(topics.values()), 3)
