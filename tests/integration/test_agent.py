@@ -41,6 +41,7 @@ from tests.integration.harness import (
     assert_caught_up_exactly_once,
     assert_exactly_once,
     assert_latest_tables_follow_the_log,
+    consumer_group,
     create_topics,
     end_offsets,
     fleet_traffic,
@@ -352,21 +353,10 @@ async def test_three_agents_with_rolling_restarts_and_a_hard_kill(
             agent.kill()
 
 
-async def group_state(bootstrap: str, group: str) -> tuple[str, int]:
-    """The consumer group's state and how many members it has, as the broker says."""
-    admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    (found,) = response.to_object()["groups"]
-    return found["state"], len(found["members"])
-
-
 async def until_members(bootstrap: str, group: str, count: int) -> None:
     async def joined() -> bool:
-        return await group_state(bootstrap, group) == ("Stable", count)
+        state, members = await consumer_group(bootstrap, group)
+        return (state, len(members)) == ("Stable", count)
 
     await until(joined, within=90, what=f"group {group} stable with {count} members")
 
@@ -547,7 +537,7 @@ async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadlin
         assert agent.stop(within=15) == 0
         assert asyncio.get_running_loop().time() - started < 10
         # It left the group itself: no member lingers until a session timeout.
-        assert await group_state(bootstrap, prefix) == ("Empty", 0)
+        assert await consumer_group(bootstrap, prefix) == ("Empty", [])
 
         # What it committed is not delivered again: the next agent skips nothing.
         sent += await produce(bootstrap, prefix, traffic[20_000:])
