@@ -1,6 +1,6 @@
-# The two set-up commands of the README, and what they need. Each installs what it needs
-# itself: the virtual environment and dependencies here, the Kafka jars on first use, and
-# Docker Compose for `make test` when the docker CLI lacks it.
+# The commands of the README (demo, check, test) and what they need. Each installs what it
+# needs itself: the virtual environment and dependencies here, the Kafka jars on first use,
+# and Docker Compose for `make test` when the docker CLI lacks it.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
