@@ -1,19 +1,28 @@
-# The two set-up commands of the README, and what they need. Each installs what it needs
-# itself: the virtual environment and dependencies here, the Kafka jars on first use, and
-# Docker Compose for `make test` when the docker CLI lacks it.
+# The commands of the README (demo, check, test) and what they need. Each installs what it
+# needs itself: the virtual environment and dependencies here, the Kafka jars on first use,
+# and Docker Compose for `make test` when the docker CLI lacks it.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint compose chaos fuzz compat clean
+.PHONY: demo check test lint compose chaos fuzz compat clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
 
-test: lint compose
-	$(VENV)/bin/pytest
+# The inner loop: lint, types and the unit tests, which need no server and no external tool.
+check: lint
+	$(VENV)/bin/pytest -q tests/unit
 
-# `docker compose`, which tests/unit/test_deploy.py runs: built once per machine when missing.
+# Everything: check's parts, then the tests that run external tools (tests/tools/) and real
+# servers (tests/integration/) in WORKERS parallel processes sharing one local stack
+# (tests/conftest.py). The integration tests spend most of their time waiting on servers and
+# agent processes, so even two cores keep three workers busy.
+WORKERS ?= 3
+test: check compose
+	$(VENV)/bin/pytest -n $(WORKERS) tests/tools tests/integration
+
+# `docker compose`, which tests/tools/test_deploy.py runs: built once per machine when missing.
 compose:
 	deploy/install-compose
 

@@ -2,15 +2,20 @@
 
 1. ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` from the environment;
 2. a Docker engine, through testcontainers, when one answers;
-3. the local stack (``pipeline dev``), started once per test session under a home of its
-   own, and stopped and deleted at the end; of the PostgreSQL major ``PIPELINE_DEV_POSTGRES``
-   names (docs/compatibility.md), like any stack.
+3. the local stack (``pipeline dev``), started once per test run under a home of its own,
+   and stopped and deleted at the end; of the PostgreSQL major ``PIPELINE_DEV_POSTGRES``
+   names (docs/compatibility.md), like any stack. Parallel workers (pytest-xdist, as
+   ``make test`` runs them) share that one stack: the process that began the run names its
+   home, each worker's ``up`` finds it started (or starts it), and the process that named it
+   stops it.
 
 The last two run the Kafka release ``PIPELINE_DEV_KAFKA`` names (default 4.3.1), so
 ``PIPELINE_DEV_KAFKA=3.9.1 pytest`` runs the suite against Kafka 3.9.1.
 
 When none can be had, every test that needs a server fails with the reason: never a skip.
-Each test gets its own topics (unique names) and its own PostgreSQL database.
+Each test gets its own topics (unique names) and its own PostgreSQL database, so tests run in
+parallel; a test that stops or restarts the shared servers is marked ``exclusive`` and runs
+while no other test holds them (:func:`_servers_turn`).
 
 PostgreSQL is used as in production (docs/security.md): each test's database is owned and
 migrated by the migrator login, and the agents the tests start connect as the agent login,
@@ -32,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import os
+import shutil
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -57,10 +64,36 @@ from pipeline.devstack.stack import cache_root
 from pipeline.errors import ConfigError, DevStackError
 from pipeline.records import topic_name
 
-# One stack per test session: two sessions on one machine (a developer's and an editor's, or
-# two worktrees) must not stop each other's servers.
-TEST_STACK_HOME = cache_root() / "test-stacks" / f"session-{os.getpid()}"
+# One stack per test run: two runs on one machine (a developer's and an editor's, or two
+# worktrees) must not stop each other's servers. The process that begins the run names the
+# home and passes it on to its workers (and to any pytest a test starts) in STACK_HOME_ENV.
+STACK_HOME_ENV = "PIPELINE_TEST_STACK_HOME"
+OWNS_STACK_HOME = STACK_HOME_ENV not in os.environ
+TEST_STACK_HOME = Path(
+    os.environ.get(STACK_HOME_ENV) or cache_root() / "test-stacks" / f"session-{os.getpid()}"
+)
+# The locks by which tests take turns with the servers (:func:`_servers_turn`).
+TURNS = TEST_STACK_HOME.with_name(TEST_STACK_HOME.name + ".turns")
 POOLER_ENV = "PIPELINE_TEST_POOLER"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "exclusive: stops or restarts the shared servers, so it runs while no other test "
+        "holds them",
+    )
+    if OWNS_STACK_HOME:
+        os.environ[STACK_HOME_ENV] = str(TEST_STACK_HOME)  # before the workers start
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not OWNS_STACK_HOME:
+        return
+    del os.environ[STACK_HOME_ENV]
+    if TEST_STACK_HOME.exists():  # a worker started the local stack
+        Stack(home=TEST_STACK_HOME).down(purge=True, report=lambda _: None)
+    shutil.rmtree(TURNS, ignore_errors=True)
 
 
 def _docker_engine_answers() -> bool:
@@ -113,7 +146,8 @@ def servers() -> Iterator[Servers]:
             return
         assert found.logins is not None
         logins = found.logins
-        home = TEST_STACK_HOME / f"pgbouncer-{mode}"
+        # A PgBouncer per worker: each listens on a port of its own.
+        home = TEST_STACK_HOME / f"pgbouncer-{mode}-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
         try:
             with pgbouncer.running(
                 home,
@@ -152,20 +186,16 @@ def _servers() -> Iterator[Servers]:
         with _containers() as found:
             yield _with_logins(found, None, _created_logins(found.database_url), None)
         return
+    # Every worker of the run asks for the same stack: `up` starts it once (it holds the
+    # home's lock) and finds it running after that. pytest_unconfigure stops it.
     stack = Stack(home=TEST_STACK_HOME)
     try:
         started = stack.up(report=lambda _: None)
     except (ConfigError, DevStackError) as exc:  # ConfigError: PIPELINE_DEV_KAFKA
-        stack.down(purge=True, report=lambda _: None)  # whichever server did start
         pytest.fail(f"no Kafka and PostgreSQL for the integration tests: {exc}")
-    try:
-        # The same endpoints (Kafka's listeners, the control keys) with the superuser's URL.
-        admin = dataclasses.replace(
-            started, database_url=stack.admin_url(), migrate_database_url=None
-        )
-        yield _with_logins(admin, stack, stack.logins(), stack.ca().cert)
-    finally:
-        stack.down(purge=True, report=lambda _: None)
+    # The same endpoints (Kafka's listeners, the control keys) with the superuser's URL.
+    admin = dataclasses.replace(started, database_url=stack.admin_url(), migrate_database_url=None)
+    yield _with_logins(admin, stack, stack.logins(), stack.ca().cert)
 
 
 def _with_logins(
@@ -192,6 +222,27 @@ def _created_logins(admin_url: str) -> postgres.Logins:
             f"the tests create the pipeline's logins on the server of DATABASE_URL, and its "
             f"user may not: {exc}. Use a superuser, or one with CREATEROLE and CREATEDB."
         )
+
+
+@pytest.fixture(autouse=True)
+def _servers_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests that use the servers hold them shared; an ``exclusive`` test holds them alone.
+    It first takes the turnstile, which every test passes through before its shared hold, so
+    the tests that start meanwhile wait behind it instead of keeping it waiting for ever."""
+    if "servers" not in request.fixturenames:
+        yield
+        return
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    TURNS.mkdir(parents=True, exist_ok=True)
+    with (TURNS / "turnstile").open("w") as gate, (TURNS / "servers").open("w") as hold:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(hold, fcntl.LOCK_EX)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            fcntl.flock(hold, fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -245,6 +245,21 @@ async def kafka_committed(bootstrap: str, group: str, prefix: str) -> dict[tuple
     }
 
 
+async def consumer_group(bootstrap: str, group: str) -> tuple[str, list[str]]:
+    """The consumer group's state and its members' client ids (sorted), as the broker says."""
+    admin = kafka_clients.admin(_kafka(bootstrap))
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+    except GroupCoordinatorNotAvailableError:  # no member has joined yet
+        return "Unknown", []
+    finally:
+        await admin.close()
+    (found,) = response.to_object()["groups"]
+    members = sorted(f"{m['client_id']}/{m['member_id']}" for m in found["members"])
+    return found["state"], members
+
+
 async def wait_caught_up(
     database_url: str,
     bootstrap: str,

@@ -41,6 +41,7 @@ from tests.integration.harness import (
     assert_caught_up_exactly_once,
     assert_exactly_once,
     assert_latest_tables_follow_the_log,
+    consumer_group,
     create_topics,
     end_offsets,
     fleet_traffic,
@@ -334,15 +335,14 @@ async def test_three_agents_with_rolling_restarts_and_a_hard_kill(
     agents = [AgentProcess(env, tmp_path / f"agent-{i}.log") for i in range(3)]
     try:
         more = asyncio.create_task(produce(bootstrap, prefix, traffic[20_000:]))
-        for agent in agents:  # join one by one: two rebalances while ingesting
+        for joined, agent in enumerate(agents, 1):  # join one by one: two rebalances
             agent.start()
-            await asyncio.sleep(1.5)
+            await until_members(bootstrap, prefix, joined)
         for agent in agents[:2]:  # rolling restart
             assert agent.stop() == 0
             agent.start()
-            await asyncio.sleep(1.5)
+            await until_members(bootstrap, prefix, 3)
         agents[2].kill()  # and one hard kill, restarted
-        await asyncio.sleep(0.5)
         agents[2].start()
         sent += await more
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=240)
@@ -353,6 +353,25 @@ async def test_three_agents_with_rolling_restarts_and_a_hard_kill(
             agent.kill()
 
 
+async def until_members(bootstrap: str, group: str, count: int) -> None:
+    async def joined() -> bool:
+        state, members = await consumer_group(bootstrap, group)
+        return (state, len(members)) == ("Stable", count)
+
+    await until(joined, within=90, what=f"group {group} stable with {count} members")
+
+
+async def until_ingesting(database_url: str, group: str) -> None:
+    """Until the group has stored an offset: the agent is past its start-up, mid-stream."""
+
+    async def ingesting() -> bool:
+        return bool(await stored_offsets(database_url, group, group))
+
+    await until(ingesting, within=60, what=f"group {group} storing its first offsets")
+
+
+@pytest.mark.exclusive  # stops the shared PostgreSQL
+@pytest.mark.timeout(900)  # with the wait for the tests holding the servers
 async def test_postgres_restart_during_ingestion_needs_no_agent_restart(
     servers: Servers, database_url: str, unique: str, tmp_path: Path
 ) -> None:
@@ -374,7 +393,7 @@ async def test_postgres_restart_during_ingestion_needs_no_agent_restart(
     agent = AgentProcess(env, tmp_path / "agent.log").start()
     try:
         sending = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=10.0))
-        await asyncio.sleep(3.0)
+        await until_ingesting(database_url, prefix)
         pg_pid = postgres.pidfile(servers.stack.home / "postgres").live_pid()
         assert pg_pid is not None
         await asyncio.to_thread(stop_pid, pg_pid, signal.SIGINT, 60.0)  # fast shutdown
@@ -421,10 +440,20 @@ async def test_group_offsets_reset_to_earliest_in_kafka_change_nothing(
         assert await kafka_committed(bootstrap, prefix, prefix) == dict.fromkeys(ends, 0)
 
         agent.start()
-        await asyncio.sleep(8)  # plenty of time to re-ingest everything, were it to
-        await wait_caught_up(database_url, bootstrap, prefix, prefix, within=60)
+        # A marker after the end of every partition: once the agent has stored the markers'
+        # offsets it has read every partition past all that came before, so whatever it were
+        # to ingest again is in the database by then. Undecodable, the markers are dead
+        # letters and leave the data tables alone.
+        markers = [
+            Outgoing(stream, f"marker-{i}".encode(), b"{broken", "DecodeError")
+            for stream in STREAM_BY_NAME.values()
+            for i in range(30)
+        ]
+        marked = await produce(bootstrap, prefix, markers)
+        assert {(m.topic, m.partition) for m in marked} == set(ends)
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=60)
         assert await _table_fingerprint(database_url) == before
-        await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+        await assert_exactly_once(database_url, prefix, prefix, sent + marked, ends)
         assert agent.stop() == 0
     finally:
         agent.kill()
@@ -434,7 +463,7 @@ async def _table_fingerprint(database_url: str) -> dict[str, tuple[int, str]]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         found = {}
-        for table in (*DATA_TABLES, "dead_letters"):
+        for table in DATA_TABLES:
             found[table] = tuple(
                 await conn.fetchrow(
                     "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) "
@@ -503,19 +532,12 @@ async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadlin
     )
     agent = AgentProcess(env, tmp_path / "agent.log").start()
     try:
-        await asyncio.sleep(2.0)
+        await until_ingesting(database_url, prefix)
         started = asyncio.get_running_loop().time()
         assert agent.stop(within=15) == 0
         assert asyncio.get_running_loop().time() - started < 10
         # It left the group itself: no member lingers until a session timeout.
-        admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
-        await admin.start()
-        try:
-            (response,) = await admin.describe_consumer_groups([prefix])
-        finally:
-            await admin.close()
-        (group,) = response.to_object()["groups"]
-        assert (group["state"], group["members"]) == ("Empty", [])
+        assert await consumer_group(bootstrap, prefix) == ("Empty", [])
 
         # What it committed is not delivered again: the next agent skips nothing.
         sent += await produce(bootstrap, prefix, traffic[20_000:])
@@ -528,6 +550,8 @@ async def test_sigterm_mid_batch_commits_and_leaves_the_group_within_the_deadlin
         agent.kill()
 
 
+@pytest.mark.exclusive  # stops the shared Kafka broker
+@pytest.mark.timeout(900)  # with the wait for the tests holding the servers
 async def test_broker_restart_during_ingestion_needs_no_agent_restart(
     servers: Servers, database_url: str, unique: str, tmp_path: Path
 ) -> None:
@@ -541,11 +565,9 @@ async def test_broker_restart_during_ingestion_needs_no_agent_restart(
     env = agent_env(bootstrap, database_url, prefix, prefix, batch_max_records=700)
     agent = AgentProcess(env, tmp_path / "agent.log").start()
 
-    async def ingesting() -> bool:  # past its start-up (which fails fast without a broker)
-        return bool(await stored_offsets(database_url, prefix, prefix))
-
     try:
-        await until(ingesting, within=60, what="the agent ingesting the first half")
+        # Past its start-up, which fails fast without a broker.
+        await until_ingesting(database_url, prefix)
         broker = kafka.pidfile(servers.stack.home / "kafka").live_pid()
         assert broker is not None
         await asyncio.to_thread(stop_pid, broker, signal.SIGTERM, 60.0)

@@ -27,9 +27,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka.errors import GroupCoordinatorNotAvailableError
 
-from pipeline import kafka_clients
 from pipeline.devstack.processes import choose_port
 from pipeline.records import STREAM_BY_NAME
 from tests.conftest import Servers
@@ -39,6 +37,7 @@ from tests.integration.harness import (
     Sent,
     agent_env,
     assert_caught_up_exactly_once,
+    consumer_group,
     create_topics,
     end_offsets,
     fleet_traffic,
@@ -106,21 +105,6 @@ async def _agent_backends(database_url: str, database: str) -> list[asyncpg.Reco
         )
     finally:
         await conn.close()
-
-
-async def _group(bootstrap: str, group: str) -> tuple[str, list[str]]:
-    """The consumer group's state and its members' client ids (sorted)."""
-    admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-    except GroupCoordinatorNotAvailableError:  # no member has joined yet
-        return "Unknown", []
-    finally:
-        await admin.close()
-    (found,) = response.to_object()["groups"]
-    members = sorted(f"{m['client_id']}/{m['member_id']}" for m in found["members"])
-    return found["state"], members
 
 
 async def _ingested(database_url: str, group: str, prefix: str) -> int:
@@ -241,7 +225,7 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
     try:
 
         async def three_members() -> bool:
-            state, members = await _group(bootstrap, prefix)
+            state, members = await consumer_group(bootstrap, prefix)
             return state == "Stable" and len(members) == 3
 
         await until(three_members, within=60, what="three members in a stable group")
@@ -309,7 +293,7 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
             assert ended_after > idle_timeout_s * 0.8, "ended before its idle timeout?"
 
             async def evicted() -> bool:
-                state, members = await _group(bootstrap, prefix)
+                state, members = await consumer_group(bootstrap, prefix)
                 return state == "Stable" and len(members) == 2
 
             await until(evicted, within=40, what="the stalled member evicted")
@@ -358,7 +342,7 @@ async def test_a_stalled_instance_is_evicted_and_its_late_write_duplicates_nothi
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
 
         async def rejoined() -> bool:
-            state, members = await _group(bootstrap, prefix)
+            state, members = await consumer_group(bootstrap, prefix)
             return state == "Stable" and len(members) == 3
 
         await until(rejoined, within=60, what="the stalled member back in the group")
@@ -486,7 +470,7 @@ async def test_a_table_locked_past_the_session_timeout_holds_without_eviction(
             return await _ingested(database_url, prefix, prefix) > 2_000
 
         await until(ingesting, within=60, what="ingestion under way")
-        state, members = await _group(bootstrap, prefix)
+        state, members = await consumer_group(bootstrap, prefix)
         assert (state, len(members)) == ("Stable", 1)
         rss_before = _rss_kb(agent.pid)
         retries = scrape(address, "pipeline_retries_total")
@@ -501,7 +485,7 @@ async def test_a_table_locked_past_the_session_timeout_holds_without_eviction(
                 # Held for twice the session timeout: this wait IS the fault.
                 while time.monotonic() - locked_at < 12.0:
                     rss_during.append(_rss_kb(agent.pid))
-                    state, members = await _group(bootstrap, prefix)
+                    state, members = await consumer_group(bootstrap, prefix)
                     membership.add((state, tuple(members)))
                     await asyncio.sleep(1.0)
                 stuck_at = await _ingested(database_url, prefix, prefix)
@@ -511,7 +495,7 @@ async def test_a_table_locked_past_the_session_timeout_holds_without_eviction(
         assert not sending.done(), "records must still arrive after the lock"
         sent = await sending
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
-        state, members_after = await _group(bootstrap, prefix)
+        state, members_after = await consumer_group(bootstrap, prefix)
         membership.add((state, tuple(members_after)))
         fenced = scrape(address, "pipeline_fenced_batches_total")
         print(

@@ -48,6 +48,11 @@ _DECODERS: dict[str, dict[str, msgspec.json.Decoder[Any] | msgspec.msgpack.Decod
     JSON: {s.name: msgspec.json.Decoder(s.record_type) for s in STREAMS},
     MSGPACK: {s.name: msgspec.msgpack.Decoder(s.record_type) for s in STREAMS},
 }
+# How late a loaded machine (two cores shared with other test workers) may run a deadline of
+# this process. The bounds checked against it replace aiokafka's own waits, which last 40 s
+# or for ever, so even this margin tells the two apart.
+LATE = 5.0
+TICK = 0.05  # the simulator's pacing interval in these tests
 
 
 async def _stream_topics(create_topic: CreateTopic, partitions: int) -> dict[str, str]:
@@ -223,10 +228,15 @@ async def test_simulate_delivers_exactly_what_it_reports(
         topic_prefix=f"{unique}.",
         seed=42,
         record_sent=True,
+        tick=TICK,
     )
-    assert result.total == sum(result.counts.values()) == len(result.sent) == 3000
+    assert result.total == sum(result.counts.values()) == len(result.sent)
     assert all(result.counts[s.name] > 0 for s in STREAMS)
-    assert 2000 < result.rate < 4000, result
+    # It sends the 3000 due unless its second ran out first, as a loaded machine's may (how
+    # far below the target that leaves it is not the simulator's to promise); and its pacing
+    # never runs ahead of the schedule: a tick queues only what is due by the tick's end.
+    assert result.total == 3000 or (result.total < 3000 and result.elapsed >= 1.0), result
+    assert result.total <= result.target_rate * (result.elapsed + TICK), result
 
     messages = await _consume_all(endpoints.kafka_bootstrap, list(topics.values()), 3)
     assert len(messages) == result.total
@@ -276,7 +286,7 @@ async def test_a_missing_topic_times_out_naming_it(endpoints: Endpoints, unique:
             started = time.monotonic()
             with pytest.raises(PublishTimeoutError) as raised:
                 await send(record)
-            assert 1.9 <= time.monotonic() - started < 3.5
+            assert 1.9 <= time.monotonic() - started < 2 + LATE
             assert raised.value.topic == topic_name("agents.events", prefix)
             assert topic_name("agents.events", prefix) in str(raised.value)
 
@@ -287,7 +297,7 @@ async def test_an_unreachable_broker_times_out(refused_address: str) -> None:
     with pytest.raises(PublishTimeoutError, match=refused_address):
         async with publisher:
             pass
-    assert 1.9 <= time.monotonic() - started < 3.5
+    assert 1.9 <= time.monotonic() - started < 2 + LATE
     assert not publisher.started
 
 
@@ -299,7 +309,9 @@ async def test_the_log_handler_accounts_for_every_record_when_kafka_is_unreachab
     started = time.perf_counter()
     for _ in range(80):
         handler.handle(record)
-    assert time.perf_counter() - started < 0.5
+    # handle() never waits for room in the queue: waiting, it would wait for the worker's
+    # failed sends, each as long as send_timeout (0.5 s), for 30 records.
+    assert time.perf_counter() - started < 0.5 + LATE
     await asyncio.to_thread(handler.close, 10)
     # How many the worker took before the queue filled depends on thread timing; that every
     # record is counted exactly once, as failed or dropped, does not.
@@ -352,19 +364,19 @@ async def test_a_frozen_broker_bounds_every_call_and_stop_still_closes(
         started = time.monotonic()
         with pytest.raises(PublishTimeoutError):
             await publisher.send(records[1])
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 3 + LATE
 
         futures = [await publisher.send_nowait(r) for r in records[2:]]
         started = time.monotonic()
         with pytest.raises(PublishTimeoutError):
             await publisher.delivered(futures)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 3 + LATE
 
         pending = [await publisher.send_nowait(r) for r in records[2:12]]
         started = time.monotonic()
         with pytest.raises(PublishTimeoutError, match="stop"):
             await publisher.stop()
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 4 + LATE
         # Nothing is left waiting: the futures failed, and aiokafka's tasks are gone.
         assert all(isinstance(f.exception(), PublishTimeoutError) for f in pending)
         assert [t for t in asyncio.all_tasks() if "aiokafka" in repr(t.get_coro())] == []
