@@ -26,12 +26,14 @@ pytestmark = pytest.mark.timeout(600)
 
 
 async def test_the_control_loop_ends_whenever_it_is_cancelled_even_as_a_heartbeat_is_acked(
-    servers: Servers, unique: str
+    servers: Servers, unique: str, database_url: str
 ) -> None:
     # Heartbeats back to back: the loop is nearly always sending one, so cancels land as
     # sends are acknowledged too (where Python 3.11's wait_for lost them: 4 in 40).
     config = load_config(
+        {},  # this test's servers only, whatever the environment says
         kafka_bootstrap_servers=servers.endpoints.kafka_bootstrap,
+        database_url=database_url,
         topic_prefix=f"{unique}.",
         group_id=unique,
         metrics_address="",
