@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import pytest
 
@@ -14,18 +13,7 @@ from consumers.writer import BatchWriter, Refused, write_bisecting
 from pipeline.batching import Part, Rejected, Row
 from pipeline.db import DeadLetter
 from pipeline.errors import SchemaError
-
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None = b"v"
-    key: bytes | None = None
-    serialized_value_size: int = 1
-    headers: Sequence[tuple[str, bytes]] = ()
-    timestamp: int = 0
+from tests.unit.test_batching import Rec
 
 
 def row(partition: int, offset: int, value: object = "ok") -> Row:
