@@ -15,10 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from pipeline.catalog import Catalog, load
 from pipeline.db_session import Pooler, Session
 from pipeline.errors import ConfigError
 from pipeline.kafka_settings import BOOTSTRAP_ENV, CHOICES, SECURITY_ENV, KafkaSettings
-from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
+from pipeline.records import topic_name
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -44,7 +45,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     migrate_database_url: str = ""
     group_id: Annotated[str, msgspec.Meta(min_length=1)] = "database-agent"
     topic_prefix: str = ""
-    streams: tuple[str, ...] = tuple(s.name for s in STREAMS)
+    # The streams catalog's file (docs/streams.md); "" means the built-in streams only.
+    streams_file: str = ""
+    # The streams this agent ingests; empty means every stream of the catalog.
+    streams: tuple[str, ...] = ()
     topic_partitions: Positive = 6
     batch_max_records: Positive = 50_000
     batch_max_bytes: Positive = 32 * 1024 * 1024
@@ -75,11 +79,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     control_private_key_file: str = ""
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.streams if s not in STREAM_BY_NAME]
+        catalog = self.catalog  # a bad file fails here, at start-up, naming its place
+        if not self.streams:
+            msgspec.structs.force_setattr(self, "streams", catalog.names)
+        unknown = catalog.unknown(self.streams)
         if unknown or not self.streams:
             raise ConfigError(
                 f"{env_name('streams')}: unknown stream(s) {unknown or '(none given)'}; "
-                f"choose from {', '.join(STREAM_BY_NAME)}"
+                f"choose from {', '.join(catalog.names)}"
             )
         if self.metrics_address and not re.fullmatch(r"[^\s:]+:\d{1,5}", self.metrics_address):
             raise ConfigError(
@@ -100,6 +107,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         fields["database_url"] = redact_url(self.database_url)
         fields["migrate_database_url"] = redact_url(self.migrate_database_url)
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+    @property
+    def catalog(self) -> Catalog:
+        """The streams this deployment knows: the built-in ones and ``streams_file``'s."""
+        return load(self.streams_file)
 
     def topic(self, default_name: str) -> str:
         """A topic's deployed name: :func:`pipeline.records.topic_name` with this prefix."""
@@ -160,6 +172,8 @@ def load_config(
         if raw is not None:
             settings[setting] = [s for s in raw.split(",") if s] if setting in _LISTS else raw
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings.get("streams") == []:  # given, but empty: a mistake, not "every stream"
+        raise ConfigError(f"{env_name('streams')}: unknown stream(s) (none given)")
     if settings.get("instance_id") in (None, ""):
         settings["instance_id"] = default_instance_id()
     kafka = {_KAFKA_KEYS[k]: settings.pop(k) for k in list(settings) if k in _KAFKA_KEYS}

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from pipeline.batching import FetchedRecord, Rejected, Row
+from pipeline.catalog import StreamSpec
 from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
@@ -333,3 +334,16 @@ def _content_type(headers: Sequence[tuple[str, bytes | None]]) -> str:
 
 
 DECODERS: dict[str, StreamDecoder] = {s.name: StreamDecoder(s) for s in STREAMS}
+
+
+class Tombstone(tuple[Any, ...]):
+    """A row that deletes: a record without a value on a stream with ``tombstones =
+    "delete"``. Its key column holds the Kafka key, the stream's other columns are None, and
+    its provenance is the record's, like any row's."""
+
+    __slots__ = ()
+
+
+def decoder(spec: StreamSpec) -> StreamDecoder:
+    """The decoder of a catalog stream (one per spec, made on first use)."""
+    return DECODERS[spec.name]

@@ -25,6 +25,7 @@ DEFAULTS = {
     "migrate_database_url": "",
     "group_id": "database-agent",
     "topic_prefix": "",
+    "streams_file": "",
     "streams": ("states", "events", "metrics", "analytics", "config"),
     "topic_partitions": 6,
     "batch_max_records": 50_000,
