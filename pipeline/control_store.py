@@ -17,8 +17,8 @@ import msgspec
 from asyncpg import Connection
 
 from pipeline import db
+from pipeline.catalog import Catalog, StreamTables
 from pipeline.control import Assign, BatchLimits, GroupState
-from pipeline.rows import TABLES
 
 
 @dataclass(frozen=True)
@@ -284,12 +284,14 @@ async def roll_back_data(
     group: str,
     checkpoint: Mapping[tuple[str, int], int],
     stream_topics: Mapping[str, str],
+    catalog: Catalog,
 ) -> RolledBack:
     """Put the group's data back to ``checkpoint``, in the caller's transaction.
 
     1. Lock the group's ``ingest_offsets`` rows: batches of other instances wait, then miss
        their compare-and-set (the fence) and re-read from the checkpoint.
-    2. Per stream (``stream_topics``: stream name -> deployed topic), delete the rows ingested
+    2. Per stream (``stream_topics``: stream name -> deployed topic; ``catalog`` says its
+       tables), delete the rows ingested
        at or after the checkpoint's offset of their partition (a partition the checkpoint did
        not know: all of them). "Latest" tables are rebuilt, for the keys that lost history
        rows, from the history that remains.
@@ -312,14 +314,16 @@ async def roll_back_data(
     moved = sorted({tp[0] for tp, offset in back.items() if stored[tp] > offset})
     # Only the group's own tables: another group's rows would share partitions and offsets.
     await db.claim_tables(
-        conn, group, db.stream_tables({s: t for s, t in stream_topics.items() if t in moved})
+        conn,
+        group,
+        db.stream_tables(catalog, {s: t for s, t in stream_topics.items() if t in moved}),
     )
     deleted: dict[str, int] = {}
     for stream, topic in stream_topics.items():
         cut = [(p, offset) for (t, p), offset in back.items() if t == topic and t in moved]
         if not cut:
             continue
-        deleted.update(await _delete_after(conn, stream, cut))
+        deleted.update(await _delete_after(conn, catalog[stream].tables, cut))
     triples = [(t, p, o) for (t, p), o in back.items() if t in moved]
     letters = await conn.execute(
         """DELETE FROM dead_letters d
@@ -344,9 +348,8 @@ async def roll_back_data(
 
 
 async def _delete_after(
-    conn: Connection, stream: str, cut: Iterable[tuple[int, int]]
+    conn: Connection, tables: StreamTables, cut: Iterable[tuple[int, int]]
 ) -> dict[str, int]:
-    tables = TABLES[stream]
     partitions, offsets = zip(*cut, strict=True)
     by_source = "src_partition = c.p AND src_offset >= c.o"
     unnest = "unnest($1::int[], $2::bigint[]) AS c(p, o)"

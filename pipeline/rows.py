@@ -26,14 +26,13 @@ from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
     MSGPACK,
-    STREAMS,
+    RECORD_STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
     Metric,
     Record,
     StateChange,
-    Stream,
     header_names_not_utf8,
 )
 
@@ -164,7 +163,7 @@ def _raw_variant(record_type: type[Record], columns: tuple[str, ...]) -> type[ms
 class StreamDecoder:
     """Decodes one topic's record values into COPY rows for that stream's table."""
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: _Stream) -> None:
         self.stream = stream
         self.tables = TABLES[stream.name]
         raw_type = _raw_variant(stream.record_type, self.tables.table.fields)
@@ -333,7 +332,15 @@ def _content_type(headers: Sequence[tuple[str, bytes | None]]) -> str:
     return JSON
 
 
-DECODERS: dict[str, StreamDecoder] = {s.name: StreamDecoder(s) for s in STREAMS}
+@dataclass(frozen=True)
+class _Stream:
+    name: str
+    record_type: type[Record]
+
+
+DECODERS: dict[str, StreamDecoder] = {
+    name: StreamDecoder(_Stream(name, record_type)) for record_type, name in RECORD_STREAMS.items()
+}
 
 
 class Tombstone(tuple[Any, ...]):

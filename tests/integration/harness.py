@@ -30,19 +30,17 @@ from pipeline import kafka_clients, testbed
 from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
-    STREAM_BY_NAME,
-    STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
     Metric,
     Record,
     StateChange,
-    Stream,
     encode,
     topic_name,
 )
 from pipeline.testbed import AgentProcess  # noqa: F401 - the tests import it from here
+from tests.builtin_streams import STREAM_BY_NAME, STREAMS, Stream
 
 # Where each stream's every record lands once (the "latest" tables hold one row per key).
 APPEND_TABLE = {
