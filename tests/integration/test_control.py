@@ -346,7 +346,7 @@ async def test_a_command_naming_a_stream_the_agents_catalog_lacks_is_rejected_na
         (ack,) = delivery.rejected
         assert ack.reason == "apply_failed"
         assert ack.detail == (
-            "unknown stream(s) orders: this agent's catalog has "
+            "apply_failed: unknown stream(s) orders: this agent's catalog has "
             "states, events, metrics, analytics, config"
         )
         assert agent.ownership.active_streams() == without_metrics
