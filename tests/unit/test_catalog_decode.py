@@ -813,3 +813,24 @@ def test_one_decoder_per_spec_and_builtin_streams_take_the_fast_road() -> None:
         assert decoder(spec)._flat, spec.name
     assert not decoder(ORDERS)._flat
     assert not decoder(NESTED)._flat
+
+
+def test_a_flat_stream_keeps_the_fast_road_and_its_tombstones() -> None:
+    spec = stream(
+        'k = "integer"\nv = { type = "real", nullable = true }\nn = "numeric"',
+        head='mode = "latest"\nkey = ["k"]\ntombstones = "delete"',
+    )
+    assert decoder(spec)._flat
+    records = [
+        Rec("t", PARTITION, 1, b"7", b'{"k": 7, "n": 0.10}', 9, (), 0),
+        Rec("t", PARTITION, 2, b"7", None, -1, (), 0),
+        Rec("t", PARTITION, 3, b"8", b'{"k": 8, "v": 1.5, "n": "NaN"}', 9, (), 0),
+    ]
+    rows, dead = decoder(spec).rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert [type(r) for r in rows] == [tuple, Tombstone, tuple]
+    assert rows[0] == (7, None, Decimal("0.10"), PARTITION, 1, BATCH_ID)
+    assert rows[1] == (7, None, None, PARTITION, 2, BATCH_ID)
+    assert rows[2][:2] == (8, 1.5) and rows[2][2].is_nan()
+    rows, dead = decoder(spec).rows(records[:1] + records[2:], PARTITION, BATCH_ID)
+    assert [r[-2] for r in rows] == [1, 3] and dead == []
