@@ -740,6 +740,18 @@ def test_a_user_stream_of_every_type_decodes_or_dead_letters_every_record() -> N
             rejected += one_rejected
         assert list(map(_same, batch_rows)) == list(map(_same, rows)), case
         assert [type(r) for r in batch_rows] == [type(r) for r in rows], case
+        if case.valid is not None:  # a clean batch: the list road, which must agree too
+            value, headers = case.valid
+            clean = [
+                Record("t", PARTITION, offset, case.key, value, len(value), headers, case.timestamp)
+                for offset in range(3)
+            ]
+            clean_rows, clean_rejected = decode_all(clean)
+            one_by_one = [decode_all([r]) for r in clean]
+            assert list(map(_same, clean_rows)) == [_same(r) for o, _ in one_by_one for r in o]
+            assert [(r.record.offset, r.reason) for r in clean_rejected] == [
+                (r.record.offset, r.reason) for _, d in one_by_one for r in d
+            ]
         assert [(r.record.offset, r.error_class, r.reason) for r in batch_rejected] == [
             (r.record.offset, r.error_class, r.reason) for r in rejected
         ], case
