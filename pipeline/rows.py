@@ -448,7 +448,7 @@ class StreamDecoder:
                     ):
                         return None
                     columns.append(made)
-        except (_Bad, AttributeError):  # AttributeError: an optional object that is absent
+        except Exception:  # an absent optional object (AttributeError), a bad value: per record
             return None
         return list(
             zip(*columns, [partition] * n, map(_OFFSET, records), [batch_id] * n, strict=True)
@@ -463,7 +463,7 @@ class StreamDecoder:
         for value_of, compiled in self._others:
             try:
                 list(map(compiled.finish, map(value_of, decoded), [False] * n))
-            except _Bad:
+            except Exception:  # the per-record road names it
                 return False
         return True
 
