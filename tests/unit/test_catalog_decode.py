@@ -104,7 +104,8 @@ def test_numeric_is_exact(json: bytes, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "json", [b'"Infinity"', b'"-Infinity"', b"1e131072", b"1e-16384", b"true", b'"ten"']
+    "json",
+    [b'"Infinity"', b'"-Infinity"', b'"sNaN"', b"1e131072", b"1e-16384", b"true", b'"ten"'],
 )
 def test_numeric_out_of_postgresql_range_or_not_a_number_is_refused(json: bytes) -> None:
     reason = one_reason('"numeric"', json)
