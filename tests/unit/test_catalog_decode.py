@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import msgspec
 import pytest
 
-from pipeline import catalog
+from pipeline import catalog, redrive
 from pipeline.batching import Row
 from pipeline.catalog import CatalogError, StreamSpec
 from pipeline.rows import RecordRejected, Tombstone, decoder
@@ -104,7 +104,8 @@ def test_numeric_is_exact(json: bytes, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "json", [b'"Infinity"', b'"-Infinity"', b"1e131072", b"1e-16384", b"true", b'"ten"']
+    "json",
+    [b'"Infinity"', b'"-Infinity"', b'"sNaN"', b"1e131072", b"1e-16384", b"true", b'"ten"'],
 )
 def test_numeric_out_of_postgresql_range_or_not_a_number_is_refused(json: bytes) -> None:
     reason = one_reason('"numeric"', json)
@@ -813,3 +814,97 @@ def test_one_decoder_per_spec_and_builtin_streams_take_the_fast_road() -> None:
         assert decoder(spec)._flat, spec.name
     assert not decoder(ORDERS)._flat
     assert not decoder(NESTED)._flat
+
+
+def test_a_flat_stream_keeps_the_fast_road_and_its_tombstones() -> None:
+    spec = stream(
+        'k = "integer"\nv = { type = "real", nullable = true }\nn = "numeric"',
+        head='mode = "latest"\nkey = ["k"]\ntombstones = "delete"',
+    )
+    assert decoder(spec)._flat
+    records = [
+        Rec("t", PARTITION, 1, b"7", b'{"k": 7, "n": 0.10}', 9, (), 0),
+        Rec("t", PARTITION, 2, b"7", None, -1, (), 0),
+        Rec("t", PARTITION, 3, b"8", b'{"k": 8, "v": 1.5, "n": "NaN"}', 9, (), 0),
+    ]
+    rows, dead = decoder(spec).rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert [type(r) for r in rows] == [tuple, Tombstone, tuple]
+    assert rows[0] == (7, None, Decimal("0.10"), PARTITION, 1, BATCH_ID)
+    assert rows[1] == (7, None, None, PARTITION, 2, BATCH_ID)
+    assert rows[2][:2] == (8, 1.5) and rows[2][2].is_nan()
+    rows, dead = decoder(spec).rows(records[:1] + records[2:], PARTITION, BATCH_ID)
+    assert [r[-2] for r in rows] == [1, 3] and dead == []
+
+
+@pytest.mark.parametrize("spec", [ORDERS, NESTED, SOURCES, DEFAULTS], ids=lambda s: s.name)
+def test_clean_json_batches_take_the_list_road_to_the_same_rows(
+    spec: StreamSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "orders": [ORDER, ORDER.replace(b', "shipped_at": 1717243200123', b"")],
+        "s": [b'{"v": "x", "id": 1}'],
+    }.get(spec.name, [])
+    if spec is NESTED:
+        values = [
+            b'{"id": 1, "customer": {"id": "c", "profile": {"tier": "t"}},'
+            b' "meta": {"note": "n", "extra": [1]}}',
+            b'{"id": 2, "customer": {"id": "d", "profile": {}}, "meta": {"extra": null}}',
+        ]
+    if spec is DEFAULTS:
+        values = [b"{}", b'{"both": null, "ms": 1.5, "j": [2]}', b'{"both": "b", "d": 2.5}']
+    headers = (("trace", b"t"), ("content-type", b"application/json"))
+    records = [
+        Rec("t", PARTITION, offset, b"17", value, len(value), headers, TS_MS)
+        for offset, value in enumerate(values * 2)
+    ]
+    dec = decoder(spec)
+    expected = [
+        dec.row(r.value, r.headers, PARTITION, r.offset, BATCH_ID, key=r.key, timestamp=r.timestamp)
+        for r in records
+    ]
+
+    def no_per_record_road(*args: Any, **kwargs: Any) -> Row:
+        raise AssertionError("the per-record road was taken")
+
+    monkeypatch.setattr(dec, "row", no_per_record_road)
+    rows, dead = dec.rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert list(map(_bytes_of, rows)) == list(map(_bytes_of, expected))
+    assert [type(r) for r in rows] == [tuple] * len(records)
+
+
+def test_an_absent_optional_object_in_a_batch_is_decoded_record_by_record() -> None:
+    records = [
+        Rec(
+            "t",
+            PARTITION,
+            1,
+            None,
+            b'{"id": 1, "customer": {"id": "c", "profile": null}}',
+            9,
+            (),
+            0,
+        ),
+        Rec(
+            "t",
+            PARTITION,
+            2,
+            None,
+            b'{"id": 2, "customer": {"id": "c"}, "meta": {"note": "a"}}',
+            9,
+            (),
+            0,
+        ),
+    ]
+    rows, dead = decoder(NESTED).rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert [r[:4] for r in rows] == [(1, "c", "basic", None), (2, "c", "basic", "a")]
+
+
+@pytest.mark.parametrize("ms", [0, -1, 1, 1717243200123, 1717243200999, 253402300799999])
+def test_a_dead_letters_stored_timestamp_is_its_kafka_timestamp_again(ms: int) -> None:
+    # dead_letters.record_ts is to_timestamp(ms / 1000.0): a float, at microseconds.
+    stored = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    for error in (-1, 0, 1):  # a float's error, in microseconds
+        assert redrive._epoch_ms(stored + timedelta(microseconds=error)) == ms
