@@ -350,9 +350,13 @@ async def roll_back_data(
             + "; ".join(refused)
         )
     # Only the group's own tables: another group's rows would share partitions and offsets.
-    await db.claim_tables(
-        conn, group, db.stream_tables({s: t for s, t in stream_topics.items() if t in moved})
-    )
+    tables = {
+        table: topic
+        for stream, topic in stream_topics.items()
+        if topic in moved
+        for table in catalog[stream].table_names
+    }
+    await db.claim_tables(conn, group, tables)
     deleted: dict[str, int] = {}
     for stream, topic in stream_topics.items():
         cut = [(p, offset) for (t, p), offset in back.items() if t == topic and t in moved]
