@@ -460,7 +460,8 @@ class Controller:
                 done = await store.roll_back_data(
                     conn, self.group, offsets, self._stream_topics, self.catalog
                 )
-            except OwnershipError as exc:  # a table is another group's now: nothing deleted
+            # A table is another group's now, or a stream cannot be restored: nothing changed.
+            except (OwnershipError, store.RollbackRefused) as exc:
                 return _Outcome(state, _rejected(apply_failed(envelope, str(exc))))
             log.warning(
                 "rolled the data back to checkpoint %s in %.2fs (to commit with the batch): "
