@@ -417,6 +417,10 @@ def test_a_renamed_table_is_refused_not_created_anew() -> None:
     )
 
 
+def test_a_table_named_with_its_schema_is_the_same_table() -> None:
+    assert plan([orders(table="public.orders")], state_of(orders())).empty
+
+
 def test_a_table_the_pipeline_did_not_make_is_refused() -> None:
     state = with_table(
         state_of(orders()), "orders", columns=(ColumnState("order_id", "uuid", True),)
