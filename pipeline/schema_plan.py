@@ -22,7 +22,16 @@ from typing import Any
 import msgspec
 
 from pipeline import sql_names
-from pipeline.catalog import INTEGER_TYPES, PROVENANCE, Catalog, Column, Index, StreamSpec
+from pipeline.catalog import (
+    INGESTED_AT,
+    INTEGER_TYPES,
+    PROVENANCE,
+    RESERVED_COLUMNS,
+    Catalog,
+    Column,
+    Index,
+    StreamSpec,
+)
 from pipeline.errors import SchemaError
 
 WRITER, READER = "pipeline_writer", "pipeline_reader"
@@ -32,7 +41,6 @@ MIGRATE_HINT = (
 
 #: How pg_catalog's format_type() spells the catalog's types, where it differs.
 _FORMAT_TYPE = {"timestamptz": "timestamp with time zone"}
-_INGESTED_AT = ("ingested_at", "timestamptz", "NOT NULL DEFAULT now()")
 _PROVENANCE_TYPES = dict(zip(PROVENANCE, ("integer", "bigint", "bigint"), strict=True))
 _SOURCE_INDEX = "source"  # <table>_source: BRIN on the source range of row-per-record tables
 
@@ -152,8 +160,9 @@ def create_table(shape: TableShape) -> str:
         lines.append(line)
     for name in PROVENANCE:
         lines.append(f"    {sql_names.ident(name)} {_PROVENANCE_TYPES[name]} NOT NULL")
-    name, kind, rest = _INGESTED_AT
-    lines.append(f"    {sql_names.ident(name)} {kind} {rest}")
+    # Written by the database, not by COPY. now() is the transaction's time, not volatile:
+    # COPY keeps its multi-row insert path.
+    lines.append(f"    {sql_names.ident(INGESTED_AT)} timestamptz NOT NULL DEFAULT now()")
     if shape.primary_key:
         lines.append(f"    PRIMARY KEY ({sql_names.columns(shape.primary_key)})")
     body = ",\n".join(lines)
@@ -336,7 +345,7 @@ def _evolve(shape: TableShape, table: TableState) -> tuple[list[str], list[str],
                 f"{sql_names.ident(column.name)} {fix}), or put the old definition back"
             )
     for extra in table.columns:
-        if extra.name in declared or extra.name in (*PROVENANCE, _INGESTED_AT[0]):
+        if extra.name in declared or extra.name in RESERVED_COLUMNS:
             continue
         problems.append(
             f"{where}, column {extra.name!r}: removed or renamed, "
@@ -444,7 +453,7 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{pg_type(column.type)}"
                     )
             for extra in table.columns:
-                known = extra.name in declared or extra.name in (*PROVENANCE, _INGESTED_AT[0])
+                known = extra.name in declared or extra.name in RESERVED_COLUMNS
                 if not known and extra.not_null and not extra.has_default:
                     found.append(
                         f"{shape.display}.{extra.name} is NOT NULL without a default and not "
