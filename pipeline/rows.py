@@ -62,6 +62,7 @@ class Tombstone(tuple[Any, ...]):
 
 _OPEN_BRACE = ord("{")
 _JSON_ONLY = ((CONTENT_TYPE_HEADER, JSON.encode()),)  # the headers our publisher sends
+_MSGPACK_ONLY = ((CONTENT_TYPE_HEADER, MSGPACK.encode()),)
 # PostgreSQL's text and jsonb cannot hold NUL. In JSON text a NUL can only be the escape
 # \u0000 (msgspec refuses raw control characters), so a record without those six bytes has
 # none; one with them may still be an escaped backslash followed by "u0000", which the regex
@@ -382,9 +383,18 @@ class StreamDecoder:
                             for d, offset in zip(decoded, map(_OFFSET, records), strict=True)
                         ], []
                 else:
-                    by_column = self._by_column(decoded, records, partition, batch_id)
+                    by_column = self._by_column(decoded, records, partition, batch_id, False)
                     if by_column is not None:
                         return by_column, []
+        elif headers.count(_MSGPACK_ONLY) == len(records):
+            try:
+                decoded = list(map(self._msgpack.decode, map(_VALUE, records)))
+            except Exception:  # a bad record: the per-record road below names it
+                pass
+            else:
+                by_column = self._by_column(decoded, records, partition, batch_id, True)
+                if by_column is not None:
+                    return by_column, []
         rows: list[Row] = []
         rejected: list[Rejected] = []
         # Both rare checks screened once for the batch: no call per record when it is clean.
@@ -413,11 +423,16 @@ class StreamDecoder:
         return rows, rejected
 
     def _by_column(
-        self, decoded: list[Any], records: Sequence[FetchedRecord], partition: int, batch_id: int
+        self,
+        decoded: list[Any],
+        records: Sequence[FetchedRecord],
+        partition: int,
+        batch_id: int,
+        msgpack: bool,
     ) -> list[Row] | None:
-        """The rows of these decoded JSON records built a column at a time, or None when a
-        record needs the per-record road (a value that does not fit, an absent optional
-        object, a NUL): that road names it."""
+        """The rows of these decoded records built a column at a time, or None when a record
+        needs the per-record road (a value that does not fit, an absent optional object, a
+        NUL): that road names it. (The JSON and MessagePack structs have the same shape.)"""
         n = len(decoded)
         columns: list[list[Any]] = []
         try:
@@ -425,10 +440,13 @@ class StreamDecoder:
                 source = compiled.column.source
                 if source == "value":
                     found = list(map(value_of, decoded))
-                    if compiled.plain:
-                        columns.append(found)
-                        continue
-                    columns.append(list(map(compiled.finish, found, [False] * n)))
+                    if not (compiled.plain and not (msgpack and compiled.column.type == "jsonb")):
+                        found = list(map(compiled.finish, found, [msgpack] * n))
+                    # A JSON batch was searched for NUL escapes as a whole; a MessagePack
+                    # record's strings hold a NUL as it is, and its numbers hold 0x00 bytes.
+                    if msgpack and compiled.text_like and _holds_nul(found):
+                        return None
+                    columns.append(found)
                 elif source == "timestamp":
                     columns.append([self._timestamp(compiled, r.timestamp) for r in records])
                 else:
@@ -442,11 +460,7 @@ class StreamDecoder:
                         )
                         for r in records
                     ]
-                    if compiled.text_like and any(
-                        ("\x00" in v) if isinstance(v, str) else _NUL_IN_JSON.search(v)
-                        for v in made
-                        if v is not None
-                    ):
+                    if compiled.text_like and _holds_nul(made):
                         return None
                     columns.append(made)
         except Exception:  # an absent optional object (AttributeError), a bad value: per record
@@ -644,6 +658,17 @@ class StreamDecoder:
             return f"stream {self._name!r}: {message}"
         what = "column" if len(names) == 1 else "columns"
         return f"stream {self._name!r}, {what} {', '.join(names)}: {message}"
+
+
+def _holds_nul(values: list[Any]) -> bool:
+    """Whether any of a text or jsonb column's values holds a NUL (None: none there)."""
+    texts = [v for v in values if v is not None]
+    if not texts:
+        return False
+    if isinstance(texts[0], str):
+        return "\x00" in "".join(texts)
+    joined = b"".join(texts)
+    return _NUL_ESCAPE in joined and any(_NUL_IN_JSON.search(v) for v in texts)
 
 
 def _all_json(headers: list[Sequence[tuple[str, bytes | None]]]) -> bool:
