@@ -1,9 +1,11 @@
 """From a Kafka record to a row ready for binary COPY; pure, no IO.
 
 Each stream's decoder is compiled from its :class:`~pipeline.catalog.StreamSpec` into
-``msgspec`` structs, the built-in streams' as any user's. jsonb values are never parsed into
-Python objects: msgspec hands them over as :class:`msgspec.Raw` slices of the record, which go
-into ``jsonb`` as they are. The type conversions, sources and reasons are docs/streams.md's.
+``msgspec`` structs, the built-in streams' as any user's. A JSON record's jsonb values are
+never parsed into Python objects: msgspec hands them over as :class:`msgspec.Raw` slices of the
+record, which go into ``jsonb`` as they are (a MessagePack record's are encoded as JSON). A
+batch is decoded a list at a time when it can be, record by record when a record is bad; both
+roads give the same rows and reasons. Types, sources and reasons: docs/streams.md.
 
 Every row ends with its provenance: source partition, source offset, ingest batch id.
 """
@@ -342,8 +344,8 @@ class StreamDecoder:
         )
         self._others = tuple((g, c) for g, c in self._checked if not c.column.object)
         self._text_sources = tuple(c for c in self._compiled if c.column.source != "value")
-        # The list road of other streams: JSON records decoded a list at a time, then their
-        # rows built a column at a time.
+        # The list road of the other streams, and of MessagePack batches: records decoded a
+        # list at a time, then their rows built a column at a time.
         self._json_getters: tuple[Any, ...] = tuple(
             operator.attrgetter(".".join(self._json_attrs[c.name])) if c.source == "value" else None
             for c in columns
@@ -358,8 +360,9 @@ class StreamDecoder:
         """The COPY rows of one partition's records, in order, and the records rejected.
 
         The common case (JSON, flat fields, every record valid) is decoded a list at a time,
-        without a Python call per record; anything else falls back to :meth:`row` record by
-        record, so both roads give the same rows and the same reasons.
+        without a Python call per record; other streams' clean batches, and MessagePack ones,
+        a list at a time and then a column at a time. Anything else falls back to :meth:`row`
+        record by record, so every road gives the same rows and the same reasons.
         """
         headers = list(map(_HEADERS, records))
         if headers.count(()) + headers.count(_JSON_ONLY) == len(records) or (
