@@ -1,0 +1,77 @@
+"""Gaps: records Kafka deleted (retention) before the group ingested them. Pure: what a gap
+is, where one may hide in a fetched batch, and the one line that names it.
+docs/exactly-once.md, "A stored offset below the log start", says how the agent handles one.
+
+A gap is only ever a stored offset below the partition's log start offset. A hole between
+fetched offsets is not one: with ``read_committed``, aborted records and transaction markers
+leave holes that lose nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.batching import Part, Partition
+
+#: PIPELINE_ON_GAP: "record" records the gap and goes on from the log start; "stop" stops the
+#: stream until it is activated again.
+Policy = Literal["record", "stop"]
+#: What the agent did, as ``ingest_gaps.action`` records it.
+Action = Literal["skipped", "stopped", "resumed"]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Offsets ``first`` .. ``end - 1`` of a partition are lost: the group's stored offset was
+    ``first``, and the log starts at ``end``."""
+
+    topic: str
+    partition: int
+    first: int
+    end: int
+
+    @property
+    def key(self) -> Partition:
+        return (self.topic, self.partition)
+
+    @property
+    def lost(self) -> int:
+        return self.end - self.first
+
+    def describe(self) -> str:
+        return (
+            f"{self.topic}[{self.partition}]: offsets {self.first}-{self.end - 1} "
+            f"({self.lost} records) were deleted by retention before they were ingested; "
+            f"the log starts at {self.end}"
+        )
+
+
+def find(stored: Mapping[Partition, int], starts: Mapping[Partition, int]) -> list[Gap]:
+    """The gaps of the partitions in both maps: each stored next offset below its log start."""
+    return [
+        Gap(topic, partition, offset, starts[(topic, partition)])
+        for (topic, partition), offset in sorted(stored.items())
+        if (topic, partition) in starts and offset < starts[(topic, partition)]
+    ]
+
+
+def suspects(parts: Mapping[Partition, Part], stored: Mapping[Partition, int]) -> list[Partition]:
+    """Partitions of a batch whose first record is past the stored offset: the consumer may
+    have reset an out-of-range position to the log start. Only the log start offset can tell
+    (a transaction marker or aborted records leave the same hole); :func:`find` decides."""
+    return sorted(
+        p
+        for p, part in parts.items()
+        if p in stored and part.records and part.records[0].offset > stored[p]
+    )
+
+
+def skipped_to(gaps: Iterable[Gap]) -> dict[Partition, int]:
+    """The stored offsets once ``gaps`` are skipped: each at its log start."""
+    return {gap.key: gap.end for gap in gaps}
+
+
+#: Why a stream stopped on a gap, as /readyz says it (no offsets or names there).
+STOPPED_REASON = "RecordsLost"

@@ -1,0 +1,277 @@
+"""Gaps against the real broker and database: records retention deleted before the group
+ingested them (``delete_records``, what retention does, at a known offset) are recorded,
+counted and logged by exactly their offsets, or stop the stream until it is activated; Kafka
+transactions' aborted records and markers are never taken for one. docs/exactly-once.md, "A
+stored offset below the log start"."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin.records_to_delete import RecordsToDelete
+
+from consumers.agent import DatabaseAgent
+from pipeline import kafka_clients
+from pipeline.records import STREAM_BY_NAME, topic_name
+from tests.conftest import Servers
+from tests.integration.harness import (
+    Outgoing,
+    Sent,
+    assert_caught_up_exactly_once,
+    assert_exactly_once,
+    create_topics,
+    end_offsets,
+    fleet_traffic,
+    migrated,
+    produce,
+    running_agent,
+    stored_offsets,
+    until,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+METRICS = STREAM_BY_NAME["metrics"]
+LOST = 700  # records deleted past partition 0's stored offset
+
+
+def _metrics(count: int, seed: int) -> list[Outgoing]:
+    return [o for o in fleet_traffic(count * 4, seed=seed) if o.stream is METRICS][:count]
+
+
+async def _delete_before(bootstrap: str, topic: str, partition: int, offset: int) -> None:
+    """What retention does: the log of ``topic[partition]`` starts at ``offset`` from now on."""
+    admin = kafka_clients.admin(kafka_clients.kafka_settings(bootstrap))
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(topic, partition): RecordsToDelete(offset)})
+    finally:
+        await admin.close()
+
+
+async def _gap_rows(database_url: str) -> list[dict[str, object]]:
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT group_id, topic, partition, first_offset, end_offset, action, "
+            "skipped_at IS NOT NULL AS skipped, acknowledged_at FROM ingest_gaps ORDER BY id"
+        )
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+def _lost_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "records LOST" in r.getMessage()]
+
+
+def _lost_metric(agent: DatabaseAgent) -> dict[tuple[str, str], float]:
+    return {
+        (s.labels["stream"], s.labels["partition"]): s.value
+        for metric in agent.metrics.registry.collect()
+        for s in metric.samples
+        if s.name == "pipeline_records_lost_total"
+    }
+
+
+async def _ingested_then_truncated(
+    bootstrap: str, database_url: str, prefix: str
+) -> tuple[list[Sent], int, int]:
+    """An agent ingests a first lot and stops; a second lot is sent and retention deletes the
+    first ``LOST`` records of it from partition 0. Returns what was sent, and partition 0's
+    stored offset and new log start."""
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(database_url)
+    sent = await produce(bootstrap, prefix, _metrics(1_000, seed=61))
+    async with running_agent(bootstrap, database_url, prefix):
+        await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
+    stored = (await stored_offsets(database_url, prefix, prefix))[(METRICS.topic, 0)]
+    sent += await produce(bootstrap, prefix, _metrics(3_000, seed=62))
+    assert sum(1 for s in sent if s.partition == 0 and s.offset >= stored) > LOST + 100
+    await _delete_before(bootstrap, topic_name(METRICS.topic, prefix), 0, stored + LOST)
+    return sent, stored, stored + LOST
+
+
+def _kept(sent: Sequence[Sent], first: int, end: int) -> list[Sent]:
+    return [s for s in sent if not (s.partition == 0 and first <= s.offset < end)]
+
+
+async def test_a_gap_is_recorded_counted_and_logged_and_the_rest_ingested_exactly_once(
+    servers: Servers, database_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    topic = topic_name(METRICS.topic, prefix)
+    sent, first, end = await _ingested_then_truncated(bootstrap, database_url, prefix)
+    caplog.set_level(logging.INFO, logger="consumers.agent")
+    caplog.clear()
+
+    async with running_agent(bootstrap, database_url, prefix) as agent:  # PIPELINE_ON_GAP=record
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await assert_exactly_once(database_url, prefix, prefix, _kept(sent, first, end), ends)
+        assert _lost_metric(agent) == {("metrics", "0"): LOST}
+
+    assert await _gap_rows(database_url) == [
+        {
+            "group_id": prefix,
+            "topic": topic,
+            "partition": 0,
+            "first_offset": first,
+            "end_offset": end,
+            "action": "skipped",
+            "skipped": True,
+            "acknowledged_at": None,
+        }
+    ]
+    assert _lost_lines(caplog) == [
+        f"records LOST: {topic}[0]: offsets {first}-{end - 1} ({LOST} records) were deleted by "
+        f"retention before they were ingested; the log starts at {end}. Recorded in "
+        "ingest_gaps; stream metrics goes on from the log start (PIPELINE_ON_GAP=record)"
+    ]
+
+
+async def test_an_out_of_range_reset_while_running_is_a_gap_too(
+    servers: Servers, database_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream is switched off while records arrive and retention deletes some past its
+    stored offset: switched on, the consumer's position is out of range and reset to the log
+    start. That is found and recorded as the gap it is, not ingested as if nothing happened."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    topic = topic_name(METRICS.topic, prefix)
+    await create_topics(bootstrap, prefix, partitions=2)
+    await migrated(database_url)
+    caplog.set_level(logging.INFO, logger="consumers.agent")
+    async with running_agent(bootstrap, database_url, prefix) as agent:
+        sent = await produce(bootstrap, prefix, _metrics(1_000, seed=63))
+        await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await agent.deactivate(["metrics"])
+        first = (await stored_offsets(database_url, prefix, prefix))[(METRICS.topic, 0)]
+        sent += await produce(bootstrap, prefix, _metrics(3_000, seed=64))
+        await _delete_before(bootstrap, topic, 0, first + LOST)
+        await agent.activate(["metrics"])
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await assert_exactly_once(
+            database_url, prefix, prefix, _kept(sent, first, first + LOST), ends
+        )
+        assert _lost_metric(agent) == {("metrics", "0"): LOST}
+    rows = await _gap_rows(database_url)
+    assert [(r["partition"], r["first_offset"], r["end_offset"], r["action"]) for r in rows] == [
+        (0, first, first + LOST, "skipped")
+    ]
+    assert len(_lost_lines(caplog)) == 1
+
+
+async def test_with_stop_the_stream_stops_saying_why_and_activate_goes_on_from_the_log_start(
+    servers: Servers, database_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    topic = topic_name(METRICS.topic, prefix)
+    sent, first, end = await _ingested_then_truncated(bootstrap, database_url, prefix)
+    caplog.set_level(logging.INFO, logger="consumers.agent")
+    caplog.clear()
+
+    async with running_agent(bootstrap, database_url, prefix, on_gap="stop") as agent:
+
+        async def stopped() -> bool:
+            return not agent.readiness().ready and "metrics" not in agent.snapshot().active_streams
+
+        await until(stopped, within=60, what="the metrics stream stopped on its gap")
+        assert agent.readiness().reason == "stream metrics stopped: RecordsLost"
+        assert agent.last_error.startswith(f"stream metrics stopped: {topic}[0]: offsets ")
+        rows = await _gap_rows(database_url)
+        assert [(r["first_offset"], r["end_offset"], r["action"], r["skipped"]) for r in rows] == [
+            (first, end, "stopped", False)
+        ]
+        assert (await stored_offsets(database_url, prefix, prefix))[(METRICS.topic, 0)] == first
+        assert _lost_metric(agent) == {}
+        assert len(_lost_lines(caplog)) == 1
+        assert "STOPPED (PIPELINE_ON_GAP=stop)" in _lost_lines(caplog)[0]
+
+        await agent.activate(["metrics"])  # what `pipeline control activate` calls
+        ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
+        await assert_exactly_once(database_url, prefix, prefix, _kept(sent, first, end), ends)
+        assert _lost_metric(agent) == {("metrics", "0"): LOST}
+        assert agent.readiness().ready
+
+    rows = await _gap_rows(database_url)
+    assert [(r["first_offset"], r["end_offset"], r["action"], r["skipped"]) for r in rows] == [
+        (first, end, "resumed", True)
+    ]
+    assert len(_lost_lines(caplog)) == 2
+    assert "activated after it stopped" in _lost_lines(caplog)[1]
+
+
+async def test_aborted_transactions_and_their_markers_are_no_gap(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """Transactions of 50 records, one in three aborted, sent while the agent ingests and
+    after it restarts: the log has holes (markers, aborted records) at batch boundaries and
+    under stored offsets, and nothing is lost."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    topic = topic_name(METRICS.topic, prefix)
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    producer = kafka_clients.producer(
+        kafka_clients.kafka_settings(bootstrap), transactional_id=f"{unique}-tx", linger_ms=0
+    )
+    await producer.start()
+    committed: list[Sent] = []
+
+    async def send(seed: int, transactions: int) -> None:
+        """``transactions`` of 50 records each; the second of every three aborted."""
+        outgoing = _metrics(50 * transactions, seed=seed)
+        for n in range(transactions):
+            chunk = outgoing[50 * n : 50 * (n + 1)]
+            try:
+                async with producer.transaction():
+                    acks = [
+                        await producer.send(topic, o.value, key=o.key, partition=0) for o in chunk
+                    ]
+                    landed = await asyncio.gather(*acks)
+                    if n % 3 == 1:
+                        raise _Abort
+            except _Abort:
+                continue
+            committed.extend(Sent(METRICS.topic, m.partition, m.offset, None) for m in landed)
+
+    async def ingested(within: float) -> dict[tuple[str, int], int]:
+        """Wait for the stored offset to pass the last committed record (the log's end is
+        past it: a transaction's marker is never delivered); the offsets to expect."""
+        expected = {**await end_offsets(bootstrap, prefix)}
+        expected[(METRICS.topic, 0)] = max(s.offset for s in committed) + 1
+
+        async def done() -> bool:
+            return await stored_offsets(database_url, prefix, prefix) == expected
+
+        await until(done, within=within, what=f"stored offsets at {expected}")
+        return expected
+
+    try:
+        async with running_agent(bootstrap, database_url, prefix, batch_max_records=40) as agent:
+            await send(seed=65, transactions=12)
+            await ingested(within=120)
+            lost_first = agent.metrics.total("pipeline_records_lost_total")
+        await send(seed=66, transactions=12)
+        async with running_agent(bootstrap, database_url, prefix, batch_max_records=40) as agent:
+            expected = await ingested(within=120)
+            await assert_exactly_once(database_url, prefix, prefix, committed, expected)
+            assert agent.metrics.total("pipeline_records_lost_total") == lost_first == 0
+    finally:
+        await producer.stop()
+    assert len(committed) == 2 * 8 * 50
+    ends = await end_offsets(bootstrap, prefix)
+    assert ends[(METRICS.topic, 0)] == 2 * 12 * 51  # each transaction: 50 records, one marker
+    assert await _gap_rows(database_url) == []
+
+
+class _Abort(Exception):
+    """Raised inside a producer transaction to abort it."""
