@@ -27,11 +27,12 @@ from consumers.lag_watch import LagWatch, probe_for
 from consumers.membership import OffsetMirror, Rebalance
 from consumers.retries import Retries
 from consumers.writer import BatchWriter
-from pipeline import gaps
+from pipeline import db, gaps
 from pipeline import kafka as kafka_io
-from pipeline.batching import Batch, Limits, Partition, Plan, backoff, plan
+from pipeline.batching import Batch, Limits, OffsetMove, Partition, Plan, backoff, plan
 from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.control import AgentState
+from pipeline.db import Connection
 from pipeline.errors import FencedError, SchemaError, TransientError
 from pipeline.gaps import Action, Gap
 from pipeline.metrics import Metrics
@@ -378,11 +379,38 @@ class DatabaseAgent:
         if not wanted:
             return
         starts = await kafka_io.beginning_offsets(self._require_consumer(), wanted)
-        stored, found = await self._db.load_offsets(starts, self._on_gap, self.instance_id)
+        stored = await self._db.load_offsets(starts)
+        found = [(gap, self._on_gap(gap)) for gap in gaps.find(stored, starts)]
+        if found:
+            try:
+                await self._record_gaps(found)
+            except FencedError:  # another member moved one meanwhile: read them all again
+                log.info("a stored offset moved on while its gap was recorded: reading again")
+                return
+            stored.update(gaps.skipped_to(gap for gap, action in found if action != "stopped"))
         self._apply(self.ownership.positioned_event(stored))
         for gap, action in found:
             self._gap_settled(gap, action)
         self._ready.decide()
+
+    async def _record_gaps(self, found: list[tuple[Gap, Action]]) -> None:
+        """Record the gaps, and move the stored offsets past the skipped ones, in one
+        transaction through the writer's compare-and-set (on a connection of its own: the
+        batches' one may be busy writing)."""
+        moves = [
+            OffsetMove(gap.topic, gap.partition, gap.first, gap.end)
+            for gap, action in found
+            if action != "stopped"
+        ]
+
+        async def record(conn: Connection) -> None:
+            await db.record_gaps(conn, self.config.group_id, found, self.instance_id)
+
+        conn = await self._db.connect()
+        try:
+            await self._batch_writer.write(conn, {}, moves=moves, before=record)
+        finally:
+            await conn.close()
 
     def _on_gap(self, gap: Gap) -> Action:
         """What to do about a gap found while positioning (PIPELINE_ON_GAP)."""

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from consumers.membership import claim_tables
-from pipeline import db, gaps
+from pipeline import db
 from pipeline.batching import Partition
 from pipeline.config import Config
 from pipeline.db import Connection
 from pipeline.errors import PipelineError
-from pipeline.gaps import Action, Gap
 
 T = TypeVar("T")
 FencedWork = Callable[[Connection], Awaitable[T]]
@@ -80,22 +79,12 @@ class AgentDatabase:
         finally:
             await conn.close()
 
-    async def load_offsets(
-        self, starts: dict[Partition, int], decide: Callable[[Gap], Action], instance_id: str
-    ) -> tuple[dict[Partition, int], list[tuple[Gap, Action]]]:
+    async def load_offsets(self, starts: dict[Partition, int]) -> dict[Partition, int]:
         """The stored offsets of ``starts``' partitions (created at their log start when
-        missing), read on a connection of its own: the batches' one may be busy writing. Those
-        below their log start are gaps, settled as ``decide`` says (:func:`db.settle_gaps`):
-        the stored offsets returned are the ones committed then, with the gaps found."""
+        missing), read on a connection of its own: the batches' one may be busy writing."""
         conn = await self.connect()
         try:
-            stored = await db.load_offsets(conn, self._config.group_id, starts)
-            if not gaps.find(stored, starts):
-                return stored, []
-            settled, found = await db.settle_gaps(
-                conn, self._config.group_id, starts, decide, instance_id
-            )
-            return {**stored, **settled}, found
+            return await db.load_offsets(conn, self._config.group_id, starts)
         finally:
             await conn.close()
 

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +26,6 @@ import msgspec
 from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
-from pipeline import gaps
 from pipeline.batching import FetchedRecord, Row
 
 # How connections are set up lives in a module without the driver, for the configuration.
@@ -39,7 +38,7 @@ from pipeline.errors import (
     SchemaError,
     TransientError,
 )
-from pipeline.gaps import Action, Gap
+from pipeline.gaps import Action, Gap, RecordedGap
 from pipeline.records import header_name_text
 from pipeline.rows import TABLES, StreamTables
 
@@ -423,75 +422,30 @@ async def lock_group_work(conn: Connection, group: str) -> None:
 # -- gaps: a stored offset below the log start (sql/011_ingest_gaps.sql) ---------------------
 
 
-async def settle_gaps(
-    conn: Connection,
-    group: str,
-    starts: Mapping[tuple[str, int], int],
-    decide: Callable[[Gap], Action],
-    instance_id: str,
-) -> tuple[dict[tuple[str, int], int], list[tuple[Gap, Action]]]:
-    """In one transaction: the stored offsets of ``starts``' partitions, read locked; each one
-    below its log start is a gap, recorded with what ``decide`` says, and, unless that is
-    "stopped", moved to the log start through the compare-and-set (:func:`advance_offsets`)
-    in the same transaction. Returns the stored offsets as committed, and the gaps found."""
-    topics = [tp[0] for tp in starts]
-    partitions = [tp[1] for tp in starts]
-    async with transaction(conn):
-        rows = await conn.fetch(
-            """SELECT topic, partition, next_offset FROM ingest_offsets
-               WHERE group_id = $1 AND (topic, partition) IN
-                   (SELECT * FROM unnest($2::text[], $3::int[]))
-               FOR UPDATE""",
-            group,
-            topics,
-            partitions,
-        )
-        stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
-        found = [(gap, decide(gap)) for gap in gaps.find(stored, starts)]
-        skipped = [gap for gap, action in found if action != "stopped"]
-        if skipped:
-            await advance_offsets(
-                conn, group, [(g.topic, g.partition, g.first, g.end) for g in skipped]
-            )
-            stored.update(gaps.skipped_to(skipped))
-        if found:
-            await conn.execute(
-                """INSERT INTO ingest_gaps (group_id, topic, partition, first_offset, end_offset,
-                                           action, instance_id, skipped_at)
-                   SELECT $1, t, p, f, e, a, $2, CASE WHEN a = 'stopped' THEN NULL ELSE now() END
-                   FROM unnest($3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::text[])
-                       AS g(t, p, f, e, a)
-                   ON CONFLICT (group_id, topic, partition, first_offset) DO UPDATE
-                   SET end_offset = EXCLUDED.end_offset, action = EXCLUDED.action,
-                       instance_id = EXCLUDED.instance_id, skipped_at = EXCLUDED.skipped_at
-                   WHERE ingest_gaps.skipped_at IS NULL""",
-                group,
-                instance_id,
-                [g.topic for g, _ in found],
-                [g.partition for g, _ in found],
-                [g.first for g, _ in found],
-                [g.end for g, _ in found],
-                [a for _, a in found],
-            )
-    return stored, found
-
-
-@dataclass(frozen=True)
-class RecordedGap:
-    """One row of ``ingest_gaps``."""
-
-    id: int
-    group: str
-    topic: str
-    partition: int
-    first_offset: int
-    end_offset: int
-    action: str
-    instance_id: str
-    detected_at: datetime
-    skipped_at: datetime | None
-    acknowledged_at: datetime | None
-    acknowledged_by: str | None
+async def record_gaps(
+    conn: Connection, group: str, found: Sequence[tuple[Gap, Action]], instance_id: str
+) -> None:
+    """Record each gap with what was done (``ingest_gaps``), in the caller's transaction: the
+    one whose compare-and-set moves the stored offsets past the skipped ones. A gap a stopped
+    stream recorded before is brought up to date (its log start may have moved on)."""
+    await conn.execute(
+        """INSERT INTO ingest_gaps (group_id, topic, partition, first_offset, end_offset,
+                                   action, instance_id, skipped_at)
+           SELECT $1, t, p, f, e, a, $2, CASE WHEN a = 'stopped' THEN NULL ELSE now() END
+           FROM unnest($3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::text[])
+               AS g(t, p, f, e, a)
+           ON CONFLICT (group_id, topic, partition, first_offset) DO UPDATE
+           SET end_offset = EXCLUDED.end_offset, action = EXCLUDED.action,
+               instance_id = EXCLUDED.instance_id, skipped_at = EXCLUDED.skipped_at
+           WHERE ingest_gaps.skipped_at IS NULL""",
+        group,
+        instance_id,
+        [g.topic for g, _ in found],
+        [g.partition for g, _ in found],
+        [g.first for g, _ in found],
+        [g.end for g, _ in found],
+        [a for _, a in found],
+    )
 
 
 async def recorded_gaps(

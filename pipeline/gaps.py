@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from pipeline.batching import Part, Partition
@@ -71,6 +72,59 @@ def suspects(parts: Mapping[Partition, Part], stored: Mapping[Partition, int]) -
 def skipped_to(gaps: Iterable[Gap]) -> dict[Partition, int]:
     """The stored offsets once ``gaps`` are skipped: each at its log start."""
     return {gap.key: gap.end for gap in gaps}
+
+
+@dataclass(frozen=True)
+class RecordedGap:
+    """One row of ``ingest_gaps``, as `pipeline gaps list` shows it."""
+
+    id: int
+    group: str
+    topic: str
+    partition: int
+    first_offset: int
+    end_offset: int
+    action: str
+    instance_id: str
+    detected_at: datetime
+    skipped_at: datetime | None
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+
+    def line(self) -> str:
+        lost = self.end_offset - self.first_offset
+        done = {
+            "skipped": "skipped",
+            "resumed": "stream stopped, then activated: skipped",
+            "stopped": "stream STOPPED: activate it to go on from the log start",
+        }.get(self.action, self.action)
+        seen = (
+            f"acknowledged {_time(self.acknowledged_at)} by {self.acknowledged_by}"
+            if self.acknowledged_at is not None
+            else "NOT acknowledged"
+        )
+        return (
+            f"#{self.id} {_time(self.detected_at)} {self.topic}[{self.partition}] offsets "
+            f"{self.first_offset}-{self.end_offset - 1} ({lost} records lost), {done}, by "
+            f"{self.instance_id or '-'}; {seen}"
+        )
+
+
+def unacknowledged_by_stream(
+    found: Iterable[RecordedGap], stream_of: Mapping[str, str]
+) -> dict[str, int]:
+    """Records lost in unacknowledged gaps, per stream (``stream_of`` maps a deployed topic to
+    its stream; a topic it does not know is shown by its own name)."""
+    lost: dict[str, int] = {}
+    for gap in found:
+        if gap.acknowledged_at is None:
+            stream = stream_of.get(gap.topic, gap.topic)
+            lost[stream] = lost.get(stream, 0) + gap.end_offset - gap.first_offset
+    return lost
+
+
+def _time(at: datetime) -> str:
+    return at.isoformat(timespec="seconds")
 
 
 #: Why a stream stopped on a gap, as /readyz says it (no offsets or names there).
