@@ -123,6 +123,21 @@ def unacknowledged_by_stream(
     return lost
 
 
+def gaps_line(lost: Mapping[str, int] | str) -> str:
+    """What `pipeline control status` and `pipeline top` say of the records lost in
+    unacknowledged gaps (:func:`unacknowledged_by_stream`), or of why the database could not
+    tell."""
+    if isinstance(lost, str):
+        return f"unacknowledged gaps: {lost}"
+    if not lost:
+        return "unacknowledged gaps: none"
+    streams = ", ".join(f"{stream} ({n} records)" for stream, n in sorted(lost.items()))
+    return (
+        f"UNACKNOWLEDGED GAPS, records lost to retention: {streams}; see `pipeline gaps list`, "
+        "then `pipeline gaps ack`"
+    )
+
+
 def _time(at: datetime) -> str:
     return at.isoformat(timespec="seconds")
 

@@ -212,7 +212,8 @@ class Metrics:
         )
         self.stream_stopped = Gauge(
             "pipeline_stream_stopped",
-            "1 when a stream stopped on a schema or permission error (fix, then activate)",
+            "1 when a stream stopped on a schema or permission error, or on a gap with "
+            "PIPELINE_ON_GAP=stop (fix or decide, then activate)",
             ["stream"],
             registry=r,
         )

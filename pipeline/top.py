@@ -32,13 +32,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.control import ALL_STREAMS, Heartbeat
+from pipeline.gaps import gaps_line
 from pipeline.terminal import printable
 
 __all__ = [
@@ -310,9 +311,17 @@ _GAP = "  "
 
 
 def render(
-    rows: Sequence[Row], *, group: str, now: datetime, interval_s: float, width: int | None
+    rows: Sequence[Row],
+    *,
+    group: str,
+    now: datetime,
+    interval_s: float,
+    width: int | None,
+    gaps: Mapping[str, int] | str | None = None,
 ) -> list[str]:
-    """The screen: a header, the group's totals, and a table with a line per instance.
+    """The screen: a header, the group's totals, the records lost in unacknowledged gaps per
+    stream (``gaps``, :func:`pipeline.gaps.gaps_line`; None: not read), and a table with a line
+    per instance.
 
     Lines are at most ``width`` characters (``None``: no limit); the last error takes what
     the other columns leave, cut with ``...``.
@@ -324,6 +333,7 @@ def render(
         + (f" ({states})" if states else "")
         + f", every {interval_s:g}s",
         _totals(live),
+        *([printable(gaps_line(gaps))] if gaps is not None else []),
         "",
     ]
     if not rows:

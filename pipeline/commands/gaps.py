@@ -115,6 +115,28 @@ def ack(args: argparse.Namespace) -> int:
     return OK
 
 
+async def unacknowledged(config: Config) -> dict[str, int] | str:
+    """Records lost in the group's unacknowledged gaps, per stream, for `pipeline control
+    status` and `pipeline top`; or why the database could not tell (one line)."""
+    from pipeline import db
+    from pipeline.gaps import unacknowledged_by_stream
+    from pipeline.records import STREAMS
+
+    stream_of = {config.topic(s.topic): s.name for s in STREAMS}
+
+    async def read(conn: Connection) -> list[RecordedGap]:
+        return await db.recorded_gaps(conn, config.group_id, unacknowledged=True)
+
+    import asyncpg
+
+    try:
+        found: list[RecordedGap] = await _with_connection(config, read)
+    except (PipelineError, OSError, asyncpg.PostgresError) as exc:
+        # Shown, not raised: the rest of the view is still worth seeing.
+        return f"unknown (database: {(str(exc).splitlines() or [type(exc).__name__])[0]})"
+    return unacknowledged_by_stream(found, stream_of)
+
+
 def _json(gap: RecordedGap) -> dict[str, Any]:
     def when(at: Any) -> str | None:
         return None if at is None else str(at.isoformat())

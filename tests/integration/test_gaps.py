@@ -7,7 +7,10 @@ stored offset below the log start"."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import asyncpg
@@ -17,11 +20,14 @@ from aiokafka.admin.records_to_delete import RecordsToDelete
 
 from consumers.agent import DatabaseAgent
 from pipeline import kafka_clients
+from pipeline.commands.gaps import unacknowledged
+from pipeline.config import load_config
 from pipeline.records import STREAM_BY_NAME, topic_name
 from tests.conftest import Servers
 from tests.integration.harness import (
     Outgoing,
     Sent,
+    agent_env,
     assert_caught_up_exactly_once,
     assert_exactly_once,
     create_topics,
@@ -98,6 +104,23 @@ async def _ingested_then_truncated(
     return sent, stored, stored + LOST
 
 
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _pipeline(env: dict[str, str], *args: str) -> str:
+    done = _run(env, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _kept(sent: Sequence[Sent], first: int, end: int) -> list[Sent]:
     return [s for s in sent if not (s.partition == 0 and first <= s.offset < end)]
 
@@ -134,6 +157,45 @@ async def test_a_gap_is_recorded_counted_and_logged_and_the_rest_ingested_exactl
         f"retention before they were ingested; the log starts at {end}. Recorded in "
         "ingest_gaps; stream metrics goes on from the log start (PIPELINE_ON_GAP=record)"
     ]
+
+    # What the operator sees, as the agents' login: the gap listed, unacknowledged (status and
+    # top), acknowledged once.
+    env = agent_env(bootstrap, database_url, prefix, prefix)
+    config = load_config(env)
+    assert await unacknowledged(config) == {"metrics": LOST}
+    listed = json.loads(_pipeline(env, "gaps", "list", "--json"))
+    (gap,) = listed["gaps"]
+    assert listed["group"] == prefix
+    assert {k: gap[k] for k in ("topic", "partition", "first_offset", "end_offset", "lost")} == {
+        "topic": topic,
+        "partition": 0,
+        "first_offset": first,
+        "end_offset": end,
+        "lost": LOST,
+    }
+    assert (gap["action"], gap["acknowledged_at"], gap["acknowledged_by"]) == (
+        "skipped",
+        None,
+        None,
+    )
+    assert _pipeline(env, "gaps", "list").endswith(
+        f"{topic}[0] offsets {first}-{end - 1} ({LOST} records lost), skipped, by "
+        f"{gap['instance_id']}; NOT acknowledged\n"
+    )
+    assert _pipeline(env, "gaps", "ack", "--id", str(gap["id"]), "--by", "ann") == (
+        f"acknowledged 1 gap(s) of group {prefix}: {gap['id']}\n"
+    )
+    again = _run(env, "gaps", "ack", "--id", str(gap["id"]))
+    assert (again.returncode, again.stderr) == (
+        2,
+        f"pipeline: error: group {prefix}: no unacknowledged gap {gap['id']}\n",
+    )
+    assert (
+        _pipeline(env, "gaps", "list", "--unacknowledged") == f"group {prefix}: no gap recorded\n"
+    )
+    assert await unacknowledged(config) == {}
+    (acknowledged,) = json.loads(_pipeline(env, "gaps", "list", "--json"))["gaps"]
+    assert acknowledged["acknowledged_by"] == "ann"
 
 
 async def test_an_out_of_range_reset_while_running_is_a_gap_too(

@@ -9,9 +9,19 @@ from datetime import UTC, datetime
 import pytest
 
 from pipeline.batching import Part
+from pipeline.commands.control import status_lines
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.gaps import Gap, RecordedGap, find, skipped_to, suspects, unacknowledged_by_stream
+from pipeline.gaps import (
+    Gap,
+    RecordedGap,
+    find,
+    gaps_line,
+    skipped_to,
+    suspects,
+    unacknowledged_by_stream,
+)
+from pipeline.top import render
 
 
 @dataclass(frozen=True)
@@ -114,3 +124,22 @@ def test_on_gap_is_record_or_stop_and_a_bad_value_names_the_variable() -> None:
         load_config({**env, "PIPELINE_ON_GAP": "skip"})
     assert str(bad.value).startswith("PIPELINE_ON_GAP (config field 'on_gap'): ")
     assert "'skip'" in str(bad.value)
+
+
+def test_control_status_and_top_name_the_streams_with_unacknowledged_gaps() -> None:
+    lost = {"metrics": 700, "events": 3}
+    shown = (
+        "UNACKNOWLEDGED GAPS, records lost to retention: events (3 records), metrics (700 "
+        "records); see `pipeline gaps list`, then `pipeline gaps ack`"
+    )
+    assert gaps_line(lost) == shown
+    assert gaps_line({}) == "unacknowledged gaps: none"
+    assert gaps_line("unknown (database: refused)") == (
+        "unacknowledged gaps: unknown (database: refused)"
+    )
+    assert status_lines("g", 1, [], lost)[-1] == shown
+    assert status_lines("g", 1, [])[-1].startswith("group g: ")  # not read: not shown
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    screen = render([], group="g", now=now, interval_s=1, width=None, gaps=lost)
+    assert screen[2] == shown
+    assert shown not in render([], group="g", now=now, interval_s=1, width=None)
