@@ -455,6 +455,7 @@ class DatabaseAgent:
         suspects = gaps.suspects(batch.parts, writable)
         if not suspects:
             return
+        log.debug("batch starts past the stored offset of %s: reading their log starts", suspects)
         try:
             starts = await kafka_io.beginning_offsets(
                 self._require_consumer(), [TopicPartition(t, p) for t, p in suspects]

@@ -272,7 +272,7 @@ async def test_with_stop_the_stream_stops_saying_why_and_activate_goes_on_from_t
 
 
 async def test_aborted_transactions_and_their_markers_are_no_gap(
-    servers: Servers, database_url: str, unique: str
+    servers: Servers, database_url: str, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Transactions of 50 records, one in three aborted, sent while the agent ingests and
     after it restarts: the log has holes (markers, aborted records) at batch boundaries and
@@ -280,6 +280,7 @@ async def test_aborted_transactions_and_their_markers_are_no_gap(
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     topic = topic_name(METRICS.topic, prefix)
+    caplog.set_level(logging.DEBUG, logger="consumers.agent")
     await create_topics(bootstrap, prefix, partitions=1)
     await migrated(database_url)
     producer = kafka_clients.producer(
@@ -333,6 +334,10 @@ async def test_aborted_transactions_and_their_markers_are_no_gap(
     ends = await end_offsets(bootstrap, prefix)
     assert ends[(METRICS.topic, 0)] == 2 * 12 * 51  # each transaction: 50 records, one marker
     assert await _gap_rows(database_url) == []
+    # Batches did begin at such holes: each was checked, and none taken for a gap.
+    holes = [r for r in caplog.records if r.getMessage().startswith("batch starts past")]
+    assert holes
+    assert not _lost_lines(caplog)
 
 
 class _Abort(Exception):
