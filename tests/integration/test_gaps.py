@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -19,9 +20,16 @@ from aiokafka import TopicPartition
 from aiokafka.admin.records_to_delete import RecordsToDelete
 
 from consumers.agent import DatabaseAgent
+from consumers.controller import Controller, run_controlled
 from pipeline import kafka_clients
 from pipeline.commands.gaps import unacknowledged
 from pipeline.config import load_config
+from pipeline.control import (
+    generate_key_pair,
+    read_verifier,
+    write_private_key_file,
+    write_public_key_file,
+)
 from pipeline.records import STREAM_BY_NAME, topic_name
 from tests.conftest import Servers
 from tests.integration.harness import (
@@ -231,7 +239,11 @@ async def test_an_out_of_range_reset_while_running_is_a_gap_too(
 
 
 async def test_with_stop_the_stream_stops_saying_why_and_activate_goes_on_from_the_log_start(
-    servers: Servers, database_url: str, unique: str, caplog: pytest.LogCaptureFixture
+    servers: Servers,
+    database_url: str,
+    unique: str,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
@@ -239,29 +251,54 @@ async def test_with_stop_the_stream_stops_saying_why_and_activate_goes_on_from_t
     sent, first, end = await _ingested_then_truncated(bootstrap, database_url, prefix)
     caplog.set_level(logging.INFO, logger="consumers.agent")
     caplog.clear()
-
-    async with running_agent(bootstrap, database_url, prefix, on_gap="stop") as agent:
+    private, public = generate_key_pair()
+    write_private_key_file(tmp_path / "antigravity.key", private)
+    write_public_key_file(tmp_path / "antigravity.pub", public)
+    env = agent_env(
+        bootstrap,
+        database_url,
+        prefix,
+        prefix,
+        on_gap="stop",
+        control_public_keys=tmp_path / "antigravity.pub",
+    )
+    # A DatabaseAgent steered by its controller, in this process (its metrics readable).
+    agent = DatabaseAgent(load_config(env))
+    controller = Controller(agent, read_verifier([tmp_path / "antigravity.pub"]), heartbeat_s=1)
+    running = asyncio.create_task(run_controlled(agent, controller))
+    try:
 
         async def stopped() -> bool:
             return not agent.readiness().ready and "metrics" not in agent.snapshot().active_streams
 
         await until(stopped, within=60, what="the metrics stream stopped on its gap")
         assert agent.readiness().reason == "stream metrics stopped: RecordsLost"
-        assert agent.last_error.startswith(f"stream metrics stopped: {topic}[0]: offsets ")
+        assert agent.last_error == (
+            f"stream metrics stopped: {topic}[0]: offsets {first}-{end - 1} ({LOST} records) "
+            f"were deleted by retention before they were ingested; the log starts at {end}"
+        )
         rows = await _gap_rows(database_url)
         assert [(r["first_offset"], r["end_offset"], r["action"], r["skipped"]) for r in rows] == [
             (first, end, "stopped", False)
         ]
         assert (await stored_offsets(database_url, prefix, prefix))[(METRICS.topic, 0)] == first
         assert _lost_metric(agent) == {}
-        assert len(_lost_lines(caplog)) == 1
-        assert "STOPPED (PIPELINE_ON_GAP=stop)" in _lost_lines(caplog)[0]
+        (line,) = _lost_lines(caplog)
+        assert "STOPPED (PIPELINE_ON_GAP=stop)" in line
 
-        await agent.activate(["metrics"])  # what `pipeline control activate` calls
+        # The decision: `pipeline control activate`, signed, through the control topic.
+        signing = {**env, "PIPELINE_CONTROL_PRIVATE_KEY_FILE": str(tmp_path / "antigravity.key")}
+        activated = await asyncio.to_thread(
+            _run, signing, "control", "activate", "--streams", "metrics"
+        )
+        assert activated.returncode == 0, activated.stdout + activated.stderr
         ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
         await assert_exactly_once(database_url, prefix, prefix, _kept(sent, first, end), ends)
         assert _lost_metric(agent) == {("metrics", "0"): LOST}
         assert agent.readiness().ready
+    finally:
+        agent.stop()
+        await asyncio.wait_for(running, 60)
 
     rows = await _gap_rows(database_url)
     assert [(r["first_offset"], r["end_offset"], r["action"], r["skipped"]) for r in rows] == [
