@@ -236,6 +236,12 @@ async def test_an_out_of_range_reset_while_running_is_a_gap_too(
         (0, first, first + LOST, "skipped")
     ]
     assert len(_lost_lines(caplog)) == 1
+    env = agent_env(bootstrap, database_url, prefix, prefix)
+    (gap,) = json.loads(_pipeline(env, "gaps", "list", "--unacknowledged", "--json"))["gaps"]
+    assert _pipeline(env, "gaps", "ack", "--all", "--by", "ops") == (
+        f"acknowledged 1 gap(s) of group {prefix}: {gap['id']}\n"
+    )
+    assert _pipeline(env, "gaps", "ack", "--all") == f"acknowledged 0 gap(s) of group {prefix}\n"
 
 
 async def test_with_stop_the_stream_stops_saying_why_and_activate_goes_on_from_the_log_start(
