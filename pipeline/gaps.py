@@ -1,5 +1,6 @@
 """Gaps: records Kafka deleted (retention) before the group ingested them. Pure: what a gap
-is, where one may hide in a fetched batch, and the one line that names it.
+is, where one may hide in a fetched batch, PIPELINE_ON_GAP's policy, and the lines that name
+gaps (the agent's log, `pipeline gaps list`, status and top).
 docs/exactly-once.md, "A stored offset below the log start", says how the agent handles one.
 
 A gap is only ever a stored offset below the partition's log start offset. A hole between
