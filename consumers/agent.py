@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from consumers.agent_db import AgentDatabase, FencedWork, Queued
 from consumers.batch_count import BatchCount
@@ -26,11 +27,14 @@ from consumers.lag_watch import LagWatch, probe_for
 from consumers.membership import OffsetMirror, Rebalance
 from consumers.retries import Retries
 from consumers.writer import BatchWriter
+from pipeline import db, gaps
 from pipeline import kafka as kafka_io
-from pipeline.batching import Batch, Limits, Partition, Plan, backoff, plan
+from pipeline.batching import Batch, Limits, OffsetMove, Partition, Plan, backoff, plan
 from pipeline.config import Config, default_instance_id, redact_url
 from pipeline.control import AgentState
+from pipeline.db import Connection
 from pipeline.errors import FencedError, SchemaError, TransientError
+from pipeline.gaps import Action, Gap
 from pipeline.metrics import Metrics
 from pipeline.ownership import Actions, Ownership
 from pipeline.readiness import Readiness, ReadinessWatch, failure_class
@@ -91,6 +95,10 @@ class DatabaseAgent:
         # returns no row of a deactivated stream is written.
         self._no_transaction = asyncio.Event()
         self._no_transaction.set()
+        # Gaps (pipeline/gaps.py) under PIPELINE_ON_GAP=stop: partitions whose stream this
+        # instance stopped on a gap, and those whose gap activating the stream again accepted.
+        self._gaps_stopped: set[Partition] = set()
+        self._gaps_accepted: set[Partition] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._mirror: OffsetMirror | None = None
         self._task: asyncio.Task[None] | None = None
@@ -123,8 +131,15 @@ class DatabaseAgent:
     async def activate(self, streams: Iterable[str]) -> None:
         """Switch streams on (a failed stream too, once its table is fixed): their partitions
         fetch again from the stored offsets. :class:`UnknownStreamError` for a stream this
-        agent does not consume."""
-        self._apply(self.ownership.activate_event(streams))
+        agent does not consume. A stream stopped on a gap (PIPELINE_ON_GAP=stop) goes on
+        from the log start: its gaps are recorded as skipped when it is positioned again."""
+        chosen = set(streams)
+        self._apply(self.ownership.activate_event(chosen))
+        accepted = {p for p in self._gaps_stopped if self.ownership.stream_of(p[0]) in chosen}
+        if accepted:
+            self._gaps_stopped -= accepted
+            self._gaps_accepted |= accepted
+            self._apply(self.ownership.fenced_event(accepted))  # read the stored offsets again
         self._ready.show_streams()
 
     async def deactivate(self, streams: Iterable[str]) -> None:
@@ -369,8 +384,92 @@ class DatabaseAgent:
             return
         starts = await kafka_io.beginning_offsets(self._require_consumer(), wanted)
         stored = await self._db.load_offsets(starts)
+        found = [(gap, self._on_gap(gap)) for gap in gaps.find(stored, starts)]
+        if found:
+            try:
+                await self._record_gaps(found)
+            except FencedError:  # another member moved one meanwhile: read them all again
+                log.info("a stored offset moved on while its gap was recorded: reading again")
+                return
+            stored.update(gaps.skipped_to(gap for gap, action in found if action != "stopped"))
         self._apply(self.ownership.positioned_event(stored))
+        for gap, action in found:
+            self._gap_settled(gap, action)
         self._ready.decide()
+
+    async def _record_gaps(self, found: list[tuple[Gap, Action]]) -> None:
+        """Record the gaps, and move the stored offsets past the skipped ones, in one
+        transaction through the writer's compare-and-set (on a connection of its own: the
+        batches' one may be busy writing)."""
+        moves = [
+            OffsetMove(gap.topic, gap.partition, gap.first, gap.end)
+            for gap, action in found
+            if action != "stopped"
+        ]
+
+        async def record(conn: Connection) -> None:
+            await db.record_gaps(conn, self.config.group_id, found, self.instance_id)
+
+        conn = await self._db.connect()
+        try:
+            await self._batch_writer.write(conn, {}, moves=moves, before=record)
+        finally:
+            await conn.close()
+
+    def _on_gap(self, gap: Gap) -> Action:
+        """What to do about a gap found while positioning (PIPELINE_ON_GAP)."""
+        if self.config.on_gap == "record":
+            return "skipped"
+        return "resumed" if gap.key in self._gaps_accepted else "stopped"
+
+    def _gap_settled(self, gap: Gap, action: Action) -> None:
+        """A gap is recorded in ingest_gaps, and the stored offset moved past it unless the
+        stream stops on it: count it, say so in one line, stop the stream if it must."""
+        stream = self.ownership.stream_of(gap.topic)
+        if action == "stopped":
+            log.error(
+                "records LOST: %s. Stream %s STOPPED (PIPELINE_ON_GAP=stop); recorded in "
+                "ingest_gaps: decide, then activate %s to go on from the log start "
+                "(docs/operations.md)",
+                gap.describe(),
+                stream,
+                stream,
+            )
+            self._gaps_stopped.add(gap.key)
+            self._retries.last_error = f"stream {stream} stopped: {gap.describe()}"
+            self._apply(self.ownership.failed_event(stream, gaps.STOPPED_REASON))
+            self._ready.show_streams()
+            return
+        self._gaps_accepted.discard(gap.key)
+        self.metrics.records_lost.labels(stream, str(gap.partition)).inc(gap.lost)
+        log.error(
+            "records LOST: %s. Recorded in ingest_gaps; stream %s goes on from the log start (%s)",
+            gap.describe(),
+            stream,
+            "activated after it stopped" if action == "resumed" else "PIPELINE_ON_GAP=record",
+        )
+
+    async def _check_gaps(self, batch: Batch) -> None:
+        """Partitions of ``batch`` whose first record is past their stored offset (the
+        consumer may have reset an out-of-range position to the log start): those whose log
+        start is now past their stored offset have a gap, and are positioned again, which
+        records it. A hole that is not a gap (transaction markers, aborted records) is left
+        alone. If the log start cannot be read, they are positioned again too."""
+        writable = self.ownership.writable()
+        suspects = gaps.suspects(batch.parts, writable)
+        if not suspects:
+            return
+        log.debug("batch starts past the stored offset of %s: reading their log starts", suspects)
+        try:
+            starts = await kafka_io.beginning_offsets(
+                self._require_consumer(), [TopicPartition(t, p) for t, p in suspects]
+            )
+        except KafkaError:
+            lost = suspects
+        else:
+            lost = [gap.key for gap in gaps.find({p: writable[p] for p in suspects}, starts)]
+        if lost:
+            self._apply(self.ownership.fenced_event(lost))
 
     async def _position_pending(self) -> None:
         while self.ownership.unpositioned() and not self._stopping.is_set():
@@ -403,6 +502,7 @@ class DatabaseAgent:
     ) -> None:
         attempt = 0
         try:
+            await self._check_gaps(batch)
             while True:
                 # No await between the plan and marking a transaction open: a stream switched
                 # off before the plan is not in it, and deactivate() waits for this attempt.

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TextIO
 
@@ -42,6 +42,7 @@ from pipeline.top import FORGET_AFTER_S, Fleet, MetricsHosts, Scrape, parse_scra
 #: How long one scrape may take: a /metrics page that does not come within it is shown as
 #: unreachable for that refresh, rather than holding up the screen.
 SCRAPE_TIMEOUT_S = 1.0
+GAPS_REFRESH_S = 10.0  # how often the database's unacknowledged gaps are read again
 _START_TIMEOUT_S = 30.0
 # Scrapes go straight to the agents: an http_proxy set for the outside world is not for them.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -225,8 +226,14 @@ class Top:
         interval_s: float = 1.0,
         metrics_hosts: MetricsHosts | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        gaps: Callable[[], Awaitable[Mapping[str, int] | str]] | None = None,
     ) -> None:
         self.feed = StatusFeed(kafka, control_topics(prefix)[1])
+        # The records lost in unacknowledged gaps per stream (or why unknown), read from the
+        # database every GAPS_REFRESH_S, not every refresh: it changes seldom.
+        self._read_gaps = gaps
+        self.gaps: Mapping[str, int] | str | None = None
+        self._gaps_read_at: datetime | None = None
         # Heartbeats are unsigned: only the hosts the operator allowed are fetched.
         self.fleet = Fleet(group, metrics_hosts=metrics_hosts)
         self.group = group
@@ -267,9 +274,16 @@ class Top:
             await self.feed.stop()
 
     async def refresh(self) -> None:
-        """New heartbeats in; every live instance scraped once."""
+        """New heartbeats in; every live instance scraped once; the gaps, when due."""
         for heartbeat in await self.feed.poll():
             self.fleet.heard(heartbeat)
+        now = self.clock()
+        if self._read_gaps is not None and (
+            self._gaps_read_at is None
+            or (now - self._gaps_read_at).total_seconds() >= GAPS_REFRESH_S
+        ):
+            self.gaps = await self._read_gaps()
+            self._gaps_read_at = now
         targets = self.fleet.scrape_targets(self.clock())
         results = await asyncio.gather(*(scrape(address) for address in targets.values()))
         for instance_id, result in zip(targets, results, strict=True):
@@ -287,6 +301,7 @@ class Top:
             now=now,
             interval_s=self.interval_s,
             width=width,
+            gaps=self.gaps,
         )
 
 

@@ -21,6 +21,7 @@ from pipeline.commands import (
     demo,
     dev,
     dlq,
+    gaps,
     migrate,
     owners,
     replay,
@@ -37,7 +38,8 @@ DESCRIPTION = (
     "Ingest an agent fleet's data from Kafka into PostgreSQL exactly once. Run DatabaseAgents "
     "(`pipeline run`), declare the topics they read (`streams`), prepare their database "
     "and topics (`migrate`, `topics create`), "
-    "steer them with signed commands (`control`), watch them (`top`), repair data after an "
+    "steer them with signed commands (`control`), watch them (`top`), see what retention "
+    "deleted before it was ingested (`gaps`), repair data after an "
     "incident (`replay`, `dlq`), publish simulated traffic (`simulate`), see it all work in "
     "one command (`demo`), measure it (`bench`), and run a local Kafka and PostgreSQL to try "
     "it on (`dev`). Settings come from environment variables (KAFKA_BOOTSTRAP_SERVERS, "
@@ -55,6 +57,7 @@ COMMANDS = (
     run,
     control,
     top,
+    gaps,
     replay,
     dlq,
     simulate,

@@ -18,6 +18,7 @@ import msgspec
 from pipeline.catalog import Catalog, load
 from pipeline.db_session import Pooler, Session
 from pipeline.errors import ConfigError
+from pipeline.gaps import Policy
 from pipeline.kafka_settings import BOOTSTRAP_ENV, CHOICES, SECURITY_ENV, KafkaSettings
 from pipeline.records import topic_name
 
@@ -65,6 +66,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # "session" work alike; "transaction", a pooler in transaction mode, turns off the
     # cache of prepared statements (docs/compatibility.md).
     db_pooler: Pooler = "none"
+    # A partition whose stored offset is below Kafka's log start (retention deleted records
+    # before they were ingested): "record" records the gap and goes on from the log start,
+    # "stop" stops the stream until `pipeline control activate` (docs/operations.md).
+    on_gap: Policy = "record"
     retry_max_backoff_s: Seconds = 10.0
     shutdown_timeout_s: Seconds = 30.0
     metrics_address: str = "127.0.0.1:9108"

@@ -41,6 +41,7 @@ from pipeline.errors import (
     SchemaError,
     TransientError,
 )
+from pipeline.gaps import Action, Gap, RecordedGap
 from pipeline.records import header_name_text
 from pipeline.rows import Tombstone, source_of
 
@@ -584,6 +585,67 @@ async def lock_group_work(conn: Connection, group: str) -> None:
     lock other instances' offset rows; taking this lock first makes such work run one at a
     time, so two instances' work never wait on each other's rows."""
     await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _WORK_LOCK, group)
+
+
+# -- gaps: a stored offset below the log start (sql/011_ingest_gaps.sql) ---------------------
+
+
+async def record_gaps(
+    conn: Connection, group: str, found: Sequence[tuple[Gap, Action]], instance_id: str
+) -> None:
+    """Record each gap with what was done (``ingest_gaps``), in the caller's transaction: the
+    one whose compare-and-set moves the stored offsets past the skipped ones. A gap a stopped
+    stream recorded before is brought up to date (its log start may have moved on)."""
+    await conn.execute(
+        """INSERT INTO ingest_gaps (group_id, topic, partition, first_offset, end_offset,
+                                   action, instance_id, skipped_at)
+           SELECT $1, t, p, f, e, a, $2, CASE WHEN a = 'stopped' THEN NULL ELSE now() END
+           FROM unnest($3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::text[])
+               AS g(t, p, f, e, a)
+           ON CONFLICT (group_id, topic, partition, first_offset) DO UPDATE
+           SET end_offset = EXCLUDED.end_offset, action = EXCLUDED.action,
+               instance_id = EXCLUDED.instance_id, skipped_at = EXCLUDED.skipped_at
+           WHERE ingest_gaps.skipped_at IS NULL""",
+        group,
+        instance_id,
+        [g.topic for g, _ in found],
+        [g.partition for g, _ in found],
+        [g.first for g, _ in found],
+        [g.end for g, _ in found],
+        [a for _, a in found],
+    )
+
+
+async def recorded_gaps(
+    conn: Connection, group: str, *, unacknowledged: bool = False
+) -> list[RecordedGap]:
+    """The group's recorded gaps, oldest first; with ``unacknowledged``, only those."""
+    rows = await conn.fetch(
+        """SELECT id, group_id, topic, partition, first_offset, end_offset, action, instance_id,
+                  detected_at, skipped_at, acknowledged_at, acknowledged_by
+           FROM ingest_gaps WHERE group_id = $1 AND (NOT $2 OR acknowledged_at IS NULL)
+           ORDER BY id""",
+        group,
+        unacknowledged,
+    )
+    return [RecordedGap(*row.values()) for row in rows]
+
+
+async def acknowledge_gaps(
+    conn: Connection, group: str, ids: Sequence[int] | None, by: str
+) -> list[int]:
+    """Mark the group's gaps ``ids`` (None: every unacknowledged one) acknowledged by ``by``;
+    the ids marked now (one already acknowledged keeps its first acknowledgement)."""
+    rows = await conn.fetch(
+        """UPDATE ingest_gaps SET acknowledged_at = now(), acknowledged_by = $3
+           WHERE group_id = $1 AND acknowledged_at IS NULL
+             AND ($2::bigint[] IS NULL OR id = ANY($2::bigint[]))
+           RETURNING id""",
+        group,
+        None if ids is None else list(ids),
+        by,
+    )
+    return sorted(r["id"] for r in rows)
 
 
 async def reserve_batch_ids(conn: Connection) -> range:

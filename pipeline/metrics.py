@@ -197,6 +197,13 @@ class Metrics:
             "Batches dropped because another consumer owns a partition now",
             registry=r,
         )
+        self.records_lost = Counter(
+            "pipeline_records_lost_total",
+            "Records Kafka deleted (retention) before they were ingested: a stored offset "
+            "below the log start, recorded in ingest_gaps",
+            ["stream", "partition"],
+            registry=r,
+        )
         self.lag = Gauge(
             "pipeline_consumer_lag_records",
             "Records behind the end of the partition",
@@ -205,7 +212,8 @@ class Metrics:
         )
         self.stream_stopped = Gauge(
             "pipeline_stream_stopped",
-            "1 when a stream stopped on a schema or permission error (fix, then activate)",
+            "1 when a stream stopped on a schema or permission error, or on a gap with "
+            "PIPELINE_ON_GAP=stop (fix or decide, then activate)",
             ["stream"],
             registry=r,
         )

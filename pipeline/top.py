@@ -32,13 +32,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.control import Heartbeat
+from pipeline.gaps import gaps_line
 from pipeline.terminal import printable
 
 __all__ = [
@@ -317,8 +318,11 @@ def render(
     now: datetime,
     interval_s: float,
     width: int | None,
+    gaps: Mapping[str, int] | str | None = None,
 ) -> list[str]:
-    """The screen: a header, the group's totals, and a table with a line per instance.
+    """The screen: a header, the group's totals, the records lost in unacknowledged gaps per
+    stream (``gaps``, :func:`pipeline.gaps.gaps_line`; None: not read), and a table with a line
+    per instance.
 
     ``streams`` are the catalog's stream names: an instance with all of them active shows
     "all".
@@ -333,6 +337,7 @@ def render(
         + (f" ({states})" if states else "")
         + f", every {interval_s:g}s",
         _totals(live),
+        *([printable(gaps_line(gaps))] if gaps is not None else []),
         "",
     ]
     if not rows:

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,7 +27,9 @@ from pipeline.commands._common import (
     stream_list,
     verifier,
 )
+from pipeline.commands.gaps import unacknowledged
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.gaps import gaps_line
 from pipeline.terminal import printable
 
 if TYPE_CHECKING:
@@ -291,6 +293,7 @@ def status(args: argparse.Namespace) -> int:
         )
 
     highest, heard = asyncio.run(gather())
+    gaps = asyncio.run(unacknowledged(config))
     # Without a key to check signatures, no seq on the control topic can be trusted.
     latest = highest if antigravity.verifier.key_ids else None
     if args.json:
@@ -298,9 +301,18 @@ def status(args: argparse.Namespace) -> int:
             {**msgspec.to_builtins(h), "behind": behind}
             for h, behind in live_instances(latest, heard)
         ]
-        print(json.dumps({"group": config.group_id, "latest_seq": latest, "instances": instances}))
+        print(
+            json.dumps(
+                {
+                    "group": config.group_id,
+                    "latest_seq": latest,
+                    "instances": instances,
+                    "unacknowledged_gaps": gaps,  # records lost per stream, or why unknown
+                }
+            )
+        )
         return OK
-    for line in status_lines(config.group_id, latest, heard):
+    for line in status_lines(config.group_id, latest, heard, gaps):
         print(line)
     return OK
 
@@ -314,10 +326,17 @@ def live_instances(latest: int | None, heard: Sequence[Any]) -> list[tuple[Any, 
     ]
 
 
-def status_lines(group: str, latest: int | None, heard: Sequence[Any]) -> list[str]:
-    """`pipeline control status`'s lines from the group's heartbeats (``Heartbeat``s) and the
-    latest signed seq (None: no key to verify one with). Whoever may write to the status topic
-    writes the heartbeats' fields: each line goes through :func:`~pipeline.terminal.printable`."""
+def status_lines(
+    group: str,
+    latest: int | None,
+    heard: Sequence[Any],
+    gaps: Mapping[str, int] | str | None = None,
+) -> list[str]:
+    """`pipeline control status`'s lines from the group's heartbeats (``Heartbeat``s), the
+    latest signed seq (None: no key to verify one with) and the records lost in unacknowledged
+    gaps per stream (:func:`pipeline.commands.gaps.unacknowledged`; None: not read). Whoever
+    may write to the status topic writes the heartbeats' fields: each line goes through
+    :func:`~pipeline.terminal.printable`."""
     fleet = live_instances(latest, heard)
     shown = latest if latest is not None else "unknown (no key to verify it with)"
     lines = [
@@ -337,6 +356,8 @@ def status_lines(group: str, latest: int | None, heard: Sequence[Any]) -> list[s
             f"{len(h.owned_partitions)} partitions, lag {h.lag}"
             + (f", last error: {h.last_error}" if h.last_error else "")
         )
+    if gaps is not None:
+        lines.append(gaps_line(gaps))
     return [printable(line) for line in lines]
 
 

@@ -7,6 +7,7 @@ import argparse
 import os
 
 from pipeline.commands._common import OK, Subparsers, group_options, load_config, positive
+from pipeline.commands.gaps import unacknowledged
 from pipeline.errors import ConfigError
 
 
@@ -16,7 +17,8 @@ def register(commands: Subparsers) -> None:
         help="a live view of every DatabaseAgent of a group, refreshed every second",
         description="Every DatabaseAgent of the group, from the heartbeats on the status topic "
         "and each agent's /metrics: state, active streams, partitions owned, rows written per "
-        "second, lag in records and in seconds, seconds since its last heartbeat, last error. "
+        "second, lag in records and in seconds, seconds since its last heartbeat, last error; "
+        "and the streams with unacknowledged gaps (`pipeline gaps`), from the database. "
         "An instance unheard for 10 s is shown as gone?, one that said it stopped as stopped, "
         "for 5 minutes. On a terminal it redraws in place (q or Ctrl-C quits); otherwise, or "
         "with --once, it prints a table per refresh.",
@@ -61,6 +63,7 @@ def top(args: argparse.Namespace) -> int:
         streams=config.catalog.names,
         interval_s=args.interval,
         metrics_hosts=hosts,
+        gaps=lambda: unacknowledged(config),
     )
     run_top(view, once=args.once)
     return OK

@@ -223,6 +223,7 @@ async def test_three_instances_switch_a_stream_off_and_on_under_load(
         assert isinstance(instances, list)
         assert {i["behind"] for i in instances} == {False}
         assert {tuple(i["active_streams"]) for i in instances} == {ALL_STREAMS}
+        assert shown["unacknowledged_gaps"] == {}  # read from the database: none
     finally:
         await stop_agents(agents)
         for agent in agents:

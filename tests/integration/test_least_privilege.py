@@ -111,6 +111,9 @@ async def test_the_writer_is_no_superuser_owns_nothing_and_may_not_change_the_sc
             # A group claims a data table, never hands one over: the migrator releases it.
             "DELETE FROM table_owners",
             "UPDATE table_owners SET group_id = 'sneaky'",
+            # A gap is recorded and acknowledged, never erased.
+            "DELETE FROM ingest_gaps",
+            "TRUNCATE ingest_gaps",
         ]
         for statement in refused:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):

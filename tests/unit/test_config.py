@@ -36,6 +36,7 @@ DEFAULTS = {
     "db_command_timeout_s": 60.0,
     "db_idle_in_transaction_timeout_s": 90.0,
     "db_pooler": "none",
+    "on_gap": "record",
     "retry_max_backoff_s": 10.0,
     "shutdown_timeout_s": 30.0,
     "metrics_address": "127.0.0.1:9108",
