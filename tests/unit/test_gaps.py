@@ -140,6 +140,6 @@ def test_control_status_and_top_name_the_streams_with_unacknowledged_gaps() -> N
     assert status_lines("g", 1, [], lost)[-1] == shown
     assert status_lines("g", 1, [])[-1].startswith("group g: ")  # not read: not shown
     now = datetime(2026, 12, 7, tzinfo=UTC)
-    screen = render([], group="g", now=now, interval_s=1, width=None, gaps=lost)
+    screen = render([], group="g", streams=(), now=now, interval_s=1, width=None, gaps=lost)
     assert screen[2] == shown
-    assert shown not in render([], group="g", now=now, interval_s=1, width=None)
+    assert shown not in render([], group="g", streams=(), now=now, interval_s=1, width=None)
