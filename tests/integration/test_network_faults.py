@@ -289,8 +289,9 @@ async def test_a_postgres_connection_cut_in_the_middle_of_a_copy_is_retried_once
 ) -> None:
     """Toxiproxy's ``limit_data`` on the agent's side of the connection, added as the agent
     starts the COPY into performance_metrics of its n-th batch with 70 such rows or more,
-    closes the connection after a seed's 200-2000 bytes, fewer than the COPY sends: the server sees the COPY's data end
-    and rolls the transaction back, and the agent's COPY fails with the connection lost.
+    closes the connection after a seed's 200-2000 bytes, fewer than the COPY sends: the
+    server sees the COPY's data end and rolls the transaction back, and the agent's COPY
+    fails with the connection lost.
     Relies on no timeout (a closed connection is noticed at once): the agent retries the
     batch on a new connection after its backoff (``retry_max_backoff_s``), its
     compare-and-set holds (nothing was committed), and the batch lands once; nothing fenced."""
@@ -335,8 +336,8 @@ async def _commit_answer_lost(
     """The lost-COMMIT scenario, run by ``command``: Toxiproxy's ``timeout`` on the server's
     side of the connection (nothing the server sends arrives; the connection is closed after
     1 s), added just before the agent sends the COMMIT of its n-th batch that writes 50 rows
-    or more into performance_metrics. Yields the agent, its /metrics address, the hook's report and what
-    was sent."""
+    or more into performance_metrics. Yields the agent, its /metrics address, the hook's
+    report and what was sent."""
     rng = random.Random(seed)
     await create_topics(case.kafka, case.prefix, partitions=3)
     report = case.tmp_path / "hook.json"
