@@ -30,7 +30,8 @@ from pipeline.control import (
     write_private_key_file,
     write_public_key_file,
 )
-from pipeline.records import STREAM_BY_NAME, topic_name
+from pipeline.records import topic_name
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     Outgoing,

@@ -37,8 +37,8 @@ import pytest
 
 from consumers.antigravity import Antigravity
 from pipeline import kafka_clients, testbed
+from pipeline.catalog import load as load_catalog
 from pipeline.control import (
-    ALL_STREAMS,
     Assign,
     BatchLimits,
     generate_key_pair,
@@ -48,8 +48,8 @@ from pipeline.devstack import kafka, kafka_versions, pgbouncer
 from pipeline.devstack.kafka import ProxiedListener
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.devstack.stack import cache_root
-from pipeline.records import STREAM_BY_NAME
 from pipeline.testbed import AgentProcess
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.integration import broken_fence_agent, hooked_agent
 from tests.integration.harness import (
     Outgoing,
@@ -693,7 +693,7 @@ async def test_the_control_reader_and_the_lag_probe_cut_off_from_kafka_recover(
         with _silenced(case.net.side):
             cut_at, held = time.time(), await case.ingested()
             command = Assign(
-                version=1, streams=ALL_STREAMS, limits=BatchLimits(batch_max_records=400)
+                version=1, streams=load_catalog().names, limits=BatchLimits(batch_max_records=400)
             )
             delivery = await antigravity.send(case.prefix, command, wait_s=0.5)
             assert delivery.acks == {}, "acknowledged by a controller cut off?"
