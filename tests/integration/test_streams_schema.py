@@ -140,7 +140,11 @@ async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]
         sequences = await conn.fetch(
             "SELECT schemaname, sequencename, increment_by FROM pg_sequences ORDER BY 1, 2"
         )
-        return {"tables": found, "sequences": [tuple(s) for s in sequences]}
+        owned = tuple(f"{table}_" for table in without)  # a serial column's sequence
+        return {
+            "tables": found,
+            "sequences": [tuple(s) for s in sequences if not s[1].startswith(owned)],
+        }
     finally:
         await conn.close()
 
@@ -184,7 +188,8 @@ async def test_a_fresh_migrate_makes_the_builtin_tables_as_the_numbered_migratio
         testbed.scratch_database(servers.endpoints.database_url, f"{unique}_new") as new,
     ):
         before = await describe(old)
-        after = await describe(new, without=("stream_catalog",))
+        # The migrations after schema 9 add tables of their own; the data tables must not differ.
+        after = await describe(new, without=("stream_catalog", "ingest_gaps"))
         assert {f"public.{t}" for t in BUILTIN_TABLES} <= set(before["tables"])
         assert after == before
         conn = await asyncpg.connect(new, timeout=10)
@@ -419,7 +424,7 @@ async def test_a_database_at_the_schema_before_the_catalog_upgrades_with_its_row
         migrated = await pipeline(env, "migrate")
         assert migrated.returncode == 0, migrated.stderr
         assert migrated.stdout == (
-            "applied: 010_stream_catalog.sql\n"
+            "applied: 010_stream_catalog.sql, 011_ingest_gaps.sql\n"
             "recorded the catalog of: states, events, metrics, analytics, config\n"
         )
         assert await count_rows(old, list(copied)) == copied
