@@ -26,12 +26,13 @@ test: check compose
 compose:
 	deploy/install-compose
 
-# The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS.
+# The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS, and
+# the negative control (make test runs it too).
 SEEDS ?= 5
 chaos: $(STAMP)
 	CHAOS_SEEDS="$$(seq -s ' ' 1 $(SEEDS))" $(VENV)/bin/pytest -q \
 		tests/integration/test_faults.py -k "test_sigkill_at_random_moments or test_the_oracle_catches" \
-		tests/integration/chaos_negative_control.py
+		tests/integration/test_negative_control.py
 
 # The decoders fuzzed: FUZZ_INPUTS records and control messages each (FUZZ_SEED: new inputs).
 FUZZ_INPUTS ?= 100000
