@@ -63,6 +63,7 @@ from pipeline.devstack import (
 from pipeline.devstack.stack import cache_root
 from pipeline.errors import ConfigError, DevStackError
 from pipeline.records import topic_name
+from tests.toxiproxy import Toxiproxy, ToxiproxyError
 
 # One stack per test run: two runs on one machine (a developer's and an editor's, or two
 # worktrees) must not stop each other's servers. The process that begins the run names the
@@ -298,3 +299,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     ):
         monkeypatch.delenv(name, raising=False)
     return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def toxiproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Toxiproxy]:
+    """A Toxiproxy server for this session (each worker its own), built on first use
+    (:func:`tests.toxiproxy.install`); a build or start that fails fails the test. Each test
+    makes its own proxies and removes its toxics."""
+    server = Toxiproxy(tmp_path_factory.mktemp("toxiproxy"))
+    try:
+        server.start()
+    except ToxiproxyError as exc:
+        pytest.fail(f"no Toxiproxy for the network fault tests: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
