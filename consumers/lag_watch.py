@@ -113,17 +113,20 @@ class LagWatch:
 
     async def _watch(self, probe: LagProbe, interval_s: float) -> None:
         """Refresh whatever the agent is doing (idle, paused, retrying). Failures (Kafka away)
-        are logged once each; the next refresh tries again, and lag in seconds keeps growing
-        meanwhile from the timestamps already known."""
-        failing = ""
+        are logged once each, and the first refresh that works again once; the next refresh
+        tries again, and lag in seconds keeps growing meanwhile from the timestamps already
+        known."""
+        failing, failures = "", 0
         while True:
             try:
                 await self.refresh(probe)
-                failing = ""
+                if failures:  # said once, as the failure was: the lag gauges are fresh again
+                    log.info("measuring lag works again after %d failed refreshes", failures)
+                failing, failures = "", 0
             except Exception as exc:  # measuring must never stop ingesting
                 if repr(exc) != failing:
                     log.warning("measuring lag failed (retried every %ss): %r", interval_s, exc)
-                failing = repr(exc)
+                failing, failures = repr(exc), failures + 1
             self._after_each()
             await asyncio.sleep(interval_s)
 

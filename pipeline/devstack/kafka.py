@@ -10,6 +10,7 @@ import subprocess
 import time
 import uuid
 from base64 import urlsafe_b64encode
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +130,21 @@ class KafkaBroker:
         self.properties = home / "server.properties"
         self.pidfile = pidfile(home)
 
-    def start(self, port: int, controller_port: int, secure: SecureListener | None = None) -> int:
+    def start(
+        self,
+        port: int,
+        controller_port: int,
+        secure: SecureListener | None = None,
+        *,
+        proxied: Sequence[ProxiedListener] = (),
+    ) -> int:
         """Start the broker: a PLAINTEXT listener on ``port``, the controller on
-        ``controller_port``, and the SASL_SSL listener ``secure`` says, if any."""
+        ``controller_port``, the SASL_SSL listener ``secure`` says, if any, and the
+        ``proxied`` listeners."""
         self.home.mkdir(parents=True, exist_ok=True)
-        properties = _server_properties(self.release, self.data_dir, port, controller_port, secure)
+        properties = _server_properties(
+            self.release, self.data_dir, port, controller_port, secure, proxied=proxied
+        )
         # With the SASL_SSL listener it holds a private key: its owner's only, like key files.
         fd = os.open(self.properties, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
@@ -209,6 +220,17 @@ class SecureListener:
     port: int
     cert: Path
     key: Path
+
+
+@dataclass(frozen=True)
+class ProxiedListener:
+    """A further PLAINTEXT listener on ``port`` that tells its clients to connect to
+    ``advertised`` (HOST:PORT), a proxy in front of it: the network fault tests' Toxiproxy
+    (docs/testing.md), through which every connection after the bootstrap then goes too."""
+
+    name: str  # the listener's name, upper case
+    port: int
+    advertised: str
 
 
 def pidfile(home: Path) -> PidFile:
@@ -316,20 +338,26 @@ def _server_properties(
     port: int,
     controller_port: int,
     secure: SecureListener | None = None,
+    *,
+    proxied: Sequence[ProxiedListener] = (),
 ) -> str:
     sasl_ssl = "" if secure is None else f",SASL_SSL://127.0.0.1:{secure.port}"
+    listening = "".join(f",{p.name}://127.0.0.1:{p.port}" for p in proxied)
+    advertised = "".join(f",{p.name}://{p.advertised}" for p in proxied)
+    protocols = "".join(f",{p.name}:PLAINTEXT" for p in proxied)
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl},"
+            f"listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl}{listening},"
             f"CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{sasl_ssl}{advertised}",
             "inter.broker.listener.name=PLAINTEXT",
             "controller.listener.names=CONTROLLER",
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
-            + ("" if secure is None else ",SASL_SSL:SASL_SSL"),
+            + ("" if secure is None else ",SASL_SSL:SASL_SSL")
+            + protocols,
             f"log.dirs={data_dir}",
             "num.partitions=1",
             # One node: every internal topic has one replica, and one offsets partition keeps

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.devstack import Endpoints, endpoints_from_env, postgres, tls
-from pipeline.devstack.kafka import _server_properties
+from pipeline.devstack.kafka import ProxiedListener, _server_properties
 from pipeline.devstack.kafka_versions import DEFAULT_VERSION, release
 from pipeline.devstack.processes import PidFile, choose_port, port_is_free, spawn, wait_exit
 from pipeline.devstack.stack import ComponentStatus
@@ -243,6 +243,20 @@ def test_server_properties_put_both_listeners_on_loopback(tmp_path: Path) -> Non
     assert props["group.initial.rebalance.delay.ms"] == "0"
     assert props["auto.create.topics.enable"] == "false"
     assert text.endswith("\n")
+
+
+def test_a_proxied_listener_advertises_its_proxy(tmp_path: Path) -> None:
+    proxied = [ProxiedListener("AGENTS", 19094, "127.0.0.1:29094")]
+    text = _server_properties(DEFAULT, tmp_path / "data", 19092, 19093, proxied=proxied)
+    props = dict(line.split("=", 1) for line in text.splitlines() if line)
+    assert props["listeners"] == (
+        "PLAINTEXT://127.0.0.1:19092,AGENTS://127.0.0.1:19094,CONTROLLER://127.0.0.1:19093"
+    )
+    assert props["advertised.listeners"] == ("PLAINTEXT://127.0.0.1:19092,AGENTS://127.0.0.1:29094")
+    assert props["listener.security.protocol.map"] == (
+        "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,AGENTS:PLAINTEXT"
+    )
+    assert props["inter.broker.listener.name"] == "PLAINTEXT"  # the broker's own way: direct
 
 
 # -- the stack's directories as root, against another local user (see test_safe_dirs) ------

@@ -5,6 +5,7 @@ saw."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -173,3 +174,42 @@ def test_the_watch_refreshes_until_stopped_and_survives_a_failing_probe() -> Non
         assert world.refreshes == refreshes  # the loop ended with stop()
 
     asyncio.run(run())
+
+
+def test_a_probe_that_fails_then_answers_is_logged_once_each_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kafka away for a while: one warning when measuring starts failing, one line when it
+    works again (the operator learns it recovered), none for the refreshes in between."""
+
+    class Flaky(Probe):
+        failing = 3
+
+        async def end_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
+            if self.failing:
+                self.failing -= 1
+                raise ConnectionError("kafka away")
+            return await super().end_offsets(partitions)
+
+        async def stop(self) -> None:
+            pass
+
+    async def run() -> None:
+        world = World({M0: 0})
+        probe = Flaky({M0: 5}, {M0: ms_ago(1)})
+        world.watch.start(Consumer({}), probe, 0.01)  # type: ignore[arg-type]
+
+        async def answered() -> None:
+            while not probe.asked_ends:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(answered(), 10)
+        await world.watch.stop(1.0)
+
+    with caplog.at_level(logging.INFO, logger="consumers.lag_watch"):
+        asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in said] == [
+        "measuring lag failed (retried every 0.01s)",
+        "measuring lag works again after 3 failed refreshes",
+    ]
