@@ -264,6 +264,7 @@ class Run:
     produced: dict[str, int] = field(default_factory=dict)  # acknowledged, per stream
     unconfirmed: int = 0  # sends whose outcome the producer never learned
     publisher_restarts: int = 0
+    disk_mib: dict[str, float] = field(default_factory=dict)  # the servers' data at the end
     oracle: dict[str, Any] = field(default_factory=dict)
     trends: dict[str, dict[str, Any]] = field(default_factory=dict)  # "agent-0 rss_mib": Trend
     ok: bool = False
@@ -290,6 +291,19 @@ async def produce(bootstrap: str, rate: float, seed: int, run: Run, stop: asynci
     fleet = FleetSimulator(seed=seed)
     counts = dict.fromkeys((s.name for s in STREAMS), 0)
     run.produced = counts
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    _quiet_about_abandoned_sends(loop)
+    try:
+        await _publish(bootstrap, rate, fleet, run, stop)
+    finally:
+        loop.set_exception_handler(handler)
+
+
+async def _publish(
+    bootstrap: str, rate: float, fleet: FleetSimulator, run: Run, stop: asyncio.Event
+) -> None:
+    counts = run.produced
     tick = 0.05
     most = max(1, int(rate * tick * 4))  # behind, it catches up a few ticks at a time
     loop = asyncio.get_running_loop()
@@ -301,7 +315,6 @@ async def produce(bootstrap: str, rate: float, seed: int, run: Run, stop: asynci
             counts[STREAM_BY_TYPE[type(record)].name] += 1
         previous.clear()
 
-    _quiet_about_abandoned_sends(loop)
     while not stop.is_set():
         try:
             async with AgentPublisher(bootstrap, PREFIX, send_timeout=10.0) as publisher:
@@ -509,6 +522,10 @@ async def _run(
             )
             ends = await _caught_up(admin_url, bootstrap, settings.drain_s, run, began)
             run.oracle.update(await oracle(testbed.database_url_for(admin_url, DATABASE), ends))
+            run.disk_mib = {
+                "kafka": _size_mib(stack.home / "kafka"),
+                "postgres": _size_mib(postgres.data_dir(stack.home / "postgres")),
+            }
             await testbed.stop_agents([a.process for a in agents])
             run.oracle["agent_exit_codes"] = [a.process.wait(1) for a in agents]
         finally:
@@ -519,6 +536,14 @@ async def _run(
             for agent in agents:
                 agent.process.kill()
     proxy.delete()
+
+
+def _size_mib(directory: Path) -> float:
+    total = 0
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.lstat().st_size
+    return round(total / 2**20, 1)
 
 
 async def _stored(url: str) -> testbed.Offsets:
@@ -702,8 +727,21 @@ def plot(run: Run, path: Path) -> None:
             ax.axvline(fault["t"] / 60, color="grey", linestyle=":", linewidth=0.8)
         ax.axvspan(0, run.settings.warmup_s / 60, color="grey", alpha=0.12)
         ax.set_title(titles[measure])
+        ax.set_xlim(0, run.settings.minutes)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    top = axes[0][0]
+    for fault in run.faults:
+        top.annotate(
+            fault["kind"],
+            (fault["t"] / 60, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=6,
+            va="top",
+            ha="right",
+            color="grey",
+        )
     for ax in axes[1]:
         ax.set_xlabel("minutes (shaded: warm-up, not judged; dotted: a fault)")
     axes[0][0].legend(loc="lower right")
@@ -730,6 +768,11 @@ def summary(run: Run) -> str:
         f"{sum(run.oracle.get('rows', {}).values()):,} rows; {run.unconfirmed} sends "
         f"unconfirmed, publisher made again {run.publisher_restarts} time(s)"
     )
+    if run.disk_mib:
+        lines.append(
+            f"disk at the end: Kafka {run.disk_mib['kafka']:,.0f} MiB, "
+            f"PostgreSQL {run.disk_mib['postgres']:,.0f} MiB"
+        )
     if "drained_after_s" in run.oracle:
         lines.append(f"caught up {run.oracle['drained_after_s']:g} s after the traffic stopped")
     kinds: dict[str, int] = {}
@@ -755,13 +798,13 @@ def summary(run: Run) -> str:
         agent, measure = key.split()
         values = [value_at(run, agent, measure, t) for t in at]
         cells = "".join(f"{'-' if x is None else f'{x:,.1f}':>14}" for x in values)
-        lines.append(
-            f"{key:<24}{cells}{v['slope_per_min']:>12.3f}{v['limit']:>9.1f}  "
-            f"{'GROWS' if v['grows'] else 'flat'}"
-        )
+        said = "GROWS" if v["grows"] else "flat" if v["judged"] else "not judged (too short)"
+        lines.append(f"{key:<24}{cells}{v['slope_per_min']:>12.3f}{v['limit']:>9.1f}  {said}")
     oracle_line = "holds" if run.oracle.get("holds") else f"FAILS: {run.oracle.get('problems')}"
     lines.append(f"oracle: {oracle_line}; agents' exit codes {run.oracle.get('agent_exit_codes')}")
-    lines.append(f"verdict: {'PASS' if run.ok else 'FAIL'}")
+    unjudged = [k for k, v in run.trends.items() if not v["judged"]]
+    note = f" ({len(unjudged)} series not judged: too short)" if unjudged else ""
+    lines.append(f"verdict: {'PASS' if run.ok else 'FAIL'}{note}")
     return "\n".join(lines)
 
 
