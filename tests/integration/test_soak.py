@@ -26,6 +26,7 @@ SETTINGS = Settings(
     settle_s=20,
     fault_every_s=15,
     control_every_s=30,
+    judged=("asyncio_tasks", "db_connections"),
 )
 
 
@@ -36,6 +37,7 @@ async def test_two_minutes_of_soak_under_every_fault_lose_nothing_and_leak_no_ta
     run = await run_soak(SETTINGS, tmp_path)
     save(run, tmp_path)
     print(summary(run))
+    assert run.ok, summary(run)
     assert run.oracle["holds"], run.oracle["problems"]
     assert run.oracle["agent_exit_codes"] == [0, 0]
     assert sorted(f["kind"] for f in run.faults) == sorted(FAULTS)
