@@ -76,6 +76,7 @@ class Settings:
     control_every_s: float = 60.0
     faults: tuple[str, ...] = ()  # kinds, in order; empty: every kind, shuffled by the seed
     judged: tuple[str, ...] = MEASURES  # the measures whose growth fails the run
+    agent_command: tuple[str, ...] = ()  # in place of `pipeline run` (a leaking agent, say)
     drain_s: float = 900.0  # how long the agents may take to catch up at the end
 
 
@@ -490,7 +491,10 @@ async def _run(
             )
             log = out / f"agent-{i}.log"
             log.unlink(missing_ok=True)
-            agents.append(Agent(f"agent-{i}", address, testbed.AgentProcess(env, log)))
+            process = testbed.AgentProcess(env, log)
+            if settings.agent_command:
+                process.command = list(settings.agent_command)
+            agents.append(Agent(f"agent-{i}", address, process))
         control_env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -803,7 +807,7 @@ def summary(run: Run) -> str:
     lines.append(
         f"{'':<24}"
         + "".join(f"{f'at {t / 60:g} min':>14}" for t in at)
-        + f"{'slope/min':>12}{'limit':>9}  verdict"
+        + f"{'slope/min':>11}{'1st half':>10}{'2nd half':>10}{'limit':>8}  verdict"
     )
     for key, v in run.trends.items():
         agent, measure = key.split()
@@ -812,7 +816,8 @@ def summary(run: Run) -> str:
         said = "GROWS" if v["grows"] else "flat" if v["judged"] else "not judged (too short)"
         if measure not in s.judged:
             said += " (reported, not judged)"
-        lines.append(f"{key:<24}{cells}{v['slope_per_min']:>12.3f}{v['limit']:>9.1f}  {said}")
+        fitted = f"{v['slope_per_min']:>11.3f}{v['early']:>10.1f}{v['late']:>10.1f}"
+        lines.append(f"{key:<24}{cells}{fitted}{v['limit']:>8.1f}  {said}")
     oracle_line = "holds" if run.oracle.get("holds") else f"FAILS: {run.oracle.get('problems')}"
     lines.append(f"oracle: {oracle_line}; agents' exit codes {run.oracle.get('agent_exit_codes')}")
     unjudged = [k for k, v in run.trends.items() if not v["judged"]]

@@ -22,8 +22,8 @@ class Point:
 
 @dataclass(frozen=True)
 class Rule:
-    """When a series counts as growing: its fitted growth over the judged span is above
-    ``relative`` times its median level, and above ``floor`` (in the measure's unit)."""
+    """The limit a series' growth is held to: ``relative`` times its median level, or
+    ``floor`` (in the measure's unit) when that is higher (:attr:`Trend.grows`)."""
 
     floor: float
     relative: float = 0.10
@@ -43,13 +43,17 @@ RULES: dict[str, Rule] = {
 class Trend:
     judged: int  # samples judged
     slope_per_min: float  # the pooled within-segment least-squares slope, per minute
-    growth: float  # slope times the judged span
+    growth: float  # that slope times the judged span
+    early: float  # the same fitted on the first half of the span alone, times half the span
+    late: float  # and on the second half
     level: float  # median of the judged samples
     limit: float  # max(relative * level, floor)
 
     @property
     def grows(self) -> bool:
-        return self.growth > self.limit
+        """Steadily: each half of the span grows by more than half the limit. A high-water
+        mark that rises with the first faults and then holds, or a single step, does not."""
+        return self.early > self.limit / 2 and self.late > self.limit / 2
 
 
 def judged_points(points: Sequence[Point], *, after: float, settle: float) -> list[Point]:
@@ -65,39 +69,46 @@ def judged_points(points: Sequence[Point], *, after: float, settle: float) -> li
     return [p for p in points if p.t >= max(after, starts[p.pid] + settle)]
 
 
-def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -> Trend:
-    """The verdict on one series.
-
-    The slope is fitted by least squares with an intercept per segment and one slope for all
-    (so a restart's drop is not read as a fall, nor its new process's lower level as a
-    rise), over :func:`judged_points`; segments with fewer than 3 judged samples are left
-    out. The growth is that slope times the span the judged samples cover. A sawtooth (a
-    garbage collector, a pool that grows and shrinks) has a slope near zero; a leak has a
-    steady positive one.
-    """
-    judged = judged_points(points, after=after, settle=settle)
+def _slope(points: Sequence[Point]) -> tuple[float, int]:
+    """The least-squares slope per second with an intercept per segment (pid) and one slope
+    for all, so a restart's drop is not read as a fall, nor its new process's lower level as
+    a rise; segments with fewer than 3 points are left out. Also the points used."""
     segments: dict[int, list[Point]] = {}
-    for p in judged:
+    for p in points:
         segments.setdefault(p.pid, []).append(p)
     covariance = variance = 0.0
-    used: list[Point] = []
+    used = 0
     for segment in segments.values():
         if len(segment) < 3:
             continue
-        used += segment
+        used += len(segment)
         mean_t = statistics.fmean(p.t for p in segment)
         mean_v = statistics.fmean(p.value for p in segment)
         covariance += sum((p.t - mean_t) * (p.value - mean_v) for p in segment)
         variance += sum((p.t - mean_t) ** 2 for p in segment)
-    if not used or variance == 0:
-        return Trend(len(used), 0.0, 0.0, 0.0, rule.floor)
-    slope = covariance / variance  # per second
-    span = max(p.t for p in used) - min(p.t for p in used)
-    level = statistics.median(p.value for p in used)
+    return (covariance / variance if variance else 0.0), used
+
+
+def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -> Trend:
+    """The verdict on one series, over :func:`judged_points`: the fitted slope (see
+    :func:`_slope`) over the whole judged span, and over each half of it. A sawtooth (a
+    garbage collector, a pool that grows and shrinks) has slopes near zero; a leak has a
+    steady positive one, in both halves."""
+    judged = judged_points(points, after=after, settle=settle)
+    slope, used = _slope(judged)
+    if not used:
+        return Trend(0, 0.0, 0.0, 0.0, 0.0, 0.0, rule.floor)
+    first, last = min(p.t for p in judged), max(p.t for p in judged)
+    middle, span = (first + last) / 2, last - first
+    early, _ = _slope([p for p in judged if p.t <= middle])
+    late, _ = _slope([p for p in judged if p.t >= middle])
+    level = statistics.median(p.value for p in judged)
     return Trend(
-        judged=len(used),
+        judged=used,
         slope_per_min=slope * 60,
         growth=slope * span,
+        early=early * span / 2,
+        late=late * span / 2,
         level=level,
         limit=max(rule.relative * abs(level), rule.floor),
     )

@@ -50,6 +50,13 @@ def test_a_sawtooth_like_a_garbage_collector_passes() -> None:
     assert not _judge(_series(lambda t: 25 + 10 * (int(t / 10) % 4 == 0)), "asyncio_tasks")
 
 
+def test_a_high_water_mark_that_rises_with_the_first_faults_then_holds_passes() -> None:
+    # Up 10 MiB with each of the first four faults (buffers filled deeper), level after.
+    assert not _judge(_series(lambda t: 100 + 10 * min(4, max(0, (t - AFTER) // 120))))
+    # One step up late in the run.
+    assert not _judge(_series(lambda t: 120 + 30 * (t > 1500)))
+
+
 def test_growth_during_the_warm_up_is_not_judged() -> None:
     # Fast growth for 5 minutes (caches, pools filling), flat after.
     assert not _judge(_series(lambda t: 60 + min(t, AFTER) / 5))
