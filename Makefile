@@ -17,10 +17,11 @@ check: lint
 # Everything: check's parts, then the tests that run external tools (tests/tools/) and real
 # servers (tests/integration/) in WORKERS parallel processes sharing one local stack
 # (tests/conftest.py). The integration tests spend most of their time waiting on servers and
-# agent processes, so even two cores keep three workers busy.
+# agent processes, so even two cores keep three workers busy. Tests of one xdist_group run on
+# one worker: the network fault tests then start one Kafka broker of their own, not three.
 WORKERS ?= 3
 test: check compose
-	$(VENV)/bin/pytest -n $(WORKERS) tests/tools tests/integration
+	$(VENV)/bin/pytest -n $(WORKERS) --dist loadgroup tests/tools tests/integration
 
 # `docker compose`, which tests/tools/test_deploy.py runs: built once per machine when missing.
 compose:

@@ -3,7 +3,7 @@ one exact point of the agent's work, which a toxic added from outside would hit 
 chance:
 
 * ``copy``: just before the COPY into ``table`` of the ``nth`` batch transaction that moves
-  offsets and copies into ``table`` (counting every attempt);
+  offsets and copies at least ``min_rows`` rows into ``table`` (counting every attempt);
 * ``commit``: just before the COMMIT of that transaction, once its last statement is done;
 * ``dead_letters``: just before the ``nth`` send of a batch's dead letters.
 
@@ -62,7 +62,8 @@ class Hook:
     proxy: str = ""
     at: str = ""  # "copy", "commit", "dead_letters" or "" (no toxic: side_bootstrap alone)
     nth: int = 1
-    table: str = "performance_metrics"  # for "copy"
+    table: str = "performance_metrics"  # for "copy" and "commit"
+    min_rows: int = 1  # COPYs into the table of fewer rows are not counted
     toxic: Toxic | None = None
     report: str = ""
     side_bootstrap: str = ""
@@ -168,12 +169,14 @@ def install(hook: Hook) -> _Fired:
             fired.moves, fired.copied = None, False
 
     async def hooked_copy(self: db.Connection, table_name: str, **kwargs: Any) -> Any:
+        rows = len(kwargs.get("records") or [])
         if table_name == hook.table and fired.moves is not None and not fired.copied:
-            fired.transactions += 1
-            fired.copied = True
+            fired.copied = rows >= hook.min_rows
+            if fired.copied:
+                fired.transactions += 1
         if table_name != hook.table or not fired.due("copy"):
             return await copy(self, table_name, **kwargs)
-        fired.add(at="copy", table=table_name, rows=len(kwargs.get("records") or []))
+        fired.add(at="copy", table=table_name, rows=rows)
         error: BaseException | None = None
         try:
             return await copy(self, table_name, **kwargs)

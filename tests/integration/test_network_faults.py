@@ -77,7 +77,7 @@ COMMAND_TIMEOUT_S = 3.0
 SESSION_TIMEOUT_MS = 6000
 # The latency test's minute under load: seed 1 runs the whole minute; seeds 2 and 3, whose
 # traffic differs but whose latency does not, run long enough for several batches under it.
-LATENCY_S = {1: 60.0, 2: 20.0, 3: 20.0}
+LATENCY_S = {1: 60.0, 2: 10.0, 3: 10.0}
 
 
 # -- the proxies ------------------------------------------------------------------------------
@@ -288,14 +288,15 @@ async def test_a_postgres_connection_cut_in_the_middle_of_a_copy_is_retried_once
     case: Case, seed: int
 ) -> None:
     """Toxiproxy's ``limit_data`` on the agent's side of the connection, added as the agent
-    starts the COPY into performance_metrics of its n-th batch, closes the connection after
-    a seed's number of bytes, fewer than the COPY sends: the server sees the COPY's data end
-    and rolls the transaction back, and the agent's COPY fails with the connection lost.
+    starts the COPY into performance_metrics of its n-th batch with 70 such rows or more,
+    closes the connection after a seed's 200-2000 bytes, fewer than the COPY sends: the
+    server sees the COPY's data end and rolls the transaction back, and the agent's COPY
+    fails with the connection lost.
     Relies on no timeout (a closed connection is noticed at once): the agent retries the
     batch on a new connection after its backoff (``retry_max_backoff_s``), its
     compare-and-set holds (nothing was committed), and the batch lands once; nothing fenced."""
     rng = random.Random(seed)
-    nth, cut_after = rng.randint(2, 5), rng.randrange(200, 4000)
+    nth, cut_after = rng.randint(2, 4), rng.randrange(200, 2000)
     await create_topics(case.kafka, case.prefix, partitions=3)
     report = case.tmp_path / "hook.json"
     metrics = _metrics_address()
@@ -304,6 +305,7 @@ async def test_a_postgres_connection_cut_in_the_middle_of_a_copy_is_retried_once
         proxy=case.pg.name,
         at="copy",
         nth=nth,
+        min_rows=70,
         toxic=Toxic("limit_data", "upstream", {"bytes": cut_after}),
         report=str(report),
     )
@@ -333,9 +335,9 @@ async def _commit_answer_lost(
 ) -> AsyncIterator[tuple[AgentProcess, str, dict[str, object], list[Sent]]]:
     """The lost-COMMIT scenario, run by ``command``: Toxiproxy's ``timeout`` on the server's
     side of the connection (nothing the server sends arrives; the connection is closed after
-    1 s), added just before the agent sends the COMMIT of its n-th batch that writes
-    performance_metrics. Yields the agent, its /metrics address, the hook's report and what
-    was sent."""
+    1 s), added just before the agent sends the COMMIT of its n-th batch that writes 50 rows
+    or more into performance_metrics. Yields the agent, its /metrics address, the hook's
+    report and what was sent."""
     rng = random.Random(seed)
     await create_topics(case.kafka, case.prefix, partitions=3)
     report = case.tmp_path / "hook.json"
@@ -345,6 +347,7 @@ async def _commit_answer_lost(
         proxy=case.pg.name,
         at="commit",
         nth=rng.randint(2, 5),
+        min_rows=50,
         toxic=Toxic("timeout", "downstream", {"timeout": 1000}),
         report=str(report),
     )
@@ -422,8 +425,8 @@ async def test_a_silent_postgres_connection_times_out_and_the_batch_lands_once(
     await create_topics(case.kafka, case.prefix, partitions=3)
     metrics = _metrics_address()
     async with _running(case.env(metrics_address=metrics), case.tmp_path / "agent.log") as agent:
-        traffic = fleet_traffic(15_000, seed=seed)
-        sending = asyncio.create_task(produce_paced(case.kafka, case.prefix, traffic, over=15.0))
+        traffic = fleet_traffic(10_000, seed=seed)
+        sending = asyncio.create_task(produce_paced(case.kafka, case.prefix, traffic, over=10.0))
         await case.wait_ingesting(1_000)
         retries = scrape(metrics, "pipeline_retries_total")
         with _silenced(case.pg):
@@ -463,8 +466,8 @@ async def test_a_silent_kafka_connection_gets_the_member_evicted_and_it_rejoins(
     rng = random.Random(seed)
     await create_topics(case.kafka, case.prefix, partitions=3)
     async with _running(case.env(), case.tmp_path / "agent.log") as agent:
-        traffic = fleet_traffic(15_000, seed=seed)
-        sending = asyncio.create_task(produce_paced(case.kafka, case.prefix, traffic, over=20.0))
+        traffic = fleet_traffic(14_000, seed=seed)
+        sending = asyncio.create_task(produce_paced(case.kafka, case.prefix, traffic, over=14.0))
         await case.wait_ingesting(1_000)
 
         async def members(count: int) -> bool:
@@ -492,11 +495,12 @@ async def test_a_silent_kafka_connection_gets_the_member_evicted_and_it_rejoins(
 # -- latency ------------------------------------------------------------------------------------
 
 
-def _batch_seconds(metrics: str) -> tuple[float, float]:
-    """The agent's committed batches: how many, and their seconds in all."""
+def _batch_seconds(metrics: str) -> tuple[float, float, float]:
+    """The agent's committed batches: how many, their seconds and their records in all."""
     return (
         scrape(metrics, "pipeline_batch_duration_seconds_count"),
         scrape(metrics, "pipeline_batch_duration_seconds_sum"),
+        scrape(metrics, "pipeline_batch_records_sum"),
     )
 
 
@@ -545,12 +549,14 @@ async def test_added_latency_slows_ingestion_loses_nothing_and_the_lag_recovers(
         )
         recovered_after = time.monotonic() - lifted
         await case.assert_exactly_once(sent)
-        count = batches_during[0] - batches_before[0]
-        seconds = batches_during[1] - batches_before[1]
+        count, seconds, records = (
+            during - before for during, before in zip(batches_during, batches_before, strict=True)
+        )
         print(
             f"{latency_s:.0f}s of latency: {ingested_under_latency} records ingested "
             f"({ingested_under_latency / (lifted - started):.0f}/s, offered {rate}/s) in "
-            f"{count:.0f} batches of {seconds / max(count, 1):.1f}s on average; caught up "
+            f"{count:.0f} batches of {seconds / max(count, 1):.1f}s and "
+            f"{records / max(count, 1):.0f} records on average; caught up "
             f"{recovered_after:.1f}s after the latency ended; {sum(ends.values())} records"
         )
         assert ingested_under_latency < rate * latency_s / 2, "throughput did not degrade?"
@@ -651,11 +657,12 @@ async def test_the_control_reader_and_the_lag_probe_cut_off_from_kafka_recover(
 ) -> None:
     """The hooked agent's controller (reading the control topic, sending heartbeats) and its
     lag probe reach the broker through a second proxy, silenced (``timeout`` of 0, both
-    ways) while ingestion moves a seed's 2000-4000 records on: ingestion goes on. A command
-    sent meanwhile is not applied; once the silence ends (the proxy closes the connections it
-    held) the controller reads and applies it, its heartbeats reach the status topic again,
-    and the lag probe measures again. Relies on: ``lag_refresh_s`` 1 s (a lookup gives up
-    after 2 s), the controller's heartbeat every 3 s and its status sends' 10 s bound."""
+    ways); ingestion goes on, a seed's 2000-4000 records at least. A command
+    sent meanwhile is not applied; the silence lasts until a lag lookup and a heartbeat have
+    failed too. Once it ends (the proxy closes the connections it held) the controller reads
+    and applies the command, its heartbeats reach the status topic again, and the lag probe
+    measures again. Relies on: ``lag_refresh_s`` 1 s (a lookup gives up after 2 s), the
+    controller's heartbeat every 3 s and its status sends' 10 s bound."""
     rng = random.Random(seed)
     await create_topics(case.kafka, case.prefix, partitions=3)
     private, public = generate_key_pair()
@@ -671,8 +678,8 @@ async def test_the_control_reader_and_the_lag_probe_cut_off_from_kafka_recover(
     )
     hook = Hook(side_bootstrap=case.net.side.listen)
     async with _running(hook_env(env, hook), case.tmp_path / "agent.log") as agent:
-        traffic = fleet_traffic(20_000, seed=seed)
-        sending = asyncio.create_task(produce_paced(case.kafka, case.prefix, traffic, over=20.0))
+        traffic = fleet_traffic(16_000, seed=seed)
+        sending = asyncio.create_task(produce_paced(case.kafka, case.prefix, traffic, over=16.0))
         await case.wait_ingesting(1_000)
 
         async def heartbeat_since(moment: float, **expect: object) -> bool:
@@ -696,10 +703,11 @@ async def test_the_control_reader_and_the_lag_probe_cut_off_from_kafka_recover(
 
             await until(ingestion_goes_on, within=60, what=f"{moved_on} records ingested")
 
-            async def probe_cut_off() -> bool:
-                return "measuring lag failed" in _log(agent)
+            async def both_failed() -> bool:
+                log = _log(agent)
+                return "measuring lag failed" in log and "did not take 1 message" in log
 
-            await until(probe_cut_off, within=30, what="the lag probe failing")
+            await until(both_failed, within=30, what="the lag probe and a heartbeat failing")
             assert scrape(metrics, "pipeline_control_applied_seq") == 0
             lifted = time.time()
         await until(

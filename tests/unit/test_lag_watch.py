@@ -184,11 +184,15 @@ def test_a_probe_that_fails_then_answers_is_logged_once_each_way(
 
     class Flaky(Probe):
         failing = 3
+        # Set on the second answer: the refresh of the first one has run and logged.
+        answered_twice = asyncio.Event()
 
         async def end_offsets(self, partitions: list[Partition]) -> dict[Partition, int]:
             if self.failing:
                 self.failing -= 1
                 raise ConnectionError("kafka away")
+            if self.asked_ends:
+                self.answered_twice.set()
             return await super().end_offsets(partitions)
 
         async def stop(self) -> None:
@@ -198,12 +202,7 @@ def test_a_probe_that_fails_then_answers_is_logged_once_each_way(
         world = World({M0: 0})
         probe = Flaky({M0: 5}, {M0: ms_ago(1)})
         world.watch.start(Consumer({}), probe, 0.01)  # type: ignore[arg-type]
-
-        async def answered() -> None:
-            while not probe.asked_ends:
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(answered(), 10)
+        await asyncio.wait_for(probe.answered_twice.wait(), 10)
         await world.watch.stop(1.0)
 
     with caplog.at_level(logging.INFO, logger="consumers.lag_watch"):
