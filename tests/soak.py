@@ -45,7 +45,7 @@ from producers.publisher import AgentPublisher, PublishError
 from producers.simulator import FleetSimulator
 from tests.integration.harness import APPEND_TABLE, kafka_committed, scrape
 from tests.soak_trend import RULES, Point, Trend, trend
-from tests.toxiproxy import Proxy, Toxiproxy
+from tests.toxiproxy import Proxy, Stream, Toxiproxy
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "soak."
@@ -83,21 +83,21 @@ class Settings:
 # -- the faults --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class Soak:
     """The running soak's servers, proxy and agents: what the faults act on."""
 
-    def __init__(self, stack: Stack, proxy: Proxy, agents: list[Agent], rng: random.Random):
-        self.stack = stack
-        self.proxy = proxy
-        self.agents = agents
-        self.rng = rng
+    stack: Stack
+    proxy: Proxy
+    agents: list[Agent]
+    rng: random.Random
 
 
 Fault = Callable[[Soak], Awaitable[str]]
 
 
-async def _toxic_for(proxy: Proxy, seconds: float, kind: str, stream: str, **attrs: int) -> None:
-    name = proxy.add(kind, stream, name=f"soak_{kind}_{stream}", **attrs)  # type: ignore[arg-type]
+async def _toxic_for(proxy: Proxy, seconds: float, kind: str, stream: Stream, **attrs: int) -> None:
+    name = proxy.add(kind, stream, name=f"soak_{kind}_{stream}", **attrs)
     try:
         await asyncio.sleep(seconds)  # the toxic's lifetime IS the fault
     finally:
