@@ -1,5 +1,5 @@
-"""The soak run (`make soak MINUTES=N`): hours of production compressed into minutes, to see
-a slow leak. docs/testing.md, "The soak run", says what it does and how it judges.
+"""The soak run (`make soak MINUTES=N`), to see a slow leak: docs/testing.md, "The soak run:
+`make soak`", says what it does and how it judges.
 
     python -m tests.soak --minutes 30 --rate 20000 --seed 1 --out soak-results
 

@@ -1,5 +1,6 @@
 """The soak run's verdict on growth: pure functions over samples, no IO. The rule is stated in
-docs/testing.md ("The soak run"); tests/unit/test_soak_trend.py holds it to that.
+docs/testing.md ("The soak run: `make soak`"); tests/unit/test_soak_trend.py holds it to
+that.
 
 A series is one agent slot's samples of one measure (RSS, open file descriptors, asyncio
 tasks, database connections), each sample tagged with the pid that gave it: a slot whose

@@ -1,6 +1,6 @@
-"""`make soak`'s two-minute version (tests/soak.py; docs/testing.md, "The soak run"): the
-same run on a stack of its own, shorter, slower and with a fault every 15 s, so that every
-kind of fault is injected once.
+"""`make soak`'s two-minute version (tests/soak.py; docs/testing.md, "The soak run: `make
+soak`"): the same run on a stack of its own, shorter, slower and with a fault every 15 s, so
+that every kind of fault is injected once.
 
 Two minutes are mostly warm-up: RSS climbs as the agents' buffers and caches fill, and the
 open file descriptors swing with each fault (a broker restart closes the Kafka connections).
