@@ -839,6 +839,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma list, in order (default: all, shuffled): {','.join(FAULTS)}",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "soak-results")
+    parser.add_argument(
+        "--agent-module",
+        help="run the agents as `python -m MODULE` in place of `pipeline run` (the negative "
+        "control: tests.integration.leaky_agent)",
+    )
     args = parser.parse_args(argv)
     settings = Settings(
         minutes=args.minutes,
@@ -847,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=args.warmup * 60,
         fault_every_s=args.fault_every,
         faults=tuple(k for k in args.faults.split(",") if k),
+        agent_command=(sys.executable, "-m", args.agent_module) if args.agent_module else (),
     )
     fault_schedule(settings.faults, 0, random.Random())  # unknown kinds fail here, named
     # The soak's own broker: a smaller heap than the development stack's, unless told.

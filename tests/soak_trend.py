@@ -24,16 +24,22 @@ class Point:
 @dataclass(frozen=True)
 class Rule:
     """The limit a series' growth is held to: ``relative`` times its median level, or
-    ``floor`` (in the measure's unit) when that is higher (:attr:`Trend.grows`)."""
+    ``floor`` (in the measure's unit) when that is higher. With ``steady``, only growth in
+    both halves of the span counts (:attr:`Trend.grows`)."""
 
     floor: float
     relative: float = 0.10
+    steady: bool = False
 
 
 #: Per measure: the floors are a little above what a healthy agent's series wanders by in
 #: half an hour under faults (a few MiB of allocator churn, a connection opened for a retry).
+#: RSS must grow steadily: CPython's allocator keeps the memory of the deepest buffering
+#: so far (a silent database, added latency), a high-water mark that rises with the first
+#: faults and then holds. A count (tasks, descriptors, connections) has no such excuse: a
+#: healthy agent returns to it after each fault, so any growth over the span counts.
 RULES: dict[str, Rule] = {
-    "rss_mib": Rule(floor=16.0),
+    "rss_mib": Rule(floor=16.0, steady=True),
     "open_fds": Rule(floor=8.0),
     "asyncio_tasks": Rule(floor=8.0),
     "db_connections": Rule(floor=2.0),
@@ -49,12 +55,16 @@ class Trend:
     late: float  # and on the second half
     level: float  # median of the judged samples
     limit: float  # max(relative * level, floor)
+    steady: bool = False  # the rule's
 
     @property
     def grows(self) -> bool:
-        """Steadily: each half of the span grows by more than half the limit. A high-water
-        mark that rises with the first faults and then holds, or a single step, does not."""
-        return self.early > self.limit / 2 and self.late > self.limit / 2
+        """The growth over the span is above the limit; with ``steady``, each half's is above
+        half the limit instead, so that a high-water mark that rises with the first faults
+        and then holds, or a single step, does not count."""
+        if self.steady:
+            return self.early > self.limit / 2 and self.late > self.limit / 2
+        return self.growth > self.limit
 
 
 def judged_points(points: Sequence[Point], *, after: float, settle: float) -> list[Point]:
@@ -98,7 +108,7 @@ def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -
     judged = judged_points(points, after=after, settle=settle)
     slope, used = _slope(judged)
     if not used:
-        return Trend(0, 0.0, 0.0, 0.0, 0.0, 0.0, rule.floor)
+        return Trend(0, 0.0, 0.0, 0.0, 0.0, 0.0, rule.floor, rule.steady)
     first, last = min(p.t for p in judged), max(p.t for p in judged)
     middle, span = (first + last) / 2, last - first
     early, _ = _slope([p for p in judged if p.t <= middle])
@@ -112,4 +122,5 @@ def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -
         late=late * span / 2,
         level=level,
         limit=max(rule.relative * abs(level), rule.floor),
+        steady=rule.steady,
     )

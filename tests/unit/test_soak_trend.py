@@ -57,6 +57,13 @@ def test_a_high_water_mark_that_rises_with_the_first_faults_then_holds_passes() 
     assert not _judge(_series(lambda t: 120 + 30 * (t > 1500)))
 
 
+def test_a_count_that_steps_up_and_stays_fails() -> None:
+    # Ten tasks more after a fault at minute 20, never to end: a leak, though a single step.
+    assert _judge(_series(lambda t: 30 + 10 * (t > 1200)), "asyncio_tasks")
+    # Back down after the fault: no leak.
+    assert not _judge(_series(lambda t: 30 + 10 * (1200 < t < 1260)), "asyncio_tasks")
+
+
 def test_growth_during_the_warm_up_is_not_judged() -> None:
     # Fast growth for 5 minutes (caches, pools filling), flat after.
     assert not _judge(_series(lambda t: 60 + min(t, AFTER) / 5))
