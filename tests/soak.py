@@ -263,6 +263,7 @@ class Run:
     progress: list[dict[str, Any]] = field(default_factory=list)  # t, produced, ingested
     faults: list[dict[str, Any]] = field(default_factory=list)  # t, until, kind, what
     commands: list[dict[str, Any]] = field(default_factory=list)  # t, name, exit status
+    exits: list[dict[str, Any]] = field(default_factory=list)  # agents that exited on their own
     produced: dict[str, int] = field(default_factory=dict)  # acknowledged, per stream
     unconfirmed: int = 0  # sends whose outcome the producer never learned
     publisher_restarts: int = 0
@@ -582,6 +583,7 @@ async def _sample(
             return
         t = round(time.monotonic() - began, 1)
         for agent in soak.agents:
+            _supervise(agent, run, t)
             values = await asyncio.to_thread(sample_agent, agent, pg_port)
             if values is not None:
                 run.samples.append(
@@ -602,6 +604,21 @@ async def _sample(
                     "kafka_ahead": ahead,
                 }
             )
+
+
+def _supervise(agent: Agent, run: Run, t: float) -> None:
+    """An agent that exited on its own is recorded, with the last line it wrote, and started
+    again, as a supervisor (systemd, Kubernetes) would."""
+    proc = agent.process.proc
+    if proc is None or proc.poll() is None:
+        return
+    log = agent.process.log_path
+    said = log.read_text(errors="replace").strip().splitlines()[-1:] if log else []
+    run.exits.append(
+        {"t": t, "agent": agent.name, "pid": proc.pid, "exit": proc.returncode, "said": said}
+    )
+    print(f"soak: {t / 60:5.1f} min  {agent.name} exited {proc.returncode}: {said}", flush=True)
+    agent.process.start()
 
 
 async def _until(moment: float, stop: asyncio.Event) -> None:
@@ -794,10 +811,20 @@ def summary(run: Run) -> str:
     for fault in run.faults:
         kinds[fault["kind"]] = kinds.get(fault["kind"], 0) + 1
     lines.append(f"faults: {len(run.faults)} ({', '.join(f'{k} {n}' for k, n in kinds.items())})")
+    lines.append(f"agents that exited on their own (restarted): {len(run.exits)}")
+    lines += [
+        f"  {e['t'] / 60:.1f} min {e['agent']} exit {e['exit']}: {e['said']}" for e in run.exits
+    ]
     acked = sum(c["exit"] == 0 for c in run.commands)
     lines.append(
         f"control commands: {len(run.commands)} sent, {acked} acknowledged by every live agent"
     )
+    if run.progress:
+        behind = max(run.progress, key=lambda p: p["produced"] - p["ingested"])
+        lines.append(
+            f"lag: at most {behind['produced'] - behind['ingested']:,} records acknowledged and "
+            f"not yet ingested (at {behind['t'] / 60:.1f} min)"
+        )
     ahead = [p for p in run.progress if p["kafka_ahead"]]
     lines.append(
         f"Kafka's committed offsets ahead of the database's: in {len(ahead)} of "
