@@ -18,6 +18,9 @@ from pipeline.ownership import Actions, Ownership
 from pipeline.rows import StreamDecoder
 
 POLL_MS = 200  # how long one fetch waits when nothing arrives: bounds the reaction to a stop
+# How long one fetch of a due batch waits while its predecessor is still being written: the
+# most the next write can start late, in exchange for the records arriving meanwhile.
+DUE_POLL_MS = 10
 # Records taken and decoded per fetch: small enough that the batch being written gets the
 # event loop back every few milliseconds to send its next statement.
 FETCH_CHUNK = 1_000
@@ -92,7 +95,9 @@ class Fetcher:
         """Fetch and decode records until the batch is due: full, or as old as
         ``max_wait_s``. A due batch whose predecessor is still being written keeps filling,
         up to the record and byte limits, rather than wait idle: under a backlog batches grow
-        to what the database takes in the time one is written."""
+        to what the database takes in the time one is written. A fetch that comes back empty
+        meanwhile does not close it (the next response may be a round trip away); each waits
+        at most ``DUE_POLL_MS``, the most the next write starts late."""
         consumer = self._consumer()
         batch = self.batch = Batch(batch_id)
         self.stamps = {}
@@ -105,7 +110,7 @@ class Fetcher:
             wait_ms = POLL_MS
             if batch.started_at is not None:
                 age_left = limits.max_wait_s - (now - batch.started_at)
-                wait_ms = max(int(age_left * 1000), 0)
+                wait_ms = max(int(age_left * 1000), DUE_POLL_MS if self._writing() else 0)
             asked = time.monotonic()
             fetched = await consumer.getmany(
                 timeout_ms=wait_ms, max_records=min(batch.room(limits), FETCH_CHUNK)
@@ -127,9 +132,7 @@ class Fetcher:
                 self.fetch_seconds += time.monotonic() - asked
             if self._stopping() or not batch.count:
                 break  # nothing arrived: let the caller check positions, stops and work
-            if batch.is_due(limits, now) and (
-                not self._writing() or batch.is_full(limits) or not fetched
-            ):
+            if batch.is_due(limits, now) and (not self._writing() or batch.is_full(limits)):
                 break
             await asyncio.sleep(0)  # the batch being written takes its turn
         return batch

@@ -1,6 +1,6 @@
 """Toxiproxy (Shopify's TCP fault proxy) for the tests: the server built once per machine, run
-by its pid, and driven over its HTTP API. docs/testing.md, "Network faults", says how the
-tests use it.
+by its pid, and driven over its HTTP API. docs/testing.md, "Network faults: Toxiproxy", says
+how the tests use it.
 
 :func:`install` builds ``toxiproxy-server`` with ``go install`` into the project's cache (as
 the Kafka jars are resolved once, :func:`pipeline.devstack.kafka.resolve_jars`); a build that

@@ -5,7 +5,7 @@ that goes silent without closing, to PostgreSQL and to Kafka; added latency unde
 Kafka connection cut in the middle of a fetch and in the middle of the dead-letter send; the
 control plane's reader and the lag probe cut off from Kafka. The negative control, an agent
 that does not check its fence, must fail the lost-COMMIT test. docs/testing.md, "Network
-faults", describes them and their wall times.
+faults: Toxiproxy", describes them and their wall times.
 
 The agents reach PostgreSQL through a proxy of their test's own, and Kafka through a broker of
 this module's own (:func:`proxied_kafka`) whose listeners advertise the proxies' addresses,
