@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo check test lint compose chaos fuzz compat clean
+.PHONY: demo check test lint compose chaos soak fuzz compat clean
 
 demo: $(STAMP)
 	$(VENV)/bin/pipeline demo
@@ -27,12 +27,24 @@ test: check compose
 compose:
 	deploy/install-compose
 
-# The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS.
+# The randomized SIGKILL test of tests/integration/test_faults.py once per seed 1..SEEDS, and
+# the negative control (make test runs it too).
 SEEDS ?= 5
 chaos: $(STAMP)
 	CHAOS_SEEDS="$$(seq -s ' ' 1 $(SEEDS))" $(VENV)/bin/pytest -q \
 		tests/integration/test_faults.py -k "test_sigkill_at_random_moments or test_the_oracle_catches" \
-		tests/integration/chaos_negative_control.py
+		tests/integration/test_negative_control.py
+
+# The soak run (tests/soak.py, docs/testing.md): MINUTES of RATE records/s and a seeded fault
+# a minute on a stack of its own, then the oracle and the verdict on growth; SOAK_OUT gets
+# soak.png and soak.json. make test runs a two-minute version (tests/integration/test_soak.py).
+MINUTES ?= 30
+RATE ?= 20000
+SEED ?= 1
+SOAK_OUT ?= soak-results
+soak: $(STAMP)
+	$(VENV)/bin/python -m tests.soak --minutes $(MINUTES) --rate $(RATE) --seed $(SEED) \
+		--out $(SOAK_OUT)
 
 # The decoders fuzzed: FUZZ_INPUTS records and control messages each (FUZZ_SEED: new inputs).
 FUZZ_INPUTS ?= 100000

@@ -232,6 +232,7 @@ class DatabaseAgent:
             ",".join(config.streams),
             redact_url(config.database_url),
         )
+        self.metrics.count_tasks(asyncio.get_running_loop())
         try:
             await self._db.prepare()  # the schema, and the tables of its streams claimed
             await kafka_io.ensure_topics(

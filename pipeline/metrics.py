@@ -12,6 +12,7 @@ bucket.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import importlib.metadata
@@ -312,6 +313,17 @@ class Metrics:
         self.ready = Gauge(
             "pipeline_ready", "1 when /readyz answers 200 (ready), else 0", registry=r
         )
+        # Read by the soak run (docs/testing.md): a task leak shows as this growing.
+        self.asyncio_tasks = Gauge(
+            "pipeline_asyncio_tasks",
+            "Unfinished asyncio tasks on the process's event loop, counted at each scrape",
+            registry=r,
+        )
+
+    def count_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``pipeline_asyncio_tasks`` count ``loop``'s tasks. ``asyncio.all_tasks`` may be
+        called from the HTTP server's thread: it copies the task set, retrying on a change."""
+        self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
 
     def total(self, name: str) -> float:
         """The sum of every sample of the metric ``name`` (all label values)."""

@@ -1,4 +1,5 @@
-"""A deliberately BROKEN DatabaseAgent, for the negative control in test_faults.py only.
+"""A deliberately BROKEN DatabaseAgent, for the negative control only
+(tests/integration/test_negative_control.py).
 
 It makes the two classic mistakes the real agent avoids (docs/exactly-once.md):
 
@@ -11,14 +12,22 @@ It makes the two classic mistakes the real agent avoids (docs/exactly-once.md):
 A SIGKILL between the Kafka commit and the database commit then loses the records in
 between: the exactly-once oracle must catch it. Run as ``python -m
 tests.integration.broken_agent``, with the environment of ``pipeline run``.
+
+The hook that puts the kill in that window every time: with ``BROKEN_AGENT_HOLD_AT_BATCH=N``
+and ``BROKEN_AGENT_MARKER=PATH``, the Nth batch holding records is fetched, the batch before it
+finishes its write, the Nth batch's offsets are committed to Kafka, PATH is written, and the
+agent holds there for good: its records are committed to Kafka and never to the database
+until the test kills it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -65,16 +74,29 @@ async def _overwrite_offsets(
     )
 
 
+HOLD_AT_BATCH_ENV = "BROKEN_AGENT_HOLD_AT_BATCH"
+MARKER_ENV = "BROKEN_AGENT_MARKER"
+
+
 class BrokenAgent(consumers.agent.DatabaseAgent):
+    _filled = 0  # batches holding records, so far
+
     async def _fill_batch(self) -> Batch:
         """BROKEN: the batch's offsets are committed to Kafka as soon as it is fetched."""
         batch = await super()._fill_batch()
         if batch.count and self._consumer is not None:
+            self._filled += 1
+            hold = self._filled == int(os.environ.get(HOLD_AT_BATCH_ENV, "0"))
+            if hold:
+                # The batch before this one lands first, so exactly this batch's records
+                # (and whatever else was fetched) are in Kafka's commit and not the database's.
+                await self._finish_write()
             with contextlib.suppress(KafkaError):
                 await self._consumer.commit()
-            # A slow database: the window between the two commits stays open most of the
-            # time, so the scenario's random SIGKILLs land in it whatever their schedule.
-            await asyncio.sleep(1.0)
+            if hold:
+                marker = Path(os.environ[MARKER_ENV])
+                await asyncio.to_thread(marker.write_text, f"{batch.count}\n")
+                await asyncio.Event().wait()  # until the test's SIGKILL
         return batch
 
     def _require_mirror(self) -> Any:

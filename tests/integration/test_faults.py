@@ -2,15 +2,14 @@
 exactly-once oracle (harness.assert_caught_up_exactly_once): a stalled instance (stopped
 inside its ingest transaction), a frozen database backend, a table locked for longer than the
 session timeout, and randomized SIGKILLs with configurable seeds. The negative control (a
-broken agent the oracle must reject) is in chaos_negative_control.py, run by `make chaos`: it
-depends on where the kills land.
+broken agent the oracle must reject) is test_negative_control.py.
 
 Signals go only to processes this test started (agents by pid), or to the one PostgreSQL
 backend of the agent under test (found in pg_stat_activity by this test's database name and
 application_name 'database-agent'), and every SIGSTOP has its SIGCONT in a ``finally``.
 
 ``CHAOS_SEEDS="1 2 3 4 5"`` runs the randomized kill scenario once per seed (``make chaos
-SEEDS=5``, which also runs the negative control); one seed by default.
+SEEDS=5``); one seed by default.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import contextlib
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -50,11 +48,6 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.timeout(300)
 
 SEEDS = [int(s) for s in os.environ.get("CHAOS_SEEDS", "3").split()]
-# The negative control's seed (chaos_negative_control.py): its kill moments land while the
-# broken agent holds offsets committed to Kafka and not to the database (seeds 1 and 2 were
-# seen to miss that window).
-NEGATIVE_SEED = 3
-BROKEN_AGENT = [sys.executable, "-m", "tests.integration.broken_agent"]
 RSS_CAP_KB = 400 * 1024
 
 
@@ -123,8 +116,6 @@ async def _killed_at_random_moments(
     prefix: str,
     tmp_path: Path,
     seed: int,
-    *,
-    command: list[str] | None = None,
 ) -> AsyncIterator[tuple[AgentProcess, list[Sent]]]:
     """test_agent's SIGKILL scenario with a given seed: 60k records (one poison) paced over
     12 s, the agent SIGKILLed and restarted 4 times at random moments while they arrive.
@@ -137,10 +128,7 @@ async def _killed_at_random_moments(
     env = agent_env(
         bootstrap, database_url, prefix, prefix, batch_max_records=500, session_timeout_ms=6000
     )
-    agent = AgentProcess(env, tmp_path / "agent.log")
-    if command is not None:
-        agent.command = command
-    agent.start()
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
     try:
         sending = asyncio.create_task(produce_paced(bootstrap, prefix, traffic, over=12.0))
         for _ in range(4):

@@ -1,0 +1,126 @@
+"""The soak run's verdict on growth: pure functions over samples, no IO. The rule is stated in
+docs/testing.md ("The soak run: `make soak`"); tests/unit/test_soak_trend.py holds it to
+that.
+
+A series is one agent slot's samples of one measure (RSS, open file descriptors, asyncio
+tasks, database connections), each sample tagged with the pid that gave it: a slot whose
+agent was killed and restarted has several segments, one per process.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Point:
+    t: float  # seconds since the soak began
+    pid: int  # the process that gave the value: a new pid starts a new segment
+    value: float
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The limit a series' growth is held to: ``relative`` times its median level, or
+    ``floor`` (in the measure's unit) when that is higher. With ``steady``, only growth in
+    both halves of the span counts (:attr:`Trend.grows`)."""
+
+    floor: float
+    relative: float = 0.10
+    steady: bool = False
+
+
+#: Per measure: the floors are a little above what a healthy agent's series wanders by in
+#: half an hour under faults (a few MiB of allocator churn, a connection opened for a retry).
+#: RSS must grow steadily: CPython's allocator keeps the memory of the deepest buffering
+#: so far (a silent database, added latency), a high-water mark that rises with the first
+#: faults and then holds. A count (tasks, descriptors, connections) has no such excuse: a
+#: healthy agent returns to it after each fault, so any growth over the span counts.
+RULES: dict[str, Rule] = {
+    "rss_mib": Rule(floor=16.0, steady=True),
+    "open_fds": Rule(floor=8.0),
+    "asyncio_tasks": Rule(floor=8.0),
+    "db_connections": Rule(floor=2.0),
+}
+
+
+@dataclass(frozen=True)
+class Trend:
+    judged: int  # samples judged
+    slope_per_min: float  # the pooled within-segment least-squares slope, per minute
+    growth: float  # that slope times the judged span
+    early: float  # the same fitted on the first half of the span alone, times half the span
+    late: float  # and on the second half
+    level: float  # median of the judged samples
+    limit: float  # max(relative * level, floor)
+    steady: bool = False  # the rule's
+
+    @property
+    def grows(self) -> bool:
+        """The growth over the span is above the limit; with ``steady``, each half's is above
+        half the limit instead, so that a high-water mark that rises with the first faults
+        and then holds, or a single step, does not count."""
+        if self.steady:
+            return self.early > self.limit / 2 and self.late > self.limit / 2
+        return self.growth > self.limit
+
+
+def judged_points(points: Sequence[Point], *, after: float, settle: float) -> list[Point]:
+    """The samples the verdict looks at: from ``after`` seconds on (the warm-up left out),
+    and, in a segment that began later (a restarted process), from ``settle`` seconds after
+    its first sample on (its own warm-up)."""
+    if not points:
+        return []
+    starts: dict[int, float] = {}
+    for p in points:
+        starts.setdefault(p.pid, p.t)
+    starts[points[0].pid] = after - settle  # the first process: the warm-up is its settling
+    return [p for p in points if p.t >= max(after, starts[p.pid] + settle)]
+
+
+def _slope(points: Sequence[Point]) -> tuple[float, int]:
+    """The least-squares slope per second with an intercept per segment (pid) and one slope
+    for all, so a restart's drop is not read as a fall, nor its new process's lower level as
+    a rise; segments with fewer than 3 points are left out. Also the points used."""
+    segments: dict[int, list[Point]] = {}
+    for p in points:
+        segments.setdefault(p.pid, []).append(p)
+    covariance = variance = 0.0
+    used = 0
+    for segment in segments.values():
+        if len(segment) < 3:
+            continue
+        used += len(segment)
+        mean_t = statistics.fmean(p.t for p in segment)
+        mean_v = statistics.fmean(p.value for p in segment)
+        covariance += sum((p.t - mean_t) * (p.value - mean_v) for p in segment)
+        variance += sum((p.t - mean_t) ** 2 for p in segment)
+    return (covariance / variance if variance else 0.0), used
+
+
+def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -> Trend:
+    """The verdict on one series, over :func:`judged_points`: the fitted slope (see
+    :func:`_slope`) over the whole judged span, and over each half of it. A sawtooth (a
+    garbage collector, a pool that grows and shrinks) has slopes near zero; a leak has a
+    steady positive one, in both halves."""
+    judged = judged_points(points, after=after, settle=settle)
+    slope, used = _slope(judged)
+    if not used:
+        return Trend(0, 0.0, 0.0, 0.0, 0.0, 0.0, rule.floor, rule.steady)
+    first, last = min(p.t for p in judged), max(p.t for p in judged)
+    middle, span = (first + last) / 2, last - first
+    early, _ = _slope([p for p in judged if p.t <= middle])
+    late, _ = _slope([p for p in judged if p.t >= middle])
+    level = statistics.median(p.value for p in judged)
+    return Trend(
+        judged=used,
+        slope_per_min=slope * 60,
+        growth=slope * span,
+        early=early * span / 2,
+        late=late * span / 2,
+        level=level,
+        limit=max(rule.relative * abs(level), rule.floor),
+        steady=rule.steady,
+    )

@@ -1,0 +1,111 @@
+"""The soak run's verdict on growth (tests/soak_trend.py) on synthetic series: half an hour
+sampled every 10 s, judged after the first 5 minutes, as `make soak` judges them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+from pipeline.metrics import Metrics
+from tests.soak_trend import RULES, Point, Rule, judged_points, trend
+
+EVERY = 10.0
+MINUTES = 30
+AFTER = 300.0
+SETTLE = 120.0
+TIMES = [i * EVERY for i in range(int(MINUTES * 60 / EVERY) + 1)]
+
+
+def _series(value: object, pid: object = lambda t: 1) -> list[Point]:
+    return [Point(t, pid(t), value(t)) for t in TIMES]  # type: ignore[operator]
+
+
+def _judge(points: list[Point], measure: str = "rss_mib") -> bool:
+    return trend(points, RULES[measure], after=AFTER, settle=SETTLE).grows
+
+
+def test_flat_with_noise_passes() -> None:
+    rng = random.Random(1)
+    assert not _judge(_series(lambda t: 120 + rng.gauss(0, 4)))
+    assert not _judge(_series(lambda t: 30 + rng.choice((-2, -1, 0, 1, 2))), "asyncio_tasks")
+
+
+def test_a_steady_slope_fails() -> None:
+    rng = random.Random(2)
+    # 1 MiB a minute: 25 MiB over the judged 25 minutes, above 16 MiB and 10% of ~135 MiB.
+    leak = _series(lambda t: 120 + t / 60 + rng.gauss(0, 4))
+    verdict = trend(leak, RULES["rss_mib"], after=AFTER, settle=SETTLE)
+    assert verdict.grows
+    assert math.isclose(verdict.slope_per_min, 1.0, rel_tol=0.15)
+    # One connection every five minutes, and one task a minute.
+    assert _judge(_series(lambda t: 2 + t // 300), "db_connections")
+    assert _judge(_series(lambda t: 30 + t // 60), "asyncio_tasks")
+
+
+def test_a_sawtooth_like_a_garbage_collector_passes() -> None:
+    # Climbs 40 MiB over 3 minutes, then drops back: big swings, no trend.
+    assert not _judge(_series(lambda t: 100 + 40 * ((t % 180) / 180)))
+    # Tasks that come and go with each batch and retry.
+    assert not _judge(_series(lambda t: 25 + 10 * (int(t / 10) % 4 == 0)), "asyncio_tasks")
+
+
+def test_a_high_water_mark_that_rises_with_the_first_faults_then_holds_passes() -> None:
+    # Up 10 MiB with each of the first four faults (buffers filled deeper), level after.
+    assert not _judge(_series(lambda t: 100 + 10 * min(4, max(0, (t - AFTER) // 120))))
+    # One step up late in the run.
+    assert not _judge(_series(lambda t: 120 + 30 * (t > 1500)))
+
+
+def test_a_count_that_steps_up_and_stays_fails() -> None:
+    # Ten tasks more after a fault at minute 20, never to end: a leak, though a single step.
+    assert _judge(_series(lambda t: 30 + 10 * (t > 1200)), "asyncio_tasks")
+    # Back down after the fault: no leak.
+    assert not _judge(_series(lambda t: 30 + 10 * (1200 < t < 1260)), "asyncio_tasks")
+
+
+def test_growth_during_the_warm_up_is_not_judged() -> None:
+    # Fast growth for 5 minutes (caches, pools filling), flat after.
+    assert not _judge(_series(lambda t: 60 + min(t, AFTER) / 5))
+
+
+def test_a_restart_drop_is_neither_a_fall_nor_a_rise_and_a_leak_across_restarts_fails() -> None:
+    rng = random.Random(3)
+
+    def pid(t: float) -> int:  # killed and restarted at minutes 12 and 21
+        return 1 if t < 720 else 2 if t < 1260 else 3
+
+    # A restarted process starts lower and settles back to the same level: no trend.
+    flat = _series(lambda t: 120 - 40 * math.exp(-(t - (0 if t < 720 else 720)) / 30), pid)
+    assert not _judge(flat)
+    # Leaking 1 MiB a minute in each process, every restart resetting it: still a leak.
+    start = {1: 0.0, 2: 720.0, 3: 1260.0}
+    leak = _series(lambda t: 100 + (t - start[pid(t)]) / 60 + rng.gauss(0, 2), pid)
+    assert _judge(leak)
+
+
+def test_a_restarted_segment_drops_its_own_settling_time() -> None:
+    points = [Point(t, 1 if t < 600 else 2, 0.0) for t in TIMES]
+    judged = judged_points(points, after=AFTER, settle=SETTLE)
+    assert next(p.t for p in judged if p.pid == 1) == AFTER
+    assert next(p.t for p in judged if p.pid == 2) == 600 + SETTLE
+
+
+def test_too_few_samples_are_not_a_trend() -> None:
+    verdict = trend(
+        [Point(400, 1, 1.0), Point(410, 1, 9.0)], Rule(floor=1.0), after=AFTER, settle=0
+    )
+    assert (verdict.judged, verdict.grows) == (0, False)
+
+
+async def test_the_agents_tasks_gauge_counts_the_loops_unfinished_tasks() -> None:
+    metrics = Metrics()
+    metrics.count_tasks(asyncio.get_running_loop())
+    before = metrics.total("pipeline_asyncio_tasks")
+    release = asyncio.Event()
+    waiting = [asyncio.create_task(release.wait()) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert metrics.total("pipeline_asyncio_tasks") == before + 5
+    release.set()
+    await asyncio.gather(*waiting)
+    assert metrics.total("pipeline_asyncio_tasks") == before
