@@ -40,9 +40,10 @@ from pipeline import kafka_clients, testbed
 from pipeline.devstack import Stack, kafka, pgbouncer, postgres
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.devstack.stack import cache_root
-from pipeline.records import STREAM_BY_TYPE, STREAMS, Record
+from pipeline.records import Record
 from producers.publisher import AgentPublisher, PublishError
 from producers.simulator import FleetSimulator
+from tests.builtin_streams import STREAM_BY_TYPE, STREAMS
 from tests.integration.harness import APPEND_TABLE, kafka_committed, scrape
 from tests.soak_trend import RULES, Point, Trend, trend
 from tests.toxiproxy import Proxy, Stream, Toxiproxy
