@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -28,7 +28,7 @@ from asyncpg.exceptions._base import InternalClientError
 
 from pipeline import schema_plan, sql_names
 from pipeline.batching import FetchedRecord, Row
-from pipeline.catalog import Catalog, StreamSpec
+from pipeline.catalog import Catalog, StreamSpec, StreamTables
 from pipeline.catalog import load as load_catalog
 
 # How connections are set up lives in a module without the driver, for the configuration.
@@ -766,38 +766,7 @@ async def release_tables(conn: Connection, group: str) -> list[TableOwner]:
 # -- writers --------------------------------------------------------------------------------
 
 
-class _Table(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def columns(self) -> tuple[str, ...]: ...
-
-
-class _Tables(Protocol):
-    """A stream's tables, key and version (:class:`pipeline.catalog.StreamTables`)."""
-
-    @property
-    def table(self) -> _Table: ...
-
-    @property
-    def history(self) -> _Table | None: ...
-
-    @property
-    def key(self) -> tuple[str, ...]: ...
-
-    @property
-    def version(self) -> str | None: ...
-
-
 _SOURCE = ("src_partition", "src_offset")
-
-
-def _mode_of(tables: _Tables, mode: str | None) -> str:
-    """The stream's mode; without one, what the tables say (a history table: "history")."""
-    if mode is not None:
-        return mode
-    return "history" if tables.history is not None else "append"
 
 
 class TableWriter:
@@ -819,16 +788,11 @@ class TableWriter:
     session the pooler kept across a migration never hands this writer one of another shape.
     """
 
-    def __init__(
-        self, stream: StreamSpec | _Tables, *, mode: str | None = None, tombstones: str = "ignore"
-    ) -> None:
-        if isinstance(stream, StreamSpec):
-            tables: _Tables = stream.tables
-            mode, tombstones = stream.mode, stream.tombstones
-        else:
-            tables = stream
+    def __init__(self, spec: StreamSpec) -> None:
+        tables = spec.tables
+        tombstones = spec.tombstones
         self.tables = tables
-        self.mode = _mode_of(tables, mode)
+        self.mode = spec.mode
         table = tables.table
         self.columns = list(table.columns)
         self._schema, self._table = sql_names.split_table(table.name)
@@ -938,19 +902,19 @@ def split_tombstones(rows: Sequence[Row], key_index: int) -> TombstoneSplit | No
     return TombstoneSplit(superseded, tombstones, after)
 
 
-def _history_target(tables: _Tables) -> str:
+def _history_target(tables: StreamTables) -> str:
     """The history table's conflict target: one row per (key, version), or per record."""
     if tables.version is not None:
         return sql_names.columns((*tables.key, tables.version))
     return sql_names.columns(_SOURCE)
 
 
-def _staged(tables: _Tables, stage: str) -> str:
+def _staged(tables: StreamTables, stage: str) -> str:
     cols = sql_names.columns(tables.table.columns)
     return f"WITH staged AS (DELETE FROM {sql_names.ident(stage)} RETURNING {cols}), "
 
 
-def _history_insert(tables: _Tables) -> str:
+def _history_insert(tables: StreamTables) -> str:
     assert tables.history is not None
     cols = sql_names.columns(tables.table.columns)
     return (
@@ -959,13 +923,12 @@ def _history_insert(tables: _Tables) -> str:
     )
 
 
-def _upsert_statement(tables: _Tables, stage: str, mode: str | None = None) -> str:
+def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
     """SQL that empties the staging table into place and returns the number of new rows.
 
     All parts of a WITH read the same snapshot, so every insert sees every staged row, and
     the stage is empty afterwards, ready for the next write in the same transaction.
     """
-    mode = _mode_of(tables, mode)
     table = tables.table
     ident = sql_names.ident
     cols = sql_names.columns(table.columns)
@@ -1005,13 +968,13 @@ def _upsert_statement(tables: _Tables, stage: str, mode: str | None = None) -> s
     return f"{staged}{_history_insert(tables)}, {latest}) SELECT count(*) FROM new"
 
 
-def _history_statement(tables: _Tables, stage: str) -> str:
+def _history_statement(tables: StreamTables, stage: str) -> str:
     """SQL that empties the staging table into the history table alone: rows a tombstone
     later in their batch keeps out of the latest table. Returns the number of new rows."""
     return f"{_staged(tables, stage)}{_history_insert(tables)} SELECT count(*) FROM new"
 
 
-def _tombstone_statement(tables: _Tables, stage: str) -> str:
+def _tombstone_statement(tables: StreamTables, stage: str) -> str:
     """SQL that empties the tombstones' staging table, deleting the row of each key unless
     that row came from a later offset of the same partition (whatever its version)."""
     ident = sql_names.ident

@@ -252,12 +252,13 @@ def _updates(names: str) -> str:
     ],
 )
 def test_upsert_statement(stream: str, statement: str) -> None:
-    assert _upsert_statement(load_catalog()[stream].tables, "stage_t") == statement
+    spec = load_catalog()[stream]
+    assert _upsert_statement(spec.tables, "stage_t", spec.mode) == statement
 
 
 def test_states_upsert_shape() -> None:
     """The properties the exactly-once protocol leans on, stated one by one."""
-    statement = _upsert_statement(load_catalog()["states"].tables, "stage_agent_states")
+    statement = _upsert_statement(load_catalog()["states"].tables, "stage_agent_states", "history")
     # The stage is emptied by the same statement, so a second write in the transaction (a
     # bisection) never sees the first one's rows.
     assert statement.startswith('WITH staged AS (DELETE FROM "stage_agent_states" RETURNING ')
@@ -458,20 +459,13 @@ def test_every_transaction_begins_with_the_session_settings_and_nothing_outlives
 def test_a_staging_table_is_named_for_the_columns_it_stages() -> None:
     """Through a transaction pooler, a server session may keep a staging table made by a
     release that wrote other columns: another shape gets another name."""
-    writer = db.TableWriter(load_catalog()["states"].tables)
+    writer = db.TableWriter(load_catalog()["states"])
     shape = hashlib.sha256(
         ",".join(load_catalog()["states"].tables.table.columns).encode()
     ).hexdigest()[:8]
     assert writer.stage == f"stage_agent_states_{shape}"
-    narrower = db.TableWriter(
-        dataclasses.replace(
-            load_catalog()["states"].tables,
-            table=dataclasses.replace(
-                load_catalog()["states"].tables.table,
-                fields=load_catalog()["states"].tables.table.fields[:-1],
-            ),
-        )
-    )
+    states = load_catalog()["states"]
+    narrower = db.TableWriter(dataclasses.replace(states, columns=states.columns[:-1]))
     assert narrower.stage.startswith("stage_agent_states_")
     assert narrower.stage != writer.stage
 
