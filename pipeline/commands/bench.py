@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError, DevStackError
 
 if TYPE_CHECKING:
     from consumers.bench import BenchPlan
+    from pipeline.catalog import Catalog
     from pipeline.config import Config
     from pipeline.devstack import Stack
     from pipeline.kafka_clients import KafkaSettings
@@ -57,8 +58,9 @@ def register(commands: Subparsers) -> None:
     parser.add_argument(
         "--mix",
         action="append",
-        choices=["metrics-heavy", "events-heavy"],
-        help="metrics-heavy and/or events-heavy (default both)",
+        choices=["metrics-heavy", "events-heavy", "catalog"],
+        help="metrics-heavy, events-heavy (the default: both) and/or catalog (three user "
+        "streams declared in a catalog: append, append with a key, latest with a version)",
     )
     parser.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
     parser.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
@@ -179,8 +181,8 @@ def _encryption(
         ),
     ]
 
-    async def grant(prefix: str, group: str) -> None:
-        acls = kafka_auth.pipeline_acls(prefix, group, config.catalog)
+    async def grant(prefix: str, group: str, catalog: Catalog) -> None:
+        acls = kafka_auth.pipeline_acls(prefix, group, catalog)
         await kafka_auth.set_up(endpoints.kafka, {}, acls)
 
     results = asyncio.run(
