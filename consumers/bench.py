@@ -1,9 +1,10 @@
 """`pipeline bench`: the DatabaseAgent's throughput against the raw limits, in one run
 (docs/performance.md, "Running it", says what each mode measures and how).
 
-:func:`run_bench` measures, per traffic mix on the same generated records, the raw consume
-limit, the raw COPY limit, the end-to-end drain and the latency at steady load, then one
-agent's peak RSS on a large backlog; :func:`run_encryption_bench` what TLS and SASL cost;
+:func:`run_bench` measures, per traffic mix on the same generated records (the simulator's
+on the built-in streams, or the catalog mix of user streams, :data:`BENCH_STREAMS_FILE`), the
+raw consume limit, the raw COPY limit, the end-to-end drain and the latency at steady load,
+then one agent's peak RSS on a large backlog; :func:`run_encryption_bench` what TLS and SASL cost;
 :func:`run_pooler_bench` what a connection pooler in front of PostgreSQL costs. Ratios compare
 numbers measured in the same run: these machines are shared and noisy. Topics, producing,
 offsets, scratch databases and agent processes come from :mod:`pipeline.testbed`, which the
@@ -542,16 +543,15 @@ def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
         f"{'e2e rows/s':>11} {'ratio':>6} {'/COPY':>6} {'x2 procs/s':>11} {'p50 ms':>7} "
-        f"{'p99 ms':>7} "
-        f"{'max ms':>7} {'peak RSS':>9}"
+        f"{'p99 ms':>7} {'max ms':>7} {'peak RSS':>9}"
     ]
     for r in results:
         two = f"{r.e2e_two_processes_rows_per_s:,.0f}" if r.e2e_two_processes_rows_per_s else "-"
         lines.append(
             f"{r.mix:<14} {r.records:>9,} {r.raw_consume_per_s:>14,.0f} "
             f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} {r.ratio:>6.2f} "
-            f"{r.copy_ratio:>6.2f} {two:>11} "
-            f"{r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} {r.peak_rss_mb:>6.0f} MB"
+            f"{r.copy_ratio:>6.2f} {two:>11} {r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} "
+            f"{r.peak_rss_mb:>6.0f} MB"
         )
     lines.append(
         f"peak RSS of one agent draining {memory.records:,} records: "

@@ -60,7 +60,7 @@ def register(commands: Subparsers) -> None:
         action="append",
         choices=["metrics-heavy", "events-heavy", "catalog"],
         help="metrics-heavy, events-heavy and/or catalog: user streams declared in a catalog "
-        "(default all three)",
+        "(default all three; with --secure or --pooler, the first two)",
     )
     parser.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
     parser.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
@@ -122,7 +122,7 @@ def bench(args: argparse.Namespace) -> int:
         return result.total
 
     plan = BenchPlan(
-        mixes=args.mix or ["metrics-heavy", "events-heavy", "catalog"],
+        mixes=args.mix or _default_mixes(args),
         records=100_000 if args.quick else args.records,
         partitions=args.partitions,
         scale_out=not args.no_scale_out,
@@ -155,6 +155,13 @@ def bench(args: argparse.Namespace) -> int:
     plot(results, args.png)
     progress(f"plot: {args.png}")
     return OK
+
+
+def _default_mixes(args: argparse.Namespace) -> list[str]:
+    """Without --mix: every mix; --secure and --pooler compare their routes on the built-in
+    ones."""
+    builtin = ["metrics-heavy", "events-heavy"]
+    return builtin if args.secure or args.pooler else [*builtin, "catalog"]
 
 
 def _encryption(

@@ -23,12 +23,14 @@ from consumers.bench import (
     catalog_records,
     catalog_rows,
     encryption_table,
+    plot,
     pooler_table,
     profile_breakdown,
     streams_of,
     table,
 )
 from pipeline import cli
+from pipeline.commands.bench import _default_mixes
 from pipeline.rows import decoder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,7 +278,19 @@ def test_the_json_holds_every_mix_with_its_ratio_to_raw_copy() -> None:
 
 
 def test_the_plot_draws_every_mix(tmp_path: Path) -> None:
-    from consumers.bench import plot
-
     plot(RESULTS, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "mixes"),
+    [
+        pytest.param([], ["metrics-heavy", "events-heavy", "catalog"], id="measurements"),
+        pytest.param(["--secure"], ["metrics-heavy", "events-heavy"], id="secure"),
+        pytest.param(["--pooler", "session"], ["metrics-heavy", "events-heavy"], id="pooler"),
+    ],
+)
+def test_without_mix_the_bench_runs_every_mix_and_its_route_comparisons_the_builtin_ones(
+    argv: list[str], mixes: list[str]
+) -> None:
+    assert _default_mixes(cli.parser().parse_args(["bench", *argv])) == mixes
