@@ -53,7 +53,7 @@ def register(commands: Subparsers) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="about a minute: 100k records per mix, 5k records/s for 10 s, 200k for memory",
+        help="about two minutes: 100k records per mix, 5k records/s for 10 s, 200k for memory",
     )
     parser.add_argument(
         "--mix",
