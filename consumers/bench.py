@@ -1,9 +1,10 @@
 """`pipeline bench`: the DatabaseAgent's throughput against the raw limits, in one run
 (docs/performance.md, "Running it", says what each mode measures and how).
 
-:func:`run_bench` measures, per traffic mix on the same generated records, the raw consume
-limit, the raw COPY limit, the end-to-end drain and the latency at steady load, then one
-agent's peak RSS on a large backlog; :func:`run_encryption_bench` what TLS and SASL cost;
+:func:`run_bench` measures, per traffic mix on the same generated records (the simulator's
+on the built-in streams, or the catalog mix of user streams, :data:`BENCH_STREAMS_FILE`), the
+raw consume limit, the raw COPY limit, the end-to-end drain and the latency at steady load,
+then one agent's peak RSS on a large backlog; :func:`run_encryption_bench` what TLS and SASL cost;
 :func:`run_pooler_bench` what a connection pooler in front of PostgreSQL costs. Ratios compare
 numbers measured in the same run: these machines are shared and noisy. Topics, producing,
 offsets, scratch databases and agent processes come from :mod:`pipeline.testbed`, which the
@@ -15,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import itertools
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,19 +27,22 @@ import sys
 import time
 import uuid
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import asyncpg
+import msgspec
 from aiokafka import TopicPartition
 
-from pipeline import db, kafka_clients, testbed
+from pipeline import db, kafka_clients, sql_names, testbed
 from pipeline import kafka as kafka_io
 from pipeline.batching import Row, lag
-from pipeline.catalog import load as builtin_catalog
+from pipeline.catalog import Catalog
+from pipeline.catalog import load as load_catalog
 from pipeline.config import Config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import Record, encode, record_key, stream_of
@@ -51,6 +58,150 @@ RAW_COPY_SAMPLE = 200_000  # about this many records for the raw COPY limit: a s
 PASSES = 3
 Measured = TypeVar("Measured")
 POLL_S = 0.01  # how often the stored offsets are read: the latency run's resolution
+
+#: The mix of user streams (:data:`BENCH_STREAMS_FILE`); the other mixes are the simulator's.
+CATALOG_MIX = "catalog"
+BENCH_STREAMS_FILE = Path(__file__).resolve().parent / "bench_streams.toml"
+# Out of every ten records of the catalog mix: seven readings, two clicks, one order revision.
+_CATALOG_PATTERN = ("readings",) * 7 + ("clicks",) * 2 + ("orders",)
+CLICK_REDELIVERY = 50  # every 50th click is the previous one sent again (a producer's retry)
+ORDER_REVISIONS = 4  # records per order; the 2nd and 3rd of every other order arrive swapped
+_ORDER_STATUS = ("placed", "paid", "shipped", "delivered")
+_COUNTRIES = ("DE", "FR", "US", "JP", "BR", "IN", "GB", "NG")
+_CATALOG_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)  # the records' times: deterministic too
+_CATALOG_EPOCH_MS = int(_CATALOG_EPOCH.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The streams a mix's records go to: the catalog of its topics, tables and scratch
+    databases, and the streams file its agents read (None: the built-in streams)."""
+
+    catalog: Catalog
+    file: Path | None = None
+
+
+def streams_of(mix: str) -> Streams:
+    """The streams of ``mix``: the bench catalog's for :data:`CATALOG_MIX`, else the
+    built-in ones."""
+    if mix == CATALOG_MIX:
+        return Streams(load_catalog(BENCH_STREAMS_FILE), BENCH_STREAMS_FILE)
+    return Streams(load_catalog())
+
+
+class CatalogRecord(NamedTuple):
+    """One record of the catalog mix: its stream, JSON value and Kafka key."""
+
+    stream: str
+    value: bytes
+    key: bytes | None
+
+
+def catalog_records(seed: int) -> Iterator[CatalogRecord]:
+    """The catalog mix's records, endless, the same for the same ``seed``: record ``i`` is
+    of stream ``_CATALOG_PATTERN[i % 10]``; :func:`catalog_rows` says how many rows the
+    first ``n`` make."""
+    rng = random.Random(seed)
+    encode_json = msgspec.json.encode
+    click: CatalogRecord | None = None
+    clicks = orders = 0
+    order_id = b""
+    total = ""
+    for i in itertools.count():
+        stream = _CATALOG_PATTERN[i % len(_CATALOG_PATTERN)]
+        if stream == "readings":
+            at = _CATALOG_EPOCH + timedelta(milliseconds=i)
+            value = {
+                "sensor": f"sensor-{rng.randrange(500):03d}",
+                "reading": round(rng.gauss(21.0, 4.0), 3),
+                "seq": i,
+                "read_at": at.isoformat(),
+                "attrs": {"unit": "C", "firmware": "2.4.1", "battery": rng.randrange(101)},
+            }
+            yield CatalogRecord(stream, encode_json(value), None)
+        elif stream == "clicks":
+            clicks += 1
+            if click is None or clicks % CLICK_REDELIVERY:
+                click_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                cents = rng.randrange(100, 100_000)
+                value = {
+                    "click_id": click_id,
+                    "user": {
+                        "id": f"user-{rng.randrange(100_000)}",
+                        "geo": {"country": rng.choice(_COUNTRIES)},
+                    },
+                    "clicked_at": _CATALOG_EPOCH_MS + i,
+                    "price": f"{cents // 100}.{cents % 100:02d}",
+                }
+                click = CatalogRecord(stream, encode_json(value), click_id.encode())
+            yield click
+        else:
+            number, step = divmod(orders, ORDER_REVISIONS)
+            orders += 1
+            if step == 0:
+                order_id = str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
+                cents = rng.randrange(500, 500_000)
+                total = f"{cents // 100}.{cents % 100:02d}"
+            revision = step + 1
+            if number % 2 and step in (1, 2):
+                revision = 5 - revision  # 3 then 2: the older revision arrives late
+            value = {
+                "order_id": order_id.decode(),
+                "revision": revision,
+                "status": _ORDER_STATUS[revision - 1],
+                "total": total,
+                "updated_at": (_CATALOG_EPOCH + timedelta(milliseconds=i)).isoformat(),
+            }
+            yield CatalogRecord(stream, encode_json(value), order_id)
+
+
+def catalog_rows(records: int) -> dict[str, int]:
+    """The rows, by stream, that the first ``records`` of :func:`catalog_records` leave:
+    one per reading, one per click but its redeliveries, one per order."""
+    full, rest = divmod(records, len(_CATALOG_PATTERN))
+    counts = Counter(_CATALOG_PATTERN[:rest])
+    for stream in _CATALOG_PATTERN:
+        counts[stream] += full
+    return {
+        "readings": counts["readings"],
+        "clicks": counts["clicks"] - counts["clicks"] // CLICK_REDELIVERY,
+        "orders": -(-counts["orders"] // ORDER_REVISIONS),
+    }
+
+
+async def publish_catalog(
+    kafka: KafkaSettings, prefix: str, rate: float, seconds: float, *, seed: int, tick: float = 0.05
+) -> int:
+    """:func:`catalog_records` to the bench catalog's topics under ``prefix`` at ``rate``
+    records/s for ``seconds``, paced as the simulator paces the built-in mixes; the number
+    of records acknowledged."""
+    topics = {name: topic for topic, name in streams_of(CATALOG_MIX).catalog.topics(prefix).items()}
+    records = catalog_records(seed)
+    target = round(rate * seconds)
+    max_per_tick = max(1, math.ceil(rate * tick * 4))  # catching up: a few ticks at a time
+    producer = kafka_clients.producer(kafka, acks="all", enable_idempotence=True)
+    await producer.start()
+    loop = asyncio.get_running_loop()
+    sent = 0
+    try:
+        previous: list[asyncio.Future[object]] = []
+        start = loop.time()
+        for tick_no in itertools.count(1):
+            due = min(target, math.floor(rate * (loop.time() - start + tick)))
+            current = [
+                await producer.send(topics[r.stream], r.value, key=r.key)
+                for r in itertools.islice(records, max(0, min(due - sent, max_per_tick)))
+            ]
+            sent += len(current)
+            await asyncio.gather(*previous)  # at most about two ticks in flight
+            previous = current
+            if sent >= target or loop.time() - start >= seconds:
+                break
+            await asyncio.sleep(max(0.0, start + tick_no * tick - loop.time()))
+        await asyncio.gather(*previous)
+    finally:
+        await producer.stop()
+    return sent
 
 
 @dataclass(frozen=True)
@@ -86,6 +237,7 @@ class MixResult:
     raw_copy_per_s: float
     e2e_rows_per_s: float
     ratio: float  # end to end / the smaller raw limit
+    copy_ratio: float  # end to end / raw COPY
     peak_rss_mb: float
     e2e_two_processes_rows_per_s: float | None
     p50_ms: float
@@ -131,10 +283,13 @@ async def run_bench(
         for mix in plan.mixes
     ]
     mix = plan.mixes[0]
+    streams = streams_of(mix)
     report(f"[memory] one DatabaseAgent draining {plan.memory_records:,} {mix} records")
     prefix = await _backlog(config, source, mix, plan.memory_records, plan.partitions)
-    async with _scratch_database(config) as url:
-        rate, rss, _ = await _drain(config, url, prefix, processes=1)
+    async with _scratch_database(config, streams.catalog) as url:
+        rate, rss, _ = await _drain(
+            config, url, prefix, 1, streams, expected=_expected(mix, plan.memory_records)
+        )
     report(f"[memory]   peak RSS {rss:.0f} MB ({rate:,.0f} rows/s)")
     return results, MemoryResult(plan.memory_records, rss, rate)
 
@@ -148,18 +303,22 @@ async def _bench_mix(
     mix: str,
     report: Callable[[str], None],
 ) -> MixResult:
+    streams = streams_of(mix)
+    expected = _expected(mix, plan.records)
     report(f"[{mix}] producing {plan.records:,} records ({plan.partitions} partitions)")
     prefix = await _backlog(config, source, mix, plan.records, plan.partitions)
 
     report(f"[{mix}] raw consume: a bare aiokafka consumer, no database")
-    consume_rate, sample = await _raw_consume(config, prefix, plan.records)
+    consume_rate, sample = await _raw_consume(config, prefix, plan.records, streams.catalog)
     report(f"[{mix}]   {consume_rate:,.0f} records/s")
 
     report(
         f"[{mix}] raw COPY: {len(sample):,} decoded rows, the agent's writers, no Kafka "
         f"(best of {PASSES} passes, each into a fresh database)"
     )
-    rates = await _in_fresh_databases(config, lambda url: _raw_copy(url, config, prefix, sample))
+    rates = await _in_fresh_databases(
+        config, streams.catalog, lambda url: _raw_copy(url, config, prefix, streams.catalog, sample)
+    )
     copy_rate = max(rates)
     report(f"[{mix}]   {copy_rate:,.0f} rows/s (passes: {', '.join(f'{r:,.0f}' for r in rates)})")
 
@@ -167,7 +326,11 @@ async def _bench_mix(
         f"[{mix}] end to end: one DatabaseAgent process drains the backlog "
         f"(best of {PASSES} passes, each into a fresh database)"
     )
-    drains = await _in_fresh_databases(config, lambda url: _drain(config, url, prefix, processes=1))
+    drains = await _in_fresh_databases(
+        config,
+        streams.catalog,
+        lambda url: _drain(config, url, prefix, 1, streams, expected=expected),
+    )
     e2e_rate, _, curve = max(drains, key=lambda drain: drain[0])
     rss = max(drain[1] for drain in drains)
     report(
@@ -178,22 +341,22 @@ async def _bench_mix(
     if plan.profile is not None:
         stacks = plan.profile / f"{mix}.txt"
         report(f"[{mix}] profile: one DatabaseAgent under py-spy drains the backlog again")
-        async with _scratch_database(config) as url:
-            await _drain(config, url, prefix, processes=1, profile_to=stacks)
+        async with _scratch_database(config, streams.catalog) as url:
+            await _drain(config, url, prefix, 1, streams, profile_to=stacks)
         report(f"[{mix}]   raw stacks in {stacks}\n{profile_breakdown(stacks.read_text())}")
 
     two = None
     if plan.scale_out:
         report(f"[{mix}] end to end: two DatabaseAgent processes in one group")
-        async with _scratch_database(config) as url:
-            two, _, _ = await _drain(config, url, prefix, processes=2)
+        async with _scratch_database(config, streams.catalog) as url:
+            two, _, _ = await _drain(config, url, prefix, 2, streams, expected=expected)
         report(f"[{mix}]   {two:,.0f} rows/s")
 
     report(
         f"[{mix}] latency: {plan.latency_rate:,.0f} records/s for "
         f"{plan.latency_seconds:g}s while one DatabaseAgent runs"
     )
-    async with _scratch_database(config) as url:
+    async with _scratch_database(config, streams.catalog) as url:
         latencies, achieved = await _latency(config, url, publish, plan, mix)
     p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
     report(
@@ -207,6 +370,7 @@ async def _bench_mix(
         raw_copy_per_s=copy_rate,
         e2e_rows_per_s=e2e_rate,
         ratio=e2e_rate / min(consume_rate, copy_rate),
+        copy_ratio=e2e_rate / copy_rate,
         peak_rss_mb=rss,
         e2e_two_processes_rows_per_s=two,
         p50_ms=p50,
@@ -240,8 +404,8 @@ class EncryptionResult:
     e2e_rows_per_s: dict[str, float]
 
 
-#: (topic prefix, consumer group) -> the ACLs the listeners' users need on them
-Grant = Callable[[str, str], Awaitable[None]]
+#: (topic prefix, consumer group, streams) -> the ACLs the listeners' users need on them
+Grant = Callable[[str, str, Catalog], Awaitable[None]]
 
 
 async def run_encryption_bench(
@@ -259,12 +423,13 @@ async def run_encryption_bench(
     Topics are created over ``config`` (plaintext), and ``grant`` gives their ACLs."""
     results = []
     for mix in plan.mixes:
+        streams = streams_of(mix)
         produced: dict[str, float] = {}
         prefixes: dict[str, str] = {}
         for listener in listeners:
-            prefix = await _fresh_topics(config, plan.partitions)
+            prefix = await _fresh_topics(config, plan.partitions, streams.catalog)
             await kafka_io.ensure_control_topics(config.kafka, prefix)
-            await grant(prefix, f"{prefix}agents")
+            await grant(prefix, f"{prefix}agents", streams.catalog)
             report(f"[{mix}] producing {plan.records:,} records over {listener.name}")
             started = time.perf_counter()
             await _produce(listener.publisher, source, mix, plan.records, prefix)
@@ -273,15 +438,17 @@ async def run_encryption_bench(
             report(f"[{mix}]   {produced[listener.name]:,.0f} records/s")
         consumed: dict[str, float] = {}
         for listener in listeners:
-            rate, _ = await _raw_consume(listener.agent, prefixes[listener.name], plan.records)
+            rate, _ = await _raw_consume(
+                listener.agent, prefixes[listener.name], plan.records, streams.catalog
+            )
             consumed[listener.name] = rate
             report(f"[{mix}] raw consume over {listener.name}: {rate:,.0f} records/s")
         drains: dict[str, list[float]] = defaultdict(list)
         for n in range(PASSES):
             for listener in listeners:
-                async with _scratch_database(config) as url:
+                async with _scratch_database(config, streams.catalog) as url:
                     rate, _, _ = await _drain(
-                        listener.agent, url, prefixes[listener.name], processes=1
+                        listener.agent, url, prefixes[listener.name], 1, streams
                     )
                 drains[listener.name].append(rate)
                 report(
@@ -340,13 +507,14 @@ async def run_pooler_bench(
     machine's drift hits both alike; each pass into a fresh database."""
     results = []
     for mix in plan.mixes:
+        streams = streams_of(mix)
         report(f"[{mix}] producing {plan.records:,} records ({plan.partitions} partitions)")
         prefix = await _backlog(config, source, mix, plan.records, plan.partitions)
         drains: dict[str, list[float]] = defaultdict(list)
         for n in range(PASSES):
             for route in (DIRECT, pooler):
-                async with _scratch_database(config) as url:
-                    rate, _, _ = await _drain(config, url, prefix, processes=1, route=route)
+                async with _scratch_database(config, streams.catalog) as url:
+                    rate, _, _ = await _drain(config, url, prefix, 1, streams, route=route)
                 drains[route.name].append(rate)
                 report(
                     f"[{mix}] end to end {route.name}, pass {n + 1}/{PASSES}: {rate:,.0f} rows/s"
@@ -374,15 +542,16 @@ def pooler_table(results: list[PoolerResult]) -> str:
 def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
-        f"{'e2e rows/s':>11} {'ratio':>6} {'x2 procs/s':>11} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'max ms':>7} {'peak RSS':>9}"
+        f"{'e2e rows/s':>11} {'ratio':>6} {'/COPY':>6} {'x2 procs/s':>11} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'max ms':>7} {'peak RSS':>9}"
     ]
     for r in results:
         two = f"{r.e2e_two_processes_rows_per_s:,.0f}" if r.e2e_two_processes_rows_per_s else "-"
         lines.append(
             f"{r.mix:<14} {r.records:>9,} {r.raw_consume_per_s:>14,.0f} "
-            f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} {r.ratio:>6.2f} {two:>11} "
-            f"{r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} {r.peak_rss_mb:>6.0f} MB"
+            f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} {r.ratio:>6.2f} "
+            f"{r.copy_ratio:>6.2f} {two:>11} {r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} "
+            f"{r.peak_rss_mb:>6.0f} MB"
         )
     lines.append(
         f"peak RSS of one agent draining {memory.records:,} records: "
@@ -449,7 +618,7 @@ async def _backlog(
     config: Config, source: RecordSource, mix: str, records: int, partitions: int
 ) -> str:
     """Fresh topics holding ``records`` records of ``mix``; returns their prefix."""
-    prefix = await _fresh_topics(config, partitions)
+    prefix = await _fresh_topics(config, partitions, streams_of(mix).catalog)
     await _produce(config.kafka, source, mix, records, prefix)
     return prefix
 
@@ -458,37 +627,48 @@ async def _produce(
     kafka: KafkaSettings, source: RecordSource, mix: str, records: int, prefix: str
 ) -> None:
     """``records`` records of ``mix`` to the topics under ``prefix``, as ``kafka`` connects."""
-    # The typed records go to the built-in streams' topics.
-    topics = {name: topic for topic, name in builtin_catalog().topics(prefix).items()}
+    topics = {name: topic for topic, name in streams_of(mix).catalog.topics(prefix).items()}
+    chunks: Iterator[list[testbed.Message]]
+    if mix == CATALOG_MIX:
+        generated = catalog_records(seed=1)
+        chunks = (
+            [
+                testbed.Message(topics[r.stream], r.value, r.key)
+                for r in itertools.islice(generated, min(10_000, records - start))
+            ]
+            for start in range(0, records, 10_000)
+        )
+    else:  # the typed records go to the built-in streams' topics
 
-    def messages(chunk: list[Record]) -> list[testbed.Message]:
-        return [
-            testbed.Message(topics[stream_of(record)], encode(record), record_key(record))
-            for record in chunk
-        ]
+        def messages(chunk: list[Record]) -> list[testbed.Message]:
+            return [
+                testbed.Message(topics[stream_of(record)], encode(record), record_key(record))
+                for record in chunk
+            ]
 
+        chunks = map(messages, source(mix, records))
     await testbed.produce(
         kafka,
-        map(messages, source(mix, records)),
+        chunks,
         linger_ms=20,
         max_batch_size=512 * 1024,
         compression_type="lz4",
     )
 
 
-async def _fresh_topics(config: Config, partitions: int) -> str:
+async def _fresh_topics(config: Config, partitions: int, catalog: Catalog) -> str:
     prefix = f"bench{uuid.uuid4().hex[:8]}."
-    await testbed.create_topics(config.kafka, prefix, partitions)
+    await testbed.create_topics(config.kafka, prefix, partitions, catalog)
     return prefix
 
 
 async def _raw_consume(
-    config: Config, prefix: str, records: int
+    config: Config, prefix: str, records: int, catalog: Catalog
 ) -> tuple[float, list[tuple[str, int, int, bytes]]]:
     """Drain the backlog with nothing but aiokafka; keep a sample of the records: every
     k-th offset of every partition, so that the sample has the backlog's mix of streams
     (the first records consumed would not: small topics arrive whole, first)."""
-    ends = await testbed.end_offsets(config.kafka, prefix)
+    ends = await testbed.end_offsets(config.kafka, prefix, catalog)
     consumer = kafka_clients.consumer(
         config.kafka,
         enable_auto_commit=False,
@@ -520,10 +700,14 @@ async def _raw_consume(
 
 
 async def _raw_copy(
-    url: str, config: Config, prefix: str, sample: list[tuple[str, int, int, bytes]]
+    url: str,
+    config: Config,
+    prefix: str,
+    catalog: Catalog,
+    sample: list[tuple[str, int, int, bytes]],
 ) -> float:
-    """Write the decoded sample with the agent's writers, batch by batch, one transaction each."""
-    catalog = builtin_catalog()
+    """Write the decoded sample with the agent's writers, batch by batch, one transaction each.
+    (No column of the bench's streams takes the Kafka key: the sample keeps none.)"""
     stream_of_topic = catalog.topics(prefix)
     decoders = {topic: decoder(catalog[name]) for topic, name in stream_of_topic.items()}
     rows: dict[str, list[Row]] = defaultdict(list)
@@ -531,7 +715,7 @@ async def _raw_copy(
         rows[stream_of_topic[topic]].append(decoders[topic].row(value, (), partition, offset, 1))
     conn = await db.connect(url, config.db_session)
     try:
-        await db.migrate(conn, db.read_migrations())
+        await db.migrate(conn, db.read_migrations(), catalog)
         writers = {name: db.TableWriter(catalog[name]) for name in rows}
         # The same batch shape as the agent: up to batch_max_records per transaction.
         share = {name: len(r) / len(sample) for name, r in rows.items()}
@@ -556,21 +740,24 @@ async def _drain(
     url: str,
     prefix: str,
     processes: int,
+    streams: Streams,
     *,
+    expected: dict[str, int] | None = None,
     profile_to: Path | None = None,
     route: Route = DIRECT,
 ) -> tuple[float, float, list[tuple[float, int]]]:
     """Start agents and time the drain: from the moment every partition is positioned (the
     agents start fetching) to lag 0, so the first batch's fetch, decode and COPY count too.
     The agents connect by ``route``; the bench watches directly, as the administrator.
+    ``expected``: the rows each stream's table must then hold (:func:`_check_rows`).
 
     Returns rows/s, the agents' summed peak RSS in MB, and (seconds, rows ingested) samples.
     """
-    ends = await testbed.end_offsets(config.kafka, prefix)
+    ends = await testbed.end_offsets(config.kafka, prefix, streams.catalog)
     total = sum(ends.values())
     group = f"{prefix}agents"
     agents = [
-        _start_agent(config, url, prefix, group, profile_to=profile_to, route=route)
+        _start_agent(config, url, prefix, group, streams.file, profile_to=profile_to, route=route)
         for _ in range(processes)
     ]
     curve: list[tuple[float, int]] = []
@@ -588,6 +775,8 @@ async def _drain(
                 raise RuntimeError("a DatabaseAgent exited during the benchmark")
             await asyncio.sleep(0.02)
         rss = sum(_peak_rss_mb(a.pid) for a in agents) if profile_to is None else float("nan")
+        if expected is not None:
+            await _check_rows(conn, streams.catalog, expected)
     finally:
         await conn.close()
         if profile_to is not None:  # stop the agent, not py-spy, which then writes its stacks
@@ -604,15 +793,18 @@ async def _drain(
 async def _latency(
     config: Config, url: str, publish: Publisher, plan: BenchPlan, mix: str
 ) -> tuple[list[float], float]:
-    """Latencies (ms, sorted) of records published at a steady rate, and the rate achieved."""
-    prefix = await _fresh_topics(config, plan.partitions)
+    """Latencies (ms, sorted) of records published at a steady rate, and the rate achieved.
+    The catalog mix's records come from :func:`publish_catalog`, the others' from
+    ``publish``."""
+    streams = streams_of(mix)
+    prefix = await _fresh_topics(config, plan.partitions, streams.catalog)
     group = f"{prefix}agents"
-    agents = [_start_agent(config, url, prefix, group)]
+    agents = [_start_agent(config, url, prefix, group, streams.file)]
     polls: list[tuple[float, dict[tuple[str, int], int]]] = []
     conn = await asyncpg.connect(url, timeout=10)
     try:
         # Ready when every partition is positioned (has its row in ingest_offsets).
-        partitions = len(builtin_catalog()) * plan.partitions
+        partitions = len(streams.catalog) * plan.partitions
         while len(await testbed.stored_offsets(conn, group)) < partitions:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         stop = asyncio.Event()
@@ -624,15 +816,23 @@ async def _latency(
 
         poller = asyncio.create_task(poll())
         started = time.perf_counter()
-        published = await publish(
-            config.kafka, prefix, mix, plan.latency_rate, plan.latency_seconds
-        )
+        if mix == CATALOG_MIX:
+            published = await publish_catalog(
+                config.kafka, prefix, plan.latency_rate, plan.latency_seconds, seed=2
+            )
+        else:
+            published = await publish(
+                config.kafka, prefix, mix, plan.latency_rate, plan.latency_seconds
+            )
         achieved = published / (time.perf_counter() - started)
-        ends = await testbed.end_offsets(config.kafka, prefix)
+        ends = await testbed.end_offsets(config.kafka, prefix, streams.catalog)
         while any(polls[-1][1].get(tp, 0) < end for tp, end in ends.items()):  # noqa: ASYNC110
             await asyncio.sleep(POLL_S)  # the poller task is what moves polls[-1]
         stop.set()
         await poller
+        expected = _expected(mix, published)
+        if expected is not None:
+            await _check_rows(conn, streams.catalog, expected)
     finally:
         await conn.close()
         await testbed.stop_agents(agents)
@@ -727,6 +927,23 @@ def profile_breakdown(raw_stacks: str) -> str:
     return "\n".join(lines)
 
 
+def _expected(mix: str, records: int) -> dict[str, int] | None:
+    """The rows by stream that ``records`` of ``mix`` leave, when the bench knows them: for
+    the catalog mix, whose generator it owns."""
+    return catalog_rows(records) if mix == CATALOG_MIX else None
+
+
+async def _check_rows(conn: asyncpg.Connection, catalog: Catalog, expected: dict[str, int]) -> None:
+    """Each stream's table holds the rows ``expected`` says: a drain that wrote nothing (or
+    too much) is an error, not a rate."""
+    found = {
+        name: await conn.fetchval(f"SELECT count(*) FROM {sql_names.table(catalog[name].table)}")
+        for name in expected
+    }
+    if found != expected:
+        raise RuntimeError(f"the drain left rows {found} where the records make {expected}")
+
+
 def _percentile(ordered: list[float], percent: float) -> float:
     index = min(len(ordered) - 1, round(percent / 100 * (len(ordered) - 1)))
     return ordered[index]
@@ -737,10 +954,14 @@ def _start_agent(
     url: str,
     prefix: str,
     group: str,
+    streams_file: Path | None,
     *,
     profile_to: Path | None = None,
     route: Route = DIRECT,
 ) -> AgentProcess:
+    """A ``pipeline run`` on the bench's topics and database; with ``streams_file``, on
+    that catalog's streams."""
+    streams = {} if streams_file is None else {"streams_file": str(streams_file)}
     env = testbed.agent_env(
         config.kafka.bootstrap_servers,
         route.agent_url(url),
@@ -750,6 +971,7 @@ def _start_agent(
         # Agents as deployed: each one's controller trusts Antigravity's key.
         control_public_keys=",".join(config.control_public_keys),
         **route.settings,
+        **streams,
     )
     env.update(config.kafka.environment())  # over TLS and SASL when the config says so
     wrapper: list[str] = []
@@ -776,29 +998,31 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 async def _in_fresh_databases(
-    config: Config, measure: Callable[[str], Awaitable[Measured]]
+    config: Config, catalog: Catalog, measure: Callable[[str], Awaitable[Measured]]
 ) -> list[Measured]:
-    """``measure`` once per pass, each time against a fresh scratch database."""
+    """``measure`` once per pass, each time against a fresh scratch database with the tables
+    of ``catalog``."""
     results = []
     for _ in range(PASSES):
-        async with _scratch_database(config) as url:
+        async with _scratch_database(config, catalog) as url:
             results.append(await measure(url))
     return results
 
 
 @contextlib.asynccontextmanager
-async def _scratch_database(config: Config) -> AsyncIterator[str]:
-    """A fresh database on the same server, migrated, dropped afterwards.
+async def _scratch_database(config: Config, catalog: Catalog) -> AsyncIterator[str]:
+    """A fresh database on the same server, migrated with the tables of ``catalog``, dropped
+    afterwards.
 
     Autovacuum is off on its tables, in every run alike: a vacuum worker that lands in one
     run and not in another would decide a ratio more than the code does. (In production it
     stays on.)
     """
     name = f"bench_{uuid.uuid4().hex[:12]}"
-    async with testbed.scratch_database(config.database_url, name) as url:
+    async with testbed.scratch_database(config.database_url, name, catalog=catalog) as url:
         conn = await db.connect(url, config.db_session)
         try:
-            await db.migrate(conn, db.read_migrations())
+            await db.migrate(conn, db.read_migrations(), catalog)
             tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
             for row in tables:
                 await conn.execute(

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError, DevStackError
 
 if TYPE_CHECKING:
     from consumers.bench import BenchPlan
+    from pipeline.catalog import Catalog
     from pipeline.config import Config
     from pipeline.devstack import Stack
     from pipeline.kafka_clients import KafkaSettings
@@ -52,13 +53,14 @@ def register(commands: Subparsers) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="about a minute: 100k records per mix, 5k records/s for 10 s, 200k for memory",
+        help="about two minutes: 100k records per mix, 5k records/s for 10 s, 200k for memory",
     )
     parser.add_argument(
         "--mix",
         action="append",
-        choices=["metrics-heavy", "events-heavy"],
-        help="metrics-heavy and/or events-heavy (default both)",
+        choices=["metrics-heavy", "events-heavy", "catalog"],
+        help="metrics-heavy, events-heavy and/or catalog: user streams declared in a catalog "
+        "(default all three; with --secure or --pooler, the first two)",
     )
     parser.add_argument("--partitions", type=count, default=6, help="partitions per topic (6)")
     parser.add_argument("--no-scale-out", action="store_true", help="skip the two-process run")
@@ -120,7 +122,7 @@ def bench(args: argparse.Namespace) -> int:
         return result.total
 
     plan = BenchPlan(
-        mixes=args.mix or ["metrics-heavy", "events-heavy"],
+        mixes=args.mix or _default_mixes(args),
         records=100_000 if args.quick else args.records,
         partitions=args.partitions,
         scale_out=not args.no_scale_out,
@@ -155,6 +157,13 @@ def bench(args: argparse.Namespace) -> int:
     return OK
 
 
+def _default_mixes(args: argparse.Namespace) -> list[str]:
+    """Without --mix: every mix; --secure and --pooler compare their routes on the built-in
+    ones."""
+    builtin = ["metrics-heavy", "events-heavy"]
+    return builtin if args.secure or args.pooler else [*builtin, "catalog"]
+
+
 def _encryption(
     stack: Stack | None, config: Config, source: Any, plan: BenchPlan
 ) -> list[dict[str, Any]]:
@@ -179,8 +188,8 @@ def _encryption(
         ),
     ]
 
-    async def grant(prefix: str, group: str) -> None:
-        acls = kafka_auth.pipeline_acls(prefix, group, config.catalog)
+    async def grant(prefix: str, group: str, catalog: Catalog) -> None:
+        acls = kafka_auth.pipeline_acls(prefix, group, catalog)
         await kafka_auth.set_up(endpoints.kafka, {}, acls)
 
     results = asyncio.run(

@@ -1,21 +1,39 @@
 """The bench's pure parts: its options, its optional dependencies, how a py-spy profile is
-summarised, and the encryption comparison's table."""
+summarised, the catalog mix's streams and records, and the tables and JSON it reports."""
 
 from __future__ import annotations
 
+import itertools
 import sys
+import tomllib
+import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from consumers.bench import (
+    BENCH_STREAMS_FILE,
+    CATALOG_MIX,
     EncryptionResult,
+    MemoryResult,
+    MixResult,
     PoolerResult,
+    as_json,
+    catalog_records,
+    catalog_rows,
     encryption_table,
+    plot,
     pooler_table,
     profile_breakdown,
+    streams_of,
+    table,
 )
 from pipeline import cli
+from pipeline.commands.bench import _default_mixes
+from pipeline.rows import decoder
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LOOP = "main (pipeline/cli.py:38);BaseEventLoop.run_forever (asyncio/base_events.py:607)"
 FILL = f"{LOOP};DatabaseAgent._fill_batch (consumers/agent.py:206)"
@@ -136,3 +154,143 @@ def test_the_pooler_table_sets_the_pooled_rate_against_direct() -> None:
         "  end to end rows/s      direct     200,000   PgBouncer (transaction)     150,000"
         "   ratio 0.75",
     ]
+
+
+def test_the_bench_catalog_loads_with_three_user_streams_and_no_builtin_one() -> None:
+    streams = streams_of(CATALOG_MIX)
+    assert streams.file == BENCH_STREAMS_FILE
+    assert [(s.name, s.table, s.mode, s.key, s.version) for s in streams.catalog] == [
+        ("readings", "sensor_readings", "append", (), None),
+        ("clicks", "clicks", "append", ("click_id",), None),
+        ("orders", "orders", "latest", ("order_id",), "revision"),
+    ]
+    assert streams.catalog["clicks"].column("clicked_at").unit == "ms"
+    assert streams.catalog["clicks"].column("country").path == ("user", "geo", "country")
+    assert streams_of("metrics-heavy").file is None
+    assert "readings" not in streams_of("metrics-heavy").catalog
+
+
+def test_the_bench_catalog_ships_with_the_package() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"]["package-data"]["consumers"]
+    assert BENCH_STREAMS_FILE.relative_to(ROOT / "consumers").as_posix() in data
+
+
+def test_catalog_records_are_the_same_for_the_same_seed() -> None:
+    first = list(itertools.islice(catalog_records(seed=1), 2_000))
+    assert first == list(itertools.islice(catalog_records(seed=1), 2_000))
+    assert first != list(itertools.islice(catalog_records(seed=2), 2_000))
+    assert [r.stream for r in first[:10]] == ["readings"] * 7 + ["clicks"] * 2 + ["orders"]
+
+
+@pytest.mark.parametrize("records", [0, 1, 7, 9, 10, 999, 5_003])
+def test_catalog_records_decode_without_rejection_into_the_rows_catalog_rows_counts(
+    records: int,
+) -> None:
+    catalog = streams_of(CATALOG_MIX).catalog
+    decoders = {spec.name: decoder(spec) for spec in catalog}
+    appended: dict[str, int] = defaultdict(int)
+    keys: dict[str, set[object]] = defaultdict(set)
+    latest: dict[object, int] = {}
+    for offset, r in enumerate(itertools.islice(catalog_records(seed=1), records)):
+        row = decoders[r.stream].row(r.value, (), 0, offset, 1, key=r.key)  # raises if refused
+        if r.stream == "readings":
+            appended[r.stream] += 1
+            assert r.key is None
+        else:
+            assert r.key == str(row[0]).encode()  # the uuid key is the Kafka key
+            keys[r.stream].add(row[0])
+        if r.stream == "orders":
+            latest[row[0]] = max(latest.get(row[0], 0), row[1])
+    assert catalog_rows(records) == {
+        "readings": appended["readings"],
+        "clicks": len(keys["clicks"]),
+        "orders": len(keys["orders"]),
+    }
+    assert all(isinstance(k, uuid.UUID) for k in keys["clicks"] | keys["orders"])
+    assert set(latest.values()) <= {1, 2, 3, 4}
+
+
+def test_catalog_records_hold_redelivered_clicks_and_late_revisions() -> None:
+    records = list(itertools.islice(catalog_records(seed=1), 1_000))
+    clicks = [r for r in records if r.stream == "clicks"]
+    assert len(clicks) == 200
+    assert clicks[49] == clicks[48] and clicks[99] == clicks[98]  # every 50th: sent again
+    assert len(set(clicks)) == 196
+    assert catalog_rows(1_000) == {"readings": 700, "clicks": 196, "orders": 25}
+    orders_decoder = decoder(streams_of(CATALOG_MIX).catalog["orders"])
+    by_order = [
+        orders_decoder.row(r.value, (), 0, n, 1)[1]
+        for n, r in enumerate(records)
+        if r.stream == "orders"
+    ]
+    assert by_order[:8] == [1, 2, 3, 4, 1, 3, 2, 4]  # the second order's 2nd revision is late
+
+
+def _result(mix: str, consume: float, copy: float, e2e: float) -> MixResult:
+    return MixResult(
+        mix=mix,
+        records=50_000,
+        raw_consume_per_s=consume,
+        raw_copy_per_s=copy,
+        e2e_rows_per_s=e2e,
+        ratio=e2e / min(consume, copy),
+        copy_ratio=e2e / copy,
+        peak_rss_mb=100.4,
+        e2e_two_processes_rows_per_s=None,
+        p50_ms=114.3,
+        p99_ms=210.3,
+        max_ms=217.3,
+        latency_rate=20_000.0,
+        drain_curve=[(0.0, 0), (1.0, 50_000)],
+        latencies_ms=[114.3, 210.3, 217.3],
+    )
+
+
+RESULTS = [
+    _result("metrics-heavy", 400_000.0, 300_000.0, 180_000.0),
+    _result(CATALOG_MIX, 200_000.0, 400_000.0, 160_000.0),
+]
+MEMORY = MemoryResult(20_000, 73.1, 74_753.0)
+
+
+def test_the_table_sets_every_mix_against_its_raw_limits_and_raw_copy() -> None:
+    assert table(RESULTS, MEMORY).splitlines() == [
+        "mix              records  raw consume/s  raw COPY/s  e2e rows/s  ratio  /COPY  "
+        "x2 procs/s  p50 ms  p99 ms  max ms  peak RSS",
+        "metrics-heavy     50,000        400,000     300,000     180,000   0.60   0.60  "
+        "         -     114     210     217    100 MB",
+        "catalog           50,000        200,000     400,000     160,000   0.80   0.40  "
+        "         -     114     210     217    100 MB",
+        "peak RSS of one agent draining 20,000 records: 73 MB (74,753 rows/s)",
+    ]
+
+
+def test_the_json_holds_every_mix_with_its_ratio_to_raw_copy() -> None:
+    found = as_json(RESULTS, MEMORY)
+    assert list(found) == ["metrics-heavy", "catalog", "memory"]
+    catalog = found["catalog"]
+    assert isinstance(catalog, dict)
+    assert catalog["copy_ratio"] == 0.4
+    assert catalog["ratio"] == 0.8
+    assert "drain_curve" not in catalog and "latencies_ms" not in catalog
+    assert found["memory"] == {"records": 20_000, "peak_rss_mb": 73.1, "rows_per_s": 74_753.0}
+
+
+def test_the_plot_draws_every_mix(tmp_path: Path) -> None:
+    plot(RESULTS, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "mixes"),
+    [
+        pytest.param([], ["metrics-heavy", "events-heavy", "catalog"], id="measurements"),
+        pytest.param(["--secure"], ["metrics-heavy", "events-heavy"], id="secure"),
+        pytest.param(["--pooler", "session"], ["metrics-heavy", "events-heavy"], id="pooler"),
+    ],
+)
+def test_without_mix_the_bench_runs_every_mix_and_its_route_comparisons_the_builtin_ones(
+    argv: list[str], mixes: list[str]
+) -> None:
+    assert _default_mixes(cli.parser().parse_args(["bench", *argv])) == mixes
