@@ -4,7 +4,9 @@ producing, offsets, agent processes) is in :mod:`pipeline.testbed`; this module 
 only the tests need.
 
 The oracle compares the database with what was SENT, record by record, using each row's
-provenance (source partition and offset): never the tables with themselves.
+provenance (source partition and offset): never the tables with themselves. It takes the
+streams and their tables from a :class:`~pipeline.catalog.Catalog` (the built-in one unless
+given), so a user's streams are judged as the built-in ones are.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import asyncpg
 import msgspec
@@ -26,7 +29,10 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 from aiokafka.structs import RecordMetadata
 
 from consumers.agent import DatabaseAgent
-from pipeline import kafka_clients, testbed
+from pipeline import catalog as catalogs
+from pipeline import kafka as kafka_io
+from pipeline import kafka_clients, sql_names, testbed
+from pipeline.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
@@ -56,11 +62,22 @@ STREAM_OF_TOPIC = {s.topic: s for s in STREAMS}
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
+class _Streamlike(Protocol):
+    """What the harness needs of a stream: a built-in :class:`~pipeline.records.Stream` or a
+    catalog :class:`~pipeline.catalog.StreamSpec`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def topic(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Outgoing:
-    stream: Stream
-    key: bytes
-    value: bytes
+    stream: Stream | _Streamlike
+    key: bytes | None
+    value: bytes | None  # None: a tombstone
     poison: str | None = None  # why the agent must dead-letter it, or None when it is good
     headers: tuple[tuple[str, bytes | None], ...] = ()
 
@@ -210,11 +227,15 @@ async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
     await testbed.create_topics(_kafka(bootstrap), prefix, partitions)
 
 
-async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]:
-    """The end offset of every partition of the five data topics, by default topic name."""
-    ends = await testbed.end_offsets(_kafka(bootstrap), prefix)
-    topics = {topic for topic, _ in ends}
-    assert len(topics) == len(STREAMS), f"data topics missing: found only {sorted(topics)}"
+async def end_offsets(
+    bootstrap: str, prefix: str, catalog: Catalog | None = None
+) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the catalog's data topics (default: the built-in
+    streams'), by default topic name."""
+    topics = list((catalog or catalogs.load()).topics(prefix))
+    ends = await kafka_io.end_offsets(_kafka(bootstrap), topics)
+    found = {topic for topic, _ in ends}
+    assert found == set(topics), f"data topics missing: {sorted(set(topics) - found)}"
     return _by_default_name(ends, prefix)
 
 
@@ -268,13 +289,14 @@ async def wait_caught_up(
     *,
     within: float,
     on_poll: Callable[[], Awaitable[None]] | None = None,
+    catalog: Catalog | None = None,
 ) -> dict[tuple[str, int], int]:
     """Wait until every partition's stored offset is its end offset; return the end offsets.
 
     Also samples Kafka's committed offsets on the way: they must never run ahead of the
     database's (oracle point 5).
     """
-    ends = await end_offsets(bootstrap, prefix)
+    ends = await end_offsets(bootstrap, prefix, catalog)
     deadline = time.monotonic() + within
     stored: dict[tuple[str, int], int] = {}
     while time.monotonic() < deadline:
@@ -292,24 +314,42 @@ async def wait_caught_up(
 
 
 async def assert_exactly_once(
-    database_url: str, group: str, prefix: str, sent: list[Sent], ends: dict[tuple[str, int], int]
+    database_url: str,
+    group: str,
+    prefix: str,
+    sent: list[Sent],
+    ends: dict[tuple[str, int], int],
+    *,
+    catalog: Catalog | None = None,
+    landed: Mapping[str, set[tuple[int, int]]] | None = None,
 ) -> None:
     """The oracle: every record sent is in its table exactly once, or dead-lettered exactly
-    once with a reason; nothing else is there; stored offsets equal the end offsets."""
+    once with a reason; nothing else is there; stored offsets equal the end offsets.
+
+    For every table of every stream of ``catalog`` (default: the built-in streams), no two
+    rows share a source (partition, offset): a record redelivered past a key's ``ON CONFLICT``
+    or written under two keys shows here, whatever the table's keys. A table holding one row
+    per record (append, history) holds the sources ``landed`` names for it, by default every
+    good record of its stream; a "latest" table's rows come from good records of its stream.
+    """
+    catalog = catalog or catalogs.load()
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        for stream in STREAMS:
-            table = APPEND_TABLE[stream.name]
-            rows = await conn.fetch(f"SELECT src_partition, src_offset FROM {table}")
-            ingested = Counter((r["src_partition"], r["src_offset"]) for r in rows)
-            duplicates = {k: n for k, n in ingested.items() if n > 1}
-            assert not duplicates, f"{table}: rows ingested more than once: {duplicates}"
-            good = {
-                (s.partition, s.offset) for s in sent if s.topic == stream.topic and not s.poison
-            }
-            assert set(ingested) == good, (
-                f"{table}: lost {len(good - set(ingested))}, unexpected {len(set(ingested) - good)}"
-            )
+        for spec in catalog:
+            good = {(s.partition, s.offset) for s in sent if s.topic == spec.topic and not s.poison}
+            for table in spec.table_names:
+                ingested = await table_sources(conn, table)
+                assert_once_per_source(table, ingested)
+                if table in spec.row_per_record:
+                    expected = good if landed is None or table not in landed else landed[table]
+                    assert set(ingested) == expected, (
+                        f"{table}: lost {len(expected - set(ingested))} "
+                        f"{_some(expected - set(ingested))}, unexpected "
+                        f"{len(set(ingested) - expected)} {_some(set(ingested) - expected)}"
+                    )
+                else:
+                    strays = set(ingested) - good
+                    assert not strays, f"{table}: rows from no good record: {_some(strays)}"
         letters = await conn.fetch(
             "SELECT src_topic, src_partition, src_offset, error_class, reason FROM dead_letters "
             "WHERE group_id = $1",
@@ -328,13 +368,44 @@ async def assert_exactly_once(
     assert await stored_offsets(database_url, group, prefix) == ends
 
 
+async def table_sources(conn: asyncpg.Connection, table: str) -> Counter[tuple[int, int]]:
+    """How many rows of ``table`` (as the catalog names it) come from each source
+    (partition, offset)."""
+    rows = await conn.fetch(f"SELECT src_partition, src_offset FROM {sql_names.table(table)}")
+    return Counter((r["src_partition"], r["src_offset"]) for r in rows)
+
+
+def assert_once_per_source(table: str, ingested: Counter[tuple[int, int]]) -> None:
+    """No two rows of ``table`` from one record; the error names the table and the sources."""
+    duplicates = {source: n for source, n in sorted(ingested.items()) if n > 1}
+    assert not duplicates, f"{table}: rows ingested more than once: " + ", ".join(
+        f"partition {p} offset {o} ({n} rows)" for (p, o), n in list(duplicates.items())[:20]
+    )
+
+
+def _some(sources: set[tuple[int, int]]) -> str:
+    """A few (partition, offset) pairs of ``sources``, for an error message."""
+    return f"e.g. {sorted(sources)[:5]}" if sources else ""
+
+
 async def assert_caught_up_exactly_once(
-    database_url: str, bootstrap: str, prefix: str, sent: list[Sent], *, within: float
+    database_url: str,
+    bootstrap: str,
+    prefix: str,
+    sent: list[Sent],
+    *,
+    within: float,
+    catalog: Catalog | None = None,
+    landed: Mapping[str, set[tuple[int, int]]] | None = None,
 ) -> dict[tuple[str, int], int]:
     """The whole oracle: wait for lag 0 (Kafka's offsets never ahead of the database's on the
     way), then every record exactly once; returns the end offsets. The group is ``prefix``."""
-    ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=within)
-    await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+    ends = await wait_caught_up(
+        database_url, bootstrap, prefix, prefix, within=within, catalog=catalog
+    )
+    await assert_exactly_once(
+        database_url, prefix, prefix, sent, ends, catalog=catalog, landed=landed
+    )
     return ends
 
 
