@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
@@ -32,10 +33,11 @@ from consumers.agent import DatabaseAgent
 from pipeline import catalog as catalogs
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients, sql_names, testbed
-from pipeline.catalog import Catalog
+from pipeline.catalog import Catalog, StreamSpec
 from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
+    DLQ_TOPIC,
     STREAM_BY_NAME,
     STREAMS,
     AgentEvent,
@@ -223,8 +225,16 @@ def _by_default_name(found: testbed.Offsets, prefix: str) -> dict[tuple[str, int
     return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in found.items()}
 
 
-async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
-    await testbed.create_topics(_kafka(bootstrap), prefix, partitions)
+async def create_topics(
+    bootstrap: str, prefix: str, partitions: int, catalog: Catalog | None = None
+) -> None:
+    """The data topics (of ``catalog``'s streams; default: the built-in ones) and the
+    dead-letter topic under ``prefix``."""
+    if catalog is None:
+        await testbed.create_topics(_kafka(bootstrap), prefix, partitions)
+        return
+    topics = [*catalog.topics(prefix), topic_name(DLQ_TOPIC, prefix)]
+    await kafka_io.ensure_topics(_kafka(bootstrap), topics, partitions)
 
 
 async def end_offsets(
@@ -381,6 +391,59 @@ def assert_once_per_source(table: str, ingested: Counter[tuple[int, int]]) -> No
     assert not duplicates, f"{table}: rows ingested more than once: " + ", ".join(
         f"partition {p} offset {o} ({n} rows)" for (p, o), n in list(duplicates.items())[:20]
     )
+
+
+async def table_rows(
+    conn: asyncpg.Connection, spec: StreamSpec, table: str
+) -> dict[tuple[int, int], tuple[Any, ...]]:
+    """The rows of one of ``spec``'s tables by source: the stream's columns in catalog order,
+    jsonb decoded (PostgreSQL gives it as text, re-spaced)."""
+    names = spec.column_names
+    rows = await conn.fetch(
+        f"SELECT {sql_names.columns([*names, 'src_partition', 'src_offset'])} "
+        f"FROM {sql_names.table(table)}"
+    )
+    jsonb = [c.type == "jsonb" for c in spec.columns]
+    return {
+        (r["src_partition"], r["src_offset"]): tuple(
+            json.loads(r[i]) if is_json and r[i] is not None else r[i]
+            for i, is_json in enumerate(jsonb)
+        )
+        for r in rows
+    }
+
+
+async def assert_tables_match(
+    database_url: str,
+    catalog: Catalog,
+    expected: Mapping[str, Mapping[tuple[int, int], tuple[Any, ...]]],
+) -> None:
+    """Every table ``expected`` names holds exactly its rows, row by row and column by
+    column, by source (partition, offset): the tables against a model of the log."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        problems = []
+        for spec in catalog:
+            for table in spec.table_names:
+                if table not in expected:
+                    continue
+                found = await table_rows(conn, spec, table)
+                wanted = expected[table]
+                missing = sorted(set(wanted) - set(found))
+                extra = sorted(set(found) - set(wanted))
+                differ = sorted(s for s in set(wanted) & set(found) if wanted[s] != found[s])
+                if missing or extra or differ:
+                    problems.append(
+                        f"{table} ({len(found)} rows, {len(wanted)} expected): "
+                        f"missing {len(missing)} {missing[:3]}, unexpected {len(extra)} "
+                        f"{[(s, found[s]) for s in extra[:3]]}, different {len(differ)} "
+                        + "; ".join(
+                            f"{s}: {found[s]} != {wanted[s]} (expected)" for s in differ[:3]
+                        )
+                    )
+        assert not problems, "\n".join(problems)
+    finally:
+        await conn.close()
 
 
 def _some(sources: set[tuple[int, int]]) -> str:
