@@ -176,7 +176,8 @@ class _Chunk:
         they are no longer pending, so no letter is ingested twice. Their rows carry the
         letter's source partition and offset, and the chunk's batch id."""
         letters = await conn.fetch(
-            f"""SELECT id, src_topic, src_partition, src_offset, record_value, record_headers
+            f"""SELECT id, src_topic, src_partition, src_offset, record_key, record_value,
+                       record_headers, record_ts
                 FROM dead_letters WHERE {self.where} AND id > ${len(self.args)}
                 ORDER BY id LIMIT {self.size} FOR UPDATE SKIP LOCKED""",
             *self.args,
@@ -194,6 +195,8 @@ class _Chunk:
                     stream,
                     r["record_value"],
                     stored_headers(r["record_headers"]),
+                    key=r["record_key"],
+                    timestamp=r["record_ts"],
                     partition=r["src_partition"],
                     offset=r["src_offset"],
                     batch_id=self.batch_id,

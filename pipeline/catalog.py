@@ -460,6 +460,21 @@ def _spec(decl: _StreamDecl, origin: str, where: str) -> StreamSpec:
     if not decl.columns:
         error("columns", "a stream needs at least one column")
     by_name = {c.name: c for c in columns}
+    # A record's field is one column's: the decoder reads a field as one type, and a field
+    # cannot be both a value and an object holding another column's field.
+    paths = {c.path: c.name for c in columns if c.source == "value"}
+    for column in columns:
+        if column.source != "value":
+            continue
+        for length in range(1, len(column.path) + 1):
+            other = paths.get(column.path[:length])
+            if other is not None and other != column.name:
+                error(
+                    f"columns.{column.name}",
+                    f"path {'.'.join(column.path)!r} is column {other!r}'s field or inside it; "
+                    "a field fills one column",
+                )
+                break
 
     if decl.mode == "append":
         if decl.version is not None:

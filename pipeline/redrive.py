@@ -12,13 +12,15 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.batching import Row
 from pipeline.records import STREAMS, topic_name
 from pipeline.rows import DECODERS
 from pipeline.terminal import printable
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: How much of a key or value `pipeline dlq show` prints before it says how much it left out.
 SHOW_MAX_CHARS = 2048
@@ -76,14 +78,29 @@ def decode_again(
     value: bytes | None,
     headers: Sequence[tuple[str, bytes | None]],
     *,
+    key: bytes | None = None,
+    timestamp: datetime | None = None,
     partition: int,
     offset: int,
     batch_id: int,
 ) -> Row:
     """A dead letter's COPY row, decoded with today's code, carrying the letter's source
     partition and offset and ``batch_id``; :class:`RecordRejected` when it still does not
-    decode."""
-    return DECODERS[stream].row(value, headers, partition, offset, batch_id)
+    decode. ``key`` and ``timestamp`` are the record's, for the columns that take them."""
+    return DECODERS[stream].row(
+        value,
+        headers,
+        partition,
+        offset,
+        batch_id,
+        key=key,
+        timestamp=None if timestamp is None else _epoch_ms(timestamp),
+    )
+
+
+def _epoch_ms(when: datetime) -> int:
+    """A stored record timestamp back as Kafka's milliseconds since the epoch."""
+    return (when - _EPOCH) // timedelta(milliseconds=1)
 
 
 def shown(data: bytes | None, limit: int = SHOW_MAX_CHARS) -> str:

@@ -606,11 +606,12 @@ def test_record_is_rejected_with_its_error_class_and_reason(
 
 
 def test_rejection_reason_of_a_missing_field_is_exact() -> None:
+    # The reason names the stream and the column, then what msgspec says was expected.
     with pytest.raises(RecordRejected) as caught:
         decode("events", b'{"agent_id":"a","kind":"k","ts":"2025-06-01T10:00:00Z"}')
     assert (caught.value.error_class, caught.value.reason) == (
         "ValidationError",
-        "Object missing required field `event_id`",
+        "stream 'events', column event_id: Object missing required field `event_id`",
     )
 
 
