@@ -75,6 +75,7 @@ class AgentDatabase:
         conn = await self.connect()
         try:
             await db.check_schema(conn)
+            await db.check_catalog(conn, self._config.catalog, self._config.streams)
             await claim_tables(conn, self._config)
         finally:
             await conn.close()

@@ -38,6 +38,7 @@ async def _connect(config: Config) -> Connection:
     conn = await db.connect(config.database_url, config.db_session)
     try:
         await db.check_schema(conn)  # `pipeline migrate` changes it, not a redrive
+        await db.check_catalog(conn, config.catalog, config.streams)
     except BaseException as exc:
         await conn.close()
         error = db.classify(exc)

@@ -114,6 +114,7 @@ class Replayer:
         conn = await self._connect()
         try:
             await db.check_schema(conn)
+            await db.check_catalog(conn, config.catalog, request.streams)
             await db.claim_tables(conn, config.group_id, self._tables(request.streams))
             async with db.transaction(conn):
                 # Partitions the group has never stored are claimed: live ingestion, if it
@@ -181,6 +182,7 @@ class Replayer:
                     f"replay {replay_id} belongs to group {header['group_id']}, not "
                     f"{self.config.group_id}: give --group {header['group_id']}"
                 )
+            await db.check_catalog(conn, self.config.catalog, header["streams"])
             await db.claim_tables(conn, self.config.group_id, self._tables(header["streams"]))
             ranges = [
                 (Range(r["topic"], r["partition"], r["start_offset"], r["end_offset"], 0), n)

@@ -26,6 +26,7 @@ from pipeline.commands import (
     replay,
     run,
     simulate,
+    streams,
     top,
     topics,
 )
@@ -34,7 +35,8 @@ from pipeline.errors import PipelineError
 
 DESCRIPTION = (
     "Ingest an agent fleet's data from Kafka into PostgreSQL exactly once. Run DatabaseAgents "
-    "(`pipeline run`), prepare their database and topics (`migrate`, `topics create`), "
+    "(`pipeline run`), declare the topics they read (`streams`), prepare their database "
+    "and topics (`migrate`, `topics create`), "
     "steer them with signed commands (`control`), watch them (`top`), repair data after an "
     "incident (`replay`, `dlq`), publish simulated traffic (`simulate`), see it all work in "
     "one command (`demo`), measure it (`bench`), and run a local Kafka and PostgreSQL to try "
@@ -44,7 +46,21 @@ DESCRIPTION = (
 )
 
 #: The command families, in the order `pipeline --help` lists them.
-COMMANDS = (dev, migrate, owners, topics, run, control, top, replay, dlq, simulate, demo, bench)
+COMMANDS = (
+    dev,
+    migrate,
+    streams,
+    owners,
+    topics,
+    run,
+    control,
+    top,
+    replay,
+    dlq,
+    simulate,
+    demo,
+    bench,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

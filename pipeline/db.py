@@ -26,7 +26,10 @@ import msgspec
 from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
+from pipeline import schema_plan
 from pipeline.batching import FetchedRecord, Row
+from pipeline.catalog import Catalog, StreamSpec
+from pipeline.catalog import load as load_catalog
 
 # How connections are set up lives in a module without the driver, for the configuration.
 from pipeline.db_session import Session
@@ -263,13 +266,41 @@ def read_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
     return migrations
 
 
-async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str]:
-    """Apply the migrations not yet applied, in order, in one transaction; return their names.
+@dataclass(frozen=True)
+class Migrated:
+    """What :func:`migrate_schema` did."""
+
+    migrations: list[str]  # the numbered migrations applied, by file name
+    plan: schema_plan.Plan  # the streams catalog's statements it ran
+    recorded: list[str]  # the streams whose declaration it recorded (new or changed)
+
+    @property
+    def nothing(self) -> bool:
+        return not self.migrations and self.plan.empty and not self.recorded
+
+
+async def migrate(
+    conn: Connection, migrations: Sequence[Migration], catalog: Catalog | None = None
+) -> list[str]:
+    """:func:`migrate_schema`; the names of the numbered migrations it applied."""
+    return (await migrate_schema(conn, migrations, catalog)).migrations
+
+
+async def migrate_schema(
+    conn: Connection, migrations: Sequence[Migration], catalog: Catalog | None = None
+) -> Migrated:
+    """Apply the migrations not yet applied, in order, then the plan of ``catalog`` (default:
+    the built-in streams) and record the catalog, all in one transaction.
 
     The transaction-scoped advisory lock makes instances that start together take turns:
-    the second one waits, then finds everything applied. A migration the server refuses is a
-    :class:`SchemaError` naming it; a login without the rights, one that says who migrates.
+    the second one waits, then finds everything applied. The plan is made before anything
+    changes: a catalog it refuses (:class:`schema_plan.Refused`) changes nothing, migrations
+    included. ``migrations`` that stop short of 010_stream_catalog.sql (a test's older
+    schema) get no plan: the database has nowhere to record it. A migration the server
+    refuses is a :class:`SchemaError` naming it; a login without the rights, one that says who
+    migrates.
     """
+    catalog = load_catalog() if catalog is None else catalog
     step = "reading schema_migrations"
     try:
         async with transaction(conn, durable=True):
@@ -284,6 +315,8 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
                 )
             rows = await conn.fetch("SELECT version FROM schema_migrations")
             applied = {r["version"] for r in rows}
+            step = "reading the tables of the streams catalog"
+            plan = schema_plan.plan(catalog, await database_state(conn, catalog))
             done = []
             for migration in migrations:
                 if migration.version in applied:
@@ -296,7 +329,14 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
                     migration.name,
                 )
                 done.append(migration.name)
-            return done
+            if not await _has_stream_catalog(conn):
+                return Migrated(done, schema_plan.Plan(), [])
+            for statement in plan.statements:
+                step = f"applying the streams catalog: {statement.splitlines()[0]}"
+                await conn.execute(statement)
+            step = "recording the streams catalog"
+            recorded = await _record_catalog(conn, catalog)
+            return Migrated(done, plan, recorded)
     except asyncpg.PostgresError as exc:
         error = classify(exc)
         if isinstance(error, TransientError):
@@ -308,6 +348,126 @@ async def migrate(conn: Connection, migrations: Sequence[Migration]) -> list[str
             else ""
         )
         raise SchemaError(f"{step}: {exc}{who}") from exc
+
+
+async def plan_schema(
+    conn: Connection, migrations: Sequence[Migration], catalog: Catalog
+) -> tuple[list[str], schema_plan.Plan]:
+    """What :func:`migrate_schema` would do, changing nothing: the numbered migrations not yet
+    applied, and the catalog's plan (:class:`schema_plan.Refused` when it would refuse)."""
+    applied: set[int] = set()
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+        applied = {r["version"] for r in rows}
+    plan = schema_plan.plan(catalog, await database_state(conn, catalog))
+    return [m.name for m in migrations if m.version not in applied], plan
+
+
+async def _has_stream_catalog(conn: Connection) -> bool:
+    return bool(await conn.fetchval("SELECT to_regclass('stream_catalog') IS NOT NULL"))
+
+
+async def _record_catalog(conn: Connection, catalog: Catalog) -> list[str]:
+    """Record each stream's declaration; the streams whose record is new or changed."""
+    rows = await conn.fetch(
+        """INSERT INTO stream_catalog (stream, declaration)
+           SELECT s, d::jsonb FROM unnest($1::text[], $2::text[]) AS u(s, d)
+           ON CONFLICT (stream) DO UPDATE
+               SET declaration = EXCLUDED.declaration, applied_at = now()
+               WHERE stream_catalog.declaration IS DISTINCT FROM EXCLUDED.declaration
+           RETURNING stream""",
+        list(catalog.names),
+        [msgspec.json.encode(spec.declaration()).decode() for spec in catalog],
+    )
+    recorded = {r["stream"] for r in rows}
+    return [name for name in catalog.names if name in recorded]
+
+
+async def database_state(
+    conn: Connection, streams: Iterable[StreamSpec], *, applied: bool = True
+) -> schema_plan.DatabaseState:
+    """What the database holds of the tables ``streams`` need, as pg_catalog describes them,
+    and (``applied``) the catalog `pipeline migrate` last recorded."""
+    wanted = schema_plan.tables_of(streams)
+    tables = await conn.fetch(
+        """SELECT c.oid, n.nspname::text AS schema, c.relname::text AS name
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE c.relkind IN ('r', 'p')
+             AND (n.nspname::text, c.relname::text) IN
+                 (SELECT * FROM unnest($1::text[], $2::text[]))""",
+        [schema for schema, _ in wanted],
+        [name for _, name in wanted],
+    )
+    oids = [t["oid"] for t in tables]
+    columns = await conn.fetch(
+        """SELECT attrelid, attname::text AS name, format_type(atttypid, atttypmod) AS type,
+                  attnotnull, atthasdef
+           FROM pg_attribute
+           WHERE attrelid = ANY($1::oid[]) AND attnum > 0 AND NOT attisdropped
+           ORDER BY attrelid, attnum""",
+        oids,
+    )
+    indexes = await conn.fetch(
+        """SELECT i.indrelid, ic.relname::text AS name, am.amname::text AS method,
+                  i.indisprimary,
+                  ARRAY(SELECT a.attname::text
+                        FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                        ORDER BY k.n) AS columns
+           FROM pg_index i
+           JOIN pg_class ic ON ic.oid = i.indexrelid
+           JOIN pg_am am ON am.oid = ic.relam
+           WHERE i.indrelid = ANY($1::oid[])
+           ORDER BY ic.relname""",
+        oids,
+    )
+    schemas = await conn.fetch(
+        "SELECT nspname::text AS name FROM pg_namespace WHERE nspname::text = ANY($1::text[])",
+        sorted({schema for schema, _ in wanted} | {"public"}),
+    )
+    states = {}
+    for table in tables:
+        oid = table["oid"]
+        table_indexes = [i for i in indexes if i["indrelid"] == oid]
+        primary = next((tuple(i["columns"]) for i in table_indexes if i["indisprimary"]), ())
+        states[(table["schema"], table["name"])] = schema_plan.TableState(
+            columns=tuple(
+                schema_plan.ColumnState(c["name"], c["type"], c["attnotnull"], c["atthasdef"])
+                for c in columns
+                if c["attrelid"] == oid
+            ),
+            primary_key=primary,
+            indexes=tuple(
+                schema_plan.IndexState(i["name"], i["method"], tuple(i["columns"]))
+                for i in table_indexes
+            ),
+        )
+    recorded: dict[str, Any] = {}
+    if applied and await _has_stream_catalog(conn):
+        for row in await conn.fetch("SELECT stream, declaration::text AS d FROM stream_catalog"):
+            recorded[row["stream"]] = msgspec.json.decode(row["d"])
+    return schema_plan.DatabaseState(
+        tables=states, schemas=frozenset(s["name"] for s in schemas), applied=recorded
+    )
+
+
+async def check_catalog(
+    conn: Connection, catalog: Catalog, streams: Iterable[str] | None = None
+) -> None:
+    """Refuse to go on when the tables of ``streams`` (default: all the catalog's) lack what
+    their catalog needs: one line that names every table and column, and `pipeline migrate`.
+
+    Agents never change the schema: `pipeline migrate` does, as the migrator. A column the
+    database has beyond this catalog's is fine when a row may leave it out (nullable or with a
+    default): agents of the previous catalog run on after a migration that added it."""
+    specs = [catalog[name] for name in (catalog.names if streams is None else streams)]
+    found = schema_plan.missing(specs, await database_state(conn, specs, applied=False))
+    if found:
+        raise SchemaError(
+            f"the database does not hold the tables that stream(s) "
+            f"{', '.join(s.name for s in specs)} need: {'; '.join(found)}: "
+            f"{schema_plan.MIGRATE_HINT}"
+        )
 
 
 def required_version(migrations: Sequence[Migration]) -> int:

@@ -25,6 +25,7 @@ from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
+from pipeline.catalog import Catalog
 from pipeline.devstack import pgbouncer, postgres
 from pipeline.devstack.postgres import Login, Logins
 from pipeline.kafka_clients import KafkaSettings
@@ -152,12 +153,17 @@ def _as(login: Login, database_url: str) -> str:
     return url if _InUse.pooler is None else pgbouncer.through(url, _InUse.pooler[0])
 
 
-async def migrate(database_url: str, migrations: Sequence[db.Migration] | None = None) -> None:
-    """Apply ``migrations`` (default: all of sql/) as the migrator (through the pooler in
-    use, with no prepared statements, which a transaction pooler cannot keep)."""
+async def migrate(
+    database_url: str,
+    migrations: Sequence[db.Migration] | None = None,
+    catalog: Catalog | None = None,
+) -> None:
+    """Apply ``migrations`` (default: all of sql/) and the tables of ``catalog`` (default: the
+    built-in streams) as the migrator (through the pooler in use, with no prepared
+    statements, which a transaction pooler cannot keep)."""
     conn = await asyncpg.connect(as_migrator(database_url), timeout=10, statement_cache_size=0)
     try:
-        await db.migrate(conn, db.read_migrations() if migrations is None else migrations)
+        await db.migrate(conn, db.read_migrations() if migrations is None else migrations, catalog)
     finally:
         await conn.close()
 
@@ -170,11 +176,15 @@ def database_url_for(server_url: str, database: str) -> str:
 
 @contextlib.asynccontextmanager
 async def scratch_database(
-    server_url: str, database: str, migrations: Sequence[db.Migration] | None = None
+    server_url: str,
+    database: str,
+    migrations: Sequence[db.Migration] | None = None,
+    catalog: Catalog | None = None,
 ) -> AsyncIterator[str]:
     """A new database on the server of ``server_url``, owned by the migrator and migrated
-    by it (``migrations``, default all of sql/): its URL, with ``server_url``'s login;
-    dropped afterwards, connections and all."""
+    by it (``migrations``, default all of sql/, and the tables of ``catalog``, default the
+    built-in streams): its URL, with ``server_url``'s login; dropped afterwards, connections
+    and all."""
     logins = _InUse.logins
     url = database_url_for(server_url, database)
     conn = await asyncpg.connect(server_url, timeout=10)
@@ -184,7 +194,7 @@ async def scratch_database(
     finally:
         await conn.close()
     try:
-        await migrate(url, migrations)
+        await migrate(url, migrations, catalog)
         yield url
     finally:
         conn = await asyncpg.connect(server_url, timeout=10)

@@ -18,14 +18,8 @@ EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;  -- created concu
 END $$;
 
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO pipeline_reader;
-GRANT SELECT, INSERT, UPDATE ON
-    agent_states, agent_state_history, system_events, performance_metrics, user_analytics,
-    system_config, system_config_history, ingest_offsets, dead_letters, control_log
-    TO pipeline_writer;
--- Rollback to a checkpoint deletes rows ingested after it.
-GRANT DELETE ON
-    agent_states, agent_state_history, system_events, performance_metrics, user_analytics,
-    system_config, system_config_history
-    TO pipeline_writer;
+-- The data tables' grants come with the tables, from the streams catalog's plan
+-- (pipeline/schema_plan.py).
+GRANT SELECT, INSERT, UPDATE ON ingest_offsets, dead_letters, control_log TO pipeline_writer;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO pipeline_writer;
 -- The writer also stages rows in temporary tables, which PUBLIC may create by default.

@@ -28,20 +28,9 @@ CREATE TABLE replay_partitions (
     CHECK (start_offset <= next_offset AND next_offset <= end_offset)
 );
 
--- A replay replaces the rows of every table that holds a row per record (all but the
--- "latest" tables, which follow their history under the version guard) by their source range:
--- DELETE ... WHERE src_partition = $1 AND src_offset >= $2 AND src_offset < $3. BRIN, not
--- B-tree: rows arrive in offset order per partition, so each block range covers a narrow span
--- of offsets, and a BRIN index costs COPY next to nothing (a B-tree on performance_metrics
--- cost about 18% of raw COPY, measured with `pipeline bench`; docs/replay.md).
-CREATE INDEX performance_metrics_source ON performance_metrics
-    USING brin (src_partition, src_offset);
-CREATE INDEX system_events_source ON system_events USING brin (src_partition, src_offset);
-CREATE INDEX user_analytics_source ON user_analytics USING brin (src_partition, src_offset);
-CREATE INDEX agent_state_history_source ON agent_state_history
-    USING brin (src_partition, src_offset);
-CREATE INDEX system_config_history_source ON system_config_history
-    USING brin (src_partition, src_offset);
+-- A replay replaces the rows of every table that holds a row per record by their source
+-- range; those tables get a BRIN index on (src_partition, src_offset) with the catalog's plan
+-- (pipeline/schema_plan.py, docs/replay.md).
 
 GRANT SELECT, INSERT, UPDATE ON replays, replay_partitions TO pipeline_writer;
 GRANT USAGE ON SEQUENCE replays_id_seq TO pipeline_writer;

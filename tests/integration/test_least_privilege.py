@@ -200,7 +200,9 @@ async def test_an_agent_on_an_older_schema_refuses_to_start_and_says_to_migrate(
         )
         out, err = await asyncio.wait_for(migrate.communicate(), 60)
         newer = ", ".join(m.name for m in migrations[len(older) :])
-        assert (migrate.returncode, out.decode()) == (0, f"applied: {newer}\n"), err
+        # Then the tables of the streams catalog, which the numbered migrations do not make.
+        assert migrate.returncode == 0, err
+        assert out.decode().splitlines()[0] == f"applied: {newer}"
         admin = await asyncpg.connect(old, timeout=10)
         try:
             await admin.execute(

@@ -84,7 +84,7 @@ def test_the_walk_finds_every_command_and_subcommand(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pages = every_command(monkeypatch, capsys)
-    assert len(pages) == 31
+    assert len(pages) == 35
     assert {"pipeline", "pipeline-dev", "pipeline-dev-up", "pipeline-control-rollback"} <= set(
         pages
     )

@@ -97,6 +97,7 @@ PURE = {
     "pipeline.redrive",
     "pipeline.replay",
     "pipeline.rows",
+    "pipeline.schema_plan",
     "pipeline.terminal",
     "pipeline.top",
 }
