@@ -455,8 +455,11 @@ class Controller:
                 return _Outcome(state, _rejected(apply_failed(envelope, detail)))
             started = time.monotonic()
             try:
-                done = await store.roll_back_data(conn, self.group, offsets, self._stream_topics)
-            except OwnershipError as exc:  # a table is another group's now: nothing deleted
+                done = await store.roll_back_data(
+                    conn, self.group, offsets, self._stream_topics, self.config.catalog
+                )
+            # A table is another group's now, or a stream cannot be restored: nothing changed.
+            except (OwnershipError, store.RollbackRefused) as exc:
                 return _Outcome(state, _rejected(apply_failed(envelope, str(exc))))
             log.warning(
                 "rolled the data back to checkpoint %s in %.2fs (to commit with the batch): "

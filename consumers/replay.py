@@ -40,6 +40,7 @@ from pipeline.replay import (
     Range,
     ReplayError,
     pace,
+    range_deletes,
     resolve,
     select_partitions,
 )
@@ -468,18 +469,12 @@ class _Run:
                     "that range is live ingestion's now; the replay stops"
                 )
             # The range's rows are replaced in every table with a row per record; the
-            # "latest" tables follow their history under the version guard. Only in the
-            # group's own tables: another group's rows share partitions and offsets.
+            # "latest" tables are not emptied: the writer's version or offset guard keeps
+            # them at the newest row, and tombstones delete again. Only in the group's own
+            # tables: another group's rows share partitions and offsets.
             await db.claim_tables(conn, group, self.r._tables([stream]))
-            tables = DECODERS[stream].tables
-            per_record = tables.history or tables.table
-            await conn.execute(
-                f"DELETE FROM {per_record.name} WHERE src_partition = $1 "
-                "AND src_offset >= $2 AND src_offset < $3",
-                partition,
-                expected,
-                new,
-            )
+            for statement in range_deletes(self.r.config.catalog[stream]):
+                await conn.execute(statement, partition, expected, new)
 
         return replace
 

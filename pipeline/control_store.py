@@ -16,9 +16,10 @@ from typing import Any
 import msgspec
 from asyncpg import Connection
 
-from pipeline import db
-from pipeline.control import Assign, BatchLimits, GroupState
-from pipeline.rows import TABLES
+from pipeline import db, sql_names
+from pipeline.catalog import Catalog, StreamSpec
+from pipeline.catalog import load as load_catalog
+from pipeline.control import Assign, BatchLimits, ControlError, GroupState
 
 
 @dataclass(frozen=True)
@@ -279,27 +280,59 @@ class RolledBack:
     topics: tuple[str, ...]
 
 
+class RollbackRefused(ControlError):
+    """A data rollback that cannot restore a stream's tables: refused before anything
+    changes (the command is rejected as ``apply_failed``)."""
+
+
+def unrestorable(specs: Iterable[StreamSpec]) -> list[str]:
+    """Why a rollback cannot restore each of these streams, one line each; pure.
+
+    A "latest" table without a history keeps no earlier rows to go back to. A history
+    stream whose tombstones delete cannot be rebuilt from its history either: tombstones
+    are not history rows, so a key deleted before the checkpoint would come back, and one
+    deleted after it would stay deleted."""
+    reasons = []
+    for spec in specs:
+        if spec.mode == "latest":
+            reasons.append(
+                f'stream {spec.name!r} ({spec.table}) is a "latest" table without history: '
+                "its rows before the checkpoint are not kept anywhere"
+            )
+        elif spec.mode == "history" and spec.tombstones == "delete":
+            reasons.append(
+                f"stream {spec.name!r} ({spec.table}) deletes on tombstones, which its "
+                "history does not record: its latest table cannot be rebuilt from it"
+            )
+    return reasons
+
+
 async def roll_back_data(
     conn: Connection,
     group: str,
     checkpoint: Mapping[tuple[str, int], int],
     stream_topics: Mapping[str, str],
+    catalog: Catalog | None = None,
 ) -> RolledBack:
     """Put the group's data back to ``checkpoint``, in the caller's transaction.
 
     1. Lock the group's ``ingest_offsets`` rows: batches of other instances wait, then miss
        their compare-and-set (the fence) and re-read from the checkpoint.
-    2. Per stream (``stream_topics``: stream name -> deployed topic), delete the rows ingested
-       at or after the checkpoint's offset of their partition (a partition the checkpoint did
-       not know: all of them). "Latest" tables are rebuilt, for the keys that lost history
-       rows, from the history that remains.
+    2. Per stream (``stream_topics``: stream name -> deployed topic, specs from ``catalog``,
+       by default the built-in one), delete the rows ingested at or after the checkpoint's
+       offset of their partition (a partition the checkpoint did not know: all of them).
+       "Latest" tables are rebuilt, for the keys that lost history rows, from the history
+       that remains.
     3. Delete the group's dead letters at or after the checkpoint.
     4. Move ``ingest_offsets`` back to the checkpoint.
 
-    The data tables do not record their group: each belongs to one group and topic
+    A stream that moved past the checkpoint and cannot be restored (:func:`unrestorable`)
+    makes it a :class:`RollbackRefused` naming it, before anything is changed. The data
+    tables do not record their group: each belongs to one group and topic
     (``table_owners``), and a table another group owns makes the rollback an
     :class:`~pipeline.errors.OwnershipError`, before anything is deleted.
     """
+    catalog = catalog or load_catalog()
     stored = {
         (r["topic"], r["partition"]): r["next_offset"]
         for r in await conn.fetch(
@@ -310,6 +343,12 @@ async def roll_back_data(
     }
     back = {tp: checkpoint.get(tp, 0) for tp in stored}
     moved = sorted({tp[0] for tp, offset in back.items() if stored[tp] > offset})
+    refused = unrestorable(catalog[s] for s, t in stream_topics.items() if t in moved)
+    if refused:
+        raise RollbackRefused(
+            "the rollback would not restore every table, so nothing was changed: "
+            + "; ".join(refused)
+        )
     # Only the group's own tables: another group's rows would share partitions and offsets.
     await db.claim_tables(
         conn, group, db.stream_tables({s: t for s, t in stream_topics.items() if t in moved})
@@ -319,7 +358,7 @@ async def roll_back_data(
         cut = [(p, offset) for (t, p), offset in back.items() if t == topic and t in moved]
         if not cut:
             continue
-        deleted.update(await _delete_after(conn, stream, cut))
+        deleted.update(await _delete_after(conn, catalog[stream], cut))
     triples = [(t, p, o) for (t, p), o in back.items() if t in moved]
     letters = await conn.execute(
         """DELETE FROM dead_letters d
@@ -343,38 +382,68 @@ async def roll_back_data(
     return RolledBack(deleted, db.row_count(letters), tuple(moved))
 
 
-async def _delete_after(
-    conn: Connection, stream: str, cut: Iterable[tuple[int, int]]
-) -> dict[str, int]:
-    tables = TABLES[stream]
-    partitions, offsets = zip(*cut, strict=True)
-    by_source = "src_partition = c.p AND src_offset >= c.o"
-    unnest = "unnest($1::int[], $2::bigint[]) AS c(p, o)"
-    if tables.history is None:
-        status = await conn.execute(
-            f"DELETE FROM {tables.table.name} USING {unnest} WHERE {by_source}",
-            list(partitions),
-            list(offsets),
+_CUT = "cut AS (SELECT * FROM unnest($1::int[], $2::bigint[]) AS c(p, o))"
+_AFTER_CUT = (
+    'EXISTS (SELECT 1 FROM cut WHERE {t}."src_partition" = cut.p AND {t}."src_offset" >= cut.o)'
+)
+
+
+def restore_statement(spec: StreamSpec) -> str:
+    """SQL that deletes a stream's rows from the cut on (``$1`` partitions, ``$2`` their
+    first offsets to delete) and returns how many per-record rows went; pure.
+
+    An append table loses its rows by source. A history table loses its rows by source, and
+    its latest table follows: each key that lost history rows gets back its latest row of
+    those left (the highest version; without a version, the highest offset), or none. All
+    parts of the statement read the snapshot before the delete, hence ``kept`` leaves the
+    deleted rows out by the same test rather than by reading the table again."""
+    if spec.mode == "append":
+        return (
+            f"WITH {_CUT}, gone AS (DELETE FROM {sql_names.table(spec.table)} AS t USING cut "
+            f'WHERE t."src_partition" = cut.p AND t."src_offset" >= cut.o RETURNING 1) '
+            "SELECT count(*) FROM gone"
         )
-        return {tables.table.name: db.row_count(status)}
-    key = tables.key[0]  # the latest tables have a one-column key
-    history, latest = tables.history.name, tables.table.name
-    keys = await conn.fetch(
-        f"WITH gone AS (DELETE FROM {history} USING {unnest} WHERE {by_source} "
-        f"RETURNING {key}) SELECT {key} AS k, count(*) AS n FROM gone GROUP BY {key}",
-        list(partitions),
-        list(offsets),
+    if spec.mode != "history" or spec.history_table is None:
+        raise RollbackRefused("; ".join(unrestorable([spec])))
+    ident = sql_names.ident
+    key = sql_names.columns(spec.key)
+    same_key = " AND ".join(f"t.{ident(k)} = lost.{ident(k)}" for k in spec.key)
+    kept_key = " AND ".join(f"t.{ident(k)} = kept.{ident(k)}" for k in spec.key)
+    if spec.version is not None:
+        order = f'{key}, {ident(spec.version)} DESC, "src_partition", "src_offset"'
+    else:
+        order = f'{key}, "src_partition" DESC, "src_offset" DESC'
+    cols = sql_names.columns((*spec.tables.table.columns, "ingested_at"))
+    h_cols = ", ".join(f"h.{ident(c)}" for c in (*spec.tables.table.columns, "ingested_at"))
+    updates = ", ".join(
+        f"{ident(c)} = EXCLUDED.{ident(c)}"
+        for c in (*spec.tables.table.columns, "ingested_at")
+        if c not in spec.key
     )
-    lost = [r["k"] for r in keys]
-    # The latest row of a key that lost history rows is the highest version left, if any.
-    await conn.execute(f"DELETE FROM {latest} WHERE {key} = ANY($1)", lost)
-    columns = ", ".join((*tables.table.columns, "ingested_at"))
-    await conn.execute(
-        f"INSERT INTO {latest} ({columns}) SELECT DISTINCT ON ({key}) {columns} FROM {history} "
-        f"WHERE {key} = ANY($1) ORDER BY {key}, {tables.version} DESC",
-        lost,
+    latest = sql_names.table(spec.table)
+    history = sql_names.table(spec.history_table)
+    return (
+        f"WITH {_CUT}, "
+        f"gone AS (DELETE FROM {history} AS t USING cut "
+        f'WHERE t."src_partition" = cut.p AND t."src_offset" >= cut.o '
+        f"RETURNING {', '.join(f't.{ident(k)}' for k in spec.key)}), "
+        f"lost AS (SELECT DISTINCT {key} FROM gone), "
+        f"kept AS (SELECT DISTINCT ON ({key}) {h_cols} FROM {history} AS h "
+        f"JOIN lost USING ({key}) WHERE NOT {_AFTER_CUT.format(t='h')} ORDER BY {order}), "
+        f"rebuilt AS (INSERT INTO {latest} ({cols}) SELECT {cols} FROM kept "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}), "
+        f"dropped AS (DELETE FROM {latest} AS t USING lost WHERE {same_key} "
+        f"AND NOT EXISTS (SELECT 1 FROM kept WHERE {kept_key})) "
+        "SELECT count(*) FROM gone"
     )
-    return {history: sum(r["n"] for r in keys)}
+
+
+async def _delete_after(
+    conn: Connection, spec: StreamSpec, cut: Iterable[tuple[int, int]]
+) -> dict[str, int]:
+    partitions, offsets = zip(*cut, strict=True)
+    count: int = await conn.fetchval(restore_statement(spec), list(partitions), list(offsets))
+    return {spec.row_per_record[0]: count}
 
 
 async def control_log(conn: Connection, group: str, limit: int) -> list[dict[str, Any]]:

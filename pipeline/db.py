@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -26,7 +26,7 @@ import msgspec
 from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
-from pipeline import schema_plan
+from pipeline import schema_plan, sql_names
 from pipeline.batching import FetchedRecord, Row
 from pipeline.catalog import Catalog, StreamSpec
 from pipeline.catalog import load as load_catalog
@@ -42,7 +42,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.records import header_name_text
-from pipeline.rows import TABLES, StreamTables
+from pipeline.rows import TABLES, Tombstone, source_of
 
 # The migrations, sql/ at the top of the repository; pipeline/sql links to it, so that an
 # installed package (a wheel, the container image) carries them as package data.
@@ -697,74 +697,263 @@ async def release_tables(conn: Connection, group: str) -> list[TableOwner]:
 # -- writers --------------------------------------------------------------------------------
 
 
-class TableWriter:
-    """Writes one stream's rows. Append-only tables take a plain COPY; tables with a natural
-    key or a "latest" row take a COPY into a temporary staging table and then one statement
-    that moves the staged rows into place with ``ON CONFLICT``, so redelivered and
-    out-of-order rows are harmless.
+class _Table(Protocol):
+    @property
+    def name(self) -> str: ...
 
-    The staging table is created, when missing, in the transaction that writes: a pooler in
+    @property
+    def columns(self) -> tuple[str, ...]: ...
+
+
+class _Tables(Protocol):
+    """A stream's tables, key and version (:class:`pipeline.catalog.StreamTables`)."""
+
+    @property
+    def table(self) -> _Table: ...
+
+    @property
+    def history(self) -> _Table | None: ...
+
+    @property
+    def key(self) -> tuple[str, ...]: ...
+
+    @property
+    def version(self) -> str | None: ...
+
+
+_SOURCE = ("src_partition", "src_offset")
+
+
+def _mode_of(tables: _Tables, mode: str | None) -> str:
+    """The stream's mode; without one, what the tables say (a history table: "history")."""
+    if mode is not None:
+        return mode
+    return "history" if tables.history is not None else "append"
+
+
+class TableWriter:
+    """Writes one stream's rows, as its mode says (docs/streams.md).
+
+    An append table without a key takes a plain COPY. Every other table takes a COPY into a
+    temporary staging table, then one statement that moves the staged rows into place with
+    ``ON CONFLICT``, so redelivered and out-of-order rows are harmless: an append table with
+    a key skips a key it has; a "latest" table keeps the higher version (without a version,
+    the later offset of a partition; a row from another partition replaces); a "history"
+    stream also appends every record to its history table. With ``tombstones = "delete"``, a
+    batch's :class:`~pipeline.rows.Tombstone` rows delete their keys' rows first
+    (:func:`split_tombstones`).
+
+    A staging table is created, when missing, in the transaction that writes: a pooler in
     transaction mode may run the next transaction on a server session that has none, and a
     rolled-back transaction drops the table it created. ``ON COMMIT DELETE ROWS`` leaves it
     empty for whoever comes next; its name carries a hash of the columns written, so a
     session the pooler kept across a migration never hands this writer one of another shape.
     """
 
-    def __init__(self, tables: StreamTables) -> None:
+    def __init__(
+        self, stream: StreamSpec | _Tables, *, mode: str | None = None, tombstones: str = "ignore"
+    ) -> None:
+        if isinstance(stream, StreamSpec):
+            tables: _Tables = stream.tables
+            mode, tombstones = stream.mode, stream.tombstones
+        else:
+            tables = stream
         self.tables = tables
+        self.mode = _mode_of(tables, mode)
         table = tables.table
         self.columns = list(table.columns)
-        self._staged = bool(tables.key)
-        # Named for the columns written: through a transaction pooler, a server session may
-        # keep another release's staging table (of other columns) past a migration.
-        shape = hashlib.sha256(",".join(self.columns).encode()).hexdigest()[:8]
-        self.stage = f"stage_{table.name}_{shape}"
+        self._schema, self._table = sql_names.split_table(table.name)
+        self._staged = self.mode != "append" or bool(tables.key)
+        self.stage = sql_names.derived("stage", table.name, _shape(table.name, self.columns))
         self._create_stage = (
-            f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} "
-            f"(LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE IF NOT EXISTS {sql_names.ident(self.stage)} "
+            f"(LIKE {sql_names.table(table.name)} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        self._upsert = _upsert_statement(tables, self.stage) if self._staged else ""
+        self._upsert = _upsert_statement(tables, self.stage, self.mode) if self._staged else ""
+        self._deletes = tombstones == "delete" and self.mode != "append"
+        self._key_index = table.columns.index(tables.key[0]) if self._deletes else 0
+        self.tombstone_columns = [*tables.key[:1], *_SOURCE]
+        self.tombstone_stage = sql_names.derived(
+            "tombstones", table.name, _shape(table.name, self.tombstone_columns)
+        )
+        self._create_tombstone_stage = (
+            f"CREATE TEMP TABLE IF NOT EXISTS {sql_names.ident(self.tombstone_stage)} "
+            f"ON COMMIT DELETE ROWS AS SELECT {sql_names.columns(self.tombstone_columns)} "
+            f"FROM {sql_names.table(table.name)} WITH NO DATA"
+        )
+        self._delete = _tombstone_statement(tables, self.tombstone_stage) if self._deletes else ""
+        self._history_only = (
+            _history_statement(tables, self.stage) if tables.history is not None else ""
+        )
 
     async def write(self, conn: Connection, rows: Sequence[Row]) -> int:
-        """Write ``rows``; return how many were new (the rest were duplicates)."""
+        """Write ``rows``; return how many were new (the rest were duplicates, or records a
+        "latest" table had a newer row for). A tombstone that deleted a row counts as new."""
         if not self._staged:
             await conn.copy_records_to_table(
-                self.tables.table.name, records=rows, columns=self.columns
+                self._table, schema_name=self._schema, records=rows, columns=self.columns
             )
             return len(rows)
-        await conn.execute(self._create_stage)
-        await conn.copy_records_to_table(self.stage, records=rows, columns=self.columns)
-        new: int = await conn.fetchval(self._upsert)
+        new = 0
+        for create, stage, staged, columns, statement in self._steps(rows):
+            if staged:
+                await conn.execute(create)
+                await conn.copy_records_to_table(stage, records=staged, columns=columns)
+                new += await conn.fetchval(statement)
         return new
 
+    def _steps(self, rows: Sequence[Row]) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
+        """What :meth:`write` stages and runs, in order: (create the stage, the stage, its
+        rows, their columns, the statement that empties it and returns a count)."""
+        split = split_tombstones(rows, self._key_index) if self._deletes else None
+        stage, tombstones = (
+            (self._create_stage, self.stage),
+            (
+                self._create_tombstone_stage,
+                self.tombstone_stage,
+            ),
+        )
+        if split is None:
+            return [(*stage, rows, self.columns, self._upsert)]
+        superseded = split.superseded if self._history_only else ()
+        return [
+            (*stage, superseded, self.columns, self._history_only),
+            (*tombstones, split.tombstones, self.tombstone_columns, self._delete),
+            (*stage, split.rows, self.columns, self._upsert),
+        ]
 
-def _upsert_statement(tables: StreamTables, stage: str) -> str:
+
+def _shape(table: str, columns: Sequence[str]) -> str:
+    """A hash of the columns a staging table holds (and of the schema of a table outside
+    ``public``, so that ``shop.orders`` and ``shop_orders`` never share a staging table)."""
+    schema, _ = sql_names.split_table(table)
+    text = ",".join(columns) if schema == "public" else f"{table}:{','.join(columns)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class TombstoneSplit:
+    """A batch with tombstones, in the order its parts are written."""
+
+    superseded: list[Row]  # rows before their key's last tombstone: the history table only
+    tombstones: list[tuple[Any, int, int]]  # per key, its last tombstone: (key, partition, offset)
+    rows: list[Row]  # every other row: the upsert, after the deletes
+
+
+def split_tombstones(rows: Sequence[Row], key_index: int) -> TombstoneSplit | None:
+    """How a batch with tombstones is written (None: the batch has none).
+
+    Per key, the rows before its last tombstone in the batch never reach the latest table
+    (they still go to the history table); that tombstone's delete runs before the rows after
+    it are upserted. A tombstone is not a history row.
+    """
+    last: dict[Any, int] = {}
+    for i, row in enumerate(rows):
+        if isinstance(row, Tombstone):
+            last[row[key_index]] = i
+    if not last:
+        return None
+    superseded: list[Row] = []
+    tombstones: list[tuple[Any, int, int]] = []
+    after: list[Row] = []
+    for i, row in enumerate(rows):
+        key = row[key_index]
+        cut = last.get(key, -1)
+        if isinstance(row, Tombstone):
+            if i == cut:
+                tombstones.append((key, *source_of(row)))
+        elif i < cut:
+            superseded.append(row)
+        else:
+            after.append(row)
+    return TombstoneSplit(superseded, tombstones, after)
+
+
+def _history_target(tables: _Tables) -> str:
+    """The history table's conflict target: one row per (key, version), or per record."""
+    if tables.version is not None:
+        return sql_names.columns((*tables.key, tables.version))
+    return sql_names.columns(_SOURCE)
+
+
+def _staged(tables: _Tables, stage: str) -> str:
+    cols = sql_names.columns(tables.table.columns)
+    return f"WITH staged AS (DELETE FROM {sql_names.ident(stage)} RETURNING {cols}), "
+
+
+def _history_insert(tables: _Tables) -> str:
+    assert tables.history is not None
+    cols = sql_names.columns(tables.table.columns)
+    return (
+        f"new AS (INSERT INTO {sql_names.table(tables.history.name)} ({cols}) SELECT {cols} "
+        f"FROM staged ON CONFLICT ({_history_target(tables)}) DO NOTHING RETURNING 1)"
+    )
+
+
+def _upsert_statement(tables: _Tables, stage: str, mode: str | None = None) -> str:
     """SQL that empties the staging table into place and returns the number of new rows.
 
     All parts of a WITH read the same snapshot, so every insert sees every staged row, and
     the stage is empty afterwards, ready for the next write in the same transaction.
     """
+    mode = _mode_of(tables, mode)
     table = tables.table
-    cols = ", ".join(table.columns)
-    key = ", ".join(tables.key)
-    staged = f"WITH staged AS (DELETE FROM {stage} RETURNING {cols}), "
-    if tables.version is None:
+    ident = sql_names.ident
+    cols = sql_names.columns(table.columns)
+    key = sql_names.columns(tables.key)
+    staged = _staged(tables, stage)
+    if mode == "append":
         return (
-            f"{staged}new AS (INSERT INTO {table.name} ({cols}) SELECT {cols} FROM staged "
-            f"ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM new"
+            f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) SELECT {cols} "
+            f"FROM staged ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM new"
         )
-    assert tables.history is not None
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in table.columns if c not in tables.key)
+    src_partition, src_offset = map(ident, _SOURCE)
+    if tables.version is not None:
+        version = ident(tables.version)
+        # The highest version per key wins, whatever order the versions arrived in; of equal
+        # versions, the one that came first (the stored row, or the earliest offset staged).
+        order = f"{key}, {version} DESC, {src_partition}, {src_offset}"
+        guard = f"t.{version} < EXCLUDED.{version}"
+    else:
+        # The later offset of a partition wins; a row from another partition replaces (the
+        # key moved partitions).
+        order = f"{key}, {src_partition} DESC, {src_offset} DESC"
+        guard = (
+            f"(t.{src_partition} <> EXCLUDED.{src_partition} "
+            f"OR t.{src_offset} < EXCLUDED.{src_offset})"
+        )
+    updates = ", ".join(
+        f"{ident(c)} = EXCLUDED.{ident(c)}" for c in table.columns if c not in tables.key
+    )
+    latest = (
+        f"latest AS (INSERT INTO {sql_names.table(table.name)} AS t ({cols}) "
+        f"SELECT DISTINCT ON ({key}) {cols} FROM staged ORDER BY {order} "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates} WHERE {guard}"
+    )
+    if mode == "latest":
+        return f"{staged}{latest} RETURNING 1) SELECT count(*) FROM latest"
+    # Every record once in the history: those are the new rows.
+    return f"{staged}{_history_insert(tables)}, {latest}) SELECT count(*) FROM new"
+
+
+def _history_statement(tables: _Tables, stage: str) -> str:
+    """SQL that empties the staging table into the history table alone: rows a tombstone
+    later in their batch keeps out of the latest table. Returns the number of new rows."""
+    return f"{_staged(tables, stage)}{_history_insert(tables)} SELECT count(*) FROM new"
+
+
+def _tombstone_statement(tables: _Tables, stage: str) -> str:
+    """SQL that empties the tombstones' staging table, deleting the row of each key unless
+    that row came from a later offset of the same partition (whatever its version)."""
+    ident = sql_names.ident
+    key = ident(tables.key[0])
+    source = sql_names.columns(_SOURCE)
+    src_partition, src_offset = map(ident, _SOURCE)
     return (
-        # Every version once, in the history: those are the new rows.
-        f"{staged}new AS (INSERT INTO {tables.history.name} ({cols}) SELECT {cols} FROM staged "
-        f"ON CONFLICT ({key}, {tables.version}) DO NOTHING RETURNING 1), "
-        # The highest version per key wins, whatever order the versions arrived in.
-        f"latest AS (INSERT INTO {table.name} ({cols}) "
-        f"SELECT DISTINCT ON ({key}) {cols} FROM staged ORDER BY {key}, {tables.version} DESC "
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
-        f"WHERE {table.name}.{tables.version} < EXCLUDED.{tables.version}) "
-        "SELECT count(*) FROM new"
+        f"WITH doomed AS (DELETE FROM {ident(stage)} RETURNING {key}, {source}), "
+        f"gone AS (DELETE FROM {sql_names.table(tables.table.name)} AS t USING doomed "
+        f"WHERE t.{key} = doomed.{key} AND NOT (t.{src_partition} = doomed.{src_partition} "
+        f"AND t.{src_offset} > doomed.{src_offset}) RETURNING 1) SELECT count(*) FROM gone"
     )
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from pipeline import sql_names
+from pipeline.catalog import StreamSpec
 from pipeline.errors import PipelineError
 from pipeline.records import STREAM_BY_NAME
 
@@ -24,6 +26,21 @@ Partition = tuple[str, int]  # (topic, partition)
 
 class ReplayError(PipelineError):
     """A replay that cannot run as asked: a bad range, an unknown stream or replay."""
+
+
+# -- range replacement ------------------------------------------------------------------------
+
+
+def range_deletes(spec: StreamSpec) -> list[str]:
+    """The statements that empty a replayed range (``$1`` partition, ``$2``..``$3`` offsets)
+    before it is written again: every table with a row per record (an append table, a
+    history table). A "latest" table is not emptied: the writer's version or offset guard
+    keeps an older record from replacing a newer row, and a tombstone deletes again."""
+    return [
+        f"DELETE FROM {sql_names.table(table)} "
+        'WHERE "src_partition" = $1 AND "src_offset" >= $2 AND "src_offset" < $3'
+        for table in spec.row_per_record
+    ]
 
 
 # -- parsing ----------------------------------------------------------------------------------

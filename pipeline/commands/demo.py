@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from pipeline import sql_names
 from pipeline.commands._common import (
     OK,
     Subparsers,
@@ -209,4 +210,4 @@ async def _until_live(
 
 
 async def _row_counts(conn: Any) -> dict[str, int]:
-    return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES}
+    return {t: await conn.fetchval(f"SELECT count(*) FROM {sql_names.table(t)}") for t in TABLES}

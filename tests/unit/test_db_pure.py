@@ -181,14 +181,28 @@ def test_other_errors_are_returned_unchanged(exc: BaseException) -> None:
 
 # -- upsert statements -----------------------------------------------------------------------
 
-STATE_COLS = "agent_id, state, version, ts, data, src_partition, src_offset, batch_id"
-CONFIG_COLS = "key, value, version, ts, updated_by, src_partition, src_offset, batch_id"
-EVENT_COLS = "event_id, agent_id, kind, severity, ts, payload, src_partition, src_offset, batch_id"
-ANALYTICS_COLS = "event_id, user_id, action, ts, properties, src_partition, src_offset, batch_id"
+
+def _q(names: str) -> str:
+    """A comma list of column names as the statements write them: each one quoted."""
+    return ", ".join(f'"{n}"' for n in names.split(", "))
+
+
+STATE_COLS = _q("agent_id, state, version, ts, data, src_partition, src_offset, batch_id")
+CONFIG_COLS = _q("key, value, version, ts, updated_by, src_partition, src_offset, batch_id")
+EVENT_COLS = _q(
+    "event_id, agent_id, kind, severity, ts, payload, src_partition, src_offset, batch_id"
+)
+ANALYTICS_COLS = _q(
+    "event_id, user_id, action, ts, properties, src_partition, src_offset, batch_id"
+)
 
 
 def _staged(cols: str) -> str:
-    return f"WITH staged AS (DELETE FROM stage_t RETURNING {cols}), "
+    return f'WITH staged AS (DELETE FROM "stage_t" RETURNING {cols}), '
+
+
+def _updates(names: str) -> str:
+    return ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in names.split(", "))
 
 
 @pytest.mark.parametrize(
@@ -197,43 +211,42 @@ def _staged(cols: str) -> str:
         pytest.param(
             "states",
             _staged(STATE_COLS)
-            + f"new AS (INSERT INTO agent_state_history ({STATE_COLS}) SELECT {STATE_COLS} "
-            "FROM staged ON CONFLICT (agent_id, version) DO NOTHING RETURNING 1), "
-            f"latest AS (INSERT INTO agent_states ({STATE_COLS}) SELECT DISTINCT ON (agent_id) "
-            f"{STATE_COLS} FROM staged ORDER BY agent_id, version DESC "
-            "ON CONFLICT (agent_id) DO UPDATE SET state = EXCLUDED.state, "
-            "version = EXCLUDED.version, ts = EXCLUDED.ts, data = EXCLUDED.data, "
-            "src_partition = EXCLUDED.src_partition, src_offset = EXCLUDED.src_offset, "
-            "batch_id = EXCLUDED.batch_id "
-            "WHERE agent_states.version < EXCLUDED.version) SELECT count(*) FROM new",
+            + f'new AS (INSERT INTO "public"."agent_state_history" ({STATE_COLS}) '
+            f'SELECT {STATE_COLS} FROM staged ON CONFLICT ("agent_id", "version") DO NOTHING '
+            f'RETURNING 1), latest AS (INSERT INTO "public"."agent_states" AS t ({STATE_COLS}) '
+            f'SELECT DISTINCT ON ("agent_id") {STATE_COLS} FROM staged '
+            'ORDER BY "agent_id", "version" DESC, "src_partition", "src_offset" '
+            'ON CONFLICT ("agent_id") DO UPDATE SET '
+            + _updates("state, version, ts, data, src_partition, src_offset, batch_id")
+            + ' WHERE t."version" < EXCLUDED."version") SELECT count(*) FROM new',
             id="states",
         ),
         pytest.param(
             "config",
             _staged(CONFIG_COLS)
-            + f"new AS (INSERT INTO system_config_history ({CONFIG_COLS}) SELECT {CONFIG_COLS} "
-            "FROM staged ON CONFLICT (key, version) DO NOTHING RETURNING 1), "
-            f"latest AS (INSERT INTO system_config ({CONFIG_COLS}) SELECT DISTINCT ON (key) "
-            f"{CONFIG_COLS} FROM staged ORDER BY key, version DESC "
-            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
-            "version = EXCLUDED.version, ts = EXCLUDED.ts, "
-            "updated_by = EXCLUDED.updated_by, src_partition = EXCLUDED.src_partition, "
-            "src_offset = EXCLUDED.src_offset, batch_id = EXCLUDED.batch_id "
-            "WHERE system_config.version < EXCLUDED.version) SELECT count(*) FROM new",
+            + f'new AS (INSERT INTO "public"."system_config_history" ({CONFIG_COLS}) '
+            f'SELECT {CONFIG_COLS} FROM staged ON CONFLICT ("key", "version") DO NOTHING '
+            f'RETURNING 1), latest AS (INSERT INTO "public"."system_config" AS t ({CONFIG_COLS}) '
+            f'SELECT DISTINCT ON ("key") {CONFIG_COLS} FROM staged '
+            'ORDER BY "key", "version" DESC, "src_partition", "src_offset" '
+            'ON CONFLICT ("key") DO UPDATE SET '
+            + _updates("value, version, ts, updated_by, src_partition, src_offset, batch_id")
+            + ' WHERE t."version" < EXCLUDED."version") SELECT count(*) FROM new',
             id="config",
         ),
         pytest.param(
             "events",
             _staged(EVENT_COLS)
-            + f"new AS (INSERT INTO system_events ({EVENT_COLS}) SELECT {EVENT_COLS} FROM staged "
-            "ON CONFLICT (event_id) DO NOTHING RETURNING 1) SELECT count(*) FROM new",
+            + f'new AS (INSERT INTO "public"."system_events" ({EVENT_COLS}) SELECT {EVENT_COLS} '
+            'FROM staged ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
             id="events",
         ),
         pytest.param(
             "analytics",
             _staged(ANALYTICS_COLS)
-            + f"new AS (INSERT INTO user_analytics ({ANALYTICS_COLS}) SELECT {ANALYTICS_COLS} "
-            "FROM staged ON CONFLICT (event_id) DO NOTHING RETURNING 1) SELECT count(*) FROM new",
+            + f'new AS (INSERT INTO "public"."user_analytics" ({ANALYTICS_COLS}) '
+            f"SELECT {ANALYTICS_COLS} FROM staged "
+            'ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
             id="analytics",
         ),
     ],
@@ -247,20 +260,20 @@ def test_states_upsert_shape() -> None:
     statement = _upsert_statement(TABLES["states"], "stage_agent_states")
     # The stage is emptied by the same statement, so a second write in the transaction (a
     # bisection) never sees the first one's rows.
-    assert statement.startswith("WITH staged AS (DELETE FROM stage_agent_states RETURNING ")
+    assert statement.startswith('WITH staged AS (DELETE FROM "stage_agent_states" RETURNING ')
     history, latest = statement.split("), latest AS (")
-    assert "new AS (INSERT INTO agent_state_history " in history
+    assert 'new AS (INSERT INTO "public"."agent_state_history" ' in history
     # Every version lands once in the history, and those are the rows counted as new.
-    assert history.endswith("ON CONFLICT (agent_id, version) DO NOTHING RETURNING 1")
+    assert history.endswith('ON CONFLICT ("agent_id", "version") DO NOTHING RETURNING 1')
     assert statement.endswith(" SELECT count(*) FROM new")
-    assert latest.startswith("INSERT INTO agent_states ")
+    assert latest.startswith('INSERT INTO "public"."agent_states" ')
     # One row per agent, the highest version, so ON CONFLICT never touches a row twice.
-    assert "SELECT DISTINCT ON (agent_id) " in latest
-    assert " ORDER BY agent_id, version DESC " in latest
-    assert "ON CONFLICT (agent_id) DO UPDATE SET " in latest
-    assert "agent_id = EXCLUDED.agent_id" not in latest  # the key is never rewritten
+    assert 'SELECT DISTINCT ON ("agent_id") ' in latest
+    assert ' ORDER BY "agent_id", "version" DESC' in latest
+    assert 'ON CONFLICT ("agent_id") DO UPDATE SET ' in latest
+    assert '"agent_id" = EXCLUDED."agent_id"' not in latest  # the key is never rewritten
     # Only a higher version replaces the stored one, whatever order versions arrive in.
-    assert " WHERE agent_states.version < EXCLUDED.version)" in latest
+    assert ' WHERE t."version" < EXCLUDED."version")' in latest
 
 
 # -- migrations ------------------------------------------------------------------------------
