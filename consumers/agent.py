@@ -34,9 +34,8 @@ from pipeline.errors import FencedError, SchemaError, TransientError
 from pipeline.metrics import Metrics
 from pipeline.ownership import Actions, Ownership
 from pipeline.readiness import Readiness, ReadinessWatch, failure_class
-from pipeline.records import STREAM_BY_NAME
 from pipeline.retry import classify, fatal
-from pipeline.rows import DECODERS
+from pipeline.rows import decoder
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +65,19 @@ class DatabaseAgent:
         self.config = config
         self.metrics = metrics or Metrics()
         self.instance_id = config.instance_id or default_instance_id()
-        topics = {config.topic(STREAM_BY_NAME[name].topic): name for name in config.streams}
+        catalog = config.catalog
+        topics = {config.topic(catalog[name].topic): name for name in config.streams}
         self._dlq = DeadLetterOutlet(config)
         self._db = AgentDatabase(config)
-        self._batch_writer = BatchWriter(config.group_id, topics, publish=self._dlq.publish)
-        self._counts = BatchCount(self.metrics, topics)
+        self._batch_writer = BatchWriter(
+            config.group_id, topics, catalog, publish=self._dlq.publish
+        )
+        self._counts = BatchCount(self.metrics, topics, catalog)
         self.ownership = Ownership(topics)
         self._stopping = asyncio.Event()
         self._fetcher = Fetcher(
             self._require_consumer,
-            {topic: DECODERS[name] for topic, name in topics.items()},
+            {topic: decoder(catalog[name]) for topic, name in topics.items()},
             self.ownership,
             Limits(
                 config.batch_max_records, config.batch_max_bytes, config.batch_max_wait_ms / 1000

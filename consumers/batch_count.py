@@ -10,18 +10,19 @@ from collections.abc import Mapping
 
 from consumers.writer import Written
 from pipeline.batching import Partition, Plan
+from pipeline.catalog import Catalog
 from pipeline.latency import LatencyCount
 from pipeline.metrics import Metrics
-from pipeline.rows import DECODERS
 
 
 class BatchCount:
-    """Counts the batches of the streams of ``topics`` (deployed topic -> stream name)."""
+    """Counts the batches of the streams of ``topics`` (deployed topic -> stream name), streams
+    of ``catalog``."""
 
-    def __init__(self, metrics: Metrics, topics: Mapping[str, str]) -> None:
+    def __init__(self, metrics: Metrics, topics: Mapping[str, str], catalog: Catalog) -> None:
         self._metrics = metrics
         self._topic_of = {stream: topic for topic, stream in topics.items()}
-        self._table_of = {stream: DECODERS[stream].tables.table.name for stream in self._topic_of}
+        self._table_of = {stream: catalog[stream].table for stream in self._topic_of}
         self._latency = LatencyCount(metrics, topics)
 
     def committed(

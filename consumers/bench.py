@@ -35,10 +35,11 @@ from aiokafka import TopicPartition
 from pipeline import db, kafka_clients, testbed
 from pipeline import kafka as kafka_io
 from pipeline.batching import Row, lag
+from pipeline.catalog import load as builtin_catalog
 from pipeline.config import Config
 from pipeline.kafka_clients import KafkaSettings
-from pipeline.records import STREAM_BY_TYPE, STREAMS, Record, encode, topic_name
-from pipeline.rows import DECODERS
+from pipeline.records import Record, encode, record_key, stream_of
+from pipeline.rows import decoder
 from pipeline.testbed import AgentProcess
 
 RecordSource = Callable[[str, int], Iterator[list[Record]]]  # (mix, count) -> chunks
@@ -457,14 +458,14 @@ async def _produce(
     kafka: KafkaSettings, source: RecordSource, mix: str, records: int, prefix: str
 ) -> None:
     """``records`` records of ``mix`` to the topics under ``prefix``, as ``kafka`` connects."""
-    topics = {s.name: topic_name(s.topic, prefix) for s in STREAMS}
+    # The typed records go to the built-in streams' topics.
+    topics = {name: topic for topic, name in builtin_catalog().topics(prefix).items()}
 
     def messages(chunk: list[Record]) -> list[testbed.Message]:
-        found = []
-        for record in chunk:
-            stream = STREAM_BY_TYPE[type(record)]
-            found.append(testbed.Message(topics[stream.name], encode(record), stream.key(record)))
-        return found
+        return [
+            testbed.Message(topics[stream_of(record)], encode(record), record_key(record))
+            for record in chunk
+        ]
 
     await testbed.produce(
         kafka,
@@ -522,15 +523,16 @@ async def _raw_copy(
     url: str, config: Config, prefix: str, sample: list[tuple[str, int, int, bytes]]
 ) -> float:
     """Write the decoded sample with the agent's writers, batch by batch, one transaction each."""
-    decoders = {topic_name(s.topic, prefix): DECODERS[s.name] for s in STREAMS}
+    catalog = builtin_catalog()
+    stream_of_topic = catalog.topics(prefix)
+    decoders = {topic: decoder(catalog[name]) for topic, name in stream_of_topic.items()}
     rows: dict[str, list[Row]] = defaultdict(list)
     for topic, partition, offset, value in sample:
-        decoder = decoders[topic]
-        rows[decoder.stream.name].append(decoder.row(value, (), partition, offset, 1))
+        rows[stream_of_topic[topic]].append(decoders[topic].row(value, (), partition, offset, 1))
     conn = await db.connect(url, config.db_session)
     try:
         await db.migrate(conn, db.read_migrations())
-        writers = {name: db.TableWriter(DECODERS[name].tables) for name in rows}
+        writers = {name: db.TableWriter(catalog[name].tables) for name in rows}
         # The same batch shape as the agent: up to batch_max_records per transaction.
         share = {name: len(r) / len(sample) for name, r in rows.items()}
         step = {name: max(1, int(config.batch_max_records * s)) for name, s in share.items()}
@@ -610,7 +612,7 @@ async def _latency(
     conn = await asyncpg.connect(url, timeout=10)
     try:
         # Ready when every partition is positioned (has its row in ingest_offsets).
-        partitions = len(STREAMS) * plan.partitions
+        partitions = len(builtin_catalog()) * plan.partitions
         while len(await testbed.stored_offsets(conn, group)) < partitions:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         stop = asyncio.Event()

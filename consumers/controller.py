@@ -57,7 +57,7 @@ from pipeline.control import (
 )
 from pipeline.db import Connection
 from pipeline.errors import OwnershipError
-from pipeline.records import STREAMS, header_names_not_utf8
+from pipeline.records import header_names_not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ class Controller:
         self.control_topic, self.status_topic = control_topics(agent.config.topic_prefix)
         self.state = GroupState()
         self._seen_seq = 0  # the seq of the last command this instance applied or followed
-        self._stream_topics = {s.name: agent.config.topic(s.topic) for s in STREAMS}
+        self.catalog = agent.config.catalog
+        self._streams = self.catalog.names
+        self._stream_topics = {s.name: agent.config.topic(s.topic) for s in self.catalog}
         # Heartbeats say where `pipeline top` finds this instance's /metrics.
         self._metrics_address = metrics_scrape_address(
             agent.config.metrics_address, socket.gethostname()
@@ -432,7 +434,7 @@ class Controller:
                 found = await store.assignment(conn, self.group, to_version)
                 if found is not None:
                     history[to_version] = found
-            new, assign = next_state(state, command, history=history)
+            new, assign = next_state(state, command, history=history, catalog=self._streams)
         except ControlError as exc:
             return _Outcome(state, _rejected(apply_failed(envelope, str(exc))))
         new = msgspec.structs.replace(new, applied_seq=envelope.seq)
@@ -456,7 +458,7 @@ class Controller:
             started = time.monotonic()
             try:
                 done = await store.roll_back_data(
-                    conn, self.group, offsets, self._stream_topics, self.config.catalog
+                    conn, self.group, offsets, self._stream_topics, self.catalog
                 )
             # A table is another group's now, or a stream cannot be restored: nothing changed.
             except (OwnershipError, store.RollbackRefused) as exc:
@@ -473,7 +475,8 @@ class Controller:
             if command.then == "hold":
                 held = {s for s, t in self._stream_topics.items() if t in done.topics}
                 new = msgspec.structs.replace(
-                    new, active_streams=tuple(s for s in new.active() if s not in held)
+                    new,
+                    active_streams=tuple(s for s in new.active(self._streams) if s not in held),
                 )
             return _Outcome(new, applied, rolled_back=bool(done.topics))
         return _Outcome(new, applied, activated=activated)
@@ -486,7 +489,7 @@ class Controller:
         stopped on an error stays stopped unless a command switched it on by name."""
         agent, config = self.agent, self.config
         consumed = set(config.streams)
-        wanted = {s for s in state.active() if s in consumed}
+        wanted = {s for s in state.active(self._streams) if s in consumed}
         current = set(agent.ownership.active_streams())
         failed = {s for s in consumed if agent.ownership.failure(s) is not None}
         switch_on = (wanted - current - failed) | (wanted & set(activated))

@@ -17,7 +17,6 @@ from pipeline.batching import OffsetMove, Partition
 from pipeline.config import Config
 from pipeline.db import Connection
 from pipeline.errors import PipelineError, TransientError
-from pipeline.records import STREAM_BY_NAME
 from pipeline.retry import classify, fatal
 
 
@@ -25,9 +24,10 @@ async def claim_tables(conn: Connection, config: Config) -> None:
     """Claim the tables of the agent's streams for its group (docs/exactly-once.md, "One group
     per table"): :class:`OwnershipError` when another group owns one; a login that may not
     read or claim them ends the agent saying so."""
-    topics = {name: config.topic(STREAM_BY_NAME[name].topic) for name in config.streams}
+    catalog = config.catalog
+    topics = {name: config.topic(catalog[name].topic) for name in config.streams}
     try:
-        await db.claim_tables(conn, config.group_id, db.stream_tables(topics))
+        await db.claim_tables(conn, config.group_id, db.stream_tables(catalog, topics))
     except PipelineError:
         raise
     except Exception as exc:

@@ -16,7 +16,6 @@ from pipeline.batching import Row
 from pipeline.config import Config
 from pipeline.db import Connection
 from pipeline.errors import ConfigError, DataError, PipelineError, SchemaError, TransientError
-from pipeline.records import STREAM_BY_NAME
 from pipeline.redrive import (
     Filters,
     Outcome,
@@ -50,7 +49,7 @@ async def _connect(config: Config) -> Connection:
 
 def _where(config: Config, filters: Filters, *, pending: bool) -> tuple[str, list[Any]]:
     """The WHERE clause of the filtered letters of the group, and its arguments ($1...)."""
-    topics = list(stream_topics(config.topic_prefix, filters.stream))
+    topics = list(stream_topics(config.catalog, config.topic_prefix, filters.stream))
     clauses = ["group_id = $1", "src_topic = ANY($2::text[])"]
     args: list[Any] = [config.group_id, topics]
     if pending:
@@ -94,7 +93,7 @@ async def show_letter(config: Config, letter_id: int) -> list[str] | None:
         )
     finally:
         await conn.close()
-    return None if r is None else letter_lines(r, config.topic_prefix)
+    return None if r is None else letter_lines(r, config.catalog, config.topic_prefix)
 
 
 # -- redrive --------------------------------------------------------------------------------
@@ -103,7 +102,8 @@ async def show_letter(config: Config, letter_id: int) -> list[str] | None:
 async def replay(config: Config, filters: Filters, *, dry_run: bool) -> Outcome:
     """Redrive the group's pending dead letters that match ``filters``; see the module."""
     outcome = Outcome(dry_run=dry_run)
-    writer = BatchWriter(config.group_id, stream_topics(config.topic_prefix))
+    catalog = config.catalog
+    writer = BatchWriter(config.group_id, stream_topics(catalog, config.topic_prefix), catalog)
     conn = await _connect(config)
     try:
         batch_ids = iter(()) if dry_run else iter(await db.reserve_batch_ids(conn))
@@ -189,11 +189,11 @@ class _Chunk:
         self.owners = defaultdict(list)
         self.failed = {}
         for r in letters:
-            stream = stream_of(r["src_topic"], self.config.topic_prefix)
+            stream = stream_of(self.config.catalog, r["src_topic"], self.config.topic_prefix)
             assert stream is not None  # the WHERE clause takes only this prefix's data topics
             try:
                 row = decode_again(
-                    stream,
+                    self.config.catalog[stream],
                     r["record_value"],
                     stored_headers(r["record_headers"]),
                     key=r["record_key"],
@@ -212,7 +212,9 @@ class _Chunk:
         await db.claim_tables(
             conn,
             config.group_id,
-            db.stream_tables({s: config.topic(STREAM_BY_NAME[s].topic) for s in rows}),
+            db.stream_tables(
+                config.catalog, {s: config.topic(config.catalog[s].topic) for s in rows}
+            ),
         )
         return rows
 

@@ -2,7 +2,7 @@
 beside live ingestion (docs/replay.md).
 
 The replay has its own consumer, in assign mode (no consumer group), the agent's decoders
-(``pipeline.rows.DECODERS``) and its write path (:class:`consumers.writer.BatchWriter`). Its
+(``pipeline.rows.decoder``) and its write path (:class:`consumers.writer.BatchWriter`). Its
 progress is a row per partition in ``replay_partitions``, moved by compare-and-set in the
 same transaction as the rows it covers, before which the range's rows are deleted
 (:meth:`_Run._replace`): killed at any point, the replay resumes (``--resume ID``) where its
@@ -31,7 +31,6 @@ from pipeline.config import Config
 from pipeline.db import Connection
 from pipeline.errors import FencedError, TransientError
 from pipeline.metrics import Metrics
-from pipeline.records import STREAM_BY_NAME
 from pipeline.replay import (
     AtTime,
     PartitionLog,
@@ -45,7 +44,7 @@ from pipeline.replay import (
     select_partitions,
 )
 from pipeline.retry import retrying
-from pipeline.rows import DECODERS
+from pipeline.rows import decoder
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +93,16 @@ class Replayer:
         self.batch_records = batch_records or config.batch_max_records
         self.rate = rate
         self.report = report
-        self._stream_of = {config.topic(s.topic): s.name for s in STREAM_BY_NAME.values()}
-        self._writer = BatchWriter(config.group_id, self._stream_of)
+        self.catalog = config.catalog
+        self._stream_of = self.catalog.topics(config.topic_prefix)
+        self._writer = BatchWriter(config.group_id, self._stream_of, self.catalog)
 
     # -- creating ---------------------------------------------------------------------------
 
     async def create(self, request: Request) -> tuple[int, list[str]]:
         """Resolve the request into frozen ranges and record the replay; its id and notes."""
         config = self.config
-        topics = [config.topic(STREAM_BY_NAME[s].topic) for s in request.streams]
+        topics = [config.topic(self.catalog[s].topic) for s in request.streams]
         found = await _partitions(config, topics)
         consumer = self._consumer()
         await consumer.start()
@@ -244,7 +244,8 @@ class Replayer:
 
     def _tables(self, streams: Sequence[str]) -> dict[str, str]:
         """The data tables of ``streams``, each with its deployed topic."""
-        return db.stream_tables({s: self.config.topic(STREAM_BY_NAME[s].topic) for s in streams})
+        catalog = self.catalog
+        return db.stream_tables(catalog, {s: self.config.topic(catalog[s].topic) for s in streams})
 
 
 async def _partitions(config: Config, topics: list[str]) -> dict[str, list[int]]:
@@ -385,7 +386,8 @@ class _Run:
             return
         stream = self.r._stream_of[topic]
         batch_id = await self._batch_id()
-        part = Part(records, *DECODERS[stream].rows(records, partition, batch_id))
+        spec = self.r.catalog[stream]
+        part = Part(records, *decoder(spec).rows(records, partition, batch_id))
 
         async def write() -> Written:
             if self.conn.is_closed():
@@ -415,7 +417,7 @@ class _Run:
         self.dead_letters += len(written.letters)
         m = self.r.metrics
         m.records_consumed.labels(topic, "replay").inc(count)
-        m.rows_ingested.labels(DECODERS[stream].tables.table.name, "replay").inc(new_rows)
+        m.rows_ingested.labels(spec.table, "replay").inc(new_rows)
         self._show()
         wait = pace(self.done - self.done_before, self.r.rate, time.monotonic() - self.started)
         if wait:
@@ -473,7 +475,7 @@ class _Run:
             # them at the newest row, and tombstones delete again. Only in the group's own
             # tables: another group's rows share partitions and offsets.
             await db.claim_tables(conn, group, self.r._tables([stream]))
-            for statement in range_deletes(self.r.config.catalog[stream]):
+            for statement in range_deletes(self.r.catalog[stream]):
                 await conn.execute(statement, partition, expected, new)
 
         return replace

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TextIO
 
@@ -221,6 +221,7 @@ class Top:
         *,
         prefix: str,
         group: str,
+        streams: Sequence[str],
         interval_s: float = 1.0,
         metrics_hosts: MetricsHosts | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -229,6 +230,7 @@ class Top:
         # Heartbeats are unsigned: only the hosts the operator allowed are fetched.
         self.fleet = Fleet(group, metrics_hosts=metrics_hosts)
         self.group = group
+        self.streams = tuple(streams)  # the catalog's: a heartbeat naming them all shows "all"
         self.interval_s = interval_s
         self.clock = clock
 
@@ -279,7 +281,12 @@ class Top:
     def screen(self, width: int | None) -> list[str]:
         now = self.clock()
         return render(
-            self.fleet.rows(now), group=self.group, now=now, interval_s=self.interval_s, width=width
+            self.fleet.rows(now),
+            group=self.group,
+            streams=self.streams,
+            now=now,
+            interval_s=self.interval_s,
+            width=width,
         )
 
 

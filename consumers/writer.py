@@ -15,10 +15,11 @@ from typing import Any
 
 from pipeline import db
 from pipeline.batching import OffsetMove, Part, Partition, Row
+from pipeline.catalog import Catalog
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import DataError, PipelineError, SchemaError
 from pipeline.retry import classify
-from pipeline.rows import DECODERS, source_of
+from pipeline.rows import source_of
 
 Rows = Mapping[str, Sequence[Row]]  # stream -> its rows
 ReadRows = Callable[[Connection], Awaitable[Rows]]
@@ -50,16 +51,22 @@ class Written:
 
 class BatchWriter:
     """Writes batches of rows for ``group`` into the tables of the streams of ``topics``
-    (deployed topic -> stream name). ``publish``, when given, sends every batch's dead
-    letters (to the DLQ topic) before they are recorded in ``dead_letters``."""
+    (deployed topic -> stream name), streams of ``catalog``. ``publish``, when given, sends
+    every batch's dead letters (to the DLQ topic) before they are recorded in
+    ``dead_letters``."""
 
     def __init__(
-        self, group: str, topics: Mapping[str, str], *, publish: Publish | None = None
+        self,
+        group: str,
+        topics: Mapping[str, str],
+        catalog: Catalog,
+        *,
+        publish: Publish | None = None,
     ) -> None:
         self.group = group
         self._stream_of = dict(topics)
         self._topic_of = {stream: topic for topic, stream in topics.items()}
-        self._tables = {stream: TableWriter(DECODERS[stream].tables) for stream in self._topic_of}
+        self._tables = {stream: TableWriter(catalog[stream].tables) for stream in self._topic_of}
         self._publish = publish
 
     async def write(

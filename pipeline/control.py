@@ -67,10 +67,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import stat
 import typing
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -82,10 +83,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pipeline.errors import PipelineError
-from pipeline.records import STREAM_BY_NAME, STREAMS, Timestamp, topic_name
+from pipeline.records import Timestamp, topic_name
 
 __all__ = [
-    "ALL_STREAMS",
     "CONTROL_TOPIC",
     "DEFAULT_MAX_CLOCK_SKEW",
     "KINDS",
@@ -93,6 +93,7 @@ __all__ = [
     "MAX_COMMAND_LIFETIME",
     "MAX_ENVELOPE_BYTES",
     "MAX_SEQ",
+    "MAX_STREAMS",
     "OUTCOMES",
     "REASONS",
     "SIGNING_CONTEXT",
@@ -127,6 +128,7 @@ __all__ = [
     "apply_failed",
     "canonical_encoder",
     "check_control_partitions",
+    "check_streams",
     "command_kind",
     "control_topics",
     "decide",
@@ -135,6 +137,7 @@ __all__ = [
     "encode_status",
     "generate_key_pair",
     "highest_seq",
+    "in_catalog_order",
     "key_id",
     "metrics_scrape_address",
     "next_seq",
@@ -216,16 +219,22 @@ Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 GroupId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Issuer = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 KeyId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}\Z")]
-Streams = Annotated[tuple[str, ...], msgspec.Meta(min_length=1, max_length=len(STREAMS))]
+# A stream's name as the catalog allows it (pipeline/catalog.py). Whether the stream exists
+# is the agent's catalog's to say when it applies the command (:func:`next_state`): the
+# catalog of Antigravity and of each agent may differ during a rolling restart.
+StreamName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,47}\Z")]
+MAX_STREAMS = 1024
+Streams = Annotated[tuple[StreamName, ...], msgspec.Meta(min_length=1, max_length=MAX_STREAMS)]
+_STREAM_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
 def _check_streams(streams: tuple[str, ...]) -> None:
     # msgspec turns a ValueError here into a ValidationError when decoding; a direct
-    # construction raises it as it is. Length bounds are checked by the annotation on decode
-    # and by the round trip in :func:`sign`.
-    unknown = [s for s in streams if s not in STREAM_BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown stream(s) {unknown}; choose from {', '.join(STREAM_BY_NAME)}")
+    # construction raises it as it is (the annotation is only checked on decode, and by the
+    # round trip in :func:`sign`).
+    malformed = [s for s in streams if not _STREAM_NAME.fullmatch(s)]
+    if malformed:
+        raise ValueError(f"malformed stream name(s) {malformed}: expected [a-z][a-z0-9_]*")
     if len(set(streams)) != len(streams):
         raise ValueError(f"a stream is named twice in {list(streams)}")
 
@@ -821,20 +830,38 @@ def rollback_plan(
     return Assign(version=current_version + 1, streams=streams, limits=limits)
 
 
-def streams_after(active: Iterable[str], command: Activate | Deactivate) -> tuple[str, ...]:
-    """The active streams once ``command`` is applied, in :data:`STREAMS` order. Idempotent:
-    activating an active stream, or deactivating an inactive one, changes nothing."""
-    now_active = set(active)
+def in_catalog_order(streams: Iterable[str], catalog: Sequence[str]) -> tuple[str, ...]:
+    """``streams`` in the catalog's order; names the catalog lacks (another agent's catalog
+    named them) follow, in their own order, so no instance drops what it does not know."""
+    chosen = dict.fromkeys(streams)
+    return (*(s for s in catalog if s in chosen), *(s for s in chosen if s not in catalog))
+
+
+def check_streams(command: Command, catalog: Sequence[str]) -> None:
+    """:class:`ControlError` naming the streams ``command`` names that ``catalog`` lacks."""
+    unknown = [s for s in getattr(command, "streams", ()) if s not in catalog]
+    if unknown:
+        raise ControlError(
+            f"unknown stream(s) {', '.join(unknown)}: this agent's catalog has {', '.join(catalog)}"
+        )
+
+
+def streams_after(
+    active: Iterable[str], command: Activate | Deactivate, catalog: Sequence[str]
+) -> tuple[str, ...]:
+    """The active streams once ``command`` is applied, in ``catalog`` order (the stream
+    names of the catalog). Idempotent: activating an active stream, or deactivating an
+    inactive one, changes nothing."""
+    now_active = dict.fromkeys(active)
     if isinstance(command, Activate):
-        now_active.update(command.streams)
+        now_active.update(dict.fromkeys(command.streams))
     else:
-        now_active.difference_update(command.streams)
-    return tuple(s.name for s in STREAMS if s.name in now_active)
+        for stream in command.streams:
+            now_active.pop(stream, None)
+    return in_catalog_order(now_active, catalog)
 
 
 # --- the group's control state ----------------------------------------------------------------
-
-ALL_STREAMS: tuple[str, ...] = tuple(s.name for s in STREAMS)
 
 
 class GroupState(msgspec.Struct, frozen=True, kw_only=True):
@@ -851,44 +878,56 @@ class GroupState(msgspec.Struct, frozen=True, kw_only=True):
     active_streams: tuple[str, ...] | None = None
     limits: BatchLimits = BatchLimits()
 
-    def active(self) -> tuple[str, ...]:
-        """The streams switched on, in :data:`STREAMS` order."""
-        return ALL_STREAMS if self.active_streams is None else self.active_streams
+    def active(self, catalog: Sequence[str]) -> tuple[str, ...]:
+        """The streams switched on: those named, or every stream of ``catalog`` (the names
+        of the agent's catalog) until a command names them."""
+        return tuple(catalog) if self.active_streams is None else self.active_streams
 
 
 def next_state(
-    state: GroupState, command: Command, *, history: Mapping[int, Assignment]
+    state: GroupState,
+    command: Command,
+    *,
+    history: Mapping[int, Assignment],
+    catalog: Sequence[str],
 ) -> tuple[GroupState, Assign | None]:
     """The group's state once ``command`` is applied, and the assignment to record (an
     ``Assign``, or the one a ``RollbackVersion`` makes). ``history`` holds the assignment
-    ``RollbackVersion`` names, when there is one. :class:`ControlError` when the command
-    cannot be applied to this state (an assignment version that does not go up, an unknown
-    one). Checkpoints and data rollbacks change no field here: their effect is on the data.
+    ``RollbackVersion`` names, when there is one; ``catalog`` is the names of the agent's
+    streams, in catalog order. :class:`ControlError` when the command cannot be applied to
+    this state (an assignment version that does not go up, an unknown one, a stream the
+    catalog lacks). Checkpoints and data rollbacks change no field here: their effect is on
+    the data.
     """
     match command:
         case Activate() | Deactivate():
+            check_streams(command, catalog)
             return msgspec.structs.replace(
-                state, active_streams=streams_after(state.active(), command)
+                state, active_streams=streams_after(state.active(catalog), command, catalog)
             ), None
         case Assign(version=version):
+            check_streams(command, catalog)
             if version <= state.assignment_version:
                 raise ControlError(
                     f"assignment version {version} is not above the current "
                     f"{state.assignment_version}"
                 )
-            return _assigned(state, command), command
+            return _assigned(state, command, catalog), command
         case RollbackVersion():
             plan = rollback_plan(command, history=history, current_version=state.assignment_version)
-            return _assigned(state, plan), plan
+            check_streams(plan, catalog)
+            return _assigned(state, plan, catalog), plan
         case Checkpoint() | RollbackCheckpoint():
             return state, None
     raise ControlError(f"no state change defined for {command_kind(command)}")  # unreachable
 
 
-def _assigned(state: GroupState, assign: Assign) -> GroupState:
-    streams = tuple(s for s in ALL_STREAMS if s in assign.streams)
+def _assigned(state: GroupState, assign: Assign, catalog: Sequence[str]) -> GroupState:
     return msgspec.structs.replace(
-        state, assignment_version=assign.version, active_streams=streams, limits=assign.limits
+        state,
+        assignment_version=assign.version,
+        active_streams=in_catalog_order(assign.streams, catalog),
+        limits=assign.limits,
     )
 
 

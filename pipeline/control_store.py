@@ -351,7 +351,9 @@ async def roll_back_data(
         )
     # Only the group's own tables: another group's rows would share partitions and offsets.
     await db.claim_tables(
-        conn, group, db.stream_tables({s: t for s, t in stream_topics.items() if t in moved})
+        conn,
+        group,
+        db.stream_tables(catalog, {s: t for s, t in stream_topics.items() if t in moved}),
     )
     deleted: dict[str, int] = {}
     for stream, topic in stream_topics.items():

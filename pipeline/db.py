@@ -42,7 +42,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.records import header_name_text
-from pipeline.rows import TABLES, Tombstone, source_of
+from pipeline.rows import Tombstone, source_of
 
 # The migrations, sql/ at the top of the repository; pipeline/sql links to it, so that an
 # installed package (a wheel, the container image) carries them as package data.
@@ -597,15 +597,14 @@ class TableOwner:
     topic: str  # the deployed topic (prefix included) whose records the table holds
 
 
-def stream_tables(stream_topics: Mapping[str, str]) -> dict[str, str]:
-    """Every data table of these streams (stream name -> deployed topic), with its topic."""
-    found: dict[str, str] = {}
-    for stream, topic in stream_topics.items():
-        tables = TABLES[stream]
-        for table in (tables.table, tables.history):
-            if table is not None:
-                found[table.name] = topic
-    return found
+def stream_tables(catalog: Catalog, stream_topics: Mapping[str, str]) -> dict[str, str]:
+    """Every data table of these streams of ``catalog`` (stream name -> deployed topic),
+    with its topic."""
+    return {
+        table: topic
+        for stream, topic in stream_topics.items()
+        for table in catalog[stream].table_names
+    }
 
 
 def foreign_owners(

@@ -32,7 +32,7 @@ from pipeline.control import STATUS_TOPIC_CONFIG, control_topics
 from pipeline.db import DeadLetter
 from pipeline.errors import ConfigError, PipelineError, TransientError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
-from pipeline.records import DLQ_TOPIC, STREAM_BY_NAME
+from pipeline.records import DLQ_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,10 @@ Headers = list[tuple[str, bytes | None]]
 
 
 def data_topics(config: Config) -> list[str]:
-    return [config.topic(STREAM_BY_NAME[name].topic) for name in config.streams]
+    """The deployed topics of the streams ``config`` ingests (``PIPELINE_STREAMS``, by
+    default every stream of its catalog)."""
+    catalog = config.catalog
+    return [config.topic(catalog[name].topic) for name in config.streams]
 
 
 async def ensure_topics(

@@ -4,15 +4,14 @@ JSON by default, MessagePack when the record's ``content-type`` header says
 ``application/msgpack``. Unknown fields are ignored and every field added later must have a
 default, so old and new producers and consumers keep working together.
 
-Each record type maps to its topic and key field in :data:`STREAMS`; its table(s) are in
-:data:`pipeline.rows.TABLES`.
+Each record type maps to its built-in stream and key field (:data:`RECORD_STREAMS`,
+:data:`KEY_FIELDS`); the stream's topic and table(s) are the catalog's (docs/streams.md).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -82,28 +81,37 @@ class ConfigChange(msgspec.Struct, frozen=True):
 Record = StateChange | AgentEvent | Metric | AnalyticsEvent | ConfigChange
 
 
-@dataclass(frozen=True)
-class Stream:
-    """One data stream: its default topic, the field that keys it, and its record type."""
+#: The built-in stream each typed record goes to (its topic and table are the catalog's,
+#: pipeline/streams.toml), and the field whose value is the record's Kafka key, so one
+#: entity's records stay ordered in one partition.
+RECORD_STREAMS: dict[type[Record], str] = {
+    StateChange: "states",
+    AgentEvent: "events",
+    Metric: "metrics",
+    AnalyticsEvent: "analytics",
+    ConfigChange: "config",
+}
+KEY_FIELDS: dict[type[Record], str] = {
+    StateChange: "agent_id",
+    AgentEvent: "agent_id",
+    Metric: "agent_id",
+    AnalyticsEvent: "user_id",
+    ConfigChange: "key",
+}
 
-    name: str
-    topic: str
-    key_field: str
-    record_type: type[Record]
 
-    def key(self, record: Record) -> bytes:
-        return str(getattr(record, self.key_field)).encode()
+def stream_of(record: Record) -> str:
+    """The name of the built-in stream a typed record goes to; TypeError for anything else."""
+    try:
+        return RECORD_STREAMS[type(record)]
+    except KeyError:
+        raise TypeError(f"not a wire record: {type(record).__name__}") from None
 
 
-STREAMS: tuple[Stream, ...] = (
-    Stream("states", "agents.states", "agent_id", StateChange),
-    Stream("events", "agents.events", "agent_id", AgentEvent),
-    Stream("metrics", "agents.metrics", "agent_id", Metric),
-    Stream("analytics", "users.analytics", "user_id", AnalyticsEvent),
-    Stream("config", "system.config", "key", ConfigChange),
-)
-STREAM_BY_TYPE: dict[type[Record], Stream] = {s.record_type: s for s in STREAMS}
-STREAM_BY_NAME: dict[str, Stream] = {s.name: s for s in STREAMS}
+def record_key(record: Record) -> bytes:
+    """A typed record's Kafka key: its key field's value, as UTF-8."""
+    return str(getattr(record, KEY_FIELDS[type(record)])).encode()
+
 
 DLQ_TOPIC = "pipeline.dlq"
 

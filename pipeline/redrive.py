@@ -1,5 +1,6 @@
 """Dead-letter redrive, the pure part: which stream a dead letter belongs to, decoding it
-again with today's decoders, the filters of `pipeline dlq`, and how a letter is shown.
+again with today's catalog (a letter rejected under an older one is decoded as its stream is
+declared now), the filters of `pipeline dlq`, and how a letter is shown.
 
 No IO: consumers/redrive.py reads and writes ``dead_letters`` and the data tables with these.
 docs/repair.md describes the whole.
@@ -16,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline.batching import Row
-from pipeline.records import STREAMS, topic_name
-from pipeline.rows import DECODERS
+from pipeline.catalog import Catalog, StreamSpec
+from pipeline.rows import decoder
 from pipeline.terminal import printable
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -38,15 +39,16 @@ class Filters:
     limit: int | None = None
 
 
-def stream_topics(prefix: str, only: str | None = None) -> dict[str, str]:
-    """Deployed topic name -> stream name, for the streams of a group with ``prefix``."""
-    return {topic_name(s.topic, prefix): s.name for s in STREAMS if only in (None, s.name)}
+def stream_topics(catalog: Catalog, prefix: str, only: str | None = None) -> dict[str, str]:
+    """Deployed topic name -> stream name, for the streams of ``catalog`` (only the one named
+    ``only``, when given) of a group with ``prefix``."""
+    return catalog.topics(prefix, None if only is None else (only,))
 
 
-def stream_of(src_topic: str, prefix: str) -> str | None:
-    """The stream a dead letter came from: its source topic minus the topic prefix; None for
-    a topic that is no data topic under ``prefix``."""
-    return stream_topics(prefix).get(src_topic)
+def stream_of(catalog: Catalog, src_topic: str, prefix: str) -> str | None:
+    """The stream of ``catalog`` a dead letter came from: its source topic minus the topic
+    prefix; None for a topic that is no data topic under ``prefix``."""
+    return catalog.topics(prefix).get(src_topic)
 
 
 def parse_since(text: str) -> datetime:
@@ -74,7 +76,7 @@ def stored_headers(stored: Any) -> list[tuple[str, bytes | None]]:
 
 
 def decode_again(
-    stream: str,
+    spec: StreamSpec,
     value: bytes | None,
     headers: Sequence[tuple[str, bytes | None]],
     *,
@@ -84,10 +86,11 @@ def decode_again(
     offset: int,
     batch_id: int,
 ) -> Row:
-    """A dead letter's COPY row, decoded with today's code, carrying the letter's source
-    partition and offset and ``batch_id``; :class:`RecordRejected` when it still does not
-    decode. ``key`` and ``timestamp`` are the record's, for the columns that take them."""
-    return DECODERS[stream].row(
+    """A dead letter's COPY row, decoded as ``spec`` (the stream in today's catalog) says,
+    carrying the letter's source partition and offset and ``batch_id``; :class:`RecordRejected`
+    when it still does not decode. ``key`` and ``timestamp`` are the record's, for the columns
+    that take them."""
+    return decoder(spec).row(
         value,
         headers,
         partition,
@@ -132,10 +135,10 @@ def list_line(r: Mapping[str, Any]) -> str:
     )
 
 
-def letter_lines(r: Mapping[str, Any], topic_prefix: str) -> list[str]:
+def letter_lines(r: Mapping[str, Any], catalog: Catalog, topic_prefix: str) -> list[str]:
     """A dead letter's fields (a ``dead_letters`` row) for `pipeline dlq show`. The key, value,
     headers and reason are a producer's bytes: each line goes through :func:`printable`."""
-    stream = stream_of(r["src_topic"], topic_prefix) or "(not a data topic of this prefix)"
+    stream = stream_of(catalog, r["src_topic"], topic_prefix) or "(not a data topic of this prefix)"
     ts = r["record_ts"].isoformat() if r["record_ts"] is not None else "(none)"
     redriven = (
         f"{r['redriven_at'].isoformat()} in batch {r['redriven_batch_id']}"

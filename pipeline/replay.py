@@ -17,9 +17,8 @@ from datetime import datetime
 from typing import Literal
 
 from pipeline import sql_names
-from pipeline.catalog import StreamSpec
+from pipeline.catalog import Catalog, StreamSpec
 from pipeline.errors import PipelineError
-from pipeline.records import STREAM_BY_NAME
 
 Partition = tuple[str, int]  # (topic, partition)
 
@@ -114,16 +113,16 @@ def parse_position(text: str, *, side: Literal["from", "to"]) -> Position:
     return AtTime(at)
 
 
-def parse_streams(values: Iterable[str]) -> tuple[str, ...]:
-    """``--stream`` given several times and/or as comma lists: the streams, in order, once."""
+def parse_streams(values: Iterable[str], catalog: Catalog) -> tuple[str, ...]:
+    """``--stream`` given several times and/or as comma lists: the streams of ``catalog``, in
+    order, once."""
     streams = [s.strip() for value in values for s in value.split(",") if s.strip()]
     if not streams:
-        raise ReplayError("no stream given: --stream states,events,metrics,analytics,config")
-    unknown = [s for s in streams if s not in STREAM_BY_NAME]
-    if unknown:
-        raise ReplayError(
-            f"unknown stream(s) {', '.join(unknown)}; choose from {', '.join(STREAM_BY_NAME)}"
-        )
+        raise ReplayError(f"no stream given: --stream {','.join(catalog.names)}")
+    try:
+        catalog.check_names(streams)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     return tuple(dict.fromkeys(streams))
 
 

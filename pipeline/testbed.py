@@ -25,11 +25,11 @@ from aiokafka.structs import RecordMetadata
 
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
-from pipeline.catalog import Catalog
+from pipeline.catalog import Catalog, load
 from pipeline.devstack import pgbouncer, postgres
 from pipeline.devstack.postgres import Login, Logins
 from pipeline.kafka_clients import KafkaSettings
-from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
+from pipeline.records import DLQ_TOPIC, topic_name
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> offset
 
@@ -37,15 +37,19 @@ Offsets = dict[tuple[str, int], int]  # (topic, partition) -> offset
 AGENT_COMMAND = (sys.executable, "-m", "pipeline.cli", "run")
 
 
-def data_topics(prefix: str) -> list[str]:
-    """The five data topics' names under ``prefix``."""
-    return [topic_name(s.topic, prefix) for s in STREAMS]
+def data_topics(prefix: str, catalog: Catalog | None = None) -> list[str]:
+    """The data topics' names of ``catalog`` (default: the built-in streams) under
+    ``prefix``."""
+    return list((catalog or load()).topics(prefix))
 
 
-async def create_topics(kafka: KafkaSettings, prefix: str, partitions: int) -> None:
-    """The five data topics and the dead-letter topic under ``prefix``."""
+async def create_topics(
+    kafka: KafkaSettings, prefix: str, partitions: int, catalog: Catalog | None = None
+) -> None:
+    """The data topics of ``catalog`` (default: the built-in streams) and the dead-letter
+    topic under ``prefix``."""
     await kafka_io.ensure_topics(
-        kafka, [*data_topics(prefix), topic_name(DLQ_TOPIC, prefix)], partitions
+        kafka, [*data_topics(prefix, catalog), topic_name(DLQ_TOPIC, prefix)], partitions
     )
 
 
@@ -85,9 +89,10 @@ async def produce(
         await producer.stop()
 
 
-async def end_offsets(kafka: KafkaSettings, prefix: str) -> Offsets:
-    """The end offset of every partition of the data topics under ``prefix``."""
-    return await kafka_io.end_offsets(kafka, data_topics(prefix))
+async def end_offsets(kafka: KafkaSettings, prefix: str, catalog: Catalog | None = None) -> Offsets:
+    """The end offset of every partition of the data topics of ``catalog`` (default: the
+    built-in streams) under ``prefix``."""
+    return await kafka_io.end_offsets(kafka, data_topics(prefix, catalog))
 
 
 async def stored_offsets(conn: asyncpg.Connection, group: str) -> Offsets:

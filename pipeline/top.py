@@ -32,13 +32,13 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.control import ALL_STREAMS, Heartbeat
+from pipeline.control import Heartbeat
 from pipeline.terminal import printable
 
 __all__ = [
@@ -310,9 +310,18 @@ _GAP = "  "
 
 
 def render(
-    rows: Sequence[Row], *, group: str, now: datetime, interval_s: float, width: int | None
+    rows: Sequence[Row],
+    *,
+    group: str,
+    streams: Collection[str],
+    now: datetime,
+    interval_s: float,
+    width: int | None,
 ) -> list[str]:
     """The screen: a header, the group's totals, and a table with a line per instance.
+
+    ``streams`` are the catalog's stream names: an instance with all of them active shows
+    "all".
 
     Lines are at most ``width`` characters (``None``: no limit); the last error takes what
     the other columns leave, cut with ``...``.
@@ -332,7 +341,7 @@ def render(
             "running, with this PIPELINE_TOPIC_PREFIX and group?"
         )
         return [_cut(line, width) for line in lines]
-    table = [list(_HEADINGS)] + [_cells(r) for r in rows]
+    table = [list(_HEADINGS)] + [_cells(r, streams) for r in rows]
     widths = [max(len(cells[i]) for cells in table) for i in range(len(_HEADINGS))]
     errors = [_ERROR_HEADING] + [printable(r.last_error) for r in rows]
     for cells, error in zip(table, errors, strict=True):
@@ -344,13 +353,13 @@ def render(
     return [_cut(line, width) for line in lines]
 
 
-def _cells(row: Row) -> list[str]:
+def _cells(row: Row, streams: Collection[str]) -> list[str]:
     """A row's cells; a heartbeat's text is whoever wrote to the status topic's, escaped
     (:func:`~pipeline.terminal.printable`) before the columns are measured."""
     return [
         printable(row.instance_id),
         printable(row.state),
-        printable(_streams(row.active_streams)),
+        printable(_streams(row.active_streams, streams)),
         str(row.partitions),
         _count(row.rows_per_s),
         _count(row.lag_records),
@@ -376,10 +385,10 @@ def _counts(states: Iterable[str]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
 
 
-def _streams(active: tuple[str, ...]) -> str:
+def _streams(active: tuple[str, ...], streams: Collection[str]) -> str:
     if not active:
         return "none"
-    if set(active) == set(ALL_STREAMS):
+    if set(active) == set(streams):
         return "all"
     return ",".join(active)
 

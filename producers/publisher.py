@@ -1,5 +1,8 @@
-"""The agent SDK's publisher: typed records in, acknowledged Kafka records out.
+"""The agent SDK's publisher: records of any catalog stream in, acknowledged Kafka records out.
 
+:meth:`AgentPublisher.publish` sends a value to any stream of its catalog (docs/streams.md),
+checked against the stream's declaration before anything is sent; the five typed methods
+(:meth:`~AgentPublisher.state` and the others) send the built-in streams' typed records.
 :class:`AgentPublisher` wraps one :class:`aiokafka.AIOKafkaProducer` with settings that do not
 lose or duplicate data (idempotence, ``acks="all"``) and batch well (lz4, a short linger,
 256 KiB batches). Every call that waits on the broker is bounded by ``send_timeout``: the
@@ -16,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -28,14 +33,13 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import RecordMetadata
 
 from pipeline import kafka_clients
+from pipeline.catalog import Catalog, StreamSpec, load
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.kafka_clients import KafkaSettings, kafka_settings
 from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
     MSGPACK,
-    STREAM_BY_TYPE,
-    STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
@@ -43,10 +47,12 @@ from pipeline.records import (
     Metric,
     Record,
     StateChange,
-    Stream,
     encode,
+    record_key,
+    stream_of,
     topic_name,
 )
+from pipeline.rows import RecordRejected, decoder
 
 __all__ = [
     "PRODUCER_DEFAULTS",
@@ -54,6 +60,7 @@ __all__ = [
     "PublishError",
     "PublishTimeoutError",
     "RecordMetadata",
+    "RecordRefused",
 ]
 
 #: The producer settings the SDK starts from; ``producer_overrides`` are applied on top.
@@ -74,6 +81,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 _CONTENT_TYPES = (JSON, MSGPACK)
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
 # Between failed bootstrap attempts in start(): short, since a broker that is starting up
 # answers within a second or two.
 _BOOTSTRAP_BACKOFF = (0.1, 1.0)
@@ -99,6 +108,37 @@ class PublishTimeoutError(PublishError):
         self.timeout = timeout
 
 
+class RecordRefused(PublishError, ValueError):
+    """A value the stream's declaration refuses, or a stream the catalog lacks: nothing was
+    sent. ``stream`` names the stream; the message names the column and what was wrong."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, stream: str) -> None:
+        super().__init__(message)
+        self.stream = stream
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A record about to be sent, as the stream's decoder reads a consumed one."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    timestamp: int
+    partition: int = 0
+    offset: int = 0
+
+    @property
+    def serialized_value_size(self) -> int:
+        return -1 if self.value is None else len(self.value)
+
+
+_NO_VALUE: Any = object()  # publish(record): a typed record, no value given
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -118,6 +158,9 @@ class AgentPublisher:
             ``host:port[,host:port...]``, which connect as the environment's
             ``PIPELINE_KAFKA_*`` variables say (plaintext when none is set).
         topic_prefix: prepended to every default topic name (``PIPELINE_TOPIC_PREFIX``).
+        catalog: the streams :meth:`publish` may send to: a
+            :class:`pipeline.catalog.Catalog`, or the path of a streams file (as
+            ``PIPELINE_STREAMS_FILE`` names one); by default the built-in streams.
         content_type: :data:`pipeline.records.JSON` or :data:`pipeline.records.MSGPACK`.
         send_timeout: seconds any one call may wait on the broker (start, send, flush, stop).
         **producer_overrides: passed to :class:`aiokafka.AIOKafkaProducer` over
@@ -127,6 +170,7 @@ class AgentPublisher:
         ConfigError: ``content_type`` or ``send_timeout`` is invalid, or the Kafka security
             settings are (a SASL protocol without a user, a CA file that is not a
             certificate, ...).
+        CatalogError: the streams file cannot be read or is not a valid catalog.
     """
 
     def __init__(
@@ -135,6 +179,8 @@ class AgentPublisher:
         topic_prefix: str = "",
         content_type: str = JSON,
         send_timeout: float = 10.0,
+        *,
+        catalog: Catalog | str | os.PathLike[str] | None = None,
         **producer_overrides: Any,
     ) -> None:
         if content_type not in _CONTENT_TYPES:
@@ -155,15 +201,16 @@ class AgentPublisher:
         self.content_type = content_type
         self.send_timeout = float(send_timeout)
         self._settings = {**PRODUCER_DEFAULTS, **producer_overrides}
-        self._topics = {s.name: topic_name(s.topic, topic_prefix) for s in STREAMS}
+        self.catalog = catalog if isinstance(catalog, Catalog) else load(catalog)
+        self._topics = {s.name: topic_name(s.topic, topic_prefix) for s in self.catalog}
         # One shared, never mutated header list: building it per record would cost an
         # allocation and an encode on the hot path.
         self._headers = [(CONTENT_TYPE_HEADER, content_type.encode())]
         self._producer: Any = None
 
-    def topic(self, stream: Stream | str) -> str:
-        """The deployed topic name of a stream (a :class:`Stream` or its name)."""
-        return self._topics[stream if isinstance(stream, str) else stream.name]
+    def topic(self, stream: str) -> str:
+        """The deployed topic name of a stream of the catalog."""
+        return self._topics[self._spec(stream).name]
 
     @property
     def started(self) -> bool:
@@ -310,8 +357,83 @@ class AgentPublisher:
             PublishError: Kafka rejected the record.
             TypeError: ``record`` is not one of the five wire records.
         """
+        self._running()
+        return await self._send(*self._prepare(record))
+
+    async def publish(
+        self, stream: str | Record, value: Any = _NO_VALUE, *, key: str | bytes | None = None
+    ) -> RecordMetadata:
+        """Publish ``value`` to the catalog stream named ``stream`` and wait for its
+        acknowledgement. ``value`` is a dict (or a :class:`msgspec.Struct`) encoded in
+        ``content_type``; None is a tombstone, for a stream with ``tombstones = "delete"``.
+        ``key`` is the Kafka key (text is sent as UTF-8): it orders one entity's records in
+        one partition and fills the columns with ``source = "key"``.
+
+        The encoded record is checked with the stream's decoder, as the DatabaseAgent will
+        read it, before anything is sent. ``publish(record)`` with a typed record is
+        :meth:`send`.
+
+        Raises:
+            RecordRefused: ``stream`` is not in the catalog, or the value does not match its
+                declaration (the message names the column and what was wrong); nothing sent.
+            PublishTimeoutError: not acknowledged within ``send_timeout`` (outcome unknown).
+            PublishError: Kafka rejected the record.
+        """
+        if not isinstance(stream, str):
+            if value is not _NO_VALUE or key is not None:
+                raise TypeError("publish(record) takes a typed record alone; its key is its own")
+            return await self.send(stream)
+        if value is _NO_VALUE:
+            raise TypeError(f"publish({stream!r}, value): the value is missing")
+        self._running()
+        return await self._send(*self.check(stream, value, key=key))
+
+    def check(
+        self, stream: str, value: Any, *, key: str | bytes | None = None
+    ) -> tuple[str, bytes | None, bytes | None]:
+        """The deployed topic, key and encoded value :meth:`publish` would send, once the
+        stream's decoder accepts them; :class:`RecordRefused` (naming the stream and the
+        column) when it does not. Sends nothing."""
+        spec = self._spec(stream)
+        raw_key = key.encode() if isinstance(key, str) else key
+        if value is None:
+            payload = None
+        else:
+            try:
+                payload = (
+                    _json_encoder.encode(value)
+                    if self.content_type == JSON
+                    else _msgpack_encoder.encode(value)
+                )
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise RecordRefused(
+                    f"stream {stream}: the value cannot be encoded as {self.content_type}: {exc}",
+                    stream=stream,
+                ) from None
+        topic = self._topics[spec.name]
+        outgoing = _Outgoing(topic, payload, raw_key, self._headers, int(time.time() * 1000))
+        try:
+            _, rejected = decoder(spec).rows([outgoing], 0, 0)
+        except RecordRejected as exc:  # a decoder that raises rather than returning it
+            rejected_reason = exc.reason
+        else:
+            rejected_reason = rejected[0].reason if rejected else ""
+        if rejected_reason:
+            raise RecordRefused(f"stream {stream}: {rejected_reason}", stream=stream)
+        return topic, raw_key, payload
+
+    def _spec(self, stream: str) -> StreamSpec:
+        try:
+            return self.catalog[stream]
+        except KeyError:
+            raise RecordRefused(
+                f"unknown stream {stream!r}: the publisher's catalog has "
+                f"{', '.join(self.catalog.names) or 'no stream'}",
+                stream=stream,
+            ) from None
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes | None) -> RecordMetadata:
         producer = self._running()
-        topic, key, value = self._prepare(record)
         try:
             async with asyncio.timeout(self.send_timeout):
                 future = await producer.send(topic, value, key=key, headers=self._headers)
@@ -322,9 +444,6 @@ class AgentPublisher:
             raise self._timeout_error(topic) from exc
         except KafkaError as exc:
             raise PublishError(f"Kafka rejected a record for {topic}: {exc!r}") from exc
-
-    #: The generic spelling of :meth:`send`.
-    publish = send
 
     async def send_nowait(self, record: Record) -> asyncio.Future[RecordMetadata]:
         """Queue one record for sending and return the future of its acknowledgement.
@@ -522,11 +641,11 @@ class AgentPublisher:
         return self._producer
 
     def _prepare(self, record: Record) -> tuple[str, bytes, bytes]:
-        try:
-            stream = STREAM_BY_TYPE[type(record)]
-        except KeyError:
-            raise TypeError(f"not a wire record: {type(record).__name__}") from None
-        return self._topics[stream.name], stream.key(record), encode(record, self.content_type)
+        return (
+            self._topics[self._spec(stream_of(record)).name],
+            record_key(record),
+            encode(record, self.content_type),
+        )
 
     def _timeout_error(self, topic: str, queued: int | None = None) -> PublishTimeoutError:
         before = "" if queued is None else f" ({queued} records before it were queued)"

@@ -33,14 +33,15 @@ from pipeline.errors import ConfigError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
     JSON,
-    STREAM_BY_TYPE,
-    STREAMS,
+    RECORD_STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
     Metric,
     Record,
     StateChange,
+    record_key,
+    stream_of,
 )
 from producers.publisher import AgentPublisher, RecordMetadata
 
@@ -79,8 +80,9 @@ class Mix:
             raise ConfigError("mix: at least one stream needs a weight above 0")
 
     def weights(self) -> tuple[float, ...]:
-        """The weights in :data:`pipeline.records.STREAMS` order."""
-        return tuple(float(getattr(self, s.name)) for s in STREAMS)
+        """The weights in the order of the typed records' streams
+        (:data:`pipeline.records.RECORD_STREAMS`, the built-in streams' catalog order)."""
+        return tuple(float(getattr(self, name)) for name in RECORD_STREAMS.values())
 
     def share(self, stream: str) -> float:
         """The fraction of records that belong to ``stream`` (a stream name)."""
@@ -246,7 +248,7 @@ class FleetSimulator:
             "analytics": self._analytics,
             "config": self._config,
         }
-        self._makers = tuple(makers[s.name] for s in STREAMS)
+        self._makers = tuple(makers[name] for name in RECORD_STREAMS.values())
         self._cum_weights = tuple(itertools.accumulate(self.mix.weights()))
         self._event_kinds = tuple(k for k, _, _ in _EVENT_KINDS)
         self._event_cum = tuple(itertools.accumulate(w for _, _, w in _EVENT_KINDS))
@@ -502,7 +504,7 @@ class _Tally:
 
     def __init__(self, record_sent: bool) -> None:
         self.record_sent = record_sent
-        self.counts = {s.name: 0 for s in STREAMS}
+        self.counts = dict.fromkeys(RECORD_STREAMS.values(), 0)
         self.sent: list[SentRecord] = []
 
     async def wait_for(
@@ -512,9 +514,8 @@ class _Tally:
     ) -> None:
         metadata = await publisher.delivered(future for _, future in queued)
         for (record, _), meta in zip(queued, metadata, strict=True):
-            stream = STREAM_BY_TYPE[type(record)]
-            self.counts[stream.name] += 1
+            self.counts[stream_of(record)] += 1
             if self.record_sent:
                 self.sent.append(
-                    SentRecord(meta.topic, meta.partition, meta.offset, stream.key(record), record)
+                    SentRecord(meta.topic, meta.partition, meta.offset, record_key(record), record)
                 )

@@ -12,8 +12,9 @@ import argparse
 import asyncio
 import gc
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -50,17 +51,25 @@ def group_options(parser: argparse.ArgumentParser) -> None:
 
 
 def stream_list(text: str) -> tuple[str, ...]:
-    """An argparse type: a comma list of stream names, or a usage error naming the valid ones."""
-    from pipeline.records import STREAM_BY_NAME
-
+    """An argparse type: a comma list of stream names. Which streams exist is the catalog's
+    to say, once the configuration is read: :func:`check_streams`."""
     streams = tuple(s for s in text.split(",") if s)
-    unknown = [s for s in streams if s not in STREAM_BY_NAME]
-    if unknown or not streams:
+    malformed = [s for s in streams if not re.fullmatch(r"[a-z][a-z0-9_]*", s)]
+    if malformed or not streams:
         raise argparse.ArgumentTypeError(
-            f"unknown stream(s) {unknown or '(none given)'}; choose from "
-            f"{', '.join(STREAM_BY_NAME)}"
+            f"malformed stream name(s) {malformed or '(none given)'}: "
+            "expected a comma list of names such as events,metrics"
         )
     return streams
+
+
+def check_streams(option: str, streams: Iterable[str], config: Config) -> None:
+    """A usage error (exit 2) naming the ``streams`` that the configuration's catalog
+    (the built-in streams and ``PIPELINE_STREAMS_FILE``'s) lacks, and the choices."""
+    try:
+        config.catalog.check_names(streams)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], float]:

@@ -180,7 +180,7 @@ def _encryption(
     ]
 
     async def grant(prefix: str, group: str) -> None:
-        acls = kafka_auth.pipeline_acls(prefix, group)
+        acls = kafka_auth.pipeline_acls(prefix, group, config.catalog)
         await kafka_auth.set_up(endpoints.kafka, {}, acls)
 
     results = asyncio.run(

@@ -19,6 +19,7 @@ from pipeline.commands._common import (
     FAILED,
     OK,
     Subparsers,
+    check_streams,
     group_options,
     load_config,
     load_kafka_config,
@@ -206,6 +207,7 @@ def send(args: argparse.Namespace) -> int:
 
     config = load_kafka_config(args, group_id=args.group)
     command = _command(args)
+    check_streams("--streams", getattr(command, "streams", ()), config)
     antigravity = _antigravity(config, signing=True)
     group = config.group_id
 

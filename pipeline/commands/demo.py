@@ -25,13 +25,10 @@ from pipeline.commands._common import (
 )
 from pipeline.commands.simulate import simulate_from_args, simulation_options
 from pipeline.errors import PipelineError
-from pipeline.rows import DATA_TABLES
 
 if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.devstack import Stack
-
-TABLES = (*DATA_TABLES, "dead_letters")
 
 
 def register(commands: Subparsers) -> None:
@@ -98,7 +95,8 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
     conn = await db.connect(config.migration_url, config.db_session)
     try:
         await db.migrate(conn, db.read_migrations())  # as the migrator; the agent is a writer
-        before = await _row_counts(conn)
+        tables = (*config.catalog.data_tables, "dead_letters")
+        before = await _row_counts(conn, tables)
         await kafka.ensure_topics(
             config.kafka, [*topics, kafka.dead_letter_topic(config)], config.topic_partitions
         )
@@ -159,19 +157,19 @@ async def _run_demo(config: Config, args: argparse.Namespace) -> None:
         progress("control: `pipeline control log` shows what the group was told")
         agent.stop()
         await running
-        after = await _row_counts(conn)
+        after = await _row_counts(conn, tables)
     finally:
         await conn.close()
     if moved:
         raise PipelineError("events were ingested while the stream was switched off")
 
-    landed = {t: after[t] - before[t] for t in TABLES}
+    landed = {t: after[t] - before[t] for t in tables}
     ingested = agent.metrics.total("pipeline_rows_ingested_total")
     duplicates = agent.metrics.total("pipeline_duplicates_skipped_total")
     dead = agent.metrics.total("pipeline_dead_letters_total")
-    width = max(map(len, TABLES))
+    width = max(map(len, tables))
     print(f"\n{'table':<{width}}  rows landed  (total)")
-    for table in TABLES:
+    for table in tables:
         print(f"{table:<{width}}  {landed[table]:>11,}  ({after[table]:,})")
     print(
         f"\npublished {result.total:,} records at {result.rate:,.0f}/s in {elapsed:.1f}s: "
@@ -209,5 +207,5 @@ async def _until_live(
     raise PipelineError("the DatabaseAgent did not report on the status topic within 60 s")
 
 
-async def _row_counts(conn: Any) -> dict[str, int]:
-    return {t: await conn.fetchval(f"SELECT count(*) FROM {sql_names.table(t)}") for t in TABLES}
+async def _row_counts(conn: Any, tables: tuple[str, ...]) -> dict[str, int]:
+    return {t: await conn.fetchval(f"SELECT count(*) FROM {sql_names.table(t)}") for t in tables}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.commands._common import (
     OK,
     Subparsers,
+    check_streams,
     group_options,
     load_config,
     positive,
@@ -16,6 +17,9 @@ from pipeline.commands._common import (
 )
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.redrive import parse_since
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 
 def register(commands: Subparsers) -> None:
@@ -55,12 +59,14 @@ def register(commands: Subparsers) -> None:
     replay_parser.set_defaults(handler=replay)
 
 
-def _filters(args: argparse.Namespace) -> Any:
+def _filters(args: argparse.Namespace, config: Config) -> Any:
     from pipeline.redrive import Filters
 
     if args.stream is not None and len(args.stream) != 1:
         raise ConfigError("--stream: give one stream")
     stream = args.stream[0] if args.stream else None
+    if stream is not None:
+        check_streams("--stream", [stream], config)
     return Filters(stream, args.error_class, args.since, args.limit)
 
 
@@ -68,7 +74,7 @@ def list_(args: argparse.Namespace) -> int:
     from consumers.redrive import list_letters
 
     config = load_config(args, group_id=args.group)
-    for line in asyncio.run(list_letters(config, _filters(args))):
+    for line in asyncio.run(list_letters(config, _filters(args, config))):
         print(line)
     return OK
 
@@ -89,7 +95,7 @@ def replay(args: argparse.Namespace) -> int:
     from consumers.redrive import replay as redrive
 
     config = load_config(args, group_id=args.group)
-    outcome = asyncio.run(redrive(config, _filters(args), dry_run=args.dry_run))
+    outcome = asyncio.run(redrive(config, _filters(args, config), dry_run=args.dry_run))
     for line in outcome.lines():
         print(line)
     return OK

@@ -104,7 +104,7 @@ def replay(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(f"pipeline replay needs {', '.join(missing)} (or --resume ID)")
         request = Request(
-            streams=parse_streams(args.stream),
+            streams=parse_streams(args.stream, config.catalog),
             start=parse_position(args.start, side="from"),
             end=parse_position(args.end, side="to"),
             partitions=parse_partitions(args.partitions),

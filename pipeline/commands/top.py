@@ -58,6 +58,7 @@ def top(args: argparse.Namespace) -> int:
         config.kafka,
         prefix=config.topic_prefix,
         group=config.group_id,
+        streams=config.catalog.names,
         interval_s=args.interval,
         metrics_hosts=hosts,
     )

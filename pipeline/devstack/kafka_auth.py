@@ -50,12 +50,14 @@ from aiokafka.protocol.types import (
     TaggedFields,
 )
 
+from pipeline import catalog as streams_catalog
 from pipeline import kafka_clients
+from pipeline.catalog import Catalog
 from pipeline.control import control_topics
 from pipeline.devstack import kafka_users, safe_dirs
 from pipeline.errors import DevStackError
 from pipeline.kafka_clients import KafkaSettings, SaslMechanism
-from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
+from pipeline.records import DLQ_TOPIC, topic_name
 
 # The users are named in kafka_users, which loads without aiokafka; their ACLs are here.
 AGENT_USER = kafka_users.AGENT_USER
@@ -105,10 +107,19 @@ class Acl:
         return f"{verb} {self.principal} {self.operation.name} on {self.resource.name} {self.name}"
 
 
-def pipeline_acls(topic_prefix: str = "", group: str = DEFAULT_GROUP) -> list[Acl]:
-    """The ACLs the pipeline's three principals need for topics under ``topic_prefix`` and the
-    DatabaseAgents' consumer group ``group``."""
-    data = [topic_name(s.topic, topic_prefix) for s in STREAMS]
+def environment_catalog() -> Catalog:
+    """The catalog of ``PIPELINE_STREAMS_FILE`` when the environment names one, else the
+    built-in streams: the dev stack grants the topics of the streams its user declared."""
+    return streams_catalog.load(os.environ.get(streams_catalog.STREAMS_FILE_ENV) or None)
+
+
+def pipeline_acls(
+    topic_prefix: str = "", group: str = DEFAULT_GROUP, catalog: Catalog | None = None
+) -> list[Acl]:
+    """The ACLs the pipeline's three principals need for the topics of ``catalog``'s streams
+    (default: the built-in ones) under ``topic_prefix`` and the DatabaseAgents' consumer
+    group ``group``."""
+    data = list((catalog or streams_catalog.load()).topics(topic_prefix))
     control, status = control_topics(topic_prefix)
     dlq = topic_name(DLQ_TOPIC, topic_prefix)
     agent, producer, antigravity = (f"User:{u}" for u in USERS)

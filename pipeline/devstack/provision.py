@@ -132,7 +132,8 @@ def provision_kafka(bootstrap: str, secrets_dir: Path) -> None:
     if missing:
         raise DevStackError(f"no Kafka password file {', '.join(missing)}: run `secrets` first")
     admin = KafkaSettings(bootstrap_servers=bootstrap)
-    asyncio.run(kafka_auth.set_up(admin, passwords, kafka_auth.pipeline_acls()))
+    acls = kafka_auth.pipeline_acls(catalog=kafka_auth.environment_catalog())
+    asyncio.run(kafka_auth.set_up(admin, passwords, acls))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -440,7 +440,8 @@ class Stack:
         passwords = {u: kafka_auth.ensure_password_file(secrets, u) for u in kafka_auth.USERS}
         state = self._read_state()
         admin = KafkaSettings(bootstrap_servers=f"127.0.0.1:{state['kafka_port']}")
-        asyncio.run(kafka_auth.set_up(admin, passwords, kafka_auth.pipeline_acls()))
+        acls = kafka_auth.pipeline_acls(catalog=kafka_auth.environment_catalog())
+        asyncio.run(kafka_auth.set_up(admin, passwords, acls))
         secure = self._secure_kafka(state)
         if secure is None:
             raise DevStackError(NO_SECURE_LISTENER)

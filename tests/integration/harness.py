@@ -31,26 +31,22 @@ from aiokafka.structs import RecordMetadata
 
 from consumers.agent import DatabaseAgent
 from pipeline import catalog as catalogs
-from pipeline import kafka as kafka_io
 from pipeline import kafka_clients, sql_names, testbed
 from pipeline.catalog import Catalog, StreamSpec
 from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
-    DLQ_TOPIC,
-    STREAM_BY_NAME,
-    STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
     Metric,
     Record,
     StateChange,
-    Stream,
     encode,
     topic_name,
 )
 from pipeline.testbed import AgentProcess  # noqa: F401 - the tests import it from here
+from tests.builtin_streams import STREAM_BY_NAME, STREAMS, Stream
 
 # Where each stream's every record lands once (the "latest" tables hold one row per key).
 APPEND_TABLE = {
@@ -230,11 +226,7 @@ async def create_topics(
 ) -> None:
     """The data topics (of ``catalog``'s streams; default: the built-in ones) and the
     dead-letter topic under ``prefix``."""
-    if catalog is None:
-        await testbed.create_topics(_kafka(bootstrap), prefix, partitions)
-        return
-    topics = [*catalog.topics(prefix), topic_name(DLQ_TOPIC, prefix)]
-    await kafka_io.ensure_topics(_kafka(bootstrap), topics, partitions)
+    await testbed.create_topics(_kafka(bootstrap), prefix, partitions, catalog)
 
 
 async def end_offsets(
@@ -242,8 +234,8 @@ async def end_offsets(
 ) -> dict[tuple[str, int], int]:
     """The end offset of every partition of the catalog's data topics (default: the built-in
     streams'), by default topic name."""
-    topics = list((catalog or catalogs.load()).topics(prefix))
-    ends = await kafka_io.end_offsets(_kafka(bootstrap), topics)
+    topics = testbed.data_topics(prefix, catalog)
+    ends = await testbed.end_offsets(_kafka(bootstrap), prefix, catalog)
     found = {topic for topic, _ in ends}
     assert found == set(topics), f"data topics missing: {sorted(set(topics) - found)}"
     return _by_default_name(ends, prefix)

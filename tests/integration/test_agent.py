@@ -16,12 +16,12 @@ from aiokafka import TopicPartition
 
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients, testbed
+from pipeline.catalog import load as load_catalog
 from pipeline.devstack import kafka, postgres
 from pipeline.devstack.processes import choose_port, stop_pid
 from pipeline.records import (
     DLQ_TOPIC,
     MSGPACK,
-    STREAM_BY_NAME,
     AgentEvent,
     ConfigChange,
     Metric,
@@ -29,7 +29,7 @@ from pipeline.records import (
     encode,
     topic_name,
 )
-from pipeline.rows import DATA_TABLES
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,
@@ -463,7 +463,7 @@ async def _table_fingerprint(database_url: str) -> dict[str, tuple[int, str]]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         found = {}
-        for table in DATA_TABLES:
+        for table in load_catalog().data_tables:
             found[table] = tuple(
                 await conn.fetchrow(
                     "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) "

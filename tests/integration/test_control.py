@@ -28,9 +28,9 @@ from consumers.antigravity import Antigravity, Delivery
 from consumers.controller import Controller, run_controlled
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
+from pipeline.catalog import load as load_catalog
 from pipeline.config import load_config
 from pipeline.control import (
-    ALL_STREAMS,
     SIGNING_CONTEXT,
     Ack,
     Activate,
@@ -51,8 +51,8 @@ from pipeline.control import (
     write_private_key_file,
     write_public_key_file,
 )
-from pipeline.records import STREAM_BY_NAME
 from pipeline.testbed import AgentProcess, stop_agents
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,
@@ -70,6 +70,8 @@ from tests.integration.harness import (
     stored_offsets,
     until,
 )
+
+ALL_STREAMS = load_catalog().names  # the built-in streams, in catalog order
 
 pytestmark = pytest.mark.timeout(600)
 

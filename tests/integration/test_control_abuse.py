@@ -26,9 +26,9 @@ from consumers.antigravity import Antigravity
 from consumers.controller import Controller, run_controlled
 from pipeline import kafka as kafka_io
 from pipeline import kafka_clients
+from pipeline.catalog import load as load_catalog
 from pipeline.config import load_config
 from pipeline.control import (
-    ALL_STREAMS,
     Ack,
     Checkpoint,
     ControlError,
@@ -56,6 +56,8 @@ from tests.integration.test_control import (
     orchestrator,
     status_acks,
 )
+
+ALL_STREAMS = load_catalog().names  # the built-in streams, in catalog order
 
 __all__ = ["keys"]  # the fixture, used by name
 

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from pipeline.records import STREAM_BY_NAME, AgentEvent, Metric, encode
-from pipeline.rows import DATA_TABLES
+from pipeline.catalog import load as load_catalog
+from pipeline.records import AgentEvent, Metric, encode
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,
@@ -79,7 +80,7 @@ async def _fingerprint(database_url: str) -> tuple[object, ...]:
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         found = []
-        for table in (*DATA_TABLES, "dead_letters"):
+        for table in (*load_catalog().data_tables, "dead_letters"):
             found.append([tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} ORDER BY 1")])
         return tuple(found)
     finally:

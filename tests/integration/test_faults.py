@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 
 from pipeline.devstack.processes import choose_port
-from pipeline.records import STREAM_BY_NAME
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     AgentProcess,

@@ -27,7 +27,8 @@ from pipeline import kafka_clients
 from pipeline.devstack.processes import choose_port
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.metrics import build_version
-from pipeline.records import STREAM_BY_NAME, STREAMS, topic_name
+from pipeline.records import topic_name
+from tests.builtin_streams import STREAM_BY_NAME, STREAMS
 from tests.conftest import Servers
 from tests.integration.harness import (
     AgentProcess,

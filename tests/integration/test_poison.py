@@ -28,7 +28,6 @@ from pipeline import kafka_clients
 from pipeline.records import (
     DLQ_TOPIC,
     MSGPACK,
-    STREAM_BY_NAME,
     AgentEvent,
     ConfigChange,
     Metric,
@@ -36,6 +35,7 @@ from pipeline.records import (
     encode,
     topic_name,
 )
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,

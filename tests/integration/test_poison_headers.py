@@ -23,8 +23,9 @@ from pipeline import kafka_clients
 from pipeline.control import Ack, control_topics
 from pipeline.devstack.processes import choose_port
 from pipeline.lag_probe import LagProbe
-from pipeline.records import DLQ_TOPIC, JSON, STREAM_BY_NAME, topic_name
+from pipeline.records import DLQ_TOPIC, JSON, topic_name
 from pipeline.testbed import AgentProcess
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import CreateTopic, Servers
 from tests.integration.harness import (
     Outgoing,

@@ -33,8 +33,8 @@ from pipeline.control import (
 from pipeline.devstack import pgbouncer
 from pipeline.devstack.pgbouncer import PgBouncer
 from pipeline.devstack.postgres import Login
-from pipeline.records import STREAM_BY_NAME
 from pipeline.testbed import AgentProcess, stop_agents
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     Outgoing,

@@ -31,8 +31,8 @@ from pipeline.control import Activate, generate_key_pair, write_public_key_file
 from pipeline.devstack.processes import choose_port, is_alive, log_tail
 from pipeline.devstack.prometheus import JOB, RULES_DIR, LocalPrometheus
 from pipeline.kafka_clients import KafkaSettings
-from pipeline.records import STREAM_BY_NAME
 from pipeline.testbed import AgentProcess
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     Outgoing,

@@ -30,18 +30,15 @@ from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
     MSGPACK,
-    STREAM_BY_NAME,
-    STREAM_BY_TYPE,
-    STREAMS,
     AgentEvent,
     Metric,
     Record,
-    Stream,
     topic_name,
 )
 from producers.log_handler import KafkaLogHandler
 from producers.publisher import AgentPublisher, PublishError, PublishTimeoutError
 from producers.simulator import FleetSimulator, simulate
+from tests.builtin_streams import STREAM_BY_NAME, STREAM_BY_TYPE, STREAMS, Stream
 from tests.conftest import CreateTopic
 
 _DECODERS: dict[str, dict[str, msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]]] = {

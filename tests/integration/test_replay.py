@@ -18,8 +18,9 @@ from aiokafka.admin.records_to_delete import RecordsToDelete
 from consumers.replay import Replayer, Request
 from pipeline import cli, kafka_clients, testbed
 from pipeline.config import load_config
-from pipeline.records import STREAM_BY_NAME, STREAMS, Metric, encode
+from pipeline.records import Metric, encode
 from pipeline.replay import AtOffset, Earliest, Now, ReplayError
+from tests.builtin_streams import STREAM_BY_NAME, STREAMS
 from tests.conftest import Servers
 from tests.integration.harness import (
     T0,

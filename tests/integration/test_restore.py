@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pipeline.records import STREAM_BY_NAME
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,

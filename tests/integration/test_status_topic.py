@@ -22,7 +22,8 @@ from pipeline.devstack import Endpoints, Stack, endpoints_from_env
 from pipeline.devstack.kafka_auth import ORCHESTRATOR_USER, pipeline_acls, set_up
 from pipeline.devstack.stack import SecureKafka
 from pipeline.kafka_settings import KafkaSettings
-from pipeline.records import DLQ_TOPIC, STREAMS, topic_name
+from pipeline.records import DLQ_TOPIC, topic_name
+from tests.builtin_streams import STREAMS
 from tests.conftest import Servers
 
 WEEK_MS = str(7 * 24 * 3_600_000)

@@ -15,7 +15,7 @@ from pipeline.batching import Limits
 from pipeline.config import load_config
 from pipeline.errors import FatalError, PipelineError
 from pipeline.ownership import UnknownStreamError
-from pipeline.records import STREAM_BY_NAME
+from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
     APPEND_TABLE,

@@ -14,8 +14,9 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from pipeline import aiokafka_compat, db, kafka_clients
+from pipeline.catalog import load as load_catalog
 from pipeline.records import header_name_text, header_names_not_utf8
-from pipeline.rows import DECODERS
+from pipeline.rows import decoder as stream_decoder
 from tests.raw_headers import RawName, batch_builder
 
 TP = TopicPartition("topic", 0)
@@ -150,7 +151,7 @@ def test_header_names_not_utf8_are_found_as_their_bytes() -> None:
 
 
 def test_a_record_with_a_bad_header_name_is_rejected_the_others_decode() -> None:
-    decoder = DECODERS["metrics"]
+    decoder = stream_decoder(load_catalog()["metrics"])
     value = b'{"agent_id":"a","name":"cpu","value":1.0,"ts":"2026-11-01T00:00:00Z"}'
     good = ConsumerRecord("t", 0, 7, 0, 0, None, value, None, 0, 0, ())
     bad = ConsumerRecord("t", 0, 8, 0, 0, None, value, None, 0, 0, ((BAD, b"x"),))

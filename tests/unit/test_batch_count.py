@@ -10,6 +10,7 @@ import pytest
 from consumers.batch_count import BatchCount
 from consumers.writer import Refused, Written
 from pipeline.batching import Batch, plan
+from pipeline.catalog import load as load_catalog
 from pipeline.db import DeadLetter
 from pipeline.metrics import Metrics
 
@@ -56,7 +57,7 @@ def test_a_committed_batch_counts_records_rows_duplicates_letters_and_phases() -
         results=[],
         written_at=10.25,
     )
-    count = BatchCount(metrics, TOPICS)
+    count = BatchCount(metrics, TOPICS, load_catalog())
     count.committed(work, written, {}, fetch_seconds=0.5, started=10.0, committed=10.75, now=NOW)
 
     assert (
@@ -100,7 +101,7 @@ def test_a_batch_with_nothing_to_write_counts_only_what_was_already_ingested() -
     metrics = Metrics()
     work = plan(batch({("agents.metrics", 0): range(0, 3)}), {("agents.metrics", 0): 3})
     assert not work.moves
-    BatchCount(metrics, TOPICS).skipped(work)
+    BatchCount(metrics, TOPICS, load_catalog()).skipped(work)
     assert (
         value(metrics, "pipeline_records_consumed_total", topic="agents.metrics", mode="live") == 3
     )

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from pipeline import control
+from pipeline.catalog import load as load_catalog
 from pipeline.control import (
     KIND_UNKNOWN,
     KINDS,
@@ -41,6 +42,7 @@ from pipeline.control import (
     Deactivate,
     Decision,
     Envelope,
+    GroupState,
     Heartbeat,
     Ignore,
     Reject,
@@ -58,6 +60,7 @@ from pipeline.control import (
     highest_seq,
     key_id,
     next_seq,
+    next_state,
     private_key_from_pem,
     private_key_to_pem,
     public_key_from_pem,
@@ -75,7 +78,9 @@ from pipeline.control import (
     write_public_key_file,
 )
 from pipeline.errors import PipelineError
-from pipeline.records import STREAM_BY_NAME
+from tests.builtin_streams import STREAM_BY_NAME
+
+BUILTIN = load_catalog().names
 
 # Fixed keys: Ed25519 signatures are deterministic, so every envelope below is reproducible.
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -215,12 +220,14 @@ def test_a_command_on_the_wire_is_a_map_tagged_by_kind(command: Command) -> None
 @pytest.mark.parametrize(
     "build",
     [
-        pytest.param(lambda: Activate(streams=("logs",)), id="unknown-stream"),
+        pytest.param(lambda: Activate(streams=("no-such-stream",)), id="malformed-stream"),
         pytest.param(lambda: Deactivate(streams=("states", "states")), id="stream-twice"),
-        pytest.param(lambda: Assign(version=1, streams=("states", "nope")), id="assign-unknown"),
+        pytest.param(lambda: Assign(version=1, streams=("states", "No")), id="assign-malformed"),
     ],
 )
 def test_stream_names_are_checked_when_a_command_is_built(build: Any) -> None:
+    # The form of a name; whether the stream exists is the applying agent's catalog's to say
+    # (test_a_stream_the_catalog_lacks_is_refused_when_applied).
     with pytest.raises(ValueError, match="stream"):
         build()
 
@@ -693,7 +700,7 @@ def test_a_long_unknown_kind_is_not_repeated_in_full() -> None:
 @pytest.mark.parametrize(
     "command",
     [
-        {"kind": "activate", "streams": ["logs"]},
+        {"kind": "activate", "streams": ["no-such-stream"]},
         {"kind": "activate", "streams": []},
         {"kind": "activate", "streams": ["states", "states"]},
         {"kind": "activate"},
@@ -879,13 +886,15 @@ ORDER: list[tuple[str, bytes, dict[str, Any], str]] = [
     ),
     (
         "signature-before-invalid-command",
-        signed_wire(fields(command={"kind": "activate", "streams": ["logs"]}), OTHER_KEY),
+        signed_wire(fields(command={"kind": "activate", "streams": ["no-such-stream"]}), OTHER_KEY),
         {"now": NOW + timedelta(days=1), "applied_seq": 9},
         "bad_signature",
     ),
     (
         "invalid-command-before-expiry",
-        signed_wire(fields(command={"kind": "activate", "streams": ["logs"]}, target="other")),
+        signed_wire(
+            fields(command={"kind": "activate", "streams": ["no-such-stream"]}, target="other")
+        ),
         {"now": NOW + timedelta(days=1), "applied_seq": 9},
         "invalid_command",
     ),
@@ -1065,7 +1074,7 @@ def test_a_rollback_plan_can_be_signed_and_applied() -> None:
 def test_streams_after(
     active: tuple[str, ...], command: Activate | Deactivate, expected: tuple[str, ...]
 ) -> None:
-    assert streams_after(active, command) == expected
+    assert streams_after(active, command, BUILTIN) == expected
 
 
 # --- status messages ----------------------------------------------------------------------------
@@ -1179,3 +1188,71 @@ def test_acks_for_decisions() -> None:
         "undecodable",
     )
     assert decode_status(encode_status(ack)) == ack
+
+
+# -- streams of a user's catalog -------------------------------------------------------------
+
+# The names of a catalog with a user stream after the built-in ones (catalog order).
+WITH_ORDERS = (*BUILTIN, "orders")
+
+
+def test_a_catalog_stream_is_activated_and_kept_in_catalog_order() -> None:
+    command = Activate(streams=("orders", "events"))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(command), type=Command) == command
+    state = GroupState(active_streams=("config",))
+    after, assign = next_state(state, command, history={}, catalog=WITH_ORDERS)
+    assert assign is None
+    assert after.active_streams == ("events", "config", "orders")
+    after, _ = next_state(after, Deactivate(streams=("config",)), history={}, catalog=WITH_ORDERS)
+    assert after.active_streams == ("events", "orders")
+
+
+def test_an_assignment_of_catalog_streams_is_in_catalog_order() -> None:
+    after, assign = next_state(
+        GroupState(),
+        Assign(version=1, streams=("orders", "states")),
+        history={},
+        catalog=WITH_ORDERS,
+    )
+    assert assign == Assign(version=1, streams=("orders", "states"))
+    assert after.active_streams == ("states", "orders")
+    assert after.assignment_version == 1
+
+
+def test_every_catalog_stream_is_active_until_a_command_names_them() -> None:
+    assert GroupState().active(WITH_ORDERS) == WITH_ORDERS
+    assert GroupState(active_streams=("orders",)).active(WITH_ORDERS) == ("orders",)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(Activate(streams=("events", "orders")), id="activate"),
+        pytest.param(Deactivate(streams=("orders",)), id="deactivate"),
+        pytest.param(Assign(version=3, streams=("orders",)), id="assign"),
+    ],
+)
+def test_a_stream_the_catalog_lacks_is_refused_when_applied(command: Command) -> None:
+    state = GroupState(assignment_version=2, active_streams=("events",))
+    with pytest.raises(ControlError, match=r"unknown stream\(s\) orders: this agent's catalog has"):
+        next_state(state, command, history={}, catalog=BUILTIN)
+
+
+def test_a_rollback_to_an_assignment_of_a_stream_the_catalog_lacks_is_refused() -> None:
+    history = {1: (("orders",), BatchLimits())}
+    state = GroupState(assignment_version=2)
+    with pytest.raises(ControlError, match=r"unknown stream\(s\) orders"):
+        next_state(state, RollbackVersion(to_version=1), history=history, catalog=BUILTIN)
+    after, plan = next_state(
+        state, RollbackVersion(to_version=1), history=history, catalog=WITH_ORDERS
+    )
+    assert plan == Assign(version=3, streams=("orders",))
+    assert after.active_streams == ("orders",)
+
+
+def test_a_stream_another_instances_catalog_added_is_kept() -> None:
+    # During a rolling restart, an agent with the older catalog applies a command: the active
+    # stream it does not know stays active for the agents that do.
+    state = GroupState(active_streams=("events", "orders"))
+    after, _ = next_state(state, Activate(streams=("states",)), history={}, catalog=BUILTIN)
+    assert after.active_streams == ("states", "events", "orders")

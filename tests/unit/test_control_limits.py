@@ -39,7 +39,7 @@ def test_a_command_may_live_24_hours_at_most() -> None:
 def test_the_lifetime_is_checked_after_the_command_and_before_the_clock() -> None:
     bad_command = signed_wire(
         fields(
-            expires_at=NOW + timedelta(days=3650), command={"kind": "activate", "streams": ["x"]}
+            expires_at=NOW + timedelta(days=3650), command={"kind": "activate", "streams": ["X"]}
         )
     )
     assert rejected(run(bad_command)).reason == "invalid_command"

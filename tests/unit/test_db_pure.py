@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from pipeline import db
+from pipeline.catalog import load as load_catalog
 from pipeline.db import (
     SQL_DIR,
     ClientDataError,
@@ -25,7 +26,6 @@ from pipeline.db import (
     row_count,
 )
 from pipeline.errors import ConfigError, DataError, FencedError, SchemaError, TransientError
-from pipeline.rows import TABLES
 
 
 class FakePgError(Exception):
@@ -252,12 +252,12 @@ def _updates(names: str) -> str:
     ],
 )
 def test_upsert_statement(stream: str, statement: str) -> None:
-    assert _upsert_statement(TABLES[stream], "stage_t") == statement
+    assert _upsert_statement(load_catalog()[stream].tables, "stage_t") == statement
 
 
 def test_states_upsert_shape() -> None:
     """The properties the exactly-once protocol leans on, stated one by one."""
-    statement = _upsert_statement(TABLES["states"], "stage_agent_states")
+    statement = _upsert_statement(load_catalog()["states"].tables, "stage_agent_states")
     # The stage is emptied by the same statement, so a second write in the transaction (a
     # bisection) never sees the first one's rows.
     assert statement.startswith('WITH staged AS (DELETE FROM "stage_agent_states" RETURNING ')
@@ -458,14 +458,17 @@ def test_every_transaction_begins_with_the_session_settings_and_nothing_outlives
 def test_a_staging_table_is_named_for_the_columns_it_stages() -> None:
     """Through a transaction pooler, a server session may keep a staging table made by a
     release that wrote other columns: another shape gets another name."""
-    writer = db.TableWriter(TABLES["states"])
-    shape = hashlib.sha256(",".join(TABLES["states"].table.columns).encode()).hexdigest()[:8]
+    writer = db.TableWriter(load_catalog()["states"].tables)
+    shape = hashlib.sha256(
+        ",".join(load_catalog()["states"].tables.table.columns).encode()
+    ).hexdigest()[:8]
     assert writer.stage == f"stage_agent_states_{shape}"
     narrower = db.TableWriter(
         dataclasses.replace(
-            TABLES["states"],
+            load_catalog()["states"].tables,
             table=dataclasses.replace(
-                TABLES["states"].table, fields=TABLES["states"].table.fields[:-1]
+                load_catalog()["states"].tables.table,
+                fields=load_catalog()["states"].tables.table.fields[:-1],
             ),
         )
     )
@@ -477,7 +480,8 @@ def test_a_staging_table_is_named_for_the_columns_it_stages() -> None:
 
 
 def test_a_streams_tables_are_its_table_and_history_with_its_topic() -> None:
-    assert db.stream_tables({"metrics": "a.agents.metrics", "states": "a.agents.states"}) == {
+    topics = {"metrics": "a.agents.metrics", "states": "a.agents.states"}
+    assert db.stream_tables(load_catalog(), topics) == {
         "performance_metrics": "a.agents.metrics",
         "agent_states": "a.agents.states",
         "agent_state_history": "a.agents.states",

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.catalog import load as load_catalog
 from pipeline.control import (
-    ALL_STREAMS,
     DEFAULT_MAX_CLOCK_SKEW,
     KIND_UNKNOWN,
     KINDS,
@@ -63,6 +63,8 @@ from pipeline.control import (
 )
 from tests.unit.fuzzing import FUZZ_INPUTS, MUTANTS, fuzz, mutate, storable
 from tests.unit.test_control import GROUP, KEY, NOW, OTHER_KEY, UNTRUSTED_KEY, make
+
+ALL_STREAMS = load_catalog().names  # the built-in streams, in catalog order
 
 TRUSTED = Verifier([KEY.public_key(), OTHER_KEY.public_key()])
 SIGNERS = {"key": KEY, "other_key": OTHER_KEY, "untrusted": UNTRUSTED_KEY}

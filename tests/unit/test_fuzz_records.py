@@ -35,7 +35,6 @@ from pipeline.records import (
     CONTENT_TYPE_HEADER,
     JSON,
     MSGPACK,
-    STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
@@ -44,6 +43,7 @@ from pipeline.records import (
     encode,
 )
 from pipeline.rows import DECODERS, PROVENANCE
+from tests.builtin_streams import STREAMS
 from tests.unit.fuzzing import FUZZ_INPUTS, MUTANTS, fuzz, mutate, storable
 
 PARTITION, BATCH_ID = 5, 77

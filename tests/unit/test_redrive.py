@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from pipeline.catalog import load as load_catalog
 from pipeline.records import Metric, encode
 from pipeline.redrive import (
     Outcome,
@@ -19,16 +20,18 @@ from pipeline.redrive import (
 )
 from pipeline.rows import RecordRejected
 
+CATALOG = load_catalog()
+
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def test_the_stream_is_the_source_topic_minus_the_prefix() -> None:
-    assert stream_of("p.agents.metrics", "p.") == "metrics"
-    assert stream_of("users.analytics", "") == "analytics"
-    assert stream_of("agents.metrics", "p.") is None  # another prefix's topic
-    assert stream_of("p.pipeline.dlq", "p.") is None
-    assert stream_topics("p.", "events") == {"p.agents.events": "events"}
-    assert len(stream_topics("")) == 5
+    assert stream_of(CATALOG, "p.agents.metrics", "p.") == "metrics"
+    assert stream_of(CATALOG, "users.analytics", "") == "analytics"
+    assert stream_of(CATALOG, "agents.metrics", "p.") is None  # another prefix's topic
+    assert stream_of(CATALOG, "p.pipeline.dlq", "p.") is None
+    assert stream_topics(CATALOG, "p.", "events") == {"p.agents.events": "events"}
+    assert len(stream_topics(CATALOG, "")) == 5
 
 
 def test_since_needs_an_offset() -> None:
@@ -45,14 +48,14 @@ def test_a_letter_decodes_again_with_its_provenance_and_the_batch_id() -> None:
     value = encode(Metric("a", "cpu", 1.5, T0))
     headers = stored_headers([["content-type", "application/json"], ["trace", None]])
     assert headers == [("content-type", b"application/json"), ("trace", None)]
-    row = decode_again("metrics", value, headers, partition=2, offset=41, batch_id=7001)
+    row = decode_again(CATALOG["metrics"], value, headers, partition=2, offset=41, batch_id=7001)
     assert row[:3] == ("a", "cpu", 1.5) and row[-3:] == (2, 41, 7001)
     with pytest.raises(RecordRejected) as rejected:
-        decode_again("metrics", b"{not json", [], partition=0, offset=0, batch_id=1)
+        decode_again(CATALOG["metrics"], b"{not json", [], partition=0, offset=0, batch_id=1)
     assert rejected.value.error_class == "DecodeError"
     with pytest.raises(RecordRejected) as unsupported:
         decode_again(
-            "metrics", value, stored_headers([["content-type", "text/csv"]]),
+            CATALOG["metrics"], value, stored_headers([["content-type", "text/csv"]]),
             partition=0, offset=0, batch_id=1,
         )  # fmt: skip
     assert unsupported.value.error_class == "UnsupportedContentType"

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from pipeline.catalog import load as load_catalog
 from pipeline.errors import FatalError, SchemaError, TransientError
 from pipeline.replay import (
     AtOffset,
@@ -84,13 +85,13 @@ def test_time_millis() -> None:
     ],
 )
 def test_parse_streams(values: list[str], expected: tuple[str, ...]) -> None:
-    assert parse_streams(values) == expected
+    assert parse_streams(values, load_catalog()) == expected
 
 
 @pytest.mark.parametrize(("values", "message"), [([], "no stream"), (["bogus"], "unknown")])
 def test_parse_streams_refuses(values: list[str], message: str) -> None:
     with pytest.raises(ReplayError, match=message):
-        parse_streams(values)
+        parse_streams(values, load_catalog())
 
 
 @pytest.mark.parametrize(("text", "expected"), [(None, None), ("0,1", (0, 1)), ("2,0,2", (0, 2))])

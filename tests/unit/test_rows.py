@@ -13,7 +13,6 @@ from aiokafka.structs import ConsumerRecord
 from pipeline.batching import Row
 from pipeline.records import (
     MSGPACK,
-    STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
@@ -23,6 +22,7 @@ from pipeline.records import (
     encode,
 )
 from pipeline.rows import DECODERS, TABLES, RecordRejected
+from tests.builtin_streams import STREAMS
 
 PARTITION, OFFSET, BATCH_ID = 3, 42, 7
 PROVENANCE = (PARTITION, OFFSET, BATCH_ID)

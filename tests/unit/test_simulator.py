@@ -13,8 +13,6 @@ from pipeline.errors import ConfigError
 from pipeline.records import (
     JSON,
     MSGPACK,
-    STREAM_BY_TYPE,
-    STREAMS,
     AgentEvent,
     AnalyticsEvent,
     ConfigChange,
@@ -23,6 +21,7 @@ from pipeline.records import (
     encode,
 )
 from producers.simulator import MIXES, FleetSimulator, Mix, record_id, resolve_mix
+from tests.builtin_streams import STREAM_BY_TYPE, STREAMS
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumers.antigravity import Delivery
+from pipeline.catalog import load as load_catalog
 from pipeline.commands.control import send_lines, status_lines
 from pipeline.control import Ack, Checkpoint, Heartbeat, generate_key_pair, sign
 from pipeline.control_store import Decision
@@ -67,6 +68,7 @@ def test_dlq_show_escapes_the_key_value_headers_reason_and_error_class() -> None
             reason=f"reason{ESC}",
             error_class=f"Class{ESC}",
         ),
+        load_catalog(),
         "",
     )
     _safe(lines)
@@ -128,7 +130,9 @@ def test_top_escapes_instance_ids_streams_and_last_errors_before_it_measures_col
     fleet = Fleet("g")
     fleet.heard(_beat(f"vm{ESC}", error=f"boom{ESC}"))
     fleet.heard(_beat("vm-2"))
-    lines = render(fleet.rows(NOW), group="g", now=NOW, interval_s=1, width=None)
+    lines = render(
+        fleet.rows(NOW), group="g", streams=load_catalog().names, now=NOW, interval_s=1, width=None
+    )
     _safe(lines)
     heading, first, second = lines[3], lines[4], lines[5]
     assert first.startswith(f"vm{ESCAPED}  running  metrics{ESCAPED}  ")

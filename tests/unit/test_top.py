@@ -331,7 +331,9 @@ def sample_fleet() -> Fleet:
 
 
 def test_the_screen() -> None:
-    lines = render(sample_fleet().rows(NOW), group=GROUP, now=NOW, interval_s=1, width=None)
+    lines = render(
+        sample_fleet().rows(NOW), group=GROUP, streams=ALL, now=NOW, interval_s=1, width=None
+    )
     assert lines == [
         "pipeline top 2026-11-30 08:00:00 UTC: group database-agent, 3 instance(s) "
         "(1 gone?, 2 running), every 1s",
@@ -346,14 +348,16 @@ def test_the_screen() -> None:
 
 
 def test_a_narrow_screen_cuts_the_lines() -> None:
-    lines = render(sample_fleet().rows(NOW), group=GROUP, now=NOW, interval_s=1, width=70)
+    lines = render(
+        sample_fleet().rows(NOW), group=GROUP, streams=ALL, now=NOW, interval_s=1, width=70
+    )
     assert all(len(line) <= 70 for line in lines)
     assert lines[6] == "vm-3      gone?    all                 5        -      -      -    ..."
     assert lines[4].startswith("vm-27798  running  all")
 
 
 def test_an_empty_group_says_what_to_check() -> None:
-    lines = render([], group="g", now=NOW, interval_s=2.5, width=None)
+    lines = render([], group="g", streams=ALL, now=NOW, interval_s=2.5, width=None)
     assert lines[0] == "pipeline top 2026-11-30 08:00:00 UTC: group g, 0 instance(s), every 2.5s"
     assert lines[1] == "live instances in all: - rows/s, lag - records / - s"
     assert lines[3].startswith("no heartbeat from group g in the last 300s")
@@ -366,7 +370,7 @@ def test_an_empty_group_says_what_to_check() -> None:
 def test_active_streams_shown(streams: tuple[str, ...], shown: str) -> None:
     fleet = Fleet(GROUP)
     fleet.heard(beat(streams=streams))
-    line = render(fleet.rows(NOW), group=GROUP, now=NOW, interval_s=1, width=None)[4]
+    line = render(fleet.rows(NOW), group=GROUP, streams=ALL, now=NOW, interval_s=1, width=None)[4]
     assert line.split()[2] == shown
 
 
@@ -376,5 +380,5 @@ def test_active_streams_shown(streams: tuple[str, ...], shown: str) -> None:
 def test_heard_ago_shown(ago: float, shown: str) -> None:
     fleet = Fleet(GROUP, forget_after_s=10_000)
     fleet.heard(beat(ago=ago))
-    line = render(fleet.rows(NOW), group=GROUP, now=NOW, interval_s=1, width=None)[4]
+    line = render(fleet.rows(NOW), group=GROUP, streams=ALL, now=NOW, interval_s=1, width=None)[4]
     assert line.split()[7] == shown

@@ -11,6 +11,7 @@ import pytest
 
 from consumers.writer import BatchWriter, Refused, write_bisecting
 from pipeline.batching import Part, Rejected, Row
+from pipeline.catalog import load as load_catalog
 from pipeline.db import DeadLetter
 from pipeline.errors import SchemaError
 from tests.unit.test_batching import Rec
@@ -35,7 +36,7 @@ def test_a_batch_gives_its_streams_rows_and_the_dead_letters_of_what_did_not_dec
         ),
         ("p.agents.events", 0): Part([Rec("p.agents.events", 0, 7)], [row(0, 7)], []),
     }
-    rows, letters = BatchWriter("g", TOPICS)._gather(parts)
+    rows, letters = BatchWriter("g", TOPICS, load_catalog())._gather(parts)
     assert rows == {"metrics": [row(0, 5), row(1, 10)], "events": [row(0, 7)]}
     assert [(d.topic, d.partition, d.offset, d.error_class) for d in letters] == [
         ("p.agents.metrics", 1, 11, "EmptyRecord")
@@ -48,7 +49,7 @@ def test_a_refused_row_becomes_the_dead_letter_of_its_own_record() -> None:
     parts = {("p.agents.events", 3): Part(records, [row(3, r.offset) for r in records], [])}
     rows = {"events": [row(3, 40), row(3, 42), row(3, 45)]}
     refused = {"events": [Refused(1, "23514", "23514 violates check constraint")]}
-    letters = BatchWriter("g", TOPICS)._refused_letters(parts, rows, refused)
+    letters = BatchWriter("g", TOPICS, load_catalog())._refused_letters(parts, rows, refused)
     assert letters == [
         DeadLetter(
             topic="p.agents.events",
