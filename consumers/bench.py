@@ -532,7 +532,7 @@ async def _raw_copy(
     conn = await db.connect(url, config.db_session)
     try:
         await db.migrate(conn, db.read_migrations())
-        writers = {name: db.TableWriter(catalog[name].tables) for name in rows}
+        writers = {name: db.TableWriter(catalog[name]) for name in rows}
         # The same batch shape as the agent: up to batch_max_records per transaction.
         share = {name: len(r) / len(sample) for name, r in rows.items()}
         step = {name: max(1, int(config.batch_max_records * s)) for name, s in share.items()}

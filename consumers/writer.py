@@ -66,7 +66,7 @@ class BatchWriter:
         self.group = group
         self._stream_of = dict(topics)
         self._topic_of = {stream: topic for topic, stream in topics.items()}
-        self._tables = {stream: TableWriter(catalog[stream].tables) for stream in self._topic_of}
+        self._tables = {stream: TableWriter(catalog[stream]) for stream in self._topic_of}
         self._publish = publish
 
     async def write(
