@@ -363,7 +363,15 @@ async def assert_exactly_once(
         )
         assert all(n == 1 for n in dead.values()), f"dead-lettered twice: {dead}"
         poison = {(s.topic, s.partition, s.offset) for s in sent if s.poison}
-        assert set(dead) == poison
+        assert set(dead) == poison, (
+            f"dead letters: missing {sorted(poison - set(dead))[:10]}, unexpected "
+            + "; ".join(
+                f"{r['src_topic']}[{r['src_partition']}]@{r['src_offset']}: {r['reason']}"
+                for r in letters
+                if (r["src_topic"].removeprefix(prefix), r["src_partition"], r["src_offset"])
+                not in poison
+            )[:2000]
+        )
         assert all(r["reason"] and r["error_class"] for r in letters)
     finally:
         await conn.close()
