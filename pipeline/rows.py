@@ -267,6 +267,13 @@ class _Compiled:
             checks.insert(0, lambda v: _epoch(v, unit))
         self.checks = tuple(checks)
         self.text_like = column.type in ("text", "jsonb")
+        # A JSON value column whose decoded value is the row's as it is.
+        self.plain = (
+            column.source == "value"
+            and not checks
+            and not column.unit
+            and not (column.nullable and (column.has_default or column.type == "jsonb"))
+        )
 
     def finish(self, value: Any, msgpack: bool) -> Any:
         """A value as found (absent, null or a value) as it goes into the row."""
@@ -333,6 +340,12 @@ class StreamDecoder:
         )
         self._others = tuple((g, c) for g, c in self._checked if not c.column.object)
         self._text_sources = tuple(c for c in self._compiled if c.column.source != "value")
+        # The list road of other streams: JSON records decoded a list at a time, then their
+        # rows built a column at a time.
+        self._json_getters: tuple[Any, ...] = tuple(
+            operator.attrgetter(".".join(self._json_attrs[c.name])) if c.source == "value" else None
+            for c in columns
+        )
         self._key_column = self._by_name[spec.key[0]] if spec.tombstones == "delete" else None
 
     # -- many records ----------------------------------------------------------------------
@@ -347,7 +360,9 @@ class StreamDecoder:
         record, so both roads give the same rows and the same reasons.
         """
         headers = list(map(_HEADERS, records))
-        if self._flat and headers.count(()) + headers.count(_JSON_ONLY) == len(records):
+        if headers.count(()) + headers.count(_JSON_ONLY) == len(records) or (
+            not self._flat and _all_json(headers)
+        ):
             values = list(map(_VALUE, records))
             try:
                 decoded = list(map(self._json.decode, values))
@@ -357,11 +372,18 @@ class StreamDecoder:
                 pass
             else:
                 # A record that may hold a NUL (rare) takes the per-record road below too.
-                if not has_nul and self._all_fit(decoded):
-                    return [
-                        (*astuple(d), partition, offset, batch_id)
-                        for d, offset in zip(decoded, map(_OFFSET, records), strict=True)
-                    ], []
+                if has_nul:
+                    pass
+                elif self._flat:
+                    if self._all_fit(decoded):
+                        return [
+                            (*astuple(d), partition, offset, batch_id)
+                            for d, offset in zip(decoded, map(_OFFSET, records), strict=True)
+                        ], []
+                else:
+                    by_column = self._by_column(decoded, records, partition, batch_id)
+                    if by_column is not None:
+                        return by_column, []
         rows: list[Row] = []
         rejected: list[Rejected] = []
         # Both rare checks screened once for the batch: no call per record when it is clean.
@@ -388,6 +410,49 @@ class StreamDecoder:
             except RecordRejected as exc:
                 rejected.append(Rejected(record, exc.error_class, exc.reason))
         return rows, rejected
+
+    def _by_column(
+        self, decoded: list[Any], records: Sequence[FetchedRecord], partition: int, batch_id: int
+    ) -> list[Row] | None:
+        """The rows of these decoded JSON records built a column at a time, or None when a
+        record needs the per-record road (a value that does not fit, an absent optional
+        object, a NUL): that road names it."""
+        n = len(decoded)
+        columns: list[list[Any]] = []
+        try:
+            for compiled, value_of in zip(self._compiled, self._json_getters, strict=True):
+                source = compiled.column.source
+                if source == "value":
+                    found = list(map(value_of, decoded))
+                    if compiled.plain:
+                        columns.append(found)
+                        continue
+                    columns.append(list(map(compiled.finish, found, [False] * n)))
+                elif source == "timestamp":
+                    columns.append([self._timestamp(compiled, r.timestamp) for r in records])
+                else:
+                    name = compiled.column.header
+                    made = [
+                        compiled.finish(
+                            self._from_bytes(
+                                compiled, r.key if source == "key" else _header(r.headers, name)
+                            ),
+                            False,
+                        )
+                        for r in records
+                    ]
+                    if compiled.text_like and any(
+                        ("\x00" in v) if isinstance(v, str) else _NUL_IN_JSON.search(v)
+                        for v in made
+                        if v is not None
+                    ):
+                        return None
+                    columns.append(made)
+        except (_Bad, AttributeError):  # AttributeError: an optional object that is absent
+            return None
+        return list(
+            zip(*columns, [partition] * n, map(_OFFSET, records), [batch_id] * n, strict=True)
+        )
 
     def _all_fit(self, decoded: list[Any]) -> bool:
         """Whether every checked column of every decoded record fits, a column at a time."""
@@ -578,6 +643,15 @@ class StreamDecoder:
             return f"stream {self._name!r}: {message}"
         what = "column" if len(names) == 1 else "columns"
         return f"stream {self._name!r}, {what} {', '.join(names)}: {message}"
+
+
+def _all_json(headers: list[Sequence[tuple[str, bytes | None]]]) -> bool:
+    """Whether every record of a batch is JSON and has only UTF-8 header names (ASCII ones:
+    any other takes the per-record road, which checks it)."""
+    return (
+        all(not h or _content_type(h) == JSON for h in headers)
+        and "".join([name for record_headers in headers for name, _ in record_headers]).isascii()
+    )
 
 
 def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:

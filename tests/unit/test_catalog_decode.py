@@ -813,3 +813,89 @@ def test_one_decoder_per_spec_and_builtin_streams_take_the_fast_road() -> None:
         assert decoder(spec)._flat, spec.name
     assert not decoder(ORDERS)._flat
     assert not decoder(NESTED)._flat
+
+
+def test_a_flat_stream_keeps_the_fast_road_and_its_tombstones() -> None:
+    spec = stream(
+        'k = "integer"\nv = { type = "real", nullable = true }\nn = "numeric"',
+        head='mode = "latest"\nkey = ["k"]\ntombstones = "delete"',
+    )
+    assert decoder(spec)._flat
+    records = [
+        Rec("t", PARTITION, 1, b"7", b'{"k": 7, "n": 0.10}', 9, (), 0),
+        Rec("t", PARTITION, 2, b"7", None, -1, (), 0),
+        Rec("t", PARTITION, 3, b"8", b'{"k": 8, "v": 1.5, "n": "NaN"}', 9, (), 0),
+    ]
+    rows, dead = decoder(spec).rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert [type(r) for r in rows] == [tuple, Tombstone, tuple]
+    assert rows[0] == (7, None, Decimal("0.10"), PARTITION, 1, BATCH_ID)
+    assert rows[1] == (7, None, None, PARTITION, 2, BATCH_ID)
+    assert rows[2][:2] == (8, 1.5) and rows[2][2].is_nan()
+    rows, dead = decoder(spec).rows(records[:1] + records[2:], PARTITION, BATCH_ID)
+    assert [r[-2] for r in rows] == [1, 3] and dead == []
+
+
+@pytest.mark.parametrize("spec", [ORDERS, NESTED, SOURCES, DEFAULTS], ids=lambda s: s.name)
+def test_clean_json_batches_take_the_list_road_to_the_same_rows(
+    spec: StreamSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "orders": [ORDER, ORDER.replace(b', "shipped_at": 1717243200123', b"")],
+        "s": [b'{"v": "x", "id": 1}'],
+    }.get(spec.name, [])
+    if spec is NESTED:
+        values = [
+            b'{"id": 1, "customer": {"id": "c", "profile": {"tier": "t"}},'
+            b' "meta": {"note": "n", "extra": [1]}}',
+            b'{"id": 2, "customer": {"id": "d", "profile": {}}, "meta": {"extra": null}}',
+        ]
+    if spec is DEFAULTS:
+        values = [b"{}", b'{"both": null, "ms": 1.5, "j": [2]}', b'{"both": "b", "d": 2.5}']
+    headers = (("trace", b"t"), ("content-type", b"application/json"))
+    records = [
+        Rec("t", PARTITION, offset, b"17", value, len(value), headers, TS_MS)
+        for offset, value in enumerate(values * 2)
+    ]
+    dec = decoder(spec)
+    expected = [
+        dec.row(r.value, r.headers, PARTITION, r.offset, BATCH_ID, key=r.key, timestamp=r.timestamp)
+        for r in records
+    ]
+
+    def no_per_record_road(*args: Any, **kwargs: Any) -> Row:
+        raise AssertionError("the per-record road was taken")
+
+    monkeypatch.setattr(dec, "row", no_per_record_road)
+    rows, dead = dec.rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert list(map(_bytes_of, rows)) == list(map(_bytes_of, expected))
+    assert [type(r) for r in rows] == [tuple] * len(records)
+
+
+def test_an_absent_optional_object_in_a_batch_is_decoded_record_by_record() -> None:
+    records = [
+        Rec(
+            "t",
+            PARTITION,
+            1,
+            None,
+            b'{"id": 1, "customer": {"id": "c", "profile": null}}',
+            9,
+            (),
+            0,
+        ),
+        Rec(
+            "t",
+            PARTITION,
+            2,
+            None,
+            b'{"id": 2, "customer": {"id": "c"}, "meta": {"note": "a"}}',
+            9,
+            (),
+            0,
+        ),
+    ]
+    rows, dead = decoder(NESTED).rows(records, PARTITION, BATCH_ID)
+    assert dead == []
+    assert [r[:4] for r in rows] == [(1, "c", "basic", None), (2, "c", "basic", "a")]

@@ -22,7 +22,8 @@ import struct
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import msgspec
@@ -30,6 +31,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline import catalog
 from pipeline.batching import Row
 from pipeline.records import (
     CONTENT_TYPE_HEADER,
@@ -42,7 +44,7 @@ from pipeline.records import (
     StateChange,
     encode,
 )
-from pipeline.rows import DECODERS, PROVENANCE
+from pipeline.rows import DECODERS, PROVENANCE, Tombstone, decoder
 from tests.builtin_streams import STREAMS
 from tests.unit.fuzzing import FUZZ_INPUTS, MUTANTS, fuzz, mutate, storable
 
@@ -474,3 +476,297 @@ def test_every_record_decodes_or_becomes_a_dead_letter_with_a_reason() -> None:
         assert by_origin[origin, "rejected"] > 0, origin
     assert by_origin["valid", "rejected"] == 0  # a valid record under a JSON or MessagePack
     assert set(error_classes) == ERROR_CLASSES
+
+
+# -- a user's stream: every type, every source ------------------------------------------------
+
+EVERY_TYPE = """
+[[streams]]
+name = "every"
+topic = "t.every"
+table = "every_type"
+mode = "history"
+key = ["id"]
+version = "rev"
+tombstones = "delete"
+
+[streams.columns]
+id = "uuid"
+rev = "bigint"
+flag = "boolean"
+small = { type = "smallint", nullable = true }
+medium = { type = "integer", default = 7 }
+r = "real"
+d = { type = "double precision", path = "m.d" }
+amount = "numeric"
+at = "timestamptz"
+at_ms = { type = "timestamptz", unit = "ms", path = "m.t" }
+at_ns = { type = "timestamptz", unit = "ns", nullable = true, default = 2025-01-01T00:00:00Z }
+day = { type = "date", nullable = true }
+name = { type = "text", default = "none" }
+doc = { type = "jsonb", object = true, default = {} }
+anything = { type = "jsonb", nullable = true, path = "m.deep.j" }
+blob = { type = "bytea", default = "" }
+region = { type = "text", source = "key" }
+trace = { type = "integer", source = "header:trace", nullable = true }
+seen = { type = "timestamptz", source = "timestamp" }
+"""
+USER_SPEC = catalog.validate(catalog.parse(EVERY_TYPE, "fuzz.toml")[1])["every"]
+TRACE = "trace"
+
+
+def _user_fields(msgpack: bool) -> st.SearchStrategy[dict[str, Any]]:
+    numbers = st.one_of(
+        st.decimals(min_value=-(10**20), max_value=10**20, places=6),
+        st.integers(-(2**63), 2**63 - 1),
+    )
+    epoch = st.one_of(st.integers(0, 2**42), st.floats(0, 2.0**42))
+    real = st.floats(-3.4e38, 3.4e38, allow_nan=False)
+    return st.fixed_dictionaries(
+        {
+            "id": st.uuids(),
+            "rev": st.integers(0, 2**63 - 1),
+            "flag": st.booleans(),
+            "r": real,
+            "amount": numbers,
+            "at": aware,
+            "m": st.fixed_dictionaries(
+                {"d": st.floats(allow_nan=False, allow_infinity=False), "t": epoch},
+                optional={"deep": st.fixed_dictionaries({}, optional={"j": json_values})},
+            ),
+        },
+        optional={
+            "small": st.one_of(st.none(), st.integers(-(2**15), 2**15 - 1)),
+            "medium": st.integers(-(2**31), 2**31 - 1),
+            "at_ns": st.one_of(st.none(), st.integers(0, 2**62)),
+            "day": st.one_of(st.none(), st.dates()),
+            "name": plain_text,
+            "doc": json_objects,
+            "blob": st.binary(max_size=16),
+        },
+    )
+
+
+def _builtins(value: Any, msgpack: bool) -> Any:
+    """Fields as the wire holds them: bytes base64 in JSON, raw in MessagePack."""
+    return msgspec.to_builtins(value, builtin_types=(bytes, datetime) if msgpack else ())
+
+
+class UserCase(NamedTuple):
+    origin: str
+    value: bytes | None
+    headers: Headers
+    key: bytes | None
+    timestamp: int
+    seed: int
+    valid: tuple[bytes, Headers] | None
+
+
+_user_keys = st.one_of(
+    st.none(), st.binary(max_size=40), any_text.map(lambda t: t.encode("utf-8", "surrogatepass"))
+)
+_timestamps = st.one_of(st.integers(0, 2**41), st.sampled_from([-1, 2**62, 2**63 - 1]))
+_traces = st.one_of(
+    st.none(),
+    st.integers(-(2**31), 2**31 - 1).map(lambda i: str(i).encode()),
+    st.binary(max_size=12),
+    st.sampled_from([b"2147483648", b"1.5", b"true", b""]),
+)
+
+
+@st.composite
+def user_cases(draw: st.DrawFn) -> UserCase:
+    origin = draw(
+        st.sampled_from(["valid", "mutated", "mutated", "mutated", "any_json", "random_bytes"])
+    )
+    seed = draw(st.integers(0, 2**32 - 1))
+    msgpack = draw(st.booleans())
+    content = MSGPACK_HEADERS if msgpack else draw(st.sampled_from(JSON_HEADERS))
+    trace = draw(_traces) if origin != "valid" else str(draw(st.integers(0, 99))).encode()
+    traced: Headers = ((TRACE, trace),) if draw(st.booleans()) else ()
+    timestamp = draw(_timestamps) if origin != "valid" else draw(st.integers(0, 2**41))
+    if origin == "random_bytes":
+        value = draw(st.binary(max_size=300))
+        return UserCase(origin, value, content + traced, draw(_user_keys), timestamp, seed, None)
+    if origin == "any_json":
+        encoded, headers = _encoded(
+            draw(st.one_of(json_values, odd_values)), content, True, valid=False
+        )
+        key = draw(_user_keys)
+        return UserCase(origin, encoded, headers + traced, key, timestamp, seed, None)
+    fields = draw(_user_fields(msgpack))
+    key = str(fields["id"]).encode()
+    wire = _builtins(fields, msgpack)
+    ascii_only = draw(st.booleans())
+    value, headers = _encoded(wire, content, ascii_only, valid=True)
+    if msgpack and headers != MSGPACK_HEADERS:  # not MessagePack (a huge int): JSON after all
+        wire = _builtins(fields, False)
+        value, headers = _encoded(wire, (), ascii_only, valid=True)
+    valid = (value, headers + traced)
+    if origin == "valid":
+        return UserCase(origin, *valid, key, timestamp, seed, valid)
+    wire = draw(_mutated(wire))
+    if isinstance(wire.get("m"), dict) and draw(st.booleans()):
+        wire["m"] = draw(_mutated(wire["m"]))
+    if draw(st.integers(0, 4)) == 0:
+        key = draw(_user_keys)
+    value, headers = _encoded(wire, content, ascii_only, valid=False)
+    return UserCase(origin, value, headers + traced, key, timestamp, seed, valid)
+
+
+_INTEGER_RANGE = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
+
+
+def _check_user_row(row: Row, offset: int, shown: str) -> None:
+    """The row fits the spec: a value of each column's type (asyncpg's encoders take it,
+    PostgreSQL stores it), None only where the column is nullable or the row a tombstone."""
+    spec = USER_SPEC
+    assert len(row) == len(spec.columns) + len(PROVENANCE), shown
+    assert row[-len(PROVENANCE) :] == (PARTITION, offset, BATCH_ID), shown
+    tombstone = isinstance(row, Tombstone)
+    for column, value in zip(spec.columns, row, strict=False):
+        if value is None:
+            assert column.nullable or (tombstone and column.name != "id"), (column.name, shown)
+            continue
+        assert not tombstone or column.name == "id", shown
+        kind = column.type
+        if kind == "text":
+            assert type(value) is str and "\x00" not in value, shown
+            value.encode()  # UTF-8
+        elif kind == "boolean":
+            assert type(value) is bool, shown
+        elif kind in _INTEGER_RANGE:
+            low = 0 if column.name == spec.version else -_INTEGER_RANGE[kind]
+            assert type(value) is int and low <= value < _INTEGER_RANGE[kind], shown
+        elif kind == "real":
+            assert type(value) is float and not (math.isfinite(value) and abs(value) > 3.4029e38)
+        elif kind == "double precision":
+            assert type(value) is float, shown
+        elif kind == "numeric":
+            assert isinstance(value, Decimal) and not value.is_infinite(), shown
+            if value.is_finite():
+                exponent = value.as_tuple().exponent
+                assert isinstance(exponent, int) and exponent >= -16383, shown
+                assert value.adjusted() < 131072, shown
+        elif kind == "uuid":
+            assert isinstance(value, uuid.UUID), shown
+        elif kind == "timestamptz":
+            assert isinstance(value, datetime) and value.utcoffset() is not None, shown
+        elif kind == "date":
+            assert type(value) is date, shown
+        elif kind == "bytea":
+            assert type(value) is bytes, shown
+        else:
+            assert kind == "jsonb" and isinstance(value, msgspec.Raw), shown
+            try:
+                parsed = json.loads(bytes(value))
+            except RecursionError:
+                parsed = {} if bytes(value).startswith(b"{") else None
+            except ValueError as exc:
+                pytest.fail(f"{column.name} is not JSON: {exc}\n{shown}")
+            assert "\\u0000" not in bytes(value).decode().replace("\\\\", ""), shown
+            if column.object:
+                assert isinstance(parsed, dict), shown
+
+
+def test_a_user_stream_of_every_type_decodes_or_dead_letters_every_record() -> None:
+    """The catalog decoder, compiled from a user's spec with every type and every source,
+    fuzzed as the built-in ones are: rows that fit the spec, or dead letters with reasons."""
+    user_decoder = decoder(USER_SPEC)
+    outcomes: Counter[tuple[str, str]] = Counter()  # (origin, decoded | rejected)
+    error_classes: Counter[str] = Counter()
+    tombstones = 0
+    valid_rejected: list[tuple[str, str]] = []
+
+    def shown_of(record: Record) -> str:
+        return f"input: {record!r}"
+
+    def decode_all(records: list[Record]) -> tuple[list[Row], list[Any]]:
+        try:
+            return user_decoder.rows(records, PARTITION, BATCH_ID)
+        except Exception as exc:  # the property: nothing raises
+            shown = "\n".join(shown_of(r) for r in records)
+            pytest.fail(f"rows() raised {type(exc).__name__}: {exc}\n{shown}")
+
+    @fuzz
+    @given(user_cases())
+    def decode_one_and_its_mutants(case: UserCase) -> None:
+        nonlocal tombstones
+        rng = random.Random(case.seed)
+        inputs: list[tuple[str, bytes | None, Headers, bytes | None]] = [
+            (case.origin, case.value, case.headers, case.key)
+        ]
+        for _ in range(MUTANTS):
+            base, headers = case.value or b"", case.headers
+            if case.valid is not None and rng.random() < 0.5:
+                base, headers = case.valid
+            key = case.key
+            if rng.random() < 0.1:
+                key = None if rng.random() < 0.5 else mutate(key or b"k", rng, CORPUS)
+            if rng.random() < 0.02:
+                inputs.append(("tombstone", None, headers, key))
+            else:
+                inputs.append(("byte_mutant", mutate(base, rng, CORPUS), headers, key))
+        records = [
+            Record("t", PARTITION, offset, key, value, len(value or b""), headers, case.timestamp)
+            for offset, (_, value, headers, key) in enumerate(inputs)
+        ]
+        batch_rows, batch_rejected = decode_all(records)
+        rows: list[Row] = []
+        rejected: list[Any] = []
+        for (origin, _, _, _), record in zip(inputs, records, strict=True):
+            shown = shown_of(record)
+            one_rows, one_rejected = decode_all([record])
+            assert len(one_rows) + len(one_rejected) == 1, shown
+            if one_rows:
+                _check_user_row(one_rows[0], record.offset, shown)
+                tombstones += isinstance(one_rows[0], Tombstone)
+                outcomes[origin, "decoded"] += 1
+            else:
+                dead = one_rejected[0]
+                assert dead.record is record, shown
+                assert dead.error_class in ERROR_CLASSES | {"InvalidHeader"}, shown
+                assert storable(dead.reason), (dead.reason, shown)
+                if dead.error_class == "ValidationError":
+                    assert dead.reason.startswith("stream 'every'"), (dead.reason, shown)
+                net = _SAFETY_NET_REASON.match(dead.reason)
+                if net:
+                    assert net[1] in SAFETY_NET, (dead.reason, shown)
+                error_classes[dead.error_class] += 1
+                outcomes[origin, "rejected"] += 1
+                if origin == "valid":
+                    valid_rejected.append((dead.reason, shown))
+            rows += one_rows
+            rejected += one_rejected
+        assert list(map(_same, batch_rows)) == list(map(_same, rows)), case
+        assert [type(r) for r in batch_rows] == [type(r) for r in rows], case
+        if case.valid is not None:  # a clean batch: the list road, which must agree too
+            value, headers = case.valid
+            clean = [
+                Record("t", PARTITION, offset, case.key, value, len(value), headers, case.timestamp)
+                for offset in range(3)
+            ]
+            clean_rows, clean_rejected = decode_all(clean)
+            one_by_one = [decode_all([r]) for r in clean]
+            assert list(map(_same, clean_rows)) == [_same(r) for o, _ in one_by_one for r in o]
+            assert [(r.record.offset, r.reason) for r in clean_rejected] == [
+                (r.record.offset, r.reason) for _, d in one_by_one for r in d
+            ]
+        assert [(r.record.offset, r.error_class, r.reason) for r in batch_rejected] == [
+            (r.record.offset, r.error_class, r.reason) for r in rejected
+        ], case
+
+    decode_one_and_its_mutants()
+
+    total = sum(outcomes.values())
+    print(
+        f"\nuser stream records fuzzed: {total}; {dict(sorted(outcomes.items()))}; "
+        f"error classes {dict(error_classes)}; tombstones {tombstones}"
+    )
+    assert total >= FUZZ_INPUTS
+    assert valid_rejected == []
+    for origin in ("mutated", "byte_mutant"):
+        assert outcomes[origin, "decoded"] > 0, origin
+        assert outcomes[origin, "rejected"] > 0, origin
+    assert tombstones > 0
+    assert {"ValidationError", "DecodeError"} <= set(error_classes)
