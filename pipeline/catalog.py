@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from pipeline.errors import ConfigError
+from pipeline.sql_names import derived
 
 BUILTIN_FILE = Path(__file__).resolve().parent / "streams.toml"
 STREAMS_FILE_ENV = "PIPELINE_STREAMS_FILE"
@@ -325,7 +326,9 @@ class _StreamDecl(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     topic: str
     table: str
-    columns: dict[str, str | _ColumnDecl]
+    # Each column is converted on its own (_column), so that an error names it: msgspec
+    # names a dict's value only as `columns[...]`.
+    columns: dict[str, Any]
     mode: Literal["append", "latest", "history"] = "append"
     key: list[str] = []
     version: str | None = None
@@ -394,15 +397,18 @@ def parse(text: str, origin: str) -> tuple[bool, tuple[StreamSpec, ...]]:
 
 
 def validate(streams: Iterable[StreamSpec]) -> Catalog:
-    """The catalog of these streams, once no two share a name, a topic or a table."""
+    """The catalog of these streams, once no two share a name, a topic, a table or an index
+    (an index's name is unique in its schema)."""
     streams = tuple(streams)
     errors = []
-    seen: dict[str, dict[str, StreamSpec]] = {"name": {}, "topic": {}, "table": {}}
+    seen: dict[str, dict[str, StreamSpec]] = {"name": {}, "topic": {}, "table": {}, "index": {}}
     for spec in streams:
+        schema = spec.table.rpartition(".")[0] or "public"
         for what, values in (
             ("name", (spec.name,)),
             ("topic", (spec.topic,)),
             ("table", tuple(_bare_public(t) for t in spec.table_names)),
+            ("index", tuple(_bare_public(f"{schema}.{i.name}") for i in spec.indexes)),
         ):
             for value in values:
                 other = seen[what].get(value)
@@ -426,7 +432,8 @@ def _place(raw: Mapping[str, Any], message: str) -> str:
     ...``, so the error names the stream by its name."""
     found = re.search(r"^(.*) - at `\$\.streams\[(\d+)\]\.?(.*)`$", message)
     if found is None:
-        return message.replace("`$.", "`")
+        elsewhere = re.search(r"^(.*) - at `\$\.(.*)`$", message)
+        return f"{elsewhere[2]}: {elsewhere[1]}" if elsewhere else message
     text, index, key = found.groups()
     name = None
     streams = raw.get("streams")
@@ -526,15 +533,36 @@ def _spec(decl: _StreamDecl, origin: str, where: str) -> StreamSpec:
     elif decl.mode == "latest" and decl.history_table is not None:
         error("history_table", 'only a "history" stream has a history table')
 
+    if history_table is not None and _bare_public(history_table) == _bare_public(decl.table):
+        error("history_table", f"{history_table!r} is the stream's table too")
+
     indexes = []
+    # Names the tables' own indexes take: their primary keys' and their source ranges'.
+    taken = {
+        derived(t, suffix)
+        for t in (decl.table, history_table)
+        if t
+        for suffix in ("pkey", "source")
+    }
     for i, index in enumerate(decl.indexes):
         missing = [c for c in index.columns if c not in decl.columns]
         if missing or not index.columns:
             error(f"indexes[{i}]", f"columns {index.columns} must be columns of the stream")
-        name = index.name or "_".join((decl.table.replace(".", "_"), *index.columns))
-        if index.name is not None and not _IDENTIFIER.fullmatch(index.name):
-            error(f"indexes[{i}].name", f"{index.name!r} must match [a-z_][a-z0-9_]*")
-        indexes.append(Index(name[:_MAX_NAME], tuple(index.columns), index.using))
+        name = index.name or derived(decl.table, *index.columns)
+        if index.name is not None and (
+            not _IDENTIFIER.fullmatch(index.name) or len(index.name) > _MAX_NAME
+        ):
+            error(
+                f"indexes[{i}].name",
+                f"{index.name!r} must match [a-z_][a-z0-9_]* and be at most {_MAX_NAME} characters",
+            )
+        elif name in taken:
+            error(
+                f"indexes[{i}].name",
+                f"{name!r} is the name of another index of the stream's tables",
+            )
+        taken.add(name)
+        indexes.append(Index(name, tuple(index.columns), index.using))
 
     if errors:
         raise CatalogError("\n".join(errors))
@@ -566,7 +594,13 @@ def _check_table(name: str, key: str, error: Any, *, max_length: int) -> None:
         error(key, f"{name!r} is in a system schema")
 
 
-def _column(name: str, decl: str | _ColumnDecl, error: Any) -> Column | None:
+def _column(name: str, raw: Any, error: Any) -> Column | None:
+    try:
+        decl = msgspec.convert(raw, str | _ColumnDecl)
+    except msgspec.ValidationError as exc:
+        text, _, where = str(exc).partition(" - at `$")
+        error(f"{where.rstrip('`').lstrip('.')}: {text}" if where else text)
+        return None
     if isinstance(decl, str):
         decl = _ColumnDecl(type=decl)
     failed = False

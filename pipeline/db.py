@@ -460,7 +460,15 @@ async def check_catalog(
     Agents never change the schema: `pipeline migrate` does, as the migrator. A column the
     database has beyond this catalog's is fine when a row may leave it out (nullable or with a
     default): agents of the previous catalog run on after a migration that added it."""
-    specs = [catalog[name] for name in (catalog.names if streams is None else streams)]
+    names = catalog.names if streams is None else tuple(streams)
+    unknown = catalog.unknown(names)
+    if unknown:  # a replay recorded under another catalog, say
+        raise ConfigError(
+            f"stream(s) {', '.join(unknown)} are not in the streams catalog (choose from "
+            f"{', '.join(catalog.names)}): set PIPELINE_STREAMS_FILE to the catalog that "
+            "declares them"
+        )
+    specs = [catalog[name] for name in names]
     found = schema_plan.missing(specs, await database_state(conn, specs, applied=False))
     if found:
         raise SchemaError(

@@ -22,7 +22,16 @@ from typing import Any
 import msgspec
 
 from pipeline import sql_names
-from pipeline.catalog import INTEGER_TYPES, PROVENANCE, Catalog, Column, Index, StreamSpec
+from pipeline.catalog import (
+    INGESTED_AT,
+    INTEGER_TYPES,
+    PROVENANCE,
+    RESERVED_COLUMNS,
+    Catalog,
+    Column,
+    Index,
+    StreamSpec,
+)
 from pipeline.errors import SchemaError
 
 WRITER, READER = "pipeline_writer", "pipeline_reader"
@@ -32,7 +41,6 @@ MIGRATE_HINT = (
 
 #: How pg_catalog's format_type() spells the catalog's types, where it differs.
 _FORMAT_TYPE = {"timestamptz": "timestamp with time zone"}
-_INGESTED_AT = ("ingested_at", "timestamptz", "NOT NULL DEFAULT now()")
 _PROVENANCE_TYPES = dict(zip(PROVENANCE, ("integer", "bigint", "bigint"), strict=True))
 _SOURCE_INDEX = "source"  # <table>_source: BRIN on the source range of row-per-record tables
 
@@ -105,8 +113,11 @@ def shapes(spec: StreamSpec) -> tuple[TableShape, ...]:
     """The tables of a stream: one, or a "latest" table and its history.
 
     A table with a row per record (append, history) gets a BRIN index on its source range,
-    which a replay and a rollback delete by; a "latest" table is restored through its history.
-    The stream's own indexes go on its first table."""
+    which a replay and a rollback delete by: rows arrive in offset order per partition, so
+    each block range covers a narrow span of offsets, and a BRIN index costs COPY next to
+    nothing where a B-tree would cost it dearly (docs/replay.md). A "latest" table holds a row
+    per key and is restored through its history. The stream's own indexes go on its first
+    table."""
     version = spec.version
     check = version if version and spec.column(version).type in INTEGER_TYPES else None
     source = Index(
@@ -149,8 +160,9 @@ def create_table(shape: TableShape) -> str:
         lines.append(line)
     for name in PROVENANCE:
         lines.append(f"    {sql_names.ident(name)} {_PROVENANCE_TYPES[name]} NOT NULL")
-    name, kind, rest = _INGESTED_AT
-    lines.append(f"    {sql_names.ident(name)} {kind} {rest}")
+    # Written by the database, not by COPY. now() is the transaction's time, not volatile:
+    # COPY keeps its multi-row insert path.
+    lines.append(f"    {sql_names.ident(INGESTED_AT)} timestamptz NOT NULL DEFAULT now()")
     if shape.primary_key:
         lines.append(f"    PRIMARY KEY ({sql_names.columns(shape.primary_key)})")
     body = ",\n".join(lines)
@@ -333,7 +345,7 @@ def _evolve(shape: TableShape, table: TableState) -> tuple[list[str], list[str],
                 f"{sql_names.ident(column.name)} {fix}), or put the old definition back"
             )
     for extra in table.columns:
-        if extra.name in declared or extra.name in (*PROVENANCE, _INGESTED_AT[0]):
+        if extra.name in declared or extra.name in RESERVED_COLUMNS:
             continue
         problems.append(
             f"{where}, column {extra.name!r}: removed or renamed, "
@@ -386,7 +398,13 @@ def _declaration_changes(spec: StreamSpec, applied: Mapping[str, Any] | None) ->
     new = spec.declaration()
     problems = []
     for key, fix in _PINNED.items():
-        if key in applied and applied[key] != new[key]:
+        if key not in applied:
+            continue
+        was, now = applied[key], new[key]
+        if key in ("table", "history_table") and was and now:
+            # "orders" and "public.orders" are one table.
+            was, now = (".".join(sql_names.split_table(t)) for t in (was, now))
+        if was != now:
             problems.append(
                 f"stream {spec.name!r}: {key} change, {_show(applied[key])} when last "
                 f"migrated, {_show(new[key])} in the catalog: {fix}"
@@ -435,7 +453,7 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{pg_type(column.type)}"
                     )
             for extra in table.columns:
-                known = extra.name in declared or extra.name in (*PROVENANCE, _INGESTED_AT[0])
+                known = extra.name in declared or extra.name in RESERVED_COLUMNS
                 if not known and extra.not_null and not extra.has_default:
                     found.append(
                         f"{shape.display}.{extra.name} is NOT NULL without a default and not "

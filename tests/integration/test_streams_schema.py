@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import catalog, db, testbed
 from pipeline.devstack import postgres
-from pipeline.errors import SchemaError
+from pipeline.errors import ConfigError, SchemaError
 from pipeline.testbed import AgentProcess
 from tests.conftest import Servers
 from tests.integration.harness import (
@@ -234,8 +234,14 @@ async def test_builtin_false_creates_none_of_the_builtin_tables(
             await db.check_catalog(writer, catalog.load(streams))
             with pytest.raises(SchemaError) as caught:
                 await db.check_catalog(writer, catalog.load(), ["metrics"])
+            with pytest.raises(ConfigError) as unknown:
+                await db.check_catalog(writer, catalog.load(streams), ["metrics"])
         finally:
             await writer.close()
+        assert str(unknown.value) == (
+            "stream(s) metrics are not in the streams catalog (choose from orders): set "
+            "PIPELINE_STREAMS_FILE to the catalog that declares them"
+        )
         assert str(caught.value) == (
             "the database does not hold the tables that stream(s) metrics need: no table "
             "public.performance_metrics: run `pipeline migrate` as the migrator "
