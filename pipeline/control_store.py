@@ -332,7 +332,8 @@ async def roll_back_data(
     (``table_owners``), and a table another group owns makes the rollback an
     :class:`~pipeline.errors.OwnershipError`, before anything is deleted.
     """
-    catalog = catalog or load_catalog()
+    if catalog is None:
+        catalog = load_catalog()
     stored = {
         (r["topic"], r["partition"]): r["next_offset"]
         for r in await conn.fetch(

@@ -4,8 +4,9 @@
 range of a stream's partitions again and writes it exactly once, beside live ingestion. This
 module holds what can be decided without a server: parsing ``--from``/``--to``/``--streams``/
 ``--partitions``, resolving a request against the log's bounds and the live group's stored
-offsets into one frozen range per partition (with the errors a bad range gets), the progress
-arithmetic, and the rate limiter's wait.
+offsets into one frozen range per partition (with the errors a bad range gets), the
+statements that empty a range before it is written again, the progress arithmetic, and the
+rate limiter's wait.
 """
 
 from __future__ import annotations

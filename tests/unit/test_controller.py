@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka.structs import ConsumerRecord
 
 from consumers.agent import DatabaseAgent
 from consumers.controller import Controller
+from pipeline import control_store as store
 from pipeline.config import load_config
-from pipeline.control import Verifier
+from pipeline.control import Envelope, GroupState, RollbackCheckpoint, Verifier
 
 ENV = {"KAFKA_BOOTSTRAP_SERVERS": "localhost:9", "DATABASE_URL": "postgresql://u@localhost:9/d"}
 
@@ -129,3 +132,39 @@ async def test_a_cancel_that_comes_as_a_status_send_is_acknowledged_is_never_los
     with contextlib.suppress(asyncio.CancelledError):
         await sending
     assert sending.cancelled() == requested
+
+
+async def test_a_rollback_the_store_refuses_is_rejected_as_apply_failed_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A data rollback that cannot restore a stream (a "latest" one without history) is a
+    rejected command naming the stream, like one that finds another group's table."""
+    controller = _controller(Verifier([]))
+
+    async def checkpoint_offsets(conn: object, group: str, name: str) -> dict[object, int]:
+        return {("t", 0): 0}
+
+    async def roll_back_data(*args: object) -> None:
+        raise store.RollbackRefused("stream 'orders' (orders) is a \"latest\" table")
+
+    monkeypatch.setattr(store, "checkpoint_offsets", checkpoint_offsets)
+    monkeypatch.setattr(store, "roll_back_data", roll_back_data)
+    now = datetime.now(UTC)
+    envelope = Envelope(
+        command_id=uuid.uuid4(),
+        seq=7,
+        target="g",
+        issued_at=now,
+        expires_at=now,
+        issuer="antigravity",
+        key_id="0" * 16,
+        command=RollbackCheckpoint(to_checkpoint="before", then="reingest"),
+        signature=b"",
+    )
+    state = GroupState()
+    outcome = await controller._apply(None, state, envelope)  # type: ignore[arg-type]
+    assert outcome.state is state
+    assert outcome.decision is not None
+    assert (outcome.decision.outcome, outcome.decision.code) == ("rejected", "apply_failed")
+    assert "stream 'orders'" in outcome.decision.detail
+    assert not outcome.rolled_back
