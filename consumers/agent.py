@@ -73,6 +73,8 @@ class DatabaseAgent:
             config.group_id, topics, catalog, publish=self._dlq.publish
         )
         self._counts = BatchCount(self.metrics, topics, catalog)
+        for topic, stream in topics.items():
+            self.metrics.stream_topic.labels(stream, topic).set(1)
         self.ownership = Ownership(topics)
         self._stopping = asyncio.Event()
         self._fetcher = Fetcher(

@@ -215,6 +215,14 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        # Which stream a topic's partition series belong to: the alert rules join on it, so
+        # no stream name is written in them (a catalog's stream is named freely).
+        self.stream_topic = Gauge(
+            "pipeline_stream_topic",
+            "The stream of each topic this instance consumes (always 1)",
+            ["stream", "topic"],
+            registry=r,
+        )
         self.control_commands = Counter(
             "pipeline_control_commands_total",
             "Control commands this instance applied, followed or rejected",

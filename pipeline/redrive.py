@@ -87,9 +87,9 @@ def decode_again(
     batch_id: int,
 ) -> Row:
     """A dead letter's COPY row, decoded as ``spec`` (the stream in today's catalog) says,
-    carrying the letter's source partition and offset and ``batch_id``; :class:`RecordRejected`
-    when it still does not decode. ``key`` and ``timestamp`` are the record's, for the columns
-    that take them."""
+    carrying the letter's source partition and offset and ``batch_id``;
+    :class:`RecordRejected` when it still does not decode. ``key`` and ``timestamp`` are the
+    record's, for the columns that take them."""
     return decoder(spec).row(
         value,
         headers,

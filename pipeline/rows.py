@@ -698,10 +698,3 @@ def decoder(spec: StreamSpec) -> StreamDecoder:
     if cached is None or cached[0] is not spec:
         cached = _DECODERS[id(spec)] = (spec, StreamDecoder(spec))
     return cached[1]
-
-
-# TODO(issue 20, c-wire): remove once every caller reads config.catalog and rows.decoder().
-_BUILTIN = catalog.load()
-DECODERS: dict[str, StreamDecoder] = {s.name: decoder(s) for s in _BUILTIN}
-TABLES: dict[str, StreamTables] = {s.name: s.tables for s in _BUILTIN}
-DATA_TABLES: tuple[str, ...] = _BUILTIN.data_tables

@@ -1,7 +1,7 @@
 """Fuzzing the record decoders: every input is a row or a dead letter with a reason.
 
 The target is what the DatabaseAgent calls on each fetched batch,
-``pipeline.rows.DECODERS[stream].rows``: it returns the rows and the rejected records (the
+``pipeline.rows.decoder(spec).rows``: it returns the rows and the rejected records (the
 dead letters to be, each with an error class and a reason) and must raise nothing, whatever
 the bytes and headers. ``FUZZ_INPUTS`` records (default 100,000) of every stream are decoded:
 valid records mutated field by field (removed, added, wrong types, nulls, huge numbers, NaN,
@@ -44,9 +44,11 @@ from pipeline.records import (
     StateChange,
     encode,
 )
-from pipeline.rows import DECODERS, PROVENANCE, Tombstone, decoder
+from pipeline.rows import PROVENANCE, Tombstone, decoder
 from tests.builtin_streams import STREAMS
 from tests.unit.fuzzing import FUZZ_INPUTS, MUTANTS, fuzz, mutate, storable
+
+BUILTIN = catalog.load()  # the built-in streams
 
 PARTITION, BATCH_ID = 5, 77
 STREAM_NAMES = tuple(s.name for s in STREAMS)
@@ -348,7 +350,7 @@ CORPUS = [encode(r, ct) for r in SAMPLES for ct in (JSON, MSGPACK)]
 
 
 def _check_row(stream: str, row: Row, offset: int, shown: str) -> None:
-    tables = DECODERS[stream].tables
+    tables = decoder(BUILTIN[stream]).tables
     columns = tables.table.columns
     assert len(row) == len(columns), shown
     assert row[-len(PROVENANCE) :] == (PARTITION, offset, BATCH_ID), shown
@@ -394,7 +396,7 @@ def _shown(stream: str, record: Record) -> str:
 
 def _decode(stream: str, records: list[Record]) -> tuple[list[Row], list[Any]]:
     try:
-        return DECODERS[stream].rows(records, PARTITION, BATCH_ID)
+        return decoder(BUILTIN[stream]).rows(records, PARTITION, BATCH_ID)
     except Exception as exc:  # the property: nothing raises
         shown = "\n".join(_shown(stream, r) for r in records)
         pytest.fail(f"rows() raised {type(exc).__name__}: {exc}\n{shown}")
