@@ -36,8 +36,9 @@ import msgspec
 import pytest
 
 from pipeline import catalog as catalogs
-from pipeline import testbed
+from pipeline import db, testbed
 from pipeline.catalog import Catalog, StreamSpec
+from pipeline.config import load_config
 from pipeline.control import generate_key_pair, write_private_key_file, write_public_key_file
 from pipeline.devstack import postgres
 from tests.conftest import Servers
@@ -773,3 +774,85 @@ async def test_control_checkpoint_rollback_replay_and_dlq_replay_on_user_streams
             await testbed.stop_agents(agents)
             for agent in agents:
                 agent.kill()
+
+
+# -- 4. a batch written again keeps the first record of a key -----------------------------------
+
+
+MOVES = """
+[[streams]]
+name = "moves"
+topic = "shop.moves"
+table = "moves"
+mode = "history"
+key = ["item"]
+version = "rev"
+
+[streams.columns]
+item = "text"
+rev = "bigint"
+note = "text"
+"""
+
+
+async def test_a_key_twice_in_a_batch_keeps_its_first_record_whatever_the_stage_order(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The staging table gives its rows back in the order they sit on disk, which is not the
+    order COPY wrote them in once rows of different sizes fill and free its pages (batches
+    before in the session, an attempt rolled back). A key twice in one batch (an append
+    table with a key), or a (key, version) twice (a history table, and an equal version in
+    its latest table), must keep its first record all the same, as the model says."""
+    catalog_file = tmp_path / "streams.toml"
+    catalog = write_catalog(catalog_file, ORDERS, MOVES)
+    env = env_for("127.0.0.1:1", database_url, "unused.", catalog_file)
+    await pipeline_ok(env, "migrate")
+    rng = random.Random(5)
+    batches: list[dict[str, list[tuple[Any, ...]]]] = []
+    records: list[Produced] = []
+
+    def add(batch: dict[str, list[tuple[Any, ...]]], stream: str, row: tuple[Any, ...]) -> None:
+        offset = len(records)
+        spec = catalog[stream]
+        wire = tuple(
+            msgspec.Raw(JSON.encode(v)) if c.type == "jsonb" else v
+            for c, v in zip(spec.columns, row, strict=True)
+        )
+        batch.setdefault(stream, []).append((*wire, 0, offset, 1))
+        records.append(Produced(stream, 0, offset, row))
+
+    for b in range(6):
+        batch: dict[str, list[tuple[Any, ...]]] = {}
+        for planned in orders(rng, catalog["orders"], 400):  # a tenth of them twice
+            assert planned.row is not None
+            row = list(planned.row)
+            row[6] = [{"sku": "x" * rng.randrange(400)}] * rng.randrange(1, 4)  # sizes vary
+            add(batch, "orders", tuple(row))
+        for i in range(400):
+            item, rev, note = f"item-{b}-{i % 40}", rng.randrange(8), "n" * rng.randrange(600)
+            add(batch, "moves", (item, rev, f"first {i} {note}"))
+            if rng.random() < 0.3:
+                add(batch, "moves", (item, rev, f"again {i}"))
+        batches.append(batch)
+    config = load_config(env)
+    conn = await db.connect(testbed.as_agent(database_url), config.db_session)
+    try:
+        for i, batch in enumerate(batches):
+            for stream, rows in batch.items():
+                writer = db.TableWriter(catalog[stream])
+                if i % 2:  # an attempt refused first, as the writer's bisection has
+                    with pytest.raises(_Refused):
+                        async with db.transaction(conn):
+                            await writer.write(conn, rows[::2])
+                            raise _Refused
+                async with db.transaction(conn):
+                    await writer.write(conn, rows)
+    finally:
+        await conn.close()
+    expected = model(catalog, records)
+    assert len(expected["shop.orders"]) == 2400, len(expected["shop.orders"])
+    await assert_tables_match(database_url, catalog, expected)
+
+
+class _Refused(Exception):
+    """An attempt refused: its transaction rolls back."""
