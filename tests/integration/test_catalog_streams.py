@@ -664,7 +664,7 @@ async def test_control_checkpoint_rollback_replay_and_dlq_replay_on_user_streams
     write_public_key_file(tmp_path / "antigravity.pub", public)
     rng = random.Random(11)
     first = _interleave(
-        rng, [orders(rng, catalog["orders"], 4_000), shipments(rng, catalog["shipments"], 150, 10)]
+        rng, [orders(rng, catalog["orders"], 8_000), shipments(rng, catalog["shipments"], 150, 10)]
     )
     # Orders the database refuses until a constraint it does not know about is dropped.
     refused = []
@@ -698,7 +698,7 @@ async def test_control_checkpoint_rollback_replay_and_dlq_replay_on_user_streams
             status = await pipeline_ok(env, "control", "status", "--json")
             print(status)
             sending = asyncio.create_task(
-                produce_paced(bootstrap, prefix, [p.out for p in traffic], over=15.0)
+                produce_paced(bootstrap, prefix, [p.out for p in traffic], over=40.0)
             )
 
             async def orders_stored() -> int:
@@ -727,6 +727,7 @@ async def test_control_checkpoint_rollback_replay_and_dlq_replay_on_user_streams
             await at_least(orders_stored, frozen + 500)
 
             # -- a checkpoint, more records, a rollback to it: re-ingested exactly once --------
+            assert not sending.done(), "the checkpoint must be taken while records arrive"
             print(await pipeline_ok(env, "control", "checkpoint", "cp"))
             at_checkpoint = await orders_stored()
             await at_least(orders_stored, at_checkpoint + 500)
@@ -735,6 +736,7 @@ async def test_control_checkpoint_rollback_replay_and_dlq_replay_on_user_streams
             )
             print(rollback)
             assert "applied" in rollback
+            assert not sending.done(), "the rollback must land while records arrive"
             sent = await sending
             expected = model(catalog, produced(traffic, sent))
             await assert_caught_up_exactly_once(
