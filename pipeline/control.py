@@ -222,10 +222,12 @@ KeyId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}\Z")]
 # A stream's name as the catalog allows it (pipeline/catalog.py). Whether the stream exists
 # is the agent's catalog's to say when it applies the command (:func:`next_state`): the
 # catalog of Antigravity and of each agent may differ during a rolling restart.
-StreamName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,47}\Z")]
+_STREAM_NAME_PATTERN = r"[a-z][a-z0-9_]{0,47}"
+_STREAM_NAME = re.compile(_STREAM_NAME_PATTERN)
+StreamName = Annotated[str, msgspec.Meta(pattern=f"^{_STREAM_NAME_PATTERN}\\Z")]
+# A bound on what one command names, far above any catalog, so a command stays small.
 MAX_STREAMS = 1024
 Streams = Annotated[tuple[StreamName, ...], msgspec.Meta(min_length=1, max_length=MAX_STREAMS)]
-_STREAM_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
 def _check_streams(streams: tuple[str, ...]) -> None:

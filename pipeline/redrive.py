@@ -102,8 +102,9 @@ def decode_again(
 
 
 def _epoch_ms(when: datetime) -> int:
-    """A stored record timestamp back as Kafka's milliseconds since the epoch."""
-    return (when - _EPOCH) // timedelta(milliseconds=1)
+    """A stored record timestamp back as Kafka's milliseconds since the epoch (stored through
+    ``to_timestamp(ms / 1000.0)``, a float: rounded, not cut)."""
+    return ((when - _EPOCH) // timedelta(microseconds=1) + 500) // 1000
 
 
 def shown(data: bytes | None, limit: int = SHOW_MAX_CHARS) -> str:

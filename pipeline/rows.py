@@ -122,7 +122,8 @@ def _numeric_fits(value: Decimal) -> bool:
         exponent = value.as_tuple().exponent
         assert isinstance(exponent, int)
         return exponent >= _NUMERIC_MIN_EXPONENT and value.adjusted() <= _NUMERIC_MAX_ADJUSTED
-    return value.is_nan()
+    # PostgreSQL has one NaN; a signalling one would raise where a writer compares it.
+    return value.is_qnan()
 
 
 def _check_real(value: float) -> float:
@@ -135,7 +136,7 @@ def _check_numeric(value: Decimal) -> Decimal:
     if not _numeric_fits(value):
         raise _Bad(
             "Expected `decimal` within numeric's range (131072 digits before the point, "
-            "16383 after, NaN but no infinity)"
+            "16383 after, NaN but no infinity nor sNaN)"
         )
     return value
 
@@ -448,7 +449,7 @@ class StreamDecoder:
                     ):
                         return None
                     columns.append(made)
-        except (_Bad, AttributeError):  # AttributeError: an optional object that is absent
+        except Exception:  # an absent optional object (AttributeError), a bad value: per record
             return None
         return list(
             zip(*columns, [partition] * n, map(_OFFSET, records), [batch_id] * n, strict=True)
@@ -463,7 +464,7 @@ class StreamDecoder:
         for value_of, compiled in self._others:
             try:
                 list(map(compiled.finish, map(value_of, decoded), [False] * n))
-            except _Bad:
+            except Exception:  # the per-record road names it
                 return False
         return True
 

@@ -1,10 +1,11 @@
-"""The agent SDK: typed publishing, a non-blocking logging handler, and a fleet simulator.
+"""The agent SDK: publishing to any catalog stream and the typed records, a non-blocking
+logging handler, and a fleet simulator.
 
 ``producers`` imports ``pipeline`` (records, errors), never the reverse.
 """
 
 from producers.log_handler import KafkaLogHandler
-from producers.publisher import AgentPublisher, PublishError, PublishTimeoutError
+from producers.publisher import AgentPublisher, PublishError, PublishTimeoutError, RecordRefused
 from producers.simulator import (
     MIXES,
     FleetSimulator,
@@ -22,6 +23,7 @@ __all__ = [
     "Mix",
     "PublishError",
     "PublishTimeoutError",
+    "RecordRefused",
     "SentRecord",
     "SimulationResult",
     "simulate",

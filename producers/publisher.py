@@ -52,7 +52,7 @@ from pipeline.records import (
     stream_of,
     topic_name,
 )
-from pipeline.rows import RecordRejected, decoder
+from pipeline.rows import decoder
 
 __all__ = [
     "PRODUCER_DEFAULTS",
@@ -137,6 +137,11 @@ class _Outgoing:
 
 
 _NO_VALUE: Any = object()  # publish(record): a typed record, no value given
+
+
+def _refusal(stream: str, reason: str) -> str:
+    """A decoder's reason as the refusal's message, naming the stream once."""
+    return reason if reason.startswith(f"stream {stream!r}") else f"stream {stream!r}: {reason}"
 
 
 def _now() -> datetime:
@@ -407,19 +412,14 @@ class AgentPublisher:
                 )
             except (TypeError, ValueError, OverflowError) as exc:
                 raise RecordRefused(
-                    f"stream {stream}: the value cannot be encoded as {self.content_type}: {exc}",
+                    f"stream {stream!r}: the value cannot be encoded as {self.content_type}: {exc}",
                     stream=stream,
                 ) from None
         topic = self._topics[spec.name]
         outgoing = _Outgoing(topic, payload, raw_key, self._headers, int(time.time() * 1000))
-        try:
-            _, rejected = decoder(spec).rows([outgoing], 0, 0)
-        except RecordRejected as exc:  # a decoder that raises rather than returning it
-            rejected_reason = exc.reason
-        else:
-            rejected_reason = rejected[0].reason if rejected else ""
-        if rejected_reason:
-            raise RecordRefused(f"stream {stream}: {rejected_reason}", stream=stream)
+        _, rejected = decoder(spec).rows([outgoing], 0, 0)
+        if rejected:
+            raise RecordRefused(_refusal(stream, rejected[0].reason), stream=stream)
         return topic, raw_key, payload
 
     def _spec(self, stream: str) -> StreamSpec:

@@ -326,6 +326,39 @@ async def test_rollback_to_an_assignment_version_is_a_new_version(
     ]
 
 
+async def test_a_command_naming_a_stream_the_agents_catalog_lacks_is_rejected_naming_it(
+    servers: Servers, database_url: str, unique: str, keys: Keys
+) -> None:
+    # Antigravity's catalog may have a stream the agents' lacks (a rolling restart): the agent
+    # refuses the command, says which stream, and changes nothing; the next command applies.
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    await migrated(database_url)
+    ag = orchestrator(bootstrap, prefix, keys)
+    async with controlled_agent(bootstrap, database_url, prefix, keys) as agent:
+        await live(ag, prefix, 1)
+        assert_all_applied(await ag.send(prefix, Deactivate(streams=("metrics",)), wait_s=30), 1)
+        without_metrics = [s for s in ALL_STREAMS if s != "metrics"]
+        assert agent.ownership.active_streams() == without_metrics
+
+        delivery = await ag.send(prefix, Activate(streams=("metrics", "orders")), wait_s=30)
+        (ack,) = delivery.rejected
+        assert ack.reason == "apply_failed"
+        assert ack.detail == (
+            "apply_failed: unknown stream(s) orders: this agent's catalog has "
+            "states, events, metrics, analytics, config"
+        )
+        assert agent.ownership.active_streams() == without_metrics
+        (state,) = await fetch(
+            database_url, "SELECT active_streams FROM control_state WHERE group_id = $1", prefix
+        )
+        assert state["active_streams"] == without_metrics
+
+        assert_all_applied(await ag.send(prefix, Activate(streams=("metrics",)), wait_s=30), 1)
+        assert agent.ownership.active_streams() == list(ALL_STREAMS)
+
+
 # -- data rollback ------------------------------------------------------------------------------
 
 

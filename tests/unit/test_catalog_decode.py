@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import msgspec
 import pytest
 
-from pipeline import catalog
+from pipeline import catalog, redrive
 from pipeline.batching import Row
 from pipeline.catalog import CatalogError, StreamSpec
 from pipeline.rows import RecordRejected, Tombstone, decoder
@@ -104,7 +104,8 @@ def test_numeric_is_exact(json: bytes, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "json", [b'"Infinity"', b'"-Infinity"', b"1e131072", b"1e-16384", b"true", b'"ten"']
+    "json",
+    [b'"Infinity"', b'"-Infinity"', b'"sNaN"', b"1e131072", b"1e-16384", b"true", b'"ten"'],
 )
 def test_numeric_out_of_postgresql_range_or_not_a_number_is_refused(json: bytes) -> None:
     reason = one_reason('"numeric"', json)
@@ -899,3 +900,11 @@ def test_an_absent_optional_object_in_a_batch_is_decoded_record_by_record() -> N
     rows, dead = decoder(NESTED).rows(records, PARTITION, BATCH_ID)
     assert dead == []
     assert [r[:4] for r in rows] == [(1, "c", "basic", None), (2, "c", "basic", "a")]
+
+
+@pytest.mark.parametrize("ms", [0, -1, 1, 1717243200123, 1717243200999, 253402300799999])
+def test_a_dead_letters_stored_timestamp_is_its_kafka_timestamp_again(ms: int) -> None:
+    # dead_letters.record_ts is to_timestamp(ms / 1000.0): a float, at microseconds.
+    stored = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    for error in (-1, 0, 1):  # a float's error, in microseconds
+        assert redrive._epoch_ms(stored + timedelta(microseconds=error)) == ms

@@ -123,7 +123,7 @@ def test_a_value_the_stream_refuses_is_not_sent(
     streams_file: Path, value: dict[str, Any], column: str
 ) -> None:
     pub, producer = publisher(streams_file)
-    with pytest.raises(RecordRefused, match=f"stream orders: .*{column}") as refused:
+    with pytest.raises(RecordRefused, match=f"stream 'orders', column {column}: ") as refused:
         asyncio.run(pub.publish("orders", value, key="eu"))
     assert refused.value.stream == "orders"
     assert not refused.value.retriable
@@ -132,7 +132,7 @@ def test_a_value_the_stream_refuses_is_not_sent(
 
 def test_a_value_that_cannot_be_encoded_is_refused(streams_file: Path) -> None:
     pub, producer = publisher(streams_file)
-    with pytest.raises(RecordRefused, match="stream orders: the value cannot be encoded"):
+    with pytest.raises(RecordRefused, match="stream 'orders': the value cannot be encoded"):
         asyncio.run(pub.publish("orders", {**ORDER, "amount": object()}, key="eu"))
     assert producer.sent == []
 
@@ -151,7 +151,7 @@ def test_the_default_catalog_is_the_built_in_streams() -> None:
     metric = {"agent_id": "a-1", "name": "cpu", "value": 0.5, "ts": "2026-11-01T00:00:00Z"}
     asyncio.run(pub.publish("metrics", metric, key="a-1"))
     assert [(s.topic, s.key) for s in producer.sent] == [("p.agents.metrics", b"a-1")]
-    with pytest.raises(RecordRefused, match=r"stream metrics: .*ts"):
+    with pytest.raises(RecordRefused, match="stream 'metrics', column ts: "):
         asyncio.run(pub.publish("metrics", {**metric, "ts": "2026-11-01T00:00:00"}, key="a-1"))
     assert len(producer.sent) == 1
 

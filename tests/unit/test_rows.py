@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from pipeline import catalog
 from pipeline.batching import Row
-from pipeline.catalog import load as load_catalog
 from pipeline.records import (
     MSGPACK,
     AgentEvent,
@@ -22,11 +22,12 @@ from pipeline.records import (
     StateChange,
     encode,
 )
-from pipeline.rows import RecordRejected, decoder
+from pipeline.rows import RecordRejected, StreamDecoder, decoder
 from tests.builtin_streams import STREAMS
 
-BUILTIN = load_catalog()  # the built-in streams
-
+BUILTIN = catalog.load()
+# The built-in streams' decoders, compiled from the catalog as any stream's are.
+DECODERS: dict[str, StreamDecoder] = {s.name: decoder(s) for s in BUILTIN}
 PARTITION, OFFSET, BATCH_ID = 3, 42, 7
 PROVENANCE = (PARTITION, OFFSET, BATCH_ID)
 MSGPACK_HEADERS = [("content-type", b"application/msgpack")]
@@ -43,7 +44,7 @@ def raw(data: bytes) -> msgspec.Raw:
 
 
 def decode(stream: str, value: bytes | None, headers: Any = ()) -> Row:
-    return decoder(BUILTIN[stream]).row(value, headers, PARTITION, OFFSET, BATCH_ID)
+    return DECODERS[stream].row(value, headers, PARTITION, OFFSET, BATCH_ID)
 
 
 def assert_same_row(actual: Row, expected: Row) -> None:
@@ -149,7 +150,8 @@ def test_explicit_json_content_type_is_the_default(
 
 
 def test_every_stream_has_a_decoder_for_its_table() -> None:
-    assert sorted(s.name for s in STREAMS) == sorted(BUILTIN.names)
+    assert sorted(DECODERS) == sorted(s.name for s in STREAMS) == sorted(BUILTIN.names)
+    assert all(DECODERS[s.name].tables == s.tables for s in BUILTIN)
 
 
 MINIMAL = [
@@ -694,9 +696,7 @@ def test_odd_input_is_rejected_never_raised(value: bytes, headers: Any) -> None:
 def test_what_only_looks_like_a_nul_is_kept(stream: str, value: bytes, headers: Any) -> None:
     assert b"\\u0000" in value or b"\x00" in value
     row = decode(stream, value, headers)
-    rows, rejected = decoder(BUILTIN[stream]).rows(
-        [consumed(5, value, headers)], PARTITION, BATCH_ID
-    )
+    rows, rejected = DECODERS[stream].rows([consumed(5, value, headers)], PARTITION, BATCH_ID)
     assert rejected == []
     assert_same_row(rows[0], (*row[:-2], 5, BATCH_ID))
 
@@ -716,9 +716,7 @@ def per_record(stream: str, records: list[ConsumerRecord[Any, Any]]) -> tuple[li
     rows, rejected = [], []
     for r in records:
         try:
-            rows.append(
-                decoder(BUILTIN[stream]).row(r.value, r.headers, PARTITION, r.offset, BATCH_ID)
-            )
+            rows.append(DECODERS[stream].row(r.value, r.headers, PARTITION, r.offset, BATCH_ID))
         except RecordRejected as exc:
             rejected.append((r, exc.error_class, exc.reason))
     return rows, rejected
@@ -731,7 +729,7 @@ def test_valid_records_decode_a_partition_at_a_time_to_the_same_rows(
 ) -> None:
     values = [value for s, value, _ in (p.values for p in [*VALID, *MINIMAL]) if s == stream]
     records = [consumed(offset, value, headers) for offset, value in enumerate(values, 100)]
-    rows, rejected = decoder(BUILTIN[stream]).rows(records, PARTITION, BATCH_ID)
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
     expected, _ = per_record(stream, records)
     assert rejected == []
     assert len(rows) == len(expected) == len(values) > 0
@@ -750,7 +748,7 @@ def test_a_bad_record_among_good_ones_is_rejected_alone_and_in_place(
         consumed(11, value, headers),
         consumed(12, good[-1], JSON_HEADERS),
     ]
-    rows, rejected = decoder(BUILTIN[stream]).rows(records, PARTITION, BATCH_ID)
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
     expected_rows, expected_rejected = per_record(stream, records)
     assert [r[-2] for r in rows] == [10, 12]
     for actual, wanted in zip(rows, expected_rows, strict=True):
@@ -765,6 +763,6 @@ def test_a_msgpack_record_among_json_ones_decodes_to_its_row() -> None:
     stream = _stream_of(record)
     json_value = encode(record)
     records = [consumed(0, json_value), consumed(1, encode(record, MSGPACK), MSGPACK_HEADERS)]
-    rows, rejected = decoder(BUILTIN[stream]).rows(records, PARTITION, BATCH_ID)
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
     assert rejected == []
     assert [r[:-3] for r in rows] == [decode(stream, json_value)[:-3]] * 2
