@@ -431,8 +431,9 @@ def _describe(kind: str, not_null: bool) -> str:
 
 def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
     """What the tables of ``streams`` lack for an agent to write them, each in a few words: a
-    table, a column, a column of another type, or a column the catalog does not know that a
-    row must fill (NOT NULL without a default). A column the database has beyond the
+    table, a column, a column of another type, the primary key its upserts and duplicate
+    checks need, or a column the catalog does not know that a row must fill (NOT NULL without
+    a default). A column the database has beyond the
     catalog's that is nullable or has a default is fine: agents of the previous catalog keep
     writing after a migration that added it."""
     found: list[str] = []
@@ -452,6 +453,11 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{shape.display}.{column.name} is {there.type}, the catalog says "
                         f"{pg_type(column.type)}"
                     )
+            if table.primary_key != shape.primary_key:
+                found.append(
+                    f"{shape.display} has primary key {_key(table.primary_key)}, the catalog "
+                    f"says {_key(shape.primary_key)}"
+                )
             for extra in table.columns:
                 known = extra.name in declared or extra.name in RESERVED_COLUMNS
                 if not known and extra.not_null and not extra.has_default:

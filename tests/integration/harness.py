@@ -511,6 +511,18 @@ async def migrated(database_url: str, *statements: str) -> None:
         await conn.close()
 
 
+async def claimed(database_url: str, group: str) -> bool:
+    """Whether the group's agent has claimed its tables: it is past its checks at start (an
+    agent refuses to start on a table its catalog does not fit: db.check_catalog), so a test
+    may break a table under it now."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        found = await conn.fetchval("SELECT count(*) FROM table_owners WHERE group_id = $1", group)
+        return bool(found)
+    finally:
+        await conn.close()
+
+
 async def until(
     condition: Callable[[], Awaitable[bool]], *, within: float, what: str, every: float = 0.2
 ) -> None:

@@ -41,6 +41,7 @@ from tests.integration.harness import (
     assert_caught_up_exactly_once,
     assert_exactly_once,
     assert_latest_tables_follow_the_log,
+    claimed,
     consumer_group,
     create_topics,
     end_offsets,
@@ -481,11 +482,14 @@ async def test_a_broken_table_stops_only_its_stream_and_dead_letters_nothing(
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=2)
-    await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")  # bad deploy
-    sent = await produce(bootstrap, prefix, fleet_traffic(5000, seed=12))
     analytics = STREAM_BY_NAME["analytics"].topic
 
     async with running_agent(bootstrap, database_url, prefix) as agent:
+        # Broken once the agent has started: at start it would refuse the table and exit
+        # (db.check_catalog); what a table broken under a running agent does is the test.
+        await until(lambda: claimed(database_url, prefix), within=60, what="the agent started")
+        await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")
+        sent = await produce(bootstrap, prefix, fleet_traffic(5000, seed=12))
         ends = await wait_caught_up_except(database_url, bootstrap, prefix, analytics)
         assert agent.metrics.total("pipeline_stream_stopped") == 1
 

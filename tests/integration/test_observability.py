@@ -34,6 +34,7 @@ from tests.integration.harness import (
     AgentProcess,
     Outgoing,
     agent_env,
+    claimed,
     create_topics,
     end_offsets,
     fleet_traffic,
@@ -315,11 +316,13 @@ async def test_readyz_names_a_stopped_stream_and_a_blocked_database_and_lag_move
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=2)
-    await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")  # bad deploy
     address = free_address()
     settings = {"lag_refresh_s": REFRESH_S, "db_command_timeout_s": 2, "retry_max_backoff_s": 1}
 
     async with running_agent(bootstrap, database_url, prefix, **settings) as agent:
+        # A bad deploy under the running agent (at start it would refuse the table and exit).
+        await until(lambda: claimed(database_url, prefix), within=60, what="the agent started")
+        await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")
         with serving(agent, address):
             await send(bootstrap, prefix, fleet_traffic(2_000, seed=63), seed=3)
 
@@ -336,10 +339,8 @@ async def test_readyz_names_a_stopped_stream_and_a_blocked_database_and_lag_move
             assert await ready_gauge(address) == 0
             assert await get(address, "/healthz") == (200, "ok")
 
-            await migrated(
-                database_url,
-                "ALTER TABLE user_analytics ADD COLUMN properties jsonb NOT NULL DEFAULT '{}'",
-            )
+            # `pipeline migrate` puts the column back: the catalog declares it, with a default.
+            await migrated(database_url)
             await agent.activate(["analytics"])
             await wait_caught_up(database_url, bootstrap, prefix, prefix, within=120)
             await until(lambda: is_ready(address), within=30, what="ready once fixed")

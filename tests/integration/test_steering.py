@@ -21,6 +21,7 @@ from tests.integration.harness import (
     APPEND_TABLE,
     agent_env,
     assert_caught_up_exactly_once,
+    claimed,
     count_rows,
     create_topics,
     end_offsets,
@@ -142,11 +143,13 @@ async def test_a_stream_stopped_on_a_schema_error_resumes_once_fixed_with_no_res
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     await create_topics(bootstrap, prefix, partitions=2)
-    await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")  # bad deploy
-    sent = await produce(bootstrap, prefix, fleet_traffic(6000, seed=33))
     analytics = STREAM_BY_NAME["analytics"].topic
 
     async with running_agent(bootstrap, database_url, prefix) as agent:
+        # A bad deploy under the running agent (at start it would refuse the table and exit).
+        await until(lambda: claimed(database_url, prefix), within=60, what="the agent started")
+        await migrated(database_url, "ALTER TABLE user_analytics DROP COLUMN properties")
+        sent = await produce(bootstrap, prefix, fleet_traffic(6000, seed=33))
 
         async def others_caught_up() -> bool:
             ends = await end_offsets(bootstrap, prefix)
@@ -159,10 +162,8 @@ async def test_a_stream_stopped_on_a_schema_error_resumes_once_fixed_with_no_res
         assert "properties" in agent.last_error
         assert await count_rows(database_url, "user_analytics") == 0
 
-        await migrated(
-            database_url,
-            "ALTER TABLE user_analytics ADD COLUMN properties jsonb NOT NULL DEFAULT '{}'",
-        )
+        # `pipeline migrate` puts the column back: the catalog declares it, with a default.
+        await migrated(database_url)
         await agent.activate(["analytics"])
         await assert_caught_up_exactly_once(database_url, bootstrap, prefix, sent, within=120)
         assert agent.metrics.total("pipeline_stream_stopped") == 0

@@ -488,6 +488,12 @@ def test_an_agent_is_told_every_table_and_column_it_lacks() -> None:
         "no column public.orders.note",
         "no table public.orders_history",
     ]
+    keyed = changed(old, key=("order_id", "status"))
+    assert missing([keyed], state) == [
+        "public.orders has primary key (order_id), the catalog says (order_id, status)",
+        "public.orders_history has primary key (order_id, revision), the catalog says "
+        "(order_id, status, revision)",
+    ]
 
 
 def test_an_agent_of_the_previous_catalog_runs_beside_a_nullable_or_defaulted_column() -> None:
