@@ -1,9 +1,11 @@
 """From a Kafka record to a row ready for binary COPY; pure, no IO.
 
 Each stream's decoder is compiled from its :class:`~pipeline.catalog.StreamSpec` into
-``msgspec`` structs, the built-in streams' as any user's. jsonb values are never parsed into
-Python objects: msgspec hands them over as :class:`msgspec.Raw` slices of the record, which go
-into ``jsonb`` as they are. The type conversions, sources and reasons are docs/streams.md's.
+``msgspec`` structs, the built-in streams' as any user's. A JSON record's jsonb values are
+never parsed into Python objects: msgspec hands them over as :class:`msgspec.Raw` slices of the
+record, which go into ``jsonb`` as they are (a MessagePack record's are encoded as JSON). A
+batch is decoded a list at a time when it can be, record by record when a record is bad; both
+roads give the same rows and reasons. Types, sources and reasons: docs/streams.md.
 
 Every row ends with its provenance: source partition, source offset, ingest batch id.
 """
@@ -62,6 +64,7 @@ class Tombstone(tuple[Any, ...]):
 
 _OPEN_BRACE = ord("{")
 _JSON_ONLY = ((CONTENT_TYPE_HEADER, JSON.encode()),)  # the headers our publisher sends
+_MSGPACK_ONLY = ((CONTENT_TYPE_HEADER, MSGPACK.encode()),)
 # PostgreSQL's text and jsonb cannot hold NUL. In JSON text a NUL can only be the escape
 # \u0000 (msgspec refuses raw control characters), so a record without those six bytes has
 # none; one with them may still be an escaped backslash followed by "u0000", which the regex
@@ -341,8 +344,8 @@ class StreamDecoder:
         )
         self._others = tuple((g, c) for g, c in self._checked if not c.column.object)
         self._text_sources = tuple(c for c in self._compiled if c.column.source != "value")
-        # The list road of other streams: JSON records decoded a list at a time, then their
-        # rows built a column at a time.
+        # The list road of the other streams, and of MessagePack batches: records decoded a
+        # list at a time, then their rows built a column at a time.
         self._json_getters: tuple[Any, ...] = tuple(
             operator.attrgetter(".".join(self._json_attrs[c.name])) if c.source == "value" else None
             for c in columns
@@ -357,8 +360,9 @@ class StreamDecoder:
         """The COPY rows of one partition's records, in order, and the records rejected.
 
         The common case (JSON, flat fields, every record valid) is decoded a list at a time,
-        without a Python call per record; anything else falls back to :meth:`row` record by
-        record, so both roads give the same rows and the same reasons.
+        without a Python call per record; other streams' clean batches, and MessagePack ones,
+        a list at a time and then a column at a time. Anything else falls back to :meth:`row`
+        record by record, so every road gives the same rows and the same reasons.
         """
         headers = list(map(_HEADERS, records))
         if headers.count(()) + headers.count(_JSON_ONLY) == len(records) or (
@@ -382,9 +386,18 @@ class StreamDecoder:
                             for d, offset in zip(decoded, map(_OFFSET, records), strict=True)
                         ], []
                 else:
-                    by_column = self._by_column(decoded, records, partition, batch_id)
+                    by_column = self._by_column(decoded, records, partition, batch_id, False)
                     if by_column is not None:
                         return by_column, []
+        elif headers.count(_MSGPACK_ONLY) == len(records):
+            try:
+                decoded = list(map(self._msgpack.decode, map(_VALUE, records)))
+            except Exception:  # a bad record: the per-record road below names it
+                pass
+            else:
+                by_column = self._by_column(decoded, records, partition, batch_id, True)
+                if by_column is not None:
+                    return by_column, []
         rows: list[Row] = []
         rejected: list[Rejected] = []
         # Both rare checks screened once for the batch: no call per record when it is clean.
@@ -413,11 +426,16 @@ class StreamDecoder:
         return rows, rejected
 
     def _by_column(
-        self, decoded: list[Any], records: Sequence[FetchedRecord], partition: int, batch_id: int
+        self,
+        decoded: list[Any],
+        records: Sequence[FetchedRecord],
+        partition: int,
+        batch_id: int,
+        msgpack: bool,
     ) -> list[Row] | None:
-        """The rows of these decoded JSON records built a column at a time, or None when a
-        record needs the per-record road (a value that does not fit, an absent optional
-        object, a NUL): that road names it."""
+        """The rows of these decoded records built a column at a time, or None when a record
+        needs the per-record road (a value that does not fit, an absent optional object, a
+        NUL): that road names it. (The JSON and MessagePack structs have the same shape.)"""
         n = len(decoded)
         columns: list[list[Any]] = []
         try:
@@ -425,10 +443,13 @@ class StreamDecoder:
                 source = compiled.column.source
                 if source == "value":
                     found = list(map(value_of, decoded))
-                    if compiled.plain:
-                        columns.append(found)
-                        continue
-                    columns.append(list(map(compiled.finish, found, [False] * n)))
+                    if not (compiled.plain and not (msgpack and compiled.column.type == "jsonb")):
+                        found = list(map(compiled.finish, found, [msgpack] * n))
+                    # A JSON batch was searched for NUL escapes as a whole; a MessagePack
+                    # record's strings hold a NUL as it is, and its numbers hold 0x00 bytes.
+                    if msgpack and compiled.text_like and _holds_nul(found):
+                        return None
+                    columns.append(found)
                 elif source == "timestamp":
                     columns.append([self._timestamp(compiled, r.timestamp) for r in records])
                 else:
@@ -442,11 +463,7 @@ class StreamDecoder:
                         )
                         for r in records
                     ]
-                    if compiled.text_like and any(
-                        ("\x00" in v) if isinstance(v, str) else _NUL_IN_JSON.search(v)
-                        for v in made
-                        if v is not None
-                    ):
+                    if compiled.text_like and _holds_nul(made):
                         return None
                     columns.append(made)
         except Exception:  # an absent optional object (AttributeError), a bad value: per record
@@ -644,6 +661,17 @@ class StreamDecoder:
             return f"stream {self._name!r}: {message}"
         what = "column" if len(names) == 1 else "columns"
         return f"stream {self._name!r}, {what} {', '.join(names)}: {message}"
+
+
+def _holds_nul(values: list[Any]) -> bool:
+    """Whether any of a text or jsonb column's values holds a NUL (None: none there)."""
+    texts = [v for v in values if v is not None]
+    if not texts:
+        return False
+    if isinstance(texts[0], str):
+        return "\x00" in "".join(texts)
+    joined = b"".join(texts)
+    return _NUL_ESCAPE in joined and any(_NUL_IN_JSON.search(v) for v in texts)
 
 
 def _all_json(headers: list[Sequence[tuple[str, bytes | None]]]) -> bool:

@@ -766,3 +766,34 @@ def test_a_msgpack_record_among_json_ones_decodes_to_its_row() -> None:
     rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
     assert rejected == []
     assert [r[:-3] for r in rows] == [decode(stream, json_value)[:-3]] * 2
+
+
+@pytest.mark.parametrize("stream", [s.name for s in STREAMS])
+def test_msgpack_records_decode_a_partition_at_a_time_to_the_same_rows(
+    stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = [r for (r,) in (p.values for p in RECORDS) if _stream_of(r) == stream]
+    records = [consumed(o, encode(r, MSGPACK), MSGPACK_HEADERS) for o, r in enumerate(sent, 100)]
+    expected, _ = per_record(stream, records)
+
+    def no_per_record_road(*args: Any, **kwargs: Any) -> Row:
+        raise AssertionError("the per-record road was taken")
+
+    monkeypatch.setattr(DECODERS[stream], "row", no_per_record_road)
+    rows, rejected = DECODERS[stream].rows(records, PARTITION, BATCH_ID)
+    assert rejected == []
+    assert len(rows) == len(expected) == len(sent) > 0
+    for actual, wanted in zip(rows, expected, strict=True):
+        assert_same_row(actual, wanted)
+
+
+def test_a_nul_in_a_msgpack_batch_is_rejected_alone() -> None:
+    good = Metric("a", "cpu", 0.0, T0, {"n": 0})
+    bad = [Metric("a", "cpu\x00", 1.0, T0), Metric("a", "cpu", 1.0, T0, {"k": "\x00"})]
+    for nul in bad:
+        values = [encode(good, MSGPACK), encode(nul, MSGPACK), encode(good, MSGPACK)]
+        records = [consumed(o, v, MSGPACK_HEADERS) for o, v in enumerate(values)]
+        rows, rejected = DECODERS["metrics"].rows(records, PARTITION, BATCH_ID)
+        assert [r[-2] for r in rows] == [0, 2]
+        assert [(r.record.offset, r.error_class) for r in rejected] == [(1, "ValidationError")]
+        assert "text cannot contain NUL (\\u0000) - at `$." in rejected[0].reason
