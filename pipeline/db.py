@@ -914,12 +914,27 @@ def _staged(tables: StreamTables, stage: str) -> str:
     return f"WITH staged AS (DELETE FROM {sql_names.ident(stage)} RETURNING {cols}), "
 
 
+def _first_of_each(target: str, cols: str) -> str:
+    """The staged rows, the first (lowest partition and offset) of each ``target``: a
+    staging table gives rows back in the order they sit on disk, which is not the order COPY
+    wrote them in, so ``ON CONFLICT DO NOTHING`` alone would keep whichever came up first."""
+    return (
+        f"SELECT DISTINCT ON ({target}) {cols} FROM staged "
+        f"ORDER BY {target}, {sql_names.columns(_SOURCE)}"
+    )
+
+
 def _history_insert(tables: StreamTables) -> str:
     assert tables.history is not None
     cols = sql_names.columns(tables.table.columns)
+    target = _history_target(tables)
+    # Without a version the target is the source itself: no two staged rows share it.
+    rows = (
+        _first_of_each(target, cols) if tables.version is not None else f"SELECT {cols} FROM staged"
+    )
     return (
-        f"new AS (INSERT INTO {sql_names.table(tables.history.name)} ({cols}) SELECT {cols} "
-        f"FROM staged ON CONFLICT ({_history_target(tables)}) DO NOTHING RETURNING 1)"
+        f"new AS (INSERT INTO {sql_names.table(tables.history.name)} ({cols}) {rows} "
+        f"ON CONFLICT ({target}) DO NOTHING RETURNING 1)"
     )
 
 
@@ -936,8 +951,9 @@ def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
     staged = _staged(tables, stage)
     if mode == "append":
         return (
-            f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) SELECT {cols} "
-            f"FROM staged ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM new"
+            f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) "
+            f"{_first_of_each(key, cols)} ON CONFLICT ({key}) DO NOTHING RETURNING 1) "
+            "SELECT count(*) FROM new"
         )
     src_partition, src_offset = map(ident, _SOURCE)
     if tables.version is not None:

@@ -4,21 +4,25 @@ producing, offsets, agent processes) is in :mod:`pipeline.testbed`; this module 
 only the tests need.
 
 The oracle compares the database with what was SENT, record by record, using each row's
-provenance (source partition and offset): never the tables with themselves.
+provenance (source partition and offset): never the tables with themselves. It takes the
+streams and their tables from a :class:`~pipeline.catalog.Catalog` (the built-in one unless
+given), so a user's streams are judged as the built-in ones are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
@@ -26,7 +30,9 @@ from aiokafka.errors import GroupCoordinatorNotAvailableError
 from aiokafka.structs import RecordMetadata
 
 from consumers.agent import DatabaseAgent
-from pipeline import kafka_clients, testbed
+from pipeline import catalog as catalogs
+from pipeline import kafka_clients, sql_names, testbed
+from pipeline.catalog import Catalog, StreamSpec
 from pipeline.config import load_config
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import (
@@ -54,11 +60,22 @@ STREAM_OF_TOPIC = {s.topic: s for s in STREAMS}
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
+class _Streamlike(Protocol):
+    """What the harness needs of a stream: a built-in :class:`~pipeline.records.Stream` or a
+    catalog :class:`~pipeline.catalog.StreamSpec`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def topic(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Outgoing:
-    stream: Stream
-    key: bytes
-    value: bytes
+    stream: Stream | _Streamlike
+    key: bytes | None
+    value: bytes | None  # None: a tombstone
     poison: str | None = None  # why the agent must dead-letter it, or None when it is good
     headers: tuple[tuple[str, bytes | None], ...] = ()
 
@@ -204,15 +221,23 @@ def _by_default_name(found: testbed.Offsets, prefix: str) -> dict[tuple[str, int
     return {(topic.removeprefix(prefix), partition): o for (topic, partition), o in found.items()}
 
 
-async def create_topics(bootstrap: str, prefix: str, partitions: int) -> None:
-    await testbed.create_topics(_kafka(bootstrap), prefix, partitions)
+async def create_topics(
+    bootstrap: str, prefix: str, partitions: int, catalog: Catalog | None = None
+) -> None:
+    """The data topics (of ``catalog``'s streams; default: the built-in ones) and the
+    dead-letter topic under ``prefix``."""
+    await testbed.create_topics(_kafka(bootstrap), prefix, partitions, catalog)
 
 
-async def end_offsets(bootstrap: str, prefix: str) -> dict[tuple[str, int], int]:
-    """The end offset of every partition of the five data topics, by default topic name."""
-    ends = await testbed.end_offsets(_kafka(bootstrap), prefix)
-    topics = {topic for topic, _ in ends}
-    assert len(topics) == len(STREAMS), f"data topics missing: found only {sorted(topics)}"
+async def end_offsets(
+    bootstrap: str, prefix: str, catalog: Catalog | None = None
+) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the catalog's data topics (default: the built-in
+    streams'), by default topic name."""
+    topics = testbed.data_topics(prefix, catalog)
+    ends = await testbed.end_offsets(_kafka(bootstrap), prefix, catalog)
+    found = {topic for topic, _ in ends}
+    assert found == set(topics), f"data topics missing: {sorted(set(topics) - found)}"
     return _by_default_name(ends, prefix)
 
 
@@ -266,13 +291,14 @@ async def wait_caught_up(
     *,
     within: float,
     on_poll: Callable[[], Awaitable[None]] | None = None,
+    catalog: Catalog | None = None,
 ) -> dict[tuple[str, int], int]:
     """Wait until every partition's stored offset is its end offset; return the end offsets.
 
     Also samples Kafka's committed offsets on the way: they must never run ahead of the
     database's (oracle point 5).
     """
-    ends = await end_offsets(bootstrap, prefix)
+    ends = await end_offsets(bootstrap, prefix, catalog)
     deadline = time.monotonic() + within
     stored: dict[tuple[str, int], int] = {}
     while time.monotonic() < deadline:
@@ -290,24 +316,42 @@ async def wait_caught_up(
 
 
 async def assert_exactly_once(
-    database_url: str, group: str, prefix: str, sent: list[Sent], ends: dict[tuple[str, int], int]
+    database_url: str,
+    group: str,
+    prefix: str,
+    sent: list[Sent],
+    ends: dict[tuple[str, int], int],
+    *,
+    catalog: Catalog | None = None,
+    landed: Mapping[str, set[tuple[int, int]]] | None = None,
 ) -> None:
     """The oracle: every record sent is in its table exactly once, or dead-lettered exactly
-    once with a reason; nothing else is there; stored offsets equal the end offsets."""
+    once with a reason; nothing else is there; stored offsets equal the end offsets.
+
+    For every table of every stream of ``catalog`` (default: the built-in streams), no two
+    rows share a source (partition, offset): a record redelivered past a key's ``ON CONFLICT``
+    or written under two keys shows here, whatever the table's keys. A table holding one row
+    per record (append, history) holds the sources ``landed`` names for it, by default every
+    good record of its stream; a "latest" table's rows come from good records of its stream.
+    """
+    catalog = catalog or catalogs.load()
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        for stream in STREAMS:
-            table = APPEND_TABLE[stream.name]
-            rows = await conn.fetch(f"SELECT src_partition, src_offset FROM {table}")
-            ingested = Counter((r["src_partition"], r["src_offset"]) for r in rows)
-            duplicates = {k: n for k, n in ingested.items() if n > 1}
-            assert not duplicates, f"{table}: rows ingested more than once: {duplicates}"
-            good = {
-                (s.partition, s.offset) for s in sent if s.topic == stream.topic and not s.poison
-            }
-            assert set(ingested) == good, (
-                f"{table}: lost {len(good - set(ingested))}, unexpected {len(set(ingested) - good)}"
-            )
+        for spec in catalog:
+            good = {(s.partition, s.offset) for s in sent if s.topic == spec.topic and not s.poison}
+            for table in spec.table_names:
+                ingested = await table_sources(conn, table)
+                assert_once_per_source(table, ingested)
+                if table in spec.row_per_record:
+                    expected = good if landed is None or table not in landed else landed[table]
+                    assert set(ingested) == expected, (
+                        f"{table}: lost {len(expected - set(ingested))} "
+                        f"{_some(expected - set(ingested))}, unexpected "
+                        f"{len(set(ingested) - expected)} {_some(set(ingested) - expected)}"
+                    )
+                else:
+                    strays = set(ingested) - good
+                    assert not strays, f"{table}: rows from no good record: {_some(strays)}"
         letters = await conn.fetch(
             "SELECT src_topic, src_partition, src_offset, error_class, reason FROM dead_letters "
             "WHERE group_id = $1",
@@ -319,20 +363,112 @@ async def assert_exactly_once(
         )
         assert all(n == 1 for n in dead.values()), f"dead-lettered twice: {dead}"
         poison = {(s.topic, s.partition, s.offset) for s in sent if s.poison}
-        assert set(dead) == poison
+        assert set(dead) == poison, (
+            f"dead letters: missing {sorted(poison - set(dead))[:10]}, unexpected "
+            + "; ".join(
+                f"{r['src_topic']}[{r['src_partition']}]@{r['src_offset']}: {r['reason']}"
+                for r in letters
+                if (r["src_topic"].removeprefix(prefix), r["src_partition"], r["src_offset"])
+                not in poison
+            )[:2000]
+        )
         assert all(r["reason"] and r["error_class"] for r in letters)
     finally:
         await conn.close()
     assert await stored_offsets(database_url, group, prefix) == ends
 
 
+async def table_sources(conn: asyncpg.Connection, table: str) -> Counter[tuple[int, int]]:
+    """How many rows of ``table`` (as the catalog names it) come from each source
+    (partition, offset)."""
+    rows = await conn.fetch(f"SELECT src_partition, src_offset FROM {sql_names.table(table)}")
+    return Counter((r["src_partition"], r["src_offset"]) for r in rows)
+
+
+def assert_once_per_source(table: str, ingested: Counter[tuple[int, int]]) -> None:
+    """No two rows of ``table`` from one record; the error names the table and the sources."""
+    duplicates = {source: n for source, n in sorted(ingested.items()) if n > 1}
+    assert not duplicates, f"{table}: rows ingested more than once: " + ", ".join(
+        f"partition {p} offset {o} ({n} rows)" for (p, o), n in list(duplicates.items())[:20]
+    )
+
+
+async def table_rows(
+    conn: asyncpg.Connection, spec: StreamSpec, table: str
+) -> dict[tuple[int, int], tuple[Any, ...]]:
+    """The rows of one of ``spec``'s tables by source: the stream's columns in catalog order,
+    jsonb decoded (PostgreSQL gives it as text, re-spaced)."""
+    names = spec.column_names
+    rows = await conn.fetch(
+        f"SELECT {sql_names.columns([*names, 'src_partition', 'src_offset'])} "
+        f"FROM {sql_names.table(table)}"
+    )
+    jsonb = [c.type == "jsonb" for c in spec.columns]
+    return {
+        (r["src_partition"], r["src_offset"]): tuple(
+            json.loads(r[i]) if is_json and r[i] is not None else r[i]
+            for i, is_json in enumerate(jsonb)
+        )
+        for r in rows
+    }
+
+
+async def assert_tables_match(
+    database_url: str,
+    catalog: Catalog,
+    expected: Mapping[str, Mapping[tuple[int, int], tuple[Any, ...]]],
+) -> None:
+    """Every table ``expected`` names holds exactly its rows, row by row and column by
+    column, by source (partition, offset): the tables against a model of the log."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        problems = []
+        for spec in catalog:
+            for table in spec.table_names:
+                if table not in expected:
+                    continue
+                found = await table_rows(conn, spec, table)
+                wanted = expected[table]
+                missing = sorted(set(wanted) - set(found))
+                extra = sorted(set(found) - set(wanted))
+                differ = sorted(s for s in set(wanted) & set(found) if wanted[s] != found[s])
+                if missing or extra or differ:
+                    problems.append(
+                        f"{table} ({len(found)} rows, {len(wanted)} expected): "
+                        f"missing {len(missing)} {missing[:3]}, unexpected {len(extra)} "
+                        f"{[(s, found[s]) for s in extra[:3]]}, different {len(differ)} "
+                        + "; ".join(
+                            f"{s}: {found[s]} != {wanted[s]} (expected)" for s in differ[:3]
+                        )
+                    )
+        assert not problems, "\n".join(problems)
+    finally:
+        await conn.close()
+
+
+def _some(sources: set[tuple[int, int]]) -> str:
+    """A few (partition, offset) pairs of ``sources``, for an error message."""
+    return f"e.g. {sorted(sources)[:5]}" if sources else ""
+
+
 async def assert_caught_up_exactly_once(
-    database_url: str, bootstrap: str, prefix: str, sent: list[Sent], *, within: float
+    database_url: str,
+    bootstrap: str,
+    prefix: str,
+    sent: list[Sent],
+    *,
+    within: float,
+    catalog: Catalog | None = None,
+    landed: Mapping[str, set[tuple[int, int]]] | None = None,
 ) -> dict[tuple[str, int], int]:
     """The whole oracle: wait for lag 0 (Kafka's offsets never ahead of the database's on the
     way), then every record exactly once; returns the end offsets. The group is ``prefix``."""
-    ends = await wait_caught_up(database_url, bootstrap, prefix, prefix, within=within)
-    await assert_exactly_once(database_url, prefix, prefix, sent, ends)
+    ends = await wait_caught_up(
+        database_url, bootstrap, prefix, prefix, within=within, catalog=catalog
+    )
+    await assert_exactly_once(
+        database_url, prefix, prefix, sent, ends, catalog=catalog, landed=landed
+    )
     return ends
 
 

@@ -212,7 +212,9 @@ def _updates(names: str) -> str:
             "states",
             _staged(STATE_COLS)
             + f'new AS (INSERT INTO "public"."agent_state_history" ({STATE_COLS}) '
-            f'SELECT {STATE_COLS} FROM staged ON CONFLICT ("agent_id", "version") DO NOTHING '
+            f'SELECT DISTINCT ON ("agent_id", "version") {STATE_COLS} FROM staged '
+            'ORDER BY "agent_id", "version", "src_partition", "src_offset" '
+            'ON CONFLICT ("agent_id", "version") DO NOTHING '
             f'RETURNING 1), latest AS (INSERT INTO "public"."agent_states" AS t ({STATE_COLS}) '
             f'SELECT DISTINCT ON ("agent_id") {STATE_COLS} FROM staged '
             'ORDER BY "agent_id", "version" DESC, "src_partition", "src_offset" '
@@ -225,7 +227,9 @@ def _updates(names: str) -> str:
             "config",
             _staged(CONFIG_COLS)
             + f'new AS (INSERT INTO "public"."system_config_history" ({CONFIG_COLS}) '
-            f'SELECT {CONFIG_COLS} FROM staged ON CONFLICT ("key", "version") DO NOTHING '
+            f'SELECT DISTINCT ON ("key", "version") {CONFIG_COLS} FROM staged '
+            'ORDER BY "key", "version", "src_partition", "src_offset" '
+            'ON CONFLICT ("key", "version") DO NOTHING '
             f'RETURNING 1), latest AS (INSERT INTO "public"."system_config" AS t ({CONFIG_COLS}) '
             f'SELECT DISTINCT ON ("key") {CONFIG_COLS} FROM staged '
             'ORDER BY "key", "version" DESC, "src_partition", "src_offset" '
@@ -236,16 +240,18 @@ def _updates(names: str) -> str:
         ),
         pytest.param(
             "events",
-            _staged(EVENT_COLS)
-            + f'new AS (INSERT INTO "public"."system_events" ({EVENT_COLS}) SELECT {EVENT_COLS} '
-            'FROM staged ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
+            _staged(EVENT_COLS) + f'new AS (INSERT INTO "public"."system_events" ({EVENT_COLS}) '
+            f'SELECT DISTINCT ON ("event_id") {EVENT_COLS} FROM staged '
+            'ORDER BY "event_id", "src_partition", "src_offset" '
+            'ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
             id="events",
         ),
         pytest.param(
             "analytics",
             _staged(ANALYTICS_COLS)
             + f'new AS (INSERT INTO "public"."user_analytics" ({ANALYTICS_COLS}) '
-            f"SELECT {ANALYTICS_COLS} FROM staged "
+            f'SELECT DISTINCT ON ("event_id") {ANALYTICS_COLS} FROM staged '
+            'ORDER BY "event_id", "src_partition", "src_offset" '
             'ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
             id="analytics",
         ),
