@@ -316,7 +316,7 @@ def test_dev_up_prometheus_scrapes_the_default_agent_with_the_rules(
         assert str(home / "prometheus" / "targets.json") in up.stderr
         groups = api(url, "/api/v1/rules")["data"]["groups"]
         rules = [r["name"] for g in groups for r in g["rules"]]
-        assert len(rules) == 12 and "PipelineAgentDown" in rules
+        assert len(rules) == 13 and "PipelineAgentDown" in rules
         assert api(url, "/api/v1/status/config")["status"] == "success"
 
         status = dev("status")
