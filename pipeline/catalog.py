@@ -10,6 +10,7 @@ contract: docs/streams.md.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import functools
@@ -25,6 +26,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from pipeline.errors import ConfigError
+from pipeline.partitions import (
+    DEFAULT_AHEAD,
+    INTERVALS,
+    MAX_AHEAD,
+    PARTITION_TYPES,
+    Partitioning,
+    parse_retention,
+)
 from pipeline.sql_names import derived
 
 BUILTIN_FILE = Path(__file__).resolve().parent / "streams.toml"
@@ -178,6 +187,9 @@ class StreamTables:
     # that decides which row wins.
     key: tuple[str, ...] = ()
     version: str | None = None
+    # The column the row-per-record table (the append table, or the history) is partitioned
+    # by: its unique key includes it, since PostgreSQL demands it (docs/streams.md).
+    partition_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,7 @@ class StreamSpec:
     tombstones: str = "ignore"
     history_table: str | None = None  # set for mode "history" only
     indexes: tuple[Index, ...] = ()
+    partitioning: Partitioning | None = None
     origin: str = "built-in"  # "built-in", or the file that declared it
 
     @property
@@ -214,7 +227,10 @@ class StreamSpec:
     def tables(self) -> StreamTables:
         fields = self.column_names
         history = Table(self.history_table, fields) if self.history_table else None
-        return StreamTables(Table(self.table, fields), history, self.key, self.version)
+        partition_by = self.partitioning.column if self.partitioning else None
+        return StreamTables(
+            Table(self.table, fields), history, self.key, self.version, partition_by
+        )
 
     @property
     def table_names(self) -> tuple[str, ...]:
@@ -228,6 +244,12 @@ class StreamSpec:
         if self.mode == "append":
             return (self.table,)
         return (self.history_table,) if self.history_table else ()
+
+    @property
+    def partitioned_tables(self) -> tuple[str, ...]:
+        """The tables partitioned by time: the row-per-record one, when the stream declares
+        ``partition_by``. A "latest" table is never partitioned: its key holds no time."""
+        return self.row_per_record if self.partitioning else ()
 
     def declaration(self) -> dict[str, Any]:
         """The stream as its file would write it, every key given: what `pipeline migrate`
@@ -245,6 +267,16 @@ class StreamSpec:
                 {"name": i.name, "columns": list(i.columns), "using": i.using} for i in self.indexes
             ],
             "columns": {c.name: c.declaration() for c in self.columns},
+            **(
+                self.partitioning.declaration()
+                if self.partitioning
+                else {
+                    "partition_by": None,
+                    "partition_interval": None,
+                    "partitions_ahead": None,
+                    "retention": None,
+                }
+            ),
             "origin": self.origin,
         }
 
@@ -302,6 +334,37 @@ class Catalog:
     def declaration(self) -> list[dict[str, Any]]:
         return [s.declaration() for s in self.streams]
 
+    @property
+    def partitioned(self) -> tuple[StreamSpec, ...]:
+        """The streams whose tables are partitioned by time."""
+        return tuple(s for s in self.streams if s.partitioning is not None)
+
+    def with_retention(self, retention: Mapping[str, str]) -> Catalog:
+        """This catalog with the retention of some streams set by the operator (``"90d"``,
+        or ``"none"`` to keep rows for ever), by stream name: the ``PIPELINE_RETENTION_<STREAM>``
+        settings. ValueError names every stream that is unknown or not partitioned, and every
+        value that is not a retention."""
+        errors = []
+        changed = {}
+        for name, text in retention.items():
+            spec = self._by_name.get(name)  # type: ignore[attr-defined]
+            if spec is None:
+                errors.append(f"{name}: no such stream; choose from {', '.join(self.names)}")
+                continue
+            if spec.partitioning is None:
+                errors.append(f"{name}: the stream is not partitioned (no partition_by)")
+                continue
+            try:
+                value = parse_retention(text)
+            except ValueError as exc:
+                errors.append(f"{name}: {exc}")
+                continue
+            partitioning = dataclasses.replace(spec.partitioning, retention=value)
+            changed[name] = dataclasses.replace(spec, partitioning=partitioning)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return Catalog(tuple(changed.get(s.name, s) for s in self.streams))
+
 
 # -- reading ---------------------------------------------------------------------------------
 
@@ -335,6 +398,10 @@ class _StreamDecl(msgspec.Struct, forbid_unknown_fields=True):
     tombstones: Literal["ignore", "delete"] = "ignore"
     history_table: str | None = None
     indexes: list[_IndexDecl] = []
+    partition_by: str | None = None
+    partition_interval: Literal["hour", "day", "week", "month"] | None = None
+    partitions_ahead: int | None = None
+    retention: str | None = None
 
 
 class _FileDecl(msgspec.Struct, forbid_unknown_fields=True):
@@ -564,6 +631,8 @@ def _spec(decl: _StreamDecl, origin: str, where: str) -> StreamSpec:
         taken.add(name)
         indexes.append(Index(name, tuple(index.columns), index.using))
 
+    partitioning = _partitioning(decl, by_name, error)
+
     if errors:
         raise CatalogError("\n".join(errors))
     return StreamSpec(
@@ -577,8 +646,67 @@ def _spec(decl: _StreamDecl, origin: str, where: str) -> StreamSpec:
         tombstones=decl.tombstones,
         history_table=history_table,
         indexes=tuple(indexes),
+        partitioning=partitioning,
         origin=origin,
     )
+
+
+def _partitioning(
+    decl: _StreamDecl, by_name: Mapping[str, Column], error: Any
+) -> Partitioning | None:
+    """The stream's partitioning, or None; every problem reported through ``error``."""
+    if decl.partition_by is None:
+        for key in ("partition_interval", "partitions_ahead", "retention"):
+            if getattr(decl, key) is not None:
+                error(key, "is for a partitioned stream: declare partition_by first")
+        return None
+    failed = False
+
+    def fail(key: str, message: str) -> None:
+        nonlocal failed
+        failed = True
+        error(key, message)
+
+    if decl.mode == "latest":
+        fail(
+            "partition_by",
+            'a "latest" table is not partitioned: it holds a row per key, and its key holds no '
+            'time (a "history" stream partitions its history table)',
+        )
+    column = by_name.get(decl.partition_by)
+    if column is None:
+        if decl.partition_by not in decl.columns:
+            fail("partition_by", f"{decl.partition_by!r} is not a column of the stream")
+        else:
+            failed = True  # the column's own error says what is wrong
+    elif column.type not in PARTITION_TYPES:
+        fail(
+            "partition_by",
+            f"{decl.partition_by!r} is {column.type}; a stream is partitioned by a "
+            f"{' or '.join(PARTITION_TYPES)} column",
+        )
+    elif column.nullable:
+        fail(
+            "partition_by",
+            f"{decl.partition_by!r} is nullable; a partition column must always have a value",
+        )
+    interval = decl.partition_interval or "day"
+    if interval not in INTERVALS:  # msgspec's Literal has said so already
+        failed = True
+    elif interval == "hour" and column is not None and column.type == "date":
+        fail("partition_interval", f'"hour" needs a timestamptz column; {column.name!r} is a date')
+    ahead = DEFAULT_AHEAD if decl.partitions_ahead is None else decl.partitions_ahead
+    if not 1 <= ahead <= MAX_AHEAD:
+        fail("partitions_ahead", f"{ahead} must be from 1 to {MAX_AHEAD}")
+    retention = None
+    if decl.retention is not None:
+        try:
+            retention = parse_retention(decl.retention)
+        except ValueError as exc:
+            fail("retention", str(exc))
+    if failed:
+        return None
+    return Partitioning(decl.partition_by, interval, ahead, retention)
 
 
 def _check_table(name: str, key: str, error: Any, *, max_length: int) -> None:

@@ -26,6 +26,7 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 _LISTS = {"streams", "control_public_keys"}  # comma-separated in the environment
+RETENTION_ENV_PREFIX = "PIPELINE_RETENTION_"
 # Config.kafka's settings, each under its flat name ("kafka_" + its field) in the TOML file and
 # its own environment variable; the client id is the instance id.
 _KAFKA_KEYS = {f"kafka_{field}": field for field in ("bootstrap_servers", *SECURITY_ENV)}
@@ -50,6 +51,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     streams_file: str = ""
     # The streams this agent ingests; empty means every stream of the catalog.
     streams: tuple[str, ...] = ()
+    # How long a partitioned stream's rows are kept, by stream name ("90d", or "none"), over
+    # the catalog's `retention`: one PIPELINE_RETENTION_<STREAM> variable per stream, or a
+    # [retention] table in the config file (docs/streams.md, "Partitions and retention").
+    retention: dict[str, str] = msgspec.field(default_factory=dict)
     topic_partitions: Positive = 6
     batch_max_records: Positive = 50_000
     batch_max_bytes: Positive = 32 * 1024 * 1024
@@ -115,8 +120,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     @property
     def catalog(self) -> Catalog:
-        """The streams this deployment knows: the built-in ones and ``streams_file``'s."""
-        return load(self.streams_file)
+        """The streams this deployment knows: the built-in ones and ``streams_file``'s, with
+        the operator's ``retention``."""
+        return _catalog(self.streams_file, tuple(sorted(self.retention.items())))
 
     def topic(self, default_name: str) -> str:
         """A topic's deployed name: :func:`pipeline.records.topic_name` with this prefix."""
@@ -135,6 +141,41 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             pooler=self.db_pooler,
             idle_in_transaction_timeout=self.db_idle_in_transaction_timeout_s,
         )
+
+
+def _catalog(streams_file: str, retention: tuple[tuple[str, str], ...]) -> Catalog:
+    catalog = load(streams_file)
+    if not retention:
+        return catalog
+    return _with_retention(catalog, retention)
+
+
+# (the loaded catalog's id, the retention) -> (that catalog, kept alive so its id stays its
+# own; the catalog with the retention): a Catalog holds unhashable defaults.
+_RETAINED: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Catalog, Catalog]] = {}
+
+
+def _with_retention(catalog: Catalog, retention: tuple[tuple[str, str], ...]) -> Catalog:
+    cached = _RETAINED.get((id(catalog), retention))
+    if cached is not None:
+        return cached[1]
+    errors = []
+    for name, text in retention:
+        try:
+            catalog.with_retention({name: text})
+        except ValueError as exc:
+            errors.append(f"{retention_env(name)}: {exc}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    if len(_RETAINED) > 8:
+        _RETAINED.clear()
+    _RETAINED[(id(catalog), retention)] = (catalog, catalog.with_retention(dict(retention)))
+    return _RETAINED[(id(catalog), retention)][1]
+
+
+def retention_env(stream: str) -> str:
+    """The variable that sets a stream's retention: ``PIPELINE_RETENTION_METRICS``."""
+    return f"{RETENTION_ENV_PREFIX}{stream.upper()}"
 
 
 def env_name(setting: str) -> str:
@@ -172,7 +213,16 @@ def load_config(
             raise ConfigError(f"config file {toml_path}: {exc}") from None
         if "kafka" in settings:  # the settings' flat names only, as for every other setting
             raise ConfigError(_name_the_field("Object contains unknown field `kafka`"))
+    retention = {
+        name.removeprefix(RETENTION_ENV_PREFIX).lower(): value
+        for name, value in environ.items()
+        if name.startswith(RETENTION_ENV_PREFIX)
+    }
+    if retention:
+        settings["retention"] = {**settings.get("retention", {}), **retention}
     for setting in SETTINGS:
+        if setting == "retention":
+            continue
         raw = environ.get(env_name(setting))
         if raw is not None:
             settings[setting] = [s for s in raw.split(",") if s] if setting in _LISTS else raw

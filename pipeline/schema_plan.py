@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from pipeline import sql_names
+from pipeline import partitions, sql_names
 from pipeline.catalog import (
     INGESTED_AT,
     INTEGER_TYPES,
@@ -99,6 +99,9 @@ class TableShape:
     primary_key: tuple[str, ...]
     indexes: tuple[Index, ...]
     version_check: str | None  # the integer version column that gets CHECK (>= 0)
+    # The column the table is partitioned by range of, with a DEFAULT partition; None: a
+    # plain table. Its primary key ends with this column, as PostgreSQL demands.
+    partition_by: str | None = None
 
     @property
     def qualified(self) -> tuple[str, str]:
@@ -120,25 +123,43 @@ def shapes(spec: StreamSpec) -> tuple[TableShape, ...]:
     table."""
     version = spec.version
     check = version if version and spec.column(version).type in INTEGER_TYPES else None
+    partition_by = spec.partitioning.column if spec.partitioning else None
     source = Index(
         sql_names.derived(spec.table, _SOURCE_INDEX), ("src_partition", "src_offset"), "brin"
     )
     if spec.mode == "append":
         indexes = (source, *spec.indexes)
-        return (TableShape(spec.name, spec.table, spec.columns, spec.key, indexes, check),)
+        key = partition_key(spec.key, partition_by)
+        return (TableShape(spec.name, spec.table, spec.columns, key, indexes, check, partition_by),)
     latest = TableShape(spec.name, spec.table, spec.columns, spec.key, spec.indexes, check)
     if spec.history_table is None:
         return (latest,)
-    history_key = (*spec.key, version) if version else ("src_partition", "src_offset")
+    history_key = partition_key(
+        (*spec.key, version) if version else ("src_partition", "src_offset"), partition_by
+    )
     history_source = Index(
         sql_names.derived(spec.history_table, _SOURCE_INDEX),
         ("src_partition", "src_offset"),
         "brin",
     )
     history = TableShape(
-        spec.name, spec.history_table, spec.columns, history_key, (history_source,), check
+        spec.name,
+        spec.history_table,
+        spec.columns,
+        history_key,
+        (history_source,),
+        check,
+        partition_by,
     )
     return (latest, history)
+
+
+def partition_key(key: tuple[str, ...], partition_by: str | None) -> tuple[str, ...]:
+    """A partitioned table's primary key: the key, then the partition column unless the key
+    has it. A table without a key gets none."""
+    if not key or partition_by is None or partition_by in key:
+        return key
+    return (*key, partition_by)
 
 
 def pg_type(column_type: str) -> str:
@@ -166,7 +187,18 @@ def create_table(shape: TableShape) -> str:
     if shape.primary_key:
         lines.append(f"    PRIMARY KEY ({sql_names.columns(shape.primary_key)})")
     body = ",\n".join(lines)
-    return f"CREATE TABLE {sql_names.table(shape.name)} (\n{body}\n)"
+    partitioned = (
+        f" PARTITION BY RANGE ({sql_names.ident(shape.partition_by)})" if shape.partition_by else ""
+    )
+    return f"CREATE TABLE {sql_names.table(shape.name)} (\n{body}\n){partitioned}"
+
+
+def create_default_partition(shape: TableShape) -> str:
+    """The DEFAULT partition of a partitioned table: a row whose range has no partition yet
+    lands there, never fails; `pipeline partitions maintain` moves it out."""
+    schema, _ = shape.qualified
+    name = sql_names.table(f"{schema}.{partitions.default_name(shape.name)}")
+    return f"CREATE TABLE {name} PARTITION OF {sql_names.table(shape.name)} DEFAULT"
 
 
 def create_index(shape: TableShape, index: Index) -> str:
@@ -283,6 +315,8 @@ def plan(catalog: Catalog | Iterable[StreamSpec], state: DatabaseState) -> Plan:
                     schemas.append(schema)
                     actions.append(f"create schema {schema}")
                 created.append(create_table(shape))
+                if shape.partition_by:
+                    created.append(create_default_partition(shape))
                 created.extend(create_index(shape, index) for index in shape.indexes)
                 created.extend(grants(shape.name))
                 actions.append(f"create table {shape.display} (stream {spec.name})")

@@ -27,6 +27,7 @@ DEFAULTS = {
     "topic_prefix": "",
     "streams_file": "",
     "streams": ("states", "events", "metrics", "analytics", "config"),
+    "retention": {},
     "topic_partitions": 6,
     "batch_max_records": 50_000,
     "batch_max_bytes": 32 * 1024 * 1024,

@@ -108,18 +108,33 @@ def refusal(streams: Catalog | list[StreamSpec], state: DatabaseState) -> tuple[
 def test_an_empty_database_gets_every_builtin_table_index_and_grant() -> None:
     made = plan(catalog.load(), DatabaseState())
     creates = [s.split(" (")[0] for s in made.statements if s.startswith("CREATE TABLE")]
-    assert creates == [
-        f'CREATE TABLE "public"."{t}"'
-        for t in (
-            "agent_states",
-            "agent_state_history",
-            "system_events",
-            "performance_metrics",
-            "user_analytics",
-            "system_config",
-            "system_config_history",
-        )
+    partitioned = (
+        "agent_state_history",
+        "system_events",
+        "performance_metrics",
+        "user_analytics",
+        "system_config_history",
+    )
+    expected = []
+    for t in (
+        "agent_states",
+        "agent_state_history",
+        "system_events",
+        "performance_metrics",
+        "user_analytics",
+        "system_config",
+        "system_config_history",
+    ):
+        expected.append(f'CREATE TABLE "public"."{t}"')
+        if t in partitioned:
+            expected.append(
+                f'CREATE TABLE "public"."{t}_default" PARTITION OF "public"."{t}" DEFAULT'
+            )
+    assert creates == expected
+    partitioned_by = [
+        s.split('"')[3] for s in made.statements if s.endswith(' PARTITION BY RANGE ("ts")')
     ]
+    assert partitioned_by == list(partitioned)
     indexes = [s for s in made.statements if s.startswith("CREATE INDEX")]
     assert indexes == [
         'CREATE INDEX "agent_state_history_source" ON "public"."agent_state_history" USING brin '
