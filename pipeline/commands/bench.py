@@ -78,6 +78,16 @@ def register(commands: Subparsers) -> None:
         "mode in front of the local stack's PostgreSQL and directly, in one run, and report the "
         "ratio (instead of the usual measurements)",
     )
+    parser.add_argument(
+        "--partitioning",
+        action="store_true",
+        help="what time partitions buy: dropping a day of metric rows by retention against "
+        "DELETE, and one agent's day of metrics, on a partitioned and an unpartitioned table "
+        "with the same rows (instead of the usual measurements; PostgreSQL only)",
+    )
+    parser.add_argument(
+        "--rows", type=count, default=1_000_000, help="--partitioning: metric rows a day (1M)"
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--profile",
@@ -100,6 +110,8 @@ def bench(args: argparse.Namespace) -> int:
     from consumers.bench import BenchPlan, as_json, missing_extras, plot, run_bench, table
     from producers.simulator import FleetSimulator, simulate
 
+    if args.partitioning:
+        return _partitioning(args)
     missing = missing_extras(profile=args.profile is not None)
     if missing:  # before anything starts: the plot comes at the end of a long run
         raise ConfigError(
@@ -154,6 +166,21 @@ def bench(args: argparse.Namespace) -> int:
     _write_json(args.json, as_json(results, memory))
     plot(results, args.png)
     progress(f"plot: {args.png}")
+    return OK
+
+
+def _partitioning(args: argparse.Namespace) -> int:
+    """`pipeline bench --partitioning`: consumers/bench_partitions.py, against the configured
+    PostgreSQL (the local stack's unless DATABASE_URL names another server)."""
+    from consumers.bench_partitions import as_json, run_partition_bench, table
+    from pipeline.commands._common import load_config
+
+    stack, _ = local_stack_up()
+    admin = {} if stack is None else {"database_url": stack.admin_url()}
+    config = load_config(argparse.Namespace(config=None), **admin)
+    result = asyncio.run(run_partition_bench(config.database_url, args.rows, progress))
+    print(table(result))
+    _write_json(args.json, as_json(result))
     return OK
 
 
