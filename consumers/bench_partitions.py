@@ -19,15 +19,14 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
 
 from pipeline import partitions, schema_plan, sql_names, testbed
 from pipeline.catalog import load as load_catalog
-from pipeline.records import Metric
-from producers.simulator import FleetSimulator, Mix
+from pipeline.records import Metric, Record
 
 STREAM = "metrics"
 AGENTS = 143  # the reference deployment's fleet
@@ -36,6 +35,15 @@ CHUNK = 20_000  # records per COPY: the agent's batches are of this order
 SAME_TICK = 100  # records stamped with one time: the simulator's fleet reports in bursts
 _COLUMNS = ("agent_id", "name", "value", "ts", "labels", "src_partition", "src_offset", "batch_id")
 _DELETED = re.compile(r"DELETE (\d+)")
+
+
+class Fleet(Protocol):
+    """Where the metric rows come from: the simulator's fleet (``pipeline bench`` passes a
+    :class:`~producers.simulator.FleetSimulator` sending only metrics)."""
+
+    agent_ids: tuple[str, ...]
+
+    def next_records(self, n: int, now: datetime) -> list[Record]: ...
 
 
 @dataclass(frozen=True)
@@ -223,14 +231,17 @@ def as_json(result: PartitionBench) -> dict[str, object]:
 
 async def run_partition_bench(
     admin_url: str,
+    fleet: Fleet,
     rows_per_day: int,
     report: Callable[[str], None],
+    *,
     drops: int = 3,
     runs: int = 5,
 ) -> PartitionBench:
-    """Load both tables in a scratch database on the server of ``admin_url`` (a login that
-    may create databases and run CHECKPOINT), measure, drop the database: ``drops`` days
-    are removed, one a run; the day after them is queried ``runs`` times."""
+    """Load both tables with ``fleet``'s metrics in a scratch database on the server of
+    ``admin_url`` (a login that may create databases and run CHECKPOINT), measure, drop the
+    database. ``drops`` days are removed, one a run; the day after them is queried ``runs``
+    times."""
     days = drops + 1
     catalog = load_catalog()
     database = f"bench_partitions_{uuid.uuid4().hex[:12]}"
@@ -243,13 +254,13 @@ async def run_partition_bench(
             await _create(conn, shape, flat, day_ranges(FIRST_DAY, days))
             report(f"loading {days} days x {rows_per_day:,} metric rows into each table")
             started = time.perf_counter()
-            await _load(conn, shape.name, flat.name, rows_per_day, days)
+            await _load(conn, shape.name, flat.name, _chunks(fleet, rows_per_day, days))
             load_s = time.perf_counter() - started
             for name in (shape.name, flat.name):
                 await conn.execute(f"VACUUM (ANALYZE) {sql_names.table(name)}")
             await _same_rows(conn, shape.name, flat.name, rows_per_day * days)
             query_day = day_ranges(FIRST_DAY, days)[-1]
-            agent = FleetSimulator(agents=AGENTS, seed=1).agent_ids[42]
+            agent = fleet.agent_ids[42]
             report(f"query: {agent}'s metrics of {query_day.start:%Y-%m-%d}")
             queries = await _queries(conn, (shape.name, flat.name), agent, query_day, runs)
             size_before = await _size(conn, flat.name)
@@ -311,12 +322,9 @@ async def _create(
         )
 
 
-def _chunks(rows_per_day: int, days: int) -> Iterator[list[tuple[Any, ...]]]:
-    """The metric rows, day by day in time order, :data:`CHUNK` at a time, with the
+def _chunks(fleet: Fleet, rows_per_day: int, days: int) -> Iterator[list[tuple[Any, ...]]]:
+    """The fleet's metric rows, day by day in time order, :data:`CHUNK` at a time, with the
     provenance an agent would give them (one source partition, consecutive offsets)."""
-    fleet = FleetSimulator(
-        agents=AGENTS, seed=1, mix=Mix(states=0, events=0, metrics=1, analytics=0, config=0)
-    )
     labels: dict[int, str] = {}
     offset = 0
     for day in day_ranges(FIRST_DAY, days):
@@ -337,10 +345,11 @@ def _chunks(rows_per_day: int, days: int) -> Iterator[list[tuple[Any, ...]]]:
 
 
 async def _load(
-    conn: asyncpg.Connection, parted: str, flat: str, rows_per_day: int, days: int
+    conn: asyncpg.Connection, parted: str, flat: str, chunks: Iterator[list[tuple[Any, ...]]]
 ) -> None:
-    """The same rows, in the same order, into both tables."""
-    for chunk in _chunks(rows_per_day, days):
+    """The same rows, in the same order, into both tables. A bench's scratch tables, not a
+    batch of records: COPY straight in, not through the agents' write path."""
+    for chunk in chunks:
         for name in (parted, flat):
             schema, bare = sql_names.split_table(name)
             await conn.copy_records_to_table(

@@ -172,13 +172,17 @@ def bench(args: argparse.Namespace) -> int:
 def _partitioning(args: argparse.Namespace) -> int:
     """`pipeline bench --partitioning`: consumers/bench_partitions.py, against the configured
     PostgreSQL (the local stack's unless DATABASE_URL names another server)."""
-    from consumers.bench_partitions import as_json, run_partition_bench, table
+    from consumers.bench_partitions import AGENTS, as_json, run_partition_bench, table
     from pipeline.commands._common import load_config
 
     stack, _ = local_stack_up()
     admin = {} if stack is None else {"database_url": stack.admin_url()}
     config = load_config(argparse.Namespace(config=None), **admin)
-    result = asyncio.run(run_partition_bench(config.database_url, args.rows, progress))
+    from producers.simulator import FleetSimulator, Mix
+
+    only_metrics = Mix(states=0, events=0, metrics=1, analytics=0, config=0)
+    fleet = FleetSimulator(agents=AGENTS, seed=1, mix=only_metrics)
+    result = asyncio.run(run_partition_bench(config.database_url, fleet, args.rows, progress))
     print(table(result))
     _write_json(args.json, as_json(result))
     return OK

@@ -26,6 +26,7 @@ from consumers.bench_partitions import (
 from pipeline import cli, schema_plan
 from pipeline.catalog import load as load_catalog
 from pipeline.partitions import Range
+from producers.simulator import FleetSimulator, Mix
 
 DAY = Range(datetime(2026, 11, 2, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC))
 
@@ -128,8 +129,12 @@ def test_ticks_spread_a_days_rows_over_the_day_in_bursts_and_in_order() -> None:
     assert tick(DAY, 1, 0) == DAY.start
 
 
+def _fleet() -> FleetSimulator:
+    return FleetSimulator(seed=1, mix=Mix(states=0, events=0, metrics=1, analytics=0, config=0))
+
+
 def test_the_rows_are_the_fleets_metrics_day_by_day_with_consecutive_offsets() -> None:
-    chunks = list(_chunks(rows_per_day=50_000, days=2))
+    chunks = list(_chunks(_fleet(), rows_per_day=50_000, days=2))
     rows = [row for chunk in chunks for row in chunk]
     assert [len(c) for c in chunks] == [20_000, 20_000, 10_000] * 2
     assert len(rows) == 100_000
@@ -148,7 +153,7 @@ def test_the_rows_are_the_fleets_metrics_day_by_day_with_consecutive_offsets() -
     }
     assert rows[0][4].startswith('{"host":"host-')
     # The same rows every time: both tables, and every run of the bench, get them.
-    assert rows[:100] == [r for c in _chunks(50_000, 1) for r in c][:100]
+    assert rows[:100] == [r for c in _chunks(_fleet(), 50_000, 1) for r in c][:100]
 
 
 def test_the_unpartitioned_table_is_the_metrics_table_without_partition_by() -> None:
