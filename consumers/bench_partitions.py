@@ -1,7 +1,8 @@
 """`pipeline bench --partitioning`: what time partitions buy on this PostgreSQL, measured on
 the same metric rows in a partitioned and an unpartitioned table: dropping a day by retention
 against DELETE (and the VACUUM it leaves), and one agent's day of metrics under
-``EXPLAIN (ANALYZE, BUFFERS)``. docs/scaling.md ("Measured here") says how to read it.
+``EXPLAIN (ANALYZE, BUFFERS)``. How to read it: docs/scaling.md, "Measured here: retention
+and a day's query".
 
 Both tables are the built-in ``metrics`` stream's, as the migrator creates them (the
 unpartitioned one from the same shape without ``PARTITION BY``), in a scratch database that
