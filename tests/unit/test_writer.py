@@ -230,7 +230,7 @@ async def test_refused_rows_among_expired_ones_dead_letter_their_own_records() -
             raise CheckViolation("new row violates check constraint")
         return len(batch)
 
-    writer._tables["metrics"].write = write  # type: ignore[method-assign]
+    writer._tables["metrics"].write = write  # type: ignore[method-assign, assignment]
     written = await writer.write(conn, parts)  # type: ignore[arg-type]
     assert [r[-2] for r in conn.kept] == [0, 2, 5]
     assert written.expired == {"metrics": [1, 3]}
@@ -258,7 +258,7 @@ async def test_each_attempt_reckons_the_horizon_from_its_own_clock() -> None:
             raise CheckViolation("new row violates check constraint")
         return len(batch)
 
-    writer._tables["metrics"].write = write  # type: ignore[method-assign]
+    writer._tables["metrics"].write = write  # type: ignore[method-assign, assignment]
     written = await writer.write(conn, parts)  # type: ignore[arg-type]
     assert written.expired == {"metrics": [0]}
     assert [r.index for r in written.refused["metrics"]] == [1]
