@@ -37,10 +37,11 @@ class BatchCount:
         now: float,
     ) -> None:
         """A committed batch: its records, rows new to their tables, rows whose key was stored
-        already, rows older than their stream's retention horizon, dead letters, its size and duration, its phases, and its records' latency
-        (from ``stamps``, their Kafka timestamps taken at fetch time: :meth:`LatencyCount.count`).
-        ``started`` and ``committed`` are ``time.monotonic()`` when the write began and once
-        COMMIT returned; ``now`` is the wall clock of the commit."""
+        already, rows older than their stream's retention horizon, dead letters, its size and
+        duration, its phases, and its records' latency (from ``stamps``, their Kafka
+        timestamps taken at fetch time: :meth:`LatencyCount.count`). ``started`` and
+        ``committed`` are ``time.monotonic()`` when the write began and once COMMIT returned;
+        ``now`` is the wall clock of the commit."""
         m = self._metrics
         for (topic, _), part in work.parts.items():
             m.records_consumed.labels(topic, "live").inc(len(part.records))

@@ -22,7 +22,7 @@ from pipeline.batching import OffsetMove, Part, Partition, Row
 from pipeline.catalog import Catalog, StreamSpec
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import DataError, PipelineError, SchemaError
-from pipeline.partitions import Partitioning
+from pipeline.partitions import Partitioning, format_retention
 from pipeline.retry import classify
 from pipeline.rows import source_of
 
@@ -251,6 +251,12 @@ class Retained:
             spec.column_names.index(column), partitioning, spec.column(column).type == "date"
         )
 
+    @property
+    def why(self) -> str:
+        """What makes a row expired, in words: "its ts is older than now minus 1d"."""
+        retention = format_retention(self.partitioning.retention)
+        return f"its {self.partitioning.column} is older than now minus {retention}"
+
     def horizon(self, now: datetime.datetime) -> datetime.datetime | datetime.date:
         """The oldest value of the partition column that is still kept at ``now``."""
         horizon = self.partitioning.horizon(now)
@@ -272,6 +278,12 @@ def unexpired(
     dropped = set(gone)
     at = [n for n in range(len(rows)) if n not in dropped]
     return [rows[n] for n in at], at, gone
+
+
+def expired_because(spec: StreamSpec) -> str:
+    """Why a row of ``spec``'s stream was expired, in words (:attr:`Retained.why`)."""
+    retained = Retained.of(spec)
+    return retained.why if retained is not None else "it keeps its rows for ever"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from consumers.writer import BatchWriter, Refused, Retained, unexpired, write_bisecting
+from consumers.writer import (
+    BatchWriter,
+    Refused,
+    Retained,
+    expired_because,
+    unexpired,
+    write_bisecting,
+)
 from pipeline.batching import Part, Rejected, Row
 from pipeline.catalog import load as load_catalog
 from pipeline.db import DeadLetter
@@ -263,3 +270,9 @@ async def test_each_attempt_reckons_the_horizon_from_its_own_clock() -> None:
     assert written.expired == {"metrics": [0]}
     assert [r.index for r in written.refused["metrics"]] == [1]
     assert [r[-2] for r in conn.kept] == [2]
+
+
+def test_the_reason_for_expiry_names_the_column_and_the_retention() -> None:
+    assert expired_because(METRICS["metrics"]) == "its ts is older than now minus 1d"
+    weeks = load_catalog().with_retention({"events": "14d"})
+    assert expired_because(weeks["events"]) == "its ts is older than now minus 2w"
