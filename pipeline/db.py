@@ -1042,7 +1042,7 @@ def _history_insert(tables: StreamTables) -> str:
     )
     return (
         f"new AS (INSERT INTO {sql_names.table(tables.history.name)} ({cols}) {rows} "
-        f"ON CONFLICT ({target}) DO NOTHING RETURNING 1)"
+        "ON CONFLICT DO NOTHING RETURNING 1)"
     )
 
 
@@ -1060,7 +1060,7 @@ def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
     if mode == "append":
         return (
             f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) "
-            f"{_first_of_each(key, cols)} ON CONFLICT ({key}) DO NOTHING RETURNING 1) "
+            f"{_first_of_each(key, cols)} ON CONFLICT DO NOTHING RETURNING 1) "
             "SELECT count(*) FROM new"
         )
     src_partition, src_offset = map(ident, _SOURCE)

@@ -606,7 +606,9 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{shape.display}.{column.name} is {there.type}, the catalog says "
                         f"{pg_type(column.type)}"
                     )
-            if table.primary_key != shape.primary_key:
+            # A table not yet partitioned keeps its key until `pipeline migrate` upgrades it.
+            keys = (shape.primary_key, () if table.partitioned else unpartitioned_key(shape))
+            if table.primary_key not in keys:
                 found.append(
                     f"{shape.display} has primary key {_key(table.primary_key)}, the catalog "
                     f"says {_key(shape.primary_key)}"

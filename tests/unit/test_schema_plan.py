@@ -803,3 +803,14 @@ def test_a_recorded_check_bound_is_read_back() -> None:
     )
     assert bound("CHECK ((d < '2026-12-09'::date))") == datetime.datetime(2026, 12, 9, tzinfo=utc)
     assert bound("CHECK ((d < now()))") is None
+
+
+def test_an_agent_writes_a_table_not_yet_partitioned_and_one_partitioned() -> None:
+    spec = clicks()
+    assert missing([spec], unpartitioned(state_of(spec), "clicks")) == []
+    assert missing([spec], state_of(spec)) == []
+    # Partitioned, the table must have the key with the partition column.
+    wrong = with_table(state_of(spec), "clicks", primary_key=("click_id",))
+    assert missing([spec], wrong) == [
+        "public.clicks has primary key (click_id), the catalog says (click_id, at)"
+    ]
