@@ -60,6 +60,9 @@ _SCHEMA_READABLE_FROM = 7  # 007_least_privilege.sql lets the writer read schema
 # statements queued behind it go and tries again: the longest the agents wait on it.
 _UPGRADE_LOCK_TIMEOUT_MS = 1000
 _UPGRADE_LOCK_ATTEMPTS = 60
+# The index build and the validation read the whole table, hours on a big one: the session's
+# command timeout, meant for a batch, does not bound them.
+_UPGRADE_STEP_TIMEOUT_S = 7 * 24 * 3600.0
 
 # -- connections ----------------------------------------------------------------------------
 
@@ -398,7 +401,7 @@ async def _upgrade(conn: Connection, upgrade: schema_plan.Upgrade) -> None:
         )
     for statement in upgrade.online:
         if " CONCURRENTLY " in statement:  # waits for transactions, never blocks them
-            await conn.execute(statement)
+            await conn.execute(statement, timeout=_UPGRADE_STEP_TIMEOUT_S)
         else:
             await _with_lock_retries(conn, table, (statement,))
     await _with_lock_retries(conn, table, upgrade.swap, swap=True)
@@ -420,7 +423,7 @@ async def _with_lock_retries(
                     if kind != "r":
                         return
                 for statement in statements:
-                    await conn.execute(statement)
+                    await conn.execute(statement, timeout=_UPGRADE_STEP_TIMEOUT_S)
             return
         except asyncpg.LockNotAvailableError:
             await asyncio.sleep(0.1)

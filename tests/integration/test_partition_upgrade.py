@@ -310,3 +310,91 @@ async def test_an_upgrade_interrupted_after_its_index_and_check_finishes_when_ru
             assert agent.stop() == 0
         finally:
             agent.kill()
+
+
+CLICKS = """
+builtin = false
+
+[[streams]]
+name = "clicks"
+topic = "web.clicks"
+table = "clicks"
+mode = "append"
+{key}
+{partition}
+
+[streams.columns]
+click_id = "uuid"
+page = "text"
+at = "timestamptz"
+"""
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        # No index to build: the check's ADD CONSTRAINT, then the swap, wait for the lock.
+        pytest.param("", id="keyless"),
+        # The index build waits for the long transaction first, beyond the command timeout.
+        pytest.param('key = ["click_id"]', id="keyed"),
+    ],
+)
+async def test_the_upgrade_never_holds_writers_up_behind_a_long_transaction(
+    servers: Servers, database_url: str, tmp_path: Path, key: str
+) -> None:
+    """A transaction that writes the table and stays open: each step that needs an exclusive
+    lock waits for it at most its lock timeout, then lets the writers queued behind it go and
+    tries again, so writers wait about a second at most, never the long transaction's
+    length; the upgrade finishes once that transaction does, however long its steps wait
+    beyond the session's command timeout (2 s here)."""
+    plain = tmp_path / "plain.toml"
+    plain.write_text(CLICKS.format(key=key, partition=""))
+    partitioned = tmp_path / "partitioned.toml"
+    partitioned.write_text(CLICKS.format(key=key, partition='partition_by = "at"'))
+    assert (await pipeline(migrator_env(servers, database_url, plain), "migrate")).returncode == 0
+    agent_url = testbed.as_agent(database_url)
+    insert = (
+        "INSERT INTO clicks (click_id, page, at, src_partition, src_offset, batch_id) "
+        "VALUES (gen_random_uuid(), '/', now(), 0, $1, 1)"
+    )
+    holder = await asyncpg.connect(agent_url, timeout=10)
+    writer = await asyncpg.connect(agent_url, timeout=10)
+    try:
+        long_transaction = holder.transaction()
+        await long_transaction.start()
+        await holder.execute(insert, 0)  # holds the table's ROW EXCLUSIVE lock until it ends
+        env = migrator_env(servers, database_url, partitioned)
+        env["PIPELINE_DB_COMMAND_TIMEOUT_S"] = "2"
+        migrate = asyncio.create_task(pipeline(env, "migrate"))
+        waits = []
+        held_until = time.monotonic() + 6
+        offset = 1
+        while time.monotonic() < held_until:
+            began = time.monotonic()
+            await writer.execute(insert, offset)
+            waits.append(time.monotonic() - began)
+            offset += 1
+            await asyncio.sleep(0.02)
+        assert not migrate.done()  # it cannot finish while the long transaction runs
+        await long_transaction.commit()
+        migrated = await asyncio.wait_for(migrate, 120)
+        assert migrated.returncode == 0, migrated.stderr
+        assert max(waits) < 3, sorted(waits)[-5:]
+        assert len(waits) > 20
+        assert await writer.fetchval("SELECT count(*) FROM clicks") == offset
+        assert await writer.fetchval("SELECT count(*) FROM clicks_legacy") == offset
+    finally:
+        await holder.close()
+        await writer.close()
+    assert await relkinds_of(database_url, "clicks") == "p"
+
+
+async def relkinds_of(url: str, table: str) -> str:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        kind: str = await conn.fetchval(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", table
+        )
+        return kind
+    finally:
+        await conn.close()
