@@ -9,6 +9,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -80,6 +83,19 @@ def register(commands: Subparsers) -> None:
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="the recorded baseline each mix's rows/s and CPU-s per 1M rows are compared with "
+        "(default consumers/bench_baseline.json)",
+    )
+    parser.add_argument(
+        "--record-baseline",
+        action="store_true",
+        help="after comparing, write this run's numbers, the commit, the date and the machine "
+        "to the baseline file",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -97,9 +113,25 @@ def register(commands: Subparsers) -> None:
 def bench(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from consumers.bench import BenchPlan, as_json, missing_extras, plot, run_bench, table
+    from consumers.bench import (
+        BASELINE_FILE,
+        BenchPlan,
+        as_json,
+        missing_extras,
+        plot,
+        read_baseline,
+        run_bench,
+        table,
+    )
     from producers.simulator import FleetSimulator, simulate
 
+    if args.record_baseline and (args.secure or args.pooler):
+        raise ConfigError(
+            "--record-baseline records the usual measurements, not --secure or --pooler"
+        )
+    baseline_path = args.baseline or BASELINE_FILE
+    baseline = read_baseline(baseline_path)  # a broken file stops the run before it starts
+    load_before = os.getloadavg()
     missing = missing_extras(profile=args.profile is not None)
     if missing:  # before anything starts: the plot comes at the end of a long run
         raise ConfigError(
@@ -151,10 +183,66 @@ def bench(args: argparse.Namespace) -> int:
         return OK
     results, memory = asyncio.run(run_bench(config, source, publish, plan, progress))
     print(table(results, memory))
+    _against_baseline(results, plan.partitions, baseline_path, baseline)
+    if args.record_baseline:
+        _record_baseline(results, plan.partitions, baseline_path, load_before)
     _write_json(args.json, as_json(results, memory))
     plot(results, args.png)
     progress(f"plot: {args.png}")
     return OK
+
+
+def _against_baseline(
+    results: list[Any], partitions: int, path: Path, baseline: dict[str, object] | None
+) -> None:
+    """Print each mix's rows/s and CPU-s per 1M rows against the recorded baseline."""
+    from consumers.bench import baseline_source, baseline_table, compare_with_baseline
+
+    drifts, notes = compare_with_baseline(results, baseline, partitions)
+    print(baseline_table(drifts, notes, baseline_source(path, baseline)))
+
+
+def _record_baseline(
+    results: list[Any], partitions: int, path: Path, load_before: tuple[float, float, float]
+) -> None:
+    """Write this run's numbers as the new baseline, with the commit, date and machine."""
+    from datetime import UTC, datetime
+
+    from consumers.bench import baseline_record, machine_facts
+
+    record = baseline_record(
+        results,
+        partitions=partitions,
+        commit=_commit(),
+        recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=shlex.join(["pipeline", *sys.argv[1:]]),
+        machine=machine_facts(load_before),
+    )
+    _write_json(path, record)
+    progress(f"baseline recorded: {path}")
+
+
+BASELINE_PATH_IN_REPO = "consumers/bench_baseline.json"
+
+
+def _commit() -> str:
+    """The checkout's commit, with "+changes" when its tracked files differ from it; "unknown"
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            # The baseline itself is what a re-recording changes: not a change of the code.
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+             ".", f":(exclude){BASELINE_PATH_IN_REPO}"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+changes" if changed else head
 
 
 def _default_mixes(args: argparse.Namespace) -> list[str]:
