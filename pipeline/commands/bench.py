@@ -132,6 +132,8 @@ def bench(args: argparse.Namespace) -> int:
     baseline_path = args.baseline or BASELINE_FILE
     baseline = read_baseline(baseline_path)  # a broken file stops the run before it starts
     load_before = os.getloadavg()
+    # Taken now: the tree may change while a long run goes on.
+    commit = _commit() if args.record_baseline else ""
     missing = missing_extras(profile=args.profile is not None)
     if missing:  # before anything starts: the plot comes at the end of a long run
         raise ConfigError(
@@ -185,7 +187,7 @@ def bench(args: argparse.Namespace) -> int:
     print(table(results, memory))
     _against_baseline(results, plan.partitions, baseline_path, baseline)
     if args.record_baseline:
-        _record_baseline(results, plan.partitions, baseline_path, load_before)
+        _record_baseline(results, plan.partitions, baseline_path, commit, load_before)
     _write_json(args.json, as_json(results, memory))
     plot(results, args.png)
     progress(f"plot: {args.png}")
@@ -203,7 +205,11 @@ def _against_baseline(
 
 
 def _record_baseline(
-    results: list[Any], partitions: int, path: Path, load_before: tuple[float, float, float]
+    results: list[Any],
+    partitions: int,
+    path: Path,
+    commit: str,
+    load_before: tuple[float, float, float],
 ) -> None:
     """Write this run's numbers as the new baseline, with the commit, date and machine."""
     from datetime import UTC, datetime
@@ -213,7 +219,7 @@ def _record_baseline(
     record = baseline_record(
         results,
         partitions=partitions,
-        commit=_commit(),
+        commit=commit,
         recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         command=shlex.join(["pipeline", *sys.argv[1:]]),
         machine=machine_facts(load_before),
