@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from pipeline.kafka_clients import KafkaSettings
 
 
+SDK_LOCK_S = 10  # --sdk: how long the tables stay locked, in the middle of each way's run
+
+
 def register(commands: Subparsers) -> None:
     parser = commands.add_parser(
         "bench", help="end-to-end throughput against the raw limits, measured in one run"
@@ -80,6 +83,24 @@ def register(commands: Subparsers) -> None:
         help="what a connection pooler costs: drain end to end through a PgBouncer in this pool "
         "mode in front of the local stack's PostgreSQL and directly, in one run, and report the "
         "ratio (instead of the usual measurements)",
+    )
+    parser.add_argument(
+        "--sdk",
+        action="store_true",
+        help="the agents' side: a simulated agent emits states, events and metrics at "
+        "--sdk-rate for --sdk-seconds, writing them itself (an INSERT each, awaited), batched "
+        "(executemany) and through the SDK, each in its own process, with the tables locked "
+        f"for {SDK_LOCK_S} s in the middle; CPU per 1,000 records, call times, RSS (instead of "
+        "the usual measurements)",
+    )
+    parser.add_argument(
+        "--sdk-rate", type=amount, default=100, help="records/s of the simulated agent (100)"
+    )
+    parser.add_argument(
+        "--sdk-seconds",
+        type=amount,
+        default=40,
+        help=f"how long each way runs (40; above the lock's {SDK_LOCK_S} s)",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument(
@@ -125,9 +146,15 @@ def bench(args: argparse.Namespace) -> int:
     )
     from producers.simulator import FleetSimulator, simulate
 
-    if args.record_baseline and (args.secure or args.pooler):
+    modes = [name for name, on in (("--secure", args.secure), ("--pooler", args.pooler),
+                                   ("--sdk", args.sdk)) if on]  # fmt: skip
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} are separate measurements: give one at a time")
+    if args.record_baseline and modes:
+        raise ConfigError(f"--record-baseline records the usual measurements, not {modes[0]}")
+    if args.sdk and not args.sdk_seconds > SDK_LOCK_S:
         raise ConfigError(
-            "--record-baseline records the usual measurements, not --secure or --pooler"
+            f"--sdk-seconds must be above {SDK_LOCK_S}, the lock's time, got {args.sdk_seconds:g}"
         )
     baseline_path = args.baseline or BASELINE_FILE
     baseline = read_baseline(baseline_path)  # a broken file stops the run before it starts
@@ -175,13 +202,14 @@ def bench(args: argparse.Namespace) -> int:
 
         testbed.use_logins(stack.logins(), stack.admin_url())
     config = load_kafka_config(argparse.Namespace(config=None), **admin)
-    if args.secure and args.pooler:
-        raise ConfigError("--secure and --pooler are two measurements: give one at a time")
     if args.secure:
         _write_json(args.json, _encryption(stack, config, source, plan))
         return OK
     if args.pooler:
         _write_json(args.json, _pooler(stack, args.pooler, config, source, plan))
+        return OK
+    if args.sdk:
+        _write_json(args.json, _sdk(config, args))
         return OK
     results, memory = asyncio.run(run_bench(config, source, publish, plan, progress))
     print(table(results, memory))
@@ -328,6 +356,22 @@ def _pooler(
         )
     print(pooler_table(results))
     return [asdict(r) for r in results]
+
+
+def _sdk(config: Config, args: argparse.Namespace) -> dict[str, object]:
+    """`pipeline bench --sdk`: the three ways an agent hands its records over. Prints the
+    table; the results, for --json."""
+    from consumers.bench_sdk import SdkPlan, run_sdk_bench, sdk_json, sdk_table
+
+    plan = SdkPlan(
+        rate=args.sdk_rate,
+        seconds=args.sdk_seconds,
+        lock_at=(args.sdk_seconds - SDK_LOCK_S) / 2,
+        lock_seconds=SDK_LOCK_S,
+    )
+    results = asyncio.run(run_sdk_bench(config, plan, progress))
+    print(sdk_table(results, plan))
+    return sdk_json(results, plan)
 
 
 def _local_stack_for(stack: Stack | None, why: str) -> Stack:
