@@ -369,7 +369,7 @@ def _sdk(config: Config, args: argparse.Namespace) -> dict[str, object]:
         lock_at=(args.sdk_seconds - SDK_LOCK_S) / 2,
         lock_seconds=SDK_LOCK_S,
     )
-    results = asyncio.run(run_sdk_bench(config, plan, progress))
+    results = asyncio.run(run_sdk_bench(config.kafka, config.database_url, plan, progress))
     print(sdk_table(results, plan))
     return sdk_json(results, plan)
 
