@@ -415,6 +415,8 @@ async def _run_agent(
     read its report: the report, and when the tables were locked (monotonic)."""
     import asyncpg
 
+    from pipeline import db
+
     conn = await asyncpg.connect(url, timeout=10)
     try:
         for statement in _DIRECT_DDL:
@@ -437,7 +439,7 @@ async def _run_agent(
                 raise RuntimeError(f"the simulated agent ({spec.way}) did not start: {ready!r}")
             await asyncio.sleep(plan.lock_at)
             tables = ", ".join((*_DIRECT_TABLES.values(), *_PIPELINE_TABLES))
-            async with conn.transaction():
+            async with db.transaction(conn):
                 await conn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
                 locked_from = time.monotonic()
                 await asyncio.sleep(plan.lock_seconds)
@@ -542,9 +544,9 @@ class _Insert(_Way):
 
 
 class _Batched(_Insert):
-    """Records buffered, and each batch written with an executemany per stream in one
-    transaction, awaited by the emit call that fills it (or that comes a second after the
-    batch's first record)."""
+    """Records buffered, and each batch written with an executemany per stream (atomic, each),
+    awaited by the emit call that fills it (or that comes a second after the batch's first
+    record)."""
 
     def __init__(self, conn: Any, batch: int) -> None:
         super().__init__(conn)
@@ -565,9 +567,8 @@ class _Batched(_Insert):
     async def finish(self) -> None:
         if not self.buffered:
             return
-        async with self.conn.transaction():
-            for stream, rows in self.buffer.items():
-                await self.conn.executemany(_INSERTS[stream], rows)
+        for stream, rows in self.buffer.items():
+            await self.conn.executemany(_INSERTS[stream], rows)  # atomic, each
         self.buffer, self.buffered = {}, 0
 
 
