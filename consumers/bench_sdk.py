@@ -1,15 +1,10 @@
-"""`pipeline bench --sdk`: what publishing its records costs an agent, three ways, in one run
+"""`pipeline bench --sdk`: what handing its records over costs an agent, measured in one run
 (docs/performance.md, "The agents' side: `pipeline bench --sdk`").
 
-:func:`run_sdk_bench` starts a simulated agent process per way (:data:`WAYS`), each emitting
-the same states, events and metrics at a fixed rate for a fixed time, and holds a
-``LOCK TABLE`` on the tables the agents write to in the middle of each run. The process runs
-:func:`agent_main` (``python -m consumers.bench_sdk``): it reads its :class:`AgentSpec` on
-stdin, says ``ready`` once connected, and prints its :class:`AgentReport` as JSON. What is
-pure (the records, the schedule, the statistics, the table) is apart from that IO.
-
-This module is the simulated agent's too: it imports asyncpg, aiokafka and the SDK only in
-the way that uses them, so each process's RSS and CPU are its way's.
+:func:`run_sdk_bench` runs a simulated agent process per way of :data:`WAYS` and locks the
+tables in the middle of each run; the process is :func:`agent_main` (``python -m
+consumers.bench_sdk``), which imports only its own way's driver. The records, the schedule, the
+statistics and the table are pure.
 """
 
 from __future__ import annotations
