@@ -37,18 +37,22 @@ class BatchCount:
         now: float,
     ) -> None:
         """A committed batch: its records, rows new to their tables, rows whose key was stored
-        already, dead letters, its size and duration, its phases, and its records' latency
-        (from ``stamps``, their Kafka timestamps taken at fetch time: :meth:`LatencyCount.count`).
-        ``started`` and ``committed`` are ``time.monotonic()`` when the write began and once
-        COMMIT returned; ``now`` is the wall clock of the commit."""
+        already, rows older than their stream's retention horizon, dead letters, its size and
+        duration, its phases, and its records' latency (from ``stamps``, their Kafka
+        timestamps taken at fetch time: :meth:`LatencyCount.count`). ``started`` and
+        ``committed`` are ``time.monotonic()`` when the write began and once COMMIT returned;
+        ``now`` is the wall clock of the commit."""
         m = self._metrics
         for (topic, _), part in work.parts.items():
             m.records_consumed.labels(topic, "live").inc(len(part.records))
         for stream, stream_rows in written.rows.items():
             new, refused = written.new[stream], len(written.refused.get(stream, ()))
             m.rows_ingested.labels(self._table_of[stream], "live").inc(new)
-            duplicates = len(stream_rows) - new - refused
+            expired = len(written.expired.get(stream, ()))
+            duplicates = len(stream_rows) - new - refused - expired
             m.duplicates_skipped.labels(self._topic_of[stream]).inc(duplicates)
+            if expired:
+                m.rows_expired.labels(stream).inc(expired)
         for letter in written.letters:
             m.dead_lettered.labels(letter.topic, letter.error_class).inc()
         self.skipped(work)

@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import importlib.util
 import itertools
+import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -44,6 +46,7 @@ from pipeline.batching import Row, lag
 from pipeline.catalog import Catalog
 from pipeline.catalog import load as load_catalog
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.kafka_clients import KafkaSettings
 from pipeline.records import Record, encode, record_key, stream_of
 from pipeline.rows import decoder
@@ -236,6 +239,8 @@ class MixResult:
     raw_consume_per_s: float
     raw_copy_per_s: float
     e2e_rows_per_s: float
+    # The agent process's utime + stime over the drain, per 1M rows: the least of the passes.
+    cpu_s_per_1m_rows: float
     ratio: float  # end to end / the smaller raw limit
     copy_ratio: float  # end to end / raw COPY
     peak_rss_mb: float
@@ -247,6 +252,15 @@ class MixResult:
     # For the plot, not the JSON: (seconds, rows ingested) while draining, and latencies.
     drain_curve: list[tuple[float, int]] = field(repr=False)
     latencies_ms: list[float] = field(repr=False)
+
+
+class Drain(NamedTuple):
+    """One end-to-end drain, as :func:`_drain` measured it."""
+
+    rows_per_s: float
+    peak_rss_mb: float  # the agents' peaks, summed
+    cpu_s_per_1m_rows: float  # the agents' utime + stime over the drain, summed, per 1M rows
+    curve: list[tuple[float, int]]  # (seconds, rows ingested)
 
 
 @dataclass
@@ -287,7 +301,7 @@ async def run_bench(
     report(f"[memory] one DatabaseAgent draining {plan.memory_records:,} {mix} records")
     prefix = await _backlog(config, source, mix, plan.memory_records, plan.partitions)
     async with _scratch_database(config, streams.catalog) as url:
-        rate, rss, _ = await _drain(
+        rate, rss, _, _ = await _drain(
             config, url, prefix, 1, streams, expected=_expected(mix, plan.memory_records)
         )
     report(f"[memory]   peak RSS {rss:.0f} MB ({rate:,.0f} rows/s)")
@@ -331,11 +345,16 @@ async def _bench_mix(
         streams.catalog,
         lambda url: _drain(config, url, prefix, 1, streams, expected=expected),
     )
-    e2e_rate, _, curve = max(drains, key=lambda drain: drain[0])
-    rss = max(drain[1] for drain in drains)
+    e2e_rate, _, _, curve = max(drains, key=lambda drain: drain.rows_per_s)
+    rss = max(drain.peak_rss_mb for drain in drains)
+    # CPU time is what the agent spent, not how long it waited: the least of the passes is the
+    # one a neighbour disturbed least (cache misses, migrations between the cores).
+    cpu = min(drain.cpu_s_per_1m_rows for drain in drains)
     report(
-        f"[{mix}]   {e2e_rate:,.0f} rows/s (passes: {', '.join(f'{d[0]:,.0f}' for d in drains)}), "
-        f"peak RSS {rss:.0f} MB"
+        f"[{mix}]   {e2e_rate:,.0f} rows/s (passes: "
+        f"{', '.join(f'{d.rows_per_s:,.0f}' for d in drains)}), peak RSS {rss:.0f} MB, "
+        f"{cpu:.2f} CPU-s per 1M rows (passes: "
+        f"{', '.join(f'{d.cpu_s_per_1m_rows:.2f}' for d in drains)})"
     )
 
     if plan.profile is not None:
@@ -349,7 +368,7 @@ async def _bench_mix(
     if plan.scale_out:
         report(f"[{mix}] end to end: two DatabaseAgent processes in one group")
         async with _scratch_database(config, streams.catalog) as url:
-            two, _, _ = await _drain(config, url, prefix, 2, streams, expected=expected)
+            two = (await _drain(config, url, prefix, 2, streams, expected=expected)).rows_per_s
         report(f"[{mix}]   {two:,.0f} rows/s")
 
     report(
@@ -369,6 +388,7 @@ async def _bench_mix(
         raw_consume_per_s=consume_rate,
         raw_copy_per_s=copy_rate,
         e2e_rows_per_s=e2e_rate,
+        cpu_s_per_1m_rows=cpu,
         ratio=e2e_rate / min(consume_rate, copy_rate),
         copy_ratio=e2e_rate / copy_rate,
         peak_rss_mb=rss,
@@ -447,9 +467,9 @@ async def run_encryption_bench(
         for n in range(PASSES):
             for listener in listeners:
                 async with _scratch_database(config, streams.catalog) as url:
-                    rate, _, _ = await _drain(
-                        listener.agent, url, prefixes[listener.name], 1, streams
-                    )
+                    rate = (
+                        await _drain(listener.agent, url, prefixes[listener.name], 1, streams)
+                    ).rows_per_s
                 drains[listener.name].append(rate)
                 report(
                     f"[{mix}] end to end over {listener.name}, pass {n + 1}/{PASSES}: "
@@ -514,7 +534,8 @@ async def run_pooler_bench(
         for n in range(PASSES):
             for route in (DIRECT, pooler):
                 async with _scratch_database(config, streams.catalog) as url:
-                    rate, _, _ = await _drain(config, url, prefix, 1, streams, route=route)
+                    drain = await _drain(config, url, prefix, 1, streams, route=route)
+                    rate = drain.rows_per_s
                 drains[route.name].append(rate)
                 report(
                     f"[{mix}] end to end {route.name}, pass {n + 1}/{PASSES}: {rate:,.0f} rows/s"
@@ -542,14 +563,15 @@ def pooler_table(results: list[PoolerResult]) -> str:
 def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
-        f"{'e2e rows/s':>11} {'ratio':>6} {'/COPY':>6} {'x2 procs/s':>11} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'max ms':>7} {'peak RSS':>9}"
+        f"{'e2e rows/s':>11} {'CPU-s/1M':>9} {'ratio':>6} {'/COPY':>6} {'x2 procs/s':>11} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'peak RSS':>9}"
     ]
     for r in results:
         two = f"{r.e2e_two_processes_rows_per_s:,.0f}" if r.e2e_two_processes_rows_per_s else "-"
         lines.append(
             f"{r.mix:<14} {r.records:>9,} {r.raw_consume_per_s:>14,.0f} "
-            f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} {r.ratio:>6.2f} "
+            f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} "
+            f"{r.cpu_s_per_1m_rows:>9.2f} {r.ratio:>6.2f} "
             f"{r.copy_ratio:>6.2f} {two:>11} {r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} "
             f"{r.peak_rss_mb:>6.0f} MB"
         )
@@ -568,6 +590,176 @@ def as_json(results: list[MixResult], memory: MemoryResult) -> dict[str, object]
     }
     found["memory"] = asdict(memory)
     return found
+
+
+#: The recorded baseline the bench compares each run with (docs/performance.md, "The baseline").
+BASELINE_FILE = Path(__file__).resolve().parent / "bench_baseline.json"
+#: A measure further than this from its baseline, either way, is flagged.
+DRIFT = 0.05
+# The measures compared with the baseline: MixResult's field, its name in the table, and
+# which way is worse.
+_BASELINE_MEASURES = (
+    ("e2e_rows_per_s", "rows/s", "slower", "faster"),
+    ("cpu_s_per_1m_rows", "CPU-s/1M", "less CPU", "more CPU"),
+)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One measure of one mix against its baseline."""
+
+    mix: str
+    measure: str  # as the table names it: rows/s, CPU-s/1M
+    baseline: float
+    now: float
+    below: str  # what a ratio under 1 means: "slower", "less CPU"
+    above: str
+
+    @property
+    def ratio(self) -> float:
+        return self.now / self.baseline
+
+    @property
+    def flagged(self) -> bool:
+        """Further than :data:`DRIFT` from the baseline (NaN, a measure that failed, is)."""
+        return not abs(self.ratio - 1) <= DRIFT
+
+    def verdict(self) -> str:
+        if not self.flagged:
+            return "ok"
+        if math.isnan(self.ratio):
+            return "DRIFT: not measured"
+        way = self.below if self.ratio < 1 else self.above
+        return f"DRIFT: {way} by {abs(self.ratio - 1):.0%}"
+
+
+def compare_with_baseline(
+    results: list[MixResult], baseline: dict[str, object] | None, partitions: int
+) -> tuple[list[Drift], list[str]]:
+    """Each mix's rows/s and CPU-s/1M against ``baseline`` (a file :func:`baseline_record`
+    made), and a note for each mix not compared: a baseline of another size or partition count
+    measures another thing (start-up weighs more in a small drain)."""
+    if baseline is None:
+        return [], ["no baseline: record one with `pipeline bench --record-baseline`"]
+    drifts: list[Drift] = []
+    notes: list[str] = []
+    mixes = baseline.get("mixes")
+    recorded = mixes if isinstance(mixes, dict) else {}
+    for r in results:
+        base = recorded.get(r.mix)
+        if not isinstance(base, dict):
+            notes.append(f"{r.mix}: not in the baseline")
+            continue
+        if (base.get("records"), baseline.get("partitions")) != (r.records, partitions):
+            notes.append(
+                f"{r.mix}: the baseline drained {base.get('records'):,} records on "
+                f"{baseline.get('partitions')} partitions, this run {r.records:,} on "
+                f"{partitions}: not compared"
+            )
+            continue
+        for name, measure, below, above in _BASELINE_MEASURES:
+            drifts.append(Drift(r.mix, measure, float(base[name]), getattr(r, name), below, above))
+    return drifts, notes
+
+
+def baseline_table(drifts: list[Drift], notes: list[str], source: str) -> str:
+    """The comparison with the baseline: ``source`` says which (path, commit, date)."""
+    lines = [f"against the baseline ({source}), drift flagged beyond {DRIFT:.0%}:"]
+    if drifts:
+        lines.append(f"{'mix':<14} {'measure':<9} {'baseline':>10} {'now':>10} {'ratio':>6}")
+        for d in drifts:
+            digits = 0 if d.measure == "rows/s" else 2
+            lines.append(
+                f"{d.mix:<14} {d.measure:<9} {d.baseline:>10,.{digits}f} {d.now:>10,.{digits}f} "
+                f"{d.ratio:>6.2f}  {d.verdict()}"
+            )
+    lines.extend(notes)
+    return "\n".join(lines)
+
+
+def baseline_source(path: Path, baseline: dict[str, object] | None) -> str:
+    """How :func:`baseline_table` names the baseline."""
+    if baseline is None:
+        return str(path)
+    commit = str(baseline.get("commit", "?"))[:9]
+    return f"{path.name}: commit {commit}, recorded {baseline.get('recorded_at', '?')}"
+
+
+def baseline_record(
+    results: list[MixResult],
+    *,
+    partitions: int,
+    commit: str,
+    recorded_at: str,
+    command: str,
+    machine: dict[str, object],
+) -> dict[str, object]:
+    """What ``--record-baseline`` writes: where and how the numbers were measured, and each
+    mix's measures that later runs are compared with."""
+    return {
+        "recorded_at": recorded_at,
+        "commit": commit,
+        "command": command,
+        "machine": machine,
+        "partitions": partitions,
+        "mixes": {
+            r.mix: {"records": r.records}
+            | {name: getattr(r, name) for name, *_ in _BASELINE_MEASURES}
+            for r in results
+        },
+    }
+
+
+def read_baseline(path: Path) -> dict[str, object] | None:
+    """The baseline at ``path``, None when there is none; a file that is not one is an error
+    naming it."""
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--baseline {path}: not a baseline the bench wrote: {exc}") from None
+    if not isinstance(found, dict) or not isinstance(found.get("mixes"), dict):
+        raise ConfigError(f'--baseline {path}: not a baseline the bench wrote (no "mixes")')
+    return found
+
+
+def machine_facts(load_before: tuple[float, float, float]) -> dict[str, object]:
+    """What the baseline says of the machine it was measured on: its CPU, memory, kernel and
+    Python, and how loaded it was (the 1, 5 and 15 minute load averages before and after)."""
+    cpuinfo = _read("/proc/cpuinfo")
+    model = next(
+        (
+            line.partition(":")[2].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    memory = next(
+        (
+            int(line.split()[1])
+            for line in _read("/proc/meminfo").splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory_gb": round(memory / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def plot(results: list[MixResult], path: Path) -> None:
@@ -745,13 +937,15 @@ async def _drain(
     expected: dict[str, int] | None = None,
     profile_to: Path | None = None,
     route: Route = DIRECT,
-) -> tuple[float, float, list[tuple[float, int]]]:
+) -> Drain:
     """Start agents and time the drain: from the moment every partition is positioned (the
     agents start fetching) to lag 0, so the first batch's fetch, decode and COPY count too.
     The agents connect by ``route``; the bench watches directly, as the administrator.
     ``expected``: the rows each stream's table must then hold (:func:`_check_rows`).
 
-    Returns rows/s, the agents' summed peak RSS in MB, and (seconds, rows ingested) samples.
+    The agents' CPU is read from /proc (utime + stime of each ``pipeline run``) when the clock
+    starts and at lag 0, so start-up (imports, connecting, joining the group) is left out;
+    under py-spy (``profile_to``) it and the RSS are NaN, as the pid is the profiler's.
     """
     ends = await testbed.end_offsets(config.kafka, prefix, streams.catalog)
     total = sum(ends.values())
@@ -761,6 +955,8 @@ async def _drain(
         for _ in range(processes)
     ]
     curve: list[tuple[float, int]] = []
+    measured = profile_to is None
+    cpu_start = cpu_end = float("nan")
     conn = await asyncpg.connect(url, timeout=10)
     try:
         while True:
@@ -768,13 +964,17 @@ async def _drain(
             now = time.perf_counter()
             if len(stored) == len(ends):  # every partition positioned: the clock runs
                 remaining = lag(ends, stored)
+                if not curve and measured:
+                    cpu_start = sum(_cpu_seconds(a.pid) for a in agents)
                 curve.append((now, total - remaining))
                 if remaining == 0:
+                    if measured:
+                        cpu_end = sum(_cpu_seconds(a.pid) for a in agents)
                     break
             if not all(a.alive() for a in agents):
                 raise RuntimeError("a DatabaseAgent exited during the benchmark")
             await asyncio.sleep(0.02)
-        rss = sum(_peak_rss_mb(a.pid) for a in agents) if profile_to is None else float("nan")
+        rss = sum(_peak_rss_mb(a.pid) for a in agents) if measured else float("nan")
         if expected is not None:
             await _check_rows(conn, streams.catalog, expected)
     finally:
@@ -787,7 +987,9 @@ async def _drain(
         await testbed.stop_agents(agents)
     (t0, n0), (t1, n1) = curve[0], curve[-1]
     rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("inf")
-    return rate, rss, [(t - t0, n) for t, n in curve]
+    return Drain(
+        rate, rss, per_million(cpu_end - cpu_start, n1 - n0), [(t - t0, n) for t, n in curve]
+    )
 
 
 async def _latency(
@@ -990,6 +1192,26 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(stat: str, ticks_per_s: int = _TICKS_PER_S) -> float:
+    """utime + stime, in seconds, from the text of ``/proc/<pid>/stat``. The command name
+    (field 2) is in parentheses and may hold spaces or parentheses itself: the fields are
+    counted from the last ``)``."""
+    fields = stat.rpartition(")")[2].split()  # fields[0] is field 3, the state
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def per_million(cpu_s: float, rows: int) -> float:
+    """CPU seconds per 1M rows; NaN when no row was counted."""
+    return cpu_s / rows * 1_000_000 if rows > 0 else float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    return cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -1023,7 +1245,12 @@ async def _scratch_database(config: Config, catalog: Catalog) -> AsyncIterator[s
         conn = await db.connect(url, config.db_session)
         try:
             await db.migrate(conn, db.read_migrations(), catalog)
-            tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            # Plain tables and partitions only: a partitioned table stores nothing and takes no
+            # storage parameter (PostgreSQL refuses autovacuum_enabled on it).
+            tables = await conn.fetch(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public' AND c.relkind = 'r'"
+            )
             for row in tables:
                 await conn.execute(
                     f'ALTER TABLE "{row[0]}" SET (autovacuum_enabled = off, '

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from consumers.writer import BatchWriter, Written
+from consumers.writer import BatchWriter, Written, expired_because
 from pipeline import db
 from pipeline.batching import Row
 from pipeline.config import Config
@@ -170,6 +170,7 @@ class _Chunk:
         self.owners: dict[str, list[int]] = {}  # per stream, the letter id of each row
         self.failed: dict[int, tuple[str, str]] = {}  # letter id -> (error class, reason)
         self.landed: list[int] = []
+        self.expired: dict[str, int] = {}  # per stream: letters older than the horizon
         self.new_rows = 0
 
     async def read(self, conn: Connection) -> dict[str, list[Row]]:
@@ -219,8 +220,11 @@ class _Chunk:
         return rows
 
     async def mark(self, conn: Connection, written: Written) -> None:
-        """The landed letters redriven; the others with their new error class and reason."""
+        """The landed letters redriven; the others with their new error class and reason. A
+        letter whose row is older than its stream's retention horizon is settled as redriven
+        too: it is never written, as the agent commits past such a record."""
         self.landed = []
+        self.expired = {s: len(gone) for s, gone in written.expired.items()}
         for stream, ids in self.owners.items():
             refused = {r.index: r for r in written.refused.get(stream, ())}
             for index, letter_id in enumerate(ids):
@@ -247,7 +251,11 @@ class _Chunk:
         )
 
     def count(self, outcome: Outcome) -> None:
-        outcome.redriven += len(self.landed)
+        expired = sum(self.expired.values())
+        outcome.redriven += len(self.landed) - expired
+        for stream, n in self.expired.items():
+            outcome.expired[stream] += n
+            outcome.horizon[stream] = expired_because(self.config.catalog[stream])
         outcome.new_rows += self.new_rows
         for error_class, reason in self.failed.values():
             outcome.fail(error_class, reason)

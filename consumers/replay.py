@@ -15,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
-from consumers.writer import BatchWriter, Written
+from consumers.writer import BatchWriter, Written, expired_because
 from pipeline import db, kafka_clients
 from pipeline import kafka as kafka_io
 from pipeline.batching import FetchedRecord, Part
@@ -65,11 +66,37 @@ class Request:
 @dataclass
 class Summary:
     replay_id: int
-    records: int  # written in this run (rows, duplicates and dead letters)
+    records: int  # written in this run (rows, duplicates, dead letters and expired rows)
     rows: int  # new rows
     dead_letters: int
     seconds: float
     notes: list[str]
+    # Per stream with any: rows not written, older than the stream's retention horizon, and
+    # why: "its <column> is older than now minus <retention>".
+    expired: dict[str, int] = field(default_factory=dict)
+    horizon: dict[str, str] = field(default_factory=dict)
+
+    def expired_lines(self) -> list[str]:
+        """Why rows of the range were not written, one line per stream with any."""
+        return [
+            f"{count:,} {stream} row(s) skipped as older than the stream's retention horizon "
+            f"({self.horizon[stream]}): live ingestion does not write them either"
+            for stream, count in sorted(self.expired.items())
+        ]
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "replay_id": self.replay_id,
+            "records": self.records,
+            "rows": self.rows,
+            "dead_letters": self.dead_letters,
+            "seconds": round(self.seconds, 3),
+            "expired": {
+                stream: {"rows": count, "why": self.horizon[stream]}
+                for stream, count in sorted(self.expired.items())
+            },
+            "notes": self.notes,
+        }
 
 
 Report = Callable[[Progress, bool], None]  # (progress, final)
@@ -223,6 +250,8 @@ class Replayer:
             run.dead_letters,
             time.monotonic() - started,
             list(header["notes"]),
+            dict(run.expired),
+            {s: expired_because(self.catalog[s]) for s in run.expired},
         )
 
     # -- helpers ----------------------------------------------------------------------------
@@ -312,6 +341,7 @@ class _Run:
         self.done_before = done_before
         self.started = started
         self.records = self.rows = self.dead_letters = 0
+        self.expired: Counter[str] = Counter()
         self._batch_ids: list[int] = []
         self._last_report = 0.0
 
@@ -415,9 +445,13 @@ class _Run:
         self.records += count
         self.rows += new_rows
         self.dead_letters += len(written.letters)
+        expired = len(written.expired.get(stream, ()))
         m = self.r.metrics
         m.records_consumed.labels(topic, "replay").inc(count)
         m.rows_ingested.labels(spec.table, "replay").inc(new_rows)
+        if expired:
+            self.expired[stream] += expired
+            m.rows_expired.labels(stream).inc(expired)
         self._show()
         wait = pace(self.done - self.done_before, self.r.rate, time.monotonic() - self.started)
         if wait:

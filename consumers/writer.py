@@ -2,22 +2,27 @@
 by bisection in savepoints) and its dead letters. The DatabaseAgent, the replay and the
 dead-letter redrive all write through :class:`BatchWriter`; what differs between them (the
 offsets' compare-and-set, the range replaced, letters decoded again, queued work) is what
-they pass to :meth:`BatchWriter.write`. docs/exactly-once.md describes the transaction.
+they pass to :meth:`BatchWriter.write`. Rows older than their stream's retention horizon are
+not written (:func:`unexpired`; docs/streams.md, "Late records"). docs/exactly-once.md
+describes the transaction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import db
 from pipeline.batching import OffsetMove, Part, Partition, Row
-from pipeline.catalog import Catalog
+from pipeline.catalog import Catalog, StreamSpec
 from pipeline.db import Connection, DeadLetter, TableWriter
 from pipeline.errors import DataError, PipelineError, SchemaError
+from pipeline.partitions import Partitioning, format_retention
 from pipeline.retry import classify
 from pipeline.rows import source_of
 
@@ -26,6 +31,11 @@ ReadRows = Callable[[Connection], Awaitable[Rows]]
 Step = Callable[[Connection], Awaitable[None]]
 Work = Callable[[Connection], Awaitable[Any]]
 Publish = Callable[[list[DeadLetter]], Awaitable[None]]
+Clock = Callable[[], datetime.datetime]
+
+
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 @dataclass(frozen=True)
@@ -39,21 +49,25 @@ class Refused:
 
 @dataclass
 class Written:
-    """What one committed (or, with ``commit=False``, rolled back) transaction wrote."""
+    """What one committed (or, with ``commit=False``, rolled back) transaction wrote. Indexes
+    (of :class:`Refused`, of ``expired``) are into the stream's ``rows``."""
 
-    rows: Rows  # per stream, every row written or refused
+    rows: Rows  # per stream, every row given: written, refused, or expired
     new: dict[str, int]  # per stream: rows new to their table (the rest found their key stored)
     refused: dict[str, list[Refused]]  # per stream with any: the rows the database refused
     letters: list[DeadLetter]  # every dead letter recorded: decode failures, then refusals
     results: list[tuple[Any, BaseException | None]]  # per queued work: its result or error
     written_at: float = 0.0  # time.monotonic() once the last statement before COMMIT was done
+    # Per stream with any: the indexes of the rows older than the stream's retention horizon,
+    # not written (:func:`unexpired`).
+    expired: dict[str, list[int]] = field(default_factory=dict)
 
 
 class BatchWriter:
     """Writes batches of rows for ``group`` into the tables of the streams of ``topics``
     (deployed topic -> stream name), streams of ``catalog``. ``publish``, when given, sends
     every batch's dead letters (to the DLQ topic) before they are recorded in
-    ``dead_letters``."""
+    ``dead_letters``. ``clock`` gives the time each attempt reckons retention horizons from."""
 
     def __init__(
         self,
@@ -62,12 +76,16 @@ class BatchWriter:
         catalog: Catalog,
         *,
         publish: Publish | None = None,
+        clock: Clock = _utc_now,
     ) -> None:
         self.group = group
         self._stream_of = dict(topics)
         self._topic_of = {stream: topic for topic, stream in topics.items()}
         self._tables = {stream: TableWriter(catalog[stream]) for stream in self._topic_of}
+        retained = {stream: Retained.of(catalog[stream]) for stream in self._topic_of}
+        self._retained = {s: r for s, r in retained.items() if r is not None}
         self._publish = publish
+        self._clock = clock
 
     async def write(
         self,
@@ -90,10 +108,12 @@ class BatchWriter:
            until the transaction ends, so a zombie stops here, before it writes or publishes
            anything, and waits here while another member commits;
         3. ``before(conn)``, the caller's own statements;
-        4. each stream's rows with its :class:`TableWriter`. ``batch`` is the fetched
-           partitions' parts (their records that did not decode become dead letters, and so
-           do the records of refused rows), or a function that reads the rows inside the
-           transaction (refused rows are then only reported, in :attr:`Written.refused`);
+        4. each stream's rows with its :class:`TableWriter`, but those older than the stream's
+           retention horizon (reported in :attr:`Written.expired`: neither written nor dead
+           letters). ``batch`` is the fetched partitions' parts (their records that did not
+           decode become dead letters, and so do the records of refused rows), or a function
+           that reads the rows inside the transaction (refused rows are then only reported,
+           in :attr:`Written.refused`);
         5. the dead letters: ``publish``, then ``dead_letters``;
         6. each ``work`` in a savepoint of its own (:func:`run_in_savepoint`);
         7. ``after(conn, written)``; then COMMIT, or with ``commit=False`` ROLLBACK.
@@ -101,7 +121,8 @@ class BatchWriter:
         The first attempt writes without savepoints, which cost round trips; when the
         database refuses a row, the transaction rolls back and is run again with every
         stream's write bisected in savepoints (from the start with ``savepoints``). So every
-        step may run twice: each must depend on nothing outside the transaction.
+        step may run twice: each must depend on nothing outside the transaction. Each attempt
+        reckons the horizons from its own ``clock()``, so what commits is one attempt's.
 
         A stream's table that rejects every write is a :class:`SchemaError` naming the
         stream; any other driver error is classified (:func:`pipeline.retry.classify`).
@@ -129,6 +150,8 @@ class BatchWriter:
     async def _attempt(self, conn: Connection, job: _Job, *, bisect: bool) -> Written:
         new: dict[str, int] = {}
         refused: dict[str, list[Refused]] = {}
+        expired: dict[str, list[int]] = {}
+        now = self._clock() if self._retained else None
         try:
             async with db.transaction(conn, commit=job.commit):
                 if job.lock:  # work of the group's instances runs one at a time: no deadlocks
@@ -143,19 +166,29 @@ class BatchWriter:
                     await job.before(conn)
                 rows = job.rows if job.read is None else await job.read(conn)
                 for stream, stream_rows in rows.items():
-                    if not stream_rows:
+                    retained = self._retained.get(stream)
+                    kept, at = stream_rows, None
+                    if retained is not None and now is not None:
+                        kept, at, gone = unexpired(stream_rows, retained, now)
+                        if gone:
+                            expired[stream] = gone
+                    if not kept:
                         new[stream] = 0
                         continue
                     writer = self._tables[stream]
                     try:
                         if bisect:
-                            new[stream], refusals = await write_bisecting(
-                                conn, writer.write, stream_rows
-                            )
-                            if refusals:
-                                refused[stream] = refusals
+                            new[stream], refusals = await write_bisecting(conn, writer.write, kept)
+                            if refusals:  # indexes into every row given, expired ones too
+                                refused[stream] = (
+                                    refusals
+                                    if at is None
+                                    else [
+                                        dataclasses.replace(r, index=at[r.index]) for r in refusals
+                                    ]
+                                )
                         else:
-                            new[stream] = await writer.write(conn, stream_rows)
+                            new[stream] = await writer.write(conn, kept)
                     except Exception as exc:
                         error = db.classify(exc)
                         if isinstance(error, SchemaError):  # this stream's table is broken
@@ -170,7 +203,7 @@ class BatchWriter:
                     if self._publish is not None:
                         await self._publish(letters)
                     await db.insert_dead_letters(conn, self.group, letters)
-                written = Written(rows, new, refused, letters, [])
+                written = Written(rows, new, refused, letters, [], expired=expired)
                 for work in job.work:
                     written.results.append(await run_in_savepoint(conn, work))
                 if job.work:  # an aborted transaction would COMMIT as a silent ROLLBACK
@@ -196,6 +229,61 @@ class BatchWriter:
                 record = parts[(topic, partition)].record_at(offset)
                 letters.append(db.dead_letter(record, "DatabaseRejected", r.reason))
         return letters
+
+
+@dataclass(frozen=True)
+class Retained:
+    """A stream with a retention: where its partition column is in a row, and for how long
+    its rows are kept."""
+
+    index: int
+    partitioning: Partitioning
+    date: bool  # a date column: compared with the horizon's date
+
+    @classmethod
+    def of(cls, spec: StreamSpec) -> Retained | None:
+        """None when the stream keeps its rows for ever: its rows are not looked at."""
+        partitioning = spec.partitioning
+        if partitioning is None or partitioning.retention is None:
+            return None
+        column = partitioning.column
+        return cls(
+            spec.column_names.index(column), partitioning, spec.column(column).type == "date"
+        )
+
+    @property
+    def why(self) -> str:
+        """What makes a row expired, in words: "its ts is older than now minus 1d"."""
+        retention = format_retention(self.partitioning.retention)
+        return f"its {self.partitioning.column} is older than now minus {retention}"
+
+    def horizon(self, now: datetime.datetime) -> datetime.datetime | datetime.date:
+        """The oldest value of the partition column that is still kept at ``now``."""
+        horizon = self.partitioning.horizon(now)
+        assert horizon is not None  # Retained.of takes only a stream with a retention
+        return horizon.astimezone(datetime.UTC).date() if self.date else horizon
+
+
+def unexpired(
+    rows: Sequence[Row], retained: Retained, now: datetime.datetime
+) -> tuple[Sequence[Row], list[int] | None, list[int]]:
+    """The rows to write at ``now``: those whose partition column is not older than the
+    stream's retention horizon (one at the horizon is kept). Returns (rows kept, the index in
+    ``rows`` of each kept row or None when all are kept, the indexes of the expired rows). A
+    tombstone's partition column is None: it is kept, and deletes as it would."""
+    i, horizon = retained.index, retained.horizon(now)
+    gone = [n for n, row in enumerate(rows) if row[i] is not None and row[i] < horizon]
+    if not gone:
+        return rows, None, []
+    dropped = set(gone)
+    at = [n for n in range(len(rows)) if n not in dropped]
+    return [rows[n] for n in at], at, gone
+
+
+def expired_because(spec: StreamSpec) -> str:
+    """Why a row of ``spec``'s stream was expired, in words (:attr:`Retained.why`)."""
+    retained = Retained.of(spec)
+    return retained.why if retained is not None else "it keeps its rows for ever"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
@@ -55,6 +56,13 @@ _WORK_LOCK = 0x70697065  # the advisory lock space of lock_group_work ("pipe")
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _BATCH_IDS_PER_RESERVATION = 1000  # the sequence's INCREMENT BY
 _SCHEMA_READABLE_FROM = 7  # 007_least_privilege.sql lets the writer read schema_migrations
+# How long a step of a partitioning upgrade waits for its lock before it lets the agents'
+# statements queued behind it go and tries again: the longest the agents wait on it.
+_UPGRADE_LOCK_TIMEOUT_MS = 1000
+_UPGRADE_LOCK_ATTEMPTS = 60
+# The index build and the validation read the whole table, hours on a big one: the session's
+# command timeout, meant for a batch, does not bound them.
+_UPGRADE_STEP_TIMEOUT_S = 7 * 24 * 3600.0
 
 # -- connections ----------------------------------------------------------------------------
 
@@ -291,7 +299,8 @@ async def migrate_schema(
     conn: Connection, migrations: Sequence[Migration], catalog: Catalog | None = None
 ) -> Migrated:
     """Apply the migrations not yet applied, in order, then the plan of ``catalog`` (default:
-    the built-in streams) and record the catalog, all in one transaction.
+    the built-in streams) and record the catalog, all in one transaction; then upgrade each
+    table the plan makes partitioned (:func:`_upgrade`).
 
     The transaction-scoped advisory lock makes instances that start together take turns:
     the second one waits, then finds everything applied. The plan is made before anything
@@ -302,6 +311,20 @@ async def migrate_schema(
     migrates.
     """
     catalog = load_catalog() if catalog is None else catalog
+    step = "reading schema_migrations"
+    try:
+        migrated = await _migrate_in_one_transaction(conn, migrations, catalog)
+        for upgrade in migrated.plan.upgrades:
+            step = f"partitioning {upgrade.table}"
+            await _upgrade(conn, upgrade)
+        return migrated
+    except asyncpg.PostgresError as exc:
+        raise _migration_error(exc, step) from exc
+
+
+async def _migrate_in_one_transaction(
+    conn: Connection, migrations: Sequence[Migration], catalog: Catalog
+) -> Migrated:
     step = "reading schema_migrations"
     try:
         async with transaction(conn, durable=True):
@@ -339,16 +362,76 @@ async def migrate_schema(
             recorded = await _record_catalog(conn, catalog)
             return Migrated(done, plan, recorded)
     except asyncpg.PostgresError as exc:
-        error = classify(exc)
-        if isinstance(error, TransientError):
-            raise error from exc
-        who = (
-            ": `pipeline migrate` runs as the migrator, the schema's owner "
-            "(PIPELINE_MIGRATE_DATABASE_URL, docs/security.md)"
-            if isinstance(exc, asyncpg.InsufficientPrivilegeError)
-            else ""
+        raise _migration_error(exc, step) from exc
+
+
+def _migration_error(exc: asyncpg.PostgresError, step: str) -> Exception:
+    error = classify(exc)
+    if isinstance(error, TransientError):
+        return error
+    who = (
+        ": `pipeline migrate` runs as the migrator, the schema's owner "
+        "(PIPELINE_MIGRATE_DATABASE_URL, docs/security.md)"
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError)
+        else ""
+    )
+    return SchemaError(f"{step}: {exc}{who}")
+
+
+async def _upgrade(conn: Connection, upgrade: schema_plan.Upgrade) -> None:
+    """Make one table partitioned (docs/streams.md, "Upgrading to partitioned tables").
+
+    The online statements run one by one outside a transaction: CREATE INDEX CONCURRENTLY
+    may not run in one, and it and VALIDATE CONSTRAINT let the agents write meanwhile. The
+    swap is one transaction under the migration lock, skipped when the table is partitioned
+    already (another `pipeline migrate` finished it). Whatever takes an exclusive lock waits
+    for it at most ``_UPGRADE_LOCK_TIMEOUT_MS``, then lets the agents' statements queued
+    behind it go and tries again: never a long wait behind a long transaction with the
+    agents stuck in the queue."""
+    table = upgrade.table
+    building = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_progress_create_index WHERE relid = to_regclass($1)",
+        sql_names.table(table),
+    )
+    if building:
+        # An index build in progress is another `pipeline migrate`'s, not a leftover to drop.
+        raise SchemaError(
+            f"partitioning {table}: an index of it is being built (another `pipeline "
+            "migrate`?): run `pipeline migrate` again once it is done"
         )
-        raise SchemaError(f"{step}: {exc}{who}") from exc
+    for statement in upgrade.online:
+        if " CONCURRENTLY " in statement:  # waits for transactions, never blocks them
+            await conn.execute(statement, timeout=_UPGRADE_STEP_TIMEOUT_S)
+        else:
+            await _with_lock_retries(conn, table, (statement,))
+    await _with_lock_retries(conn, table, upgrade.swap, swap=True)
+
+
+async def _with_lock_retries(
+    conn: Connection, table: str, statements: Sequence[str], *, swap: bool = False
+) -> None:
+    for _ in range(_UPGRADE_LOCK_ATTEMPTS):
+        try:
+            async with transaction(conn, durable=True):
+                await conn.execute(f"SET LOCAL lock_timeout = {_UPGRADE_LOCK_TIMEOUT_MS}")
+                if swap:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                    kind = await conn.fetchval(
+                        "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+                        sql_names.table(table),
+                    )
+                    if kind != "r":
+                        return
+                for statement in statements:
+                    await conn.execute(statement, timeout=_UPGRADE_STEP_TIMEOUT_S)
+            return
+        except asyncpg.LockNotAvailableError:
+            await asyncio.sleep(0.1)
+    raise SchemaError(
+        f"partitioning {table}: no lock on it within {_UPGRADE_LOCK_TIMEOUT_MS} ms, "
+        f"{_UPGRADE_LOCK_ATTEMPTS} times (a long transaction on the table?): run `pipeline "
+        "migrate` again; it goes on where it stopped"
+    )
 
 
 async def plan_schema(
@@ -391,8 +474,12 @@ async def database_state(
     and (``applied``) the catalog `pipeline migrate` last recorded."""
     wanted = schema_plan.tables_of(streams)
     tables = await conn.fetch(
-        """SELECT c.oid, n.nspname::text AS schema, c.relname::text AS name
+        """SELECT c.oid, n.nspname::text AS schema, c.relname::text AS name,
+                  c.relkind = 'p' AS partitioned, COALESCE(p.partdefid, 0) <> 0 AS has_default,
+                  (SELECT a.attname::text FROM pg_attribute a
+                   WHERE a.attrelid = c.oid AND a.attnum = p.partattrs[0]) AS partition_by
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           LEFT JOIN pg_partitioned_table p ON p.partrelid = c.oid
            WHERE c.relkind IN ('r', 'p')
              AND (n.nspname::text, c.relname::text) IN
                  (SELECT * FROM unnest($1::text[], $2::text[]))""",
@@ -410,7 +497,7 @@ async def database_state(
     )
     indexes = await conn.fetch(
         """SELECT i.indrelid, ic.relname::text AS name, am.amname::text AS method,
-                  i.indisprimary,
+                  i.indisprimary, i.indisvalid,
                   ARRAY(SELECT a.attname::text
                         FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -420,6 +507,18 @@ async def database_state(
            JOIN pg_am am ON am.oid = ic.relam
            WHERE i.indrelid = ANY($1::oid[])
            ORDER BY ic.relname""",
+        oids,
+    )
+    checks = await conn.fetch(
+        """SELECT conrelid, conname::text AS name, pg_get_constraintdef(oid) AS definition,
+                  convalidated,
+                  ARRAY(SELECT a.attname::text
+                        FROM unnest(conkey) WITH ORDINALITY AS k(attnum, n)
+                        JOIN pg_attribute a ON a.attrelid = conrelid AND a.attnum = k.attnum
+                        ORDER BY k.n) AS columns
+           FROM pg_constraint
+           WHERE conrelid = ANY($1::oid[]) AND contype = 'c'
+           ORDER BY conname""",
         oids,
     )
     schemas = await conn.fetch(
@@ -439,9 +538,21 @@ async def database_state(
             ),
             primary_key=primary,
             indexes=tuple(
-                schema_plan.IndexState(i["name"], i["method"], tuple(i["columns"]))
+                schema_plan.IndexState(
+                    i["name"], i["method"], tuple(i["columns"]), i["indisprimary"], i["indisvalid"]
+                )
                 for i in table_indexes
             ),
+            checks=tuple(
+                schema_plan.CheckState(
+                    c["name"], tuple(c["columns"]), c["definition"], c["convalidated"]
+                )
+                for c in checks
+                if c["conrelid"] == oid
+            ),
+            partitioned=table["partitioned"],
+            partition_by=table["partition_by"],
+            has_default=table["has_default"],
         )
     recorded: dict[str, Any] = {}
     if applied and await _has_stream_catalog(conn):
@@ -934,7 +1045,7 @@ def _history_insert(tables: StreamTables) -> str:
     )
     return (
         f"new AS (INSERT INTO {sql_names.table(tables.history.name)} ({cols}) {rows} "
-        f"ON CONFLICT ({target}) DO NOTHING RETURNING 1)"
+        "ON CONFLICT DO NOTHING RETURNING 1)"
     )
 
 
@@ -952,7 +1063,7 @@ def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
     if mode == "append":
         return (
             f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) "
-            f"{_first_of_each(key, cols)} ON CONFLICT ({key}) DO NOTHING RETURNING 1) "
+            f"{_first_of_each(key, cols)} ON CONFLICT DO NOTHING RETURNING 1) "
             "SELECT count(*) FROM new"
         )
     src_partition, src_offset = map(ident, _SOURCE)

@@ -172,6 +172,13 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        # Late records: not written, their offsets committed (docs/streams.md, "Late records").
+        self.rows_expired = Counter(
+            "pipeline_rows_expired_total",
+            "Rows not written: older than their stream's retention horizon",
+            ["stream"],
+            registry=r,
+        )
         self.batches = Counter(
             "pipeline_batches_total", "Ingest transactions committed", registry=r
         )

@@ -174,6 +174,10 @@ class Outcome:
     new_rows: int = 0  # of which were new rows; the rest found their natural key stored
     failing: Counter[str] = field(default_factory=Counter)  # still failing, by error class
     examples: dict[str, str] = field(default_factory=dict)  # error class -> one reason
+    # Letters whose record is older than its stream's retention horizon, by stream: not
+    # written, marked redriven (the agent commits past such a record too); and why.
+    expired: Counter[str] = field(default_factory=Counter)
+    horizon: dict[str, str] = field(default_factory=dict)  # "its ts is older than now minus 1d"
 
     @property
     def still_failing(self) -> int:
@@ -182,6 +186,20 @@ class Outcome:
     def fail(self, error_class: str, reason: str) -> None:
         self.failing[error_class] += 1
         self.examples.setdefault(error_class, reason)
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "redriven": self.redriven,
+            "new_rows": self.new_rows,
+            "still_failing": {
+                c: {"letters": n, "example": self.examples[c]}
+                for c, n in sorted(self.failing.items())
+            },
+            "expired": {
+                s: {"letters": n, "why": self.horizon[s]} for s, n in sorted(self.expired.items())
+            },
+        }
 
     def lines(self) -> list[str]:
         would = "would be " if self.dry_run else ""
@@ -196,6 +214,12 @@ class Outcome:
         for error_class, count in sorted(self.failing.items()):
             example = one_line(self.examples[error_class])
             out.append(printable(f"  {error_class}: {count} (e.g. {example})"))
+        for stream, count in sorted(self.expired.items()):
+            out.append(
+                f"{count} {stream} letter(s) {'would be ' if self.dry_run else ''}skipped as "
+                f"older than the stream's retention horizon ({self.horizon[stream]}): not "
+                "written, marked redriven, as live ingestion does not write them either"
+            )
         if self.still_failing and not self.dry_run:
             out.append(
                 f"{self.still_failing} letter(s) still fail: kept in dead_letters with their new "

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from pipeline import partitions, sql_names
+from pipeline import partition_upgrade, partitions, sql_names
 from pipeline.catalog import (
     INGESTED_AT,
     INTEGER_TYPES,
@@ -61,6 +61,21 @@ class IndexState:
     name: str
     method: str  # btree, brin, ...
     columns: tuple[str, ...]
+    primary: bool = False
+    # False: a CREATE INDEX CONCURRENTLY that did not finish left it; writes keep it up to
+    # date, but nothing may use it.
+    valid: bool = True
+
+
+@dataclass(frozen=True)
+class CheckState:
+    """A CHECK constraint: its name, the columns it reads, its definition as
+    pg_get_constraintdef() gives it, and whether every row was checked (not NOT VALID)."""
+
+    name: str
+    columns: tuple[str, ...]
+    definition: str
+    validated: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,12 +83,21 @@ class TableState:
     columns: tuple[ColumnState, ...]
     primary_key: tuple[str, ...] = ()
     indexes: tuple[IndexState, ...] = ()
+    checks: tuple[CheckState, ...] = ()
+    # Partitioned (pg_class.relkind 'p'): by range of this column, with a DEFAULT partition
+    # or not.
+    partitioned: bool = False
+    partition_by: str | None = None
+    has_default: bool = False
 
     def column(self, name: str) -> ColumnState | None:
         return next((c for c in self.columns if c.name == name), None)
 
     def index(self, name: str) -> IndexState | None:
         return next((i for i in self.indexes if i.name == name), None)
+
+    def check(self, name: str) -> CheckState | None:
+        return next((c for c in self.checks if c.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -102,6 +126,7 @@ class TableShape:
     # The column the table is partitioned by range of, with a DEFAULT partition; None: a
     # plain table. Its primary key ends with this column, as PostgreSQL demands.
     partition_by: str | None = None
+    partition_interval: str | None = None
 
     @property
     def qualified(self) -> tuple[str, str]:
@@ -124,13 +149,18 @@ def shapes(spec: StreamSpec) -> tuple[TableShape, ...]:
     version = spec.version
     check = version if version and spec.column(version).type in INTEGER_TYPES else None
     partition_by = spec.partitioning.column if spec.partitioning else None
+    interval = spec.partitioning.interval if spec.partitioning else None
     source = Index(
         sql_names.derived(spec.table, _SOURCE_INDEX), ("src_partition", "src_offset"), "brin"
     )
     if spec.mode == "append":
         indexes = (source, *spec.indexes)
         key = partition_key(spec.key, partition_by)
-        return (TableShape(spec.name, spec.table, spec.columns, key, indexes, check, partition_by),)
+        return (
+            TableShape(
+                spec.name, spec.table, spec.columns, key, indexes, check, partition_by, interval
+            ),
+        )
     latest = TableShape(spec.name, spec.table, spec.columns, spec.key, spec.indexes, check)
     if spec.history_table is None:
         return (latest,)
@@ -150,6 +180,7 @@ def shapes(spec: StreamSpec) -> tuple[TableShape, ...]:
         (history_source,),
         check,
         partition_by,
+        interval,
     )
     return (latest, history)
 
@@ -170,14 +201,17 @@ def pg_type(column_type: str) -> str:
 # -- statements -----------------------------------------------------------------------------
 
 
-def create_table(shape: TableShape) -> str:
+def create_table(shape: TableShape, check_name: str | None = None) -> str:
+    """``check_name`` names the version column's CHECK: a table attached as a partition must
+    have each CHECK of its parent under the same name."""
     lines = []
     for column in shape.columns:
         line = f"    {sql_names.ident(column.name)} {column.type}"
         if not column.nullable:
             line += " NOT NULL"
         if column.name == shape.version_check:
-            line += f" CHECK ({sql_names.ident(column.name)} >= 0)"
+            named = f" CONSTRAINT {sql_names.ident(check_name)}" if check_name else ""
+            line += f"{named} CHECK ({sql_names.ident(column.name)} >= 0)"
         lines.append(line)
     for name in PROVENANCE:
         lines.append(f"    {sql_names.ident(name)} {_PROVENANCE_TYPES[name]} NOT NULL")
@@ -269,16 +303,43 @@ def _string(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class Upgrade:
+    """An existing table made partitioned, its rows kept (docs/streams.md, "Upgrading to
+    partitioned tables"): ``online``, each statement on its own outside a transaction (none
+    blocks writes for long), then ``swap``, one short transaction; and what they do."""
+
+    table: str
+    online: tuple[str, ...]
+    swap: tuple[str, ...]
+    actions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     """The statements that make the database hold the catalog, and what each part does, in
-    words (what `pipeline migrate` prints)."""
+    words (what `pipeline migrate` prints): ``statements`` in one transaction, then each of
+    ``upgrades``."""
 
     statements: tuple[str, ...] = ()
     actions: tuple[str, ...] = ()
+    upgrades: tuple[Upgrade, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.statements
+        return not self.statements and not self.upgrades
+
+    @property
+    def script(self) -> tuple[str, ...]:
+        """Every statement in the order `pipeline migrate` runs them, each upgrade's parts
+        introduced by a comment (what `pipeline streams plan` prints)."""
+        lines = [f"{s};" for s in self.statements]
+        for upgrade in self.upgrades:
+            if upgrade.online:
+                lines.append(f"-- partition {upgrade.table}: each statement on its own")
+                lines.extend(f"{s};" for s in upgrade.online)
+            lines.append(f"-- partition {upgrade.table}: in one transaction")
+            lines.extend(f"{s};" for s in upgrade.swap)
+        return tuple(lines)
 
 
 class Refused(SchemaError):
@@ -294,12 +355,21 @@ class Refused(SchemaError):
         )
 
 
-def plan(catalog: Catalog | Iterable[StreamSpec], state: DatabaseState) -> Plan:
+def plan(
+    catalog: Catalog | Iterable[StreamSpec],
+    state: DatabaseState,
+    now: datetime.datetime | None = None,
+) -> Plan:
     """The DDL that gives the database the catalog's tables, or :class:`Refused`.
 
     Allowed: a new stream (its schema, tables, indexes, grants), and a new column that is
-    nullable or has a default; an index of the catalog that is missing. Refused: whatever
-    would change or drop what the tables hold (docs/streams.md, "Evolution")."""
+    nullable or has a default; an index of the catalog that is missing; a partitioned
+    table's missing DEFAULT partition; an existing table made partitioned, its rows kept
+    (:mod:`pipeline.partition_upgrade`, its cut-over reckoned from ``now``). Refused:
+    whatever would change or drop what the tables hold, or change how a table is
+    partitioned (docs/streams.md, "Evolution")."""
+    now = datetime.datetime.now(datetime.UTC) if now is None else now
+    upgrades: list[Upgrade] = []
     problems: list[str] = []
     schemas: list[str] = []
     created: list[str] = []
@@ -325,10 +395,19 @@ def plan(catalog: Catalog | Iterable[StreamSpec], state: DatabaseState) -> Plan:
             altered.extend(statements)
             actions.extend(done)
             problems.extend(found)
+            if found:
+                continue
+            if shape.partition_by and not table.partitioned:
+                added = tuple(i.name for i in shape.indexes if table.index(i.name) is None)
+                upgrades.append(partition_upgrade.upgrade(shape, table, now, added))
+            elif shape.partition_by and not table.has_default:
+                altered.append(create_default_partition(shape))
+                actions.append(f"create the DEFAULT partition of {shape.display}")
     if problems:
         raise Refused(problems)
     statements = [s for schema in schemas for s in create_schema(schema)]
-    return Plan(tuple(statements + created + altered), tuple(actions))
+    actions.extend(a for u in upgrades for a in u.actions)
+    return Plan(tuple(statements + created + altered), tuple(actions), tuple(upgrades))
 
 
 def _evolve(shape: TableShape, table: TableState) -> tuple[list[str], list[str], list[str]]:
@@ -388,7 +467,12 @@ def _evolve(shape: TableShape, table: TableState) -> tuple[list[str], list[str],
             f"it), or drop or rename it by hand (ALTER TABLE {quoted} DROP COLUMN "
             f"{sql_names.ident(extra.name)}) once no agent writes it"
         )
-    if table.primary_key != shape.primary_key:
+    if table.partitioned and table.partition_by != shape.partition_by:
+        problems.append(_partitioning_change(shape, table))
+        return statements, actions, problems
+    # An unpartitioned table keeps its key until it is made partitioned.
+    keys = (shape.primary_key, unpartitioned_key(shape)) if not table.partitioned else ()
+    if table.primary_key != shape.primary_key and table.primary_key not in keys:
         problems.append(
             f"{where}: key change, primary key {_key(table.primary_key)} in the database, "
             f"{_key(shape.primary_key)} in the catalog: the rows already there were "
@@ -410,6 +494,32 @@ def _evolve(shape: TableShape, table: TableState) -> tuple[list[str], list[str],
     return statements, actions, problems
 
 
+def unpartitioned_key(shape: TableShape) -> tuple[str, ...]:
+    """The primary key ``shape``'s table had before it was partitioned: without the
+    partition column that :func:`partition_key` added."""
+    key = shape.primary_key
+    if shape.partition_by and key and key[-1] == shape.partition_by:
+        return key[:-1]
+    return key
+
+
+def _partitioning_change(shape: TableShape, table: TableState) -> str:
+    where = f"stream {shape.stream!r}, table {shape.display}"
+    if shape.partition_by is None:
+        return (
+            f"{where}: partitioned by range of {table.partition_by} in the database, not "
+            "partitioned in the catalog. The pipeline does not merge partitions: put "
+            "partition_by back, or copy the rows into a new unpartitioned table by hand and "
+            "give the stream that table"
+        )
+    return (
+        f"{where}: partitioned by range of {table.partition_by} in the database, of "
+        f"{shape.partition_by} in the catalog. The pipeline does not repartition a table: put "
+        "the old partition_by back, or copy the rows into a new table partitioned by hand "
+        "and give the stream that table"
+    )
+
+
 # What a recorded declaration pins that the tables do not show (an append table with a key
 # and a "latest" one look alike), and what to do about a change of it.
 _PINNED = {
@@ -423,7 +533,14 @@ _PINNED = {
     "TO ...) before you migrate, or put the old name back",
     "history_table": "the stream's history is in the old table: rename it by hand (ALTER TABLE "
     "... RENAME TO ...) before you migrate, or put the old name back",
+    "partition_by": "the table is partitioned by the old column; put it back, or copy the "
+    "rows into a new table partitioned as you want by hand and give the stream that table",
+    "partition_interval": "the partitions there cover the old interval's ranges; put it back, "
+    "or copy the rows into a new table partitioned as you want by hand and give the stream "
+    "that table",
 }
+# Keys pinned only once set: an unpartitioned table may become partitioned (its upgrade).
+_PINNED_ONCE_SET = frozenset({"partition_by", "partition_interval"})
 
 
 def _declaration_changes(spec: StreamSpec, applied: Mapping[str, Any] | None) -> list[str]:
@@ -435,6 +552,8 @@ def _declaration_changes(spec: StreamSpec, applied: Mapping[str, Any] | None) ->
         if key not in applied:
             continue
         was, now = applied[key], new[key]
+        if key in _PINNED_ONCE_SET and applied.get("partition_by") is None:
+            continue
         if key in ("table", "history_table") and was and now:
             # "orders" and "public.orders" are one table.
             was, now = (".".join(sql_names.split_table(t)) for t in (was, now))
@@ -487,7 +606,9 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{shape.display}.{column.name} is {there.type}, the catalog says "
                         f"{pg_type(column.type)}"
                     )
-            if table.primary_key != shape.primary_key:
+            # A table not yet partitioned keeps its key until `pipeline migrate` upgrades it.
+            keys = (shape.primary_key, () if table.partitioned else unpartitioned_key(shape))
+            if table.primary_key not in keys:
                 found.append(
                     f"{shape.display} has primary key {_key(table.primary_key)}, the catalog "
                     f"says {_key(shape.primary_key)}"

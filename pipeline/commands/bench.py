@@ -9,6 +9,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.devstack import Stack
     from pipeline.kafka_clients import KafkaSettings
+
+
+SDK_LOCK_S = 10  # --sdk: how long the tables stay locked, in the middle of each way's run
 
 
 def register(commands: Subparsers) -> None:
@@ -88,7 +94,38 @@ def register(commands: Subparsers) -> None:
     parser.add_argument(
         "--rows", type=count, default=1_000_000, help="--partitioning: metric rows a day (1M)"
     )
+    parser.add_argument(
+        "--sdk",
+        action="store_true",
+        help="the agents' side: a simulated agent emits states, events and metrics at "
+        "--sdk-rate for --sdk-seconds, writing them itself (an INSERT each, awaited), batched "
+        "(executemany) and through the SDK, each in its own process, with the tables locked "
+        f"for {SDK_LOCK_S} s in the middle; CPU per 1,000 records, call times, RSS (instead of "
+        "the usual measurements)",
+    )
+    parser.add_argument(
+        "--sdk-rate", type=amount, default=100, help="records/s of the simulated agent (100)"
+    )
+    parser.add_argument(
+        "--sdk-seconds",
+        type=amount,
+        default=40,
+        help=f"how long each way runs (40; above the lock's {SDK_LOCK_S} s)",
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="the recorded baseline each mix's rows/s and CPU-s per 1M rows are compared with "
+        "(default consumers/bench_baseline.json)",
+    )
+    parser.add_argument(
+        "--record-baseline",
+        action="store_true",
+        help="after comparing, write this run's numbers, the commit, the date and the machine "
+        "to the baseline file",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -107,11 +144,36 @@ def register(commands: Subparsers) -> None:
 def bench(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from consumers.bench import BenchPlan, as_json, missing_extras, plot, run_bench, table
+    from consumers.bench import (
+        BASELINE_FILE,
+        BenchPlan,
+        as_json,
+        missing_extras,
+        plot,
+        read_baseline,
+        run_bench,
+        table,
+    )
     from producers.simulator import FleetSimulator, simulate
 
+    modes = [name for name, on in (("--secure", args.secure), ("--pooler", args.pooler),
+                                   ("--sdk", args.sdk), ("--partitioning", args.partitioning))
+             if on]  # fmt: skip
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} are separate measurements: give one at a time")
+    if args.record_baseline and modes:
+        raise ConfigError(f"--record-baseline records the usual measurements, not {modes[0]}")
+    if args.sdk and not args.sdk_seconds > SDK_LOCK_S:
+        raise ConfigError(
+            f"--sdk-seconds must be above {SDK_LOCK_S}, the lock's time, got {args.sdk_seconds:g}"
+        )
     if args.partitioning:
         return _partitioning(args)
+    baseline_path = args.baseline or BASELINE_FILE
+    baseline = read_baseline(baseline_path)  # a broken file stops the run before it starts
+    load_before = os.getloadavg()
+    # Taken now: the tree may change while a long run goes on.
+    commit = _commit() if args.record_baseline else ""
     missing = missing_extras(profile=args.profile is not None)
     if missing:  # before anything starts: the plot comes at the end of a long run
         raise ConfigError(
@@ -153,16 +215,20 @@ def bench(args: argparse.Namespace) -> int:
 
         testbed.use_logins(stack.logins(), stack.admin_url())
     config = load_kafka_config(argparse.Namespace(config=None), **admin)
-    if args.secure and args.pooler:
-        raise ConfigError("--secure and --pooler are two measurements: give one at a time")
     if args.secure:
         _write_json(args.json, _encryption(stack, config, source, plan))
         return OK
     if args.pooler:
         _write_json(args.json, _pooler(stack, args.pooler, config, source, plan))
         return OK
+    if args.sdk:
+        _write_json(args.json, _sdk(config, args))
+        return OK
     results, memory = asyncio.run(run_bench(config, source, publish, plan, progress))
     print(table(results, memory))
+    _against_baseline(results, plan.partitions, baseline_path, baseline)
+    if args.record_baseline:
+        _record_baseline(results, plan.partitions, baseline_path, commit, load_before)
     _write_json(args.json, as_json(results, memory))
     plot(results, args.png)
     progress(f"plot: {args.png}")
@@ -174,18 +240,74 @@ def _partitioning(args: argparse.Namespace) -> int:
     PostgreSQL (the local stack's unless DATABASE_URL names another server)."""
     from consumers.bench_partitions import AGENTS, as_json, run_partition_bench, table
     from pipeline.commands._common import load_config
+    from producers.simulator import FleetSimulator, Mix
 
     stack, _ = local_stack_up()
     admin = {} if stack is None else {"database_url": stack.admin_url()}
     config = load_config(argparse.Namespace(config=None), **admin)
-    from producers.simulator import FleetSimulator, Mix
-
     only_metrics = Mix(states=0, events=0, metrics=1, analytics=0, config=0)
     fleet = FleetSimulator(agents=AGENTS, seed=1, mix=only_metrics)
     result = asyncio.run(run_partition_bench(config.database_url, fleet, args.rows, progress))
     print(table(result))
     _write_json(args.json, as_json(result))
     return OK
+
+
+def _against_baseline(
+    results: list[Any], partitions: int, path: Path, baseline: dict[str, object] | None
+) -> None:
+    """Print each mix's rows/s and CPU-s per 1M rows against the recorded baseline."""
+    from consumers.bench import baseline_source, baseline_table, compare_with_baseline
+
+    drifts, notes = compare_with_baseline(results, baseline, partitions)
+    print(baseline_table(drifts, notes, baseline_source(path, baseline)))
+
+
+def _record_baseline(
+    results: list[Any],
+    partitions: int,
+    path: Path,
+    commit: str,
+    load_before: tuple[float, float, float],
+) -> None:
+    """Write this run's numbers as the new baseline, with the commit, date and machine."""
+    from datetime import UTC, datetime
+
+    from consumers.bench import baseline_record, machine_facts
+
+    record = baseline_record(
+        results,
+        partitions=partitions,
+        commit=commit,
+        recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=shlex.join(["pipeline", *sys.argv[1:]]),
+        machine=machine_facts(load_before),
+    )
+    _write_json(path, record)
+    progress(f"baseline recorded: {path}")
+
+
+BASELINE_PATH_IN_REPO = "consumers/bench_baseline.json"
+
+
+def _commit() -> str:
+    """The checkout's commit, with "+changes" when its tracked files differ from it; "unknown"
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            # The baseline itself is what a re-recording changes: not a change of the code.
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+             ".", f":(exclude){BASELINE_PATH_IN_REPO}"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+changes" if changed else head
 
 
 def _default_mixes(args: argparse.Namespace) -> list[str]:
@@ -265,6 +387,22 @@ def _pooler(
         )
     print(pooler_table(results))
     return [asdict(r) for r in results]
+
+
+def _sdk(config: Config, args: argparse.Namespace) -> dict[str, object]:
+    """`pipeline bench --sdk`: the three ways an agent hands its records over. Prints the
+    table; the results, for --json."""
+    from consumers.bench_sdk import SdkPlan, run_sdk_bench, sdk_json, sdk_table
+
+    plan = SdkPlan(
+        rate=args.sdk_rate,
+        seconds=args.sdk_seconds,
+        lock_at=(args.sdk_seconds - SDK_LOCK_S) / 2,
+        lock_seconds=SDK_LOCK_S,
+    )
+    results = asyncio.run(run_sdk_bench(config.kafka, config.database_url, plan, progress))
+    print(sdk_table(results, plan))
+    return sdk_json(results, plan)
 
 
 def _local_stack_for(stack: Stack | None, why: str) -> Stack:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
 
 from pipeline.commands._common import (
@@ -56,6 +57,9 @@ def register(commands: Subparsers) -> None:
         "replay", "redrive pending dead letters that now decode and are accepted", "letters (all)"
     )
     replay_parser.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    replay_parser.add_argument(
+        "--json", action="store_true", help="the summary as one JSON object on stdout"
+    )
     replay_parser.set_defaults(handler=replay)
 
 
@@ -96,6 +100,9 @@ def replay(args: argparse.Namespace) -> int:
 
     config = load_config(args, group_id=args.group)
     outcome = asyncio.run(redrive(config, _filters(args, config), dry_run=args.dry_run))
+    if args.json:
+        print(json.dumps(outcome.json()))
+        return OK
     for line in outcome.lines():
         print(line)
     return OK

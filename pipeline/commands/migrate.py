@@ -16,8 +16,9 @@ def register(commands: Subparsers) -> None:
         description=(
             "Apply the numbered migrations not yet applied, then what the streams catalog "
             "(PIPELINE_STREAMS_FILE) needs: new tables, new columns, indexes. All in one "
-            "transaction; a change it does not make (a type change, a removed column, a new "
-            "key) is refused before anything changes, and every one is named. `pipeline "
+            "transaction; then, online, each existing table the catalog now partitions "
+            "(docs/streams.md). A change it does not make (a type change, a removed column, a "
+            "new key) is refused before anything changes, and every one is named. `pipeline "
             "streams plan` prints the statements first."
         ),
     )

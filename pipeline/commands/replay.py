@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,9 @@ def register(commands: Subparsers) -> None:
         help="records per transaction (PIPELINE_BATCH_MAX_RECORDS)",
     )
     parser.add_argument("--metrics-address", metavar="HOST:PORT", help="serve /metrics here (none)")
+    parser.add_argument(
+        "--json", action="store_true", help="the summary as one JSON object on stdout"
+    )
     parser.set_defaults(handler=replay)
 
 
@@ -114,15 +118,23 @@ def replay(args: argparse.Namespace) -> int:
             ),
         )
         replay_id, notes = asyncio.run(replayer.create(request))
-        print(f"replay {replay_id} created", flush=True)
-        for note in notes:
-            print(f"  {note}", flush=True)
+        if not args.json:
+            print(f"replay {replay_id} created", flush=True)
+            for note in notes:
+                print(f"  {note}", flush=True)
     summary = asyncio.run(replayer.run(replay_id))
+    if args.json:
+        print(json.dumps(summary.json()))
+        return OK
     rate = summary.records / summary.seconds if summary.seconds else 0.0
+    expired = sum(summary.expired.values())
     print(
         f"replay {replay_id} finished: {summary.records:,} records in {summary.seconds:.1f}s "
         f"({rate:,.0f}/s): {summary.rows:,} new rows, {summary.dead_letters:,} dead letters"
+        + (f", {expired:,} expired rows skipped" if expired else "")
     )
+    for line in summary.expired_lines():
+        print(f"  {line}")
     return OK
 
 

@@ -120,6 +120,6 @@ def plan(args: argparse.Namespace) -> int:
         return OK
     if pending:
         print(f"-- the migrations not yet applied, first: {', '.join(pending)}")
-    for statement in found.statements:
-        print(f"{statement};")
+    for line in found.script:
+        print(line)
     return OK

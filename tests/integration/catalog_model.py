@@ -35,6 +35,8 @@ class Produced:
     # For a tombstone: the key column's value (the Kafka key as the key column's type).
     tombstone_key: Any = None
     poison: str | None = None  # the column a dead letter must name, or None when good
+    # Older than its stream's retention horizon when ingested: in no table, no dead letter.
+    expired: bool = False
 
     @property
     def source(self) -> Source:
@@ -44,7 +46,7 @@ class Produced:
 def expected_tables(spec: StreamSpec, produced: Iterable[Produced]) -> dict[str, Rows]:
     """Every table of ``spec`` and the rows it must hold, by source."""
     records = sorted(
-        (p for p in produced if p.stream == spec.name and p.poison is None),
+        (p for p in produced if p.stream == spec.name and p.poison is None and not p.expired),
         key=lambda p: p.source,
     )
     _check_one_partition_per_key(spec, records)

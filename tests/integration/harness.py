@@ -4,7 +4,8 @@ producing, offsets, agent processes) is in :mod:`pipeline.testbed`; this module 
 only the tests need.
 
 The oracle compares the database with what was SENT, record by record, using each row's
-provenance (source partition and offset): never the tables with themselves. It takes the
+provenance (source partition and offset): never the tables with themselves. A record the test
+made older than its stream's retention horizon must be in no table and no dead letter. It takes the
 streams and their tables from a :class:`~pipeline.catalog.Catalog` (the built-in one unless
 given), so a user's streams are judged as the built-in ones are.
 """
@@ -78,6 +79,9 @@ class Outgoing:
     value: bytes | None  # None: a tombstone
     poison: str | None = None  # why the agent must dead-letter it, or None when it is good
     headers: tuple[tuple[str, bytes | None], ...] = ()
+    # Older than its stream's retention horizon: the agent must neither write it nor
+    # dead-letter it (docs/streams.md, "Late records").
+    expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Sent:
     partition: int
     offset: int
     poison: str | None
+    expired: bool = False
 
 
 def fleet_traffic(count: int, *, agents: int = 143, seed: int = 0) -> list[Outgoing]:
@@ -184,7 +189,7 @@ async def produce(bootstrap: str, prefix: str, outgoing: list[Outgoing]) -> list
         max_batch_size=256 * 1024,
     )
     return [
-        Sent(o.stream.topic, meta.partition, meta.offset, o.poison)
+        Sent(o.stream.topic, meta.partition, meta.offset, o.poison, o.expired)
         for o, meta in zip(outgoing, acked, strict=True)
     ]
 
@@ -326,22 +331,31 @@ async def assert_exactly_once(
     landed: Mapping[str, set[tuple[int, int]]] | None = None,
 ) -> None:
     """The oracle: every record sent is in its table exactly once, or dead-lettered exactly
-    once with a reason; nothing else is there; stored offsets equal the end offsets.
+    once with a reason, or, expired, in neither; nothing else is there; stored offsets equal
+    the end offsets (past the expired records too).
 
     For every table of every stream of ``catalog`` (default: the built-in streams), no two
     rows share a source (partition, offset): a record redelivered past a key's ``ON CONFLICT``
     or written under two keys shows here, whatever the table's keys. A table holding one row
     per record (append, history) holds the sources ``landed`` names for it, by default every
     good record of its stream; a "latest" table's rows come from good records of its stream.
+    A good record is neither poison nor expired: an expired record's row is in no table.
     """
     catalog = catalog or catalogs.load()
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         for spec in catalog:
-            good = {(s.partition, s.offset) for s in sent if s.topic == spec.topic and not s.poison}
+            good = {
+                (s.partition, s.offset)
+                for s in sent
+                if s.topic == spec.topic and not s.poison and not s.expired
+            }
+            expired = {(s.partition, s.offset) for s in sent if s.topic == spec.topic and s.expired}
             for table in spec.table_names:
                 ingested = await table_sources(conn, table)
                 assert_once_per_source(table, ingested)
+                written = expired & set(ingested)
+                assert not written, f"{table}: expired records written: {_some(written)}"
                 if table in spec.row_per_record:
                     expected = good if landed is None or table not in landed else landed[table]
                     assert set(ingested) == expected, (

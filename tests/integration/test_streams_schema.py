@@ -1,8 +1,9 @@
 """The data tables made from the streams catalog, against the real server: `pipeline migrate`
-makes today's built-in tables exactly, none with `builtin = false`, adds what a catalog adds,
-refuses what it may not change (changing nothing), upgrades a database migrated before the
-catalog with its rows, and runs safely twice at once; an agent whose catalog needs more than
-the database has exits 2 naming `pipeline migrate` (docs/streams.md, "Evolution")."""
+makes the built-in tables as an upgraded older database has them, none with `builtin =
+false`, adds what a catalog adds, refuses what it may not change (changing nothing), upgrades
+a database migrated before the catalog with its rows, and runs safely twice at once; an agent
+whose catalog needs more than the database has exits 2 naming `pipeline migrate`
+(docs/streams.md, "Evolution")."""
 
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ BUILTIN_TABLES = (
     "system_config",
     "system_config_history",
 )
+
+# The tables partitioned by day of ts, and the partitions an upgrade keeps their old rows in.
+PARTITIONED = (
+    "agent_state_history",
+    "system_events",
+    "performance_metrics",
+    "user_analytics",
+    "system_config_history",
+)
+LEGACY = tuple(f"{table}_legacy" for table in PARTITIONED)
 
 ORDERS = """
 builtin = false
@@ -95,16 +106,23 @@ async def empty_database(servers: Servers, name: str) -> AsyncIterator[str]:
 
 async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every table of the database (but ``without``) as pg_catalog describes it: columns with
-    type, nullability and default; constraints; indexes; owner and grants; and the
-    sequences."""
+    type, nullability and default; constraints; indexes; owner and grants; how it is
+    partitioned, or of which table it is a partition and its range; and the sequences."""
     conn = await asyncpg.connect(url, timeout=10)
     try:
+        await conn.execute("SET TimeZone = 'UTC'")  # partition bounds, as UTC timestamps
         tables = await conn.fetch(
             """SELECT c.oid, n.nspname || '.' || c.relname AS name,
                       pg_get_userbyid(c.relowner) AS owner,
-                      ARRAY(SELECT a::text FROM unnest(c.relacl) AS a ORDER BY 1) AS acl
+                      ARRAY(SELECT a::text FROM unnest(c.relacl) AS a ORDER BY 1) AS acl,
+                      CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END
+                          AS partitioned_by,
+                      (SELECT i.inhparent::regclass::text FROM pg_inherits i
+                       WHERE i.inhrelid = c.oid) AS partition_of,
+                      pg_get_expr(c.relpartbound, c.oid) AS bound
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               WHERE c.relkind IN ('r', 'p')
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema')
                ORDER BY 2"""
         )
         found: dict[str, Any] = {}
@@ -136,6 +154,7 @@ async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]
                 "columns": [tuple(c) for c in columns],
                 "constraints": [tuple(c) for c in constraints],
                 "indexes": [tuple(i) for i in indexes],
+                "partitioning": (table["partitioned_by"], table["partition_of"], table["bound"]),
             }
         sequences = await conn.fetch(
             "SELECT schemaname, sequencename, increment_by FROM pg_sequences ORDER BY 1, 2"
@@ -178,9 +197,13 @@ def catalog_file(tmp_path: Path, text: str, name: str = "streams.toml") -> Path:
 # -- the built-in tables ---------------------------------------------------------------------
 
 
-async def test_a_fresh_migrate_makes_the_builtin_tables_as_the_numbered_migrations_made_them(
+async def test_a_fresh_migrate_makes_the_builtin_tables_as_an_upgraded_schema_9_has_them(
     servers: Servers, unique: str
 ) -> None:
+    """The built-in tables a fresh `pipeline migrate` makes are those of a database at schema
+    9 (the numbered migrations of tests/fixtures/schema_v9 made its tables) that `pipeline
+    migrate` then upgraded: the same columns, constraints, indexes, grants and partitioning,
+    but for the old tables, which the upgrade keeps as the partitions before its cut-over."""
     async with (
         testbed.scratch_database(
             servers.endpoints.database_url, f"{unique}_v9", FIXTURE_MIGRATIONS
@@ -188,10 +211,21 @@ async def test_a_fresh_migrate_makes_the_builtin_tables_as_the_numbered_migratio
         testbed.scratch_database(servers.endpoints.database_url, f"{unique}_new") as new,
     ):
         before = await describe(old)
-        # The migrations after schema 9 add tables of their own; the data tables must not differ.
-        after = await describe(new, without=("stream_catalog", "ingest_gaps"))
         assert {f"public.{t}" for t in BUILTIN_TABLES} <= set(before["tables"])
-        assert after == before
+        await testbed.migrate(old)
+        upgraded = await describe(old, without=LEGACY)
+        assert upgraded == await describe(new)
+        legacy = (await describe(old))["tables"]
+        for table in PARTITIONED:
+            assert legacy[f"public.{table}_legacy"]["partitioning"][1] == table
+            assert legacy[f"public.{table}_legacy"]["partitioning"][2].startswith(
+                "FOR VALUES FROM (MINVALUE) TO ("
+            )
+            assert upgraded["tables"][f"public.{table}"]["partitioning"] == (
+                "RANGE (ts)",
+                None,
+                None,
+            )
         conn = await asyncpg.connect(new, timeout=10)
         try:
             recorded = await conn.fetch("SELECT stream FROM stream_catalog ORDER BY stream")
@@ -399,7 +433,8 @@ async def test_a_database_at_the_schema_before_the_catalog_upgrades_with_its_row
 ) -> None:
     """Rows ingested exactly once into a database at schema 9 (made by the frozen migrations
     of tests/fixtures/schema_v9, holding what an agent wrote), then `pipeline migrate`: the
-    built-in tables are adopted as they are, and ingestion goes on exactly once."""
+    built-in tables are adopted, those with a row per record made partitioned with their rows,
+    and ingestion goes on exactly once."""
     bootstrap = servers.endpoints.kafka_bootstrap
     prefix = f"{unique}."
     admin = servers.endpoints.database_url
@@ -423,14 +458,20 @@ async def test_a_database_at_the_schema_before_the_catalog_upgrades_with_its_row
         env = migrator_env(servers, old)
         migrated = await pipeline(env, "migrate")
         assert migrated.returncode == 0, migrated.stderr
-        assert migrated.stdout == (
-            "applied: 010_stream_catalog.sql, 011_ingest_gaps.sql\n"
-            "recorded the catalog of: states, events, metrics, analytics, config\n"
-        )
+        lines = migrated.stdout.splitlines()
+        newer = ", ".join(m.name for m in db.read_migrations() if m.version > 9)
+        assert lines[0] == f"applied: {newer}"
+        assert [line.split(":")[0] for line in lines if line.startswith("partition ")] == [
+            f"partition public.{table} by day of ts" for table in PARTITIONED
+        ]
+        assert lines[-1] == "recorded the catalog of: states, events, metrics, analytics, config"
         assert await count_rows(old, list(copied)) == copied
+        assert await count_rows(old, list(LEGACY)) == {
+            f"{table}_legacy": copied[table] for table in PARTITIONED
+        }
         plan = await pipeline(env, "streams", "plan")
         assert (plan.returncode, plan.stdout) == (0, "nothing to do\n")
-        assert await describe(old) == await describe(ingested)
+        assert await describe(old, without=LEGACY) == await describe(ingested)
 
         second = await produce(bootstrap, prefix, traffic[1_500:])
         agent = AgentProcess(agent_env(bootstrap, old, prefix, prefix)).start()

@@ -108,3 +108,22 @@ def test_a_batch_with_nothing_to_write_counts_only_what_was_already_ingested() -
     assert value(metrics, "pipeline_duplicates_skipped_total", topic="agents.metrics") == 3
     assert value(metrics, "pipeline_batches_total") == 0
     assert value(metrics, "pipeline_batch_phase_seconds_count", phase="write") is None
+
+
+def test_rows_older_than_the_retention_horizon_are_counted_as_expired_not_duplicates() -> None:
+    metrics = Metrics()
+    work = plan(batch({("agents.metrics", 0): range(0, 6)}), {("agents.metrics", 0): 0})
+    written = Written(
+        rows={"metrics": [()] * 6},
+        new={"metrics": 2},  # of the 4 written, 2 found their key stored
+        refused={},
+        letters=[],
+        results=[],
+        expired={"metrics": [0, 3]},
+    )
+    BatchCount(metrics, TOPICS, load_catalog()).committed(
+        work, written, {}, fetch_seconds=0.0, started=0.0, committed=0.0, now=NOW
+    )
+    assert value(metrics, "pipeline_rows_expired_total", stream="metrics") == 2
+    assert value(metrics, "pipeline_duplicates_skipped_total", topic="agents.metrics") == 2
+    assert value(metrics, "pipeline_rows_expired_total", stream="events") is None

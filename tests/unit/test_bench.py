@@ -4,6 +4,10 @@ summarised, the catalog mix's streams and records, and the tables and JSON it re
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import os
+import re
 import sys
 import tomllib
 import uuid
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from consumers.bench import (
+    BASELINE_FILE,
     BENCH_STREAMS_FILE,
     CATALOG_MIX,
     EncryptionResult,
@@ -20,17 +25,26 @@ from consumers.bench import (
     MixResult,
     PoolerResult,
     as_json,
+    baseline_record,
+    baseline_source,
+    baseline_table,
     catalog_records,
     catalog_rows,
+    compare_with_baseline,
+    cpu_seconds,
     encryption_table,
+    machine_facts,
+    per_million,
     plot,
     pooler_table,
     profile_breakdown,
+    read_baseline,
     streams_of,
     table,
 )
 from pipeline import cli
 from pipeline.commands.bench import _default_mixes
+from pipeline.errors import ConfigError
 from pipeline.rows import decoder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,13 +241,14 @@ def test_catalog_records_hold_redelivered_clicks_and_late_revisions() -> None:
     assert by_order[:8] == [1, 2, 3, 4, 1, 3, 2, 4]  # the second order's 2nd revision is late
 
 
-def _result(mix: str, consume: float, copy: float, e2e: float) -> MixResult:
+def _result(mix: str, consume: float, copy: float, e2e: float, cpu: float = 3.104) -> MixResult:
     return MixResult(
         mix=mix,
         records=50_000,
         raw_consume_per_s=consume,
         raw_copy_per_s=copy,
         e2e_rows_per_s=e2e,
+        cpu_s_per_1m_rows=cpu,
         ratio=e2e / min(consume, copy),
         copy_ratio=e2e / copy,
         peak_rss_mb=100.4,
@@ -256,11 +271,11 @@ MEMORY = MemoryResult(20_000, 73.1, 74_753.0)
 
 def test_the_table_sets_every_mix_against_its_raw_limits_and_raw_copy() -> None:
     assert table(RESULTS, MEMORY).splitlines() == [
-        "mix              records  raw consume/s  raw COPY/s  e2e rows/s  ratio  /COPY  "
+        "mix              records  raw consume/s  raw COPY/s  e2e rows/s  CPU-s/1M  ratio  /COPY  "
         "x2 procs/s  p50 ms  p99 ms  max ms  peak RSS",
-        "metrics-heavy     50,000        400,000     300,000     180,000   0.60   0.60  "
+        "metrics-heavy     50,000        400,000     300,000     180,000      3.10   0.60   0.60  "
         "         -     114     210     217    100 MB",
-        "catalog           50,000        200,000     400,000     160,000   0.80   0.40  "
+        "catalog           50,000        200,000     400,000     160,000      3.10   0.80   0.40  "
         "         -     114     210     217    100 MB",
         "peak RSS of one agent draining 20,000 records: 73 MB (74,753 rows/s)",
     ]
@@ -272,6 +287,7 @@ def test_the_json_holds_every_mix_with_its_ratio_to_raw_copy() -> None:
     catalog = found["catalog"]
     assert isinstance(catalog, dict)
     assert catalog["copy_ratio"] == 0.4
+    assert catalog["cpu_s_per_1m_rows"] == 3.104
     assert catalog["ratio"] == 0.8
     assert "drain_curve" not in catalog and "latencies_ms" not in catalog
     assert found["memory"] == {"records": 20_000, "peak_rss_mb": 73.1, "rows_per_s": 74_753.0}
@@ -294,3 +310,228 @@ def test_without_mix_the_bench_runs_every_mix_and_its_route_comparisons_the_buil
     argv: list[str], mixes: list[str]
 ) -> None:
     assert _default_mixes(cli.parser().parse_args(["bench", *argv])) == mixes
+
+
+def test_cpu_seconds_are_utime_and_stime_counted_from_the_last_parenthesis() -> None:
+    # A command name may hold spaces and parentheses: fields are counted after the last ")".
+    fields = ["S", *map(str, range(1, 11)), "250", "70", "9", "9", "20", "0"]
+    stat = f"4242 (python3 (x) y) {' '.join(fields)}"
+    assert cpu_seconds(stat, ticks_per_s=100) == 3.2
+
+
+def test_cpu_seconds_of_this_process_count_its_own_cpu() -> None:
+    spent = cpu_seconds(Path("/proc/self/stat").read_text())
+    times = os.times()
+    assert 0 < spent <= times.user + times.system + 0.01
+
+
+@pytest.mark.parametrize(
+    ("cpu_s", "rows", "expected"),
+    [(3.1, 1_000_000, 3.1), (0.31, 100_000, 3.1), (0.5, 2_000_000, 0.25)],
+)
+def test_cpu_per_million_rows(cpu_s: float, rows: int, expected: float) -> None:
+    assert per_million(cpu_s, rows) == pytest.approx(expected)
+
+
+def test_cpu_per_million_of_no_rows_is_not_a_number() -> None:
+    assert math.isnan(per_million(1.0, 0))
+
+
+def test_the_baseline_records_each_mix_with_the_commit_date_command_and_machine() -> None:
+    found = baseline_record(
+        RESULTS,
+        partitions=6,
+        commit="0123456789abcdef",
+        recorded_at="2026-12-07T16:13:12+00:00",
+        command="pipeline bench --record-baseline",
+        machine={"cpus": 2, "load_average_before": [1.5, 1.2, 1.0]},
+    )
+    assert found == {
+        "recorded_at": "2026-12-07T16:13:12+00:00",
+        "commit": "0123456789abcdef",
+        "command": "pipeline bench --record-baseline",
+        "machine": {"cpus": 2, "load_average_before": [1.5, 1.2, 1.0]},
+        "partitions": 6,
+        "mixes": {
+            "metrics-heavy": {
+                "records": 50_000,
+                "e2e_rows_per_s": 180_000.0,
+                "cpu_s_per_1m_rows": 3.104,
+            },
+            "catalog": {"records": 50_000, "e2e_rows_per_s": 160_000.0, "cpu_s_per_1m_rows": 3.104},
+        },
+    }
+
+
+def test_a_run_is_compared_with_its_baseline_and_a_drift_beyond_five_percent_flagged() -> None:
+    baseline = baseline_record(
+        [
+            _result("metrics-heavy", 1.0, 1.0, 200_000.0, 3.0),
+            _result("events-heavy", 1.0, 1.0, 150_000.0, 4.0),
+            _result(CATALOG_MIX, 1.0, 1.0, 100_000.0, 2.0),
+        ],
+        partitions=6,
+        commit="0123456789abcdef",
+        recorded_at="2026-12-07T16:13:12+00:00",
+        command="pipeline bench",
+        machine={},
+    )
+    now = [
+        _result("metrics-heavy", 1.0, 1.0, 188_000.0, 3.3),  # 6% slower, 10% more CPU
+        _result("events-heavy", 1.0, 1.0, 157_000.0, 3.85),  # 4.7% faster, 3.75% less CPU
+        _result(CATALOG_MIX, 1.0, 1.0, 110_000.0, 1.8),  # 10% faster, 10% less CPU
+    ]
+    drifts, notes = compare_with_baseline(now, baseline, partitions=6)
+    assert notes == []
+    assert baseline_table(drifts, notes, "bench_baseline.json: commit 012345678").splitlines() == [
+        "against the baseline (bench_baseline.json: commit 012345678), drift flagged beyond 5%:",
+        "mix            measure     baseline        now  ratio",
+        "metrics-heavy  rows/s       200,000    188,000   0.94  DRIFT: slower by 6%",
+        "metrics-heavy  CPU-s/1M        3.00       3.30   1.10  DRIFT: more CPU by 10%",
+        "events-heavy   rows/s       150,000    157,000   1.05  ok",
+        "events-heavy   CPU-s/1M        4.00       3.85   0.96  ok",
+        "catalog        rows/s       100,000    110,000   1.10  DRIFT: faster by 10%",
+        "catalog        CPU-s/1M        2.00       1.80   0.90  DRIFT: less CPU by 10%",
+    ]
+    assert [d.flagged for d in drifts] == [True, True, False, False, True, True]
+
+
+def test_a_measure_that_failed_is_flagged() -> None:
+    baseline = baseline_record(
+        [_result("metrics-heavy", 1.0, 1.0, 200_000.0, 3.0)],
+        partitions=6, commit="c", recorded_at="t", command="pipeline bench", machine={},
+    )  # fmt: skip
+    drifts, _ = compare_with_baseline(
+        [_result("metrics-heavy", 1.0, 1.0, 200_000.0, float("nan"))], baseline, partitions=6
+    )
+    assert [(d.measure, d.flagged, d.verdict()) for d in drifts] == [
+        ("rows/s", False, "ok"),
+        ("CPU-s/1M", True, "DRIFT: not measured"),
+    ]
+
+
+def test_mixes_the_baseline_measured_otherwise_are_not_compared_and_say_why() -> None:
+    baseline = baseline_record(
+        [_result("metrics-heavy", 1.0, 1.0, 200_000.0, 3.0)],
+        partitions=6, commit="c", recorded_at="t", command="pipeline bench", machine={},
+    )  # fmt: skip
+    small = _result("metrics-heavy", 1.0, 1.0, 100_000.0, 5.0)
+    small.records = 100_000
+    drifts, notes = compare_with_baseline([small, RESULTS[1]], baseline, partitions=6)
+    assert drifts == []
+    assert notes == [
+        "metrics-heavy: the baseline drained 50,000 records on 6 partitions, this run 100,000 on "
+        "6: not compared",
+        "catalog: not in the baseline",
+    ]
+    drifts, notes = compare_with_baseline(RESULTS[:1], baseline, partitions=12)
+    assert (drifts, notes) == (
+        [],
+        [
+            "metrics-heavy: the baseline drained 50,000 records on 6 partitions, this run 50,000 "
+            "on 12: not compared"
+        ],
+    )
+
+
+def test_without_a_baseline_the_bench_says_how_to_record_one(tmp_path: Path) -> None:
+    assert read_baseline(tmp_path / "none.json") is None
+    drifts, notes = compare_with_baseline(RESULTS, None, partitions=6)
+    assert baseline_table(drifts, notes, str(tmp_path / "none.json")).splitlines() == [
+        f"against the baseline ({tmp_path / 'none.json'}), drift flagged beyond 5%:",
+        "no baseline: record one with `pipeline bench --record-baseline`",
+    ]
+
+
+def test_a_baseline_file_is_read_back_as_written_and_named_by_commit_and_date(
+    tmp_path: Path,
+) -> None:
+    record = baseline_record(
+        RESULTS, partitions=6, commit="0123456789abcdef", recorded_at="2026-12-07T16:13:12+00:00",
+        command="pipeline bench", machine={},
+    )  # fmt: skip
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(record))
+    assert read_baseline(path) == record
+    assert baseline_source(path, record) == (
+        "baseline.json: commit 012345678, recorded 2026-12-07T16:13:12+00:00"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        pytest.param("{", "not a baseline the bench wrote: Expecting", id="not JSON"),
+        pytest.param(
+            '{"commit": "c"}', 'not a baseline the bench wrote (no "mixes")', id="no mixes"
+        ),
+    ],
+)
+def test_a_file_that_is_not_a_baseline_is_an_error_naming_it(
+    text: str, why: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "baseline.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"--baseline {path}: {why}")):
+        read_baseline(path)
+
+
+def test_the_committed_baseline_is_one_the_bench_reads() -> None:
+    baseline = read_baseline(BASELINE_FILE)
+    assert baseline is not None
+    assert set(baseline) == {"recorded_at", "commit", "command", "machine", "partitions", "mixes"}
+    machine = baseline["machine"]
+    assert isinstance(machine, dict)
+    assert {"cpu", "cpus", "load_average_before", "load_average_after"} <= set(machine)
+
+
+def test_the_machine_facts_say_how_loaded_the_machine_was() -> None:
+    facts = machine_facts((1.25, 1.5, 2.0))
+    assert facts["load_average_before"] == [1.25, 1.5, 2.0]
+    after = facts["load_average_after"]
+    assert isinstance(after, list) and len(after) == 3
+    assert facts["cpus"] == os.cpu_count()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(
+            ["--secure", "--sdk"],
+            "--secure and --sdk are separate measurements: give one at a time",
+        ),
+        pytest.param(
+            ["--secure", "--pooler", "session"],
+            "--secure and --pooler are separate measurements: give one at a time",
+        ),
+        pytest.param(
+            ["--sdk", "--record-baseline"],
+            "--record-baseline records the usual measurements, not --sdk",
+        ),
+        pytest.param(
+            ["--sdk", "--sdk-seconds", "10"],
+            "--sdk-seconds must be above 10, the lock's time, got 10",
+        ),
+    ],
+)
+def test_bench_modes_that_do_not_go_together_stop_before_anything_starts(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("PIPELINE_DEV_HOME", str(tmp_path / "stack"))
+    assert cli.main(["bench", *argv]) == 2
+    assert capsys.readouterr().err == f"pipeline: error: {message}\n"
+    assert not (tmp_path / "stack").exists()  # no local stack was started
+
+
+def test_a_broken_baseline_stops_the_bench_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PIPELINE_DEV_HOME", str(tmp_path / "stack"))
+    (tmp_path / "b.json").write_text("[]")
+    assert cli.main(["bench", "--baseline", str(tmp_path / "b.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"pipeline: error: --baseline {tmp_path / 'b.json'}: not a baseline the bench wrote "
+        '(no "mixes")\n'
+    )
+    assert not (tmp_path / "stack").exists()

@@ -235,3 +235,11 @@ def test_partitioning_is_its_own_measurement() -> None:
     args = cli.parser().parse_args(["bench", "--partitioning", "--rows", "5000"])
     assert (args.partitioning, args.rows) == (True, 5000)
     assert cli.parser().parse_args(["bench"]).partitioning is False
+
+
+@pytest.mark.parametrize("other", [["--sdk"], ["--secure"], ["--pooler", "session"]])
+def test_partitioning_is_one_measurement_at_a_time(
+    other: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bench", "--partitioning", *other]) == 2
+    assert "are separate measurements: give one at a time" in capsys.readouterr().err

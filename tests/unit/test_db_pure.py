@@ -214,7 +214,7 @@ def _updates(names: str) -> str:
             + f'new AS (INSERT INTO "public"."agent_state_history" ({STATE_COLS}) '
             f'SELECT DISTINCT ON ("agent_id", "version") {STATE_COLS} FROM staged '
             'ORDER BY "agent_id", "version", "src_partition", "src_offset" '
-            'ON CONFLICT ("agent_id", "version") DO NOTHING '
+            "ON CONFLICT DO NOTHING "
             f'RETURNING 1), latest AS (INSERT INTO "public"."agent_states" AS t ({STATE_COLS}) '
             f'SELECT DISTINCT ON ("agent_id") {STATE_COLS} FROM staged '
             'ORDER BY "agent_id", "version" DESC, "src_partition", "src_offset" '
@@ -229,7 +229,7 @@ def _updates(names: str) -> str:
             + f'new AS (INSERT INTO "public"."system_config_history" ({CONFIG_COLS}) '
             f'SELECT DISTINCT ON ("key", "version") {CONFIG_COLS} FROM staged '
             'ORDER BY "key", "version", "src_partition", "src_offset" '
-            'ON CONFLICT ("key", "version") DO NOTHING '
+            "ON CONFLICT DO NOTHING "
             f'RETURNING 1), latest AS (INSERT INTO "public"."system_config" AS t ({CONFIG_COLS}) '
             f'SELECT DISTINCT ON ("key") {CONFIG_COLS} FROM staged '
             'ORDER BY "key", "version" DESC, "src_partition", "src_offset" '
@@ -243,7 +243,7 @@ def _updates(names: str) -> str:
             _staged(EVENT_COLS) + f'new AS (INSERT INTO "public"."system_events" ({EVENT_COLS}) '
             f'SELECT DISTINCT ON ("event_id") {EVENT_COLS} FROM staged '
             'ORDER BY "event_id", "src_partition", "src_offset" '
-            'ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
+            "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
             id="events",
         ),
         pytest.param(
@@ -252,7 +252,7 @@ def _updates(names: str) -> str:
             + f'new AS (INSERT INTO "public"."user_analytics" ({ANALYTICS_COLS}) '
             f'SELECT DISTINCT ON ("event_id") {ANALYTICS_COLS} FROM staged '
             'ORDER BY "event_id", "src_partition", "src_offset" '
-            'ON CONFLICT ("event_id") DO NOTHING RETURNING 1) SELECT count(*) FROM new',
+            "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
             id="analytics",
         ),
     ],
@@ -271,7 +271,7 @@ def test_states_upsert_shape() -> None:
     history, latest = statement.split("), latest AS (")
     assert 'new AS (INSERT INTO "public"."agent_state_history" ' in history
     # Every version lands once in the history, and those are the rows counted as new.
-    assert history.endswith('ON CONFLICT ("agent_id", "version") DO NOTHING RETURNING 1')
+    assert history.endswith("ON CONFLICT DO NOTHING RETURNING 1")
     assert statement.endswith(" SELECT count(*) FROM new")
     assert latest.startswith('INSERT INTO "public"."agent_states" ')
     # One row per agent, the highest version, so ON CONFLICT never touches a row twice.

@@ -20,8 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / "pipeline" / "cli.py"
 COMMANDS = ROOT / "pipeline" / "commands"
-# The command line: cli.py and the command package.
-COMPOSITION_ROOT = frozenset({CLI, *COMMANDS.glob("*.py")})
+# The command line: cli.py and the command package; and the simulated agent of `pipeline bench
+# --sdk`, a process of its own (python -m consumers.bench_sdk) that wires the SDK in to
+# measure it.
+COMPOSITION_ROOT = frozenset({CLI, *COMMANDS.glob("*.py"), ROOT / "consumers" / "bench_sdk.py"})
 # What each package must never import.
 FORBIDDEN = {
     "pipeline": {"producers", "consumers"},

@@ -85,3 +85,22 @@ def test_the_summary_says_what_still_fails_and_that_it_is_no_error() -> None:
     ]
     dry = Outcome(dry_run=True, redriven=2, new_rows=2)
     assert dry.lines() == ["dry run, nothing changed: would be redriven 2, would still fail 0"]
+
+
+def test_the_summary_says_how_many_letters_expired_and_why() -> None:
+    outcome = Outcome(dry_run=False, redriven=1, new_rows=1)
+    outcome.expired["metrics"] += 4
+    outcome.horizon["metrics"] = "its ts is older than now minus 1d"
+    assert outcome.lines() == [
+        "redriven 1, still failing 0",
+        "4 metrics letter(s) skipped as older than the stream's retention horizon (its ts is "
+        "older than now minus 1d): not written, marked redriven, as live ingestion does not "
+        "write them either",
+    ]
+    assert outcome.json() == {
+        "dry_run": False,
+        "redriven": 1,
+        "new_rows": 1,
+        "still_failing": {},
+        "expired": {"metrics": {"letters": 4, "why": "its ts is older than now minus 1d"}},
+    }

@@ -4,6 +4,7 @@ agents' check at start (docs/streams.md, "Tables" and "Evolution")."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import math
@@ -13,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from pipeline import catalog, schema_plan
+from pipeline import catalog, partition_upgrade, schema_plan
 from pipeline.catalog import Catalog, Column, StreamSpec
 from pipeline.schema_plan import (
     ColumnState,
@@ -78,7 +79,14 @@ def state_of(*streams: StreamSpec, applied: bool = True) -> DatabaseState:
             indexes = [IndexState(i.name, i.using, i.columns) for i in shape.indexes]
             if shape.primary_key:
                 indexes.append(IndexState(f"{shape.qualified[1]}_pkey", "btree", shape.primary_key))
-            tables[shape.qualified] = TableState(tuple(columns), shape.primary_key, tuple(indexes))
+            tables[shape.qualified] = TableState(
+                tuple(columns),
+                shape.primary_key,
+                tuple(indexes),
+                partitioned=shape.partition_by is not None,
+                partition_by=shape.partition_by,
+                has_default=shape.partition_by is not None,
+            )
     schemas = frozenset({"public"} | {schema for schema, _ in tables})
     recorded = {s.name: s.declaration() for s in streams} if applied else {}
     return DatabaseState(tables, schemas, recorded)
@@ -88,11 +96,7 @@ def with_table(state: DatabaseState, name: str, **changes: Any) -> DatabaseState
     """``state`` with the table ``public.<name>`` changed."""
     table = state.tables[("public", name)]
     tables = dict(state.tables)
-    tables[("public", name)] = TableState(
-        changes.get("columns", table.columns),
-        changes.get("primary_key", table.primary_key),
-        changes.get("indexes", table.indexes),
-    )
+    tables[("public", name)] = dataclasses.replace(table, **changes)
     return DatabaseState(tables, state.schemas, state.applied)
 
 
@@ -524,4 +528,289 @@ def test_an_agent_of_the_previous_catalog_runs_beside_a_nullable_or_defaulted_co
     blocking = with_table(state, "orders", columns=(*latest.columns, code))
     assert missing([old], blocking) == [
         "public.orders.code is NOT NULL without a default and not in the catalog"
+    ]
+
+
+# -- partitioned tables, and the upgrade of an unpartitioned one ----------------------------
+
+CLICKS = """
+[[streams]]
+name = "clicks"
+topic = "web.clicks"
+table = "clicks"
+mode = "append"
+{key}
+partition_by = "at"
+{extra}
+
+[streams.columns]
+click_id = "uuid"
+at = "{at}"
+"""
+NOW = datetime.datetime(2026, 12, 7, 16, 5, tzinfo=datetime.UTC)
+CUTOVER = "'2026-12-09T00:00:00+00:00'::timestamptz"
+
+
+def clicks(key: str = 'key = ["click_id"]', extra: str = "", at: str = "timestamptz") -> StreamSpec:
+    _, (spec,) = catalog.parse(CLICKS.format(key=key, extra=extra, at=at), "clicks.toml")
+    return spec
+
+
+def unpartitioned(state: DatabaseState, *names: str, **changes: Any) -> DatabaseState:
+    """``state`` with the tables ``names`` as a release before partitioning left them: plain
+    tables keyed without the partition column."""
+    tables = dict(state.tables)
+    for name in names:
+        table = tables[("public", name)]
+        key = tuple(c for c in table.primary_key if c != table.partition_by)
+        indexes = tuple(
+            dataclasses.replace(i, columns=key, primary=True) if i.name.endswith("_pkey") else i
+            for i in table.indexes
+            if not i.name.endswith("_pkey") or key
+        )
+        tables[("public", name)] = dataclasses.replace(
+            table,
+            primary_key=key,
+            indexes=indexes,
+            partitioned=False,
+            partition_by=None,
+            has_default=False,
+            **changes,
+        )
+    return DatabaseState(tables, state.schemas, state.applied)
+
+
+def test_an_unpartitioned_table_is_upgraded_online_then_swapped_in_one_transaction() -> None:
+    spec = clicks()
+    made = plan([spec], unpartitioned(state_of(spec), "clicks"), NOW)
+    assert (made.statements, len(made.upgrades)) == ((), 1)
+    (upgrade,) = made.upgrades
+    assert upgrade.table == "public.clicks"
+    assert upgrade.online == (
+        'CREATE UNIQUE INDEX CONCURRENTLY "clicks_partition_key" ON "public"."clicks" '
+        '("click_id", "at")',
+        'ALTER TABLE "public"."clicks" ADD CONSTRAINT "clicks_before_partitioning" CHECK '
+        f'("at" < {CUTOVER}) NOT VALID',
+        'ALTER TABLE "public"."clicks" VALIDATE CONSTRAINT "clicks_before_partitioning"',
+    )
+    assert upgrade.swap == (
+        'LOCK TABLE "public"."clicks" IN ACCESS EXCLUSIVE MODE',
+        'ALTER INDEX "public"."clicks_source" RENAME TO "clicks_legacy_source"',
+        'ALTER TABLE "public"."clicks" RENAME TO "clicks_legacy"',
+        'ALTER TABLE "public"."clicks_legacy" DROP CONSTRAINT "clicks_pkey"',
+        'ALTER TABLE "public"."clicks_legacy" ADD CONSTRAINT "clicks_legacy_pkey" PRIMARY KEY '
+        'USING INDEX "clicks_partition_key"',
+        schema_plan.create_table(schema_plan.shapes(spec)[0]),
+        'CREATE INDEX "clicks_source" ON "public"."clicks" USING brin ("src_partition", '
+        '"src_offset")',
+        'ALTER TABLE "public"."clicks" ATTACH PARTITION "public"."clicks_legacy" FOR VALUES '
+        f"FROM (MINVALUE) TO ({CUTOVER})",
+        'CREATE TABLE "public"."clicks_default" PARTITION OF "public"."clicks" DEFAULT',
+        *schema_plan.grants("clicks"),
+    )
+    assert made.actions == (
+        "build the unique index clicks_partition_key on public.clicks (click_id, at), "
+        "without blocking writes",
+        "check that every row of public.clicks has at before 2026-12-09T00:00:00+00:00, "
+        "without blocking writes",
+        "partition public.clicks by day of at: its rows before 2026-12-09T00:00:00+00:00 kept "
+        "in the partition public.clicks_legacy, a DEFAULT partition for the rest",
+    )
+    assert made.script == (
+        "-- partition public.clicks: each statement on its own",
+        *(f"{s};" for s in upgrade.online),
+        "-- partition public.clicks: in one transaction",
+        *(f"{s};" for s in upgrade.swap),
+    )
+
+
+def test_a_keyless_table_needs_no_index_and_a_date_column_is_cut_at_a_date() -> None:
+    spec = clicks(key="", at="date", extra='partition_interval = "month"')
+    (upgrade,) = plan([spec], unpartitioned(state_of(spec), "clicks"), NOW).upgrades
+    assert upgrade.online == (
+        'ALTER TABLE "public"."clicks" ADD CONSTRAINT "clicks_before_partitioning" CHECK '
+        "(\"at\" < '2027-02-01'::date) NOT VALID",
+        'ALTER TABLE "public"."clicks" VALIDATE CONSTRAINT "clicks_before_partitioning"',
+    )
+    assert not any("PRIMARY KEY" in s or "pkey" in s for s in upgrade.swap)
+    assert upgrade.swap[-4] == (
+        'ALTER TABLE "public"."clicks" ATTACH PARTITION "public"."clicks_legacy" FOR VALUES '
+        "FROM (MINVALUE) TO ('2027-02-01'::date)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("moment", "interval", "end"),
+    [
+        ((2026, 12, 7, 16, 5), "day", (2026, 12, 9)),
+        ((2026, 12, 7, 0, 0), "day", (2026, 12, 9)),
+        ((2026, 12, 7, 23, 59), "hour", (2026, 12, 8, 1)),
+        ((2026, 12, 7, 16, 5), "week", (2026, 12, 21)),  # the 7th is a Monday
+        ((2026, 12, 31, 16, 5), "month", (2027, 2, 1)),
+    ],
+)
+def test_the_cutover_is_the_start_of_the_interval_after_the_next(
+    moment: tuple[int, ...], interval: str, end: tuple[int, ...]
+) -> None:
+    utc = datetime.UTC
+    found = partition_upgrade.cutover(datetime.datetime(*moment, tzinfo=utc), interval)
+    assert found == datetime.datetime(*end, tzinfo=utc)
+
+
+def test_an_interrupted_upgrade_goes_on_where_it_stopped() -> None:
+    spec = clicks()
+    fresh = unpartitioned(state_of(spec), "clicks")
+    table = fresh.tables[("public", "clicks")]
+    key_index = IndexState("clicks_partition_key", "btree", ("click_id", "at"), valid=False)
+    check = schema_plan.CheckState(
+        "clicks_before_partitioning",
+        ("at",),
+        "CHECK ((at < '2026-12-09 00:00:00+00'::timestamp with time zone)) NOT VALID",
+        validated=False,
+    )
+
+    def online(**changes: Any) -> tuple[str, ...]:
+        state = with_table(fresh, "clicks", **changes)
+        (upgrade,) = plan([spec], state, NOW).upgrades
+        return upgrade.online
+
+    build = (
+        'CREATE UNIQUE INDEX CONCURRENTLY "clicks_partition_key" ON "public"."clicks" '
+        '("click_id", "at")'
+    )
+    add = (
+        'ALTER TABLE "public"."clicks" ADD CONSTRAINT "clicks_before_partitioning" CHECK '
+        f'("at" < {CUTOVER}) NOT VALID'
+    )
+    validate = 'ALTER TABLE "public"."clicks" VALIDATE CONSTRAINT "clicks_before_partitioning"'
+    # Interrupted while building the index: it is left invalid, dropped and built again.
+    assert online(indexes=(*table.indexes, key_index)) == (
+        'DROP INDEX CONCURRENTLY IF EXISTS "public"."clicks_partition_key"',
+        build,
+        add,
+        validate,
+    )
+    valid = dataclasses.replace(key_index, valid=True)
+    # Interrupted before the check was validated.
+    assert online(indexes=(*table.indexes, valid), checks=(check,)) == (validate,)
+    done = dataclasses.replace(check, validated=True)
+    # Interrupted before the swap: only the swap is left.
+    assert online(indexes=(*table.indexes, valid), checks=(done,)) == ()
+    # A check of another day (migrate run again days later) is made again for today's.
+    stale = dataclasses.replace(done, definition=done.definition.replace("-09", "-01"))
+    assert online(indexes=(*table.indexes, valid), checks=(stale,)) == (
+        'ALTER TABLE "public"."clicks" DROP CONSTRAINT "clicks_before_partitioning"',
+        add,
+        validate,
+    )
+
+
+def test_the_builtin_tables_of_a_database_before_partitioning_are_upgraded() -> None:
+    builtin = catalog.load()
+    partitioned = [s.qualified[1] for spec in builtin for s in schema_plan.shapes(spec)]
+    partitioned = [n for n in partitioned if n not in ("agent_states", "system_config")]
+    # The history tables' version CHECK is named as PostgreSQL named it: the parent's must
+    # have the same name for the old table to be attached.
+    state = unpartitioned(state_of(*builtin, applied=False), *partitioned)
+    for name in ("agent_state_history", "system_config_history"):
+        check = schema_plan.CheckState(f"{name}_version_chk", ("version",), "CHECK (...)")
+        state = with_table(state, name, checks=(check,))
+    made = plan(builtin, state, NOW)
+    assert made.statements == ()
+    assert [u.table for u in made.upgrades] == [f"public.{n}" for n in partitioned]
+    history = made.upgrades[0]
+    assert history.online[0] == (
+        'CREATE UNIQUE INDEX CONCURRENTLY "agent_state_history_partition_key" ON '
+        '"public"."agent_state_history" ("agent_id", "version", "ts")'
+    )
+    assert '"version" bigint NOT NULL CONSTRAINT "agent_state_history_version_chk" CHECK' in (
+        next(s for s in history.swap if s.startswith("CREATE TABLE"))
+    )
+    metrics = made.upgrades[[u.table for u in made.upgrades].index("public.performance_metrics")]
+    assert not any("partition_key" in s for s in metrics.online)
+    renamed = [s for s in metrics.swap if s.startswith("ALTER INDEX")]
+    assert renamed == [
+        'ALTER INDEX "public"."performance_metrics_source" RENAME TO '
+        '"performance_metrics_legacy_source"',
+        'ALTER INDEX "public"."performance_metrics_ts" RENAME TO "performance_metrics_legacy_ts"',
+    ]
+    # Once upgraded, nothing is left to do.
+    assert plan(builtin, state_of(*builtin), NOW).empty
+
+
+def test_an_index_the_same_plan_adds_to_the_old_table_is_renamed_with_the_others() -> None:
+    old = clicks()
+    new = clicks(extra='[[streams.indexes]]\nname = "clicks_at"\ncolumns = ["at"]')
+    made = plan([new], unpartitioned(state_of(old), "clicks"), NOW)
+    assert made.statements == ('CREATE INDEX "clicks_at" ON "public"."clicks" ("at")',)
+    (upgrade,) = made.upgrades
+    assert 'ALTER INDEX "public"."clicks_at" RENAME TO "clicks_legacy_at"' in upgrade.swap
+    assert 'CREATE INDEX "clicks_at" ON "public"."clicks" ("at")' in upgrade.swap
+
+
+def test_a_partitioned_table_without_its_default_partition_gets_one() -> None:
+    spec = clicks()
+    state = with_table(state_of(spec), "clicks", has_default=False)
+    made = plan([spec], state, NOW)
+    assert made.statements == (
+        'CREATE TABLE "public"."clicks_default" PARTITION OF "public"."clicks" DEFAULT',
+    )
+    assert made.actions == ("create the DEFAULT partition of public.clicks",)
+
+
+def test_how_a_partitioned_table_is_partitioned_is_refused_to_change() -> None:
+    spec = clicks()
+    where = "stream 'clicks', table public.clicks"
+    other = with_table(state_of(spec, applied=False), "clicks", partition_by="click_id")
+    assert refusal([spec], other) == (
+        f"{where}: partitioned by range of click_id in the database, of at in the catalog. "
+        "The pipeline does not repartition a table: put the old partition_by back, or copy "
+        "the rows into a new table partitioned by hand and give the stream that table",
+    )
+    plain = clicks().__dict__ | {"partitioning": None}
+    assert refusal([StreamSpec(**plain)], state_of(spec, applied=False)) == (
+        f"{where}: partitioned by range of at in the database, not partitioned in the "
+        "catalog. The pipeline does not merge partitions: put partition_by back, or copy the "
+        "rows into a new unpartitioned table by hand and give the stream that table",
+    )
+    assert refusal([clicks(extra='partition_interval = "hour"')], state_of(spec)) == (
+        "stream 'clicks': partition_interval change, 'day' when last migrated, 'hour' in the "
+        "catalog: the partitions there cover the old interval's ranges; put it back, or copy "
+        "the rows into a new table partitioned as you want by hand and give the stream that "
+        "table",
+    )
+
+
+def test_retention_and_partitions_ahead_change_freely_and_partitioning_may_be_added() -> None:
+    spec = clicks()
+    assert plan([clicks(extra='retention = "30d"\npartitions_ahead = 7')], state_of(spec)).empty
+    plain = StreamSpec(**(spec.__dict__ | {"partitioning": None}))
+    unpartitioned_before = unpartitioned(state_of(spec), "clicks")
+    recorded = DatabaseState(
+        unpartitioned_before.tables, unpartitioned_before.schemas, {"clicks": plain.declaration()}
+    )
+    assert len(plan([spec], recorded, NOW).upgrades) == 1
+
+
+def test_a_recorded_check_bound_is_read_back() -> None:
+    bound = partition_upgrade.check_bound
+    utc = datetime.UTC
+    assert bound("CHECK ((ts < '2026-12-09 00:00:00+00'::timestamp with time zone))") == (
+        datetime.datetime(2026, 12, 9, tzinfo=utc)
+    )
+    assert bound("CHECK ((ts < '2026-12-09 01:00:00+01'::timestamp with time zone))") == (
+        datetime.datetime(2026, 12, 9, tzinfo=utc)
+    )
+    assert bound("CHECK ((d < '2026-12-09'::date))") == datetime.datetime(2026, 12, 9, tzinfo=utc)
+    assert bound("CHECK ((d < now()))") is None
+
+
+def test_an_agent_writes_a_table_not_yet_partitioned_and_one_partitioned() -> None:
+    spec = clicks()
+    assert missing([spec], unpartitioned(state_of(spec), "clicks")) == []
+    assert missing([spec], state_of(spec)) == []
+    # Partitioned, the table must have the key with the partition column.
+    wrong = with_table(state_of(spec), "clicks", primary_key=("click_id",))
+    assert missing([spec], wrong) == [
+        "public.clicks has primary key (click_id), the catalog says (click_id, at)"
     ]

@@ -5,15 +5,25 @@ connection that refuses rows by value, as PostgreSQL would by SQLSTATE)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from consumers.writer import BatchWriter, Refused, write_bisecting
+from consumers.writer import (
+    BatchWriter,
+    Refused,
+    Retained,
+    expired_because,
+    unexpired,
+    write_bisecting,
+)
 from pipeline.batching import Part, Rejected, Row
 from pipeline.catalog import load as load_catalog
 from pipeline.db import DeadLetter
 from pipeline.errors import SchemaError
+from pipeline.rows import Tombstone
 from tests.unit.test_batching import Rec
 
 
@@ -120,3 +130,149 @@ async def test_bisection_stops_at_an_error_no_row_causes() -> None:
 
     with pytest.raises(SchemaError, match="42703"):
         await write_bisecting(conn, broken, [row(0, 0), row(0, 1)])  # type: ignore[arg-type]
+
+
+# -- rows older than the retention horizon ---------------------------------------------------
+
+NOW = datetime.datetime(2026, 12, 7, 12, 0, tzinfo=datetime.UTC)
+DAY = datetime.timedelta(days=1)
+HORIZON = NOW - DAY  # with PIPELINE_RETENTION_METRICS=1d
+METRICS = load_catalog().with_retention({"metrics": "1d"})
+
+
+def metric(offset: int, ts: object, value: str = "ok", partition: int = 0) -> Row:
+    """A metrics row (agent_id, name, value, ts, labels, provenance); ``value`` goes in name."""
+    return ("agent-1", value, 1.0, ts, b"{}", partition, offset, 1)
+
+
+def test_a_row_exactly_at_the_horizon_is_kept_and_one_a_microsecond_older_expires() -> None:
+    retained = Retained.of(METRICS["metrics"])
+    assert retained is not None
+    micro = datetime.timedelta(microseconds=1)
+    rows = [
+        metric(0, HORIZON),
+        metric(1, HORIZON - micro),
+        metric(2, NOW),
+        metric(3, HORIZON + micro),
+    ]
+    kept, at, gone = unexpired(rows, retained, NOW)
+    assert (kept, at, gone) == ([rows[0], rows[2], rows[3]], [0, 2, 3], [1])
+
+
+def test_no_row_expired_gives_the_rows_themselves() -> None:
+    retained = Retained.of(METRICS["metrics"])
+    assert retained is not None
+    rows = [metric(0, NOW), metric(1, HORIZON)]
+    kept, at, gone = unexpired(rows, retained, NOW)
+    assert kept is rows and at is None and gone == []
+
+
+def test_a_stream_without_retention_is_not_looked_at() -> None:
+    catalog = load_catalog()
+    assert [Retained.of(spec) for spec in catalog] == [None] * len(catalog.streams)
+    assert Retained.of(METRICS["events"]) is None  # another stream's retention is not its own
+
+    def clock() -> datetime.datetime:
+        raise AssertionError("no stream has a retention: the clock is never read")
+
+    writer = BatchWriter("g", TOPICS, catalog, clock=clock)
+    assert writer._retained == {}
+
+
+def test_a_date_column_compares_with_the_horizons_date() -> None:
+    spec = dataclasses.replace(
+        METRICS["metrics"],
+        columns=tuple(
+            dataclasses.replace(c, type="date") if c.name == "ts" else c
+            for c in METRICS["metrics"].columns
+        ),
+    )
+    retained = Retained.of(spec)
+    assert retained is not None and retained.date
+    late_evening = datetime.datetime(2026, 12, 6, 23, 0, tzinfo=datetime.UTC)
+    day = datetime.date(2026, 12, 6)  # the horizon's date: 2026-12-06 12:00 UTC
+    rows = [metric(0, day), metric(1, day - DAY), metric(2, day + DAY)]
+    assert unexpired(rows, retained, NOW)[2] == [1]
+    # The horizon's date in UTC, whatever the zone of the clock's time.
+    east = late_evening.astimezone(datetime.timezone(datetime.timedelta(hours=5)))
+    assert retained.horizon(east + DAY) == day
+
+
+def test_a_tombstone_has_no_time_and_is_kept() -> None:
+    retained = Retained.of(METRICS["metrics"])
+    assert retained is not None
+    rows = [Tombstone(("k", None, None, None, None, 0, 0, 1)), metric(1, HORIZON - DAY)]
+    assert unexpired(rows, retained, NOW)[2] == [1]
+
+
+class Batches(Savepoints):
+    """A connection for BatchWriter.write: transactions and savepoints roll ``kept`` back, the
+    dead letters it records are kept in ``letters``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.letters: list[tuple[object, ...]] = []
+
+    async def executemany(self, statement: str, args: list[tuple[object, ...]]) -> None:
+        assert statement.lstrip().startswith("INSERT INTO dead_letters")
+        self.letters.extend(args)
+
+
+async def test_refused_rows_among_expired_ones_dead_letter_their_own_records() -> None:
+    """Offsets 0..5: 1 and 3 expired, 4 refused by the database. The dead letter is offset 4's
+    record, the indexes say which rows of the batch each fate was, and only 0, 2, 5 are
+    written."""
+    old = HORIZON - datetime.timedelta(seconds=1)
+    times = [NOW, old, NOW, old, NOW, HORIZON]
+    records = [Rec("p.agents.metrics", 0, offset, key=b"k%d" % offset) for offset in range(6)]
+    rows = [metric(o, ts, "bad" if o == 4 else "ok") for o, ts in enumerate(times)]
+    parts = {("p.agents.metrics", 0): Part(records, rows, [])}
+    conn = Batches()
+    writer = BatchWriter("g", TOPICS, METRICS, clock=lambda: NOW)
+
+    async def write(c: object, batch: Sequence[Row]) -> int:
+        conn.attempts += 1
+        conn.kept.extend(batch)
+        if any(r[1] == "bad" for r in batch):
+            raise CheckViolation("new row violates check constraint")
+        return len(batch)
+
+    writer._tables["metrics"].write = write  # type: ignore[method-assign, assignment]
+    written = await writer.write(conn, parts)  # type: ignore[arg-type]
+    assert [r[-2] for r in conn.kept] == [0, 2, 5]
+    assert written.expired == {"metrics": [1, 3]}
+    assert [r.index for r in written.refused["metrics"]] == [4]
+    assert written.rows["metrics"] == rows  # the indexes are into every row given
+    assert written.new == {"metrics": 3}
+    assert [(d.offset, d.error_class) for d in written.letters] == [(4, "DatabaseRejected")]
+    assert [(a[3], a[8]) for a in conn.letters] == [(4, "DatabaseRejected")]
+
+
+async def test_each_attempt_reckons_the_horizon_from_its_own_clock() -> None:
+    """The first attempt (refused by the database) ran at NOW; the second an hour later, when
+    a row on the edge has expired too: what commits is the second attempt's reckoning."""
+    edge = HORIZON + datetime.timedelta(minutes=30)
+    records = [Rec("p.agents.metrics", 0, offset) for offset in range(3)]
+    rows = [metric(0, edge), metric(1, NOW, "bad"), metric(2, NOW)]
+    parts = {("p.agents.metrics", 0): Part(records, rows, [])}
+    conn = Batches()
+    times = iter([NOW, NOW + datetime.timedelta(hours=1)])
+    writer = BatchWriter("g", TOPICS, METRICS, clock=lambda: next(times))
+
+    async def write(c: object, batch: Sequence[Row]) -> int:
+        conn.kept.extend(batch)
+        if any(r[1] == "bad" for r in batch):
+            raise CheckViolation("new row violates check constraint")
+        return len(batch)
+
+    writer._tables["metrics"].write = write  # type: ignore[method-assign, assignment]
+    written = await writer.write(conn, parts)  # type: ignore[arg-type]
+    assert written.expired == {"metrics": [0]}
+    assert [r.index for r in written.refused["metrics"]] == [1]
+    assert [r[-2] for r in conn.kept] == [2]
+
+
+def test_the_reason_for_expiry_names_the_column_and_the_retention() -> None:
+    assert expired_because(METRICS["metrics"]) == "its ts is older than now minus 1d"
+    weeks = load_catalog().with_retention({"events": "14d"})
+    assert expired_because(weeks["events"]) == "its ts is older than now minus 2w"
