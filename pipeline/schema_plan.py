@@ -11,6 +11,7 @@ docs/streams.md.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import math
@@ -469,10 +470,15 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
     checks need, or a column the catalog does not know that a row must fill (NOT NULL without
     a default). A column the database has beyond the
     catalog's that is nullable or has a default is fine: agents of the previous catalog keep
-    writing after a migration that added it."""
+    writing after a migration that added it.
+
+    A partitioned stream's table may have either primary key: the key with the partition
+    column, or the key alone of the table before `pipeline migrate` partitioned it; the
+    writers' statements work on both (docs/streams.md, "Partitions and retention")."""
     found: list[str] = []
     for spec in streams:
-        for shape in shapes(spec):
+        unpartitioned = shapes(dataclasses.replace(spec, partitioning=None))
+        for shape, before in zip(shapes(spec), unpartitioned, strict=True):
             table = state.tables.get(shape.qualified)
             if table is None:
                 found.append(f"no table {shape.display}")
@@ -487,7 +493,7 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{shape.display}.{column.name} is {there.type}, the catalog says "
                         f"{pg_type(column.type)}"
                     )
-            if table.primary_key != shape.primary_key:
+            if table.primary_key not in (shape.primary_key, before.primary_key):
                 found.append(
                     f"{shape.display} has primary key {_key(table.primary_key)}, the catalog "
                     f"says {_key(shape.primary_key)}"
