@@ -1,0 +1,352 @@
+"""Writes, replays and rollbacks on time-partitioned tables, against the real servers.
+
+A user catalog's streams partitioned by the hour (two range partitions made here as the
+migrator, and DEFAULT) and the built-in metrics, events and state history partitioned by the
+day: every mode's write through the parent, as the agent's login; redelivery skipped with
+exact counts; a key seen again at another time kept; the same writer on a table still keyed
+without its time (before `pipeline migrate` partitions it); a replay's range and a rollback
+to a checkpoint, each reading every partition's source index (EXPLAIN), the rollback in one
+transaction; and `pipeline replay` of a partitioned stream's range fed by a real agent
+(docs/streams.md "Partitions and retention", docs/replay.md, docs/control-plane.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from pipeline import catalog, control_store, db, partitions, schema_plan, sql_names, testbed
+from pipeline.catalog import Catalog, StreamSpec
+from pipeline.db_session import Session
+from pipeline.records import topic_name
+from pipeline.replay import range_deletes
+from tests.conftest import Servers
+from tests.integration.harness import agent_env, running_agent, stored_offsets, until
+
+pytestmark = pytest.mark.timeout(240)
+
+USER_STREAMS = """
+[[streams]]
+name = "orders"
+topic = "shop.orders"
+table = "shop.orders"
+key = ["order_id"]
+partition_by = "placed_at"
+partition_interval = "hour"
+
+[streams.columns]
+order_id = "text"
+amount = "bigint"
+placed_at = "timestamptz"
+
+[[streams]]
+name = "clicks"
+topic = "shop.clicks"
+table = "clicks"
+partition_by = "at"
+partition_interval = "hour"
+
+[streams.columns]
+page = "text"
+at = "timestamptz"
+
+[[streams]]
+name = "prices"
+topic = "shop.prices"
+table = "prices"
+mode = "history"
+key = ["sku"]
+version = "rev"
+partition_by = "at"
+partition_interval = "hour"
+
+[streams.columns]
+sku = "text"
+price = "bigint"
+rev = "bigint"
+at = "timestamptz"
+
+[[streams]]
+name = "accounts"
+topic = "shop.accounts"
+table = "accounts"
+mode = "history"
+key = ["account"]
+partition_by = "at"
+partition_interval = "hour"
+
+[streams.columns]
+account = "text"
+plan = "text"
+at = "timestamptz"
+"""
+
+GROUP = "partitioned"
+H10 = datetime(2026, 11, 2, 10, tzinfo=UTC)  # the two hour partitions: 10:00 and 11:00
+DAY = datetime(2026, 11, 2, tzinfo=UTC)  # the built-in tables' day partition
+
+
+def at(minutes: float) -> datetime:
+    """A time ``minutes`` after 10:00: [0, 60) is the 10:00 partition, [60, 120) the 11:00
+    one, and from 120 on no range partition exists: DEFAULT."""
+    return H10 + timedelta(minutes=minutes)
+
+
+def _catalog(path: Path) -> Catalog:
+    path.write_text(USER_STREAMS)
+    return catalog.load(path)  # with the built-in streams
+
+
+def _create_partition(table: str, name: str, start: datetime, end: datetime) -> str:
+    schema, _ = sql_names.split_table(table)
+    return (
+        f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
+        f"{sql_names.table(table)} FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+    )
+
+
+PARTITIONED = ("orders", "clicks", "prices", "accounts", "metrics", "events", "states")
+
+
+async def _partition(migrator: asyncpg.Connection, spec: StreamSpec) -> None:
+    assert spec.partitioning is not None
+    interval = spec.partitioning.interval
+    first = H10 if interval == "hour" else DAY
+    (table,) = spec.partitioned_tables
+    for i in range(2 if interval == "hour" else 1):
+        start = partitions.step(first, interval, i)
+        end = partitions.step(start, interval)
+        name = partitions.partition_name(table, partitions.Range(start, end), interval)
+        await migrator.execute(_create_partition(table, name, start, end))
+
+
+@pytest.fixture
+def cat(tmp_path: Path) -> Catalog:
+    return _catalog(tmp_path / "streams.toml")
+
+
+@pytest.fixture
+async def conn(database_url: str, cat: Catalog) -> AsyncIterator[db.Connection]:
+    """The agent's connection to a database with the catalog's tables and the range
+    partitions, made as the migrator."""
+    await testbed.migrate(database_url, catalog=cat)
+    migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
+    try:
+        for stream in PARTITIONED:
+            await _partition(migrator, cat[stream])
+    finally:
+        await migrator.close()
+    connection = await db.connect(testbed.as_agent(database_url), Session(command_timeout=30))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def row(spec: StreamSpec, partition: int, offset: int, *values: Any) -> tuple[Any, ...]:
+    assert len(values) == len(spec.columns)
+    return (*values, partition, offset, 1)
+
+
+async def write(conn: db.Connection, spec: StreamSpec, rows: Sequence[Any]) -> int:
+    writer = db.TableWriter(spec)
+    async with db.transaction(conn):
+        return await writer.write(conn, rows)
+
+
+async def placed(conn: db.Connection, table: str, *columns: str) -> list[tuple[Any, ...]]:
+    """The table's rows, each with the partition that holds it (its bare name first)."""
+    cols = sql_names.columns(columns)
+    found = await conn.fetch(
+        f"SELECT c.relname::text, {', '.join(f't.{sql_names.ident(c)}' for c in columns)} "
+        f"FROM {sql_names.table(table)} AS t JOIN pg_class c ON c.oid = t.tableoid "
+        f"ORDER BY {cols}"
+    )
+    return [tuple(r) for r in found]
+
+
+H10_PART, H11_PART = "p2026110210", "p2026110211"
+
+
+# -- every mode's write --------------------------------------------------------------------------
+
+
+async def test_a_keyed_append_lands_by_hour_skips_redelivery_and_keeps_a_key_at_another_time(
+    conn: db.Connection, cat: Catalog
+) -> None:
+    orders = cat["orders"]
+    batch = [
+        row(orders, 0, 0, "a", 1, at(5)),
+        row(orders, 0, 1, "b", 2, at(65)),
+        row(orders, 0, 2, "c", 3, at(130)),  # no range partition yet: DEFAULT
+        row(orders, 0, 3, "a", 9, at(5)),  # the producer's redelivery: the first stays
+    ]
+    assert await write(conn, orders, batch) == 3
+    assert await write(conn, orders, batch) == 0  # the batch redelivered
+    # The unique key holds the time: a key seen again at another time is a row of its own.
+    again = [
+        row(orders, 1, 0, "a", 7, at(70)),
+        row(orders, 1, 1, "a", 8, at(70)),
+        row(orders, 1, 2, "b", 2, at(65)),
+    ]
+    assert await write(conn, orders, again) == 1
+    assert await placed(conn, "shop.orders", "order_id", "placed_at", "amount", "src_offset") == [
+        (f"orders_{H10_PART}", "a", at(5), 1, 0),
+        (f"orders_{H11_PART}", "a", at(70), 7, 0),
+        (f"orders_{H11_PART}", "b", at(65), 2, 1),
+        ("orders_default", "c", at(130), 3, 2),
+    ]
+
+
+async def test_keyless_appends_are_a_plain_copy_into_the_parent(
+    conn: db.Connection, cat: Catalog
+) -> None:
+    clicks, metrics = cat["clicks"], cat["metrics"]
+    rows = [row(clicks, 0, i, f"/{i}", at(i * 65)) for i in range(3)]
+    assert await write(conn, clicks, rows) == 3
+    assert await write(conn, clicks, rows[:1]) == 1  # no key: a redelivery is a row again
+    assert await placed(conn, "clicks", "page", "src_offset") == [
+        (f"clicks_{H10_PART}", "/0", 0),
+        (f"clicks_{H10_PART}", "/0", 0),
+        (f"clicks_{H11_PART}", "/1", 1),
+        ("clicks_default", "/2", 2),
+    ]
+    later = DAY + timedelta(days=3)
+    samples = [
+        row(metrics, 0, 0, "agent-1", "cpu", 0.5, DAY + timedelta(hours=1), {}),
+        row(metrics, 0, 1, "agent-1", "cpu", 0.7, later, {"core": "1"}),
+    ]
+    assert await write(conn, metrics, samples) == 2
+    assert await placed(conn, "performance_metrics", "src_offset", "value") == [
+        ("performance_metrics_p20261102", 0, 0.5),
+        ("performance_metrics_default", 1, 0.7),
+    ]
+
+
+async def test_built_in_events_skip_a_redelivered_event_and_keep_one_at_another_time(
+    conn: db.Connection, cat: Catalog
+) -> None:
+    events = cat["events"]
+    a, b = uuid.UUID(int=1), uuid.UUID(int=2)
+    noon, later = DAY + timedelta(hours=12), DAY + timedelta(days=2)
+    batch = [
+        row(events, 0, 0, a, "agent-1", "boot", "info", noon, {}),
+        row(events, 0, 1, b, "agent-1", "crash", "error", noon, {}),
+        row(events, 0, 2, a, "agent-1", "again", "info", noon, {}),  # redelivered: skipped
+    ]
+    assert await write(conn, events, batch) == 2
+    assert await write(conn, events, batch) == 0
+    assert await write(conn, events, [row(events, 0, 3, a, "agent-1", "late", "info", later, {})]) == 1
+    assert await placed(conn, "system_events", "event_id", "ts", "kind") == [
+        ("system_events_p20261102", a, noon, "boot"),
+        ("system_events_default", a, later, "late"),
+        ("system_events_p20261102", b, noon, "crash"),
+    ]
+
+
+async def test_a_partitioned_history_keeps_a_row_per_version_and_time_and_latest_by_version(
+    conn: db.Connection, cat: Catalog
+) -> None:
+    prices = cat["prices"]
+    batch = [
+        row(prices, 0, 0, "k1", 10, 1, at(5)),
+        row(prices, 0, 1, "k1", 12, 3, at(65)),
+        row(prices, 0, 2, "k1", 11, 2, at(10)),
+        row(prices, 0, 3, "k2", 5, 1, at(130)),
+        row(prices, 0, 4, "k2", 6, 1, at(130)),  # the same version and time: the first stays
+    ]
+    assert await write(conn, prices, batch) == 4
+    assert await write(conn, prices, batch) == 0  # redelivered
+    # The same version at another time: a history row of its own; latest keeps version 3.
+    assert await write(conn, prices, [row(prices, 1, 0, "k1", 99, 3, at(70))]) == 1
+    assert await placed(conn, "prices_history", "sku", "rev", "at", "price") == [
+        (f"prices_history_{H10_PART}", "k1", 1, at(5), 10),
+        (f"prices_history_{H10_PART}", "k1", 2, at(10), 11),
+        (f"prices_history_{H11_PART}", "k1", 3, at(65), 12),
+        (f"prices_history_{H11_PART}", "k1", 3, at(70), 99),
+        ("prices_history_default", "k2", 1, at(130), 5),
+    ]
+    # The latest table is not partitioned: one row per key, the highest version, the first.
+    assert await placed(conn, "prices", "sku", "rev", "price") == [
+        ("prices", "k1", 3, 12),
+        ("prices", "k2", 1, 5),
+    ]
+    accounts, states = cat["accounts"], cat["states"]
+    plans = [row(accounts, 0, i, "x", p, at(i * 65)) for i, p in enumerate(("free", "pro", "team"))]
+    assert await write(conn, accounts, plans) == 3
+    assert await write(conn, accounts, plans) == 0
+    assert await placed(conn, "accounts_history", "src_offset", "plan") == [
+        (f"accounts_history_{H10_PART}", 0, "free"),
+        (f"accounts_history_{H11_PART}", 1, "pro"),
+        ("accounts_history_default", 2, "team"),
+    ]
+    assert await placed(conn, "accounts", "account", "plan") == [("accounts", "x", "team")]
+    noon = DAY + timedelta(hours=12)
+    seen = [row(states, 0, i, "agent-1", s, i, noon, {}) for i, s in enumerate(("up", "down"))]
+    assert await write(conn, states, seen) == 2
+    assert await write(conn, states, seen) == 0
+    assert await placed(conn, "agent_state_history", "version", "state") == [
+        ("agent_state_history_p20261102", 0, "up"),
+        ("agent_state_history_p20261102", 1, "down"),
+    ]
+    assert await placed(conn, "agent_states", "agent_id", "state") == [
+        ("agent_states", "agent-1", "down")
+    ]
+
+
+async def test_the_same_writer_works_on_a_table_still_keyed_without_its_time(
+    conn: db.Connection, cat: Catalog, database_url: str
+) -> None:
+    """Before `pipeline migrate` partitions a table, its primary key is the stream's key
+    alone: the agents' check accepts it, and the writers skip a key they have whatever its
+    time, as they always did."""
+    orders = dataclasses.replace(cat["orders"], table="legacy_orders")
+    prices = dataclasses.replace(cat["prices"], table="legacy_prices", history_table="legacy_prices_history")
+    migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
+    try:
+        for spec in (orders, prices):
+            for shape in schema_plan.shapes(dataclasses.replace(spec, partitioning=None)):
+                await migrator.execute(schema_plan.create_table(shape))
+                for grant in schema_plan.grants(shape.name):
+                    await migrator.execute(grant)
+    finally:
+        await migrator.close()
+    state = await db.database_state(conn, [orders, prices], applied=False)
+    assert state.tables[("public", "legacy_orders")].primary_key == ("order_id",)
+    assert schema_plan.missing([orders, prices], state) == []
+    batch = [
+        row(orders, 0, 0, "a", 1, at(5)),
+        row(orders, 0, 1, "a", 2, at(70)),  # the key at another time: skipped here
+        row(orders, 0, 2, "b", 3, at(65)),
+    ]
+    assert await write(conn, orders, batch) == 2
+    assert await write(conn, orders, [row(orders, 0, 3, "b", 4, at(130))]) == 0
+    assert await placed(conn, "legacy_orders", "order_id", "amount", "src_offset") == [
+        ("legacy_orders", "a", 1, 0),
+        ("legacy_orders", "b", 3, 2),
+    ]
+    versions = [
+        row(prices, 0, 0, "k1", 10, 1, at(5)),
+        row(prices, 0, 1, "k1", 11, 2, at(10)),
+        row(prices, 0, 2, "k1", 99, 2, at(70)),  # the version again at another time: skipped
+    ]
+    assert await write(conn, prices, versions) == 2
+    assert await placed(conn, "legacy_prices_history", "sku", "rev", "price") == [
+        ("legacy_prices_history", "k1", 1, 10),
+        ("legacy_prices_history", "k1", 2, 11),
+    ]
+    assert await placed(conn, "legacy_prices", "sku", "rev", "price") == [
+        ("legacy_prices", "k1", 2, 11)
+    ]
