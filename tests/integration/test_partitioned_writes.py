@@ -350,3 +350,221 @@ async def test_the_same_writer_works_on_a_table_still_keyed_without_its_time(
     assert await placed(conn, "legacy_prices", "sku", "rev", "price") == [
         ("legacy_prices", "k1", 2, 11)
     ]
+
+
+# -- replay and rollback -------------------------------------------------------------------------
+
+
+async def _replay(conn: db.Connection, spec: StreamSpec, rows: Sequence[Any], end: int) -> int:
+    """What a replay's transaction does for partition 0's range [first row's offset, end):
+    the range's per-record rows deleted, then the range written again."""
+    async with db.transaction(conn):
+        for statement in range_deletes(spec):
+            await conn.execute(statement, 0, rows[0][-2], end)
+        return await db.TableWriter(spec).write(conn, rows)
+
+
+async def test_a_replayed_range_is_replaced_in_whichever_partition_its_rows_were(
+    conn: db.Connection, cat: Catalog
+) -> None:
+    orders, prices = cat["orders"], cat["prices"]
+    log = [row(orders, 0, i, k, i, at(m)) for i, (k, m) in enumerate(
+        (("a", 5), ("b", 65), ("c", 130), ("d", 10), ("e", 70))
+    )]
+    await write(conn, orders, log)
+    # The bug: amounts rewritten, a row lost, and one record's time decoded an hour late.
+    await conn.execute("UPDATE shop.orders SET amount = -1 WHERE src_offset IN (1, 2)")
+    await conn.execute("DELETE FROM shop.orders WHERE src_offset = 3")
+    await conn.execute(
+        "UPDATE shop.orders SET placed_at = placed_at + interval '1 hour' WHERE src_offset = 0"
+    )
+    # A replay of [0, 4): the late row is deleted from the 11:00 partition, written to 10:00.
+    assert await _replay(conn, orders, log[:4], 4) == 4
+    assert await placed(conn, "shop.orders", "order_id", "placed_at", "amount", "src_offset") == [
+        (f"orders_{H10_PART}", "a", at(5), 0, 0),
+        (f"orders_{H11_PART}", "b", at(65), 1, 1),
+        ("orders_default", "c", at(130), 2, 2),
+        (f"orders_{H10_PART}", "d", at(10), 3, 3),
+        (f"orders_{H11_PART}", "e", at(70), 4, 4),
+    ]
+    versions = [row(prices, 0, i, "k1", 10 + i, i, at(i * 50)) for i in range(3)]
+    await write(conn, prices, versions)
+    await conn.execute("UPDATE prices_history SET price = 0")
+    assert await _replay(conn, prices, versions[1:], 3) == 2
+    assert await placed(conn, "prices_history", "rev", "price", "src_offset") == [
+        (f"prices_history_{H10_PART}", 0, 0, 0),  # outside the range: as the bug left it
+        (f"prices_history_{H10_PART}", 1, 11, 1),
+        (f"prices_history_{H11_PART}", 2, 12, 2),
+    ]
+    # The latest table is not emptied by a replay: its version guard keeps version 2.
+    assert await placed(conn, "prices", "sku", "rev", "price") == [("prices", "k1", 2, 12)]
+
+
+async def _stored(conn: db.Connection, offsets: dict[str, int]) -> None:
+    await conn.executemany(
+        "INSERT INTO ingest_offsets (group_id, topic, partition, next_offset) "
+        "VALUES ($1, $2, 0, $3)",
+        [(GROUP, topic, offset) for topic, offset in offsets.items()],
+    )
+
+
+class _Abandoned(Exception):
+    pass
+
+
+async def test_a_rollback_restores_partitioned_tables_in_one_transaction(
+    conn: db.Connection, cat: Catalog
+) -> None:
+    orders, prices, accounts = cat["orders"], cat["prices"], cat["accounts"]
+    await write(conn, orders, [row(orders, 0, i, f"o{i}", i, at(i * 30)) for i in range(5)])
+    await write(
+        conn,
+        prices,
+        [
+            row(prices, 0, 0, "k1", 10, 1, at(5)),
+            row(prices, 0, 1, "k2", 20, 1, at(65)),
+            # After the checkpoint (offset 2): a newer version of k1 in another partition,
+            # a new key in DEFAULT.
+            row(prices, 0, 2, "k1", 11, 2, at(70)),
+            row(prices, 0, 3, "k3", 30, 1, at(130)),
+        ],
+    )
+    await write(
+        conn,
+        accounts,
+        [row(accounts, 0, i, "x", p, at(i * 40)) for i, p in enumerate(("free", "pro", "team"))],
+    )
+    topics = {s: cat[s].topic for s in ("orders", "prices", "accounts")}
+    await _stored(conn, {t: 5 for t in topics.values()})
+    checkpoint = {(topics["orders"], 0): 2, (topics["prices"], 0): 2, (topics["accounts"], 0): 2}
+    before = {
+        t: await placed(conn, t, "src_offset")
+        for t in ("shop.orders", "prices_history", "prices", "accounts_history", "accounts")
+    }
+
+    async def roll_back(abandon: bool) -> control_store.RolledBack:
+        async with db.transaction(conn):
+            done = await control_store.roll_back_data(conn, GROUP, checkpoint, topics, cat)
+            if abandon:
+                raise _Abandoned
+            return done
+
+    # Abandoned after every table was restored: the transaction takes it all back.
+    with pytest.raises(_Abandoned):
+        await roll_back(abandon=True)
+    for table, rows in before.items():
+        assert await placed(conn, table, "src_offset") == rows
+    assert await db.stored_offsets(conn, GROUP) == {(t, 0): 5 for t in topics.values()}
+
+    done = await roll_back(abandon=False)
+    assert done.rows == {"shop.orders": 3, "prices_history": 2, "accounts_history": 1}
+    assert await placed(conn, "shop.orders", "order_id", "src_offset") == [
+        (f"orders_{H10_PART}", "o0", 0),
+        (f"orders_{H10_PART}", "o1", 1),
+    ]
+    assert await placed(conn, "prices_history", "sku", "rev", "src_offset") == [
+        (f"prices_history_{H10_PART}", "k1", 1, 0),
+        (f"prices_history_{H11_PART}", "k2", 1, 1),
+    ]
+    assert await placed(conn, "prices", "sku", "rev", "price") == [
+        ("prices", "k1", 1, 10),
+        ("prices", "k2", 1, 20),
+    ]
+    assert await placed(conn, "accounts_history", "plan", "src_offset") == [
+        (f"accounts_history_{H10_PART}", "free", 0),
+        (f"accounts_history_{H10_PART}", "pro", 1),
+    ]
+    assert await placed(conn, "accounts", "account", "plan") == [("accounts", "x", "pro")]
+    assert await db.stored_offsets(conn, GROUP) == {(t, 0): 2 for t in topics.values()}
+
+
+# -- the source indexes ----------------------------------------------------------------------------
+
+
+_SUFFIX = "_src_partition_src_offset_idx"  # how PostgreSQL names a partition's index
+
+
+def _deletes(plan: Any, table: str) -> list[Any]:
+    """The plan's nodes that delete from ``table`` (a bare name), wherever they are."""
+    found = []
+    if plan["Node Type"] == "ModifyTable" and plan.get("Relation Name") == table:
+        found.append(plan)
+    for child in plan.get("Plans", ()):
+        found += _deletes(child, table)
+    return found
+
+
+def _scans(plan: Any) -> list[tuple[str, str]]:
+    """Every scan of a plan (EXPLAIN's JSON): (node type, the relation or index it reads)."""
+    found = []
+    if "Scan" in plan["Node Type"]:
+        found.append((plan["Node Type"], plan.get("Index Name") or plan.get("Relation Name", "")))
+    for child in plan.get("Plans", ()):
+        found += _scans(child)
+    return found
+
+
+async def test_replays_and_rollbacks_read_every_partition_s_source_index(
+    conn: db.Connection, cat: Catalog, database_url: str
+) -> None:
+    """The BRIN source index made on the parent exists on every partition, and the replay's
+    range delete and the rollback's delete use it there. Neither statement names the
+    partition column (a replayed record may decode to another time than the row it
+    replaces), so no partition is pruned: each one's index is read, and costs a few pages."""
+    migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
+    try:
+        for table, columns, values in (
+            ("shop.orders", "order_id, amount, placed_at", "'o' || i, i"),
+            ("prices_history", "sku, price, rev, at", "'k' || i, i, i"),
+        ):
+            await migrator.execute(
+                f"INSERT INTO {table} ({columns}, src_partition, src_offset, batch_id) "
+                f"SELECT {values}, $1::timestamptz + (i % 3) * interval '1 hour', i % 2, i / 2, "
+                "1 FROM generate_series(0, 599999) AS i",
+                H10 + timedelta(minutes=1),
+            )
+            await migrator.execute(f"ANALYZE {table}")
+    finally:
+        await migrator.close()
+    for spec, table in ((cat["orders"], "shop.orders"), (cat["prices"], "prices_history")):
+        schema, bare = sql_names.split_table(table)
+        shape = next(s for s in schema_plan.shapes(spec) if s.partition_by)
+        (index,) = (i for i in shape.indexes if i.columns == ("src_partition", "src_offset"))
+        source = sql_names.table(f"{schema}.{index.name}")
+        indexes = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                f"WHERE i.inhparent = '{source}'::regclass"
+            )
+        }
+        assert indexes == {f"{bare}_{p}{_SUFFIX}" for p in (H10_PART, H11_PART, "default")}
+        (delete,) = range_deletes(spec)
+        restore = control_store.restore_statement(spec)
+        # A replay runs its delete once per batch, a prepared statement that PostgreSQL may
+        # plan once for any offsets (a generic plan): that plan must use the index too. A
+        # rollback runs its statement once, planned for its cut's offsets.
+        await conn.execute(f"PREPARE replay_delete (int, bigint, bigint) AS {delete}")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        explained = {
+            "replay, generic": await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) EXECUTE replay_delete (0, 100000, 100500)"
+            ),
+            "replay": await conn.fetchval(f"EXPLAIN (FORMAT JSON) {delete}", 0, 100000, 100500),
+            "rollback": await conn.fetchval(
+                f"EXPLAIN (FORMAT JSON) {restore}", [0, 1], [290000, 285000]
+            ),
+        }
+        await conn.execute("DEALLOCATE replay_delete")
+        await conn.execute("RESET plan_cache_mode")
+        for what, text in explained.items():
+            (deleting,) = _deletes(json.loads(text)[0]["Plan"], bare)
+            # Every scan of a relation (not the rollback's of its cut): the table's partitions.
+            scans = [(kind, name) for kind, name in _scans(deleting) if name]
+            assert {kind for kind, _ in scans} == {"Bitmap Heap Scan", "Bitmap Index Scan"}, (
+                what,
+                scans,
+            )
+            assert {name for kind, name in scans if kind == "Bitmap Index Scan"} == indexes
+            read = sorted(name for kind, name in scans if kind == "Bitmap Heap Scan")
+            assert read == sorted(i.removesuffix(_SUFFIX) for i in indexes), (what, scans)
