@@ -27,13 +27,28 @@ import asyncpg
 import msgspec
 import pytest
 
-from pipeline import catalog, control_store, db, partitions, schema_plan, sql_names, testbed
+from pipeline import (
+    catalog,
+    control_store,
+    db,
+    kafka_clients,
+    partitions,
+    schema_plan,
+    sql_names,
+    testbed,
+)
 from pipeline.catalog import Catalog, StreamSpec
 from pipeline.db_session import Session
 from pipeline.records import topic_name
 from pipeline.replay import range_deletes
 from tests.conftest import Servers
-from tests.integration.harness import agent_env, running_agent, stored_offsets, until
+from tests.integration.harness import (
+    agent_env,
+    create_topics,
+    running_agent,
+    stored_offsets,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -94,6 +109,7 @@ at = "timestamptz"
 """
 
 GROUP = "partitioned"
+REPLAY = (sys.executable, "-m", "pipeline.cli", "replay")
 H10 = datetime(2026, 11, 2, 10, tzinfo=UTC)  # the two hour partitions: 10:00 and 11:00
 DAY = datetime(2026, 11, 2, tzinfo=UTC)  # the built-in tables' day partition
 
@@ -109,27 +125,26 @@ def _catalog(path: Path) -> Catalog:
     return catalog.load(path)  # with the built-in streams
 
 
-def _create_partition(table: str, name: str, start: datetime, end: datetime) -> str:
-    schema, _ = sql_names.split_table(table)
-    return (
-        f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
-        f"{sql_names.table(table)} FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-    )
-
-
 PARTITIONED = ("orders", "clicks", "prices", "accounts", "metrics", "events", "states")
 
 
 async def _partition(migrator: asyncpg.Connection, spec: StreamSpec) -> None:
+    """The range partitions of the stream's partitioned table, made as `pipeline partitions
+    maintain` would: 10:00 and 11:00 of an hourly table, the day of a daily one."""
     assert spec.partitioning is not None
     interval = spec.partitioning.interval
-    first = H10 if interval == "hour" else DAY
     (table,) = spec.partitioned_tables
+    schema, _ = sql_names.split_table(table)
+    first = H10 if interval == "hour" else DAY
     for i in range(2 if interval == "hour" else 1):
         start = partitions.step(first, interval, i)
         end = partitions.step(start, interval)
         name = partitions.partition_name(table, partitions.Range(start, end), interval)
-        await migrator.execute(_create_partition(table, name, start, end))
+        await migrator.execute(
+            f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
+            f"{sql_names.table(table)} FOR VALUES FROM ('{start.isoformat()}') "
+            f"TO ('{end.isoformat()}')"
+        )
 
 
 @pytest.fixture
@@ -248,7 +263,9 @@ async def test_built_in_events_skip_a_redelivered_event_and_keep_one_at_another_
     ]
     assert await write(conn, events, batch) == 2
     assert await write(conn, events, batch) == 0
-    assert await write(conn, events, [row(events, 0, 3, a, "agent-1", "late", "info", later, {})]) == 1
+    assert (
+        await write(conn, events, [row(events, 0, 3, a, "agent-1", "late", "info", later, {})]) == 1
+    )
     assert await placed(conn, "system_events", "event_id", "ts", "kind") == [
         ("system_events_p20261102", a, noon, "boot"),
         ("system_events_default", a, later, "late"),
@@ -313,7 +330,9 @@ async def test_the_same_writer_works_on_a_table_still_keyed_without_its_time(
     alone: the agents' check accepts it, and the writers skip a key they have whatever its
     time, as they always did."""
     orders = dataclasses.replace(cat["orders"], table="legacy_orders")
-    prices = dataclasses.replace(cat["prices"], table="legacy_prices", history_table="legacy_prices_history")
+    prices = dataclasses.replace(
+        cat["prices"], table="legacy_prices", history_table="legacy_prices_history"
+    )
     migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
     try:
         for spec in (orders, prices):
@@ -368,9 +387,10 @@ async def test_a_replayed_range_is_replaced_in_whichever_partition_its_rows_were
     conn: db.Connection, cat: Catalog
 ) -> None:
     orders, prices = cat["orders"], cat["prices"]
-    log = [row(orders, 0, i, k, i, at(m)) for i, (k, m) in enumerate(
-        (("a", 5), ("b", 65), ("c", 130), ("d", 10), ("e", 70))
-    )]
+    log = [
+        row(orders, 0, i, k, i, at(m))
+        for i, (k, m) in enumerate((("a", 5), ("b", 65), ("c", 130), ("d", 10), ("e", 70)))
+    ]
     await write(conn, orders, log)
     # The bug: amounts rewritten, a row lost, and one record's time decoded an hour late.
     await conn.execute("UPDATE shop.orders SET amount = -1 WHERE src_offset IN (1, 2)")
@@ -568,3 +588,97 @@ async def test_replays_and_rollbacks_read_every_partition_s_source_index(
             assert {name for kind, name in scans if kind == "Bitmap Index Scan"} == indexes
             read = sorted(name for kind, name in scans if kind == "Bitmap Heap Scan")
             assert read == sorted(i.removesuffix(_SUFFIX) for i in indexes), (what, scans)
+
+
+# -- `pipeline replay` of a partitioned stream, fed by a real agent -------------------------------
+
+
+async def test_pipeline_replay_puts_a_partitioned_stream_s_range_back_to_the_log(
+    servers: Servers, database_url: str, unique: str, tmp_path: Path
+) -> None:
+    """An agent ingests a stream partitioned by the hour (records straddle both partitions
+    and DEFAULT; some redelivered, some keys again at another time); a bug rewrites and
+    deletes rows; `pipeline replay` of an offset range puts exactly that range back, in the
+    partitions its times belong to, and leaves the rest as the bug left it."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    path = tmp_path / "orders.toml"
+    path.write_text("builtin = false\n" + USER_STREAMS)
+    only = catalog.load(path)
+    orders = only["orders"]
+    await testbed.migrate(database_url, catalog=only)
+    migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
+    try:
+        await _partition(migrator, orders)
+    finally:
+        await migrator.close()
+    await create_topics(bootstrap, prefix, 2, only)
+    # Record i: order o<i % 150> at minute 7i % 180 (10:00, 11:00, then DEFAULT), so each
+    # order comes twice at two times; then records 0..19 sent again (the producer's
+    # redelivery: the same order and time).
+    values = [(f"o{i % 150}", i, at(i * 7 % 180)) for i in range(300)]
+    values += [(f"o{i}", 1000 + i, at(i * 7 % 180)) for i in range(20)]
+    messages = [
+        testbed.Message(
+            topic_name(orders.topic, prefix),
+            msgspec.json.encode({"order_id": o, "amount": a, "placed_at": t.isoformat()}),
+            o.encode(),
+        )
+        for o, a, t in values
+    ]
+    sent: list[tuple[int, int]] = []
+    await testbed.produce(
+        kafka_clients.kafka_settings(bootstrap),
+        [messages],
+        acked=lambda found: sent.extend((m.partition, m.offset) for m in found),
+    )
+    # An order's records share a partition: the first of each order and time is kept.
+    first: dict[tuple[str, datetime], tuple[Any, ...]] = {}
+    for (o, a, t), (p, off) in sorted(zip(values, sent, strict=True), key=lambda v: v[1]):
+        first.setdefault((o, t), (o, t, a, p, off))
+    ends: dict[int, int] = {}
+    for p, off in sent:
+        ends[p] = max(ends.get(p, 0), off + 1)
+    # The range replayed ends before the first redelivered record of any partition.
+    end = min(off for _, off in sent[300:])
+    start = end // 3
+    assert start > 10
+    async with running_agent(bootstrap, database_url, prefix, streams_file=path):
+
+        async def caught_up() -> bool:
+            stored = await stored_offsets(database_url, prefix, prefix)
+            return {p: n for (t, p), n in stored.items() if t == orders.topic} == ends
+
+        await until(caught_up, within=90, what="the agent ingested every record")
+    conn = await db.connect(testbed.as_agent(database_url), Session(command_timeout=30))
+    try:
+        expected = sorted(first.values())
+        columns = ("order_id", "placed_at", "amount", "src_partition", "src_offset")
+        ingested = await placed(conn, "shop.orders", *columns)
+        assert [r[1:] for r in ingested] == expected
+        assert [r[0] for r in ingested] == [_partition_of(r[2]) for r in ingested]
+        # The bug: every amount rewritten, a third of the rows lost.
+        await conn.execute("UPDATE shop.orders SET amount = -1")
+        await conn.execute("DELETE FROM shop.orders WHERE src_offset % 3 = 0")
+        env = agent_env(bootstrap, database_url, prefix, prefix, streams_file=path)
+        command = (*REPLAY, "--stream", "orders", "--from", str(start), "--to", str(end))
+        done = await asyncio.to_thread(
+            subprocess.run, command, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        replayed = [r for r in expected if start <= r[4] < end]
+        left = [(*r[:2], -1, *r[3:]) for r in expected if not start <= r[4] < end and r[4] % 3]
+        assert replayed and left
+        assert [r[1:] for r in await placed(conn, "shop.orders", *columns)] == sorted(
+            replayed + left
+        )
+    finally:
+        await conn.close()
+
+
+def _partition_of(moment: datetime) -> str:
+    if moment < H10 + timedelta(hours=1):
+        return f"orders_{H10_PART}"
+    if moment < H10 + timedelta(hours=2):
+        return f"orders_{H11_PART}"
+    return "orders_default"
