@@ -349,12 +349,15 @@ async def test_the_same_writer_works_on_a_table_still_keyed_without_its_time(
         row(orders, 0, 0, "a", 1, at(5)),
         row(orders, 0, 1, "a", 2, at(70)),  # the key at another time: skipped here
         row(orders, 0, 2, "b", 3, at(65)),
+        row(orders, 0, 3, "c", 4, at(70)),
+        row(orders, 0, 4, "c", 5, at(10)),  # of a key at two times in a batch, the earlier
     ]
-    assert await write(conn, orders, batch) == 2
-    assert await write(conn, orders, [row(orders, 0, 3, "b", 4, at(130))]) == 0
+    assert await write(conn, orders, batch) == 3
+    assert await write(conn, orders, [row(orders, 0, 5, "b", 6, at(130))]) == 0
     assert await placed(conn, "legacy_orders", "order_id", "amount", "src_offset") == [
         ("legacy_orders", "a", 1, 0),
         ("legacy_orders", "b", 3, 2),
+        ("legacy_orders", "c", 5, 4),
     ]
     versions = [
         row(prices, 0, 0, "k1", 10, 1, at(5)),

@@ -204,7 +204,7 @@ def test_each_mode_s_statement() -> None:
     history = db.TableWriter(CAT["unversioned_history"])._upsert
     # Without a version, a history row per record.
     assert 'INSERT INTO "public"."check_history" (' in history
-    assert ' FROM staged ON CONFLICT DO NOTHING RETURNING 1), ' in history
+    assert " FROM staged ON CONFLICT DO NOTHING RETURNING 1), " in history
     assert history.endswith(" SELECT count(*) FROM new")
     versioned = db.TableWriter(CAT["history"])._upsert
     assert 'SELECT DISTINCT ON ("select", "limit") ' in versioned
