@@ -784,8 +784,8 @@ class TableWriter:
 
     The inserts into a table with a row per record (append, history) name no conflict
     target: a partitioned table's primary key ends with its partition column, and the same
-    statement must work on a table still keyed without it, before `pipeline migrate`
-    upgrades it (docs/streams.md, "Partitions and retention").
+    statement must work on a table still keyed without it, before the upgrade partitions it
+    (docs/streams.md, "Partitions and retention").
 
     A staging table is created, when missing, in the transaction that writes: a pooler in
     transaction mode may run the next transaction on a server session that has none, and a

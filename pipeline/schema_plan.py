@@ -473,7 +473,7 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
     writing after a migration that added it.
 
     A partitioned stream's table may have either primary key: the key with the partition
-    column, or the key alone of the table before `pipeline migrate` partitioned it; the
+    column, or the key alone of the table before the upgrade partitioned it; the
     writers' statements work on both (docs/streams.md, "Partitions and retention")."""
     found: list[str] = []
     for spec in streams:

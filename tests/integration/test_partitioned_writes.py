@@ -4,7 +4,7 @@ A user catalog's streams partitioned by the hour (two range partitions made here
 migrator, and DEFAULT) and the built-in metrics, events and state history partitioned by the
 day: every mode's write through the parent, as the agent's login; redelivery skipped with
 exact counts; a key seen again at another time kept; the same writer on a table still keyed
-without its time (before `pipeline migrate` partitions it); a replay's range and a rollback
+without its time (before the upgrade partitions it); a replay's range and a rollback
 to a checkpoint, each reading every partition's source index (EXPLAIN), the rollback in one
 transaction; and `pipeline replay` of a partitioned stream's range fed by a real agent
 (docs/streams.md "Partitions and retention", docs/replay.md, docs/control-plane.md).
@@ -326,7 +326,7 @@ async def test_a_partitioned_history_keeps_a_row_per_version_and_time_and_latest
 async def test_the_same_writer_works_on_a_table_still_keyed_without_its_time(
     conn: db.Connection, cat: Catalog, database_url: str
 ) -> None:
-    """Before `pipeline migrate` partitions a table, its primary key is the stream's key
+    """Before the upgrade partitions a table, its primary key is the stream's key
     alone: the agents' check accepts it, and the writers skip a key they have whatever its
     time, as they always did."""
     orders = dataclasses.replace(cat["orders"], table="legacy_orders")

@@ -2,7 +2,7 @@
 split, every statement naming the catalog's tables and columns through sql_names (a
 table named like a keyword, a schema-qualified one, a column named ``select``), the
 statements of partitioned tables, and the agents' start check on a partitioned table's key
-before and after `pipeline migrate` partitions it."""
+before and after the upgrade partitions it."""
 
 from __future__ import annotations
 
