@@ -19,10 +19,13 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 
+from consumers.partition_watch import PartitionWatch
 from pipeline import db, partition_maint, testbed
 from pipeline.catalog import Catalog
 from pipeline.catalog import load as load_catalog
+from pipeline.config import load_config
 from pipeline.db_session import Session
+from pipeline.metrics import Metrics
 from pipeline.partition_maint import TableResult, Target
 from tests.conftest import Servers
 from tests.integration.harness import until
@@ -379,3 +382,56 @@ async def test_a_pass_beside_live_writes_loses_nothing(servers: Servers, databas
     assert sorted(offsets) == sorted(written)
     assert found[f"{TABLE}_default"] == 0  # every range is made by the last pass
     assert sum(found.values()) == len(written)
+
+
+async def test_the_agents_gauges_come_from_the_database(
+    servers: Servers, database_url: str
+) -> None:
+    """What an agent exports (consumers/partition_watch.py), read as the agent's login."""
+    url = database_url
+    config = load_config(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": servers.endpoints.kafka_bootstrap,
+            "DATABASE_URL": testbed.as_agent(url),
+            "PIPELINE_STREAMS": "metrics,events",
+        }
+    )
+    metrics = Metrics()
+    watch = PartitionWatch(config, metrics)
+
+    def sample(name: str, table: str = TABLE) -> float | None:
+        stream = {TABLE: "metrics", "system_events": "events"}[table]
+        return metrics.registry.get_sample_value(name, {"stream": stream, "table": table})
+
+    try:
+        await watch.refresh()  # never maintained: DEFAULT only
+        assert sample("pipeline_partitions") == 0
+        assert sample("pipeline_partitions_premade") == 0
+        assert sample("pipeline_partition_maintenance_last_success_timestamp_seconds") == 0
+        assert sample("pipeline_partition_newest_end_seconds") is None
+        assert sample("pipeline_partition_interval_seconds") == 86400
+        now = datetime.datetime.now(UTC)
+        async with _admin(url) as conn:
+            await _insert(conn, [now - datetime.timedelta(days=2)] * 4)
+        await watch.refresh()
+        assert sample("pipeline_partition_default_rows") == 4
+        await _pass(url, now)
+        async with _admin(url) as conn:
+            await _insert(conn, [now + datetime.timedelta(days=30)] * 2, first=10)
+        await watch.refresh()
+    finally:
+        await watch.stop()
+    assert sample("pipeline_partition_default_rows") == 2
+    assert sample("pipeline_partitions") == 5  # two days ago, today and 3 ahead
+    assert sample("pipeline_partitions_premade") == 3
+    today = datetime.datetime.combine(now.date(), datetime.time(), UTC)
+    ahead = (today + datetime.timedelta(days=4) - now).total_seconds()
+    newest = sample("pipeline_partition_newest_end_seconds")
+    assert newest is not None and ahead - 60 < newest <= ahead
+    last = sample("pipeline_partition_maintenance_last_success_timestamp_seconds")
+    assert last is not None and abs(last - now.timestamp()) < 60
+    # The pass above maintained the metrics table only.
+    assert (
+        sample("pipeline_partition_maintenance_last_success_timestamp_seconds", "system_events")
+        == 0
+    )
