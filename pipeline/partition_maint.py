@@ -454,7 +454,8 @@ async def status(
     conn: Connection, tables: Sequence[Target], now: datetime.datetime, cap: int = PROBE_COUNT_CAP
 ) -> list[TableStatus]:
     """Each table's partitions, rows in DEFAULT (up to ``cap``) and last successful
-    maintenance: catalog reads and one bounded count, cheap enough for every 30 s."""
+    maintenance: catalog reads and one bounded count, cheap enough for every 30 s. A table
+    that is not partitioned (yet) is left out."""
     found = []
     async with db.transaction(conn):
         await conn.execute("SET LOCAL TimeZone = 'UTC'")
@@ -465,7 +466,11 @@ async def status(
             )
         }
         for target in tables:
-            parts = await read_partitions(conn, target.table)
+            try:
+                async with db.transaction(conn):  # a savepoint
+                    parts = await read_partitions(conn, target.table)
+            except SchemaError:
+                continue  # not partitioned yet (`pipeline migrate` upgrades it): no gauges
             ranges = [p.range for p in parts if p.range is not None]
             rows: int | None
             try:

@@ -271,16 +271,22 @@ async def test_list_json(servers: Servers, database_url: str) -> None:
         await _insert(conn, [_day(40)] * 3, first=10)  # no partition: DEFAULT
         await conn.execute(f"ANALYZE {TABLE}")
     command = [sys.executable, "-m", "pipeline.cli", "partitions", "list", "--json"]
-    listed = await asyncio.create_subprocess_exec(
-        *command,
-        "--stream",
-        "metrics",
-        env=_env(url),  # as the agents' login, the writer
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await listed.communicate()
-    assert listed.returncode == 0, err.decode()
+    # As the agents' login (the writer role), and as the analyst's (the reader role).
+    assert servers.logins is not None
+    outputs = []
+    for login in (testbed.as_agent(url), servers.logins.analyst.url(url)):
+        listed = await asyncio.create_subprocess_exec(
+            *command,
+            "--stream",
+            "metrics",
+            env={**_env(url), "DATABASE_URL": login},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await listed.communicate()
+        assert listed.returncode == 0, err.decode()
+        outputs.append(out)
+    assert outputs[0] == outputs[1]
     (table,) = json.loads(out)["tables"]
     assert {k: table[k] for k in ("stream", "table", "column", "interval", "retention")} == {
         "stream": "metrics",
@@ -435,3 +441,34 @@ async def test_the_agents_gauges_come_from_the_database(
         sample("pipeline_partition_maintenance_last_success_timestamp_seconds", "system_events")
         == 0
     )
+
+
+async def test_migrate_ends_with_a_pass(servers: Servers, database_url: str) -> None:
+    """`pipeline migrate` on a database whose schema is up to date still makes the partitions:
+    every partitioned table of the catalog gets today's and 3 ahead."""
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "migrate",
+        env=_env(database_url),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out = (await migrate.communicate())[0].decode()
+    assert migrate.returncode == 0, out
+    tables = [t.table for t in partition_maint.targets(load_catalog())]
+    assert len(tables) == 5
+    today = datetime.datetime.now(UTC).date()
+    async with _admin(database_url) as conn:
+        for table in tables:
+            names = await conn.fetch(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = $1::regclass",
+                table,
+            )
+            expected = {f"{table}_default"} | {
+                f"{table}_p{today + datetime.timedelta(days=d):%Y%m%d}" for d in range(4)
+            }
+            assert {r[0] for r in names} == expected, out
+    assert out.splitlines()[0] == "the schema is up to date", out
+    assert sum(" made " in line for line in out.splitlines()) == 20, out

@@ -1,15 +1,18 @@
 """The pure planning of partition maintenance (pipeline/partitions.py): which ranges a pass
 makes, which rows in DEFAULT it moves or expires, which partitions it drops, at every edge of
 the intervals (month lengths, weeks from Monday, hours, UTC only), with an upgraded table's
-legacy partition, and the bounds as PostgreSQL writes them."""
+legacy partition, and the bounds as PostgreSQL writes them; the command line's own checks."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import itertools
 
 import pytest
 
+from pipeline.cli import main
+from pipeline.commands.partitions import duration
 from pipeline.partitions import (
     MAXVALUE,
     MINVALUE,
@@ -240,3 +243,33 @@ def test_premade_and_newest_end() -> None:
     assert newest_end(existing) == t(2026, 12, 10)
     assert newest_end([Range(MINVALUE, t(2026, 1, 1))]) == t(2026, 1, 1)
     assert newest_end([]) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("30m", 1800), ("1h", 3600), ("2d", 172800)]
+)
+def test_every_takes_a_duration(text: str, seconds: int) -> None:
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0h", "1", "1w", "h", "-1h", "1.5h"])
+def test_every_refuses_what_is_not_a_duration(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a duration such as 30m"):
+        duration(text)
+
+
+def test_maintain_refuses_an_unknown_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "DATABASE_URL": "postgresql://x@127.0.0.1:1/x"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        status = main(
+            ["partitions", "maintain", "--stream", "states,metrics", "--stream", "nosuch"]
+        )
+    assert status == 2
+    assert "unknown stream(s) nosuch" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        status = main(["partitions", "list", "--stream", "metrics"])
+    assert status == 2  # no server there: an error naming it, not a traceback
