@@ -39,6 +39,7 @@ from pipeline.testbed import AgentProcess
 from tests.builtin_streams import STREAM_BY_NAME
 from tests.conftest import Servers
 from tests.integration.harness import (
+    T0,
     Outgoing,
     agent_env,
     create_topics,
@@ -68,12 +69,14 @@ def prometheus_binary() -> str:
 
 
 async def partitions_made(database_url: str) -> None:
-    """One maintenance pass, as `pipeline migrate` ends with: the partitioned tables have their
-    partitions, so no partition alert fires and every partition panel has data."""
+    """Maintenance passes, as `pipeline migrate` ends with one: partitions for today and those
+    ahead, and for the fleet traffic's day (harness.T0), so no partition alert fires (no row
+    in DEFAULT) and every partition panel has data."""
     conn = await db.connect(testbed.as_migrator(database_url), Session(command_timeout=60))
     try:
-        now = datetime.datetime.now(datetime.UTC)
-        await partition_maint.maintain(conn, partition_maint.targets(load_catalog()), now, print)
+        tables = partition_maint.targets(load_catalog())
+        for now in (T0, datetime.datetime.now(datetime.UTC)):
+            await partition_maint.maintain(conn, tables, now, print)
     finally:
         await conn.close()
 
