@@ -294,15 +294,15 @@ async def maintain_table(
         result.actions.append(line)
         say(f"{target.table}: {line}")
 
-    async def read() -> tuple[list[PartitionInfo], dict[Range, int]]:
-        return await read_partitions(conn, target.table), await default_ranges(conn, target)
-
     async with db.transaction(conn):
         await conn.execute("SET LOCAL TimeZone = 'UTC'")
-        found, in_default = await read()
+        found = await read_partitions(conn, target.table)
+        if not any(p.range is None for p in found):
+            raise SchemaError(
+                f"table {target.table} has no DEFAULT partition: run `pipeline migrate`"
+            )
+        in_default = await default_ranges(conn, target)
     existing = [p.range for p in found if p.range is not None]
-    if not any(p.range is None for p in found):
-        raise SchemaError(f"table {target.table} has no DEFAULT partition: run `pipeline migrate`")
     plan = partitions.plan_maintenance(existing, set(in_default), now, target.partitioning)
     horizon = target.partitioning.horizon(now)
     for range_ in plan.blocked:

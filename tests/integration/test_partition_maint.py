@@ -472,3 +472,39 @@ async def test_migrate_ends_with_a_pass(servers: Servers, database_url: str) -> 
             assert {r[0] for r in names} == expected, out
     assert out.splitlines()[0] == "the schema is up to date", out
     assert sum(" made " in line for line in out.splitlines()) == 20, out
+
+
+async def test_a_failed_table_is_recorded_and_the_others_go_on(
+    servers: Servers, database_url: str
+) -> None:
+    url = database_url
+    tables = partition_maint.targets(load_catalog(), ["events", "metrics"])
+    async with _admin(url) as conn:
+        await conn.execute("DROP TABLE system_events_default")  # broken by hand
+    results, _ = await _pass(url, NOW, tables)
+    assert [(r.table, r.error is None) for r in results] == [
+        ("system_events", False),
+        (TABLE, True),
+    ]
+    assert (
+        results[0].error == "table system_events has no DEFAULT partition: run `pipeline migrate`"
+    )
+    assert results[1].created == 4
+    async with _admin(url) as conn:
+        record = await conn.fetchrow(
+            "SELECT * FROM partition_maintenance WHERE table_name = 'system_events'"
+        )
+        assert record["last_success_at"] is None and record["last_error"] == results[0].error
+        assert record["last_error_at"] is not None
+    async with _admin(testbed.as_migrator(url)) as conn:  # mended by the tables' owner
+        await conn.execute("CREATE TABLE system_events_default PARTITION OF system_events DEFAULT")
+    # Mended, the next pass succeeds and clears the error.
+    results, _ = await _pass(url, NOW, tables)
+    assert [r.error for r in results] == [None, None]
+    assert (results[0].created, results[1].created) == (4, 0)
+    async with _admin(url) as conn:
+        record = await conn.fetchrow(
+            "SELECT * FROM partition_maintenance WHERE table_name = 'system_events'"
+        )
+    assert record["last_error"] is None and record["last_success_at"] is not None
+    assert record["partitions_created"] == 4
