@@ -139,6 +139,7 @@ async def run_pass(
 
     conn = await db.connect(config.migration_url, config.db_session)
     try:
+        await db.check_schema(conn)  # partition_maintenance is there
         when = now or datetime.datetime.now(datetime.UTC)
         return await partition_maint.maintain(conn, tables, when, _say)
     finally:
@@ -228,6 +229,7 @@ async def _list(config: Config, tables: list[Target]) -> list[dict[str, Any]]:
     conn = await db.connect(config.database_url, config.db_session)
     shown = []
     try:
+        await db.check_schema(conn)
         async with db.transaction(conn):
             await conn.execute("SET LOCAL TimeZone = 'UTC'")
             last = {

@@ -441,6 +441,19 @@ async def test_the_agents_gauges_come_from_the_database(
         sample("pipeline_partition_maintenance_last_success_timestamp_seconds", "system_events")
         == 0
     )
+    # The agents read partition_maintenance; only the maintainer writes it.
+    writer = await asyncpg.connect(testbed.as_agent(url), timeout=10)
+    try:
+        assert await writer.fetchval("SELECT count(*) FROM partition_maintenance") == 1
+        for statement in (
+            "DELETE FROM partition_maintenance",
+            "UPDATE partition_maintenance SET rows_expired = 0",
+            "INSERT INTO partition_maintenance (table_name, last_attempt_at) VALUES ('x', now())",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.execute(statement)
+    finally:
+        await writer.close()
 
 
 async def test_migrate_ends_with_a_pass(servers: Servers, database_url: str) -> None:
