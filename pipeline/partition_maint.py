@@ -178,13 +178,19 @@ def _lock_timeout() -> str:
 async def _with_lock_retries(
     conn: Connection, say: Say, what: str, step: Callable[[], Awaitable[T]]
 ) -> T:
-    """Run ``step()`` (a coroutine function) in its own transaction, whose table locks wait
-    at most LOCK_TIMEOUT_S; a step that timed out, or lost a deadlock, is tried again, up to
-    LOCK_ATTEMPTS times. Every step is undone whole when it fails."""
+    """Run ``step()`` (a coroutine function) in its own transaction, whose locks wait at most
+    LOCK_TIMEOUT_S; a step that timed out, or lost a deadlock, is tried again, up to
+    LOCK_ATTEMPTS times. Every step is undone whole when it fails.
+
+    The step also holds the maintainers' lock for its transaction: granted at once under the
+    session's own (:func:`maintain`), and what keeps two maintainers' steps apart where a
+    transaction pooler leaves no session to hold a lock in. Each step checks, under it, that
+    it is still to be done."""
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
             async with db.transaction(conn, durable=True):
                 await conn.execute(f"{_lock_timeout()}; SET LOCAL TimeZone = 'UTC'")
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MAINTENANCE_LOCK)
                 return await step()
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             if attempt == LOCK_ATTEMPTS:
@@ -212,9 +218,10 @@ async def _columns(conn: Connection, table: str) -> list[str]:
 
 async def _make_partition(
     conn: Connection, target: Target, range_: Range, horizon: datetime.datetime | None
-) -> tuple[int, int]:
+) -> tuple[int, int] | None:
     """Make the partition of ``range_`` in one transaction, moving in its rows from DEFAULT:
-    (rows moved, rows deleted as older than the horizon).
+    (rows moved, rows deleted as older than the horizon); None when a partition over the
+    range is there already (another maintainer made it).
 
     PostgreSQL refuses ``CREATE TABLE ... PARTITION OF`` while DEFAULT holds a row of the
     range. So the table is made standalone, the rows moved in, then it is attached. First the
@@ -227,6 +234,9 @@ async def _make_partition(
     new = target.partition(range_)
     await conn.execute(f"LOCK TABLE {parent} IN SHARE ROW EXCLUSIVE MODE")
     await conn.execute(f"LOCK TABLE {target.default} IN ACCESS EXCLUSIVE MODE")
+    existing = await read_partitions(conn, target.table)
+    if any(p.range is not None and partitions.overlaps(p.range, range_) for p in existing):
+        return None
     expired = 0
     start = range_.start
     if horizon is not None and horizon > range_.start:
@@ -264,13 +274,17 @@ async def _expire_default(conn: Connection, target: Target, range_: Range) -> in
     return db.row_count(status)
 
 
-async def _drop(conn: Connection, target: Target, name: str) -> None:
-    """DETACH then DROP, in one transaction. ``DETACH ... CONCURRENTLY`` is refused on a table
-    with a DEFAULT partition, so the detach takes ACCESS EXCLUSIVE on the parent: only for a
-    moment, and never queued for longer than the lock timeout."""
+async def _drop(conn: Connection, target: Target, name: str) -> bool:
+    """DETACH then DROP, in one transaction; False when it is gone already (another
+    maintainer dropped it). ``DETACH ... CONCURRENTLY`` is refused on a table with a DEFAULT
+    partition, so the detach takes ACCESS EXCLUSIVE on the parent: only for a moment, and
+    never queued for longer than the lock timeout."""
+    if name not in {p.name for p in await read_partitions(conn, target.table)}:
+        return False
     partition = sql_names.table(f"{target.schema}.{name}")
     await conn.execute(f"ALTER TABLE {sql_names.table(target.table)} DETACH PARTITION {partition}")
     await conn.execute(f"DROP TABLE {partition}")
+    return True
 
 
 async def _grant_default(conn: Connection, target: Target) -> None:
@@ -327,15 +341,20 @@ async def maintain_table(
         )
     for range_ in sorted({*plan.move, *plan.create}):
 
-        async def make(r: Range = range_) -> tuple[int, int]:
-            moved, gone = await _make_partition(conn, target, r, horizon)
-            kind = "partitions_moved" if r in plan.move or moved else "partitions_created"
-            await _count(conn, target.table, **{kind: 1}, rows_moved=moved, rows_expired=gone)
-            return moved, gone
+        async def make(r: Range = range_) -> tuple[int, int] | None:
+            done = await _make_partition(conn, target, r, horizon)
+            if done is not None:
+                moved, gone = done
+                kind = "partitions_moved" if r in plan.move or moved else "partitions_created"
+                await _count(conn, target.table, **{kind: 1}, rows_moved=moved, rows_expired=gone)
+            return done
 
-        moved, gone = await _with_lock_retries(
+        done = await _with_lock_retries(
             conn, say, f"{target.table}: making {partitions.show_range(range_)}", make
         )
+        if done is None:
+            continue
+        moved, gone = done
         name = partitions.partition_name(target.table, range_, target.partitioning.interval)
         result.rows_moved += moved
         result.rows_expired += gone
@@ -353,11 +372,14 @@ async def maintain_table(
     for range_ in plan.drop:
         name = names[range_]
 
-        async def drop(n: str = name) -> None:
-            await _drop(conn, target, n)
-            await _count(conn, target.table, partitions_dropped=1)
+        async def drop(n: str = name) -> bool:
+            dropped = await _drop(conn, target, n)
+            if dropped:
+                await _count(conn, target.table, partitions_dropped=1)
+            return dropped
 
-        await _with_lock_retries(conn, say, f"{target.table}: dropping {name}", drop)
+        if not await _with_lock_retries(conn, say, f"{target.table}: dropping {name}", drop):
+            continue
         result.dropped += 1
         act(f"dropped {name} {partitions.show_range(range_)}: older than the retention")
     async with db.transaction(conn):
@@ -412,12 +434,17 @@ async def maintain(
     tables: Sequence[Target],
     now: datetime.datetime,
     say: Say,
+    *,
+    session_lock: bool = True,
 ) -> list[TableResult]:
-    """One maintenance pass over ``tables``, holding the maintainers' advisory lock (a second
-    maintainer waits, then finds nothing left to do). A table whose pass fails is recorded
-    with its error and the others go on; ``partition_maintenance`` records each table."""
-    await conn.execute("SET TimeZone = 'UTC'")
-    await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+    """One maintenance pass over ``tables``, holding the maintainers' session-level advisory
+    lock (a second maintainer waits, then finds nothing left to do). A table whose pass fails
+    is recorded with its error and the others go on; ``partition_maintenance`` records each
+    table. ``session_lock=False`` behind a transaction pooler, where a session lock would stay
+    on whichever server session took it: each step's own lock then keeps maintainers apart
+    (:func:`_with_lock_retries`)."""
+    if session_lock:
+        await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
     try:
         results = []
         for target in tables:
@@ -431,8 +458,9 @@ async def maintain(
             results.append(result)
         return results
     finally:
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
+        if session_lock:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
 
 
 # -- status ------------------------------------------------------------------------------

@@ -49,7 +49,10 @@ def migrate(args: argparse.Namespace) -> int:
             # a maintainer that may run only hours later.
             tables = partition_maint.targets(config.catalog)
             now = datetime.datetime.now(datetime.UTC)
-            return migrated, await partition_maint.maintain(conn, tables, now, lines.append)
+            pooled = config.db_session.pooler == "transaction"
+            return migrated, await partition_maint.maintain(
+                conn, tables, now, lines.append, session_lock=not pooled
+            )
         finally:
             await conn.close()
 
@@ -68,11 +71,11 @@ def migrate(args: argparse.Namespace) -> int:
 
 
 def _maintenance_failed(lines: list[str], failed: list[TableResult]) -> int:
-    """The maintenance pass's actions; the schema is migrated either way, and a table whose
-    partitions could not be made is named, with an exit status that says so (`pipeline
-    partitions maintain` tries again)."""
-    for line in lines:
-        print(line)
+    """The maintenance pass's actions, on stderr (stdout says what changed in the schema);
+    the schema is migrated either way, and a table whose partitions could not be made is
+    named, with an exit status that says so (`pipeline partitions maintain` tries again)."""
+    for line in lines:  # beside the schema's changes, as progress: what the pass made
+        print(line, file=sys.stderr)
     for result in failed:
         print(
             f"pipeline: error: partitions of {result.table}: {result.error} "

@@ -141,7 +141,8 @@ async def run_pass(
     try:
         await db.check_schema(conn)  # partition_maintenance is there
         when = now or datetime.datetime.now(datetime.UTC)
-        return await partition_maint.maintain(conn, tables, when, _say)
+        pooled = config.db_session.pooler == "transaction"
+        return await partition_maint.maintain(conn, tables, when, _say, session_lock=not pooled)
     finally:
         await conn.close()
 

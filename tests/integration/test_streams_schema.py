@@ -94,9 +94,9 @@ async def empty_database(servers: Servers, name: str) -> AsyncIterator[str]:
 
 
 async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Every table of the database (but ``without``) as pg_catalog describes it: columns with
-    type, nullability and default; constraints; indexes; owner and grants; and the
-    sequences."""
+    """Every table of the database (but ``without``, and partitions) as pg_catalog describes
+    it: columns with type, nullability and default; constraints; indexes; owner and grants;
+    and the sequences."""
     conn = await asyncpg.connect(url, timeout=10)
     try:
         tables = await conn.fetch(
@@ -105,6 +105,7 @@ async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]
                       ARRAY(SELECT a::text FROM unnest(c.relacl) AS a ORDER BY 1) AS acl
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                 AND NOT c.relispartition  -- made by the day, by partition maintenance
                ORDER BY 2"""
         )
         found: dict[str, Any] = {}
