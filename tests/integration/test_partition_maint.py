@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -25,6 +25,7 @@ from pipeline.catalog import Catalog
 from pipeline.catalog import load as load_catalog
 from pipeline.config import load_config
 from pipeline.db_session import Session
+from pipeline.devstack import pgbouncer
 from pipeline.metrics import Metrics
 from pipeline.partition_maint import TableResult, Target
 from tests.conftest import Servers
@@ -523,3 +524,61 @@ async def test_a_failed_table_is_recorded_and_the_others_go_on(
         )
     assert record["last_error"] is None and record["last_success_at"] is not None
     assert record["partitions_created"] == 4
+
+
+@pytest.fixture(scope="module")
+def transaction_pooler(
+    servers: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[pgbouncer.PgBouncer]:
+    assert servers.logins is not None
+    logins = [servers.logins.migrator, servers.logins.agent, servers.logins.analyst]
+    home = tmp_path_factory.mktemp("pgbouncer-transaction")
+    with pgbouncer.running(
+        home, "transaction", servers.endpoints.database_url, logins, "postgres"
+    ) as b:
+        yield b
+
+
+async def test_two_maintainers_behind_a_transaction_pooler(
+    servers: Servers, database_url: str, transaction_pooler: pgbouncer.PgBouncer
+) -> None:
+    """No session there to hold a lock in: each step's own lock keeps them apart, and no
+    advisory lock is left on the pool's server sessions."""
+    url = database_url
+    async with _admin(url) as conn:
+        await _insert(conn, [_day(-2)] * 4 + [_day(2)] * 3)
+    assert servers.logins is not None
+    migrator = transaction_pooler.url(servers.logins.migrator.url(url))
+    env = {
+        **_env(url),
+        "PIPELINE_MIGRATE_DATABASE_URL": migrator,
+        "PIPELINE_DB_POOLER": "transaction",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "partitions",
+        "maintain",
+        "--now",
+        NOW.isoformat(),
+    ]
+    procs = [
+        await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [(await p.communicate())[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    async with _admin(url) as conn:
+        found = await _per_partition(conn)
+        locks = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        record = await conn.fetchrow(
+            "SELECT * FROM partition_maintenance WHERE table_name = $1", TABLE
+        )
+    expected = {f"{TABLE}_default": 0, f"{TABLE}_p20261205": 4, f"{TABLE}_p20261209": 3}
+    expected.update({n: 0 for n in _names(0, 1, 3)})
+    assert found == expected
+    assert locks == 0
+    # Each step counted once, by whichever maintainer did it.
+    assert (record["partitions_moved"], record["partitions_created"]) == (2, 3)
+    assert record["rows_moved"] == 7
