@@ -35,6 +35,13 @@ LIST_COUNT_CAP = 1_000_000
 PROBE_COUNT_CAP = 10_000
 
 Say = Callable[[str], None]
+
+
+class NotPartitioned(SchemaError):
+    """The catalog says a table is partitioned, the database has it as a plain table (or not
+    at all): `pipeline migrate` makes or upgrades it."""
+
+
 T = TypeVar("T")
 
 
@@ -101,7 +108,7 @@ async def read_partitions(conn: Connection, table: str) -> list[PartitionInfo]:
     )
     if kind != "p":
         what = "does not exist" if kind is None else "is not partitioned"
-        raise SchemaError(
+        raise NotPartitioned(
             f"table {schema}.{bare} {what}: run `pipeline migrate` (the upgrade makes a "
             "partitioned table of an existing one)"
         )
@@ -164,6 +171,7 @@ class TableResult:
     rows_moved: int = 0
     rows_expired: int = 0  # rows in DEFAULT older than the horizon, deleted
     error: str | None = None
+    not_partitioned: bool = False  # the error is NotPartitioned's
     actions: list[str] = field(default_factory=list)
 
 
@@ -452,7 +460,9 @@ async def maintain(
                 result = await maintain_table(conn, target, now, say)
             except (asyncpg.PostgresError, PipelineError) as exc:
                 line = (str(exc).splitlines() or [type(exc).__name__])[0]
-                result = TableResult(target.table, error=line)
+                result = TableResult(
+                    target.table, error=line, not_partitioned=isinstance(exc, NotPartitioned)
+                )
                 say(f"{target.table}: maintenance failed: {line}")
             await _record(conn, result)
             results.append(result)
@@ -497,7 +507,7 @@ async def status(
             try:
                 async with db.transaction(conn):  # a savepoint
                     parts = await read_partitions(conn, target.table)
-            except SchemaError:
+            except NotPartitioned:
                 continue  # not partitioned yet (`pipeline migrate` upgrades it): no gauges
             ranges = [p.range for p in parts if p.range is not None]
             rows: int | None

@@ -582,3 +582,67 @@ async def test_two_maintainers_behind_a_transaction_pooler(
     # Each step counted once, by whichever maintainer did it.
     assert (record["partitions_moved"], record["partitions_created"]) == (2, 3)
     assert record["rows_moved"] == 7
+
+
+async def test_migrate_leaves_a_plain_table_to_the_upgrade(
+    servers: Servers, database_url: str
+) -> None:
+    """A table the catalog partitions that is still a plain one (a database from before
+    partitioning, not upgraded): `pipeline migrate`'s pass names it and goes on, exit 0;
+    `pipeline partitions maintain` fails on it (exit 1), and the agents export nothing for it."""
+    url = database_url
+    async with _admin(testbed.as_migrator(url)) as conn:
+        await conn.execute(
+            "ALTER TABLE performance_metrics RENAME TO performance_metrics_old; "
+            "CREATE TABLE performance_metrics (LIKE performance_metrics_old INCLUDING ALL); "
+            "DROP TABLE performance_metrics_old"
+        )
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "migrate",
+        env=_env(url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await migrate.communicate()
+    err = stderr.decode()
+    assert migrate.returncode == 0, err
+    assert (
+        "performance_metrics: maintenance failed: table public.performance_metrics is not "
+        "partitioned: run `pipeline migrate`" in err
+    )
+    assert sum(" made " in line for line in err.splitlines()) == 16, err  # the other four
+    maintain = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "partitions",
+        "maintain",
+        env=_env(url),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out = (await maintain.communicate())[0].decode()
+    assert maintain.returncode == 1, out
+    assert out.splitlines()[-1].endswith("FAILED: performance_metrics"), out
+    config = load_config(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": servers.endpoints.kafka_bootstrap,
+            "DATABASE_URL": testbed.as_agent(url),
+            "PIPELINE_STREAMS": "metrics,events",
+        }
+    )
+    metrics = Metrics()
+    watch = PartitionWatch(config, metrics)
+    try:
+        await watch.refresh()
+    finally:
+        await watch.stop()
+    partitioned = {
+        s.labels["table"]
+        for family in metrics.registry.collect()
+        if family.name == "pipeline_partitions"
+        for s in family.samples
+    }
+    assert partitioned == {"system_events"}
