@@ -390,8 +390,12 @@ async def maintain_table(
             continue
         result.dropped += 1
         act(f"dropped {name} {partitions.show_range(range_)}: older than the retention")
-    async with db.transaction(conn):
-        await _grant_default(conn, target)
+    await _with_lock_retries(
+        conn,
+        say,
+        f"{target.table}: granting SELECT on DEFAULT",
+        lambda: _grant_default(conn, target),
+    )
     return result
 
 
