@@ -25,6 +25,7 @@ from consumers.dlq import DeadLetterOutlet
 from consumers.fetcher import Fetcher
 from consumers.lag_watch import LagWatch, probe_for
 from consumers.membership import OffsetMirror, Rebalance
+from consumers.partition_watch import PartitionWatch
 from consumers.retries import Retries
 from consumers.writer import BatchWriter
 from pipeline import db, gaps
@@ -124,6 +125,7 @@ class DatabaseAgent:
             in_hand=lambda: (self._writing_batch, self._fetcher.batch),
             after_each=self._ready.decide,
         )
+        self._partitions = PartitionWatch(config, self.metrics)
         self._ready.show_streams()
 
     # -- steering -------------------------------------------------------------------------
@@ -247,6 +249,7 @@ class DatabaseAgent:
             await self._consumer.start()
             probe = probe_for(config.kafka, config.lag_refresh_s)
             self._lag.start(self._consumer, probe, config.lag_refresh_s)
+            self._partitions.start()
             self._task = asyncio.ensure_future(self._ingest_until_stopped())
             await self._task
         except asyncio.CancelledError:
@@ -331,6 +334,7 @@ class DatabaseAgent:
         if self._task is not None and not self._task.done():
             self._task.cancel()  # run() itself was cancelled
         await self._lag.stop(deadline)
+        await self._partitions.stop()
         self._db.close()  # fails the queued work
         if self._mirror is not None:  # the last offsets reach Kafka before we leave
             await self._mirror.close(deadline)

@@ -24,6 +24,7 @@ from pipeline.commands import (
     gaps,
     migrate,
     owners,
+    partitions,
     replay,
     run,
     simulate,
@@ -39,12 +40,12 @@ DESCRIPTION = (
     "(`pipeline run`), declare the topics they read (`streams`), prepare their database "
     "and topics (`migrate`, `topics create`), "
     "steer them with signed commands (`control`), watch them (`top`), see what retention "
-    "deleted before it was ingested (`gaps`), repair data after an "
-    "incident (`replay`, `dlq`), publish simulated traffic (`simulate`), see it all work in "
-    "one command (`demo`), measure it (`bench`), and run a local Kafka and PostgreSQL to try "
-    "it on (`dev`). Settings come from environment variables (KAFKA_BOOTSTRAP_SERVERS, "
-    "DATABASE_URL, PIPELINE_*) or a TOML file; without the two endpoints, the commands use "
-    "the local stack."
+    "deleted before it was ingested (`gaps`), keep time partitions (`partitions`), repair "
+    "data after an incident (`replay`, `dlq`), publish simulated traffic (`simulate`), see it "
+    "all work in one command (`demo`), measure it (`bench`), and run a local Kafka and "
+    "PostgreSQL to try it on (`dev`). Settings come from environment variables "
+    "(KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, PIPELINE_*) or a TOML file; without the two "
+    "endpoints, the commands use the local stack."
 )
 
 #: The command families, in the order `pipeline --help` lists them.
@@ -58,6 +59,7 @@ COMMANDS = (
     control,
     top,
     gaps,
+    partitions,
     replay,
     dlq,
     simulate,

@@ -883,14 +883,20 @@ _SOURCE = ("src_partition", "src_offset")
 class TableWriter:
     """Writes one stream's rows, as its mode says (docs/streams.md).
 
-    An append table without a key takes a plain COPY. Every other table takes a COPY into a
-    temporary staging table, then one statement that moves the staged rows into place with
-    ``ON CONFLICT``, so redelivered and out-of-order rows are harmless: an append table with
-    a key skips a key it has; a "latest" table keeps the higher version (without a version,
-    the later offset of a partition; a row from another partition replaces); a "history"
-    stream also appends every record to its history table. With ``tombstones = "delete"``, a
-    batch's :class:`~pipeline.rows.Tombstone` rows delete their keys' rows first
+    An append table without a key takes a plain COPY (into the parent of a partitioned
+    one). Every other table takes a COPY into a temporary staging table, then one statement
+    that moves the staged rows into place with ``ON CONFLICT``, so redelivered and
+    out-of-order rows are harmless: an append table with a key skips a key it has; a "latest"
+    table keeps the higher version (without a version, the later offset of a partition; a row
+    from another partition replaces); a "history" stream also appends every record to its
+    history table. With ``tombstones = "delete"``, a batch's
+    :class:`~pipeline.rows.Tombstone` rows delete their keys' rows first
     (:func:`split_tombstones`).
+
+    The inserts into a table with a row per record (append, history) name no conflict
+    target: a partitioned table's primary key ends with its partition column, and the same
+    statement must work on a table still keyed without it, before the upgrade partitions it
+    (docs/streams.md, "Partitions and retention").
 
     A staging table is created, when missing, in the transaction that writes: a pooler in
     transaction mode may run the next transaction on a server session that has none, and a
@@ -1014,10 +1020,10 @@ def split_tombstones(rows: Sequence[Row], key_index: int) -> TombstoneSplit | No
 
 
 def _history_target(tables: StreamTables) -> str:
-    """The history table's conflict target: one row per (key, version), or per record."""
-    if tables.version is not None:
-        return sql_names.columns((*tables.key, tables.version))
-    return sql_names.columns(_SOURCE)
+    """The history table's unique key: one row per (key, version), or per record, and per
+    time when the table is partitioned."""
+    key = (*tables.key, tables.version) if tables.version is not None else _SOURCE
+    return sql_names.columns(schema_plan.partition_key(key, tables.partition_by))
 
 
 def _staged(tables: StreamTables, stage: str) -> str:
@@ -1039,7 +1045,7 @@ def _history_insert(tables: StreamTables) -> str:
     assert tables.history is not None
     cols = sql_names.columns(tables.table.columns)
     target = _history_target(tables)
-    # Without a version the target is the source itself: no two staged rows share it.
+    # Without a version the key starts with the source itself: no two staged rows share it.
     rows = (
         _first_of_each(target, cols) if tables.version is not None else f"SELECT {cols} FROM staged"
     )
@@ -1061,9 +1067,10 @@ def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
     key = sql_names.columns(tables.key)
     staged = _staged(tables, stage)
     if mode == "append":
+        unique = sql_names.columns(schema_plan.partition_key(tables.key, tables.partition_by))
         return (
             f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) "
-            f"{_first_of_each(key, cols)} ON CONFLICT DO NOTHING RETURNING 1) "
+            f"{_first_of_each(unique, cols)} ON CONFLICT DO NOTHING RETURNING 1) "
             "SELECT count(*) FROM new"
         )
     src_partition, src_offset = map(ident, _SOURCE)

@@ -310,6 +310,46 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        # Partitioned tables (consumers/partition_watch.py): read from the database every 30 s
+        # for the tables of this instance's streams, so they exist however maintenance runs.
+        partitioned = ["stream", "table"]
+        self.partitions = Gauge(
+            "pipeline_partitions",
+            "Partitions of a partitioned table, its DEFAULT partition aside",
+            partitioned,
+            registry=r,
+        )
+        self.partitions_premade = Gauge(
+            "pipeline_partitions_premade",
+            "Partitions made ahead: starting at or after the end of the current interval",
+            partitioned,
+            registry=r,
+        )
+        self.partition_newest_end = Gauge(
+            "pipeline_partition_newest_end_seconds",
+            "Seconds from now to the end of the newest partition (negative: in the past)",
+            partitioned,
+            registry=r,
+        )
+        self.partition_default_rows = Gauge(
+            "pipeline_partition_default_rows",
+            "Rows in the DEFAULT partition, counted up to 10,000: rows whose range has no "
+            "partition yet, which the next maintenance pass moves",
+            partitioned,
+            registry=r,
+        )
+        self.partition_interval = Gauge(
+            "pipeline_partition_interval_seconds",
+            "The table's partition interval, at most (a month counts 31 days)",
+            partitioned,
+            registry=r,
+        )
+        self.partition_maintained = Gauge(
+            "pipeline_partition_maintenance_last_success_timestamp_seconds",
+            "When the last maintenance pass over the table succeeded (0: never)",
+            partitioned,
+            registry=r,
+        )
         self.build_info = Gauge(
             "pipeline_build_info",
             "Build information (always 1)",

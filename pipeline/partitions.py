@@ -141,3 +141,139 @@ def partition_name(table: str, range_: Range, interval: str) -> str:
 def default_name(table: str) -> str:
     """The bare name of ``table``'s ``DEFAULT`` partition, in the table's schema."""
     return derived(table.rpartition(".")[2], "default")
+
+
+# -- maintenance planning --------------------------------------------------------------------
+
+#: The bounds PostgreSQL writes ``MINVALUE`` and ``MAXVALUE`` for: an upgraded table's legacy
+#: partition runs ``FROM (MINVALUE) TO (cut-over)``.
+MINVALUE = datetime.datetime.min.replace(tzinfo=UTC)
+MAXVALUE = datetime.datetime.max.replace(tzinfo=UTC)
+
+#: An interval's length at most, in seconds: a month counts 31 days, so "two intervals
+#: without maintenance" is never said too early.
+INTERVAL_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400, "month": 31 * 86400}
+
+_BOUND = re.compile(r"FOR VALUES FROM \((.+)\) TO \((.+)\)")
+
+
+def overlaps(a: Range, b: Range) -> bool:
+    return a.start < b.end and b.start < a.end
+
+
+def parse_bound(text: str) -> Range | None:
+    """A partition's bound as ``pg_get_expr(relpartbound, oid)`` writes it in a session whose
+    TimeZone is UTC: ``FOR VALUES FROM ('2026-12-07 00:00:00+00') TO (...)``, a date column's
+    ``('2026-12-07')``, or ``MINVALUE``/``MAXVALUE``; None for ``DEFAULT``. ValueError for any
+    other (a list or hash partition, a bound of several columns)."""
+    if text.strip() == "DEFAULT":
+        return None
+    found = _BOUND.fullmatch(text.strip())
+    if found is None:
+        raise ValueError(f"not a range partition bound of one time column: {text!r}")
+    return Range(_bound_value(found[1]), _bound_value(found[2]))
+
+
+def _bound_value(text: str) -> datetime.datetime:
+    if text == "MINVALUE":
+        return MINVALUE
+    if text == "MAXVALUE":
+        return MAXVALUE
+    if not (len(text) >= 2 and text[0] == text[-1] == "'"):
+        raise ValueError(f"not a time bound: {text!r}")
+    value = text[1:-1]
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not a time bound: {text!r}") from None
+    if moment.tzinfo is None:  # a date column's bound: midnight UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def bound_literal(moment: datetime.datetime, column_type: str) -> str:
+    """``moment`` as a partition bound of a ``column_type`` column, in SQL: a quoted UTC time
+    or date, or ``MINVALUE``/``MAXVALUE``."""
+    if moment == MINVALUE:
+        return "MINVALUE"
+    if moment == MAXVALUE:
+        return "MAXVALUE"
+    t = moment.astimezone(UTC)
+    if column_type == "date":
+        return f"'{t.date().isoformat()}'"
+    return f"'{t.isoformat(sep=' ')}'"
+
+
+def show_range(range_: Range) -> str:
+    """``[2026-12-07T00:00Z, 2026-12-08T00:00Z)``, ``MINVALUE`` and ``MAXVALUE`` by name."""
+
+    def show(t: datetime.datetime) -> str:
+        if t == MINVALUE:
+            return "MINVALUE"
+        if t == MAXVALUE:
+            return "MAXVALUE"
+        return t.strftime("%Y-%m-%dT%H:%MZ")
+
+    return f"[{show(range_.start)}, {show(range_.end)})"
+
+
+@dataclass(frozen=True)
+class MaintenancePlan:
+    """What one maintenance pass does to one table (:func:`plan_maintenance`)."""
+
+    create: tuple[Range, ...] = ()  # new empty partitions, up to ``ahead``
+    move: tuple[Range, ...] = ()  # ranges whose rows in DEFAULT get a partition of their own
+    expire: tuple[Range, ...] = ()  # ranges whose rows in DEFAULT are older than the horizon
+    drop: tuple[Range, ...] = ()  # existing partitions wholly older than the horizon
+    # DEFAULT rows whose interval overlaps an existing partition only in part: no partition
+    # of the interval can be made (an operator made those bounds; they are reported).
+    blocked: tuple[Range, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.move or self.expire or self.drop or self.blocked)
+
+
+def plan_maintenance(
+    existing: list[Range] | tuple[Range, ...],
+    in_default: list[Range] | tuple[Range, ...] | set[Range],
+    now: datetime.datetime,
+    partitioning: Partitioning,
+) -> MaintenancePlan:
+    """One pass over a table whose partitions (DEFAULT aside) cover ``existing``, and whose
+    DEFAULT partition holds rows in the interval ranges ``in_default``.
+
+    * create: the ranges :func:`wanted` at ``now`` that overlap no existing partition and
+      whose rows are not in DEFAULT (those are moved);
+    * move: the ranges of rows in DEFAULT, unless wholly older than the horizon (expire) or
+      overlapping an existing partition (blocked: only a partition of another interval can
+      overlap in part, and that is not made here);
+    * drop: the existing partitions wholly older than the horizon (an upgraded table's legacy
+      partition ``FROM (MINVALUE)`` too, once its end is). DEFAULT is never among them.
+    """
+    horizon = partitioning.horizon(now)
+    held = sorted(set(in_default))
+    expire = [r for r in held if expired(r, horizon)]
+    blocked = [r for r in held if r not in expire and any(overlaps(r, e) for e in existing)]
+    move = [r for r in held if r not in expire and r not in blocked]
+    create = [
+        r
+        for r in wanted(now, partitioning.interval, partitioning.ahead)
+        if not any(overlaps(r, e) for e in existing) and r not in move and not expired(r, horizon)
+    ]
+    drop = sorted(r for r in existing if expired(r, horizon))
+    return MaintenancePlan(tuple(create), tuple(move), tuple(expire), tuple(drop), tuple(blocked))
+
+
+def premade(
+    existing: list[Range] | tuple[Range, ...], now: datetime.datetime, interval: str
+) -> int:
+    """How many partitions start at or after the end of ``now``'s interval: those made ahead."""
+    after = step(floor(now, interval), interval)
+    return sum(1 for r in existing if r.start >= after)
+
+
+def newest_end(existing: list[Range] | tuple[Range, ...]) -> datetime.datetime | None:
+    """The end of the newest partition (None when there is none, or it ends at MAXVALUE)."""
+    ends = [r.end for r in existing if r.end != MAXVALUE]
+    return max(ends) if ends else None

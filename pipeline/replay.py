@@ -1,12 +1,7 @@
-"""Replaying a topic range into PostgreSQL: the pure part (no IO, ``now`` passed in).
-
-``pipeline replay`` (consumers/replay.py does the IO; docs/replay.md explains it) reads a
-range of a stream's partitions again and writes it exactly once, beside live ingestion. This
-module holds what can be decided without a server: parsing ``--from``/``--to``/``--streams``/
-``--partitions``, resolving a request against the log's bounds and the live group's stored
-offsets into one frozen range per partition (with the errors a bad range gets), the
-statements that empty a range before it is written again, the progress arithmetic, and the
-rate limiter's wait.
+"""Replaying a topic range into PostgreSQL, the pure part (no IO, ``now`` passed in): the
+flags parsed, a request resolved into one frozen range per partition, the statements that
+empty a range before it is written again, progress and pace. consumers/replay.py does the IO;
+docs/replay.md explains it.
 """
 
 from __future__ import annotations
@@ -35,7 +30,9 @@ def range_deletes(spec: StreamSpec) -> list[str]:
     """The statements that empty a replayed range (``$1`` partition, ``$2``..``$3`` offsets)
     before it is written again: every table with a row per record (an append table, a
     history table). A "latest" table is not emptied: the writer's version or offset guard
-    keeps an older record from replacing a newer row, and a tombstone deletes again."""
+    keeps an older record from replacing a newer row, and a tombstone deletes again. A
+    partitioned table is emptied through its parent, by every partition's source index: the
+    statement names no time, since a record replayed may decode to another one."""
     return [
         f"DELETE FROM {sql_names.table(table)} "
         'WHERE "src_partition" = $1 AND "src_offset" >= $2 AND "src_offset" < $3'

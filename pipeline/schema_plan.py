@@ -588,7 +588,11 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
     checks need, or a column the catalog does not know that a row must fill (NOT NULL without
     a default). A column the database has beyond the
     catalog's that is nullable or has a default is fine: agents of the previous catalog keep
-    writing after a migration that added it."""
+    writing after a migration that added it.
+
+    A partitioned stream's table may have either primary key: the key with the partition
+    column, or the key alone of the table before the upgrade partitioned it; the
+    writers' statements work on both (docs/streams.md, "Partitions and retention")."""
     found: list[str] = []
     for spec in streams:
         for shape in shapes(spec):
@@ -607,7 +611,9 @@ def missing(streams: Iterable[StreamSpec], state: DatabaseState) -> list[str]:
                         f"{pg_type(column.type)}"
                     )
             # A table not yet partitioned keeps its key until `pipeline migrate` upgrades it.
-            keys = (shape.primary_key, () if table.partitioned else unpartitioned_key(shape))
+            keys: tuple[tuple[str, ...], ...] = (shape.primary_key,)
+            if not table.partitioned:
+                keys = (shape.primary_key, unpartitioned_key(shape))
             if table.primary_key not in keys:
                 found.append(
                     f"{shape.display} has primary key {_key(table.primary_key)}, the catalog "

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import sys
+from typing import TYPE_CHECKING
 
-from pipeline.commands._common import OK, Subparsers, config_option, load_config
+from pipeline.commands._common import FAILED, OK, Subparsers, config_option, load_config
+
+if TYPE_CHECKING:
+    from pipeline.partition_maint import TableResult
 
 
 def register(commands: Subparsers) -> None:
@@ -19,7 +25,8 @@ def register(commands: Subparsers) -> None:
             "transaction; then, online, each existing table the catalog now partitions "
             "(docs/streams.md). A change it does not make (a type change, a removed column, a "
             "new key) is refused before anything changes, and every one is named. `pipeline "
-            "streams plan` prints the statements first."
+            "streams plan` prints the statements first. Then one `pipeline partitions "
+            "maintain` pass, so the partitioned tables have their partitions at once."
         ),
     )
     config_option(parser)
@@ -29,25 +36,53 @@ def register(commands: Subparsers) -> None:
 def migrate(args: argparse.Namespace) -> int:
     """Apply the migrations and the catalog as the migrator (PIPELINE_MIGRATE_DATABASE_URL,
     else DATABASE_URL): the one command that changes the schema."""
-    from pipeline import db
+    from pipeline import db, partition_maint
 
     config = load_config(args)
 
-    async def apply() -> db.Migrated:
+    lines: list[str] = []
+
+    async def apply() -> tuple[db.Migrated, list[TableResult]]:
         conn = await db.connect(config.migration_url, config.db_session)
         try:
-            return await db.migrate_schema(conn, db.read_migrations(), config.catalog)
+            migrated = await db.migrate_schema(conn, db.read_migrations(), config.catalog)
+            # A fresh or upgraded database gets its partitions now, not at the first pass of
+            # a maintainer that may run only hours later.
+            tables = partition_maint.targets(config.catalog)
+            now = datetime.datetime.now(datetime.UTC)
+            pooled = config.db_session.pooler == "transaction"
+            return migrated, await partition_maint.maintain(
+                conn, tables, now, lines.append, session_lock=not pooled
+            )
         finally:
             await conn.close()
 
-    migrated = asyncio.run(apply())
+    migrated, maintained = asyncio.run(apply())
+    # A table the catalog partitions that is still a plain one is the upgrade's to change,
+    # not a failure of this migration: the pass names it and goes on.
+    failed = [r for r in maintained if r.error is not None and not r.not_partitioned]
     if migrated.nothing:
         print("the schema is up to date")
-        return OK
+        return _maintenance_failed(lines, failed)
     if migrated.migrations:
         print("applied: " + ", ".join(migrated.migrations))
     for action in migrated.plan.actions:
         print(action)
     if migrated.recorded:
         print("recorded the catalog of: " + ", ".join(migrated.recorded))
-    return OK
+    return _maintenance_failed(lines, failed)
+
+
+def _maintenance_failed(lines: list[str], failed: list[TableResult]) -> int:
+    """The maintenance pass's actions, on stderr (stdout says what changed in the schema);
+    the schema is migrated either way, and a table whose partitions could not be made is
+    named, with an exit status that says so (`pipeline partitions maintain` tries again)."""
+    for line in lines:  # beside the schema's changes, as progress: what the pass made
+        print(line, file=sys.stderr)
+    for result in failed:
+        print(
+            f"pipeline: error: partitions of {result.table}: {result.error} "
+            "(`pipeline partitions maintain` tries again)",
+            file=sys.stderr,
+        )
+    return FAILED if failed else OK

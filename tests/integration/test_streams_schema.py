@@ -107,7 +107,9 @@ async def empty_database(servers: Servers, name: str) -> AsyncIterator[str]:
 async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every table of the database (but ``without``) as pg_catalog describes it: columns with
     type, nullability and default; constraints; indexes; owner and grants; how it is
-    partitioned, or of which table it is a partition and its range; and the sequences."""
+    partitioned, or of which table it is a partition and its range (the DEFAULT partition
+    and an upgrade's legacy one; not those partition maintenance makes by the interval,
+    which depend on the day the database was made); and the sequences."""
     conn = await asyncpg.connect(url, timeout=10)
     try:
         await conn.execute("SET TimeZone = 'UTC'")  # partition bounds, as UTC timestamps
@@ -123,6 +125,9 @@ async def describe(url: str, *, without: tuple[str, ...] = ()) -> dict[str, Any]
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                WHERE c.relkind IN ('r', 'p')
                  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                 AND (NOT c.relispartition
+                      OR pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT'
+                      OR pg_get_expr(c.relpartbound, c.oid) LIKE 'FOR VALUES FROM (MINVALUE)%')
                ORDER BY 2"""
         )
         found: dict[str, Any] = {}

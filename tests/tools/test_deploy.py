@@ -36,6 +36,7 @@ from pipeline.kafka_settings import KafkaSettings
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "agent-pipeline:local"
 AGENTS = ("agent-1", "agent-2")
+MAINTAINER = "partition-maintainer"  # `pipeline partitions maintain --every 1h`
 # One-shot services: each runs to its end (the simulator after SIMULATOR_DURATION_S).
 JOBS = {"secrets", "logins", "kafka-users", "keys", "migrate", "topics", "simulator", "antigravity"}
 PROVISIONING = {"secrets", "logins", "kafka-users"}  # pipeline.devstack.provision
@@ -45,11 +46,12 @@ IDENTITIES = {
     "agent-1": (postgres.AGENT, kafka_auth.AGENT_USER),
     "agent-2": (postgres.AGENT, kafka_auth.AGENT_USER),
     "migrate": (postgres.MIGRATOR, None),
+    MAINTAINER: (postgres.MIGRATOR, None),
     "topics": (postgres.ANALYST, kafka_auth.ORCHESTRATOR_USER),
     "antigravity": (postgres.ANALYST, kafka_auth.ORCHESTRATOR_USER),
     "simulator": (None, kafka_auth.PRODUCER_USER),
 }
-LONG_RUNNING = {"kafka", "postgres", *AGENTS, "prometheus", "grafana"}
+LONG_RUNNING = {"kafka", "postgres", *AGENTS, MAINTAINER, "prometheus", "grafana"}
 PUBLISHED = {
     "kafka": {9092: 9092},
     "postgres": {5432: 5432},
@@ -138,6 +140,7 @@ def test_services_wait_for_jobs_to_succeed_and_for_servers_to_be_healthy(
     assert waits[("logins", "postgres")] == waits[("kafka-users", "kafka")] == "service_healthy"
     assert {on for name, on in waits if name == "migrate"} == {"logins"}
     assert {on for name, on in waits if name == "topics"} == {"kafka-users"}
+    assert {on for name, on in waits if name == MAINTAINER} == {"migrate"}
     assert {on for name, on in waits if name == "simulator"} == set(AGENTS)
 
 
@@ -157,7 +160,7 @@ def test_the_pipeline_services_run_one_image_built_from_this_tree(
     services: dict[str, Any],
 ) -> None:
     ours = {name for name, s in services.items() if s["image"] == IMAGE}
-    assert ours == set(AGENTS) | JOBS
+    assert ours == set(AGENTS) | JOBS | {MAINTAINER}
     for name in ours:
         assert services[name]["build"] == {"context": str(ROOT), "dockerfile": "Dockerfile"}
         assert services[name]["pull_policy"] == "never", name
@@ -203,7 +206,7 @@ def _in_container(path: str) -> str:
 
 def test_the_pipeline_settings_are_valid_and_the_tests_own(services: dict[str, Any]) -> None:
     default = Config(kafka=KafkaSettings(bootstrap_servers="x"), database_url="x")
-    assert set(IDENTITIES) == set(AGENTS) | JOBS - {"keys"} - PROVISIONING
+    assert set(IDENTITIES) == set(AGENTS) | {MAINTAINER} | JOBS - {"keys"} - PROVISIONING
     for name in IDENTITIES:
         config = _settings(services[name])
         assert config.kafka.bootstrap_servers == "kafka:29092", name

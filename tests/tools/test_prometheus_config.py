@@ -39,7 +39,7 @@ def test_the_generated_config_passes_promtool(tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "SUCCESS: 13 rules found" in output
+    assert "SUCCESS: 16 rules found" in output
     text = config.read_text()
     assert f'job_name: "{JOB}"' in text and JOB == "database-agent"
     assert re.search(r"scrape_interval: 1s\n.*\n  evaluation_interval: 2s\n", text)

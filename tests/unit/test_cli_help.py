@@ -84,13 +84,14 @@ def test_the_walk_finds_every_command_and_subcommand(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pages = every_command(monkeypatch, capsys)
-    assert len(pages) == 38
+    assert len(pages) == 41
     assert {
         "pipeline",
         "pipeline-dev",
         "pipeline-dev-up",
         "pipeline-control-rollback",
         "pipeline-gaps-ack",
+        "pipeline-partitions-maintain",
         "pipeline-streams-plan",
     } <= set(pages)
     assert "pipeline-replay-list" not in pages  # `replay list` is a choice, not a subparser

@@ -212,8 +212,8 @@ def _updates(names: str) -> str:
             "states",
             _staged(STATE_COLS)
             + f'new AS (INSERT INTO "public"."agent_state_history" ({STATE_COLS}) '
-            f'SELECT DISTINCT ON ("agent_id", "version") {STATE_COLS} FROM staged '
-            'ORDER BY "agent_id", "version", "src_partition", "src_offset" '
+            f'SELECT DISTINCT ON ("agent_id", "version", "ts") {STATE_COLS} FROM staged '
+            'ORDER BY "agent_id", "version", "ts", "src_partition", "src_offset" '
             "ON CONFLICT DO NOTHING "
             f'RETURNING 1), latest AS (INSERT INTO "public"."agent_states" AS t ({STATE_COLS}) '
             f'SELECT DISTINCT ON ("agent_id") {STATE_COLS} FROM staged '
@@ -227,8 +227,8 @@ def _updates(names: str) -> str:
             "config",
             _staged(CONFIG_COLS)
             + f'new AS (INSERT INTO "public"."system_config_history" ({CONFIG_COLS}) '
-            f'SELECT DISTINCT ON ("key", "version") {CONFIG_COLS} FROM staged '
-            'ORDER BY "key", "version", "src_partition", "src_offset" '
+            f'SELECT DISTINCT ON ("key", "version", "ts") {CONFIG_COLS} FROM staged '
+            'ORDER BY "key", "version", "ts", "src_partition", "src_offset" '
             "ON CONFLICT DO NOTHING "
             f'RETURNING 1), latest AS (INSERT INTO "public"."system_config" AS t ({CONFIG_COLS}) '
             f'SELECT DISTINCT ON ("key") {CONFIG_COLS} FROM staged '
@@ -241,8 +241,8 @@ def _updates(names: str) -> str:
         pytest.param(
             "events",
             _staged(EVENT_COLS) + f'new AS (INSERT INTO "public"."system_events" ({EVENT_COLS}) '
-            f'SELECT DISTINCT ON ("event_id") {EVENT_COLS} FROM staged '
-            'ORDER BY "event_id", "src_partition", "src_offset" '
+            f'SELECT DISTINCT ON ("event_id", "ts") {EVENT_COLS} FROM staged '
+            'ORDER BY "event_id", "ts", "src_partition", "src_offset" '
             "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
             id="events",
         ),
@@ -250,8 +250,8 @@ def _updates(names: str) -> str:
             "analytics",
             _staged(ANALYTICS_COLS)
             + f'new AS (INSERT INTO "public"."user_analytics" ({ANALYTICS_COLS}) '
-            f'SELECT DISTINCT ON ("event_id") {ANALYTICS_COLS} FROM staged '
-            'ORDER BY "event_id", "src_partition", "src_offset" '
+            f'SELECT DISTINCT ON ("event_id", "ts") {ANALYTICS_COLS} FROM staged '
+            'ORDER BY "event_id", "ts", "src_partition", "src_offset" '
             "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
             id="analytics",
         ),
@@ -270,8 +270,10 @@ def test_states_upsert_shape() -> None:
     assert statement.startswith('WITH staged AS (DELETE FROM "stage_agent_states" RETURNING ')
     history, latest = statement.split("), latest AS (")
     assert 'new AS (INSERT INTO "public"."agent_state_history" ' in history
-    # Every version lands once in the history, and those are the rows counted as new.
-    assert history.endswith("ON CONFLICT DO NOTHING RETURNING 1")
+    # Every version (at its time: the history is partitioned by ts) lands once in the
+    # history, and those are the rows counted as new.
+    assert 'SELECT DISTINCT ON ("agent_id", "version", "ts") ' in history
+    assert history.endswith(" ON CONFLICT DO NOTHING RETURNING 1")
     assert statement.endswith(" SELECT count(*) FROM new")
     assert latest.startswith('INSERT INTO "public"."agent_states" ')
     # One row per agent, the highest version, so ON CONFLICT never touches a row twice.

@@ -1,14 +1,17 @@
 """The pure parts of the modes' writes, rollbacks and replays: how a batch with tombstones is
-split, and every statement naming the catalog's tables and columns through sql_names (a
-table named like a keyword, a schema-qualified one, a column named ``select``)."""
+split, every statement naming the catalog's tables and columns through sql_names (a
+table named like a keyword, a schema-qualified one, a column named ``select``), the
+statements of partitioned tables, and the agents' start check on a partitioned table's key
+before and after the upgrade partitions it."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 
-from pipeline import catalog, control_store, db, sql_names
+from pipeline import catalog, control_store, db, schema_plan, sql_names
 from pipeline.catalog import Catalog, StreamSpec
 from pipeline.db import TombstoneSplit, split_tombstones
 from pipeline.replay import range_deletes
@@ -78,6 +81,50 @@ key = ["select", "group"]
 [streams.columns]
 select = "text"
 group = "bigint"
+
+[[streams]]
+name = "partitioned"
+topic = "t.partitioned"
+table = "shop.window"
+key = ["select"]
+partition_by = "when"
+partition_interval = "hour"
+[streams.columns]
+select = "text"
+when = "timestamptz"
+
+[[streams]]
+name = "partitioned_plain"
+topic = "t.partitioned_plain"
+table = "offset"
+partition_by = "when"
+[streams.columns]
+value = "double precision"
+when = "timestamptz"
+
+[[streams]]
+name = "partitioned_history"
+topic = "t.partitioned_history"
+table = "range"
+mode = "history"
+key = ["select"]
+version = "limit"
+partition_by = "when"
+[streams.columns]
+select = "text"
+limit = "bigint"
+when = "timestamptz"
+
+[[streams]]
+name = "partitioned_log"
+topic = "t.partitioned_log"
+table = "rows"
+mode = "history"
+key = ["select"]
+partition_by = "when"
+[streams.columns]
+select = "text"
+when = "date"
 """
 
 
@@ -133,7 +180,8 @@ def test_the_quoting_test_catches_a_name_pasted_as_it_is() -> None:
 def test_a_schema_qualified_table_is_quoted_part_by_part() -> None:
     writer = db.TableWriter(CAT["keyed"])
     assert 'INSERT INTO "shop"."order" ("select", "group", "from", ' in writer._upsert
-    assert "ON CONFLICT DO NOTHING" in writer._upsert
+    assert 'SELECT DISTINCT ON ("select", "group") "select", "group", "from", ' in writer._upsert
+    assert " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new" in writer._upsert
     assert writer._create_stage == (
         f'CREATE TEMP TABLE IF NOT EXISTS "{writer.stage}" '
         '(LIKE "shop"."order" INCLUDING DEFAULTS) ON COMMIT DELETE ROWS'
@@ -156,10 +204,74 @@ def test_each_mode_s_statement() -> None:
     history = db.TableWriter(CAT["unversioned_history"])._upsert
     # Without a version, a history row per record.
     assert 'INSERT INTO "public"."check_history" (' in history
-    assert "ON CONFLICT DO NOTHING RETURNING 1), " in history
+    assert " FROM staged ON CONFLICT DO NOTHING RETURNING 1), " in history
     assert history.endswith(" SELECT count(*) FROM new")
     versioned = db.TableWriter(CAT["history"])._upsert
-    assert "ON CONFLICT DO NOTHING RETURNING 1), " in versioned
+    assert 'SELECT DISTINCT ON ("select", "limit") ' in versioned
+    assert " ON CONFLICT DO NOTHING RETURNING 1), " in versioned
+
+
+def test_a_partitioned_append_table_keeps_the_first_of_each_key_and_time() -> None:
+    writer = db.TableWriter(CAT["partitioned"])
+    # No conflict target: the same statement works on the table keyed by ("select") and on
+    # the partitioned one keyed by ("select", "when"), whose unique key has the time.
+    assert writer._upsert == (
+        f'WITH staged AS (DELETE FROM "{writer.stage}" RETURNING "select", "when", '
+        '"src_partition", "src_offset", "batch_id"), new AS (INSERT INTO "shop"."window" '
+        '("select", "when", "src_partition", "src_offset", "batch_id") '
+        'SELECT DISTINCT ON ("select", "when") "select", "when", "src_partition", "src_offset", '
+        '"batch_id" FROM staged ORDER BY "select", "when", "src_partition", "src_offset" '
+        "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new"
+    )
+    assert writer._create_stage == (
+        f'CREATE TEMP TABLE IF NOT EXISTS "{writer.stage}" '
+        '(LIKE "shop"."window" INCLUDING DEFAULTS) ON COMMIT DELETE ROWS'
+    )
+
+
+def test_a_partitioned_append_table_without_a_key_takes_a_plain_copy() -> None:
+    writer = db.TableWriter(CAT["partitioned_plain"])
+    assert not writer._staged
+    assert writer._upsert == ""
+
+
+def test_a_partitioned_history_keeps_a_row_per_version_and_time_and_latest_as_it_was() -> None:
+    history = db.TableWriter(CAT["partitioned_history"])._upsert
+    assert 'INSERT INTO "public"."range_history" (' in history
+    assert 'SELECT DISTINCT ON ("select", "limit", "when") ' in history
+    assert 'ORDER BY "select", "limit", "when", "src_partition", "src_offset" ' in history
+    assert " ON CONFLICT DO NOTHING RETURNING 1), " in history
+    # The latest table is never partitioned: its upsert names its key, as before.
+    assert 'INSERT INTO "public"."range" AS t (' in history
+    assert 'ON CONFLICT ("select") DO UPDATE SET ' in history
+    assert history == _without_partitioning_but_history_key(CAT["partitioned_history"])
+    log = db.TableWriter(CAT["partitioned_log"])._upsert
+    # Without a version, a row per record: the source is unique, nothing to pick from.
+    assert (
+        'new AS (INSERT INTO "public"."rows_history" ("select", "when", "src_partition", '
+        '"src_offset", "batch_id") SELECT "select", "when", "src_partition", "src_offset", '
+        '"batch_id" FROM staged ON CONFLICT DO NOTHING RETURNING 1), '
+    ) in log
+
+
+def _without_partitioning_but_history_key(spec: StreamSpec) -> str:
+    """The stream's statement without partitioning, with the history's DISTINCT ON given the
+    partition column: the only difference partitioning makes."""
+    plain = db.TableWriter(dataclasses.replace(spec, partitioning=None))._upsert
+    return plain.replace('"select", "limit")', '"select", "limit", "when")').replace(
+        'ORDER BY "select", "limit", "src_partition"',
+        'ORDER BY "select", "limit", "when", "src_partition"',
+    )
+
+
+def test_replays_and_rollbacks_of_partitioned_tables_delete_by_source_alone() -> None:
+    # No partition column in the statements: a replayed record may decode to another time
+    # than the row it replaces, so every partition's source index is searched.
+    for stream in ("partitioned", "partitioned_history"):
+        spec = CAT[stream]
+        plain = dataclasses.replace(spec, partitioning=None)
+        assert range_deletes(spec) == range_deletes(plain)
+        assert control_store.restore_statement(spec) == control_store.restore_statement(plain)
 
 
 def test_a_tombstone_deletes_unless_the_row_came_later_in_its_partition() -> None:
@@ -267,3 +379,69 @@ def test_a_tombstone_is_found_by_its_key_column() -> None:
     rows = [("x", "k", 0, 0, 1), Tombstone((None, "k", 0, 1, 1)), ("y", "k", 0, 2, 1)]
     split = split_tombstones(rows, 1)
     assert split == TombstoneSplit([rows[0]], [("k", 0, 1)], [rows[2]])
+
+
+# -- the agents' start check on a partitioned table --------------------------------------------
+
+
+def _state(spec: StreamSpec, keys: dict[str, tuple[str, ...]]) -> schema_plan.DatabaseState:
+    """The database with the stream's tables as the plan makes them, but the primary keys
+    given by table name."""
+    tables = {}
+    for shape in schema_plan.shapes(spec):
+        columns = [
+            schema_plan.ColumnState(c.name, schema_plan.pg_type(c.type), not c.nullable)
+            for c in shape.columns
+        ] + [
+            schema_plan.ColumnState("src_partition", "integer", True),
+            schema_plan.ColumnState("src_offset", "bigint", True),
+            schema_plan.ColumnState("batch_id", "bigint", True),
+            schema_plan.ColumnState("ingested_at", "timestamp with time zone", True, True),
+        ]
+        key = keys.get(shape.name, shape.primary_key)
+        tables[shape.qualified] = schema_plan.TableState(tuple(columns), key)
+    return schema_plan.DatabaseState(tables)
+
+
+@pytest.mark.parametrize(
+    ("stream", "table", "before", "after"),
+    [
+        ("partitioned", "shop.window", ("select",), ("select", "when")),
+        ("partitioned_history", "range_history", ("select", "limit"), ("select", "limit", "when")),
+        (
+            "partitioned_log",
+            "rows_history",
+            ("src_partition", "src_offset"),
+            ("src_partition", "src_offset", "when"),
+        ),
+    ],
+)
+def test_an_agent_runs_on_a_partitioned_stream_s_table_keyed_before_or_after_the_upgrade(
+    stream: str, table: str, before: tuple[str, ...], after: tuple[str, ...]
+) -> None:
+    spec = CAT[stream]
+    assert [s.primary_key for s in schema_plan.shapes(spec) if s.name == table] == [after]
+    assert schema_plan.missing([spec], _state(spec, {table: after})) == []
+    assert schema_plan.missing([spec], _state(spec, {table: before})) == []
+
+
+def test_an_agent_refuses_a_partitioned_stream_s_table_of_another_key() -> None:
+    spec = CAT["partitioned"]
+    wrong = {"shop.window": ("when",)}
+    assert schema_plan.missing([spec], _state(spec, wrong)) == [
+        "shop.window has primary key (when), the catalog says (select, when)"
+    ]
+    assert schema_plan.missing([spec], _state(spec, {"shop.window": ()})) == [
+        "shop.window has primary key none, the catalog says (select, when)"
+    ]
+    history = CAT["partitioned_history"]
+    # The latest table is never partitioned: only its own key will do.
+    latest = {"range": ("select", "when")}
+    assert schema_plan.missing([history], _state(history, latest)) == [
+        "public.range has primary key (select, when), the catalog says (select)"
+    ]
+    # The key of the table before the upgrade is accepted for a partitioned stream only.
+    plain = dataclasses.replace(spec, partitioning=None)
+    assert schema_plan.missing([plain], _state(spec, {})) == [
+        "shop.window has primary key (select, when), the catalog says (select)"
+    ]
