@@ -417,7 +417,8 @@ async def _drop_day(
     conn: asyncpg.Connection, parted: str, flat: str, day: partitions.Range, first: int
 ) -> DropRun:
     """Remove ``day`` from both tables as each would: the partitioned one as retention does
-    (a plain DETACH, since the table has a DEFAULT partition, then DROP), the other by DELETE
+    (a plain DETACH, since the table has a DEFAULT partition, then DROP, in one transaction;
+    docs/operations.md, "Partitions and retention"), the other by DELETE
     and the VACUUM that makes its space reusable. A CHECKPOINT before each, so neither pays
     for the other's dirty pages; ``first`` says which goes first (alternated run by run)."""
     partition = sql_names.ident(partitions.partition_name(parted, day, "day"))
@@ -426,8 +427,11 @@ async def _drop_day(
 
     async def retention() -> None:
         started = time.perf_counter()
-        await conn.execute(f"ALTER TABLE {sql_names.table(parted)} DETACH PARTITION {partition}")
-        await conn.execute(f"DROP TABLE {partition}")
+        # Two statements in one query string: one transaction, as retention runs them.
+        await conn.execute(
+            f"ALTER TABLE {sql_names.table(parted)} DETACH PARTITION {partition}; "
+            f"DROP TABLE {partition}"
+        )
         times["drop"] = time.perf_counter() - started
 
     async def delete() -> None:
