@@ -399,7 +399,7 @@ class _StreamDecl(msgspec.Struct, forbid_unknown_fields=True):
     history_table: str | None = None
     indexes: list[_IndexDecl] = []
     partition_by: str | None = None
-    partition_interval: Literal["hour", "day", "week", "month"] | None = None
+    partition_interval: str | None = None
     partitions_ahead: int | None = None
     retention: str | None = None
 
@@ -691,8 +691,11 @@ def _partitioning(
             f"{decl.partition_by!r} is nullable; a partition column must always have a value",
         )
     interval = decl.partition_interval or "day"
-    if interval not in INTERVALS:  # msgspec's Literal has said so already
-        failed = True
+    if interval not in INTERVALS:
+        fail(
+            "partition_interval",
+            f"unknown interval {interval!r}; choose from {', '.join(INTERVALS)}",
+        )
     elif interval == "hour" and column is not None and column.type == "date":
         fail("partition_interval", f'"hour" needs a timestamptz column; {column.name!r} is a date')
     ahead = DEFAULT_AHEAD if decl.partitions_ahead is None else decl.partitions_ahead

@@ -171,7 +171,6 @@ class TableResult:
     rows_moved: int = 0
     rows_expired: int = 0  # rows in DEFAULT older than the horizon, deleted
     error: str | None = None
-    not_partitioned: bool = False  # the error is NotPartitioned's
     actions: list[str] = field(default_factory=list)
 
 
@@ -464,9 +463,7 @@ async def maintain(
                 result = await maintain_table(conn, target, now, say)
             except (asyncpg.PostgresError, PipelineError) as exc:
                 line = (str(exc).splitlines() or [type(exc).__name__])[0]
-                result = TableResult(
-                    target.table, error=line, not_partitioned=isinstance(exc, NotPartitioned)
-                )
+                result = TableResult(target.table, error=line)
                 say(f"{target.table}: maintenance failed: {line}")
             await _record(conn, result)
             results.append(result)

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pipeline import catalog, db, partition_upgrade, testbed
+from pipeline import catalog, db, partition_upgrade, partitions, testbed
 from pipeline.db_session import Session
 from pipeline.testbed import AgentProcess
 from tests.conftest import Servers
@@ -109,10 +109,22 @@ async def sources(url: str, table: str) -> set[tuple[int, int]]:
 
 
 def expected_partitions(cutover: str) -> dict[str, dict[str, str]]:
+    """The DEFAULT and legacy partitions the upgrade made, and the days after the cut-over
+    that `pipeline migrate`'s maintenance pass made, up to partitions_ahead after today."""
+    start = datetime.datetime.fromisoformat(cutover)
+    now = datetime.datetime.now(datetime.UTC)
+    made = [r for r in partitions.wanted(now, "day", partitions.DEFAULT_AHEAD) if r.start >= start]
+    stamp = "%Y-%m-%d %H:%M:%S+00"
     return {
         t: {
             f"{t}_default": "DEFAULT",
             f"{t}_legacy": f"FOR VALUES FROM (MINVALUE) TO ('{cutover}')",
+            **{
+                partitions.partition_name(t, r, "day"): (
+                    f"FOR VALUES FROM ('{r.start.strftime(stamp)}') TO ('{r.end.strftime(stamp)}')"
+                )
+                for r in made
+            },
         }
         for t in PARTITIONED
     }
