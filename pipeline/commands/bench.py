@@ -85,6 +85,16 @@ def register(commands: Subparsers) -> None:
         "ratio (instead of the usual measurements)",
     )
     parser.add_argument(
+        "--partitioning",
+        action="store_true",
+        help="what time partitions buy: dropping a day of metric rows by retention against "
+        "DELETE, and one agent's day of metrics, on a partitioned and an unpartitioned table "
+        "with the same rows (instead of the usual measurements; PostgreSQL only)",
+    )
+    parser.add_argument(
+        "--rows", type=count, default=1_000_000, help="--partitioning: metric rows a day (1M)"
+    )
+    parser.add_argument(
         "--sdk",
         action="store_true",
         help="the agents' side: a simulated agent emits states, events and metrics at "
@@ -147,7 +157,8 @@ def bench(args: argparse.Namespace) -> int:
     from producers.simulator import FleetSimulator, simulate
 
     modes = [name for name, on in (("--secure", args.secure), ("--pooler", args.pooler),
-                                   ("--sdk", args.sdk)) if on]  # fmt: skip
+                                   ("--sdk", args.sdk), ("--partitioning", args.partitioning))
+             if on]  # fmt: skip
     if len(modes) > 1:
         raise ConfigError(f"{' and '.join(modes)} are separate measurements: give one at a time")
     if args.record_baseline and modes:
@@ -156,6 +167,8 @@ def bench(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--sdk-seconds must be above {SDK_LOCK_S}, the lock's time, got {args.sdk_seconds:g}"
         )
+    if args.partitioning:
+        return _partitioning(args)
     baseline_path = args.baseline or BASELINE_FILE
     baseline = read_baseline(baseline_path)  # a broken file stops the run before it starts
     load_before = os.getloadavg()
@@ -219,6 +232,24 @@ def bench(args: argparse.Namespace) -> int:
     _write_json(args.json, as_json(results, memory))
     plot(results, args.png)
     progress(f"plot: {args.png}")
+    return OK
+
+
+def _partitioning(args: argparse.Namespace) -> int:
+    """`pipeline bench --partitioning`: consumers/bench_partitions.py, against the configured
+    PostgreSQL (the local stack's unless DATABASE_URL names another server)."""
+    from consumers.bench_partitions import AGENTS, as_json, run_partition_bench, table
+    from pipeline.commands._common import load_config
+    from producers.simulator import FleetSimulator, Mix
+
+    stack, _ = local_stack_up()
+    admin = {} if stack is None else {"database_url": stack.admin_url()}
+    config = load_config(argparse.Namespace(config=None), **admin)
+    only_metrics = Mix(states=0, events=0, metrics=1, analytics=0, config=0)
+    fleet = FleetSimulator(agents=AGENTS, seed=1, mix=only_metrics)
+    result = asyncio.run(run_partition_bench(config.database_url, fleet, args.rows, progress))
+    print(table(result))
+    _write_json(args.json, as_json(result))
     return OK
 
 
