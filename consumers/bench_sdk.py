@@ -114,7 +114,7 @@ class WayResult:
     lag_p99_ms: float
     lag_max_ms: float
     peak_rss_mb: float
-    lock_records: int  # records whose emit call returned while the tables were locked
+    lock_records: int  # records whose emit call was made and returned while the tables were locked
     lock_scheduled: int  # what the schedule had for the lock's time
     lock_call_max_ms: float  # the longest call that overlapped the lock
     lock_lag_max_ms: float
@@ -217,7 +217,9 @@ def summarise(report: AgentReport, lock: tuple[float, float], rate: float) -> Wa
     ]
     lags = [lag for _, lag in report.lags]
     lock_lags = [lag for when, lag in report.lags if locked_from <= when <= locked_to]
-    lock_records = sum(locked_from <= end <= locked_to for _, end in report.calls)
+    # A call that began before the lock was granted may have been answered before it and
+    # returned just after: only a call made and returned inside the lock emitted through it.
+    lock_records = sum(locked_from <= start and end <= locked_to for start, end in report.calls)
     # The cost per record is the steady one: while the tables are locked, the old ways emit
     # next to nothing, and what their process spends then would weigh on too few records.
     lock_cpu = cpu_at(report.cpu, locked_to) - cpu_at(report.cpu, locked_from)

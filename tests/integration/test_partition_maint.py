@@ -168,7 +168,7 @@ async def test_two_maintainer_processes_at_once(servers: Servers, database_url: 
     url = database_url
     async with _admin(url) as conn:
         await _insert(conn, [_day(-2)] * 4)
-    env = _env(url)
+    env = _env(servers, url)
     command = [
         sys.executable,
         "-m",
@@ -193,9 +193,12 @@ async def test_two_maintainer_processes_at_once(servers: Servers, database_url: 
     assert len(moved) == 1, outputs
 
 
-def _env(url: str, **extra: str) -> dict[str, str]:
+def _env(servers: Servers, url: str, **extra: str) -> dict[str, str]:
+    """A `pipeline` command's environment on the test's servers (both endpoints: a command
+    given one without the other refuses to start)."""
     env = dict(os.environ)
     env.update(
+        KAFKA_BOOTSTRAP_SERVERS=servers.endpoints.kafka_bootstrap,
         DATABASE_URL=testbed.as_agent(url),
         PIPELINE_MIGRATE_DATABASE_URL=testbed.as_migrator(url),
         **extra,
@@ -280,7 +283,7 @@ async def test_list_json(servers: Servers, database_url: str) -> None:
             *command,
             "--stream",
             "metrics",
-            env={**_env(url), "DATABASE_URL": login},
+            env={**_env(servers, url), "DATABASE_URL": login},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -316,7 +319,7 @@ async def test_every_runs_passes_until_sigterm(servers: Servers, database_url: s
         "--stream", "metrics", "--now", NOW.isoformat(),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
-        *command, env=_env(url), stdout=asyncio.subprocess.PIPE
+        *command, env=_env(servers, url), stdout=asyncio.subprocess.PIPE
     )
     try:
 
@@ -465,7 +468,7 @@ async def test_migrate_ends_with_a_pass(servers: Servers, database_url: str) -> 
         "-m",
         "pipeline.cli",
         "migrate",
-        env=_env(database_url),
+        env=_env(servers, database_url),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -550,7 +553,7 @@ async def test_two_maintainers_behind_a_transaction_pooler(
     assert servers.logins is not None
     migrator = transaction_pooler.url(servers.logins.migrator.url(url))
     env = {
-        **_env(url),
+        **_env(servers, url),
         "PIPELINE_MIGRATE_DATABASE_URL": migrator,
         "PIPELINE_DB_POOLER": "transaction",
     }
@@ -604,7 +607,7 @@ async def test_a_plain_table_fails_maintenance_until_migrate_upgrades_it(
         "pipeline.cli",
         "partitions",
         "maintain",
-        env=_env(url),
+        env=_env(servers, url),
         stdout=asyncio.subprocess.PIPE,
     )
     out = (await maintain.communicate())[0].decode()
@@ -635,7 +638,7 @@ async def test_a_plain_table_fails_maintenance_until_migrate_upgrades_it(
         "-m",
         "pipeline.cli",
         "migrate",
-        env=_env(url),
+        env=_env(servers, url),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

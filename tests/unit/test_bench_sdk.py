@@ -160,6 +160,14 @@ def test_a_report_is_summarised_against_the_lock() -> None:
     )
 
 
+def test_a_call_made_before_the_lock_and_returned_in_it_did_not_emit_through_it() -> None:
+    # An INSERT answered just before the lock was granted, whose call returned just after.
+    report = _report()
+    report.calls = [(101.99, 102.01), (102.5, 103.99), (103.5, 104.5)]
+    found = summarise(report, (102.0, 104.0), rate=100)
+    assert found.lock_records == 1
+
+
 def test_calls_that_end_during_the_lock_count_as_emitted_during_it() -> None:
     report = _report(SDK)
     report.calls = [(102.5 + i, 102.5 + i + 0.0001) for i in range(3)]  # at 102.5, 103.5, 104.5
