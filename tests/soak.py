@@ -52,7 +52,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "soak."
 GROUP = "soak"
 DATABASE = "soak"
-MEASURES = ("rss_mib", "open_fds", "asyncio_tasks", "db_connections")
+MEASURES = (
+    "rss_mib",
+    "allocated_blocks",
+    "malloc_in_use_mib",
+    "open_fds",
+    "asyncio_tasks",
+    "db_connections",
+)
+# RSS is reported, not judged (tests/soak_trend.py's RULES say why): what the agent holds in
+# use is, in the Python objects' blocks and in malloc's bytes.
+JUDGED = MEASURES[1:]
 # The agents' settings that bound how long a fault can hold them: a silent connection is
 # given up after the command timeout, a killed member's partitions move after the session
 # timeout (both lowered from their defaults so that a fault a minute does not pile up).
@@ -76,7 +86,7 @@ class Settings:
     fault_every_s: float = 60.0
     control_every_s: float = 60.0
     faults: tuple[str, ...] = ()  # kinds, in order; empty: every kind, shuffled by the seed
-    judged: tuple[str, ...] = MEASURES  # the measures whose growth fails the run
+    judged: tuple[str, ...] = JUDGED  # the measures whose growth fails the run
     agent_command: tuple[str, ...] = ()  # in place of `pipeline run` (a leaking agent, say)
     drain_s: float = 900.0  # how long the agents may take to catch up at the end
 
@@ -249,7 +259,13 @@ def sample_agent(agent: Agent, pg_port: int) -> dict[str, float] | None:
         return None
     try:
         values["asyncio_tasks"] = scrape(agent.metrics_address, "pipeline_asyncio_tasks")
-    except OSError:  # starting, or stopped between the two reads
+        values["allocated_blocks"] = scrape(
+            agent.metrics_address, "pipeline_python_allocated_blocks"
+        )
+        values["malloc_in_use_mib"] = (
+            scrape(agent.metrics_address, "pipeline_malloc_in_use_bytes") / 2**20
+        )
+    except OSError:  # starting, or stopped between the reads
         return None
     return values
 
@@ -450,10 +466,15 @@ async def run_soak(settings: Settings, out: Path) -> Run:
             with _logins_of(stack):
                 await _run(stack, toxiproxy, run, rng, out=out)
     run.trends = judge(run)
-    run.ok = run.oracle.get("holds", False) and not any(
-        t["grows"] for key, t in run.trends.items() if key.split()[1] in settings.judged
-    )
+    run.ok = passed(run)
     return run
+
+
+def passed(run: Run) -> bool:
+    """The oracle holds and no judged measure of any agent grows (``run.trends``)."""
+    return run.oracle.get("holds", False) and not any(
+        t["grows"] for key, t in run.trends.items() if key.split()[1] in run.settings.judged
+    )
 
 
 def save(run: Run, out: Path) -> None:
@@ -724,7 +745,7 @@ def value_at(run: Run, agent: str, measure: str, t: float) -> float | None:
 
 
 def plot(run: Run, path: Path) -> None:
-    """The four measures over time, one line per agent (broken at restarts), the faults as
+    """The measures over time, one line per agent (broken at restarts), the faults as
     vertical lines, the warm-up shaded: like `pipeline bench`'s PNG, with matplotlib."""
     import matplotlib  # noqa: PLC0415 - the bench extra, only to draw
 
@@ -733,11 +754,13 @@ def plot(run: Run, path: Path) -> None:
 
     titles = {
         "rss_mib": "RSS (MiB)",
+        "allocated_blocks": "Python's allocated blocks",
+        "malloc_in_use_mib": "malloc's bytes in use (MiB)",
         "open_fds": "open file descriptors",
         "asyncio_tasks": "asyncio tasks",
         "db_connections": "database connections",
     }
-    figure, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
+    figure, axes = plt.subplots(2, 3, figsize=(18, 8), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, measure in zip(axes.flat, MEASURES, strict=True):
         for i in range(run.settings.agents):
