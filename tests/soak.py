@@ -60,9 +60,6 @@ MEASURES = (
     "asyncio_tasks",
     "db_connections",
 )
-# RSS is reported, not judged (tests/soak_trend.py's RULES say why): what the agent holds in
-# use is, in the Python objects' blocks and in malloc's bytes.
-JUDGED = MEASURES[1:]
 # The agents' settings that bound how long a fault can hold them: a silent connection is
 # given up after the command timeout, a killed member's partitions move after the session
 # timeout (both lowered from their defaults so that a fault a minute does not pile up).
@@ -86,7 +83,7 @@ class Settings:
     fault_every_s: float = 60.0
     control_every_s: float = 60.0
     faults: tuple[str, ...] = ()  # kinds, in order; empty: every kind, shuffled by the seed
-    judged: tuple[str, ...] = JUDGED  # the measures whose growth fails the run
+    judged: tuple[str, ...] = MEASURES  # the measures whose growth fails the run
     agent_command: tuple[str, ...] = ()  # in place of `pipeline run` (a leaking agent, say)
     drain_s: float = 900.0  # how long the agents may take to catch up at the end
 

@@ -36,14 +36,14 @@ class Rule:
 
 
 #: Per measure: the floors are a little above what a healthy agent's series wanders by in
-#: half an hour under faults (a connection opened for a retry, a batch being decoded). What
+#: half an hour under faults (a few MiB of allocator churn, a connection opened for a retry,
+#: a batch being decoded). RSS must grow steadily: CPython's allocator keeps the arenas of the
+#: deepest buffering so far (a silent database, added latency) while a few objects made then
+#: live on, a high-water mark that rises with the first faults and then holds or falls. What
 #: the process holds in use (Python's allocated blocks, malloc's bytes in use) and the counts
-#: (tasks, descriptors, connections) come back to their level after each fault, so any
-#: growth over the span counts; the memory measures are judged on each minute's lowest
-#: sample, between batches. RSS is reported, and this rule for it is not applied by
-#: default: CPython's small-object allocator keeps a 1 MiB arena mapped while one object in
-#: it lives, so each burst (a backlog after a fault) leaves arenas pinned by the few objects
-#: that outlive it, and RSS steps up at faults while the memory in use stays flat.
+#: (tasks, descriptors, connections) have no such excuse: a healthy agent comes back to them
+#: after each fault, so any growth over the span counts; the memory measures are judged on
+#: each minute's lowest sample, between batches.
 RULES: dict[str, Rule] = {
     "rss_mib": Rule(floor=16.0, steady=True),
     "allocated_blocks": Rule(floor=20_000.0, window_s=60.0),
