@@ -46,7 +46,9 @@ class Rule:
 #: each minute's lowest sample, between batches.
 RULES: dict[str, Rule] = {
     "rss_mib": Rule(floor=16.0, steady=True),
-    "allocated_blocks": Rule(floor=20_000.0, window_s=60.0),
+    # Under a backlog every sample of a minute may hold a small batch in flight, tens of
+    # thousands of blocks: the floor is above a few of them.
+    "allocated_blocks": Rule(floor=100_000.0, window_s=60.0),
     "malloc_in_use_mib": Rule(floor=8.0, window_s=60.0),
     "open_fds": Rule(floor=8.0),
     "asyncio_tasks": Rule(floor=8.0),

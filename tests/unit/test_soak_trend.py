@@ -131,8 +131,8 @@ def test_a_batch_caught_in_flight_is_not_growth_of_the_memory_in_use() -> None:
 
 def test_memory_in_use_that_grows_fails_though_each_minute_has_a_batch_in_flight() -> None:
     rng = random.Random(5)
-    # 2,000 objects a minute kept (50,000 over the 25 judged minutes, above 10% of ~465,000).
-    leak = _series(lambda t: 440_000 + 2_000 * t / 60 + 700_000 * (rng.random() < 0.2))
+    # 5,000 objects a minute kept (125,000 over the 25 judged minutes, above the floor).
+    leak = _series(lambda t: 440_000 + 5_000 * t / 60 + 700_000 * (rng.random() < 0.2))
     assert _judge(leak, "allocated_blocks")
     # Half a MiB a minute of buffers: 12.5 MiB, above the 8 MiB floor.
     assert _judge(_series(lambda t: 12 + t / 120 + rng.gauss(0, 0.3)), "malloc_in_use_mib")
@@ -164,8 +164,8 @@ def _run(rss: Callable[[float], float], blocks: Callable[[float], float]) -> Run
 def test_memory_in_use_that_grows_fails_the_run_though_rss_holds() -> None:
     assert Settings().judged == MEASURES  # RSS among them
     assert passed(_run(lambda t: 160.0, lambda t: 440_000.0))
-    # Objects kept, 2,000 a minute, while RSS stays within the allocator's arenas.
-    leaking = _run(lambda t: 160.0, lambda t: 440_000 + 2_000 * t / 60)
+    # Objects kept, 5,000 a minute, while RSS stays within the allocator's arenas.
+    leaking = _run(lambda t: 160.0, lambda t: 440_000 + 5_000 * t / 60)
     assert not leaking.trends["agent-0 rss_mib"]["grows"]
     assert leaking.trends["agent-0 allocated_blocks"]["grows"]
     assert not passed(leaking)
