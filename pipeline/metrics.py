@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline import endpoints
+from pipeline import endpoints, heap
 from pipeline.readiness import Readiness
 
 #: Bounds of pipeline_end_to_end_latency_seconds: from a batch's age at low rates (tens of
@@ -366,6 +366,21 @@ class Metrics:
             "Unfinished asyncio tasks on the process's event loop, counted at each scrape",
             registry=r,
         )
+        # Read by the soak run too: what the process holds in use. RSS also counts what the
+        # allocators keep mapped after a burst, which does not grow with a leak.
+        Gauge(
+            "pipeline_python_allocated_blocks",
+            "Memory blocks the Python interpreter holds allocated (one per live object or "
+            "buffer), counted at each scrape",
+            registry=r,
+        ).set_function(heap.allocated_blocks)
+        if heap.malloc_in_use_bytes() is not None:
+            Gauge(
+                "pipeline_malloc_in_use_bytes",
+                "Bytes C's malloc has handed out and not had back (large objects and buffers, "
+                "C libraries), counted at each scrape; only where the C library is glibc",
+                registry=r,
+            ).set_function(lambda: float(heap.malloc_in_use_bytes() or 0))
 
     def count_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let ``pipeline_asyncio_tasks`` count ``loop``'s tasks. ``asyncio.all_tasks`` may be

@@ -52,7 +52,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "soak."
 GROUP = "soak"
 DATABASE = "soak"
-MEASURES = ("rss_mib", "open_fds", "asyncio_tasks", "db_connections")
+MEASURES = (
+    "rss_mib",
+    "allocated_blocks",
+    "malloc_in_use_mib",
+    "open_fds",
+    "asyncio_tasks",
+    "db_connections",
+)
 # The agents' settings that bound how long a fault can hold them: a silent connection is
 # given up after the command timeout, a killed member's partitions move after the session
 # timeout (both lowered from their defaults so that a fault a minute does not pile up).
@@ -249,7 +256,13 @@ def sample_agent(agent: Agent, pg_port: int) -> dict[str, float] | None:
         return None
     try:
         values["asyncio_tasks"] = scrape(agent.metrics_address, "pipeline_asyncio_tasks")
-    except OSError:  # starting, or stopped between the two reads
+        values["allocated_blocks"] = scrape(
+            agent.metrics_address, "pipeline_python_allocated_blocks"
+        )
+        values["malloc_in_use_mib"] = (
+            scrape(agent.metrics_address, "pipeline_malloc_in_use_bytes") / 2**20
+        )
+    except OSError:  # starting, or stopped between the reads
         return None
     return values
 
@@ -450,10 +463,15 @@ async def run_soak(settings: Settings, out: Path) -> Run:
             with _logins_of(stack):
                 await _run(stack, toxiproxy, run, rng, out=out)
     run.trends = judge(run)
-    run.ok = run.oracle.get("holds", False) and not any(
-        t["grows"] for key, t in run.trends.items() if key.split()[1] in settings.judged
-    )
+    run.ok = passed(run)
     return run
+
+
+def passed(run: Run) -> bool:
+    """The oracle holds and no judged measure of any agent grows (``run.trends``)."""
+    return run.oracle.get("holds", False) and not any(
+        t["grows"] for key, t in run.trends.items() if key.split()[1] in run.settings.judged
+    )
 
 
 def save(run: Run, out: Path) -> None:
@@ -724,7 +742,7 @@ def value_at(run: Run, agent: str, measure: str, t: float) -> float | None:
 
 
 def plot(run: Run, path: Path) -> None:
-    """The four measures over time, one line per agent (broken at restarts), the faults as
+    """The measures over time, one line per agent (broken at restarts), the faults as
     vertical lines, the warm-up shaded: like `pipeline bench`'s PNG, with matplotlib."""
     import matplotlib  # noqa: PLC0415 - the bench extra, only to draw
 
@@ -733,11 +751,13 @@ def plot(run: Run, path: Path) -> None:
 
     titles = {
         "rss_mib": "RSS (MiB)",
+        "allocated_blocks": "Python's allocated blocks",
+        "malloc_in_use_mib": "malloc's bytes in use (MiB)",
         "open_fds": "open file descriptors",
         "asyncio_tasks": "asyncio tasks",
         "db_connections": "database connections",
     }
-    figure, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
+    figure, axes = plt.subplots(2, 3, figsize=(18, 8), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, measure in zip(axes.flat, MEASURES, strict=True):
         for i in range(run.settings.agents):
@@ -835,7 +855,7 @@ def summary(run: Run) -> str:
     lines.append(
         f"{'':<24}"
         + "".join(f"{f'at {t / 60:g} min':>14}" for t in at)
-        + f"{'slope/min':>11}{'1st half':>10}{'2nd half':>10}{'limit':>8}  verdict"
+        + f"{'slope/min':>11}{'1st half':>10}{'2nd half':>10}{'limit':>11}  verdict"
     )
     for key, v in run.trends.items():
         agent, measure = key.split()
@@ -845,7 +865,7 @@ def summary(run: Run) -> str:
         if measure not in s.judged:
             said += " (reported, not judged)"
         fitted = f"{v['slope_per_min']:>11.3f}{v['early']:>10.1f}{v['late']:>10.1f}"
-        lines.append(f"{key:<24}{cells}{fitted}{v['limit']:>8.1f}  {said}")
+        lines.append(f"{key:<24}{cells}{fitted}{v['limit']:>11,.1f}  {said}")
     oracle_line = "holds" if run.oracle.get("holds") else f"FAILS: {run.oracle.get('problems')}"
     lines.append(f"oracle: {oracle_line}; agents' exit codes {run.oracle.get('agent_exit_codes')}")
     unjudged = [k for k, v in run.trends.items() if not v["judged"]]

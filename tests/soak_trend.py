@@ -25,21 +25,31 @@ class Point:
 class Rule:
     """The limit a series' growth is held to: ``relative`` times its median level, or
     ``floor`` (in the measure's unit) when that is higher. With ``steady``, only growth in
-    both halves of the span counts (:attr:`Trend.grows`)."""
+    both halves of the span counts (:attr:`Trend.grows`). With ``window_s``, each process's
+    samples are cut into windows that long and only each window's lowest counts: the level
+    the measure comes back to between batches, not a batch caught in flight."""
 
     floor: float
     relative: float = 0.10
     steady: bool = False
+    window_s: float = 0.0  # judge each window's lowest sample alone (0: every sample)
 
 
 #: Per measure: the floors are a little above what a healthy agent's series wanders by in
-#: half an hour under faults (a few MiB of allocator churn, a connection opened for a retry).
-#: RSS must grow steadily: CPython's allocator keeps the memory of the deepest buffering
-#: so far (a silent database, added latency), a high-water mark that rises with the first
-#: faults and then holds. A count (tasks, descriptors, connections) has no such excuse: a
-#: healthy agent returns to it after each fault, so any growth over the span counts.
+#: half an hour under faults (a few MiB of allocator churn, a connection opened for a retry,
+#: a batch being decoded). RSS must grow steadily: CPython's allocator keeps the arenas of the
+#: deepest buffering so far (a silent database, added latency) while a few objects made then
+#: live on, a high-water mark that rises with the first faults and then holds or falls. What
+#: the process holds in use (Python's allocated blocks, malloc's bytes in use) and the counts
+#: (tasks, descriptors, connections) have no such excuse: a healthy agent comes back to them
+#: after each fault, so any growth over the span counts; the memory measures are judged on
+#: each minute's lowest sample, between batches.
 RULES: dict[str, Rule] = {
     "rss_mib": Rule(floor=16.0, steady=True),
+    # Under a backlog every sample of a minute may hold a small batch in flight, tens of
+    # thousands of blocks: the floor is above a few of them.
+    "allocated_blocks": Rule(floor=100_000.0, window_s=60.0),
+    "malloc_in_use_mib": Rule(floor=8.0, window_s=60.0),
     "open_fds": Rule(floor=8.0),
     "asyncio_tasks": Rule(floor=8.0),
     "db_connections": Rule(floor=2.0),
@@ -80,6 +90,24 @@ def judged_points(points: Sequence[Point], *, after: float, settle: float) -> li
     return [p for p in points if p.t >= max(after, starts[p.pid] + settle)]
 
 
+def window_lows(points: Sequence[Point], window_s: float) -> list[Point]:
+    """Each process's lowest sample of each ``window_s`` seconds, windows counted from that
+    process's first sample here; what is left after its last whole window joins that one
+    (a window of one sample would be a batch in flight as often as not)."""
+    spans: dict[int, tuple[float, float]] = {}
+    for p in points:
+        first, _ = spans.get(p.pid, (p.t, p.t))
+        spans[p.pid] = (first, p.t)
+    lows: dict[tuple[int, int], Point] = {}
+    for p in points:
+        first, last = spans[p.pid]
+        whole = max(1, int((last - first) // window_s))
+        key = (p.pid, min(int((p.t - first) // window_s), whole - 1))
+        if key not in lows or p.value < lows[key].value:
+            lows[key] = p
+    return sorted(lows.values(), key=lambda p: p.t)
+
+
 def _slope(points: Sequence[Point]) -> tuple[float, int]:
     """The least-squares slope per second with an intercept per segment (pid) and one slope
     for all, so a restart's drop is not read as a fall, nor its new process's lower level as
@@ -106,6 +134,8 @@ def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -
     garbage collector, a pool that grows and shrinks) has slopes near zero; a leak has a
     steady positive one, in both halves."""
     judged = judged_points(points, after=after, settle=settle)
+    if rule.window_s:
+        judged = window_lows(judged, rule.window_s)
     slope, used = _slope(judged)
     if not used:
         return Trend(0, 0.0, 0.0, 0.0, 0.0, 0.0, rule.floor, rule.steady)

@@ -14,6 +14,7 @@ import gc
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -161,7 +162,11 @@ def verifier(config: Config) -> Any:
         ) from None
 
 
-def tune_garbage_collector() -> None:
+#: How often a process tuned by :func:`tune_garbage_collector` collects its cyclic garbage.
+GC_EVERY_S = 60.0
+
+
+def tune_garbage_collector(collect_every_s: float = GC_EVERY_S) -> threading.Event:
     """For a process that decodes and writes records (`pipeline run`, `pipeline replay`).
 
     It allocates millions of objects a second (records, rows) and frees as many; its live set
@@ -169,8 +174,23 @@ def tune_garbage_collector() -> None:
     700 net allocations and walks that live set each time, a large share of the CPU. So the
     start-up objects move out of the collector's sight, and a young collection waits for a
     million net allocations, more than the batches in flight hold: in a steady drain it does
-    not run. It still runs when the live set grows or cyclic garbage piles up, of which the
-    agent makes little.
+    not run.
+
+    Then nothing would free cyclic garbage: each /metrics connection's transport and
+    protocol, each exception kept with its traceback's frames (and what their locals hold),
+    asyncio's futures and callbacks. It piles up for as long as the threshold is not reached,
+    and the arenas of Python's allocator that it holds cannot go back to the system: RSS
+    grows with every scrape and every fault. So a thread collects every ``collect_every_s``
+    seconds, a pause of milliseconds between batches, longer when a backlog's batches are
+    live. Setting the returned event stops that thread.
     """
     gc.freeze()
     gc.set_threshold(1_000_000, 10, 10)
+    stop = threading.Event()
+
+    def collect() -> None:
+        while not stop.wait(collect_every_s):
+            gc.collect()
+
+    threading.Thread(target=collect, name="pipeline-gc", daemon=True).start()
+    return stop

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Callable
 
 from pipeline.metrics import Metrics
+from tests.soak import MEASURES, Run, Settings, judge, passed
 from tests.soak_trend import RULES, Point, Rule, judged_points, trend
 
 EVERY = 10.0
@@ -109,3 +111,74 @@ async def test_the_agents_tasks_gauge_counts_the_loops_unfinished_tasks() -> Non
     release.set()
     await asyncio.gather(*waiting)
     assert metrics.total("pipeline_asyncio_tasks") == before
+
+
+def test_a_batch_caught_in_flight_is_not_growth_of_the_memory_in_use() -> None:
+    rng = random.Random(4)
+
+    # 440,000 blocks between batches; a sample now and then lands in a batch being decoded
+    # (700,000 more), more often in the second half (a backlog after a fault).
+    def blocks(t: float) -> float:
+        in_flight = rng.random() < (0.1 if t < 1050 else 0.3)
+        return 440_000 + rng.gauss(0, 5_000) + 700_000 * in_flight
+
+    series = _series(blocks)
+    assert not _judge(series, "allocated_blocks")
+    # Every sample judged, the batches in flight read as growth: why the rule takes each
+    # minute's lowest.
+    assert trend(series, Rule(floor=20_000), after=AFTER, settle=SETTLE).grows
+
+
+def test_memory_in_use_that_grows_fails_though_each_minute_has_a_batch_in_flight() -> None:
+    rng = random.Random(5)
+    # 5,000 objects a minute kept (125,000 over the 25 judged minutes, above the floor).
+    leak = _series(lambda t: 440_000 + 5_000 * t / 60 + 700_000 * (rng.random() < 0.2))
+    assert _judge(leak, "allocated_blocks")
+    # Half a MiB a minute of buffers: 12.5 MiB, above the 8 MiB floor.
+    assert _judge(_series(lambda t: 12 + t / 120 + rng.gauss(0, 0.3)), "malloc_in_use_mib")
+    # Flat with noise: no leak.
+    assert not _judge(_series(lambda t: 12 + rng.gauss(0, 0.3)), "malloc_in_use_mib")
+
+
+def _run(rss: Callable[[float], float], blocks: Callable[[float], float]) -> Run:
+    run = Run(Settings(), oracle={"holds": True})
+    for t in TIMES:
+        for agent in ("agent-0", "agent-1"):
+            run.samples.append(
+                {
+                    "t": t,
+                    "agent": agent,
+                    "pid": 1,
+                    "rss_mib": rss(t),
+                    "allocated_blocks": blocks(t),
+                    "malloc_in_use_mib": 12.5,
+                    "open_fds": 17.0,
+                    "asyncio_tasks": 31.0,
+                    "db_connections": 1.0,
+                }
+            )
+    run.trends = judge(run)
+    return run
+
+
+def test_memory_in_use_that_grows_fails_the_run_though_rss_holds() -> None:
+    assert Settings().judged == MEASURES  # RSS among them
+    assert passed(_run(lambda t: 160.0, lambda t: 440_000.0))
+    # Objects kept, 5,000 a minute, while RSS stays within the allocator's arenas.
+    leaking = _run(lambda t: 160.0, lambda t: 440_000 + 5_000 * t / 60)
+    assert not leaking.trends["agent-0 rss_mib"]["grows"]
+    assert leaking.trends["agent-0 allocated_blocks"]["grows"]
+    assert not passed(leaking)
+
+
+def test_the_agents_memory_gauges_count_what_it_holds_in_use() -> None:
+    metrics = Metrics()
+    blocks = metrics.total("pipeline_python_allocated_blocks")
+    in_use = metrics.total("pipeline_malloc_in_use_bytes")
+    held = [object() for _ in range(50_000)]
+    buffers = [bytearray(16 * 1024) for _ in range(1_000)]  # too big for Python's own arenas
+    assert metrics.total("pipeline_python_allocated_blocks") - blocks >= 51_000
+    assert metrics.total("pipeline_malloc_in_use_bytes") - in_use >= 1_000 * 16 * 1024
+    del held, buffers
+    assert metrics.total("pipeline_python_allocated_blocks") - blocks < 1_000
+    assert metrics.total("pipeline_malloc_in_use_bytes") - in_use < 1024 * 1024
