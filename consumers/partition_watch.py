@@ -1,7 +1,8 @@
 """The DatabaseAgent's partition watch: every 30 s, the partitions of its streams' partitioned
 tables, the rows in their DEFAULT partitions and their last maintenance, read from the
 database (:func:`pipeline.partition_maint.status`) and set as gauges. Off the write path, on a
-connection of its own; a failed read is logged and tried again. docs/observability.md lists
+connection of its own opened for each read and closed after it, so an agent holds no second
+session between reads; a failed read is logged and tried again. docs/observability.md lists
 the gauges.
 """
 
@@ -51,7 +52,6 @@ class PartitionWatch:
         self._interval_s = interval_s
         self._tables: list[Target] = partition_maint.targets(config.catalog, config.streams)
         self._task: asyncio.Task[None] | None = None
-        self._conn: db.Connection | None = None
 
     def start(self) -> None:
         if self._tables:
@@ -62,20 +62,16 @@ class PartitionWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.terminate()
 
     async def refresh(self) -> None:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await db.connect(self._config.database_url, self._config.db_session)
+        conn = await db.connect(self._config.database_url, self._config.db_session)
         now = datetime.datetime.now(datetime.UTC)
         try:
-            found = await partition_maint.status(self._conn, self._tables, now)
+            found = await partition_maint.status(conn, self._tables, now)
         except BaseException:
-            conn, self._conn = self._conn, None
-            conn.terminate()  # a new one next time: this one may be broken
+            conn.terminate()  # it may be broken: no goodbye to wait for
             raise
+        await conn.close(timeout=5)
         show(self._metrics, found, now)
 
     async def _watch(self) -> None:
