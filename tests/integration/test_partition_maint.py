@@ -30,6 +30,7 @@ from pipeline.metrics import Metrics
 from pipeline.partition_maint import TableResult, Target
 from tests.conftest import Servers
 from tests.integration.harness import until
+from tests.integration.test_streams_schema import pipeline
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -169,20 +170,9 @@ async def test_two_maintainer_processes_at_once(servers: Servers, database_url: 
     async with _admin(url) as conn:
         await _insert(conn, [_day(-2)] * 4)
     env = _env(servers, url)
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "partitions",
-        "maintain",
-        "--now",
-        NOW.isoformat(),
-    ]
-    procs = [
-        await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE)
-        for _ in range(2)
-    ]
-    outputs = [(await p.communicate())[0].decode() for p in procs]
+    command = ("partitions", "maintain", "--now", NOW.isoformat())
+    procs = await asyncio.gather(pipeline(env, *command), pipeline(env, *command))
+    outputs = [p.stdout for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     async with _admin(url) as conn:
         found = await _per_partition(conn)
@@ -274,21 +264,14 @@ async def test_list_json(servers: Servers, database_url: str) -> None:
     async with _admin(url) as conn:
         await _insert(conn, [_day(40)] * 3, first=10)  # no partition: DEFAULT
         await conn.execute(f"ANALYZE {TABLE}")
-    command = [sys.executable, "-m", "pipeline.cli", "partitions", "list", "--json"]
+    command = ("partitions", "list", "--json", "--stream", "metrics")
     # As the agents' login (the writer role), and as the analyst's (the reader role).
     assert servers.logins is not None
     outputs = []
     for login in (testbed.as_agent(url), servers.logins.analyst.url(url)):
-        listed = await asyncio.create_subprocess_exec(
-            *command,
-            "--stream",
-            "metrics",
-            env={**_env(servers, url), "DATABASE_URL": login},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await listed.communicate()
-        assert listed.returncode == 0, err.decode()
+        listed = await pipeline({**_env(servers, url), "DATABASE_URL": login}, *command)
+        assert listed.returncode == 0, listed.stderr
+        out = listed.stdout
         outputs.append(out)
     assert outputs[0] == outputs[1]
     (table,) = json.loads(out)["tables"]
@@ -463,17 +446,8 @@ async def test_the_agents_gauges_come_from_the_database(
 async def test_migrate_ends_with_a_pass(servers: Servers, database_url: str) -> None:
     """`pipeline migrate` on a database whose schema is up to date still makes the partitions:
     every partitioned table of the catalog gets today's and 3 ahead."""
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "migrate",
-        env=_env(servers, database_url),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await migrate.communicate()
-    out, err = stdout.decode(), stderr.decode()
+    migrate = await pipeline(_env(servers, database_url), "migrate")
+    out, err = migrate.stdout, migrate.stderr
     assert migrate.returncode == 0, err
     tables = [t.table for t in partition_maint.targets(load_catalog())]
     assert len(tables) == 5
@@ -557,20 +531,9 @@ async def test_two_maintainers_behind_a_transaction_pooler(
         "PIPELINE_MIGRATE_DATABASE_URL": migrator,
         "PIPELINE_DB_POOLER": "transaction",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "partitions",
-        "maintain",
-        "--now",
-        NOW.isoformat(),
-    ]
-    procs = [
-        await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE)
-        for _ in range(2)
-    ]
-    outputs = [(await p.communicate())[0].decode() for p in procs]
+    command = ("partitions", "maintain", "--now", NOW.isoformat())
+    procs = await asyncio.gather(pipeline(env, *command), pipeline(env, *command))
+    outputs = [p.stdout for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     async with _admin(url) as conn:
         found = await _per_partition(conn)
@@ -601,16 +564,8 @@ async def test_a_plain_table_fails_maintenance_until_migrate_upgrades_it(
             "CREATE TABLE performance_metrics (LIKE performance_metrics_old INCLUDING ALL); "
             "DROP TABLE performance_metrics_old"
         )
-    maintain = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "partitions",
-        "maintain",
-        env=_env(servers, url),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out = (await maintain.communicate())[0].decode()
+    maintain = await pipeline(_env(servers, url), "partitions", "maintain")
+    out = maintain.stdout
     assert maintain.returncode == 1, out
     assert out.splitlines()[-1].endswith("FAILED: performance_metrics"), out
     config = load_config(
@@ -633,24 +588,15 @@ async def test_a_plain_table_fails_maintenance_until_migrate_upgrades_it(
         for s in family.samples
     }
     assert partitioned == {"system_events"}
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "migrate",
-        env=_env(servers, url),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out_bytes, err_bytes = await migrate.communicate()
-    err = err_bytes.decode()
+    migrate = await pipeline(_env(servers, url), "migrate")
+    err = migrate.stderr
     assert migrate.returncode == 0, err
     upgraded = [
         line
-        for line in out_bytes.decode().splitlines()
+        for line in migrate.stdout.splitlines()
         if line.startswith("partition public.performance_metrics by day of ts")
     ]
-    assert len(upgraded) == 1, out_bytes.decode()
+    assert len(upgraded) == 1, migrate.stdout
     # The upgrade's legacy partition holds today and tomorrow: the pass makes the two days
     # after them, beside nothing for the four tables it made all of before.
     made = [line for line in err.splitlines() if " made " in line]
