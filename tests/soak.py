@@ -855,7 +855,8 @@ def summary(run: Run) -> str:
     lines.append(
         f"{'':<24}"
         + "".join(f"{f'at {t / 60:g} min':>14}" for t in at)
-        + f"{'slope/min':>11}{'1st half':>10}{'2nd half':>10}{'limit':>11}  verdict"
+        + f"{'slope/min':>11}{'1st half':>10}{'2nd half':>10}{'peak rise':>11}{'limit':>11}"
+        + "  verdict"
     )
     for key, v in run.trends.items():
         agent, measure = key.split()
@@ -865,6 +866,7 @@ def summary(run: Run) -> str:
         if measure not in s.judged:
             said += " (reported, not judged)"
         fitted = f"{v['slope_per_min']:>11.3f}{v['early']:>10.1f}{v['late']:>10.1f}"
+        fitted += f"{v['peak_rise']:>11.1f}"
         lines.append(f"{key:<24}{cells}{fitted}{v['limit']:>11,.1f}  {said}")
     oracle_line = "holds" if run.oracle.get("holds") else f"FAILS: {run.oracle.get('problems')}"
     lines.append(f"oracle: {oracle_line}; agents' exit codes {run.oracle.get('agent_exit_codes')}")

@@ -66,14 +66,17 @@ class Trend:
     level: float  # median of the judged samples
     limit: float  # max(relative * level, floor)
     steady: bool = False  # the rule's
+    peak_rise: float = 0.0  # how far each process's peak rose in the second half, summed
 
     @property
     def grows(self) -> bool:
         """The growth over the span is above the limit; with ``steady``, each half's is above
-        half the limit instead, so that a high-water mark that rises with the first faults
-        and then holds, or a single step, does not count."""
+        half the limit instead, and the peak rose by more than half the limit in the second
+        half, so that a high-water mark that rises with the first faults and then holds, or
+        a single step, does not count: a leak keeps setting new peaks."""
         if self.steady:
-            return self.early > self.limit / 2 and self.late > self.limit / 2
+            half = self.limit / 2
+            return self.early > half and self.late > half and self.peak_rise > half
         return self.growth > self.limit
 
 
@@ -128,6 +131,22 @@ def _slope(points: Sequence[Point]) -> tuple[float, int]:
     return (covariance / variance if variance else 0.0), used
 
 
+def peak_rise(points: Sequence[Point], middle: float) -> float:
+    """How far each process's peak rose after ``middle`` above its peak before it (or above
+    its first sample after it, for a process that began later), summed over the processes:
+    a high-water mark that holds rises by nothing, a leak by its rate times the time."""
+    segments: dict[int, list[Point]] = {}
+    for p in points:
+        segments.setdefault(p.pid, []).append(p)
+    rise = 0.0
+    for segment in segments.values():
+        before = [p.value for p in segment if p.t < middle]
+        after = [p.value for p in segment if p.t >= middle]
+        if after:
+            rise += max(0.0, max(after) - max(before or after[:1]))
+    return rise
+
+
 def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -> Trend:
     """The verdict on one series, over :func:`judged_points`: the fitted slope (see
     :func:`_slope`) over the whole judged span, and over each half of it. A sawtooth (a
@@ -153,4 +172,5 @@ def trend(points: Sequence[Point], rule: Rule, *, after: float, settle: float) -
         level=level,
         limit=max(rule.relative * abs(level), rule.floor),
         steady=rule.steady,
+        peak_rise=peak_rise(judged, middle),
     )

@@ -40,6 +40,7 @@ def test_a_steady_slope_fails() -> None:
     verdict = trend(leak, RULES["rss_mib"], after=AFTER, settle=SETTLE)
     assert verdict.grows
     assert math.isclose(verdict.slope_per_min, 1.0, rel_tol=0.15)
+    assert math.isclose(verdict.peak_rise, 12.5, abs_tol=5.0)  # a new peak all the way
     # One connection every five minutes, and one task a minute.
     assert _judge(_series(lambda t: 2 + t // 300), "db_connections")
     assert _judge(_series(lambda t: 30 + t // 60), "asyncio_tasks")
@@ -182,3 +183,46 @@ def test_the_agents_memory_gauges_count_what_it_holds_in_use() -> None:
     del held, buffers
     assert metrics.total("pipeline_python_allocated_blocks") - blocks < 1_000
     assert metrics.total("pipeline_malloc_in_use_bytes") - in_use < 1024 * 1024
+
+
+# agent-1's RSS (MiB) every 10 s of the 30-minute soak of 2026-12-07 (never restarted): up
+# with the first faults to a peak of 182.6 at minute 13, between 158 and 181 after that.
+_RECORDED_RSS = (
+    "69.3 69.3 69.4 69.6 69.6 69.7 172.0 173.9 178.6 140.6 132.6 128.7 125.7 146.1 140.2 "
+    "138.2 138.2 124.3 124.3 122.3 120.3 119.3 119.3 119.3 121.0 165.3 155.4 153.4 153.4 "
+    "150.4 148.4 148.4 148.4 148.4 148.4 148.4 140.5 147.6 146.6 145.6 145.6 145.6 145.6 "
+    "163.5 159.5 154.6 154.6 154.6 154.6 167.7 167.7 166.7 165.7 165.7 165.7 180.7 174.7 "
+    "172.6 172.6 171.7 166.7 166.7 166.7 166.7 166.7 166.7 163.7 158.7 158.7 158.7 158.7 "
+    "158.7 158.7 158.7 158.7 158.7 158.7 158.7 175.1 182.6 182.6 176.6 175.6 174.6 170.6 "
+    "170.6 170.6 170.6 170.6 170.6 170.6 167.6 167.6 167.6 167.6 166.7 161.7 159.7 159.7 "
+    "159.7 159.7 159.7 159.7 168.7 166.7 166.7 165.7 165.7 164.7 161.7 161.7 161.7 161.7 "
+    "160.7 159.7 173.7 166.7 165.7 164.7 164.7 168.7 166.7 166.7 166.7 166.7 166.7 162.7 "
+    "162.7 162.7 161.7 161.7 161.7 160.7 160.7 160.7 160.7 160.7 160.7 160.7 160.4 160.1 "
+    "160.1 160.1 159.8 159.9 175.7 174.6 173.6 172.6 172.6 172.6 178.6 177.6 176.6 176.6 "
+    "176.6 176.6 180.5 177.5 176.5 176.5 176.5 175.5 175.5 175.5 174.5 174.5 173.5 172.5 "
+    "172.5 172.5 171.5 171.5 171.5 171.5 171.5 171.5 171.5 171.5 "
+)
+
+
+def test_the_recorded_high_water_mark_whose_peak_held_passes() -> None:
+    values = [float(v) for v in _RECORDED_RSS.split()]
+    points = [Point(10.0 * (i + 1), 1, v) for i, v in enumerate(values)]
+    verdict = trend(points, RULES["rss_mib"], after=AFTER, settle=SETTLE)
+    # Both halves' fitted growth is above half the limit (a step up at minute 25 does it)...
+    assert verdict.early > verdict.limit / 2 and verdict.late > verdict.limit / 2
+    # ...but the peak of the second half stayed below the first half's: no leak.
+    assert verdict.peak_rise == 0.0
+    assert not verdict.grows
+
+
+def test_a_leak_in_steps_sets_new_peaks_and_fails() -> None:
+    # 6 MiB more every 3 minutes, never given back, with noise: a staircase, not a slope.
+    rng = random.Random(4)
+    verdict = trend(
+        _series(lambda t: 120 + 6 * (t // 180) + rng.gauss(0, 2)),
+        RULES["rss_mib"],
+        after=AFTER,
+        settle=SETTLE,
+    )
+    assert verdict.peak_rise > verdict.limit / 2
+    assert verdict.grows
