@@ -40,7 +40,7 @@ import asyncpg
 import msgspec
 from aiokafka import TopicPartition
 
-from pipeline import db, kafka_clients, sql_names, testbed
+from pipeline import db, kafka_clients, partition_maint, sql_names, testbed
 from pipeline import kafka as kafka_io
 from pipeline.batching import Row, lag
 from pipeline.catalog import Catalog
@@ -1233,8 +1233,9 @@ async def _in_fresh_databases(
 
 @contextlib.asynccontextmanager
 async def _scratch_database(config: Config, catalog: Catalog) -> AsyncIterator[str]:
-    """A fresh database on the same server, migrated with the tables of ``catalog``, dropped
-    afterwards.
+    """A fresh database on the same server, migrated with the tables of ``catalog`` and given
+    their partitions by one maintenance pass, as `pipeline migrate` does (rows of today land
+    in today's partition, not in DEFAULT), dropped afterwards.
 
     Autovacuum is off on its tables, in every run alike: a vacuum worker that lands in one
     run and not in another would decide a ratio more than the code does. (In production it
@@ -1245,13 +1246,15 @@ async def _scratch_database(config: Config, catalog: Catalog) -> AsyncIterator[s
         conn = await db.connect(url, config.db_session)
         try:
             await db.migrate(conn, db.read_migrations(), catalog)
+            tables = partition_maint.targets(catalog)
+            await partition_maint.maintain(conn, tables, datetime.now(UTC), lambda _: None)
             # Plain tables and partitions only: a partitioned table stores nothing and takes no
             # storage parameter (PostgreSQL refuses autovacuum_enabled on it).
-            tables = await conn.fetch(
+            plain = await conn.fetch(
                 "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE n.nspname = 'public' AND c.relkind = 'r'"
             )
-            for row in tables:
+            for row in plain:
                 await conn.execute(
                     f'ALTER TABLE "{row[0]}" SET (autovacuum_enabled = off, '
                     "toast.autovacuum_enabled = off)"
