@@ -1243,11 +1243,15 @@ async def _scratch_database(config: Config, catalog: Catalog) -> AsyncIterator[s
     """
     name = f"bench_{uuid.uuid4().hex[:12]}"
     async with testbed.scratch_database(config.database_url, name, catalog=catalog) as url:
+        migrator = await db.connect(testbed.as_migrator(url), config.db_session)
+        try:
+            tables = partition_maint.targets(catalog)
+            await partition_maint.maintain(migrator, tables, datetime.now(UTC), lambda _: None)
+        finally:
+            await migrator.close()
         conn = await db.connect(url, config.db_session)
         try:
             await db.migrate(conn, db.read_migrations(), catalog)
-            tables = partition_maint.targets(catalog)
-            await partition_maint.maintain(conn, tables, datetime.now(UTC), lambda _: None)
             # Plain tables and partitions only: a partitioned table stores nothing and takes no
             # storage parameter (PostgreSQL refuses autovacuum_enabled on it).
             plain = await conn.fetch(
