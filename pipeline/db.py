@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ import msgspec
 from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.exceptions._base import InternalClientError
 
-from pipeline import schema_plan, sql_names
+from pipeline import partitions, schema_plan, sql_names
 from pipeline.batching import FetchedRecord, Row
 from pipeline.catalog import Catalog, StreamSpec, StreamTables
 from pipeline.catalog import load as load_catalog
@@ -878,6 +879,8 @@ async def release_tables(conn: Connection, group: str) -> list[TableOwner]:
 
 
 _SOURCE = ("src_partition", "src_offset")
+#: How long a writer trusts the partitions it read before reading them again.
+ROUTES_TTL_S = 60.0
 
 
 class TableWriter:
@@ -935,6 +938,18 @@ class TableWriter:
         self._history_only = (
             _history_statement(tables, self.stage) if tables.history is not None else ""
         )
+        # An append table with a key, partitioned: a batch within one partition of the
+        # current interval or later is inserted into it by name (partitions.direct_routes).
+        partitioning = spec.partitioning
+        self._interval = partitioning.interval if partitioning else ""
+        self._route_index = (
+            table.columns.index(partitioning.column)
+            if partitioning and self._staged and self.mode == "append"
+            else None
+        )
+        self._routes: tuple[partitions.Route, ...] = ()
+        self._routes_read = -ROUTES_TTL_S  # monotonic time of the last read: never
+        self._direct: dict[str, str] = {}  # partition name -> its insert statement
 
     async def write(self, conn: Connection, rows: Sequence[Row]) -> int:
         """Write ``rows``; return how many were new (the rest were duplicates, or records a
@@ -945,12 +960,59 @@ class TableWriter:
             )
             return len(rows)
         new = 0
-        for create, stage, staged, columns, statement in self._steps(rows):
+        for create, stage, staged, columns, statement in await self._steps_for(conn, rows):
             if staged:
                 await conn.execute(create)
                 await conn.copy_records_to_table(stage, records=staged, columns=columns)
                 new += await conn.fetchval(statement)
         return new
+
+    async def _steps_for(
+        self, conn: Connection, rows: Sequence[Row]
+    ) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
+        """:meth:`_steps`, with the insert into the partition that holds the whole batch
+        when there is one to name (:meth:`partition_for`)."""
+        if self._route_index is None:
+            return self._steps(rows)
+        name = await self.partition_for(conn, rows)
+        if name is None:
+            return self._steps(rows)
+        statement = self._direct.get(name)
+        if statement is None:
+            into = sql_names.table(f"{self._schema}.{name}")
+            statement = _upsert_statement(self.tables, self.stage, self.mode, into=into)
+            self._direct[name] = statement
+        return [(self._create_stage, self.stage, rows, self.columns, statement)]
+
+    async def partition_for(self, conn: Connection, rows: Sequence[Row]) -> str | None:
+        """The bare name of the partition this writer inserts ``rows`` into by name, or None
+        (through the partitioned table). The partitions are read at most every
+        :data:`ROUTES_TTL_S` seconds: a partition made since is named after that."""
+        if self._route_index is None:
+            return None
+        if time.monotonic() - self._routes_read >= ROUTES_TTL_S:
+            await self._read_routes(conn)
+        i = self._route_index
+        return partitions.route(self._routes, [row[i] for row in rows])
+
+    async def _read_routes(self, conn: Connection) -> None:
+        """The partitions of the current interval and later that this session may insert
+        into (a partition in a schema other than public may lack the writer's grant)."""
+        found = await conn.fetch(
+            """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               WHERE i.inhparent = to_regclass($1) AND has_table_privilege(c.oid, 'INSERT')""",
+            sql_names.table(self.tables.table.name),
+        )
+        ranges: list[tuple[str, partitions.Range | None]] = []
+        for row in found:
+            with contextlib.suppress(ValueError):  # not a range of one time: never named
+                ranges.append((row["relname"], partitions.parse_bound(row["bound"])))
+        now = datetime.now(UTC)
+        self._routes = partitions.direct_routes(ranges, now, self._interval)
+        names = {name for _, name in self._routes}
+        self._direct = {n: sql for n, sql in self._direct.items() if n in names}
+        self._routes_read = time.monotonic()
 
     def _steps(self, rows: Sequence[Row]) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
         """What :meth:`write` stages and runs, in order: (create the stage, the stage, its
@@ -1055,8 +1117,9 @@ def _history_insert(tables: StreamTables) -> str:
     )
 
 
-def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
-    """SQL that empties the staging table into place and returns the number of new rows.
+def _upsert_statement(tables: StreamTables, stage: str, mode: str, into: str = "") -> str:
+    """SQL that empties the staging table into place and returns the number of new rows;
+    an append table's rows go ``into`` one of its partitions, when named.
 
     All parts of a WITH read the same snapshot, so every insert sees every staged row, and
     the stage is empty afterwards, ready for the next write in the same transaction.
@@ -1069,7 +1132,7 @@ def _upsert_statement(tables: StreamTables, stage: str, mode: str) -> str:
     if mode == "append":
         unique = sql_names.columns(schema_plan.partition_key(tables.key, tables.partition_by))
         return (
-            f"{staged}new AS (INSERT INTO {sql_names.table(table.name)} ({cols}) "
+            f"{staged}new AS (INSERT INTO {into or sql_names.table(table.name)} ({cols}) "
             f"{_first_of_each(unique, cols)} ON CONFLICT DO NOTHING RETURNING 1) "
             "SELECT count(*) FROM new"
         )

@@ -277,3 +277,52 @@ def newest_end(existing: list[Range] | tuple[Range, ...]) -> datetime.datetime |
     """The end of the newest partition (None when there is none, or it ends at MAXVALUE)."""
     ends = [r.end for r in existing if r.end != MAXVALUE]
     return max(ends) if ends else None
+
+
+# -- writing into a partition directly --------------------------------------------------------
+#
+# An insert into a partitioned table finds each row's partition on its own; PostgreSQL 15 does
+# that search for every row. A writer whose batch lies within one partition can name that
+# partition instead and spare the search (docs/streams.md, "Partitions and retention").
+
+Route = tuple[Range, str]  # a partition's range and its bare name
+
+
+def direct_routes(
+    found: list[tuple[str, Range | None]], now: datetime.datetime, interval: str
+) -> tuple[Route, ...]:
+    """The partitions a writer may name directly at ``now``: those of ``now``'s interval
+    and after it. Retention drops only partitions wholly older than its horizon, which is
+    before ``now``: so never one of these, and a writer never names a partition that a
+    maintainer is about to drop. DEFAULT (range None) is never one."""
+    current = floor(now, interval)
+    return tuple(sorted((r, name) for name, r in found if r is not None and r.start >= current))
+
+
+def route(routes: tuple[Route, ...], values: list[object]) -> str | None:
+    """The name of the one partition of ``routes`` whose range holds every time in
+    ``values`` (a batch's partition column), or None: the batch spans partitions, a time
+    has none of ``routes``, or a value is not an aware datetime or a date (a NULL, say,
+    which the insert through the parent refuses as it would anyway)."""
+    if not routes or not values:
+        return None
+    try:
+        low, high = _as_moment(min(values)), _as_moment(max(values))  # type: ignore[type-var]
+    except (TypeError, ValueError):
+        return None
+    for range_, name in routes:
+        if range_.start <= low and high < range_.end:
+            return name
+    return None
+
+
+def _as_moment(value: object) -> datetime.datetime:
+    """A partition column's value as a UTC moment: a date is its midnight UTC, as its
+    partition's bounds are. TypeError for anything else, or a naive datetime."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise TypeError("a naive datetime")
+        return value
+    if isinstance(value, datetime.date):
+        return datetime.datetime.combine(value, datetime.time(), UTC)
+    raise TypeError(f"not a time: {type(value).__name__}")

@@ -273,6 +273,84 @@ async def test_built_in_events_skip_a_redelivered_event_and_keep_one_at_another_
     ]
 
 
+async def _make(
+    migrator: asyncpg.Connection, table: str, range_: partitions.Range, interval: str
+) -> str:
+    """A range partition of ``table``, made as the migrator; its bare name."""
+    schema, _ = sql_names.split_table(table)
+    name = partitions.partition_name(table, range_, interval)
+    await migrator.execute(
+        f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
+        f"{sql_names.table(table)} FOR VALUES FROM ('{range_.start.isoformat()}') "
+        f"TO ('{range_.end.isoformat()}')"
+    )
+    return name
+
+
+async def test_a_batch_within_one_current_partition_is_inserted_into_it_by_name(
+    conn: db.Connection, cat: Catalog, database_url: str
+) -> None:
+    events, orders = cat["events"], cat["orders"]
+    now = datetime.now(UTC)
+    today = partitions.interval_range(now, "day")
+    tomorrow = partitions.Range(today.end, partitions.step(today.end, "day"))
+    hour = partitions.interval_range(now, "hour")
+    migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
+    try:
+        named = [await _make(migrator, "system_events", r, "day") for r in (today, tomorrow)]
+        # In schema shop, which has no default privileges: the agent may not insert into it.
+        shop = await _make(migrator, "shop.orders", hour, "hour")
+    finally:
+        await migrator.close()
+    a, b, c = (uuid.UUID(int=i) for i in (1, 2, 3))
+    noon = today.start + timedelta(hours=12)
+    batch = [
+        row(events, 0, 0, a, "agent-1", "boot", "info", noon, {}),
+        row(events, 0, 1, b, "agent-1", "crash", "error", today.start, {}),
+        row(events, 0, 2, a, "agent-1", "again", "info", noon, {}),  # redelivered: skipped
+    ]
+    writer = db.TableWriter(events)
+    async with db.transaction(conn):
+        assert await writer.partition_for(conn, batch) == named[0]
+        assert await writer.write(conn, batch) == 2
+    # Through the parent and by name, the same rows are the same rows: nothing twice.
+    assert await write(conn, events, batch) == 0  # a new writer reads the partitions again
+    async with db.transaction(conn):
+        assert await writer.write(conn, batch) == 0
+    # A batch across midnight, one older than the current day, and one with a NULL time
+    # go through the parent; the NULL is refused there as it always was (a not-null violation).
+    across = [
+        row(events, 0, 3, c, "agent-1", "late", "info", tomorrow.start - timedelta(seconds=1), {}),
+        row(events, 0, 4, c, "agent-1", "next", "info", tomorrow.start, {}),
+    ]
+    older = [row(events, 0, 5, c, "agent-1", "old", "info", today.start - timedelta(days=3), {})]
+    async with db.transaction(conn):
+        assert await writer.partition_for(conn, across) is None
+        assert await writer.partition_for(conn, older) is None
+        assert await writer.write(conn, across) == 2
+        assert await writer.write(conn, older) == 1
+    null = [row(events, 0, 6, c, "agent-1", "null", "info", None, {})]
+    with pytest.raises(asyncpg.NotNullViolationError):
+        async with db.transaction(conn):
+            assert await writer.partition_for(conn, null) is None
+            await writer.write(conn, null)
+    assert await placed(conn, "system_events", "event_id", "ts", "kind") == [
+        (named[0], a, noon, "boot"),
+        (named[0], b, today.start, "crash"),
+        ("system_events_default", c, today.start - timedelta(days=3), "old"),
+        (named[0], c, tomorrow.start - timedelta(seconds=1), "late"),
+        (named[1], c, tomorrow.start, "next"),
+    ]
+    # A partition the agent's login may not insert into is never named: through the parent.
+    orders_writer = db.TableWriter(orders)
+    placed_at = hour.start + timedelta(minutes=1)
+    order = [row(orders, 0, 0, "o1", 5, placed_at)]
+    async with db.transaction(conn):
+        assert await orders_writer.partition_for(conn, order) is None
+        assert await orders_writer.write(conn, order) == 1
+    assert await placed(conn, "shop.orders", "order_id", "placed_at") == [(shop, "o1", placed_at)]
+
+
 async def test_a_partitioned_history_keeps_a_row_per_version_and_time_and_latest_by_version(
     conn: db.Connection, cat: Catalog
 ) -> None:

@@ -20,11 +20,13 @@ from pipeline.partitions import (
     Partitioning,
     Range,
     bound_literal,
+    direct_routes,
     interval_range,
     newest_end,
     parse_bound,
     plan_maintenance,
     premade,
+    route,
     show_range,
 )
 
@@ -273,3 +275,50 @@ def test_maintain_refuses_an_unknown_stream(capsys: pytest.CaptureFixture[str]) 
             patch.setenv(name, value)
         status = main(["partitions", "list", "--stream", "metrics"])
     assert status == 2  # no server there: an error naming it, not a traceback
+
+
+# -- a writer naming the partition of its batch ----------------------------------------------
+
+_UTC = datetime.UTC
+
+
+def _day(d: int) -> Range:
+    return Range(
+        datetime.datetime(2026, 12, d, tzinfo=_UTC), datetime.datetime(2026, 12, d + 1, tzinfo=_UTC)
+    )
+
+
+def test_direct_routes_are_the_current_interval_and_later_never_default_or_older() -> None:
+    now = datetime.datetime(2026, 12, 7, 13, 5, tzinfo=_UTC)
+    found = [
+        ("t_p20261208", _day(8)),
+        ("t_default", None),
+        ("t_p20261206", _day(6)),  # yesterday: a retention may drop it while a writer names it
+        ("t_legacy", Range(MINVALUE, datetime.datetime(2026, 12, 9, tzinfo=_UTC))),
+        ("t_p20261207", _day(7)),
+    ]
+    assert direct_routes(found, now, "day") == ((_day(7), "t_p20261207"), (_day(8), "t_p20261208"))
+    # By the hour, today's partition started before the current hour: not one.
+    assert direct_routes(found, now, "hour") == ((_day(8), "t_p20261208"),)
+
+
+def test_a_batch_within_one_partition_is_routed_to_it_and_any_other_is_not() -> None:
+    routes = ((_day(7), "t_p20261207"), (_day(8), "t_p20261208"))
+    at = lambda d, h, m=0: datetime.datetime(2026, 12, d, h, m, tzinfo=_UTC)  # noqa: E731
+    assert route(routes, [at(7, 13), at(7, 0), at(7, 23, 59)]) == "t_p20261207"
+    assert route(routes, [at(8, 0)]) == "t_p20261208"  # a range includes its start
+    assert route(routes, [at(7, 23), at(8, 1)]) is None  # spans two partitions
+    assert route(routes, [at(6, 23)]) is None  # no route holds it: through the parent
+    assert route(routes, [at(9, 0)]) is None  # a range excludes its end
+    assert route(routes, []) is None
+    assert route((), [at(7, 1)]) is None
+    # Whatever the insert through the parent should judge: a NULL, a naive time, a string.
+    assert route(routes, [at(7, 1), None]) is None
+    assert route(routes, [datetime.datetime(2026, 12, 7, 1)]) is None
+    assert route(routes, ["2026-12-07"]) is None
+    # Another zone, the same moment.
+    plus_two = datetime.timezone(datetime.timedelta(hours=2))
+    assert route(routes, [datetime.datetime(2026, 12, 8, 1, tzinfo=plus_two)]) == "t_p20261207"
+    # A date column: a date is its midnight UTC.
+    assert route(routes, [datetime.date(2026, 12, 8)]) == "t_p20261208"
+    assert route(routes, [datetime.date(2026, 12, 7), at(7, 3)]) is None  # mixed: refused
