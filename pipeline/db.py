@@ -886,13 +886,14 @@ ROUTES_TTL_S = 60.0
 class TableWriter:
     """Writes one stream's rows, as its mode says (docs/streams.md).
 
-    An append table without a key takes a plain COPY (into the parent of a partitioned
-    one). Every other table takes a COPY into a temporary staging table, then one statement
-    that moves the staged rows into place with ``ON CONFLICT``, so redelivered and
-    out-of-order rows are harmless: an append table with a key skips a key it has; a "latest"
-    table keeps the higher version (without a version, the later offset of a partition; a row
-    from another partition replaces); a "history" stream also appends every record to its
-    history table. With ``tombstones = "delete"``, a batch's
+    An append table without a key takes a plain COPY (into the parent of a partitioned one,
+    or the partition that holds the whole batch: :meth:`partition_for`). Every other table
+    takes a COPY into a temporary staging table, then one statement that moves the staged
+    rows into place (an append table's into that partition too) with ``ON CONFLICT``, so
+    redelivered and out-of-order rows are harmless: an append table with a key skips a key it
+    has; a "latest" table keeps the higher version (without a version, the later offset of a
+    partition; a row from another partition replaces); a "history" stream also appends every
+    record to its history table. With ``tombstones = "delete"``, a batch's
     :class:`~pipeline.rows.Tombstone` rows delete their keys' rows first
     (:func:`split_tombstones`).
 
@@ -938,13 +939,13 @@ class TableWriter:
         self._history_only = (
             _history_statement(tables, self.stage) if tables.history is not None else ""
         )
-        # An append table with a key, partitioned: a batch within one partition of the
-        # current interval or later is inserted into it by name (partitions.direct_routes).
+        # A partitioned append table: a batch within one partition of the current interval
+        # or later is written into it by name (partitions.direct_routes).
         partitioning = spec.partitioning
         self._interval = partitioning.interval if partitioning else ""
         self._route_index = (
             table.columns.index(partitioning.column)
-            if partitioning and self._staged and self.mode == "append"
+            if partitioning and self.mode == "append"
             else None
         )
         self._routes: tuple[partitions.Route, ...] = ()
@@ -955,8 +956,9 @@ class TableWriter:
         """Write ``rows``; return how many were new (the rest were duplicates, or records a
         "latest" table had a newer row for). A tombstone that deleted a row counts as new."""
         if not self._staged:
+            name = await self.partition_for(conn, rows)
             await conn.copy_records_to_table(
-                self._table, schema_name=self._schema, records=rows, columns=self.columns
+                name or self._table, schema_name=self._schema, records=rows, columns=self.columns
             )
             return len(rows)
         new = 0

@@ -287,10 +287,10 @@ async def _make(
     return name
 
 
-async def test_a_batch_within_one_current_partition_is_inserted_into_it_by_name(
+async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
     conn: db.Connection, cat: Catalog, database_url: str
 ) -> None:
-    events, orders = cat["events"], cat["orders"]
+    events, orders, metrics = cat["events"], cat["orders"], cat["metrics"]
     now = datetime.now(UTC)
     today = partitions.interval_range(now, "day")
     tomorrow = partitions.Range(today.end, partitions.step(today.end, "day"))
@@ -298,6 +298,7 @@ async def test_a_batch_within_one_current_partition_is_inserted_into_it_by_name(
     migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
     try:
         named = [await _make(migrator, "system_events", r, "day") for r in (today, tomorrow)]
+        metrics_today = await _make(migrator, "performance_metrics", today, "day")
         # In schema shop, which has no default privileges: the agent may not insert into it.
         shop = await _make(migrator, "shop.orders", hour, "hour")
     finally:
@@ -340,6 +341,18 @@ async def test_a_batch_within_one_current_partition_is_inserted_into_it_by_name(
         ("system_events_default", c, today.start - timedelta(days=3), "old"),
         (named[0], c, tomorrow.start - timedelta(seconds=1), "late"),
         (named[1], c, tomorrow.start, "next"),
+    ]
+    # A keyless append's COPY goes into the partition by name too.
+    samples = [
+        row(metrics, 0, i, "agent-1", "cpu", i / 10, today.start + timedelta(hours=i), {})
+        for i in range(3)
+    ]
+    metrics_writer = db.TableWriter(metrics)
+    async with db.transaction(conn):
+        assert await metrics_writer.partition_for(conn, samples) == metrics_today
+        assert await metrics_writer.write(conn, samples) == 3
+    assert await placed(conn, "performance_metrics", "src_offset", "value") == [
+        (metrics_today, i, i / 10) for i in range(3)
     ]
     # A partition the agent's login may not insert into is never named: through the parent.
     orders_writer = db.TableWriter(orders)
