@@ -881,6 +881,10 @@ async def release_tables(conn: Connection, group: str) -> list[TableOwner]:
 _SOURCE = ("src_partition", "src_offset")
 #: How long a writer trusts the partitions it read before reading them again.
 ROUTES_TTL_S = 60.0
+#: What a write into a partition by name meets when the partition changed since the writer
+#: read it: dropped (undefined table), its grant revoked, made again with other bounds (a
+#: check violation: the partition constraint).
+_STALE_ROUTE = ("42P01", "42501", "23514")
 
 
 class TableWriter:
@@ -955,36 +959,35 @@ class TableWriter:
     async def write(self, conn: Connection, rows: Sequence[Row]) -> int:
         """Write ``rows``; return how many were new (the rest were duplicates, or records a
         "latest" table had a newer row for). A tombstone that deleted a row counts as new."""
+        name = await self.partition_for(conn, rows)
+        try:
+            return await self._write(conn, rows, name)
+        except asyncpg.PostgresError as exc:
+            if name is None or exc.sqlstate not in _STALE_ROUTE:
+                raise
+            # The partition was dropped, its grant revoked, or it was made again with other
+            # bounds since the routes were read: write through the parent until they are
+            # read again. The transaction is lost; the retry writes the batch whole.
+            self._routes, self._routes_read = (), time.monotonic()
+            raise TransientError(
+                f"{exc.sqlstate} writing into partition {name} of "
+                f"{self.tables.table.name} by name: {exc}; writing through the table "
+                f"for {ROUTES_TTL_S:.0f} s"
+            ) from exc
+
+    async def _write(self, conn: Connection, rows: Sequence[Row], name: str | None) -> int:
         if not self._staged:
-            name = await self.partition_for(conn, rows)
             await conn.copy_records_to_table(
                 name or self._table, schema_name=self._schema, records=rows, columns=self.columns
             )
             return len(rows)
         new = 0
-        for create, stage, staged, columns, statement in await self._steps_for(conn, rows):
+        for create, stage, staged, columns, statement in self._steps(rows, name):
             if staged:
                 await conn.execute(create)
                 await conn.copy_records_to_table(stage, records=staged, columns=columns)
                 new += await conn.fetchval(statement)
         return new
-
-    async def _steps_for(
-        self, conn: Connection, rows: Sequence[Row]
-    ) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
-        """:meth:`_steps`, with the insert into the partition that holds the whole batch
-        when there is one to name (:meth:`partition_for`)."""
-        if self._route_index is None:
-            return self._steps(rows)
-        name = await self.partition_for(conn, rows)
-        if name is None:
-            return self._steps(rows)
-        statement = self._direct.get(name)
-        if statement is None:
-            into = sql_names.table(f"{self._schema}.{name}")
-            statement = _upsert_statement(self.tables, self.stage, self.mode, into=into)
-            self._direct[name] = statement
-        return [(self._create_stage, self.stage, rows, self.columns, statement)]
 
     async def partition_for(self, conn: Connection, rows: Sequence[Row]) -> str | None:
         """The bare name of the partition this writer inserts ``rows`` into by name, or None
@@ -1000,10 +1003,16 @@ class TableWriter:
     async def _read_routes(self, conn: Connection) -> None:
         """The partitions of the current interval and later that this session may insert
         into (a partition in a schema other than public may lack the writer's grant)."""
+        # Partitions in the table's own schema only (where the maintenance makes them): the
+        # writer names a partition by the table's schema and the partition's bare name.
         found = await conn.fetch(
             """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound
-               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-               WHERE i.inhparent = to_regclass($1) AND has_table_privilege(c.oid, 'INSERT')""",
+               FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent
+               WHERE i.inhparent = to_regclass($1) AND c.relispartition
+                 AND c.relnamespace = p.relnamespace
+                 AND has_table_privilege(c.oid, 'INSERT')""",
             sql_names.table(self.tables.table.name),
         )
         ranges: list[tuple[str, partitions.Range | None]] = []
@@ -1016,9 +1025,19 @@ class TableWriter:
         self._direct = {n: sql for n, sql in self._direct.items() if n in names}
         self._routes_read = time.monotonic()
 
-    def _steps(self, rows: Sequence[Row]) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
+    def _steps(
+        self, rows: Sequence[Row], partition: str | None = None
+    ) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
         """What :meth:`write` stages and runs, in order: (create the stage, the stage, its
-        rows, their columns, the statement that empties it and returns a count)."""
+        rows, their columns, the statement that empties it and returns a count); an append
+        table's insert goes into ``partition`` when named (:meth:`partition_for`)."""
+        if partition is not None:
+            statement = self._direct.get(partition)
+            if statement is None:
+                into = f"{sql_names.ident(self._schema)}.{sql_names.ident(partition)}"
+                statement = _upsert_statement(self.tables, self.stage, self.mode, into=into)
+                self._direct[partition] = statement
+            return [(self._create_stage, self.stage, rows, self.columns, statement)]
         split = split_tombstones(rows, self._key_index) if self._deletes else None
         stage, tombstones = (
             (self._create_stage, self.stage),

@@ -162,8 +162,9 @@ def overlaps(a: Range, b: Range) -> bool:
 
 
 def parse_bound(text: str) -> Range | None:
-    """A partition's bound as ``pg_get_expr(relpartbound, oid)`` writes it in a session whose
-    TimeZone is UTC: ``FOR VALUES FROM ('2026-12-07 00:00:00+00') TO (...)``, a date column's
+    """A partition's bound as ``pg_get_expr(relpartbound, oid)`` writes it with the ISO
+    DateStyle: ``FOR VALUES FROM ('2026-12-07 00:00:00+00') TO (...)`` (in another TimeZone
+    with its offset, ``+01`` or ``+05:30``: the same moment), a date column's
     ``('2026-12-07')``, or ``MINVALUE``/``MAXVALUE``; None for ``DEFAULT``. ValueError for any
     other (a list or hash partition, a bound of several columns)."""
     if text.strip() == "DEFAULT":

@@ -39,6 +39,7 @@ from pipeline import (
 )
 from pipeline.catalog import Catalog, StreamSpec
 from pipeline.db_session import Session
+from pipeline.errors import TransientError
 from pipeline.records import topic_name
 from pipeline.replay import range_deletes
 from tests.conftest import Servers
@@ -287,6 +288,18 @@ async def _make(
     return name
 
 
+async def _parent_written(conn: db.Connection, table: str) -> bool:
+    """Whether this transaction wrote through ``table`` itself: a write into a partition by
+    name takes no ROW EXCLUSIVE lock on its parent."""
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() "
+            "AND relation = $1::regclass AND mode = 'RowExclusiveLock'",
+            table,
+        )
+    )
+
+
 async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
     conn: db.Connection, cat: Catalog, database_url: str
 ) -> None:
@@ -305,6 +318,7 @@ async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
         await migrator.close()
     a, b, c = (uuid.UUID(int=i) for i in (1, 2, 3))
     noon = today.start + timedelta(hours=12)
+    late = tomorrow.start - timedelta(seconds=1)
     batch = [
         row(events, 0, 0, a, "agent-1", "boot", "info", noon, {}),
         row(events, 0, 1, b, "agent-1", "crash", "error", today.start, {}),
@@ -314,21 +328,28 @@ async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
     async with db.transaction(conn):
         assert await writer.partition_for(conn, batch) == named[0]
         assert await writer.write(conn, batch) == 2
-    # Through the parent and by name, the same rows are the same rows: nothing twice.
-    assert await write(conn, events, batch) == 0  # a new writer reads the partitions again
+        assert not await _parent_written(conn, "system_events")
     async with db.transaction(conn):
-        assert await writer.write(conn, batch) == 0
-    # A batch across midnight, one older than the current day, and one with a NULL time
-    # go through the parent; the NULL is refused there as it always was (a not-null violation).
+        assert await writer.write(conn, batch) == 0  # redelivered whole
+    # A batch across midnight goes through the parent, and skips an event written by name...
     across = [
-        row(events, 0, 3, c, "agent-1", "late", "info", tomorrow.start - timedelta(seconds=1), {}),
+        row(events, 0, 0, a, "agent-1", "boot", "info", noon, {}),
+        row(events, 0, 3, c, "agent-1", "late", "info", late, {}),
         row(events, 0, 4, c, "agent-1", "next", "info", tomorrow.start, {}),
     ]
-    older = [row(events, 0, 5, c, "agent-1", "old", "info", today.start - timedelta(days=3), {})]
     async with db.transaction(conn):
         assert await writer.partition_for(conn, across) is None
-        assert await writer.partition_for(conn, older) is None
         assert await writer.write(conn, across) == 2
+        assert await _parent_written(conn, "system_events")
+    # ...and a write by name skips one written through the parent.
+    async with db.transaction(conn):
+        assert await writer.write(conn, across[1:2]) == 0
+        assert not await _parent_written(conn, "system_events")
+    # An older batch, and one with a NULL time, go through the parent; the NULL is refused
+    # there as it always was (a not-null violation).
+    older = [row(events, 0, 5, c, "agent-1", "old", "info", today.start - timedelta(days=3), {})]
+    async with db.transaction(conn):
+        assert await writer.partition_for(conn, older) is None
         assert await writer.write(conn, older) == 1
     null = [row(events, 0, 6, c, "agent-1", "null", "info", None, {})]
     with pytest.raises(asyncpg.NotNullViolationError):
@@ -339,7 +360,7 @@ async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
         (named[0], a, noon, "boot"),
         (named[0], b, today.start, "crash"),
         ("system_events_default", c, today.start - timedelta(days=3), "old"),
-        (named[0], c, tomorrow.start - timedelta(seconds=1), "late"),
+        (named[0], c, late, "late"),
         (named[1], c, tomorrow.start, "next"),
     ]
     # A keyless append's COPY goes into the partition by name too.
@@ -351,6 +372,7 @@ async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
     async with db.transaction(conn):
         assert await metrics_writer.partition_for(conn, samples) == metrics_today
         assert await metrics_writer.write(conn, samples) == 3
+        assert not await _parent_written(conn, "performance_metrics")
     assert await placed(conn, "performance_metrics", "src_offset", "value") == [
         (metrics_today, i, i / 10) for i in range(3)
     ]
@@ -361,7 +383,39 @@ async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
     async with db.transaction(conn):
         assert await orders_writer.partition_for(conn, order) is None
         assert await orders_writer.write(conn, order) == 1
+        assert await _parent_written(conn, "shop.orders")
     assert await placed(conn, "shop.orders", "order_id", "placed_at") == [(shop, "o1", placed_at)]
+
+
+async def test_a_partition_dropped_after_the_writer_read_it_costs_a_retry_not_a_row(
+    conn: db.Connection, cat: Catalog, database_url: str
+) -> None:
+    events = cat["events"]
+    today = partitions.interval_range(datetime.now(UTC), "day")
+    noon = today.start + timedelta(hours=12)
+    migrator = await asyncpg.connect(testbed.as_migrator(database_url), timeout=10)
+    try:
+        name = await _make(migrator, "system_events", today, "day")
+        writer = db.TableWriter(events)
+        first = [row(events, 0, 0, uuid.UUID(int=1), "agent-1", "boot", "info", noon, {})]
+        async with db.transaction(conn):
+            assert await writer.write(conn, first) == 1  # the routes read, the partition named
+        # An operator drops it (or detaches it: its rows leave the table alike).
+        await migrator.execute(f"DROP TABLE {sql_names.ident(name)}")
+    finally:
+        await migrator.close()
+    second = [row(events, 0, 1, uuid.UUID(int=2), "agent-1", "crash", "error", noon, {})]
+    with pytest.raises(TransientError, match=f"42P01 writing into partition {name}"):
+        async with db.transaction(conn):
+            await writer.write(conn, second)
+    # The retry, as the agent makes it: the batch whole, through the parent, into DEFAULT.
+    async with db.transaction(conn):
+        assert await writer.partition_for(conn, second) is None
+        assert await writer.write(conn, second) == 1
+        assert await _parent_written(conn, "system_events")
+    assert await placed(conn, "system_events", "event_id", "kind") == [
+        ("system_events_default", uuid.UUID(int=2), "crash")
+    ]
 
 
 async def test_a_partitioned_history_keeps_a_row_per_version_and_time_and_latest_by_version(

@@ -210,6 +210,10 @@ def test_the_default_partition_is_never_dropped() -> None:
             "FOR VALUES FROM ('2026-12-09 14:00:00+00') TO (MAXVALUE)",
             Range(t(2026, 12, 9, 14), MAXVALUE),
         ),
+        (  # a session in another TimeZone: the same moments, with their offsets
+            "FOR VALUES FROM ('2026-12-07 01:00:00+01') TO ('2026-12-08 05:30:00+05:30')",
+            Range(t(2026, 12, 7), t(2026, 12, 8)),
+        ),
         ("DEFAULT", None),
     ],
 )
