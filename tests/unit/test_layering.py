@@ -227,7 +227,10 @@ ONLY_IN = {
     "insert_dead_letters": {(WRITER, None)},
     "write_bisecting": {(WRITER, None)},
     # ... and the partition bench's loading of its own scratch tables (no records, no offsets).
-    "copy_records_to_table": {(DB, "_write"), (ROOT / "consumers" / "bench_partitions.py", "_load")},
+    "copy_records_to_table": {
+        (DB, "_write"),
+        (ROOT / "consumers" / "bench_partitions.py", "_load"),
+    },
     # A table writer is the writer's, and `pipeline bench`'s for its raw COPY limit.
     "TableWriter": {(WRITER, None), (ROOT / "consumers" / "bench.py", None)},
     # conn.transaction() with no argument: only the helper, and the bisection's savepoints.
