@@ -377,11 +377,8 @@ async def test_a_pass_beside_live_writes_loses_nothing(servers: Servers, databas
     assert sum(found.values()) == len(written)
 
 
-async def test_the_agents_gauges_come_from_the_database(
-    servers: Servers, database_url: str
-) -> None:
-    """What an agent exports (consumers/partition_watch.py), read as the agent's login."""
-    url = database_url
+def _watch(servers: Servers, url: str, metrics: Metrics) -> PartitionWatch:
+    """An agent's partition gauges (metrics and events), read as the agent's login."""
     config = load_config(
         {
             "KAFKA_BOOTSTRAP_SERVERS": servers.endpoints.kafka_bootstrap,
@@ -389,8 +386,16 @@ async def test_the_agents_gauges_come_from_the_database(
             "PIPELINE_STREAMS": "metrics,events",
         }
     )
+    return PartitionWatch(config, metrics)
+
+
+async def test_the_agents_gauges_come_from_the_database(
+    servers: Servers, database_url: str
+) -> None:
+    """What an agent exports (consumers/partition_watch.py), read as the agent's login."""
+    url = database_url
     metrics = Metrics()
-    watch = PartitionWatch(config, metrics)
+    watch = _watch(servers, url, metrics)
 
     def sample(name: str, table: str = TABLE) -> float | None:
         stream = {TABLE: "metrics", "system_events": "events"}[table]
@@ -568,15 +573,8 @@ async def test_a_plain_table_fails_maintenance_until_migrate_upgrades_it(
     out = maintain.stdout
     assert maintain.returncode == 1, out
     assert out.splitlines()[-1].endswith("FAILED: performance_metrics"), out
-    config = load_config(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": servers.endpoints.kafka_bootstrap,
-            "DATABASE_URL": testbed.as_agent(url),
-            "PIPELINE_STREAMS": "metrics,events",
-        }
-    )
     metrics = Metrics()
-    watch = PartitionWatch(config, metrics)
+    watch = _watch(servers, url, metrics)
     try:
         await watch.refresh()
     finally:

@@ -129,22 +129,31 @@ def _catalog(path: Path) -> Catalog:
 PARTITIONED = ("orders", "clicks", "prices", "accounts", "metrics", "events", "states")
 
 
+async def _make(
+    migrator: asyncpg.Connection, table: str, range_: partitions.Range, interval: str
+) -> str:
+    """A range partition of ``table``, made as the migrator; its bare name."""
+    schema, _ = sql_names.split_table(table)
+    name = partitions.partition_name(table, range_, interval)
+    await migrator.execute(
+        f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
+        f"{sql_names.table(table)} FOR VALUES FROM ('{range_.start.isoformat()}') "
+        f"TO ('{range_.end.isoformat()}')"
+    )
+    return name
+
+
 async def _partition(migrator: asyncpg.Connection, spec: StreamSpec) -> None:
     """The range partitions of the stream's partitioned table, made as `pipeline partitions
     maintain` would: 10:00 and 11:00 of an hourly table, the day of a daily one."""
     assert spec.partitioning is not None
     interval = spec.partitioning.interval
     (table,) = spec.partitioned_tables
-    schema, _ = sql_names.split_table(table)
     first = H10 if interval == "hour" else DAY
     for i in range(2 if interval == "hour" else 1):
         start = partitions.step(first, interval, i)
-        end = partitions.step(start, interval)
-        name = partitions.partition_name(table, partitions.Range(start, end), interval)
-        await migrator.execute(
-            f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
-            f"{sql_names.table(table)} FOR VALUES FROM ('{start.isoformat()}') "
-            f"TO ('{end.isoformat()}')"
+        await _make(
+            migrator, table, partitions.Range(start, partitions.step(start, interval)), interval
         )
 
 
@@ -272,20 +281,6 @@ async def test_built_in_events_skip_a_redelivered_event_and_keep_one_at_another_
         ("system_events_default", a, later, "late"),
         ("system_events_p20261102", b, noon, "crash"),
     ]
-
-
-async def _make(
-    migrator: asyncpg.Connection, table: str, range_: partitions.Range, interval: str
-) -> str:
-    """A range partition of ``table``, made as the migrator; its bare name."""
-    schema, _ = sql_names.split_table(table)
-    name = partitions.partition_name(table, range_, interval)
-    await migrator.execute(
-        f"CREATE TABLE {sql_names.table(f'{schema}.{name}')} PARTITION OF "
-        f"{sql_names.table(table)} FOR VALUES FROM ('{range_.start.isoformat()}') "
-        f"TO ('{range_.end.isoformat()}')"
-    )
-    return name
 
 
 async def _parent_written(conn: db.Connection, table: str) -> bool:
