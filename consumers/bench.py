@@ -919,7 +919,7 @@ async def _raw_copy(
                 for name, writer in writers.items():
                     chunk = rows[name][cursor[name] : cursor[name] + step[name]]
                     if chunk:
-                        await writer.write(conn, chunk)
+                        await writer.write(conn, chunk, last=True)  # as the agent does
                     cursor[name] += step[name]
         elapsed = time.perf_counter() - started
     finally:

@@ -187,8 +187,8 @@ class BatchWriter:
                                         dataclasses.replace(r, index=at[r.index]) for r in refusals
                                     ]
                                 )
-                        else:
-                            new[stream] = await writer.write(conn, kept)
+                        else:  # each stream's table is written once in this transaction
+                            new[stream] = await writer.write(conn, kept, last=True)
                     except Exception as exc:
                         error = db.classify(exc)
                         if isinstance(error, SchemaError):  # this stream's table is broken

@@ -928,6 +928,9 @@ class TableWriter:
             f"(LIKE {sql_names.table(table.name)} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         self._upsert = _upsert_statement(tables, self.stage, self.mode) if self._staged else ""
+        self._upsert_last = (
+            _upsert_statement(tables, self.stage, self.mode, last=True) if self._staged else ""
+        )
         self._deletes = tombstones == "delete" and self.mode != "append"
         self._key_index = table.columns.index(tables.key[0]) if self._deletes else 0
         self.tombstone_columns = [*tables.key[:1], *_SOURCE]
@@ -954,14 +957,17 @@ class TableWriter:
         )
         self._routes: tuple[partitions.Route, ...] = ()
         self._routes_read = -ROUTES_TTL_S  # monotonic time of the last read: never
-        self._direct: dict[str, str] = {}  # partition name -> its insert statement
+        # (partition name, last) -> its insert statement
+        self._direct: dict[tuple[str, bool], str] = {}
 
-    async def write(self, conn: Connection, rows: Sequence[Row]) -> int:
+    async def write(self, conn: Connection, rows: Sequence[Row], *, last: bool = False) -> int:
         """Write ``rows``; return how many were new (the rest were duplicates, or records a
-        "latest" table had a newer row for). A tombstone that deleted a row counts as new."""
+        "latest" table had a newer row for). A tombstone that deleted a row counts as new.
+        ``last``: no other write into this table follows in the transaction, so the staged
+        rows are left for COMMIT to empty instead of deleted as they are read."""
         name = await self.partition_for(conn, rows)
         try:
-            return await self._write(conn, rows, name)
+            return await self._write(conn, rows, name, last)
         except asyncpg.PostgresError as exc:
             if name is None or exc.sqlstate not in _STALE_ROUTE:
                 raise
@@ -975,14 +981,16 @@ class TableWriter:
                 f"for {ROUTES_TTL_S:.0f} s"
             ) from exc
 
-    async def _write(self, conn: Connection, rows: Sequence[Row], name: str | None) -> int:
+    async def _write(
+        self, conn: Connection, rows: Sequence[Row], name: str | None, last: bool
+    ) -> int:
         if not self._staged:
             await conn.copy_records_to_table(
                 name or self._table, schema_name=self._schema, records=rows, columns=self.columns
             )
             return len(rows)
         new = 0
-        for create, stage, staged, columns, statement in self._steps(rows, name):
+        for create, stage, staged, columns, statement in self._steps(rows, name, last):
             if staged:
                 await conn.execute(create)
                 await conn.copy_records_to_table(stage, records=staged, columns=columns)
@@ -1022,21 +1030,26 @@ class TableWriter:
         now = datetime.now(UTC)
         self._routes = partitions.direct_routes(ranges, now, self._interval)
         names = {name for _, name in self._routes}
-        self._direct = {n: sql for n, sql in self._direct.items() if n in names}
+        self._direct = {k: sql for k, sql in self._direct.items() if k[0] in names}
         self._routes_read = time.monotonic()
 
     def _steps(
-        self, rows: Sequence[Row], partition: str | None = None
+        self, rows: Sequence[Row], partition: str | None = None, last: bool = False
     ) -> list[tuple[str, str, Sequence[Any], list[str], str]]:
         """What :meth:`write` stages and runs, in order: (create the stage, the stage, its
-        rows, their columns, the statement that empties it and returns a count); an append
-        table's insert goes into ``partition`` when named (:meth:`partition_for`)."""
+        rows, their columns, the statement that moves them into place and returns a count);
+        an append table's insert goes into ``partition`` when named (:meth:`partition_for`).
+        Every statement empties its stage but the upsert of the transaction's ``last`` write,
+        which leaves that to COMMIT."""
+        upsert = self._upsert_last if last else self._upsert
         if partition is not None:
-            statement = self._direct.get(partition)
+            statement = self._direct.get((partition, last))
             if statement is None:
                 into = f"{sql_names.ident(self._schema)}.{sql_names.ident(partition)}"
-                statement = _upsert_statement(self.tables, self.stage, self.mode, into=into)
-                self._direct[partition] = statement
+                statement = _upsert_statement(
+                    self.tables, self.stage, self.mode, into=into, last=last
+                )
+                self._direct[(partition, last)] = statement
             return [(self._create_stage, self.stage, rows, self.columns, statement)]
         split = split_tombstones(rows, self._key_index) if self._deletes else None
         stage, tombstones = (
@@ -1047,12 +1060,12 @@ class TableWriter:
             ),
         )
         if split is None:
-            return [(*stage, rows, self.columns, self._upsert)]
+            return [(*stage, rows, self.columns, upsert)]
         superseded = split.superseded if self._history_only else ()
         return [
             (*stage, superseded, self.columns, self._history_only),
             (*tombstones, split.tombstones, self.tombstone_columns, self._delete),
-            (*stage, split.rows, self.columns, self._upsert),
+            (*stage, split.rows, self.columns, upsert),
         ]
 
 
@@ -1109,9 +1122,14 @@ def _history_target(tables: StreamTables) -> str:
     return sql_names.columns(schema_plan.partition_key(key, tables.partition_by))
 
 
-def _staged(tables: StreamTables, stage: str) -> str:
+def _staged(tables: StreamTables, stage: str, *, last: bool = False) -> str:
+    """The staged rows, as ``staged``: deleted as they are read, so that the stage is empty
+    for the transaction's next write; or, for its ``last`` write, read alone and left for
+    COMMIT to empty (``ON COMMIT DELETE ROWS``), which spares a DELETE of every row."""
     cols = sql_names.columns(tables.table.columns)
-    return f"WITH staged AS (DELETE FROM {sql_names.ident(stage)} RETURNING {cols}), "
+    stage = sql_names.ident(stage)
+    rows = f"SELECT {cols} FROM {stage}" if last else f"DELETE FROM {stage} RETURNING {cols}"
+    return f"WITH staged AS ({rows}), "
 
 
 def _first_of_each(target: str, cols: str) -> str:
@@ -1138,18 +1156,21 @@ def _history_insert(tables: StreamTables) -> str:
     )
 
 
-def _upsert_statement(tables: StreamTables, stage: str, mode: str, into: str = "") -> str:
-    """SQL that empties the staging table into place and returns the number of new rows;
-    an append table's rows go ``into`` one of its partitions, when named.
+def _upsert_statement(
+    tables: StreamTables, stage: str, mode: str, into: str = "", *, last: bool = False
+) -> str:
+    """SQL that moves the staged rows into place and returns the number of new rows; an
+    append table's rows go ``into`` one of its partitions, when named.
 
     All parts of a WITH read the same snapshot, so every insert sees every staged row, and
-    the stage is empty afterwards, ready for the next write in the same transaction.
+    the stage is empty afterwards, ready for the next write in the same transaction; but
+    after the transaction's ``last`` write, which leaves its rows for COMMIT (:func:`_staged`).
     """
     table = tables.table
     ident = sql_names.ident
     cols = sql_names.columns(table.columns)
     key = sql_names.columns(tables.key)
-    staged = _staged(tables, stage)
+    staged = _staged(tables, stage, last=last)
     if mode == "append":
         unique = sql_names.columns(schema_plan.partition_key(tables.key, tables.partition_by))
         return (

@@ -170,10 +170,21 @@ def tomb(spec: StreamSpec, partition: int, offset: int, key: Any) -> Tombstone:
     return Tombstone((*values, partition, offset, 1))
 
 
-async def write(conn: db.Connection, stream: str, rows: Sequence[Any]) -> int:
+@pytest.fixture(params=[False, True], ids=["emptied", "last"])
+def last(request: pytest.FixtureRequest) -> bool:
+    """Each mode's test runs both ways a write may take: emptying its staging table as it
+    reads it (for a second write of the table in the transaction, as in a bisection), and as
+    the transaction's last write of the table, leaving the staged rows for COMMIT to empty
+    (the agent's first attempt at a batch)."""
+    return bool(request.param)
+
+
+async def write(
+    conn: db.Connection, stream: str, rows: Sequence[Any], *, last: bool = False
+) -> int:
     writer = db.TableWriter(CAT[stream])
     async with db.transaction(conn):
-        return await writer.write(conn, rows)
+        return await writer.write(conn, rows, last=last)
 
 
 async def table(conn: db.Connection, name: str, *columns: str) -> list[tuple[Any, ...]]:
@@ -185,11 +196,15 @@ async def table(conn: db.Connection, name: str, *columns: str) -> list[tuple[Any
 # -- the modes ---------------------------------------------------------------------------------
 
 
-async def test_append_without_a_key_is_a_plain_copy_of_every_row(conn: db.Connection) -> None:
+async def test_append_without_a_key_is_a_plain_copy_of_every_row(
+    conn: db.Connection, last: bool
+) -> None:
     clicks = CAT["clicks"]
     rows = [row(clicks, 0, i, i, f"s{i}") for i in range(3)]
-    assert await write(conn, "clicks", rows) == 3
-    assert await write(conn, "clicks", rows[:1]) == 1  # no key: a redelivery is a row again
+    assert await write(conn, "clicks", rows, last=last) == 3
+    assert (
+        await write(conn, "clicks", rows[:1], last=last) == 1
+    )  # no key: a redelivery is a row again
     assert await table(conn, "clicks", "id", "select", "src_offset") == [
         (0, "s0", 0),
         (0, "s0", 0),
@@ -198,19 +213,21 @@ async def test_append_without_a_key_is_a_plain_copy_of_every_row(conn: db.Connec
     ]
 
 
-async def test_append_with_a_key_skips_and_counts_a_key_it_has(conn: db.Connection) -> None:
+async def test_append_with_a_key_skips_and_counts_a_key_it_has(
+    conn: db.Connection, last: bool
+) -> None:
     payments = CAT["payments"]
     a, b, c = (uuid.UUID(int=n) for n in (1, 2, 3))
     d = decimal.Decimal
     first = [row(payments, 0, 0, a, d("1.10")), row(payments, 0, 1, b, d("2.20"))]
-    assert await write(conn, "payments", first) == 2
+    assert await write(conn, "payments", first, last=last) == 2
     # b again (a producer's redelivery at a later offset), twice in one batch, and c new.
     again = [
         row(payments, 0, 2, b, d("9.99")),
         row(payments, 0, 3, c, d("3.30")),
         row(payments, 0, 4, c, d("8.88")),
     ]
-    assert await write(conn, "payments", again) == 1
+    assert await write(conn, "payments", again, last=last) == 1
     assert await table(conn, "shop.payments", "payment_id", "amount", "src_offset") == [
         (a, d("1.10"), 0),
         (b, d("2.20"), 1),
@@ -219,7 +236,7 @@ async def test_append_with_a_key_skips_and_counts_a_key_it_has(conn: db.Connecti
 
 
 async def test_latest_with_a_version_keeps_the_highest_and_of_equal_ones_the_first(
-    conn: db.Connection,
+    conn: db.Connection, last: bool
 ) -> None:
     orders = CAT["orders"]
     batch = [
@@ -228,24 +245,26 @@ async def test_latest_with_a_version_keeps_the_highest_and_of_equal_ones_the_fir
         row(orders, 0, 2, "b", "new", 1),
         row(orders, 0, 3, "b", "other", 1),  # equal version: the first stays
     ]
-    assert await write(conn, "orders", batch) == 2
+    assert await write(conn, "orders", batch, last=last) == 2
     later = [
         row(orders, 0, 4, "a", "again", 2),  # equal version across batches: the stored stays
         row(orders, 0, 5, "a", "stale", 1),  # older: never replaces
         row(orders, 1, 0, "b", "moved", 0),  # another partition, but an older version
     ]
-    assert await write(conn, "orders", later) == 0
-    assert await write(conn, "orders", [row(orders, 0, 6, "b", "shipped", 5)]) == 1
+    assert await write(conn, "orders", later, last=last) == 0
+    assert await write(conn, "orders", [row(orders, 0, 6, "b", "shipped", 5)], last=last) == 1
     assert await table(conn, "order", "order_id", "status", "revision", "src_offset") == [
         ("a", "paid", 2, 0),
         ("b", "shipped", 5, 6),
     ]
 
 
-async def test_latest_tombstones_before_after_and_between_rows(conn: db.Connection) -> None:
+async def test_latest_tombstones_before_after_and_between_rows(
+    conn: db.Connection, last: bool
+) -> None:
     orders = CAT["orders"]
-    assert await write(conn, "orders", [row(orders, 0, 0, "a", "paid", 5)]) == 1
-    assert await write(conn, "orders", [row(orders, 0, 1, "b", "paid", 1)]) == 1
+    assert await write(conn, "orders", [row(orders, 0, 0, "a", "paid", 5)], last=last) == 1
+    assert await write(conn, "orders", [row(orders, 0, 1, "b", "paid", 1)], last=last) == 1
     batch = [
         row(orders, 0, 2, "c", "new", 1),
         tomb(orders, 0, 3, "c"),  # after c's row: c never lands
@@ -258,17 +277,20 @@ async def test_latest_tombstones_before_after_and_between_rows(conn: db.Connecti
         tomb(orders, 0, 10, "e"),  # a key never seen
     ]
     # New: a's v1 row, d's row, and the rows the tombstones of a and b deleted.
-    assert await write(conn, "orders", batch) == 4
+    assert await write(conn, "orders", batch, last=last) == 4
     assert await table(conn, "order", "order_id", "status", "revision", "src_offset") == [
         ("a", "again", 1, 6),
         ("d", "new", 3, 9),
     ]
     # Across batches: a tombstone alone, then the key again.
-    assert await write(conn, "orders", [tomb(orders, 0, 11, "a")]) == 1
+    assert await write(conn, "orders", [tomb(orders, 0, 11, "a")], last=last) == 1
     assert await table(conn, "order", "order_id") == [("d",)]
-    assert await write(conn, "orders", [row(orders, 0, 12, "a", "back", 0)]) == 1
+    assert await write(conn, "orders", [row(orders, 0, 12, "a", "back", 0)], last=last) == 1
     # A tombstone redelivered from before the stored row's offset (a replay) deletes nothing.
-    assert await write(conn, "orders", [tomb(orders, 0, 8, "d"), tomb(orders, 0, 11, "a")]) == 0
+    assert (
+        await write(conn, "orders", [tomb(orders, 0, 8, "d"), tomb(orders, 0, 11, "a")], last=last)
+        == 0
+    )
     assert await table(conn, "order", "order_id", "status", "src_offset") == [
         ("a", "back", 12),
         ("d", "new", 9),
@@ -276,30 +298,32 @@ async def test_latest_tombstones_before_after_and_between_rows(conn: db.Connecti
 
 
 async def test_latest_without_a_version_takes_the_later_offset_or_another_partition(
-    conn: db.Connection,
+    conn: db.Connection, last: bool
 ) -> None:
     sessions = CAT["sessions"]
     batch = [row(sessions, 0, 0, "u1", "home"), row(sessions, 0, 1, "u1", "cart")]
-    assert await write(conn, "sessions", batch) == 1
-    assert await write(conn, "sessions", batch[:1]) == 0  # redelivered, older: no change
-    assert await write(conn, "sessions", batch[1:]) == 0  # redelivered, the same: no change
+    assert await write(conn, "sessions", batch, last=last) == 1
+    assert await write(conn, "sessions", batch[:1], last=last) == 0  # redelivered, older: no change
+    assert (
+        await write(conn, "sessions", batch[1:], last=last) == 0
+    )  # redelivered, the same: no change
     assert await table(conn, "sessions", "user_id", "page", "src_partition", "src_offset") == [
         ("u1", "cart", 0, 1)
     ]
     # The key moved partitions: a row from another partition replaces.
-    assert await write(conn, "sessions", [row(sessions, 1, 0, "u1", "pay")]) == 1
+    assert await write(conn, "sessions", [row(sessions, 1, 0, "u1", "pay")], last=last) == 1
     assert await table(conn, "sessions", "user_id", "page", "src_partition", "src_offset") == [
         ("u1", "pay", 1, 0)
     ]
     # A tombstone of the stored row's partition deletes it; one from another partition too.
     more = [row(sessions, 1, 1, "u2", "home"), tomb(sessions, 1, 2, "u1")]
-    assert await write(conn, "sessions", more) == 2
-    assert await write(conn, "sessions", [tomb(sessions, 0, 9, "u2")]) == 1
+    assert await write(conn, "sessions", more, last=last) == 2
+    assert await write(conn, "sessions", [tomb(sessions, 0, 9, "u2")], last=last) == 1
     assert await table(conn, "sessions", "user_id") == []
 
 
 async def test_history_with_a_composite_key_keeps_every_version_and_the_highest_as_latest(
-    conn: db.Connection,
+    conn: db.Connection, last: bool
 ) -> None:
     prices = CAT["prices"]
     d = decimal.Decimal
@@ -310,9 +334,9 @@ async def test_history_with_a_composite_key_keeps_every_version_and_the_highest_
         row(prices, 0, 3, "s1", "k2", d("5"), 1),
         row(prices, 0, 4, "s2", "k1", d("7"), 1),  # same sku, another shop: another key
     ]
-    assert await write(conn, "prices", batch) == 5
-    assert await write(conn, "prices", batch[2:3]) == 0  # a redelivered version
-    assert await write(conn, "prices", [row(prices, 0, 5, "s1", "k1", d("99"), 2)]) == 0
+    assert await write(conn, "prices", batch, last=last) == 5
+    assert await write(conn, "prices", batch[2:3], last=last) == 0  # a redelivered version
+    assert await write(conn, "prices", [row(prices, 0, 5, "s1", "k1", d("99"), 2)], last=last) == 0
     assert await table(conn, "prices", "shop", "sku", "price", "rev") == [
         ("s1", "k1", d("12"), 3),
         ("s1", "k2", d("5"), 1),
@@ -328,7 +352,7 @@ async def test_history_with_a_composite_key_keeps_every_version_and_the_highest_
 
 
 async def test_history_without_a_version_keeps_every_record_and_tombstones_delete_latest(
-    conn: db.Connection,
+    conn: db.Connection, last: bool
 ) -> None:
     profiles = CAT["profiles"]
     batch = [
@@ -340,8 +364,10 @@ async def test_history_without_a_version_keeps_every_record_and_tombstones_delet
         tomb(profiles, 0, 5, "u2"),
     ]
     # History: A, B, C, X (tombstones are not history rows); latest: u1 = C.
-    assert await write(conn, "profiles", batch) == 4
-    assert await write(conn, "profiles", batch) == 0  # the whole batch again: nothing new
+    assert await write(conn, "profiles", batch, last=last) == 4
+    assert (
+        await write(conn, "profiles", batch, last=last) == 0
+    )  # the whole batch again: nothing new
     assert await table(conn, "profiles", "user_id", "name", "src_offset") == [("u1", "C", 3)]
     assert await table(conn, "profiles_history", "user_id", "name", "src_offset") == [
         ("u1", "A", 0),
@@ -349,9 +375,46 @@ async def test_history_without_a_version_keeps_every_record_and_tombstones_delet
         ("u1", "C", 3),
         ("u2", "X", 4),
     ]
-    assert await write(conn, "profiles", [tomb(profiles, 0, 6, "u1")]) == 1
+    assert await write(conn, "profiles", [tomb(profiles, 0, 6, "u1")], last=last) == 1
     assert await table(conn, "profiles", "user_id") == []
     assert len(await table(conn, "profiles_history", "src_offset")) == 4
+
+
+async def _staged_rows(conn: db.Connection, writer: db.TableWriter) -> int:
+    count = await conn.fetchval(f"SELECT count(*) FROM pg_temp.{sql_names.ident(writer.stage)}")
+    return int(count)
+
+
+async def test_a_last_write_leaves_its_stage_to_commit_and_an_earlier_one_empties_it(
+    conn: db.Connection,
+) -> None:
+    payments = CAT["payments"]
+    writer = db.TableWriter(payments)
+    a, b, c, e = (uuid.UUID(int=n) for n in (1, 2, 3, 4))
+    d = decimal.Decimal
+    async with db.transaction(conn):
+        assert (
+            await writer.write(
+                conn, [row(payments, 0, 0, a, d("1")), row(payments, 0, 1, b, d("2"))]
+            )
+            == 2
+        )
+        assert await _staged_rows(conn, writer) == 0  # emptied as read: a next write may come
+        # The transaction's last write of the table: b again (skipped) and c.
+        again = [row(payments, 0, 2, b, d("9")), row(payments, 0, 3, c, d("3"))]
+        assert await writer.write(conn, again, last=True) == 1
+        assert await _staged_rows(conn, writer) == 2  # read, left for COMMIT
+    assert await _staged_rows(conn, writer) == 0  # COMMIT emptied it
+    # The next transaction on the same session sees only its own staged rows.
+    async with db.transaction(conn):
+        later = [row(payments, 0, 4, c, d("8")), row(payments, 0, 5, e, d("4"))]
+        assert await writer.write(conn, later, last=True) == 1
+    assert await table(conn, "shop.payments", "payment_id", "amount", "src_offset") == [
+        (a, d("1"), 0),
+        (b, d("2"), 1),
+        (c, d("3"), 3),
+        (e, d("4"), 5),
+    ]
 
 
 # -- rollback ----------------------------------------------------------------------------------

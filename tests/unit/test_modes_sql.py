@@ -148,7 +148,7 @@ def _names(spec: StreamSpec) -> set[str]:
 def _statements(spec: StreamSpec) -> list[str]:
     """Every statement a writer, a rollback and a replay run for the stream."""
     writer = db.TableWriter(spec)
-    found = [writer._create_stage, writer._upsert, *range_deletes(spec)]
+    found = [writer._create_stage, writer._upsert, writer._upsert_last, *range_deletes(spec)]
     if spec.tombstones == "delete":
         found += [writer._create_tombstone_stage, writer._delete]
     if spec.history_table is not None:
@@ -227,6 +227,47 @@ def test_a_partitioned_append_table_keeps_the_first_of_each_key_and_time() -> No
         f'CREATE TEMP TABLE IF NOT EXISTS "{writer.stage}" '
         '(LIKE "shop"."window" INCLUDING DEFAULTS) ON COMMIT DELETE ROWS'
     )
+
+
+@pytest.mark.parametrize("stream", ["keyed", "latest", "unversioned", "history", "partitioned"])
+def test_a_transaction_s_last_write_reads_its_stage_and_leaves_the_rows_to_commit(
+    stream: str,
+) -> None:
+    writer = db.TableWriter(CAT[stream])
+    stage = sql_names.ident(writer.stage)
+    cols = sql_names.columns(writer.columns)
+    emptied = f"WITH staged AS (DELETE FROM {stage} RETURNING {cols}), "
+    read = f"WITH staged AS (SELECT {cols} FROM {stage}), "
+    assert writer._upsert.startswith(emptied)
+    # The only difference: the staged rows are read, not deleted (ON COMMIT DELETE ROWS).
+    assert writer._upsert_last == read + writer._upsert.removeprefix(emptied)
+    assert "DELETE FROM" not in writer._upsert_last
+
+
+def test_only_the_last_statement_of_a_last_write_leaves_its_stage_to_commit() -> None:
+    writer = db.TableWriter(CAT["history"])  # columns "select" (the key), "limit"
+    rows = [("a", 1, 0, 0, 1), Tombstone(("a", None, 0, 1, 1)), ("a", 2, 0, 2, 1)]
+    for last in (False, True):
+        statements = [step[4] for step in writer._steps(rows, None, last)]
+        # The superseded row to the history alone, the tombstone, then the rows after it:
+        # the stage is read twice, so its first reader empties it either way.
+        assert statements == [
+            writer._history_only,
+            writer._delete,
+            writer._upsert_last if last else writer._upsert,
+        ]
+        assert statements[0].startswith("WITH staged AS (DELETE FROM ")
+
+
+def test_a_write_by_name_into_a_partition_is_as_the_parent_s_but_its_target() -> None:
+    writer = db.TableWriter(CAT["partitioned"])
+    rows = [("k", "2026-01-01", 0, 0, 1)]
+    for last in (False, True):
+        [(_, _, _, _, statement)] = writer._steps(rows, "window_p20260101", last)
+        through = writer._upsert_last if last else writer._upsert
+        assert statement == through.replace(
+            'INSERT INTO "shop"."window" ', 'INSERT INTO "shop"."window_p20260101" '
+        )
 
 
 def test_a_partitioned_append_table_without_a_key_takes_a_plain_copy() -> None:

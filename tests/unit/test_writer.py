@@ -229,9 +229,11 @@ async def test_refused_rows_among_expired_ones_dead_letter_their_own_records() -
     parts = {("p.agents.metrics", 0): Part(records, rows, [])}
     conn = Batches()
     writer = BatchWriter("g", TOPICS, METRICS, clock=lambda: NOW)
+    lasts: list[bool] = []
 
-    async def write(c: object, batch: Sequence[Row]) -> int:
+    async def write(c: object, batch: Sequence[Row], *, last: bool = False) -> int:
         conn.attempts += 1
+        lasts.append(last)
         conn.kept.extend(batch)
         if any(r[1] == "bad" for r in batch):
             raise CheckViolation("new row violates check constraint")
@@ -246,6 +248,10 @@ async def test_refused_rows_among_expired_ones_dead_letter_their_own_records() -
     assert written.new == {"metrics": 3}
     assert [(d.offset, d.error_class) for d in written.letters] == [(4, "DatabaseRejected")]
     assert [(a[3], a[8]) for a in conn.letters] == [(4, "DatabaseRejected")]
+    # The first attempt writes the table once, its last write in the transaction; the
+    # bisection writes it several times, each emptying its stage for the next.
+    assert lasts[0] is True
+    assert len(lasts) > 2 and not any(lasts[1:])
 
 
 async def test_each_attempt_reckons_the_horizon_from_its_own_clock() -> None:
@@ -259,7 +265,7 @@ async def test_each_attempt_reckons_the_horizon_from_its_own_clock() -> None:
     times = iter([NOW, NOW + datetime.timedelta(hours=1)])
     writer = BatchWriter("g", TOPICS, METRICS, clock=lambda: next(times))
 
-    async def write(c: object, batch: Sequence[Row]) -> int:
+    async def write(c: object, batch: Sequence[Row], *, last: bool = False) -> int:
         conn.kept.extend(batch)
         if any(r[1] == "bad" for r in batch):
             raise CheckViolation("new row violates check constraint")
