@@ -243,6 +243,10 @@ class MixResult:
     cpu_s_per_1m_rows: float
     ratio: float  # end to end / the smaller raw limit
     copy_ratio: float  # end to end / raw COPY
+    # `pipeline replay` of the whole backlog into a fresh database: records/s, best of the
+    # passes, and that against the end-to-end drain's.
+    replay_records_per_s: float
+    replay_ratio: float
     peak_rss_mb: float
     e2e_two_processes_rows_per_s: float | None
     p50_ms: float
@@ -357,6 +361,19 @@ async def _bench_mix(
         f"{', '.join(f'{d.cpu_s_per_1m_rows:.2f}' for d in drains)})"
     )
 
+    report(
+        f"[{mix}] replay: `pipeline replay` of the whole backlog "
+        f"(best of {PASSES} passes, each into a fresh database)"
+    )
+    replays = await _in_fresh_databases(
+        config, streams.catalog, lambda url: _replay(config, url, prefix, streams, expected)
+    )
+    replay_rate = max(replays)
+    report(
+        f"[{mix}]   {replay_rate:,.0f} records/s, {replay_rate / e2e_rate:.2f} of the live drain "
+        f"(passes: {', '.join(f'{r:,.0f}' for r in replays)})"
+    )
+
     if plan.profile is not None:
         stacks = plan.profile / f"{mix}.txt"
         report(f"[{mix}] profile: one DatabaseAgent under py-spy drains the backlog again")
@@ -391,6 +408,8 @@ async def _bench_mix(
         cpu_s_per_1m_rows=cpu,
         ratio=e2e_rate / min(consume_rate, copy_rate),
         copy_ratio=e2e_rate / copy_rate,
+        replay_records_per_s=replay_rate,
+        replay_ratio=replay_rate / e2e_rate,
         peak_rss_mb=rss,
         e2e_two_processes_rows_per_s=two,
         p50_ms=p50,
@@ -563,7 +582,8 @@ def pooler_table(results: list[PoolerResult]) -> str:
 def table(results: list[MixResult], memory: MemoryResult) -> str:
     lines = [
         f"{'mix':<14} {'records':>9} {'raw consume/s':>14} {'raw COPY/s':>11} "
-        f"{'e2e rows/s':>11} {'CPU-s/1M':>9} {'ratio':>6} {'/COPY':>6} {'x2 procs/s':>11} "
+        f"{'e2e rows/s':>11} {'CPU-s/1M':>9} {'ratio':>6} {'/COPY':>6} {'replay/s':>9} "
+        f"{'/live':>6} {'x2 procs/s':>11} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'peak RSS':>9}"
     ]
     for r in results:
@@ -572,7 +592,8 @@ def table(results: list[MixResult], memory: MemoryResult) -> str:
             f"{r.mix:<14} {r.records:>9,} {r.raw_consume_per_s:>14,.0f} "
             f"{r.raw_copy_per_s:>11,.0f} {r.e2e_rows_per_s:>11,.0f} "
             f"{r.cpu_s_per_1m_rows:>9.2f} {r.ratio:>6.2f} "
-            f"{r.copy_ratio:>6.2f} {two:>11} {r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} "
+            f"{r.copy_ratio:>6.2f} {r.replay_records_per_s:>9,.0f} {r.replay_ratio:>6.2f} "
+            f"{two:>11} {r.p50_ms:>7.0f} {r.p99_ms:>7.0f} {r.max_ms:>7.0f} "
             f"{r.peak_rss_mb:>6.0f} MB"
         )
     lines.append(
@@ -990,6 +1011,40 @@ async def _drain(
     return Drain(
         rate, rss, per_million(cpu_end - cpu_start, n1 - n0), [(t - t0, n) for t, n in curve]
     )
+
+
+async def _replay(
+    config: Config, url: str, prefix: str, streams: Streams, expected: dict[str, int] | None
+) -> float:
+    """`pipeline replay` of every stream's whole backlog into ``url``'s fresh database, as an
+    operator backfills one: its records/s by its own summary (the run, from its first fetch to
+    its last commit; not resolving the range). ``expected``: the rows each stream's table must
+    then hold (:func:`_check_rows`)."""
+    env = testbed.agent_env(
+        config.kafka.bootstrap_servers,
+        testbed.as_agent(url),
+        prefix,
+        f"{prefix}replay",
+        batch_max_records=config.batch_max_records,
+        **({} if streams.file is None else {"streams_file": str(streams.file)}),
+    )
+    env.update(config.kafka.environment())
+    names = ",".join(streams.catalog.names)
+    command = [*testbed.REPLAY_COMMAND, "--stream", names, "--from", "earliest", "--to", "now"]
+    replay = await asyncio.create_subprocess_exec(
+        *command, "--json", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await replay.communicate()
+    if replay.returncode != 0:
+        raise RuntimeError(f"pipeline replay exited {replay.returncode}: {err.decode()[-2000:]}")
+    summary = json.loads(out)
+    if expected is not None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await _check_rows(conn, streams.catalog, expected)
+        finally:
+            await conn.close()
+    return float(summary["records"]) / float(summary["seconds"])
 
 
 async def _latency(

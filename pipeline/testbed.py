@@ -35,6 +35,7 @@ Offsets = dict[tuple[str, int], int]  # (topic, partition) -> offset
 
 #: ``pipeline run`` with this interpreter, as the tests and the benchmark start agents.
 AGENT_COMMAND = (sys.executable, "-m", "pipeline.cli", "run")
+REPLAY_COMMAND = (sys.executable, "-m", "pipeline.cli", "replay")
 
 
 def data_topics(prefix: str, catalog: Catalog | None = None) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipeline import cli, kafka_clients, testbed
 from pipeline.config import load_config
 from pipeline.records import Metric, encode
 from pipeline.replay import AtOffset, Earliest, Now, ReplayError
+from pipeline.testbed import REPLAY_COMMAND
 from tests.builtin_streams import STREAM_BY_NAME, STREAMS
 from tests.conftest import Servers
 from tests.integration.harness import (
@@ -50,7 +50,6 @@ DATA = (
     "agent_states, agent_state_history, system_events, performance_metrics, user_analytics, "
     "system_config, system_config_history"
 )
-REPLAY_COMMAND = (sys.executable, "-m", "pipeline.cli", "replay")
 
 
 def _replayer(bootstrap: str, database_url: str, prefix: str, **kwargs: object) -> Replayer:

@@ -241,7 +241,9 @@ def test_catalog_records_hold_redelivered_clicks_and_late_revisions() -> None:
     assert by_order[:8] == [1, 2, 3, 4, 1, 3, 2, 4]  # the second order's 2nd revision is late
 
 
-def _result(mix: str, consume: float, copy: float, e2e: float, cpu: float = 3.104) -> MixResult:
+def _result(
+    mix: str, consume: float, copy: float, e2e: float, cpu: float = 3.104, *, replay: float = 1.0
+) -> MixResult:
     return MixResult(
         mix=mix,
         records=50_000,
@@ -251,6 +253,8 @@ def _result(mix: str, consume: float, copy: float, e2e: float, cpu: float = 3.10
         cpu_s_per_1m_rows=cpu,
         ratio=e2e / min(consume, copy),
         copy_ratio=e2e / copy,
+        replay_records_per_s=replay,
+        replay_ratio=replay / e2e,
         peak_rss_mb=100.4,
         e2e_two_processes_rows_per_s=None,
         p50_ms=114.3,
@@ -263,20 +267,20 @@ def _result(mix: str, consume: float, copy: float, e2e: float, cpu: float = 3.10
 
 
 RESULTS = [
-    _result("metrics-heavy", 400_000.0, 300_000.0, 180_000.0),
-    _result(CATALOG_MIX, 200_000.0, 400_000.0, 160_000.0),
+    _result("metrics-heavy", 400_000.0, 300_000.0, 180_000.0, replay=108_000.0),
+    _result(CATALOG_MIX, 200_000.0, 400_000.0, 160_000.0, replay=152_000.0),
 ]
 MEMORY = MemoryResult(20_000, 73.1, 74_753.0)
 
 
-def test_the_table_sets_every_mix_against_its_raw_limits_and_raw_copy() -> None:
+def test_the_table_sets_every_mix_against_its_raw_limits_raw_copy_and_its_replay() -> None:
     assert table(RESULTS, MEMORY).splitlines() == [
         "mix              records  raw consume/s  raw COPY/s  e2e rows/s  CPU-s/1M  ratio  /COPY  "
-        "x2 procs/s  p50 ms  p99 ms  max ms  peak RSS",
+        "replay/s  /live  x2 procs/s  p50 ms  p99 ms  max ms  peak RSS",
         "metrics-heavy     50,000        400,000     300,000     180,000      3.10   0.60   0.60  "
-        "         -     114     210     217    100 MB",
+        " 108,000   0.60           -     114     210     217    100 MB",
         "catalog           50,000        200,000     400,000     160,000      3.10   0.80   0.40  "
-        "         -     114     210     217    100 MB",
+        " 152,000   0.95           -     114     210     217    100 MB",
         "peak RSS of one agent draining 20,000 records: 73 MB (74,753 rows/s)",
     ]
 
@@ -289,6 +293,8 @@ def test_the_json_holds_every_mix_with_its_ratio_to_raw_copy() -> None:
     assert catalog["copy_ratio"] == 0.4
     assert catalog["cpu_s_per_1m_rows"] == 3.104
     assert catalog["ratio"] == 0.8
+    assert catalog["replay_records_per_s"] == 152_000.0
+    assert catalog["replay_ratio"] == 0.95
     assert "drain_curve" not in catalog and "latencies_ms" not in catalog
     assert found["memory"] == {"records": 20_000, "peak_rss_mb": 73.1, "rows_per_s": 74_753.0}
 
