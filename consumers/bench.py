@@ -1020,15 +1020,7 @@ async def _replay(
     operator backfills one: its records/s by its own summary (the run, from its first fetch to
     its last commit; not resolving the range). ``expected``: the rows each stream's table must
     then hold (:func:`_check_rows`)."""
-    env = testbed.agent_env(
-        config.kafka.bootstrap_servers,
-        testbed.as_agent(url),
-        prefix,
-        f"{prefix}replay",
-        batch_max_records=config.batch_max_records,
-        **({} if streams.file is None else {"streams_file": str(streams.file)}),
-    )
-    env.update(config.kafka.environment())
+    env = _agent_env(config, url, prefix, f"{prefix}replay", streams.file)
     names = ",".join(streams.catalog.names)
     command = [*testbed.REPLAY_COMMAND, "--stream", names, "--from", "earliest", "--to", "now"]
     replay = await asyncio.create_subprocess_exec(
@@ -1218,6 +1210,31 @@ def _start_agent(
 ) -> AgentProcess:
     """A ``pipeline run`` on the bench's topics and database; with ``streams_file``, on
     that catalog's streams."""
+    env = _agent_env(config, url, prefix, group, streams_file, route=route)
+    wrapper: list[str] = []
+    if profile_to is not None:
+        spy = _py_spy()
+        if spy is None:
+            raise RuntimeError("--profile needs py-spy: pip install -e '.[bench]'")
+        profile_to.parent.mkdir(parents=True, exist_ok=True)
+        # --idle: time spent waiting for PostgreSQL or Kafka shows as such.
+        wrapper = [spy, "record", "-r", "200", "--idle", "--format", "raw", "-o", str(profile_to),
+                   "--"]  # fmt: skip
+    return AgentProcess(env, args=["--log-level", "WARNING"], wrapper=wrapper).start()
+
+
+def _agent_env(
+    config: Config,
+    url: str,
+    prefix: str,
+    group: str,
+    streams_file: Path | None,
+    *,
+    route: Route = DIRECT,
+) -> dict[str, str]:
+    """The environment of a ``pipeline`` command (run, replay) as an agent on the bench's
+    topics and database, reaching it by ``route``; with ``streams_file``, on that catalog's
+    streams."""
     streams = {} if streams_file is None else {"streams_file": str(streams_file)}
     env = testbed.agent_env(
         config.kafka.bootstrap_servers,
@@ -1231,16 +1248,7 @@ def _start_agent(
         **streams,
     )
     env.update(config.kafka.environment())  # over TLS and SASL when the config says so
-    wrapper: list[str] = []
-    if profile_to is not None:
-        spy = _py_spy()
-        if spy is None:
-            raise RuntimeError("--profile needs py-spy: pip install -e '.[bench]'")
-        profile_to.parent.mkdir(parents=True, exist_ok=True)
-        # --idle: time spent waiting for PostgreSQL or Kafka shows as such.
-        wrapper = [spy, "record", "-r", "200", "--idle", "--format", "raw", "-o", str(profile_to),
-                   "--"]  # fmt: skip
-    return AgentProcess(env, args=["--log-level", "WARNING"], wrapper=wrapper).start()
+    return env
 
 
 def _children(pid: int) -> list[int]:
