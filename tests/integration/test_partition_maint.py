@@ -508,6 +508,21 @@ async def test_a_failed_table_is_recorded_and_the_others_go_on(
     assert record["partitions_created"] == 4
 
 
+# The maintainers' advisory lock in this database, held or awaited by any session. Only that
+# lock: the other worker's tests share the server, and take advisory locks of their own.
+_MAINTENANCE_LOCKS = """
+SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2::oid AND objsubid = 1
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+def _lock_halves(key: int) -> tuple[int, int]:
+    """pg_locks' (classid, objid) of a one-bigint advisory lock: its high and low 32 bits."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
 @pytest.fixture(scope="module")
 def transaction_pooler(
     servers: Servers, tmp_path_factory: pytest.TempPathFactory
@@ -542,14 +557,22 @@ async def test_two_maintainers_behind_a_transaction_pooler(
     assert [p.returncode for p in procs] == [0, 0], outputs
     async with _admin(url) as conn:
         found = await _per_partition(conn)
-        locks = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        locks = await conn.fetchval(
+            _MAINTENANCE_LOCKS, *_lock_halves(partition_maint.MAINTENANCE_LOCK)
+        )
+        # The count sees the lock when a session holds it.
+        await conn.execute("SELECT pg_advisory_lock($1)", partition_maint.MAINTENANCE_LOCK)
+        held = await conn.fetchval(
+            _MAINTENANCE_LOCKS, *_lock_halves(partition_maint.MAINTENANCE_LOCK)
+        )
+        await conn.execute("SELECT pg_advisory_unlock($1)", partition_maint.MAINTENANCE_LOCK)
         record = await conn.fetchrow(
             "SELECT * FROM partition_maintenance WHERE table_name = $1", TABLE
         )
     expected = {f"{TABLE}_default": 0, f"{TABLE}_p20261205": 4, f"{TABLE}_p20261209": 3}
     expected.update({n: 0 for n in _names(0, 1, 3)})
     assert found == expected
-    assert locks == 0
+    assert (locks, held) == (0, 1)
     # Each step counted once, by whichever maintainer did it.
     assert (record["partitions_moved"], record["partitions_created"]) == (2, 3)
     assert record["rows_moved"] == 7
