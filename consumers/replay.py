@@ -20,12 +20,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
 from consumers.writer import BatchWriter, Written, expired_because
-from pipeline import db, kafka_clients
+from pipeline import db, kafka_clients, sql_names
 from pipeline import kafka as kafka_io
 from pipeline.batching import FetchedRecord, Part
 from pipeline.config import Config
@@ -51,6 +52,13 @@ log = logging.getLogger(__name__)
 
 _REPLAY_LOCK = 0x72706C79  # advisory lock space of a replayed partition ("rply")
 _FETCH_CHUNK = 1_000
+#: A stream's tables have their source indexes summarized after this many of its batches, so
+#: a batch's range DELETE reads at most about this many batches' pages besides its own
+#: (sql/013_source_index_summaries.sql).
+SUMMARIZE_EVERY = 8
+#: How long summarizing waits for its lock (a VACUUM, the partition maintainer) before it is
+#: left to the next time.
+_SUMMARIZE_LOCK_TIMEOUT = "100ms"
 
 
 @dataclass(frozen=True)
@@ -344,6 +352,7 @@ class _Run:
         self.expired: Counter[str] = Counter()
         self._batch_ids: list[int] = []
         self._last_report = 0.0
+        self._unsummarized: Counter[str] = Counter()  # a stream's batches since its summary
 
     def progress(self) -> Progress:
         return Progress(self.done, self.total, time.monotonic() - self.started, self.done_before)
@@ -452,10 +461,29 @@ class _Run:
         if expired:
             self.expired[stream] += expired
             m.rows_expired.labels(stream).inc(expired)
+        self._unsummarized[stream] += 1
+        if self._unsummarized[stream] >= SUMMARIZE_EVERY:
+            self._unsummarized[stream] = 0
+            await self._summarize(spec.row_per_record)
         self._show()
         wait = pace(self.done - self.done_before, self.r.rate, time.monotonic() - self.started)
         if wait:
             await asyncio.sleep(wait)
+
+    async def _summarize(self, tables: Sequence[str]) -> None:
+        """Summarize the source indexes of ``tables``, so the next batches' range DELETEs skip
+        the pages written so far. Only a shortcut: when it cannot be done now (its lock is
+        held, the connection is gone), the next time will."""
+        for table in tables:
+            try:
+                async with db.transaction(self.conn):
+                    await self.conn.execute(f"SET LOCAL lock_timeout = '{_SUMMARIZE_LOCK_TIMEOUT}'")
+                    await self.conn.execute(
+                        "SELECT pipeline_summarize_source_indexes($1::regclass)",
+                        sql_names.table(table),
+                    )
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.info("replay %d: %s left unsummarized for now: %s", self.replay_id, table, exc)
 
     def _note_retry(self, error: TransientError, delay: float) -> None:
         log.warning("replay %d: %s; retrying in %.1fs", self.replay_id, error, delay)
@@ -509,8 +537,13 @@ class _Run:
             # them at the newest row, and tombstones delete again. Only in the group's own
             # tables: another group's rows share partitions and offsets.
             await db.claim_tables(conn, group, self.r._tables([stream]))
+            # Through the source index, summarized as the replay goes (:meth:`_summarize`):
+            # the planner would scan a table it has no statistics for yet, such as one
+            # being backfilled, whole for every batch.
+            await conn.execute("SET LOCAL enable_seqscan = off")
             for statement in range_deletes(self.r.catalog[stream]):
                 await conn.execute(statement, partition, expected, new)
+            await conn.execute("SET LOCAL enable_seqscan TO DEFAULT")
 
         return replace
 

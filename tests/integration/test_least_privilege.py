@@ -138,6 +138,50 @@ async def test_the_writer_is_no_superuser_owns_nothing_and_may_not_change_the_sc
         await writer.close()
 
 
+async def test_the_writer_may_have_the_source_indexes_summarized_and_nothing_more(
+    servers: Servers, database_url: str
+) -> None:
+    """sql/013_source_index_summaries.sql: the one function that runs as the migrator. The
+    writer may have the BRIN indexes of a table the migrator owns summarized; not of another
+    owner's table; the reader may not run it at all."""
+    logins = _logins(servers)
+    admin = await asyncpg.connect(database_url, timeout=10)
+    try:  # a table of the superuser's, with a BRIN index of its own
+        await admin.execute("CREATE TABLE foreign_brin (src_partition int, src_offset bigint)")
+        await admin.execute("CREATE INDEX ON foreign_brin USING brin (src_partition, src_offset)")
+        await admin.execute("INSERT INTO foreign_brin SELECT 0, generate_series(1, 100000)")
+        await admin.execute("GRANT SELECT ON foreign_brin TO pipeline_writer")
+    finally:
+        await admin.close()
+    summarize = "SELECT pipeline_summarize_source_indexes($1::regclass)"
+    writer = await _connect_as(logins.agent, database_url)
+    try:
+        await writer.execute(
+            "INSERT INTO performance_metrics (agent_id, name, value, ts, labels, src_partition, "
+            "src_offset, batch_id) SELECT 'a', 'cpu', 1, now(), '{}', 0, i, 1 "
+            "FROM generate_series(0, 29999) AS i"
+        )
+        pages = await writer.fetchval(
+            "SELECT sum(pg_relation_size(relid) / current_setting('block_size')::int) "
+            "FROM pg_partition_tree('performance_metrics') WHERE isleaf"
+        )
+        # Every full block range (128 pages) of today's partition; the last, partial one is
+        # left, as brin_summarize_new_values leaves it.
+        assert pages >= 256
+        assert await writer.fetchval(summarize, "performance_metrics") == pages // 128
+        assert await writer.fetchval(summarize, "performance_metrics") == 0
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="must be owner"):
+            await writer.fetchval(summarize, "foreign_brin")
+    finally:
+        await writer.close()
+    analyst = await _connect_as(logins.analyst, database_url)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await analyst.fetchval(summarize, "performance_metrics")
+    finally:
+        await analyst.close()
+
+
 async def test_an_agent_on_an_older_schema_refuses_to_start_and_says_to_migrate(
     servers: Servers, unique: str
 ) -> None:

@@ -443,3 +443,62 @@ async def test_a_replay_dead_letters_the_rows_the_database_refuses_once_each(
         await conn.close()
     assert [r["error_class"] for r in classes] == ["DatabaseRejected"] * 3
     assert all("sane" in r["reason"] for r in classes), classes
+
+
+async def _unsummarized(conn: asyncpg.Connection, table: str) -> tuple[int, int]:
+    """(block ranges of ``table``'s leaves, of those the source index had not summarized):
+    the second by summarizing them now, as the superuser."""
+    leaves = await conn.fetch(
+        """SELECT t.relid::regclass::text AS leaf, i.indexrelid::regclass::text AS brin,
+                  pg_relation_size(t.relid) / current_setting('block_size')::int AS pages
+           FROM pg_partition_tree($1) t
+           JOIN pg_index i ON i.indrelid = t.relid
+           JOIN pg_class c ON c.oid = i.indexrelid
+           JOIN pg_am a ON a.oid = c.relam AND a.amname = 'brin'
+           JOIN pg_attribute att ON att.attrelid = t.relid AND att.attname = 'src_offset'
+           WHERE t.isleaf AND att.attnum = ANY (i.indkey)""",
+        table,
+    )
+    ranges = sum(-(-leaf["pages"] // 128) for leaf in leaves)  # pages_per_range's default
+    left = 0
+    for leaf in leaves:
+        left += await conn.fetchval("SELECT brin_summarize_new_values($1::regclass)", leaf["brin"])
+    return ranges, left
+
+
+async def test_a_replay_summarizes_the_source_index_as_it_goes(
+    servers: Servers, database_url: str, unique: str
+) -> None:
+    """Each batch's range DELETE goes through the BRIN source index, which skips only the
+    block ranges it has summarized. The replay has them summarized every SUMMARIZE_EVERY
+    batches (as the writer, through the migrator's function), so at the end only the ranges
+    of its last few batches are left; autovacuum, which summarizes too, is off."""
+    bootstrap = servers.endpoints.kafka_bootstrap
+    prefix = f"{unique}."
+    await create_topics(bootstrap, prefix, partitions=1)
+    count = 60_000
+    outgoing = [
+        Outgoing(METRICS, b"agent-s", encode(Metric("agent-s", "cpu", float(i), T0)))
+        for i in range(count)
+    ]
+    await produce(bootstrap, prefix, outgoing)
+    await migrated(database_url)
+    admin = await asyncpg.connect(database_url, timeout=10)
+    try:
+        for leaf in await admin.fetch(
+            "SELECT relid::regclass::text AS leaf FROM pg_partition_tree('performance_metrics') "
+            "WHERE isleaf"
+        ):
+            await admin.execute(f"ALTER TABLE {leaf['leaf']} SET (autovacuum_enabled = off)")
+        replayer = _replayer(bootstrap, database_url, prefix, batch_records=1_000)
+        replay_id, _ = await replayer.create(Request(("metrics",), Earliest(), Now()))
+        summary = await replayer.run(replay_id)
+        assert (summary.records, summary.rows) == (count, count)
+        assert await count_rows(database_url, "performance_metrics") == count
+        ranges, left = await _unsummarized(admin, "performance_metrics")
+    finally:
+        await admin.close()
+    # 60 or more batches of at most 1,000 rows: the last summary came at most 7 batches
+    # before the end, which is less than one block range of rows this narrow.
+    assert ranges >= 4
+    assert left <= 2
