@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
@@ -353,6 +352,7 @@ class _Run:
         self._batch_ids: list[int] = []
         self._last_report = 0.0
         self._unsummarized: Counter[str] = Counter()  # a stream's batches since its summary
+        self._unsummarizable: set[str] = set()  # tables whose summarizing failed for good
 
     def progress(self) -> Progress:
         return Progress(self.done, self.total, time.monotonic() - self.started, self.done_before)
@@ -472,9 +472,12 @@ class _Run:
 
     async def _summarize(self, tables: Sequence[str]) -> None:
         """Summarize the source indexes of ``tables``, so the next batches' range DELETEs skip
-        the pages written so far. Only a shortcut: when it cannot be done now (its lock is
-        held, the connection is gone), the next time will."""
+        the pages written so far. Only a shortcut: when it cannot be done now (the connection
+        is gone, a timeout), the next time will; a table it can never be done for (a database
+        not migrated, an owner other than the migrator) is said once and left."""
         for table in tables:
+            if table in self._unsummarizable:
+                continue
             try:
                 async with db.transaction(self.conn):
                     await self.conn.execute(f"SET LOCAL lock_timeout = '{_SUMMARIZE_LOCK_TIMEOUT}'")
@@ -482,8 +485,19 @@ class _Run:
                         "SELECT pipeline_summarize_source_indexes($1::regclass)",
                         sql_names.table(table),
                     )
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                log.info("replay %d: %s left unsummarized for now: %s", self.replay_id, table, exc)
+            except Exception as exc:
+                error = db.classify(exc)
+                if isinstance(error, TransientError):
+                    log.info("replay %d: summarizing left for now: %s", self.replay_id, error)
+                    return  # the next write reconnects, when it is the connection
+                self._unsummarizable.add(table)
+                log.warning(
+                    "replay %d: %s: its source index cannot be summarized (%s): each batch's "
+                    "range DELETE reads what was written since its last VACUUM",
+                    self.replay_id,
+                    table,
+                    error,
+                )
 
     def _note_retry(self, error: TransientError, delay: float) -> None:
         log.warning("replay %d: %s; retrying in %.1fs", self.replay_id, error, delay)
@@ -549,6 +563,8 @@ class _Run:
 
     async def _batch_id(self) -> int:
         if not self._batch_ids:
+            if self.conn.is_closed():  # as a write finds it, after a failure
+                self.conn = await self.r._connect()
             self._batch_ids = list(await db.reserve_batch_ids(self.conn))
         return self._batch_ids.pop(0)
 

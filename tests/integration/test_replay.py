@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -445,6 +446,10 @@ async def test_a_replay_dead_letters_the_rows_the_database_refuses_once_each(
     assert all("sane" in r["reason"] for r in classes), classes
 
 
+async def _at_least(count: Callable[[], Awaitable[int]], least: int) -> bool:
+    return await count() >= least
+
+
 async def _unsummarized(conn: asyncpg.Connection, table: str) -> tuple[int, int]:
     """(block ranges of ``table``'s leaves, of those the source index had not summarized):
     the second by summarizing them now, as the superuser."""
@@ -494,6 +499,18 @@ async def test_a_replay_summarizes_the_source_index_as_it_goes(
         replay_id, _ = await replayer.create(Request(("metrics",), Earliest(), Now()))
         summary = await replayer.run(replay_id)
         assert (summary.records, summary.rows) == (count, count)
+
+        async def index_scans() -> int:  # of the partition that holds the rows
+            return int(
+                await admin.fetchval(
+                    "SELECT max(idx_scan) FROM pg_stat_user_tables WHERE relid IN "
+                    "(SELECT relid FROM pg_partition_tree('performance_metrics') WHERE isleaf)"
+                )
+            )
+
+        # Each batch's DELETE, through the parent, scans every partition by its source index
+        # (a table with no statistics yet would be scanned whole instead: no index scan).
+        await until(lambda: _at_least(index_scans, 60), within=10, what="60 index scans")
         assert await count_rows(database_url, "performance_metrics") == count
         ranges, left = await _unsummarized(admin, "performance_metrics")
     finally:
