@@ -76,9 +76,10 @@ SEEDS = [1, 2, 3]
 COMMAND_TIMEOUT_S = 3.0
 SESSION_TIMEOUT_MS = 6000
 # The latency test's minute under load: seed 1 runs the whole minute; seeds 2 and 3, whose
-# traffic differs but whose latency does not, run 10 s: a batch or two under it, then the
-# recovery (each of them costs 25 s instead of 80).
-LATENCY_S = {1: 60.0, 2: 10.0, 3: 10.0}
+# traffic differs but whose latency does not, run 20 s: the batch in flight when it began, a
+# batch or two wholly under it, then the recovery (each of them costs 35 s instead of 80).
+# With 10 s, the batch in flight was once the only one to commit under it.
+LATENCY_S = {1: 60.0, 2: 20.0, 3: 20.0}
 
 
 # -- the proxies ------------------------------------------------------------------------------
@@ -530,7 +531,6 @@ async def test_added_latency_slows_ingestion_loses_nothing_and_the_lag_recovers(
             produce_paced(case.kafka, case.prefix, traffic, over=over, chunks=int(over * 2))
         )
         await case.wait_ingesting(rate)
-        batches_before = _batch_seconds(metrics)
         with (
             case.pg.toxic("latency", "upstream", latency=200),
             case.pg.toxic("latency", "downstream", latency=200),
@@ -539,7 +539,17 @@ async def test_added_latency_slows_ingestion_loses_nothing_and_the_lag_recovers(
         ):
             started = time.monotonic()
             ingested_at_start = await case.ingested()
-            await asyncio.sleep(latency_s)  # the latency's length: this wait IS the fault
+            # The batch in flight when the latency began made part of its round trips without
+            # it: the batches timed are the ones after it, begun under the latency.
+            in_flight = _batch_seconds(metrics)[0]
+
+            async def committed() -> bool:
+                return _batch_seconds(metrics)[0] > in_flight
+
+            await until(committed, within=latency_s, what="the batch in flight to commit")
+            batches_before = _batch_seconds(metrics)
+            # The latency's length: this wait IS the fault.
+            await asyncio.sleep(max(0.0, started + latency_s - time.monotonic()))
             ingested_under_latency = await case.ingested() - ingested_at_start
             batches_during = _batch_seconds(metrics)
         lifted = time.monotonic()
