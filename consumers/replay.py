@@ -55,9 +55,6 @@ _FETCH_CHUNK = 1_000
 #: a batch's range DELETE reads at most about this many batches' pages besides its own
 #: (sql/013_source_index_summaries.sql).
 SUMMARIZE_EVERY = 8
-#: How long summarizing waits for its lock (a VACUUM, the partition maintainer) before it is
-#: left to the next time.
-_SUMMARIZE_LOCK_TIMEOUT = "100ms"
 
 
 @dataclass(frozen=True)
@@ -472,19 +469,17 @@ class _Run:
 
     async def _summarize(self, tables: Sequence[str]) -> None:
         """Summarize the source indexes of ``tables``, so the next batches' range DELETEs skip
-        the pages written so far. Only a shortcut: when it cannot be done now (the connection
-        is gone, a timeout), the next time will; a table it can never be done for (a database
-        not migrated, an owner other than the migrator) is said once and left."""
+        the pages written so far. Only a shortcut: the function skips an index whose lock is
+        held (its own lock_timeout); when the call cannot be made now (the connection is gone,
+        a timeout), the next time will; a table it fails for for good (its EXECUTE revoked) is
+        said once and left."""
         for table in tables:
             if table in self._unsummarizable:
                 continue
             try:
-                async with db.transaction(self.conn):
-                    await self.conn.execute(f"SET LOCAL lock_timeout = '{_SUMMARIZE_LOCK_TIMEOUT}'")
-                    await self.conn.execute(
-                        "SELECT pipeline_summarize_source_indexes($1::regclass)",
-                        sql_names.table(table),
-                    )
+                await self.conn.execute(
+                    "SELECT pipeline_summarize_source_indexes($1::regclass)", sql_names.table(table)
+                )
             except Exception as exc:
                 error = db.classify(exc)
                 if isinstance(error, TransientError):

@@ -12,12 +12,14 @@
 -- It runs as its owner, who may be a superuser where one login does everything, so it touches
 -- only what that owner owns: never a temporary table (the writer may make those), never an
 -- index with an expression or a predicate (code that would run as the owner), never an
--- invalid one. An index whose lock is held (a VACUUM, the partition maintainer) past the
--- caller's lock_timeout is skipped, and the others are still summarized.
+-- invalid one. An index whose lock is held (a VACUUM, the partition maintainer) for more than
+-- the function's own lock_timeout, 100 ms, is skipped, and the others are still summarized:
+-- summarizing only shortens the replay's deletes, it never waits long for that.
 CREATE FUNCTION pipeline_summarize_source_indexes(target regclass) RETURNS bigint
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '100ms'
 AS $$
 DECLARE
     summarized bigint := 0;

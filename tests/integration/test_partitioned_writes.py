@@ -302,8 +302,8 @@ async def test_a_batch_within_one_current_partition_is_written_into_it_by_name(
     # The writer names only the current day's partition and later ones, by its own clock:
     # a test begun in the last minute of a day starts in the next one instead.
     now = datetime.now(UTC)
-    if partitions.interval_range(now, "day").end - now < timedelta(minutes=1):
-        await asyncio.sleep((partitions.interval_range(now, "day").end - now).total_seconds())
+    if (left := partitions.interval_range(now, "day").end - now) < timedelta(minutes=1):
+        await asyncio.sleep(left.total_seconds())
         now = datetime.now(UTC)
     today = partitions.interval_range(now, "day")
     tomorrow = partitions.Range(today.end, partitions.step(today.end, "day"))
