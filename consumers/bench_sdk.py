@@ -440,7 +440,9 @@ async def _run_agent(
                 await conn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
                 locked_from = time.monotonic()
                 await asyncio.sleep(plan.lock_seconds)
-            locked_to = time.monotonic()  # committed: the lock is released
+                # Before COMMIT is sent: the server releases the lock before this process
+                # hears the answer, and a call stamped as ending inside it must have.
+                locked_to = time.monotonic()
             out = await asyncio.wait_for(process.stdout.read(), plan.seconds + 120)
             code = await process.wait()
         finally:
